@@ -1,0 +1,3 @@
+from cdc_daemon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Settings: one TOML file plus ``CDC_<SECTION>__<KEY>`` environment overrides.
+
+This is the only module that reads environment variables or configuration files. The key names
+are a public interface (deployments and checks outside the repository use them): rename nothing.
+AWS credentials are deliberately absent: they come from botocore's standard chain.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from cdc_daemon.errors import ConfigError
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresSettings(_Section):
+    dsn: SecretStr = SecretStr(DEFAULT_DSN)
+    table: str = "public.ecommerce_sales"
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Applies to the extract and ledger sessions; 0 means no limit (Postgres's default).
+    statement_timeout_s: float = Field(default=0.0, ge=0)
+
+    @field_validator("table")
+    @classmethod
+    def _table_has_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a table, e.g. public.ecommerce_sales")
+        return value
+
+
+class CaptureSettings(_Section):
+    mode: Literal["watermark", "logical"] = "watermark"
+    watermark_column: str | None = None
+    partition_column: str = "invoice_date"
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    # How long a capture pass waits for in-flight transactions before it exports what is safe.
+    fence_log_after_s: float = Field(default=30.0, gt=0)
+
+
+class BatchSettings(_Section):
+    max_rows: int = Field(default=500_000, gt=0)
+    max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_age_s: float = Field(default=10.0, ge=0)
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    # Level 1 is what `gzip -1` / `zstd -1` use: cheap for the daemon, fine for Snowflake.
+    compression_level: int = Field(default=1, ge=1, le=19)
+    # Where batches are spooled (split per day) before they are named and uploaded.
+    spool_dir: Path | None = None
+
+
+class S3Settings(_Section):
+    bucket: str = "cdc-local"
+    prefix: str = ""
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_folder(cls, value: str) -> str:
+        value = value.lstrip("/")
+        return value if not value or value.endswith("/") else value + "/"
+
+
+class StateSettings(_Section):
+    dsn: SecretStr | None = None
+    schema_: str = Field(default="cdc", alias="schema")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DaemonSettings(_Section):
+    # Below systemd's TimeoutStopSec and the pod's terminationGracePeriodSeconds.
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    # Attempts of one batch against transient errors (S3, Postgres) before the daemon gives up.
+    retry_attempts: int = Field(default=8, ge=1)
+    retry_max_wait_s: float = Field(default=30.0, gt=0)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CDC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    postgres: PostgresSettings = PostgresSettings()
+    capture: CaptureSettings = CaptureSettings()
+    batch: BatchSettings = BatchSettings()
+    s3: S3Settings = S3Settings()
+    state: StateSettings = StateSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def state_dsn(self) -> SecretStr:
+        return self.state.dsn or self.postgres.dsn
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), then the environment; raise ConfigError with one sentence."""
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    try:
+        return _FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+    except ValueError as exc:  # pydantic-settings' own parse errors (e.g. bad JSON in env)
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    problems = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key {loc!r}")
+        else:
+            # Never echo the offending input: it may be a DSN with a password in it.
+            problems.append(f"{loc}: {error['msg']}")
+    return f"invalid configuration{where}: " + "; ".join(problems)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for logs and error messages."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - an unparsable DSN is shown as nothing at all
+        return "<unparsable dsn>"
+    if "password" in params:
+        params["password"] = "***"  # noqa: S105 - the mask, not a password
+    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})

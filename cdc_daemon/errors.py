@@ -1,0 +1,102 @@
+"""One error hierarchy. ``retriable`` says whether trying the same work again can fix it.
+
+Driver errors (psycopg SQLSTATEs, botocore codes) are translated once, at the boundary that saw
+them, with ``raise ... from exc``; everything above deals in these classes only.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
+
+
+class CdcError(Exception):
+    """Base class. The message is one sentence a user can act on, with no secret in it."""
+
+    retriable: bool = False
+    exit_code: int = 1
+
+
+class ConfigError(CdcError):
+    exit_code = 2
+
+
+class SourceError(CdcError):
+    """The source table cannot be captured as configured (missing table, column, privilege)."""
+
+    exit_code = 3
+
+
+class StateError(CdcError):
+    """The ledger is missing, or disagrees with what this process expected."""
+
+    exit_code = 4
+
+
+class AlreadyRunningError(CdcError):
+    exit_code = 5
+
+
+class TransientError(CdcError):
+    """A server was unreachable or failed in a way that a retry can fix."""
+
+    retriable = True
+    exit_code = 6
+
+
+class StorageError(CdcError):
+    """S3 refused the request for a reason a retry will not fix (no bucket, access denied)."""
+
+    exit_code = 7
+
+
+# SQLSTATE classes that a later attempt can succeed at: connection exceptions, a serialization
+# failure or deadlock, operator intervention (admin shutdown, query canceled), insufficient
+# resources.
+_RETRIABLE_SQLSTATE_CLASSES = ("08", "40", "57", "53")
+
+
+def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
+    """Translate a psycopg error raised while ``doing`` something."""
+    sqlstate = exc.sqlstate or ""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.OperationalError) and not sqlstate:
+        return TransientError(f"{doing}: {detail}")
+    if sqlstate.startswith(_RETRIABLE_SQLSTATE_CLASSES):
+        return TransientError(f"{doing}: {detail}")
+    if sqlstate in ("42P01", "42703", "42501", "3F000"):
+        return SourceError(f"{doing}: {detail}")
+    return CdcError(f"{doing}: {detail}")
+
+
+# botocore error codes that mean "try again later"; everything else is a configuration problem.
+_RETRIABLE_S3_CODES = frozenset(
+    {
+        "500",
+        "502",
+        "503",
+        "504",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+    }
+)
+
+
+def from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = error.get("Message") or code
+        if code in _RETRIABLE_S3_CODES:
+            return TransientError(f"{doing}: S3 answered {code}: {message}")
+        if code == "NoSuchBucket":
+            return StorageError(f"{doing}: the bucket does not exist")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(f"{doing}: S3 denied access ({code})")
+        return StorageError(f"{doing}: S3 answered {code}: {message}")
+    # Connection refused, timeouts, DNS: the endpoint may come back.
+    return TransientError(f"{doing}: {exc}")

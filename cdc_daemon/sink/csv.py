@@ -1,0 +1,65 @@
+"""The object format: RFC 4180 CSV (LF line ends, as Postgres writes them), a header row, the
+source columns in table order, then ``_cdc_op``, ``_cdc_seq``, ``_cdc_ts``; compressed or not.
+
+Pure encoding, no I/O. The row bytes themselves are Postgres's ``COPY ... (FORMAT csv)`` output,
+passed through untouched: NULL is an empty unquoted field, an empty string is ``""``, and text
+(commas, quotes, newlines, any Unicode) is quoted and kept byte for byte.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zlib
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import zstandard
+
+Codec = Literal["gzip", "zstd", "none"]
+
+EXTENSIONS: dict[str, str] = {"gzip": ".csv.gz", "zstd": ".csv.zst", "none": ".csv"}
+CONTENT_ENCODINGS: dict[str, str | None] = {"gzip": "gzip", "zstd": "zstd", "none": None}
+
+
+class Compressor(Protocol):
+    def compress(self, data: bytes, /) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes, /) -> bytes:
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def make_compressor(codec: Codec, level: int) -> Compressor:
+    if codec == "gzip":
+        # wbits=31: a gzip member (header with mtime 0), so equal input gives equal bytes.
+        return zlib.compressobj(min(level, 9), zlib.DEFLATED, 31)
+    if codec == "zstd":
+        # Content size unknown up front; the frame is closed by flush().
+        return zstandard.ZstdCompressor(level=level).compressobj()
+    return _Identity()
+
+
+def decompress(codec: Codec, data: bytes) -> bytes:
+    if codec == "gzip":
+        return zlib.decompress(data, 47)
+    if codec == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
+
+
+def header_line(names: Sequence[str]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(names)
+    return out.getvalue().encode()
+
+
+def seq_of_row(row: bytes) -> int:
+    """``_cdc_seq`` of one encoded row: the second field from the end (the last two never
+    hold a comma, so no CSV parsing is needed)."""
+    return int(row.rsplit(b",", 2)[1])

@@ -1,0 +1,172 @@
+"""Objects to S3 with aiobotocore: a single PUT below the part size, a multipart upload with
+several parts in flight above it. Files are read part by part: never whole in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cdc_daemon.config import S3Settings
+from cdc_daemon.errors import from_botocore
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+
+class S3Sink:
+    def __init__(self, client: S3Client, settings: S3Settings) -> None:
+        self._client = client
+        self._settings = settings
+
+    @classmethod
+    async def open(cls, settings: S3Settings, stack: AsyncExitStack) -> S3Sink:
+        config = AioConfig(
+            # botocore's own retries take care of single-request blips; the worker retries
+            # whole batches on top of them.
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=max(10, settings.max_concurrency * 2),
+        )
+        client = await stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                region_name=settings.region,
+                endpoint_url=settings.endpoint_url,
+                config=config,
+            )
+        )
+        return cls(client, settings)
+
+    @property
+    def bucket(self) -> str:
+        return self._settings.bucket
+
+    async def check_bucket(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+                "404",
+                "NoSuchBucket",
+            ):
+                raise from_botocore(
+                    ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket"),
+                    f"checking bucket {self.bucket!r}",
+                ) from None
+            raise from_botocore(exc, f"checking bucket {self.bucket!r}") from None
+
+    async def create_bucket(self) -> None:
+        """For local servers (the demo, tests); production buckets are made by their owners."""
+        try:
+            await self._client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise from_botocore(exc, f"creating bucket {self.bucket!r}") from None
+
+    def _extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self._settings.server_side_encryption:
+            extra["ServerSideEncryption"] = self._settings.server_side_encryption
+            if self._settings.sse_kms_key_id:
+                extra["SSEKMSKeyId"] = self._settings.sse_kms_key_id
+        return extra
+
+    async def upload_file(
+        self, key: str, path: Path, metadata: dict[str, str], content_encoding: str | None
+    ) -> None:
+        size = (await asyncio.to_thread(path.stat)).st_size
+        extra = self._extra()
+        extra["Metadata"] = metadata
+        extra["ContentType"] = "text/csv"
+        if content_encoding:
+            extra["ContentEncoding"] = content_encoding
+        try:
+            if size <= self._settings.part_size:
+                body = await asyncio.to_thread(path.read_bytes)
+                await self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),  # noqa: S324 - integrity, not security
+                    **extra,
+                )
+            else:
+                await self._multipart(key, path, size, extra)
+        except (BotoCoreError, ClientError) as exc:
+            raise from_botocore(exc, f"uploading s3://{self.bucket}/{key}") from None
+
+    async def _multipart(self, key: str, path: Path, size: int, extra: dict[str, Any]) -> None:
+        part_size = self._settings.part_size
+        upload = await self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)
+        upload_id = upload["UploadId"]
+        limit = asyncio.Semaphore(self._settings.max_concurrency)
+
+        async def send(number: int, offset: int) -> CompletedPartTypeDef:
+            async with limit:
+                body = await asyncio.to_thread(_read_range, path, offset, part_size)
+                answer = await self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),  # noqa: S324
+                )
+                return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(send(n + 1, offset))
+                    for n, offset in enumerate(range(0, size, part_size))
+                ]
+            await self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [t.result() for t in tasks]},
+            )
+        except BaseException:
+            # An unfinished upload is invisible but billed: abort it, whatever stopped us.
+            with contextlib.suppress(BotoCoreError, ClientError):
+                await asyncio.shield(
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                )
+            raise
+
+    async def keys(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"], item["Size"]
+        except (BotoCoreError, ClientError) as exc:
+            raise from_botocore(exc, f"listing s3://{self.bucket}/{prefix}") from None
+
+    async def get(self, key: str) -> bytes:
+        try:
+            answer = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with answer["Body"] as body:
+                return await body.read()
+        except (BotoCoreError, ClientError) as exc:
+            raise from_botocore(exc, f"reading s3://{self.bucket}/{key}") from None
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)

@@ -1,0 +1,161 @@
+"""What the capture needs to know about the source table, read from the catalog.
+
+The configured table name is resolved by ``to_regclass`` (a bound parameter), and from then on
+only the catalog's own schema and relation names are used, quoted as identifiers: a name with
+quotes or SQL in it can never be spliced into a statement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from cdc_daemon.errors import SourceError
+
+_INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+_TIMESTAMP_TYPES = frozenset({"timestamp with time zone", "timestamp without time zone"})
+_PARTITION_TYPES = _TIMESTAMP_TYPES | {"date"}
+
+# ISO-8601 in UTC with microseconds; Snowflake's TIMESTAMP_FORMAT AUTO reads it back exactly.
+_TS_UTC = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+_TS_LOCAL = 'YYYY-MM-DD"T"HH24:MI:SS.US'
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_name: str  # format_type(): e.g. "numeric(12,3)", "timestamp with time zone"
+
+    @property
+    def base_type(self) -> str:
+        return self.type_name.split("(")[0].strip()
+
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.name)
+
+    def csv_expr(self) -> sql.Composable:
+        """The column as it goes into the CSV. Postgres's own text output except timestamps,
+        which become ISO-8601 (UTC for timestamptz). Infinite values keep their text form."""
+        base = self.base_type
+        if base == "timestamp with time zone":
+            return sql.SQL(
+                "CASE WHEN isfinite({c}) THEN to_char({c} AT TIME ZONE 'UTC', {f}) "
+                "ELSE {c}::text END"
+            ).format(c=self.ident(), f=sql.Literal(_TS_UTC))
+        if base == "timestamp without time zone":
+            return sql.SQL(
+                "CASE WHEN isfinite({c}) THEN to_char({c}, {f}) ELSE {c}::text END"
+            ).format(c=self.ident(), f=sql.Literal(_TS_LOCAL))
+        return self.ident()
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    schema: str
+    name: str
+    columns: tuple[Column, ...]
+    watermark: Column
+    partition: Column
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def header(self) -> list[str]:
+        return [c.name for c in self.columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
+
+    def seq_expr(self) -> sql.Composable:
+        """The watermark as a 64-bit integer (``_cdc_seq``): itself, or epoch microseconds."""
+        if self.watermark.base_type in _INTEGER_TYPES:
+            return sql.SQL("{}::bigint").format(self.watermark.ident())
+        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint").format(self.watermark.ident())
+
+    def position_expr(self, seq: int) -> sql.Composable:
+        """A ``_cdc_seq`` value turned back into the watermark column's own type, exactly."""
+        if self.watermark.base_type in _INTEGER_TYPES:
+            return sql.SQL("{}::bigint").format(sql.Literal(seq))
+        epoch = (
+            "timestamptz 'epoch'"
+            if "with time" in self.watermark.type_name
+            else ("timestamp 'epoch'")
+        )
+        # Interval arithmetic in whole microseconds is exact; float epoch seconds would not be.
+        return sql.SQL(epoch + " + {}::interval").format(sql.Literal(f"{seq} microseconds"))
+
+    def day_expr(self) -> sql.Composable:
+        """The UTC day of the partition column, ``YYYY-MM-DD``; ``unknown`` for NULL/infinite."""
+        col = self.partition.ident()
+        base = self.partition.base_type
+        value = (
+            sql.SQL("{} AT TIME ZONE 'UTC'").format(col)
+            if base == ("timestamp with time zone")
+            else col
+        )
+        return sql.SQL(
+            "CASE WHEN isfinite({c}) THEN to_char({v}, 'YYYY-MM-DD') ELSE 'unknown' END"
+        ).format(c=col, v=value)
+
+
+def describe_table(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: str,
+    watermark_column: str | None,
+    partition_column: str,
+) -> TableInfo:
+    row = conn.execute(
+        "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+        (table,),
+    ).fetchone()
+    if row is None:
+        raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
+    oid, schema, name, relkind = row
+    if relkind not in ("r", "p"):
+        raise SourceError(f"{schema}.{name} is not a table")
+    cols = tuple(
+        Column(str(n), str(t))
+        for n, t in conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (oid,),
+        )
+    )
+    by_name = {c.name: c for c in cols}
+    if watermark_column is None:
+        pk = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+                "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                "WHERE i.indrelid = %s AND i.indisprimary",
+                (oid,),
+            )
+        ]
+        if len(pk) != 1:
+            raise SourceError(
+                f"{schema}.{name} has no single-column primary key: set capture.watermark_column"
+            )
+        watermark_column = pk[0]
+    if watermark_column not in by_name:
+        raise SourceError(f"{schema}.{name} has no column {watermark_column!r} (watermark)")
+    watermark = by_name[watermark_column]
+    if watermark.base_type not in _INTEGER_TYPES | _TIMESTAMP_TYPES:
+        raise SourceError(
+            f"watermark column {watermark_column!r} is {watermark.type_name}; "
+            "it must be an integer or a timestamp"
+        )
+    if partition_column not in by_name:
+        raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
+    partition = by_name[partition_column]
+    if partition.base_type not in _PARTITION_TYPES:
+        raise SourceError(
+            f"partition column {partition_column!r} is {partition.type_name}; "
+            "it must be a date or a timestamp"
+        )
+    return TableInfo(str(schema), str(name), cols, watermark, partition)

@@ -1,0 +1,288 @@
+"""The ledger in Postgres: schema ``cdc`` (configurable), created by ``cdc-daemon init``.
+
+- ``positions``: the committed watermark of each table. It only moves in the transaction that
+  marks a batch ``uploaded``, after S3 acknowledged every object of that batch.
+- ``batches``: one row per batch, keyed by (table, batch_id).
+
+The store's session also holds the single-instance advisory lock for the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
+from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
+
+SCHEMA_VERSION = 1
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {schema}.positions (
+    table_name text PRIMARY KEY,
+    mode text NOT NULL,
+    position bigint,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {schema}.batches (
+    table_name text NOT NULL,
+    batch_id text NOT NULL,
+    lo bigint,
+    hi bigint NOT NULL,
+    status text NOT NULL
+        CHECK (status IN ('pending', 'uploaded', 'loaded', 'failed', 'missing')),
+    rows bigint NOT NULL,
+    raw_bytes bigint NOT NULL,
+    size bigint NOT NULL,
+    objects jsonb NOT NULL,
+    checksum text NOT NULL,
+    read_ts text NOT NULL,
+    attempts integer NOT NULL DEFAULT 1,
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    uploaded_at timestamptz,
+    loaded_at timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, batch_id)
+);
+CREATE INDEX IF NOT EXISTS batches_status ON {schema}.batches (table_name, status);
+INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
+    ON CONFLICT (key) DO NOTHING;
+"""
+
+
+def lock_key(table: str) -> int:
+    """A signed 64-bit advisory lock key for one table's pipeline."""
+    digest = hashlib.sha256(f"cdc-daemon:{table}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Position:
+    table: str
+    position: int | None
+
+
+class Store:
+    """Async ledger access. ``connect()`` is the factory that does I/O."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
+        self._conn = conn
+        self._schema = sql.Identifier(schema)
+        self._schema_name = schema
+
+    @classmethod
+    async def connect(cls, dsn: str, schema: str, connect_timeout_s: float = 10) -> Store:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                dsn,
+                autocommit=True,
+                row_factory=dict_row,
+                application_name="cdc-daemon-ledger",
+                connect_timeout=max(1, int(connect_timeout_s)),
+                options="-c TimeZone=UTC -c DateStyle=ISO",
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "cannot connect to the state database") from None
+        return cls(conn, schema)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @property
+    def broken(self) -> bool:
+        return self._conn.closed or self._conn.broken
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._schema)
+
+    async def _fetch(
+        self, doing: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            cur = await self._conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, doing) from None
+
+    async def init_schema(self) -> None:
+        try:
+            async with self._conn.transaction():
+                await self._conn.execute(self._q(_DDL))
+        except psycopg.Error as exc:
+            doing = f"cannot create the ledger schema {self._schema_name}"
+            raise from_psycopg(exc, doing) from None
+
+    async def check_schema(self) -> None:
+        rows = await self._fetch(
+            "reading the ledger",
+            sql.SQL(
+                "SELECT count(*) AS n FROM pg_tables WHERE schemaname = %s "
+                "AND tablename IN ('positions', 'batches')"
+            ),
+            (self._schema_name,),
+        )
+        if rows[0]["n"] != 2:
+            raise StateError(
+                f"the ledger schema {self._schema_name!r} does not exist: run `cdc-daemon init`"
+            )
+
+    async def try_lock(self, table: str) -> None:
+        """Session-level: held as long as this connection lives, released if the process dies."""
+        rows = await self._fetch(
+            "taking the single-instance lock",
+            sql.SQL("SELECT pg_try_advisory_lock(%s) AS ok"),
+            (lock_key(table),),
+        )
+        if not rows[0]["ok"]:
+            raise AlreadyRunningError(
+                f"another cdc-daemon is already running for {table} (it holds the lock)"
+            )
+
+    async def position(self, table: str, mode: str) -> Position:
+        rows = await self._fetch(
+            "reading the watermark",
+            self._q(
+                "INSERT INTO {schema}.positions (table_name, mode) VALUES (%s, %s) "
+                "ON CONFLICT (table_name) DO UPDATE SET mode = {schema}.positions.mode "
+                "RETURNING position, mode"
+            ),
+            (table, mode),
+        )
+        if rows[0]["mode"] != mode:
+            raise StateError(
+                f"{table} was captured in {rows[0]['mode']!r} mode; it cannot switch to {mode!r}"
+            )
+        return Position(table, rows[0]["position"])
+
+    async def positions(self) -> list[Position]:
+        rows = await self._fetch(
+            "reading positions",
+            self._q("SELECT table_name, position FROM {schema}.positions ORDER BY table_name"),
+        )
+        return [Position(r["table_name"], r["position"]) for r in rows]
+
+    async def pending(self, table: str) -> list[BatchRecord]:
+        rows = await self._fetch(
+            "reading pending batches",
+            self._q(
+                "SELECT * FROM {schema}.batches WHERE table_name = %s AND status = 'pending' "
+                "ORDER BY hi"
+            ),
+            (table,),
+        )
+        return [_record(r) for r in rows]
+
+    async def record_pending(self, batch: BatchRecord) -> None:
+        """The intent record, written before any upload of this batch."""
+        await self._fetch(
+            "recording a batch",
+            self._q(
+                "INSERT INTO {schema}.batches (table_name, batch_id, lo, hi, status, rows, "
+                "raw_bytes, size, objects, checksum, read_ts, attempts) "
+                "VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (table_name, batch_id) DO UPDATE SET "
+                "attempts = {schema}.batches.attempts + 1, updated_at = now(), "
+                "rows = EXCLUDED.rows, raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size, "
+                "objects = EXCLUDED.objects, checksum = EXCLUDED.checksum "
+                "WHERE {schema}.batches.status = 'pending'"
+            ),
+            (
+                batch.table,
+                batch.batch_id,
+                batch.lo,
+                batch.hi,
+                batch.rows,
+                batch.raw_bytes,
+                batch.size,
+                json.dumps([o.as_json() for o in batch.objects]),
+                batch.checksum,
+                batch.read_ts,
+                batch.attempts,
+            ),
+        )
+
+    async def bump_attempts(self, batch: BatchRecord, error: str) -> None:
+        await self._fetch(
+            "recording a retry",
+            self._q(
+                "UPDATE {schema}.batches SET attempts = attempts + 1, error = %s, "
+                "updated_at = now() WHERE table_name = %s AND batch_id = %s"
+            ),
+            (error, batch.table, batch.batch_id),
+        )
+
+    async def commit_uploaded(self, batch: BatchRecord) -> None:
+        """Mark the batch uploaded and move the watermark from ``lo`` to ``hi``, atomically.
+        The compare-and-set on the old position refuses a move that another process (or a
+        stale retry) already made."""
+        try:
+            async with self._conn.transaction():
+                cur = await self._conn.execute(
+                    self._q(
+                        "UPDATE {schema}.positions SET position = %s, updated_at = now() "
+                        "WHERE table_name = %s AND position IS NOT DISTINCT FROM %s"
+                    ),
+                    (batch.hi, batch.table, batch.lo),
+                )
+                if cur.rowcount != 1:
+                    raise StateError(
+                        f"the watermark of {batch.table} is no longer {batch.lo}: "
+                        "another process moved it"
+                    )
+                cur = await self._conn.execute(
+                    self._q(
+                        "UPDATE {schema}.batches SET status = 'uploaded', uploaded_at = now(), "
+                        "updated_at = now(), error = NULL "
+                        "WHERE table_name = %s AND batch_id = %s AND status = 'pending'"
+                    ),
+                    (batch.table, batch.batch_id),
+                )
+                if cur.rowcount != 1:
+                    raise StateError(f"batch {batch.batch_id} is not pending any more")
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "committing a batch") from None
+
+    async def status_counts(self, table: str) -> dict[str, int]:
+        rows = await self._fetch(
+            "reading batch counts",
+            self._q(
+                "SELECT status, count(*) AS n FROM {schema}.batches WHERE table_name = %s "
+                "GROUP BY status"
+            ),
+            (table,),
+        )
+        return {str(r["status"]): int(r["n"]) for r in rows}
+
+    async def batches(self, table: str) -> list[BatchRecord]:
+        rows = await self._fetch(
+            "reading batches",
+            self._q("SELECT * FROM {schema}.batches WHERE table_name = %s ORDER BY hi"),
+            (table,),
+        )
+        return [_record(r) for r in rows]
+
+
+def _record(row: dict[str, Any]) -> BatchRecord:
+    return BatchRecord(
+        table=row["table_name"],
+        batch_id=row["batch_id"],
+        lo=row["lo"],
+        hi=row["hi"],
+        read_ts=row["read_ts"],
+        objects=tuple(ObjectRecord(**o) for o in row["objects"]),
+        status=Status(row["status"]),
+        attempts=row["attempts"],
+    )

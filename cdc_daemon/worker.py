@@ -1,0 +1,186 @@
+"""The daemon: startup checks, one TaskGroup of loops, graceful shutdown with a deadline.
+
+SIGTERM/SIGINT only set an event. The capture loop stops taking new batches, lets the current
+one finish within ``daemon.shutdown_grace_s`` (shorter than systemd's TimeoutStopSec and the
+pod's terminationGracePeriodSeconds), then cancels it: a cancelled batch leaves at most a
+pending intent record, redone on the next start. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import stamina
+import structlog
+
+from cdc_daemon.config import Settings, redact_dsn
+from cdc_daemon.errors import CdcError, TransientError
+from cdc_daemon.pipeline import WatermarkPipeline
+from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.source.watermark import WatermarkSource
+from cdc_daemon.state.store import Store
+
+log = structlog.get_logger()
+
+
+class Worker:
+    def __init__(self, settings: Settings, exit_when_idle: bool = False) -> None:
+        self._settings = settings
+        self._exit_when_idle = exit_when_idle
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._store: Store | None = None
+        self._source: WatermarkSource | None = None
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            log.info("shutdown_requested", reason=reason)
+        self._stop.set()
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # The operator asked twice: no more grace.
+            os._exit(128 + signum)
+        self.request_stop(signum.name)
+
+    async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> int:
+        settings = self._settings
+        if settings.capture.mode != "watermark":
+            raise CdcError("capture.mode 'logical' is not available yet; use 'watermark'")
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if shutdown_trigger is None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                installed.append(signum)
+        try:
+            async with AsyncExitStack() as stack:
+                pipeline = await self._startup(stack)
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        capture = group.create_task(self._capture_loop(pipeline))
+                        if shutdown_trigger is not None:
+                            trigger = group.create_task(self._await_trigger(shutdown_trigger))
+                            capture.add_done_callback(lambda _: trigger.cancel())
+                except BaseExceptionGroup as group:
+                    # One loop failed and the group cancelled the rest: report that failure.
+                    raise _first_cause(group) from None
+            log.info("daemon_stopped", table=pipeline.table, position=pipeline.position)
+            return 0
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    async def _await_trigger(self, trigger: Callable[[], Awaitable[object]]) -> None:
+        await trigger()
+        self.request_stop("trigger")
+
+    async def _startup(self, stack: AsyncExitStack) -> WatermarkPipeline:
+        settings = self._settings
+        log.info(
+            "daemon_starting",
+            table=settings.postgres.table,
+            mode=settings.capture.mode,
+            source=redact_dsn(settings.postgres.dsn.get_secret_value()),
+            bucket=settings.s3.bucket,
+            prefix=settings.s3.prefix,
+        )
+        store = await self._connect_store()
+        stack.push_async_callback(self._close_store)
+        source = WatermarkSource(settings)
+        self._source = source
+        stack.callback(source.close)
+        table = await asyncio.to_thread(source.connect)
+        await store.try_lock(table.qualified)
+        sink = await S3Sink.open(settings.s3, stack)
+        await sink.check_bucket()
+        log.info(
+            "daemon_started",
+            table=table.qualified,
+            watermark_column=table.watermark.name,
+            partition_column=table.partition.name,
+            pid=os.getpid(),
+        )
+        return WatermarkPipeline(settings, source, sink, store)
+
+    async def _connect_store(self) -> Store:
+        settings = self._settings
+        store = await Store.connect(
+            settings.state_dsn.get_secret_value(),
+            settings.state.schema_,
+            settings.postgres.connect_timeout_s,
+        )
+        self._store = store
+        await store.check_schema()
+        return store
+
+    async def _close_store(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+    async def _reconnect_if_broken(self, pipeline: WatermarkPipeline) -> None:
+        """After a transient failure: a lost ledger session also lost the lock; take it again
+        (and stop if another daemon took it meanwhile)."""
+        store = self._store
+        if store is not None and store.broken:
+            new = await self._connect_store()
+            await new.try_lock(pipeline.table)
+            pipeline.replace_store(new)
+
+    async def _step_with_retries(self, pipeline: WatermarkPipeline) -> bool:
+        daemon = self._settings.daemon
+        async for attempt in stamina.retry_context(
+            on=TransientError,
+            attempts=daemon.retry_attempts,
+            wait_max=daemon.retry_max_wait_s,
+            timeout=None,
+        ):
+            with attempt:
+                if attempt.num > 1:
+                    log.warning("step_retrying", table=pipeline.table, attempt=attempt.num)
+                    await self._reconnect_if_broken(pipeline)
+                return await pipeline.step(draining=self._exit_when_idle or self._stop.is_set())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _capture_loop(self, pipeline: WatermarkPipeline) -> None:
+        poll = self._settings.capture.poll_interval_s
+        grace = self._settings.daemon.shutdown_grace_s
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                step = asyncio.ensure_future(self._step_with_retries(pipeline))
+                await asyncio.wait([step, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    # Shutdown during a batch: let it finish within the grace period.
+                    done, _ = await asyncio.wait([step], timeout=grace)
+                    if not done:
+                        log.warning("batch_abandoned", table=pipeline.table, grace_s=grace)
+                        step.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await step
+                        return
+                worked = step.result()
+                if worked:
+                    continue
+                if self._exit_when_idle:
+                    log.info("capture_idle", table=pipeline.table, position=pipeline.position)
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stop_wait), poll)
+        finally:
+            stop_wait.cancel()
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_cause(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
