@@ -70,24 +70,6 @@ class TableInfo:
     def header(self) -> list[str]:
         return [c.name for c in self.columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
 
-    def seq_expr(self) -> sql.Composable:
-        """The watermark as a 64-bit integer (``_cdc_seq``): itself, or epoch microseconds."""
-        if self.watermark.base_type in _INTEGER_TYPES:
-            return sql.SQL("{}::bigint").format(self.watermark.ident())
-        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint").format(self.watermark.ident())
-
-    def position_expr(self, seq: int) -> sql.Composable:
-        """A ``_cdc_seq`` value turned back into the watermark column's own type, exactly."""
-        if self.watermark.base_type in _INTEGER_TYPES:
-            return sql.SQL("{}::bigint").format(sql.Literal(seq))
-        epoch = (
-            "timestamptz 'epoch'"
-            if "with time" in self.watermark.type_name
-            else ("timestamp 'epoch'")
-        )
-        # Interval arithmetic in whole microseconds is exact; float epoch seconds would not be.
-        return sql.SQL(epoch + " + {}::interval").format(sql.Literal(f"{seq} microseconds"))
-
     def day_expr(self) -> sql.Composable:
         """The UTC day of the partition column, ``YYYY-MM-DD``; ``unknown`` for NULL/infinite."""
         col = self.partition.ident()
@@ -145,10 +127,10 @@ def describe_table(
     if watermark_column not in by_name:
         raise SourceError(f"{schema}.{name} has no column {watermark_column!r} (watermark)")
     watermark = by_name[watermark_column]
-    if watermark.base_type not in _INTEGER_TYPES | _TIMESTAMP_TYPES:
+    if watermark.base_type not in _INTEGER_TYPES:
         raise SourceError(
-            f"watermark column {watermark_column!r} is {watermark.type_name}; "
-            "it must be an integer or a timestamp"
+            f"watermark column {watermark_column!r} is {watermark.type_name}; it must be an "
+            "integer column filled by a sequence (serial or identity)"
         )
     if partition_column not in by_name:
         raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")

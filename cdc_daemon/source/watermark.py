@@ -1,67 +1,79 @@
-"""High-watermark capture: new rows of the table, in watermark order, streamed with COPY.
+"""High-watermark capture: new rows of the table, in id order, streamed with ``COPY TO STDOUT``.
 
-Late commits. A plain ``WHERE id > watermark`` loses rows: a transaction can take id 5, then
-another take id 6 and commit, the daemon export 6 and move the watermark to 6, and only then the
-first commit id 5. This module never exports past a *fence*:
+One *pass* (``WatermarkSource.run_pass``) runs in one REPEATABLE READ snapshot: it reads the
+fence, plans the batch, re-reads rows that filled earlier gaps, and copies the new range. Why
+that loses no late commit is explained in ``source.fence``.
 
-1. ``fence()`` reads, in one statement, ``high`` = the largest watermark visible now, and the
-   virtual transaction ids of every transaction open in this database (``pg_locks``, lock type
-   ``virtualxid``: every transaction holds one, including those that have not written yet and
-   so have no xid) plus any prepared transaction.
-2. Any row with a watermark ``<= high`` that is not visible yet belongs to one of those
-   transactions: values are assigned increasingly, so a transaction that starts later takes a
-   larger one. ``fence_holders()`` is polled until all of them have ended.
-3. Only then is ``(watermark, high]`` read, in a new snapshot: every row it will ever hold is
-   committed (or rolled back), so the range is final and the watermark can move past it.
-
-The cost is latency: export waits for transactions that were open at the fence, so a session
-left idle in a transaction holds export back (it holds back VACUUM too); the daemon logs it.
-Sessions of the daemon itself (``application_name`` ``cdc-daemon*``) never write to the source
-and are not waited for. The assumption, stated in the README: watermark values are assigned in
-increasing order at insert time (a sequence with CACHE 1, the default for serial/identity
-columns, or ``now()``/``clock_timestamp()``), and rows are not inserted with older values by hand.
+Synchronous by design: a sync COPY in a thread runs at psql's speed, the async one at ~0.4x
+(one chunk per row through the event loop). The pipeline calls it with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import from_psycopg
+from cdc_daemon.errors import TransientError, from_psycopg
 from cdc_daemon.sink.csv import header_line, seq_of_row
 from cdc_daemon.sink.spool import DaySpool
+from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range, advance, retire, to_ranges
 from cdc_daemon.source.table import TableInfo, describe_table
 
 APPLICATION_NAME = "cdc-daemon"
 
-
-@dataclass(frozen=True)
-class Fence:
-    high: int | None  # largest _cdc_seq visible at the fence; None when the table is empty
-    holders: tuple[str, ...]  # transactions that were open at the fence
-
-
-@dataclass(frozen=True)
-class Plan:
-    rows: int
-    hi: int | None
+# Transactions that can insert rows: not the daemon's own sessions (they only read), and not
+# autovacuum or WAL senders.
+_HOLDERS = """
+SELECT l.virtualxid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = l.virtualtransaction
+  AND a.datname = current_database() AND l.pid <> pg_backend_pid()
+  AND a.backend_type NOT IN ('autovacuum worker', 'walsender')
+  AND coalesce(a.application_name, '') NOT LIKE 'cdc-daemon%%'
+UNION ALL SELECT 'prepared:' || gid FROM pg_prepared_xacts WHERE database = current_database()
+"""
 
 
 @dataclass(frozen=True)
 class Limits:
+    max_rows: int
     max_bytes: int
     max_days: int
 
 
 @dataclass(frozen=True)
-class Extract:
-    hi: int  # the batch covers (lo, hi]
+class Scan:
+    """What a pass found before copying anything: the policy decides on it."""
+
+    new_rows: int
+    late_rows: int
+
+    @property
+    def rows(self) -> int:
+        return self.new_rows + self.late_rows
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Exactly which rows a batch holds: ids in ``(lo, hi]`` except ``gaps``, plus ``caught``.
+    Kept in the intent record, so a redo after a crash copies the very same rows."""
+
+    lo: int
+    hi: int
+    gaps: tuple[Range, ...]
+    caught: tuple[Range, ...]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    spec: BatchSpec | None  # None: nothing was copied
     rows: int
-    cut: bool  # True when max_bytes/max_days closed the batch before the planned hi
+    cut: bool  # max_bytes/max_days closed the batch before the planned end
+    state: CaptureState  # the capture state once this pass's batch is durable
+    high_seen: int  # the highest id visible in the snapshot (for the "behind" figure)
 
 
 def connect(settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
@@ -81,20 +93,24 @@ def connect(settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
         raise from_psycopg(exc, "cannot connect to the source database") from None
 
 
-class WatermarkSource:
-    """Synchronous by design: COPY in a thread runs at psql's speed, async COPY at ~0.4x
-    (one chunk per row through the event loop). The worker calls it with ``to_thread``."""
+def _ranges_literal(ranges: Sequence[Range]) -> tuple[sql.Composable, sql.Composable]:
+    return sql.Literal([r[0] for r in ranges]), sql.Literal([r[1] for r in ranges])
 
+
+class WatermarkSource:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._table: TableInfo | None = None
-        self._lock = threading.Lock()
 
     @property
     def table(self) -> TableInfo:
         assert self._table is not None, "connect() first"
         return self._table
+
+    @property
+    def header(self) -> bytes:
+        return header_line(self.table.header)
 
     def connect(self) -> TableInfo:
         self.close()
@@ -107,7 +123,7 @@ class WatermarkSource:
                 capture.watermark_column,
                 capture.partition_column,
             )
-            # Fail now, not on the first batch, if the user may not read the table.
+            # Fail now, not on the first batch, if this user may not read the table.
             self._conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(self._table.ident()))
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
@@ -125,165 +141,253 @@ class WatermarkSource:
         return self._conn
 
     def cancel(self) -> None:
-        """Interrupt a running COPY from another thread (graceful shutdown past its grace)."""
+        """Interrupt a running statement from another thread (shutdown past its grace)."""
         conn = self._conn
         if conn is not None and not conn.closed:
             conn.cancel_safe(timeout=5)
 
-    def _run(
-        self, doing: str, query: sql.SQL | sql.Composed, params: tuple[object, ...] | None = None
-    ) -> list[tuple[object, ...]]:
-        try:
-            return self._session().execute(query, params).fetchall()
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, doing) from None
+    # -- SQL pieces ---------------------------------------------------------------------------
 
-    def fence(self) -> Fence:
+    def _id(self) -> sql.Composable:
+        return self.table.watermark.ident()
+
+    def _copy(self, where: sql.Composable, read_ts: str) -> sql.Composed:
         t = self.table
-        rows = self._run(
-            "reading the fence",
-            sql.SQL(
-                "SELECT (SELECT {seq} FROM {tbl} WHERE {w} IS NOT NULL ORDER BY {w} DESC LIMIT 1),"
-                " ARRAY(SELECT l.virtualxid FROM pg_locks l JOIN pg_stat_activity a"
-                "       ON a.pid = l.pid"
-                "       WHERE l.locktype = 'virtualxid' AND l.granted"
-                "         AND l.virtualxid = l.virtualtransaction"
-                "         AND a.datname = current_database() AND l.pid <> pg_backend_pid()"
-                "         AND coalesce(a.application_name, '') NOT LIKE {app}"
-                "       UNION ALL SELECT 'prepared:' || gid FROM pg_prepared_xacts"
-                "       WHERE database = current_database())"
-            ).format(
-                seq=t.seq_expr(),
-                tbl=t.ident(),
-                w=t.watermark.ident(),
-                app=sql.Literal(APPLICATION_NAME + "%"),
-            ),
-        )
-        high, holders = rows[0]
-        assert isinstance(holders, list)
-        return Fence(None if high is None else int(str(high)), tuple(str(h) for h in holders))
-
-    def fence_holders(self, fence: Fence) -> tuple[str, ...]:
-        """Those of the fence's transactions that are still open."""
-        if not fence.holders:
-            return ()
-        rows = self._run(
-            "waiting on the fence",
-            sql.SQL(
-                "SELECT virtualxid FROM pg_locks WHERE locktype = 'virtualxid' AND granted"
-                " AND virtualxid = virtualtransaction AND virtualxid = ANY(%s)"
-                " UNION ALL SELECT 'prepared:' || gid FROM pg_prepared_xacts"
-                " WHERE 'prepared:' || gid = ANY(%s)"
-            ),
-            (list(fence.holders), list(fence.holders)),
-        )
-        return tuple(str(r[0]) for r in rows)
-
-    def _range(self, lo: int | None, hi: int) -> sql.Composable:
-        t = self.table
-        cond = sql.SQL("{w} <= {hi}").format(w=t.watermark.ident(), hi=t.position_expr(hi))
-        if lo is not None:
-            cond = (
-                sql.SQL("{w} > {lo} AND ").format(w=t.watermark.ident(), lo=t.position_expr(lo))
-                + cond
-            )
-        return cond
-
-    def plan(self, lo: int | None, high: int, max_rows: int) -> Plan:
-        """How many rows the next batch holds (at most ``max_rows``, plus ties of its last
-        value) and its upper bound. An index scan on the watermark: no row is read."""
-        t = self.table
-        rows = self._run(
-            "planning a batch",
-            sql.SQL(
-                "SELECT count(*), max(s) FROM (SELECT {seq} AS s FROM {tbl} WHERE {rng}"
-                " ORDER BY {w} LIMIT {n}) q"
-            ).format(
-                seq=t.seq_expr(),
-                tbl=t.ident(),
-                rng=self._range(lo, high),
-                w=t.watermark.ident(),
-                n=sql.Literal(max_rows),
-            ),
-        )
-        count, hi = rows[0]
-        return Plan(int(str(count)), None if hi is None else int(str(hi)))
-
-    def copy_query(self, lo: int | None, hi: int, read_ts: str) -> sql.Composed:
-        t = self.table
-        cols = sql.SQL(", ").join(c.csv_expr() for c in t.columns)
         return sql.SQL(
-            "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts} FROM {tbl} WHERE {rng} ORDER BY {w})"
-            " TO STDOUT (FORMAT csv)"
+            "COPY (SELECT {day}, {cols}, 'I', {id}::bigint, {ts} FROM {tbl} t WHERE {where}"
+            " ORDER BY {id}) TO STDOUT (FORMAT csv)"
         ).format(
             day=t.day_expr(),
-            cols=cols,
-            seq=t.seq_expr(),
+            cols=sql.SQL(", ").join(c.csv_expr() for c in t.columns),
+            id=self._id(),
             ts=sql.Literal(read_ts),
             tbl=t.ident(),
-            rng=self._range(lo, hi),
-            w=t.watermark.ident(),
+            where=where,
         )
 
-    def extract(
-        self, lo: int | None, hi: int, read_ts: str, spool: DaySpool, limits: Limits | None
-    ) -> Extract:
-        """Stream ``(lo, hi]`` into the spool. With ``limits``, stop early at the first
-        watermark change after max_bytes or max_days is reached (never between two rows with
-        the same watermark, so the range stays a clean ``(lo, cut]``)."""
+    def _in_ranges(self, ranges: Sequence[Range]) -> sql.Composable:
+        return sql.SQL(
+            "EXISTS (SELECT 1 FROM unnest({f}::int8[], {l}::int8[]) g(f, l)"
+            " WHERE {id} BETWEEN g.f AND g.l)"
+        ).format(
+            f=sql.Literal([r[0] for r in ranges]),
+            l=sql.Literal([r[1] for r in ranges]),
+            id=self._id(),
+        )
+
+    def _range(self, lo: int, hi: int) -> sql.Composable:
+        return sql.SQL("{id} > {lo} AND {id} <= {hi}").format(
+            id=self._id(), lo=_int8(lo), hi=_int8(hi)
+        )
+
+    def _begin(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        # Read-only: ending it with ROLLBACK is always right, also after a cancelled COPY.
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    # -- one pass -----------------------------------------------------------------------------
+
+    def run_pass(
+        self,
+        state: CaptureState,
+        limits: Limits,
+        read_ts: str,
+        spool: DaySpool,
+        decide: Callable[[Scan], bool],
+    ) -> PassResult:
         conn = self._session()
-        rows = nbytes = 0
-        last: bytes | None = None
-        cut: int | None = None
-        cur_day = b""
-        cur = None
         try:
-            with conn.cursor() as cursor, cursor.copy(self.copy_query(lo, hi, read_ts)) as copy:
+            # Which of the fences' transactions are still open, asked *before* the snapshot.
+            alive = [str(r[0]) for r in conn.execute(sql.SQL(_HOLDERS)).fetchall()]
+            state = retire(state, alive)
+            self._begin(conn)
+            try:
+                return self._pass_in_snapshot(conn, state, limits, read_ts, spool, decide)
+            finally:
+                if not conn.closed and not conn.broken:
+                    conn.execute("ROLLBACK")
+        except psycopg.errors.QueryCanceled as exc:
+            raise TransientError("the export was cancelled") from exc
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"exporting {self.table.qualified}") from None
+
+    def _pass_in_snapshot(
+        self,
+        conn: psycopg.Connection[tuple[object, ...]],
+        state: CaptureState,
+        limits: Limits,
+        read_ts: str,
+        spool: DaySpool,
+        decide: Callable[[Scan], bool],
+    ) -> PassResult:
+        t = self.table
+        # The first statement takes the snapshot; pg_locks is read after it, so every
+        # transaction open at the snapshot is either listed or has committed by now (and the
+        # next pass's snapshot sees its rows).
+        row = conn.execute(
+            sql.SQL(
+                "SELECT (SELECT {id}::bigint FROM {tbl} WHERE {id} IS NOT NULL"
+                " ORDER BY {id} DESC LIMIT 1), ARRAY(" + _HOLDERS + ")"
+            ).format(id=self._id(), tbl=t.ident())
+        ).fetchone()
+        assert row is not None
+        high_now = INT64_MIN if row[0] is None else int(str(row[0]))
+        holders = [str(h) for h in row[1]]  # type: ignore[attr-defined]
+        lo = state.high
+        # New rows: how many, the planned end, and the absent ids below it. An index scan.
+        new_rows, planned_hi, gaps = 0, lo, []
+        if high_now > lo:
+            plan = conn.execute(
+                sql.SQL(
+                    "SELECT count(*), max(id),"
+                    " coalesce(array_agg(prev + 1) FILTER (WHERE id > prev + 1), '{{}}'),"
+                    " coalesce(array_agg(id - 1) FILTER (WHERE id > prev + 1), '{{}}')"
+                    " FROM (SELECT id, lag(id, 1, {lo}) OVER (ORDER BY id) AS prev FROM"
+                    " (SELECT {id}::bigint AS id FROM {tbl} WHERE {rng} ORDER BY {id}"
+                    " LIMIT {n}) q) s"
+                ).format(
+                    id=self._id(),
+                    tbl=t.ident(),
+                    rng=self._range(lo, high_now),
+                    lo=_int8(lo),
+                    n=sql.Literal(limits.max_rows),
+                )
+            ).fetchone()
+            assert plan is not None
+            new_rows = int(str(plan[0]))
+            if new_rows:
+                planned_hi = int(str(plan[1]))
+                gaps = list(zip(plan[2], plan[3], strict=True))  # type: ignore[call-overload]
+        late_rows = 0
+        if state.gaps:
+            late = conn.execute(
+                sql.SQL("SELECT count(*) FROM {tbl} t WHERE {cond}").format(
+                    tbl=t.ident(), cond=self._in_ranges(state.gaps)
+                )
+            ).fetchone()
+            late_rows = int(str(late[0])) if late else 0
+        scan = Scan(new_rows, late_rows)
+        if scan.rows == 0:
+            # Nothing to copy; retired fences may still let empty gaps be forgotten.
+            return PassResult(None, 0, False, advance(state, lo, [], [], holders), high_now)
+        if not decide(scan):
+            return PassResult(None, 0, False, state, high_now)
+
+        caught: list[Range] = []
+        if late_rows:
+            caught = self._copy_late(conn, state.gaps, read_ts, spool)
+        hi, copied, cut = lo, 0, False
+        if new_rows:
+            hi, copied, cut = self._copy_new(conn, lo, planned_hi, read_ts, spool, limits)
+            gaps = [(a, min(b, hi)) for a, b in gaps if a <= hi]
+        spec = BatchSpec(lo, hi, tuple(gaps), tuple(caught))
+        rows = copied + sum(b - a + 1 for a, b in caught)
+        return PassResult(spec, rows, cut, advance(state, hi, gaps, caught, holders), high_now)
+
+    def _copy_late(
+        self,
+        conn: psycopg.Connection[tuple[object, ...]],
+        gaps: Sequence[Range],
+        read_ts: str,
+        spool: DaySpool,
+    ) -> list[Range]:
+        """Rows that appeared in earlier gaps: few, so each row's id is parsed."""
+        ids: list[int] = []
+        with conn.cursor() as cur, cur.copy(self._copy(self._in_ranges(gaps), read_ts)) as copy:
+            for raw in copy:
+                data = bytes(raw)
+                comma = data.index(b",")
+                spool.add(data[:comma], data[comma + 1 :])
+                ids.append(seq_of_row(data))
+        return to_ranges(ids)
+
+    def _copy_new(
+        self,
+        conn: psycopg.Connection[tuple[object, ...]],
+        lo: int,
+        hi: int,
+        read_ts: str,
+        spool: DaySpool,
+        limits: Limits,
+    ) -> tuple[int, int, bool]:
+        """Stream ``(lo, hi]`` into the spool. Past max_bytes, or at the first row of a day
+        beyond max_days, the batch closes at the next change of id (never between two rows
+        with the same watermark) and becomes ``(lo, cut]``."""
+        rows = nbytes = 0
+        last_seq: int | None = None  # set once a limit is reached: close when the id changes
+        cut: int | None = None
+        cur_day = previous = b""
+        target = None
+        try:
+            with (
+                conn.cursor() as cursor,
+                cursor.copy(self._copy(self._range(lo, hi), read_ts)) as copy,
+            ):
                 for raw in copy:
                     if cut is not None:
-                        continue  # draining what the server sent before the cancel landed
+                        continue  # what the server sent before the cancel landed
                     data = bytes(raw)
                     comma = data.index(b",")
                     day = data[:comma]
                     if (
-                        limits is not None
-                        and last is not None
-                        and (
-                            nbytes >= limits.max_bytes
-                            or (
-                                day != cur_day
-                                and day not in spool
-                                and len(spool) >= limits.max_days
-                            )
-                        )
+                        last_seq is None
+                        and rows
+                        and day != cur_day
+                        and day not in spool
+                        and len(spool) >= limits.max_days
                     ):
-                        last_seq = seq_of_row(last)
-                        if seq_of_row(data) != last_seq:
-                            cut = last_seq
-                            conn.cancel_safe(timeout=5)
-                            continue
+                        last_seq = seq_of_row(previous)
+                    if last_seq is not None and seq_of_row(data) != last_seq:
+                        cut = last_seq
+                        conn.cancel_safe(timeout=5)
+                        continue
                     if day != cur_day:
-                        cur_day, cur = day, spool.day(day)
-                    assert cur is not None
+                        cur_day, target = day, spool.day(day)
+                    assert target is not None
                     row = data[comma + 1 :]
-                    cur.pending.append(row)
-                    cur.buffered += len(row)
-                    if cur.buffered >= 1 << 20:
-                        cur.drain()
+                    target.pending.append(row)
+                    target.buffered += len(row)
+                    if target.buffered >= 1 << 20:
+                        target.drain()
                     nbytes += len(row)
                     rows += 1
-                    last = data
+                    previous = data
+                    if last_seq is None and nbytes >= limits.max_bytes:
+                        last_seq = seq_of_row(data)
         except psycopg.errors.QueryCanceled:
             if cut is None:
-                raise from_psycopg(
-                    psycopg.errors.QueryCanceled("export canceled"), "exporting"
-                ) from None
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, f"exporting {self.table.qualified}") from None
-        if cut is not None:
-            return Extract(cut, rows, True)
-        return Extract(hi, rows, False)
+                raise
+        if cut is not None and cut < hi:
+            return cut, rows, True
+        return hi, rows, False
 
-    @property
-    def header(self) -> bytes:
-        return header_line(self.table.header)
+    def redo(self, spec: BatchSpec, read_ts: str, spool: DaySpool) -> int:
+        """Copy exactly the rows of an interrupted batch again (see ``BatchSpec``)."""
+        conn = self._session()
+        try:
+            self._begin(conn)
+            try:
+                rows = 0
+                if spec.caught:
+                    caught = self._copy_late(conn, spec.caught, read_ts, spool)
+                    rows += sum(b - a + 1 for a, b in caught)
+                if spec.hi > spec.lo:
+                    where = self._range(spec.lo, spec.hi)
+                    if spec.gaps:
+                        where = sql.SQL("{} AND NOT {}").format(where, self._in_ranges(spec.gaps))
+                    with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
+                        for raw in copy:
+                            data = bytes(raw)
+                            comma = data.index(b",")
+                            spool.add(data[:comma], data[comma + 1 :])
+                            rows += 1
+                return rows
+            finally:
+                if not conn.closed and not conn.broken:
+                    conn.execute("ROLLBACK")
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"re-exporting {self.table.qualified}") from None
+
+
+def _int8(value: int) -> sql.Composable:
+    # CAST, not ::, so that -9223372036854775808 parses (:: binds tighter than unary minus).
+    return sql.SQL("CAST({} AS int8)").format(sql.Literal(value))

@@ -13,10 +13,13 @@ exactly the same keys, with the same ``_cdc_ts``: byte-identical objects.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from cdc_daemon.sink.csv import EXTENSIONS, Codec
+from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range
 
 
 class Status(StrEnum):
@@ -40,11 +43,16 @@ def can_move(old: Status, new: Status) -> bool:
     return new in TRANSITIONS[old]
 
 
-def batch_id(lo: int | None, hi: int) -> str:
-    """Derived from the range only: the same range always gets the same name, two different
-    ranges never do. Zero-padded so that names sort in watermark order."""
-    start = "start" if lo is None else f"{lo:020d}"
-    return f"{start}-{hi:020d}"
+def batch_id(lo: int, hi: int, caught: Sequence[tuple[int, int]] = ()) -> str:
+    """Derived from what the batch holds: the same rows always get the same name, different
+    rows never do. New ranges ``(lo, hi]`` never overlap; a batch of late rows only (``lo ==
+    hi``) is told apart by its first caught id, since an id is caught up once. Zero-padded so
+    that names sort in watermark order."""
+    start = "start" if lo == INT64_MIN else f"{lo:020d}"
+    name = f"{start}-{hi:020d}"
+    if hi == lo and caught:
+        name += f"-late-{caught[0][0]:020d}"
+    return name
 
 
 def object_key(prefix: str, table: str, day: str, batch: str, codec: Codec) -> str:
@@ -73,14 +81,26 @@ class ObjectRecord:
 
 @dataclass(frozen=True)
 class BatchRecord:
+    """One batch: ids in ``(lo, hi]`` except ``gaps``, plus the late ids in ``caught``."""
+
     table: str
     batch_id: str
-    lo: int | None
+    lo: int
     hi: int
     read_ts: str
-    objects: tuple[ObjectRecord, ...] = field(default=())
+    gaps: tuple[Range, ...] = ()
+    caught: tuple[Range, ...] = ()
+    state_after: CaptureState = field(default_factory=CaptureState)
+    objects: tuple[ObjectRecord, ...] = ()
     status: Status = Status.PENDING
     attempts: int = 1
+
+    def spec_json(self) -> dict[str, Any]:
+        return {
+            "gaps": [list(g) for g in self.gaps],
+            "caught": [list(c) for c in self.caught],
+            "state_after": self.state_after.to_json(),
+        }
 
     @property
     def rows(self) -> int:

@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
+from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
 
 SCHEMA_VERSION = 1
@@ -33,13 +34,15 @@ CREATE TABLE IF NOT EXISTS {schema}.meta (
 CREATE TABLE IF NOT EXISTS {schema}.positions (
     table_name text PRIMARY KEY,
     mode text NOT NULL,
-    position bigint,
+    low bigint,
+    high bigint,
+    state jsonb NOT NULL DEFAULT '{{}}',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS {schema}.batches (
     table_name text NOT NULL,
     batch_id text NOT NULL,
-    lo bigint,
+    lo bigint NOT NULL,
     hi bigint NOT NULL,
     status text NOT NULL
         CHECK (status IN ('pending', 'uploaded', 'loaded', 'failed', 'missing')),
@@ -49,6 +52,7 @@ CREATE TABLE IF NOT EXISTS {schema}.batches (
     objects jsonb NOT NULL,
     checksum text NOT NULL,
     read_ts text NOT NULL,
+    spec jsonb NOT NULL,
     attempts integer NOT NULL DEFAULT 1,
     error text,
     created_at timestamptz NOT NULL DEFAULT now(),
@@ -72,7 +76,12 @@ def lock_key(table: str) -> int:
 @dataclass(frozen=True)
 class Position:
     table: str
-    position: int | None
+    state: CaptureState
+
+    @property
+    def position(self) -> int | None:
+        """The watermark: every row with an id at or below it is exported and final."""
+        return None if self.state.low == INT64_MIN else self.state.low
 
 
 class Store:
@@ -157,7 +166,7 @@ class Store:
             self._q(
                 "INSERT INTO {schema}.positions (table_name, mode) VALUES (%s, %s) "
                 "ON CONFLICT (table_name) DO UPDATE SET mode = {schema}.positions.mode "
-                "RETURNING position, mode"
+                "RETURNING state, mode"
             ),
             (table, mode),
         )
@@ -165,14 +174,14 @@ class Store:
             raise StateError(
                 f"{table} was captured in {rows[0]['mode']!r} mode; it cannot switch to {mode!r}"
             )
-        return Position(table, rows[0]["position"])
+        return Position(table, CaptureState.from_json(rows[0]["state"]))
 
     async def positions(self) -> list[Position]:
         rows = await self._fetch(
             "reading positions",
-            self._q("SELECT table_name, position FROM {schema}.positions ORDER BY table_name"),
+            self._q("SELECT table_name, state FROM {schema}.positions ORDER BY table_name"),
         )
-        return [Position(r["table_name"], r["position"]) for r in rows]
+        return [Position(r["table_name"], CaptureState.from_json(r["state"])) for r in rows]
 
     async def pending(self, table: str) -> list[BatchRecord]:
         rows = await self._fetch(
@@ -191,8 +200,8 @@ class Store:
             "recording a batch",
             self._q(
                 "INSERT INTO {schema}.batches (table_name, batch_id, lo, hi, status, rows, "
-                "raw_bytes, size, objects, checksum, read_ts, attempts) "
-                "VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s) "
+                "raw_bytes, size, objects, checksum, read_ts, spec, attempts) "
+                "VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (table_name, batch_id) DO UPDATE SET "
                 "attempts = {schema}.batches.attempts + 1, updated_at = now(), "
                 "rows = EXCLUDED.rows, raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size, "
@@ -210,6 +219,7 @@ class Store:
                 json.dumps([o.as_json() for o in batch.objects]),
                 batch.checksum,
                 batch.read_ts,
+                json.dumps(batch.spec_json()),
                 batch.attempts,
             ),
         )
@@ -225,23 +235,12 @@ class Store:
         )
 
     async def commit_uploaded(self, batch: BatchRecord) -> None:
-        """Mark the batch uploaded and move the watermark from ``lo`` to ``hi``, atomically.
-        The compare-and-set on the old position refuses a move that another process (or a
-        stale retry) already made."""
+        """Mark the batch uploaded and move the position to its ``state_after``, atomically.
+        The compare-and-set on the old high refuses a move that another process (or a stale
+        retry) already made."""
         try:
             async with self._conn.transaction():
-                cur = await self._conn.execute(
-                    self._q(
-                        "UPDATE {schema}.positions SET position = %s, updated_at = now() "
-                        "WHERE table_name = %s AND position IS NOT DISTINCT FROM %s"
-                    ),
-                    (batch.hi, batch.table, batch.lo),
-                )
-                if cur.rowcount != 1:
-                    raise StateError(
-                        f"the watermark of {batch.table} is no longer {batch.lo}: "
-                        "another process moved it"
-                    )
+                await self._move(batch.table, batch.lo, batch.state_after)
                 cur = await self._conn.execute(
                     self._q(
                         "UPDATE {schema}.batches SET status = 'uploaded', uploaded_at = now(), "
@@ -254,6 +253,27 @@ class Store:
                     raise StateError(f"batch {batch.batch_id} is not pending any more")
         except psycopg.Error as exc:
             raise from_psycopg(exc, "committing a batch") from None
+
+    async def commit_position(self, table: str, before: CaptureState, after: CaptureState) -> None:
+        """Move the position without a batch: fences retired and empty gaps forgotten."""
+        try:
+            async with self._conn.transaction():
+                await self._move(table, before.high, after)
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "moving the position") from None
+
+    async def _move(self, table: str, high_before: int, after: CaptureState) -> None:
+        cur = await self._conn.execute(
+            self._q(
+                "UPDATE {schema}.positions SET low = %s, high = %s, state = %s, "
+                "updated_at = now() WHERE table_name = %s AND coalesce(high, %s) = %s"
+            ),
+            (after.low, after.high, json.dumps(after.to_json()), table, INT64_MIN, high_before),
+        )
+        if cur.rowcount != 1:
+            raise StateError(
+                f"the position of {table} is no longer {high_before}: another process moved it"
+            )
 
     async def status_counts(self, table: str) -> dict[str, int]:
         rows = await self._fetch(
@@ -282,6 +302,9 @@ def _record(row: dict[str, Any]) -> BatchRecord:
         lo=row["lo"],
         hi=row["hi"],
         read_ts=row["read_ts"],
+        gaps=tuple((a, b) for a, b in row["spec"]["gaps"]),
+        caught=tuple((a, b) for a, b in row["spec"]["caught"]),
+        state_after=CaptureState.from_json(row["spec"]["state_after"]),
         objects=tuple(ObjectRecord(**o) for o in row["objects"]),
         status=Status(row["status"]),
         attempts=row["attempts"],
