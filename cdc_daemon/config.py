@@ -57,6 +57,8 @@ class BatchSettings(_Section):
     max_rows: int = Field(default=500_000, gt=0)
     max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_age_s: float = Field(default=10.0, ge=0)
+    # Days (objects) in one batch: each open day holds a compressor and a file.
+    max_days: int = Field(default=64, ge=1, le=1000)
     compression: Literal["gzip", "zstd", "none"] = "gzip"
     # Level 1 is what `gzip -1` / `zstd -1` use: cheap for the daemon, fine for Snowflake.
     compression_level: int = Field(default=1, ge=1, le=19)

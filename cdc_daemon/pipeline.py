@@ -38,9 +38,6 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
-# Days of data in one batch: one compressor and file each, so this bounds memory and open files.
-MAX_DAYS_PER_BATCH = 64
-
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -118,7 +115,7 @@ class WatermarkPipeline:
         started = time.monotonic()
         read_ts = utc_now_iso()
         spool = self._spool()
-        limits = Limits(self.policy.max_rows, settings.batch.max_bytes, MAX_DAYS_PER_BATCH)
+        limits = Limits(self.policy.max_rows, settings.batch.max_bytes, settings.batch.max_days)
         try:
             result = await self._in_thread(
                 lambda: self._source.run_pass(state, limits, read_ts, spool, self._decide(draining))

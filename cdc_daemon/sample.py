@@ -80,3 +80,34 @@ def load_online_retail(
             (table,),
         )
     return loaded
+
+
+def generate_sales(
+    conn: psycopg.Connection[tuple[object, ...]], rows: int, table: str = "ecommerce_sales",
+    seed: float = 0.42, days: int = 373,
+) -> None:
+    """Insert ``rows`` synthetic rows shaped like the Online Retail data (server-side, fast):
+    invoices of a few lines, ~4,000 stock codes, ``days`` days of dates (a year by default), some blank customers,
+    descriptions with commas and quotes, cancellations with negative quantities."""
+    create_sales_table(conn, table)
+    conn.execute("SELECT setseed(%s)", (seed,))
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {t} (invoice_no, stock_code, description, quantity, invoice_date,"
+            " unit_price, customer_id, country)"
+            " SELECT CASE WHEN random() < 0.02 THEN 'C' ELSE '' END || (536365 + g / 20)::text,"
+            "  (10000 + (random() * 4070)::int)::text || CASE WHEN random() < 0.1 THEN 'A'"
+            "   ELSE '' END,"
+            "  CASE WHEN random() < 0.003 THEN NULL"
+            "   WHEN random() < 0.01 THEN 'SET OF 3 \"VINTAGE\" CAKE TINS, RED'"
+            "   ELSE 'PRODUCT ' || mod(g, 4070)::text || ' WHITE HANGING HEART' END,"
+            "  CASE WHEN random() < 0.02 THEN -1 ELSE 1 END * (1 + (random() * 24)::int),"
+            "  timestamptz '2010-12-01 08:00:00+00' + (g::float8 / %s) * %s * interval '1 day',"
+            "  round((random() * 20)::numeric, 2),"
+            "  CASE WHEN random() < 0.25 THEN NULL ELSE 12346 + (random() * 6000)::int END,"
+            "  (ARRAY['United Kingdom','United Kingdom','United Kingdom','France','Germany',"
+            "   'EIRE','Spain','Netherlands'])[1 + (random() * 7)::int]"
+            " FROM generate_series(1, %s) g"
+        ).format(t=sql.Identifier(*table.split("."))),
+        (rows, days, rows),
+    )
