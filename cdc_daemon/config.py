@@ -7,6 +7,7 @@ AWS credentials are deliberately absent: they come from botocore's standard chai
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -183,3 +184,9 @@ def redact_dsn(dsn: str) -> str:
     if "password" in params:
         params["password"] = "***"  # noqa: S105 - the mask, not a password
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+
+
+def crash_point_from_env() -> str | None:
+    """The test seam of ``pipeline.CRASH_POINTS``: inert unless a test sets CDCTEST_CRASH_AT.
+    (Deliberately outside the CDC_ prefix: it is not configuration.)"""
+    return os.environ.get("CDCTEST_CRASH_AT") or None

@@ -16,6 +16,7 @@ objects are byte-identical and an object that Snowpipe already loaded is harmles
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from typing import TypeVar
 import structlog
 
 from cdc_daemon.batching import BatchPolicy
-from cdc_daemon.config import Settings
+from cdc_daemon.config import Settings, crash_point_from_env
 from cdc_daemon.sink.csv import CONTENT_ENCODINGS
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import DayObject, DaySpool
@@ -35,6 +36,9 @@ from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, batch_id, object_
 from cdc_daemon.state.store import Store
 
 log = structlog.get_logger()
+
+# Where a test may make the process die (os._exit, like SIGKILL: no cleanup, no flush).
+CRASH_POINTS = ("after_pending", "after_upload", "after_commit")
 
 T = TypeVar("T")
 
@@ -57,6 +61,14 @@ class WatermarkPipeline:
         self._waiting_since: float | None = None
         self._reason: str | None = None
         self._paths: dict[str, Path] = {}
+        self._crash_at = crash_point_from_env()
+        if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {self._crash_at!r}")
+
+    def _crash_point(self, name: str) -> None:
+        if self._crash_at == name:
+            log.warning("crash_point_reached", point=name)
+            os._exit(70)
 
     @property
     def table(self) -> str:
@@ -213,6 +225,7 @@ class WatermarkPipeline:
         """Intent record, then every object, then the position: see the module docstring."""
         settings = self._settings
         await self._store.record_pending(batch)
+        self._crash_point("after_pending")
         limit = asyncio.Semaphore(settings.s3.max_concurrency)
         paths = self._paths
 
@@ -228,9 +241,11 @@ class WatermarkPipeline:
         async with asyncio.TaskGroup() as group:
             for obj in batch.objects:
                 group.create_task(upload(obj))
+        self._crash_point("after_upload")
         # Shielded: once S3 has every object, the commit must not be abandoned half-way by a
         # shutdown (it is one short transaction).
         await asyncio.shield(self._store.commit_uploaded(batch))
+        self._crash_point("after_commit")
 
     def _log_batch(
         self, batch: BatchRecord, started: float, waiting_since: float, reason: str, behind: int

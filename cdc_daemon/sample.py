@@ -83,12 +83,15 @@ def load_online_retail(
 
 
 def generate_sales(
-    conn: psycopg.Connection[tuple[object, ...]], rows: int, table: str = "ecommerce_sales",
-    seed: float = 0.42, days: int = 373,
+    conn: psycopg.Connection[tuple[object, ...]],
+    rows: int,
+    table: str = "ecommerce_sales",
+    seed: float = 0.42,
+    days: int = 373,
 ) -> None:
     """Insert ``rows`` synthetic rows shaped like the Online Retail data (server-side, fast):
-    invoices of a few lines, ~4,000 stock codes, ``days`` days of dates (a year by default), some blank customers,
-    descriptions with commas and quotes, cancellations with negative quantities."""
+    invoices of a few lines, ~4,000 stock codes, ``days`` days of dates (a year by default),
+    some blank customers, descriptions with commas and quotes, cancellations."""
     create_sales_table(conn, table)
     conn.execute("SELECT setseed(%s)", (seed,))
     conn.execute(

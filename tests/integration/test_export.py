@@ -123,9 +123,7 @@ async def test_batches_close_at_max_bytes(
     plus one row, and the cut batches still tile the ids."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 5000, days=3)
-    settings = make_settings(
-        pg_dsn, s3_server, bucket, tmp_path, batch={"max_bytes": 100_000}
-    )
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, batch={"max_bytes": 100_000})
     await export_until_idle(settings)
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
     store = await Store.connect(pg_dsn, "cdc")
@@ -151,9 +149,7 @@ async def test_objects_are_multipart_above_part_size(
             " md5(random()::text), 1, '2011-01-01 10:00+00', 1, 1, 'UK'"
             " FROM generate_series(1, 120000) g"
         )
-    settings = make_settings(
-        pg_dsn, s3_server, bucket, tmp_path, s3={"part_size": 5 * 1024 * 1024}
-    )
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, s3={"part_size": 5 * 1024 * 1024})
     await export_until_idle(settings)
     [key] = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]]
     head = s3_client.head_object(Bucket=bucket, Key=key)

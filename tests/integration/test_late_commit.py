@@ -1,0 +1,106 @@
+"""Rows that commit late: a transaction holds a lower id open while later rows are exported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_daemon.localdev import LocalS3
+from cdc_daemon.sample import generate_sales
+from cdc_daemon.state.store import Store
+from tests.helpers import assert_rebuilt_equals_source, export_until_idle, make_settings
+
+INSERT = (
+    "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity, invoice_date,"
+    " unit_price, customer_id, country) VALUES (%s, 'S', 'late', 1, now(), 1, 1, 'UK')"
+    " RETURNING id"
+)
+
+
+def exported_ids(s3_client: Any, bucket: str) -> set[int]:
+    from tests.helpers import object_bodies
+
+    ids = set()
+    for body in object_bodies(s3_client, bucket).values():
+        for line in body.decode().splitlines()[1:]:
+            ids.add(int(line.split(",", 1)[0]))
+    return ids
+
+
+async def position(dsn: str) -> int | None:
+    store = await Store.connect(dsn, "cdc")
+    try:
+        return (await store.position("public.ecommerce_sales", "watermark")).position
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("ends_with", ["commit", "rollback"])
+async def test_late_commit_is_exported(
+    ends_with: str,
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+) -> None:
+    """Transaction A takes id 11 and stays open; B commits ids 12..20; the daemon exports
+    12..20 without waiting for A; A commits; the next run exports 11. If A rolls back instead,
+    the gap is forgotten once A has ended and the watermark moves to 20."""
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path)
+    with psycopg.connect(pg_dsn, autocommit=True) as setup:
+        generate_sales(setup, 10, days=1)
+    await export_until_idle(settings)
+    assert exported_ids(s3_client, bucket) == set(range(1, 11))
+
+    with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
+        (late_id,) = late.execute(INSERT, ("late",)).fetchone()  # type: ignore[misc]
+        for n in range(9):
+            other.execute(INSERT, (f"on-time-{n}",))
+        assert late_id == 11
+
+        await export_until_idle(settings)
+        assert exported_ids(s3_client, bucket) == set(range(1, 21)) - {11}
+        assert await position(pg_dsn) == 10  # 11 may still come: the watermark stays below it
+
+        if ends_with == "commit":
+            late.commit()
+        else:
+            late.rollback()
+
+    await export_until_idle(settings)
+    expected = set(range(1, 21)) - ({11} if ends_with == "rollback" else set())
+    assert exported_ids(s3_client, bucket) == expected
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    await export_until_idle(settings)
+    assert await position(pg_dsn) == 20
+
+
+async def test_id_taken_before_the_row_is_written(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A transaction that draws nextval() first and inserts later (it has no xid in between,
+    only a virtual transaction id) is still waited for: its row is exported once it commits."""
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path)
+    with psycopg.connect(pg_dsn, autocommit=True) as setup:
+        generate_sales(setup, 5, days=1)
+    with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
+        (taken,) = late.execute(
+            "SELECT nextval(pg_get_serial_sequence('ecommerce_sales', 'id'))"
+        ).fetchone()  # type: ignore[misc]
+        other.execute(INSERT, ("after",))
+        await export_until_idle(settings)
+        assert exported_ids(s3_client, bucket) == {1, 2, 3, 4, 5, 7}
+        late.execute(
+            "INSERT INTO ecommerce_sales (id, invoice_no, stock_code, description, quantity,"
+            " invoice_date, unit_price, customer_id, country)"
+            " VALUES (%s, 'x', 'S', 'drawn early', 1, now(), 1, 1, 'UK')",
+            (taken,),
+        )
+        late.commit()
+    await export_until_idle(settings)
+    assert exported_ids(s3_client, bucket) == {1, 2, 3, 4, 5, 6, 7}
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
