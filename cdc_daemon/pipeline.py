@@ -93,6 +93,8 @@ class WatermarkPipeline:
         except asyncio.CancelledError:
             await asyncio.to_thread(self._source.cancel)
             await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # retrieved: the cancellation is what matters now
             raise
 
     async def step(self, draining: bool) -> bool:
@@ -136,7 +138,7 @@ class WatermarkPipeline:
                 if result.state != state and result.state.low != state.low:
                     await self._store.commit_position(self.table, state, result.state)
                     self._state = result.state
-                if result.rows == 0 and result.state.high >= result.high_seen:
+                if not result.waiting:
                     self._waiting_since = None
                 return False
             batch = self._batch(result.spec, read_ts, result.state, await self._finish(spool))
@@ -243,8 +245,15 @@ class WatermarkPipeline:
                 group.create_task(upload(obj))
         self._crash_point("after_upload")
         # Shielded: once S3 has every object, the commit must not be abandoned half-way by a
-        # shutdown (it is one short transaction).
-        await asyncio.shield(self._store.commit_uploaded(batch))
+        # shutdown (it is one short transaction), nor its connection closed under it.
+        commit = asyncio.ensure_future(self._store.commit_uploaded(batch))
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            await asyncio.wait([commit])
+            if not commit.cancelled():
+                commit.exception()
+            raise
         self._crash_point("after_commit")
 
     def _log_batch(

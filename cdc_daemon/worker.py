@@ -19,7 +19,7 @@ import stamina
 import structlog
 
 from cdc_daemon.config import Settings, redact_dsn
-from cdc_daemon.errors import CdcError, TransientError
+from cdc_daemon.errors import ConfigError, TransientError
 from cdc_daemon.pipeline import WatermarkPipeline
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.watermark import WatermarkSource
@@ -52,7 +52,7 @@ class Worker:
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> int:
         settings = self._settings
         if settings.capture.mode != "watermark":
-            raise CdcError("capture.mode 'logical' is not available yet; use 'watermark'")
+            raise ConfigError("capture.mode 'logical' is not available yet; use 'watermark'")
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         if shutdown_trigger is None:

@@ -74,6 +74,7 @@ class PassResult:
     cut: bool  # max_bytes/max_days closed the batch before the planned end
     state: CaptureState  # the capture state once this pass's batch is durable
     high_seen: int  # the highest id visible in the snapshot (for the "behind" figure)
+    waiting: bool = False  # rows are there, but the policy let them wait (age)
 
 
 def connect(settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
@@ -270,7 +271,7 @@ class WatermarkSource:
             # Nothing to copy; retired fences may still let empty gaps be forgotten.
             return PassResult(None, 0, False, advance(state, lo, [], [], holders), high_now)
         if not decide(scan):
-            return PassResult(None, 0, False, state, high_now)
+            return PassResult(None, 0, False, state, high_now, waiting=True)
 
         caught: list[Range] = []
         if late_rows:

@@ -75,9 +75,8 @@ def wait_for_event(
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(
-                f"daemon exited before {event!r}: {seen} {proc.stderr.read() if proc.stderr else ''}"
-            )
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"daemon exited before {event!r}: {seen} {err}")
         record = json.loads(line)
         seen.append(record)
         if record.get("event") == event:

@@ -35,7 +35,8 @@ def test_crash_between_upload_and_commit(
     crashed = cli(config, "run", "--exit-when-idle", CDCTEST_CRASH_AT="after_upload")
     assert crashed.returncode == 70, crashed.stderr
     first = raw_objects(s3_client, bucket)
-    assert first and all("start-00000000000000001000" in k for k in first)
+    assert first
+    assert all("start-00000000000000001000" in k for k in first)
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT status FROM cdc.batches").fetchall() == [("pending",)]
 
@@ -79,7 +80,8 @@ def test_sigterm_stops_gracefully_and_second_instance_is_refused(
         wait_for_event(daemon, "batch_uploaded")
         second = cli(config, "run")
         assert second.returncode == 5
-        assert "already running" in second.stderr and "Traceback" not in second.stderr
+        assert "already running" in second.stderr
+        assert "Traceback" not in second.stderr
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             generate_sales(conn, 50, days=1)
         wait_for_event(daemon, "batch_uploaded")
@@ -117,5 +119,6 @@ def test_user_errors_are_one_sentence(
         result = cli(config, "run")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == code, (extra, result.stderr)
-        assert len(lines) == 1 and message in lines[0], lines
+        assert len(lines) == 1, lines
+        assert message in lines[0], lines
         assert "pw-marker" not in result.stderr + result.stdout

@@ -39,7 +39,8 @@ async def test_sample_round_trips_through_s3(
         }
     assert {k.split("/")[1] for k in bodies} == {f"dt={d}" for d in days}
     for key, body in bodies.items():
-        assert key.startswith("public.ecommerce_sales/dt=") and key.endswith(".csv.gz")
+        assert key.startswith("public.ecommerce_sales/dt=")
+        assert key.endswith(".csv.gz")
         header, *rows = body.decode().splitlines()
         assert header == (
             "id,invoice_no,stock_code,description,quantity,invoice_date,unit_price,"
@@ -96,7 +97,8 @@ async def test_other_compressions(
     await export_until_idle(settings)
     bodies = assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
     suffix = {"zstd": ".csv.zst", "none": ".csv"}[compression]
-    assert bodies and all(k.endswith(suffix) for k in bodies)
+    assert bodies
+    assert all(k.endswith(suffix) for k in bodies)
 
 
 async def test_batches_close_at_max_rows(

@@ -69,7 +69,7 @@ def test_missing_file() -> None:
 
 def test_bad_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CDC_BATCH__MAX_ROWS", "-5")
-    with pytest.raises(ConfigError, match="batch.max_rows"):
+    with pytest.raises(ConfigError, match=r"batch\.max_rows"):
         load_settings(None)
 
 
@@ -77,8 +77,10 @@ def test_passwords_never_printed(tmp_path: Path) -> None:
     """The DSN is a secret: not in repr, not in a validation error, redacted for logs."""
     dsn = f"postgresql://app:{SECRET}@db:5432/sales"
     settings = load_settings(None, postgres={"dsn": dsn})
-    assert SECRET not in repr(settings) and SECRET not in str(settings)
-    assert SECRET not in redact_dsn(dsn) and "app" in redact_dsn(dsn)
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+    assert SECRET not in redact_dsn(dsn)
+    assert "app" in redact_dsn(dsn)
     path = write(tmp_path, f'[postgres]\ndsn = ["{dsn}"]\n')
     with pytest.raises(ConfigError) as info:
         load_settings(path)
@@ -91,5 +93,6 @@ def test_cli_reports_config_errors_without_traceback(
     path = write(tmp_path, "[batch]\nmax_rows = 'x'\n")
     assert main(["--config", str(path), "run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cdc-daemon: invalid configuration") and "Traceback" not in err
+    assert err.startswith("cdc-daemon: invalid configuration")
+    assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

@@ -41,7 +41,9 @@ def test_checksum_covers_keys_and_contents() -> None:
         "t", "b", 0, 1, "ts", objects=(ObjectRecord("k1", "2011-01-01", 1, 10, 5, "ab"),)
     )
     assert one.checksum != two.checksum
-    assert one.rows == 1 and one.raw_bytes == 10 and one.size == 5
+    assert one.rows == 1
+    assert one.raw_bytes == 10
+    assert one.size == 5
 
 
 def test_flush_reasons() -> None:
