@@ -6,6 +6,8 @@ them, with ``raise ... from exc``; everything above deals in these classes only.
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -100,3 +102,14 @@ def from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
         return StorageError(f"{doing}: S3 answered {code}: {message}")
     # Connection refused, timeouts, DNS: the endpoint may come back.
     return TransientError(f"{doing}: {exc}")
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that made a TaskGroup fail (the rest are usually its cancellations), so that
+    callers and retries see a ``CdcError``, not a group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

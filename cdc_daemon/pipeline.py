@@ -27,6 +27,7 @@ import structlog
 
 from cdc_daemon.batching import BatchPolicy
 from cdc_daemon.config import Settings, crash_point_from_env
+from cdc_daemon.errors import first_error
 from cdc_daemon.sink.csv import CONTENT_ENCODINGS
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import DayObject, DaySpool
@@ -240,9 +241,12 @@ class WatermarkPipeline:
                     CONTENT_ENCODINGS[settings.batch.compression],
                 )
 
-        async with asyncio.TaskGroup() as group:
-            for obj in batch.objects:
-                group.create_task(upload(obj))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for obj in batch.objects:
+                    group.create_task(upload(obj))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
         self._crash_point("after_upload")
         # Shielded: once S3 has every object, the commit must not be abandoned half-way by a
         # shutdown (it is one short transaction), nor its connection closed under it.

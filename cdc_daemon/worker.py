@@ -19,7 +19,7 @@ import stamina
 import structlog
 
 from cdc_daemon.config import Settings, redact_dsn
-from cdc_daemon.errors import ConfigError, TransientError
+from cdc_daemon.errors import ConfigError, TransientError, first_error
 from cdc_daemon.pipeline import WatermarkPipeline
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.watermark import WatermarkSource
@@ -70,7 +70,7 @@ class Worker:
                             capture.add_done_callback(lambda _: trigger.cancel())
                 except BaseExceptionGroup as group:
                     # One loop failed and the group cancelled the rest: report that failure.
-                    raise _first_cause(group) from None
+                    raise first_error(group) from None
             log.info("daemon_stopped", table=pipeline.table, position=pipeline.position)
             return 0
         finally:
@@ -176,11 +176,3 @@ class Worker:
         finally:
             stop_wait.cancel()
 
-
-def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_cause(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]

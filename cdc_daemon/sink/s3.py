@@ -17,7 +17,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cdc_daemon.config import S3Settings
-from cdc_daemon.errors import from_botocore
+from cdc_daemon.errors import first_error, from_botocore
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -127,11 +127,14 @@ class S3Sink:
                 return {"PartNumber": number, "ETag": answer["ETag"]}
 
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(send(n + 1, offset))
-                    for n, offset in enumerate(range(0, size, part_size))
-                ]
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(send(n + 1, offset))
+                        for n, offset in enumerate(range(0, size, part_size))
+                    ]
+            except BaseExceptionGroup as failed:
+                raise first_error(failed) from None
             await self._client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=key,
