@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,43 @@ def test_user_errors_are_one_sentence(
         assert len(lines) == 1, lines
         assert message in lines[0], lines
         assert "pw-marker" not in result.stderr + result.stdout
+
+
+def test_shutdown_abandons_a_long_batch_within_grace(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """SIGTERM in the middle of a large batch with a short grace period: the daemon cancels the
+    batch and exits 0 promptly; the next run exports everything, nothing lost or doubled. A
+    second SIGTERM does not wait for any grace at all."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 400_000, days=1)
+    config = write_config(
+        tmp_path,
+        pg_dsn,
+        s3_server,
+        bucket,
+        batch={"max_rows": 1_000_000},
+        daemon={"shutdown_grace_s": 0.2},
+    )
+    assert cli(config, "init").returncode == 0
+    daemon = start(config)
+    wait_for_event(daemon, "daemon_started")
+    daemon.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert time.monotonic() - started < 10
+    assert '"batch_abandoned"' in out
+    assert cli(config, "run", "--exit-when-idle").returncode == 0
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+    patient = write_config(tmp_path, pg_dsn, s3_server, bucket, daemon={"shutdown_grace_s": 60})
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 400_000, days=1)
+    daemon = start(patient)
+    wait_for_event(daemon, "daemon_started")
+    daemon.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.communicate(timeout=30)
+    assert daemon.returncode == 128 + signal.SIGTERM
