@@ -61,7 +61,6 @@ class WatermarkPipeline:
         self._state: CaptureState | None = None
         self._waiting_since: float | None = None
         self._reason: str | None = None
-        self._paths: dict[str, Path] = {}
         self._crash_at = crash_point_from_env()
         if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
             raise ValueError(f"unknown crash point {self._crash_at!r}")
@@ -144,7 +143,8 @@ class WatermarkPipeline:
                 return False
             batch = self._batch(result.spec, read_ts, result.state, await self._finish(spool))
             waiting_since = self._waiting_since or started
-            await self._upload_and_commit(batch)
+            timings = {"extract_s": time.monotonic() - started}
+            timings |= await self._upload_and_commit(batch)
         finally:
             await asyncio.to_thread(spool.discard)
         self._state = result.state
@@ -155,6 +155,7 @@ class WatermarkPipeline:
             batch,
             started,
             waiting_since,
+            timings,
             "max_bytes_or_days" if result.cut else self._reason or "",
             behind=result.high_seen - batch.hi,
         )
@@ -179,11 +180,12 @@ class WatermarkPipeline:
                     rows_before=pending.rows,
                     rows_now=batch.rows,
                 )
-            await self._upload_and_commit(batch)
+            timings = {"extract_s": time.monotonic() - started}
+            timings |= await self._upload_and_commit(batch)
         finally:
             await asyncio.to_thread(spool.discard)
         self._state = batch.state_after
-        self._log_batch(batch, started, started, "redo", behind=0)
+        self._log_batch(batch, started, started, timings, "redo", behind=0)
 
     def _spool(self) -> DaySpool:
         batch = self._settings.batch
@@ -199,7 +201,6 @@ class WatermarkPipeline:
     ) -> BatchRecord:
         settings = self._settings
         bid = batch_id(spec.lo, spec.hi, spec.caught)
-        self._paths = {d.day: d.path for d in days}
         return BatchRecord(
             table=self.table,
             batch_id=bid,
@@ -219,24 +220,26 @@ class WatermarkPipeline:
                     raw_bytes=d.raw_bytes,
                     size=d.size,
                     sha256=d.sha256,
+                    path=str(d.path),
                 )
                 for d in days
             ),
         )
 
-    async def _upload_and_commit(self, batch: BatchRecord) -> None:
-        """Intent record, then every object, then the position: see the module docstring."""
+    async def _upload_and_commit(self, batch: BatchRecord) -> dict[str, float]:
+        """Intent record, then every object, then the position (see the module docstring).
+        Returns the seconds spent uploading and committing."""
         settings = self._settings
         await self._store.record_pending(batch)
         self._crash_point("after_pending")
+        started = time.monotonic()
         limit = asyncio.Semaphore(settings.s3.max_concurrency)
-        paths = self._paths
 
         async def upload(obj: ObjectRecord) -> None:
             async with limit:
                 await self._sink.upload_file(
                     obj.key,
-                    paths[obj.day],
+                    Path(obj.path),
                     {"batch-id": batch.batch_id, "rows": str(obj.rows), "sha256": obj.sha256},
                     CONTENT_ENCODINGS[settings.batch.compression],
                 )
@@ -247,6 +250,7 @@ class WatermarkPipeline:
                     group.create_task(upload(obj))
         except BaseExceptionGroup as failed:
             raise first_error(failed) from None
+        uploaded = time.monotonic()
         self._crash_point("after_upload")
         # Shielded: once S3 has every object, the commit must not be abandoned half-way by a
         # shutdown (it is one short transaction), nor its connection closed under it.
@@ -259,10 +263,18 @@ class WatermarkPipeline:
                 commit.exception()
             raise
         self._crash_point("after_commit")
+        return {"upload_s": uploaded - started, "commit_s": time.monotonic() - uploaded}
 
     def _log_batch(
-        self, batch: BatchRecord, started: float, waiting_since: float, reason: str, behind: int
+        self,
+        batch: BatchRecord,
+        started: float,
+        waiting_since: float,
+        timings: dict[str, float],
+        reason: str,
+        behind: int,
     ) -> None:
+        """The one canonical line per batch."""
         done = time.monotonic()
         log.info(
             "batch_uploaded",
@@ -276,6 +288,7 @@ class WatermarkPipeline:
             compressed_bytes=batch.size,
             objects=len(batch.objects),
             seconds=round(done - started, 3),
+            **{k: round(v, 3) for k, v in timings.items()},
             lag_s=round(done - waiting_since, 3),
             behind=max(behind, 0),
         )

@@ -175,4 +175,3 @@ class Worker:
                     await asyncio.wait_for(asyncio.shield(stop_wait), poll)
         finally:
             stop_wait.cancel()
-

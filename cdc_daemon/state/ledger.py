@@ -67,6 +67,7 @@ class ObjectRecord:
     raw_bytes: int
     size: int
     sha256: str
+    path: str = field(default="", compare=False)  # the local spool file, while it exists
 
     def as_json(self) -> dict[str, object]:
         return {
