@@ -30,7 +30,7 @@ from cdc_daemon.config import Settings, crash_point_from_env
 from cdc_daemon.errors import first_error
 from cdc_daemon.sink.csv import CONTENT_ENCODINGS
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.sink.spool import DayObject, DaySpool
+from cdc_daemon.sink.spool import BLOCK_ROWS, DayObject, DaySpool
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.source.watermark import BatchSpec, Limits, Scan, WatermarkSource
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, batch_id, object_key
@@ -129,7 +129,15 @@ class WatermarkPipeline:
         started = time.monotonic()
         read_ts = utc_now_iso()
         spool = self._spool()
-        limits = Limits(self.policy.max_rows, settings.batch.max_bytes, settings.batch.max_days)
+        limits = Limits(
+            self.policy.max_rows,
+            settings.batch.max_bytes,
+            settings.batch.max_days,
+            # Check max_bytes about 16 times per batch-worth of rows, at most every block.
+            block_rows=int(
+                max(16, min(BLOCK_ROWS, settings.batch.max_bytes / self.policy.row_bytes / 16))
+            ),
+        )
         try:
             result = await self._in_thread(
                 lambda: self._source.run_pass(state, limits, read_ts, spool, self._decide(draining))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import zstandard
+from isal import isal_zlib
 
 Codec = Literal["gzip", "zstd", "none"]
 
@@ -37,8 +38,9 @@ class _Identity:
 
 def make_compressor(codec: Codec, level: int) -> Compressor:
     if codec == "gzip":
-        # wbits=31: a gzip member (header with mtime 0), so equal input gives equal bytes.
-        return zlib.compressobj(min(level, 9), zlib.DEFLATED, 31)
+        # ISA-L's deflate: ~4x zlib's speed at level 1, the same gzip format. wbits=31: one
+        # gzip member with mtime 0, so equal input gives equal bytes.
+        return isal_zlib.compressobj(min(level, 3), isal_zlib.DEFLATED, 31)
     if codec == "zstd":
         # Content size unknown up front; the frame is closed by flush().
         return zstandard.ZstdCompressor(level=level).compressobj()

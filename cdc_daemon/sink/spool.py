@@ -13,9 +13,11 @@ from typing import BinaryIO
 
 from cdc_daemon.sink.csv import EXTENSIONS, Codec, Compressor, make_compressor
 
-# Rows of one day are compressed in blocks of about this size: large enough that zlib/zstd
-# (which release the GIL) do the work, small enough to keep memory flat across many days.
-_BLOCK = 1 << 20
+Row = bytes | bytearray | memoryview
+
+# Rows of one day are compressed in blocks of this many rows (~1 MiB of sales rows): large
+# enough that the compressor does the work, small enough to keep memory flat across many days.
+BLOCK_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,12 @@ class DayObject:
     sha256: str
 
 
-class _DayFile:
+class DayFile:
+    """One day's object being written. ``pending`` is appended to directly by the hot loop in
+    ``source.watermark`` (a list append per row, nothing more); ``drain`` compresses it."""
+
     __slots__ = (
-        "buffered",
+        "_last",
         "compressor",
         "digest",
         "file",
@@ -39,15 +44,17 @@ class _DayFile:
         "raw",
         "rows",
         "size",
+        "spool",
     )
 
-    def __init__(self, path: Path, compressor: Compressor, header: bytes) -> None:
+    def __init__(self, spool: DaySpool, path: Path, compressor: Compressor, header: bytes) -> None:
+        self.spool = spool
         self.path = path
         self.file: BinaryIO = path.open("wb")
         self.compressor = compressor
         self.digest = hashlib.sha256()
-        self.pending: list[bytes] = []
-        self.buffered = 0
+        self.pending: list[Row] = []
+        self._last: Row = b""
         self.rows = 0
         self.raw = len(header)
         self.size = 0
@@ -59,13 +66,19 @@ class _DayFile:
             self.digest.update(data)
             self.size += len(data)
 
+    @property
+    def last_row(self) -> bytes:
+        return bytes(self.pending[-1] if self.pending else self._last)
+
     def drain(self) -> None:
+        """Compress what is pending. The caller must re-read ``pending`` (a new list)."""
         if self.pending:
             block = b"".join(self.pending)
+            self._last = self.pending[-1]
             self.rows += len(self.pending)
             self.raw += len(block)
+            self.spool.raw_bytes += len(block)
             self.pending = []
-            self.buffered = 0
             self._write(self.compressor.compress(block))
 
     def close(self) -> None:
@@ -82,7 +95,12 @@ class DaySpool:
         self._codec: Codec = codec
         self._level = level
         self._header = header
-        self._days: dict[bytes, _DayFile] = {}
+        self._days: dict[bytes, DayFile] = {}
+        self.raw_bytes = 0  # uncompressed bytes drained so far, all days
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows + len(f.pending) for f in self._days.values())
 
     def __len__(self) -> int:
         return len(self._days)
@@ -90,27 +108,43 @@ class DaySpool:
     def __contains__(self, day: bytes) -> bool:
         return day in self._days
 
-    def day(self, day: bytes) -> _DayFile:
+    def day(self, day: bytes) -> DayFile:
         found = self._days.get(day)
         if found is None:
-            name = day.decode("ascii", "replace") + EXTENSIONS[self._codec]
-            found = self._days[day] = _DayFile(
-                self._dir / name, make_compressor(self._codec, self._level), self._header
+            # NULL or non-ISO partition values (infinity, BC dates) get a name of their own.
+            name = day.decode("ascii", "replace").replace(" ", "_") or "unknown"
+            found = self._days[day] = DayFile(
+                self,
+                self._dir / (name + EXTENSIONS[self._codec]),
+                make_compressor(self._codec, self._level),
+                self._header,
             )
         return found
 
-    def add(self, day: bytes, row: bytes) -> None:
-        target = self.day(day)
-        target.pending.append(row)
-        target.buffered += len(row)
-        if target.buffered >= _BLOCK:
+    def add(self, row: bytes) -> int:
+        """Route one ``day,<row>`` line (the slow path: late rows, redo); returns its length."""
+        comma = row.index(b",")
+        target = self.day(row[:comma])
+        target.pending.append(row[comma + 1 :])
+        if len(target.pending) >= BLOCK_ROWS:
             target.drain()
+        return len(row) - comma - 1
 
     def finish(self) -> list[DayObject]:
         out = []
-        for day, f in sorted(self._days.items()):
+        for key in sorted(self._days):
+            f = self._days[key]
             f.close()
-            out.append(DayObject(day.decode(), f.path, f.rows, f.raw, f.size, f.digest.hexdigest()))
+            out.append(
+                DayObject(
+                    f.path.name.split(".")[0],
+                    f.path,
+                    f.rows,
+                    f.raw,
+                    f.size,
+                    f.digest.hexdigest(),
+                )
+            )
         return out
 
     def discard(self) -> None:

@@ -19,7 +19,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import TransientError, from_psycopg
 from cdc_daemon.sink.csv import header_line, seq_of_row
-from cdc_daemon.sink.spool import DaySpool
+from cdc_daemon.sink.spool import BLOCK_ROWS, DayFile, DaySpool, Row
 from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range, advance, retire, to_ranges
 from cdc_daemon.source.table import TableInfo, describe_table
 
@@ -42,6 +42,8 @@ class Limits:
     max_rows: int
     max_bytes: int
     max_days: int
+    # Rows between two checks of max_bytes: a batch overshoots max_bytes by at most this many.
+    block_rows: int = BLOCK_ROWS
 
 
 @dataclass(frozen=True)
@@ -296,8 +298,7 @@ class WatermarkSource:
         with conn.cursor() as cur, cur.copy(self._copy(self._in_ranges(gaps), read_ts)) as copy:
             for raw in copy:
                 data = bytes(raw)
-                comma = data.index(b",")
-                spool.add(data[:comma], data[comma + 1 :])
+                spool.add(data)
                 ids.append(seq_of_row(data))
         return to_ranges(ids)
 
@@ -310,53 +311,60 @@ class WatermarkSource:
         spool: DaySpool,
         limits: Limits,
     ) -> tuple[int, int, bool]:
-        """Stream ``(lo, hi]`` into the spool. Past max_bytes, or at the first row of a day
-        beyond max_days, the batch closes at the next change of id (never between two rows
-        with the same watermark) and becomes ``(lo, cut]``."""
-        rows = nbytes = 0
-        last_seq: int | None = None  # set once a limit is reached: close when the id changes
+        """Stream ``(lo, hi]`` into the spool; returns (end, rows, cut).
+
+        The hot loop: Postgres sends one row per message, and a row of the same day as the one
+        before (the common case: ids and dates grow together) costs a slice compare and a list
+        append; the row bytes are never parsed. Limits are checked per block of rows: past
+        max_bytes, or at the first row of a day beyond max_days, the batch closes at the next
+        change of id (never between two rows with the same watermark) and becomes ``(lo, cut]``.
+        """
+        rows_before = spool.rows
+        block_rows = limits.block_rows
+        prefix: bytes | None = None  # "YYYY-MM-DD," of the day being appended to
+        target: DayFile | None = None
+        pending: list[Row] = []
+        closing: int | None = None  # a limit was reached: close at the next change of id
         cut: int | None = None
-        cur_day = previous = b""
-        target = None
+        query = self._copy(self._range(lo, hi), read_ts)
         try:
-            with (
-                conn.cursor() as cursor,
-                cursor.copy(self._copy(self._range(lo, hi), read_ts)) as copy,
-            ):
+            with conn.cursor() as cursor, cursor.copy(query) as copy:
                 for raw in copy:
+                    if raw[:11] == prefix:
+                        pending.append(raw[11:])
+                        if len(pending) < block_rows:
+                            continue
+                        assert target is not None
+                        target.drain()
+                        pending = target.pending
+                        if spool.raw_bytes >= limits.max_bytes:
+                            closing, prefix = seq_of_row(target.last_row), None
+                        continue
+                    # The slow path: a new day, an odd day prefix, or a batch about to close.
                     if cut is not None:
                         continue  # what the server sent before the cancel landed
                     data = bytes(raw)
                     comma = data.index(b",")
                     day = data[:comma]
                     if (
-                        last_seq is None
-                        and rows
-                        and day != cur_day
+                        closing is None
+                        and target is not None
                         and day not in spool
                         and len(spool) >= limits.max_days
                     ):
-                        last_seq = seq_of_row(previous)
-                    if last_seq is not None and seq_of_row(data) != last_seq:
-                        cut = last_seq
+                        closing = seq_of_row(target.last_row)
+                    if closing is not None and seq_of_row(data) != closing:
+                        cut = closing
                         conn.cancel_safe(timeout=5)
                         continue
-                    if day != cur_day:
-                        cur_day, target = day, spool.day(day)
-                    assert target is not None
-                    row = data[comma + 1 :]
-                    target.pending.append(row)
-                    target.buffered += len(row)
-                    if target.buffered >= 1 << 20:
-                        target.drain()
-                    nbytes += len(row)
-                    rows += 1
-                    previous = data
-                    if last_seq is None and nbytes >= limits.max_bytes:
-                        last_seq = seq_of_row(data)
+                    target = spool.day(day)
+                    target.pending.append(data[comma + 1 :])
+                    pending = target.pending
+                    prefix = data[: comma + 1] if comma == 10 and closing is None else None
         except psycopg.errors.QueryCanceled:
             if cut is None:
                 raise
+        rows = spool.rows - rows_before
         if cut is not None and cut < hi:
             return cut, rows, True
         return hi, rows, False
@@ -377,9 +385,7 @@ class WatermarkSource:
                         where = sql.SQL("{} AND NOT {}").format(where, self._in_ranges(spec.gaps))
                     with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
                         for raw in copy:
-                            data = bytes(raw)
-                            comma = data.index(b",")
-                            spool.add(data[:comma], data[comma + 1 :])
+                            spool.add(bytes(raw))
                             rows += 1
                 return rows
             finally:

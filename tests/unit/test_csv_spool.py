@@ -37,12 +37,17 @@ def test_seq_of_row_reads_the_second_to_last_field() -> None:
 
 def test_spool_splits_by_day(tmp_path: Path) -> None:
     spool = DaySpool(tmp_path, "gzip", 1, b"h\n")
-    spool.add(b"2011-01-02", b"b1\n")
-    spool.add(b"2011-01-01", b"a1\n")
-    spool.add(b"2011-01-02", b"b2\n")
+    spool.add(b"2011-01-02,b1\n")
+    spool.add(b"2011-01-01,a1\n")
+    spool.add(b",n1\n")  # a NULL partition value
+    spool.add(b"2011-01-02,b2\n")
     days = spool.finish()
-    assert [(d.day, d.rows) for d in days] == [("2011-01-01", 1), ("2011-01-02", 2)]
-    assert decompress("gzip", days[1].path.read_bytes()) == b"h\nb1\nb2\n"
-    assert days[1].raw_bytes == len(b"h\nb1\nb2\n")
+    assert [(d.day, d.rows) for d in days] == [
+        ("unknown", 1),
+        ("2011-01-01", 1),
+        ("2011-01-02", 2),
+    ]
+    assert decompress("gzip", days[2].path.read_bytes()) == b"h\nb1\nb2\n"
+    assert days[2].raw_bytes == len(b"h\nb1\nb2\n")
     spool.discard()
     assert not any(tmp_path.iterdir())
