@@ -236,30 +236,10 @@ class WatermarkSource:
         high_now = INT64_MIN if row[0] is None else int(str(row[0]))
         holders = [str(h) for h in row[1]]  # type: ignore[attr-defined]
         lo = state.high
-        # New rows: how many, the planned end, and the absent ids below it. An index scan.
-        new_rows, planned_hi, gaps = 0, lo, []
+        # New rows: how many, the planned end, and the absent ids below it (index scans).
+        new_rows, planned_hi, gaps = 0, lo, list[Range]()
         if high_now > lo:
-            plan = conn.execute(
-                sql.SQL(
-                    "SELECT count(*), max(id),"
-                    " coalesce(array_agg(prev + 1) FILTER (WHERE id > prev + 1), '{{}}'),"
-                    " coalesce(array_agg(id - 1) FILTER (WHERE id > prev + 1), '{{}}')"
-                    " FROM (SELECT id, lag(id, 1, {lo}) OVER (ORDER BY id) AS prev FROM"
-                    " (SELECT {id}::bigint AS id FROM {tbl} WHERE {rng} ORDER BY {id}"
-                    " LIMIT {n}) q) s"
-                ).format(
-                    id=self._id(),
-                    tbl=t.ident(),
-                    rng=self._range(lo, high_now),
-                    lo=_int8(lo),
-                    n=sql.Literal(limits.max_rows),
-                )
-            ).fetchone()
-            assert plan is not None
-            new_rows = int(str(plan[0]))
-            if new_rows:
-                planned_hi = int(str(plan[1]))
-                gaps = list(zip(plan[2], plan[3], strict=True))  # type: ignore[call-overload]
+            new_rows, planned_hi, gaps = self._plan(conn, lo, high_now, limits.max_rows)
         late_rows = 0
         if state.gaps:
             late = conn.execute(
@@ -285,6 +265,31 @@ class WatermarkSource:
         spec = BatchSpec(lo, hi, tuple(gaps), tuple(caught))
         rows = copied + sum(b - a + 1 for a, b in caught)
         return PassResult(spec, rows, cut, advance(state, hi, gaps, caught, holders), high_now)
+
+    def _plan(
+        self, conn: psycopg.Connection[tuple[object, ...]], lo: int, high: int, max_rows: int
+    ) -> tuple[int, int, list[Range]]:
+        """(rows, last id, absent ids) of the next at most ``max_rows`` ids above ``lo``."""
+        t = self.table
+        window = sql.SQL(
+            "(SELECT {id}::bigint AS id FROM {tbl} WHERE {rng} ORDER BY {id} LIMIT {n}) q"
+        ).format(id=self._id(), tbl=t.ident(), rng=self._range(lo, high), n=sql.Literal(max_rows))
+        row = conn.execute(sql.SQL("SELECT count(*), min(id), max(id) FROM {}").format(window))
+        count, first, last = (int(str(v)) if v is not None else 0 for v in row.fetchone() or ())
+        if count == 0:
+            return 0, lo, []
+        if count == last - first + 1:
+            # Dense, the usual case: the only possible gap is below the first id.
+            return count, last, [(lo + 1, first - 1)] if first > lo + 1 else []
+        found = conn.execute(
+            sql.SQL(
+                "SELECT coalesce(array_agg(prev + 1), '{{}}'), coalesce(array_agg(id - 1), '{{}}')"
+                " FROM (SELECT id, lag(id, 1, {lo}) OVER (ORDER BY id) AS prev FROM {w}) s"
+                " WHERE id > prev + 1"
+            ).format(lo=_int8(lo), w=window)
+        ).fetchone()
+        assert found is not None
+        return count, last, list(zip(found[0], found[1], strict=True))  # type: ignore[call-overload]
 
     def _copy_late(
         self,
