@@ -61,6 +61,7 @@ class WatermarkPipeline:
         self._state: CaptureState | None = None
         self._waiting_since: float | None = None
         self._reason: str | None = None
+        self._inflight: asyncio.Task[None] | None = None
         self._crash_at = crash_point_from_env()
         if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
             raise ValueError(f"unknown crash point {self._crash_at!r}")
@@ -99,18 +100,36 @@ class WatermarkPipeline:
 
     async def step(self, draining: bool) -> bool:
         """Do one unit of work. False when there was nothing to do (idle)."""
-        if self._state is None:
-            self._state = (await self._store.position(self.table, "watermark")).state
-        for pending in await self._store.pending(self.table):
-            log.warning(
-                "batch_redone",
-                table=self.table,
-                batch_id=pending.batch_id,
-                attempts=pending.attempts + 1,
-            )
-            await self._redo(pending)
-            return True
-        return await self._pass(draining)
+        try:
+            if self._state is None:
+                # (Re)start: from the ledger, after redoing whatever was left pending.
+                for pending in await self._store.pending(self.table):
+                    log.warning(
+                        "batch_redone",
+                        table=self.table,
+                        batch_id=pending.batch_id,
+                        attempts=pending.attempts + 1,
+                    )
+                    await self._redo(pending)
+                self._state = (await self._store.position(self.table, "watermark")).state
+            return await self._pass(draining)
+        except BaseException:
+            # The in-memory position may have run ahead of the ledger: start over from the
+            # ledger, once the batch uploading in the background (if any) has stopped.
+            self._state = None
+            task, self._inflight = self._inflight, None
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()
+            raise
+
+    async def drain(self) -> None:
+        """Wait for the batch uploading in the background; its failure is raised here."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
 
     def _decide(self, draining: bool) -> Callable[[Scan], bool]:
         def decide(scan: Scan) -> bool:
@@ -143,6 +162,7 @@ class WatermarkPipeline:
                 lambda: self._source.run_pass(state, limits, read_ts, spool, self._decide(draining))
             )
             if result.spec is None:
+                await self.drain()
                 if result.state != state and result.state.low != state.low:
                     await self._store.commit_position(self.table, state, result.state)
                     self._state = result.state
@@ -150,23 +170,32 @@ class WatermarkPipeline:
                     self._waiting_since = None
                 return False
             batch = self._batch(result.spec, read_ts, result.state, await self._finish(spool))
-            waiting_since = self._waiting_since or started
             timings = {"extract_s": time.monotonic() - started}
-            timings |= await self._upload_and_commit(batch)
-        finally:
+            # The previous batch (uploading while this one was read) commits first: positions
+            # move in order, and at most one batch is ever pending.
+            await self.drain()
+            await self._store.record_pending(batch)
+            self._crash_point("after_pending")
+        except BaseException:
             await asyncio.to_thread(spool.discard)
+            raise
+        waiting_since = self._waiting_since or started
         self._state = result.state
         if not result.cut:
             self._waiting_since = None
         self.policy.learn(batch.rows, batch.raw_bytes)
-        self._log_batch(
-            batch,
-            started,
-            waiting_since,
-            timings,
-            "max_bytes_or_days" if result.cut else self._reason or "",
-            behind=result.high_seen - batch.hi,
-        )
+        reason = "max_bytes_or_days" if result.cut else self._reason or ""
+        behind = result.high_seen - batch.hi
+
+        async def upload_in_background() -> None:
+            try:
+                more = await self._upload_and_commit(batch)
+            finally:
+                await asyncio.to_thread(spool.discard)
+            self._log_batch(batch, started, waiting_since, timings | more, reason, behind)
+
+        # Uploads overlap the next pass's read: S3 I/O in the event loop, COPY in a thread.
+        self._inflight = asyncio.create_task(upload_in_background())
         return True
 
     async def _redo(self, pending: BatchRecord) -> None:
@@ -189,10 +218,10 @@ class WatermarkPipeline:
                     rows_now=batch.rows,
                 )
             timings = {"extract_s": time.monotonic() - started}
+            await self._store.record_pending(batch)
             timings |= await self._upload_and_commit(batch)
         finally:
             await asyncio.to_thread(spool.discard)
-        self._state = batch.state_after
         self._log_batch(batch, started, started, timings, "redo", behind=0)
 
     def _spool(self) -> DaySpool:
@@ -235,11 +264,9 @@ class WatermarkPipeline:
         )
 
     async def _upload_and_commit(self, batch: BatchRecord) -> dict[str, float]:
-        """Intent record, then every object, then the position (see the module docstring).
-        Returns the seconds spent uploading and committing."""
+        """Every object, then the position (see the module docstring), once the intent record
+        is committed. Returns the seconds spent uploading and committing."""
         settings = self._settings
-        await self._store.record_pending(batch)
-        self._crash_point("after_pending")
         started = time.monotonic()
         limit = asyncio.Semaphore(settings.s3.max_concurrency)
 

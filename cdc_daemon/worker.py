@@ -173,5 +173,15 @@ class Worker:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(stop_wait), poll)
+            # Stopping: the batch still uploading gets what is left of the grace period.
+            final = asyncio.ensure_future(pipeline.drain())
+            finished, _ = await asyncio.wait([final], timeout=grace)
+            if not finished:
+                log.warning("batch_abandoned", table=pipeline.table, grace_s=grace)
+                final.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await final
+            else:
+                final.result()
         finally:
             stop_wait.cancel()
