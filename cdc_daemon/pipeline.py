@@ -277,6 +277,7 @@ class WatermarkPipeline:
                     Path(obj.path),
                     {"batch-id": batch.batch_id, "rows": str(obj.rows), "sha256": obj.sha256},
                     CONTENT_ENCODINGS[settings.batch.compression],
+                    obj.sha256,
                 )
 
         try:

@@ -35,6 +35,9 @@ class S3Sink:
             # botocore's own retries take care of single-request blips; the worker retries
             # whole batches on top of them.
             retries={"max_attempts": 3, "mode": "standard"},
+            # The daemon sends its own checksum (SHA-256, computed while the object was
+            # written) for S3 to verify; botocore need not compute another one per request.
+            request_checksum_calculation="when_required",
             connect_timeout=10,
             read_timeout=60,
             max_pool_connections=max(10, settings.max_concurrency * 2),
@@ -84,7 +87,12 @@ class S3Sink:
         return extra
 
     async def upload_file(
-        self, key: str, path: Path, metadata: dict[str, str], content_encoding: str | None
+        self,
+        key: str,
+        path: Path,
+        metadata: dict[str, str],
+        content_encoding: str | None,
+        sha256: str,
     ) -> None:
         size = (await asyncio.to_thread(path.stat)).st_size
         extra = self._extra()
@@ -99,7 +107,7 @@ class S3Sink:
                     Bucket=self.bucket,
                     Key=key,
                     Body=body,
-                    ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),  # noqa: S324 - integrity, not security
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(),
                     **extra,
                 )
             else:

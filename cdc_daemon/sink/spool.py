@@ -18,6 +18,8 @@ Row = bytes | bytearray | memoryview
 # Rows of one day are compressed in blocks of this many rows (~1 MiB of sales rows): large
 # enough that the compressor does the work, small enough to keep memory flat across many days.
 BLOCK_ROWS = 8192
+# A day left with at least this many rows pending is compressed when the next day starts.
+DRAIN_ROWS = 256
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import TransientError, from_psycopg
 from cdc_daemon.sink.csv import header_line, seq_of_row
-from cdc_daemon.sink.spool import BLOCK_ROWS, DayFile, DaySpool, Row
+from cdc_daemon.sink.spool import BLOCK_ROWS, DRAIN_ROWS, DayFile, DaySpool, Row
 from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range, advance, retire, to_ranges
 from cdc_daemon.source.table import TableInfo, describe_table
 
@@ -334,7 +334,8 @@ class WatermarkSource:
         query = self._copy(self._range(lo, hi), read_ts)
         try:
             with conn.cursor() as cursor, cursor.copy(query) as copy:
-                for raw in copy:
+                read = copy.read  # one row per call; b"" at the end
+                while raw := read():
                     if raw[:11] == prefix:
                         pending.append(raw[11:])
                         if len(pending) < block_rows:
@@ -362,6 +363,10 @@ class WatermarkSource:
                         cut = closing
                         conn.cancel_safe(timeout=5)
                         continue
+                    if target is not None and len(pending) >= DRAIN_ROWS:
+                        # Leaving a day: compress what it has, so that memory stays bounded by
+                        # max_days small remainders, not by the batch.
+                        target.drain()
                     target = spool.day(day)
                     target.pending.append(data[comma + 1 :])
                     pending = target.pending

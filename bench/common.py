@@ -1,0 +1,182 @@
+"""What the benchmarks share: local services as separate processes, the daemon as a process
+(with its peak RSS and CPU from wait4), and the reference pipelines timed in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg
+
+from cdc_daemon.localdev import LocalPostgres, free_port
+from cdc_daemon.sample import generate_sales
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu})"
+
+
+@dataclass
+class Services:
+    pg: LocalPostgres
+    s3_url: str
+    workdir: Path
+    bucket: str = "bench"
+
+    def s3(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1")
+
+
+@contextmanager
+def services() -> Iterator[Services]:
+    """PostgreSQL (initdb) and moto's S3 server, each in its own process: the daemon must not
+    share its CPU or GIL with the S3 server it is measured against."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    workdir = Path(tempfile.mkdtemp(prefix="cdc-bench-"))
+    pg = LocalPostgres().start()
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1)  # noqa: S310 - loopback
+                break
+            except OSError:
+                time.sleep(0.1)
+        found = Services(pg, url, workdir)
+        found.s3().create_bucket(Bucket=found.bucket)
+        yield found
+    finally:
+        moto.terminate()
+        moto.wait(10)
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def load_rows(svc: Services, rows: int, days: int = 373) -> int:
+    """Synthetic sales rows; returns the CSV size of the table in bytes (as psql writes it)."""
+    with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
+        generate_sales(conn, rows, days=days)
+        conn.execute("VACUUM ANALYZE ecommerce_sales")
+        size = conn.execute("SELECT pg_table_size('ecommerce_sales')").fetchone()
+    return int(size[0]) if size else 0
+
+
+def reset_capture(svc: Services) -> None:
+    """Forget what was exported, so the next run starts from the first row."""
+    with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS cdc CASCADE")
+    s3 = svc.s3()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=svc.bucket):
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=svc.bucket, Key=item["Key"])
+
+
+def timed_shell(command: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True)
+    return time.perf_counter() - started
+
+
+def reference_seconds(svc: Services, compressor: str) -> float:
+    """``psql \\copy ... to stdout csv | <compressor> > /dev/null`` on the same table."""
+    query = "select * from ecommerce_sales order by id"
+    return timed_shell(
+        f"psql '{svc.pg.dsn}' -q -c \"\\copy ({query}) to stdout csv\" | {compressor} > /dev/null"
+    )
+
+
+def write_config(svc: Services, **sections: dict[str, Any]) -> Path:
+    base: dict[str, dict[str, Any]] = {
+        "postgres": {"dsn": svc.pg.dsn},
+        "capture": {"poll_interval_s": 0.2},
+        "batch": {"spool_dir": str(svc.workdir)},
+        "s3": {"bucket": svc.bucket, "endpoint_url": svc.s3_url},
+        "log": {"format": "json"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+    path = svc.workdir / "cdc.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonRun:
+    seconds: float
+    peak_rss_mb: float
+    cpu_seconds: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == "batch_uploaded"]
+
+    def total(self, key: str) -> float:
+        return float(sum(b.get(key, 0) for b in self.batches))
+
+
+def cli(config: Path, *args: str) -> None:
+    subprocess.run(
+        [str(VENV_BIN / "cdc-daemon"), "--config", str(config), *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def start_daemon(config: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(VENV_BIN / "cdc-daemon"), "--config", str(config), "run", *args],
+        stdout=subprocess.PIPE,
+    )
+
+
+def finish_daemon(proc: subprocess.Popen[bytes], started: float) -> DaemonRun:
+    """Collect the daemon's log and its rusage (peak RSS, CPU) once it exits."""
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cdc-daemon exited with {proc.returncode}")
+    events = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    return DaemonRun(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, events)
+
+
+def run_until_idle(config: Path) -> DaemonRun:
+    cli(config, "init")
+    started = time.perf_counter()
+    return finish_daemon(start_daemon(config, "--exit-when-idle"), started)
+

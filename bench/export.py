@@ -1,0 +1,60 @@
+"""bench/export: N synthetic sales rows exported by ``cdc-daemon run --exit-when-idle`` into a
+local S3 server, against ``psql \\copy ... to stdout csv | gzip -1`` (or ``zstd -1``) on the
+same table, measured in the same run.
+
+    .venv/bin/python -m bench.export [--rows 5000000] [--compression gzip|zstd]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.common import (
+    load_rows,
+    machine,
+    reference_seconds,
+    reset_capture,
+    run_until_idle,
+    services,
+    write_config,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--compression", choices=["gzip", "zstd"], default="gzip")
+    parser.add_argument("--days", type=int, default=373, help="days the rows are spread over")
+    parser.add_argument("--max-rows", type=int, default=500_000, help="batch.max_rows")
+    args = parser.parse_args()
+    compressor = {"gzip": "gzip -1", "zstd": "zstd -q -1"}[args.compression]
+    with services() as svc:
+        load_rows(svc, args.rows, args.days)
+        reference_seconds(svc, compressor)  # warm the cache once, for both sides
+        reference = reference_seconds(svc, compressor)
+        config = write_config(
+            svc,
+            batch={"max_rows": args.max_rows, "compression": args.compression, "max_days": 400},
+        )
+        reset_capture(svc)
+        run = run_until_idle(config)
+        objects = sum(b["objects"] for b in run.batches)
+        rows = sum(b["rows"] for b in run.batches)
+        raw_mb = run.total("bytes") / 1e6
+        assert rows == args.rows, f"exported {rows} rows of {args.rows}"
+        print(f"bench/export on {machine()}")
+        print(f"  rows {rows:,}, CSV {raw_mb:,.0f} MB, {args.compression}, {objects} objects, "
+              f"{len(run.batches)} batches of up to {args.max_rows:,} rows")
+        print(f"  reference psql \\copy | {compressor}: {reference:6.2f} s "
+              f"({args.rows / reference:,.0f} rows/s)")
+        print(f"  cdc-daemon run --exit-when-idle:     {run.seconds:6.2f} s "
+              f"({rows / run.seconds:,.0f} rows/s, {raw_mb / run.seconds:,.0f} MB/s)")
+        print(f"  ratio (reference / daemon): {reference / run.seconds:.2f}x")
+        print(f"  daemon peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_seconds:.1f} s")
+        print(f"  time in batches (overlapping): extract+encode+compress "
+              f"{run.total('extract_s'):.1f} s, upload {run.total('upload_s'):.1f} s, "
+              f"commit {run.total('commit_s'):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
