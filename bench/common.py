@@ -179,4 +179,3 @@ def run_until_idle(config: Path) -> DaemonRun:
     cli(config, "init")
     started = time.perf_counter()
     return finish_daemon(start_daemon(config, "--exit-when-idle"), started)
-

@@ -43,17 +43,25 @@ def main() -> None:
         raw_mb = run.total("bytes") / 1e6
         assert rows == args.rows, f"exported {rows} rows of {args.rows}"
         print(f"bench/export on {machine()}")
-        print(f"  rows {rows:,}, CSV {raw_mb:,.0f} MB, {args.compression}, {objects} objects, "
-              f"{len(run.batches)} batches of up to {args.max_rows:,} rows")
-        print(f"  reference psql \\copy | {compressor}: {reference:6.2f} s "
-              f"({args.rows / reference:,.0f} rows/s)")
-        print(f"  cdc-daemon run --exit-when-idle:     {run.seconds:6.2f} s "
-              f"({rows / run.seconds:,.0f} rows/s, {raw_mb / run.seconds:,.0f} MB/s)")
+        print(
+            f"  rows {rows:,}, CSV {raw_mb:,.0f} MB, {args.compression}, {objects} objects, "
+            f"{len(run.batches)} batches of up to {args.max_rows:,} rows"
+        )
+        print(
+            f"  reference psql \\copy | {compressor}: {reference:6.2f} s "
+            f"({args.rows / reference:,.0f} rows/s)"
+        )
+        print(
+            f"  cdc-daemon run --exit-when-idle:     {run.seconds:6.2f} s "
+            f"({rows / run.seconds:,.0f} rows/s, {raw_mb / run.seconds:,.0f} MB/s)"
+        )
         print(f"  ratio (reference / daemon): {reference / run.seconds:.2f}x")
         print(f"  daemon peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_seconds:.1f} s")
-        print(f"  time in batches (overlapping): extract+encode+compress "
-              f"{run.total('extract_s'):.1f} s, upload {run.total('upload_s'):.1f} s, "
-              f"commit {run.total('commit_s'):.2f} s")
+        print(
+            f"  time in batches (overlapping): extract+encode+compress "
+            f"{run.total('extract_s'):.1f} s, upload {run.total('upload_s'):.1f} s, "
+            f"commit {run.total('commit_s'):.2f} s"
+        )
 
 
 if __name__ == "__main__":

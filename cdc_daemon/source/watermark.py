@@ -326,7 +326,7 @@ class WatermarkSource:
         """
         rows_before = spool.rows
         block_rows = limits.block_rows
-        prefix: bytes | None = None  # "YYYY-MM-DD," of the day being appended to
+        prefix = _NO_PREFIX  # "YYYY-MM-DD," of the day being appended to
         target: DayFile | None = None
         pending: list[Row] = []
         closing: int | None = None  # a limit was reached: close at the next change of id
@@ -336,20 +336,22 @@ class WatermarkSource:
             with conn.cursor() as cursor, cursor.copy(query) as copy:
                 read = copy.read  # one row per call; b"" at the end
                 while raw := read():
-                    if raw[:11] == prefix:
-                        pending.append(raw[11:])
+                    # One copy out of libpq's buffer, then bytes operations: several times
+                    # cheaper per row than slicing and comparing memoryviews.
+                    data = bytes(raw)
+                    if data.startswith(prefix):
+                        pending.append(data[11:])
                         if len(pending) < block_rows:
                             continue
                         assert target is not None
                         target.drain()
                         pending = target.pending
                         if spool.raw_bytes >= limits.max_bytes:
-                            closing, prefix = seq_of_row(target.last_row), None
+                            closing, prefix = seq_of_row(target.last_row), _NO_PREFIX
                         continue
                     # The slow path: a new day, an odd day prefix, or a batch about to close.
                     if cut is not None:
                         continue  # what the server sent before the cancel landed
-                    data = bytes(raw)
                     comma = data.index(b",")
                     day = data[:comma]
                     if (
@@ -370,7 +372,7 @@ class WatermarkSource:
                     target = spool.day(day)
                     target.pending.append(data[comma + 1 :])
                     pending = target.pending
-                    prefix = data[: comma + 1] if comma == 10 and closing is None else None
+                    prefix = data[:11] if comma == 10 and closing is None else _NO_PREFIX
         except psycopg.errors.QueryCanceled:
             if cut is None:
                 raise
@@ -403,6 +405,10 @@ class WatermarkSource:
                     conn.execute("ROLLBACK")
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"re-exporting {self.table.qualified}") from None
+
+
+# Never the start of a row: 0xFF does not occur in UTF-8.
+_NO_PREFIX = b"\xff"
 
 
 def _int8(value: int) -> sql.Composable:
