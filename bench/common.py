@@ -156,26 +156,28 @@ def cli(config: Path, *args: str) -> None:
 
 
 def start_daemon(config: Path, *args: str) -> subprocess.Popen[bytes]:
+    """The daemon's log goes to a file beside its config: a pipe nobody reads while it runs
+    would fill up and stall the daemon on its next log line."""
+    log = (config.parent / "daemon.log").open("wb")
     return subprocess.Popen(
         [str(VENV_BIN / "cdc-daemon"), "--config", str(config), "run", *args],
-        stdout=subprocess.PIPE,
+        stdout=log,
     )
 
 
-def finish_daemon(proc: subprocess.Popen[bytes], started: float) -> DaemonRun:
+def finish_daemon(proc: subprocess.Popen[bytes], started: float, config: Path) -> DaemonRun:
     """Collect the daemon's log and its rusage (peak RSS, CPU) once it exits."""
-    assert proc.stdout is not None
-    out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"cdc-daemon exited with {proc.returncode}")
-    events = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    out = (config.parent / "daemon.log").read_text()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return DaemonRun(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, events)
 
 
 def run_until_idle(config: Path) -> DaemonRun:
     cli(config, "init")
     started = time.perf_counter()
-    return finish_daemon(start_daemon(config, "--exit-when-idle"), started)
+    return finish_daemon(start_daemon(config, "--exit-when-idle"), started, config)

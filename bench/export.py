@@ -34,7 +34,7 @@ def main() -> None:
         reference = reference_seconds(svc, compressor)
         config = write_config(
             svc,
-            batch={"max_rows": args.max_rows, "compression": args.compression, "max_days": 400},
+            batch={"max_rows": args.max_rows, "compression": args.compression},
         )
         reset_capture(svc)
         run = run_until_idle(config)

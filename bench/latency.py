@@ -63,7 +63,7 @@ def main() -> None:
 
         def observer() -> None:
             seen: set[str] = set()
-            while not stop.is_set() or len(visible) < len(committed):
+            while not stop.is_set() or any(i not in visible for i in list(committed)):
                 listed = time.time()
                 for page in s3.get_paginator("list_objects_v2").paginate(Bucket=svc.bucket):
                     for item in page.get("Contents", []):
@@ -89,7 +89,12 @@ def main() -> None:
         threads[0].join()
         threads[1].join()
         daemon.send_signal(signal.SIGTERM)
-        run = finish_daemon(daemon, started)
+        run = finish_daemon(daemon, started, config)
+        with psycopg.connect(svc.pg.dsn) as conn:
+            ledger = conn.execute(
+                "SELECT (SELECT max(id) FROM ecommerce_sales), low, high, state::text,"
+                " (SELECT count(*) FROM cdc.batches WHERE status = 'pending') FROM cdc.positions"
+            ).fetchone()
 
     latencies = [visible[i] - t for i, t in committed.items() if i in visible]
     missing = len(committed) - len(latencies)
@@ -111,7 +116,17 @@ def main() -> None:
         f"{100 * run.cpu_seconds / run.seconds:.0f}% of one core (target < 25%)"
     )
     if missing:
-        print(f"  NOT VISIBLE: {missing} rows")
+        absent = sorted(i for i in committed if i not in visible)
+        print(f"  NOT VISIBLE: {missing} rows, ids {absent[0]}..{absent[-1]}")
+        last = run.batches[-1] if run.batches else {}
+        print(f"  last batch: {last.get('batch_id')} at {last.get('timestamp')}")
+        print(f"  ledger (max id, low, high, state, pending): {ledger}")
+        tail = run.events[run.events.index(last) + 1 :] if last in run.events else []
+        for event in tail[:10]:
+            print(f"  after: {event}")
+        for event in run.events:
+            if event.get("level") in ("warning", "error"):
+                print(f"  {event}")
 
 
 if __name__ == "__main__":

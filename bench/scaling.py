@@ -32,7 +32,7 @@ def main() -> None:
         f"{'peak RSS MB':>12} {'objects':>8}"
     )
     with services() as svc:
-        config = write_config(svc, batch={"max_rows": 500_000, "max_days": 400})
+        config = write_config(svc, batch={"max_rows": 500_000})
         for rows in sizes:
             with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
                 conn.execute("DROP TABLE IF EXISTS ecommerce_sales")

@@ -20,6 +20,7 @@ from cdc_daemon import __version__
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError
 from cdc_daemon.logging import configure_logging
+from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
@@ -149,5 +150,10 @@ async def status_report(store: Store, table: str | None = None) -> dict[str, Any
             "rows": sum(b.rows for b in batches),
             "objects": sum(len(b.objects) for b in batches),
             "last_batch": batches[-1].batch_id if batches else None,
+            "pending": [
+                {"batch_id": b.batch_id, "attempts": b.attempts, "error": b.error}
+                for b in batches
+                if b.status is Status.PENDING
+            ],
         }
     return tables

@@ -19,7 +19,7 @@ import stamina
 import structlog
 
 from cdc_daemon.config import Settings, redact_dsn
-from cdc_daemon.errors import ConfigError, TransientError, first_error
+from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error
 from cdc_daemon.pipeline import WatermarkPipeline
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.watermark import WatermarkSource
@@ -134,7 +134,11 @@ class Worker:
             pipeline.replace_store(new)
 
     async def _step_with_retries(self, pipeline: WatermarkPipeline) -> bool:
+        """One step, retried with backoff and jitter on transient errors (stamina). One log
+        line per failed attempt, one when it recovers; attempts and the last error are kept
+        on the pending batch, so ``status`` can say why a batch is stuck."""
         daemon = self._settings.daemon
+        failures = 0
         async for attempt in stamina.retry_context(
             on=TransientError,
             attempts=daemon.retry_attempts,
@@ -142,11 +146,38 @@ class Worker:
             timeout=None,
         ):
             with attempt:
-                if attempt.num > 1:
-                    log.warning("step_retrying", table=pipeline.table, attempt=attempt.num)
-                    await self._reconnect_if_broken(pipeline)
-                return await pipeline.step(draining=self._exit_when_idle or self._stop.is_set())
+                try:
+                    if failures:
+                        await self._reconnect_if_broken(pipeline)
+                    worked = await pipeline.step(
+                        draining=self._exit_when_idle or self._stop.is_set()
+                    )
+                except TransientError as exc:
+                    failures += 1
+                    log.warning(
+                        "step_failed",
+                        table=pipeline.table,
+                        attempt=attempt.num,
+                        of=daemon.retry_attempts,
+                        error=str(exc),
+                    )
+                    await self._note_failure(pipeline, exc)
+                    raise
+                if failures:
+                    log.info("step_recovered", table=pipeline.table, attempts=failures + 1)
+                return worked
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _note_failure(self, pipeline: WatermarkPipeline, exc: CdcError) -> None:
+        store = self._store
+        if store is None or store.broken:
+            return  # the ledger itself is what failed; the retry reconnects first
+        with contextlib.suppress(CdcError):
+            await store.note_failure(pipeline.table, str(exc))
+
+    async def _last_step(self, pipeline: WatermarkPipeline) -> None:
+        await pipeline.step(draining=True)
+        await pipeline.drain()
 
     async def _capture_loop(self, pipeline: WatermarkPipeline) -> None:
         poll = self._settings.capture.poll_interval_s
@@ -173,8 +204,9 @@ class Worker:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(stop_wait), poll)
-            # Stopping: the batch still uploading gets what is left of the grace period.
-            final = asyncio.ensure_future(pipeline.drain())
+            # Stopping: rows waiting for max_age_s are flushed and the batch still uploading
+            # finishes, within the grace period.
+            final = asyncio.ensure_future(self._last_step(pipeline))
             finished, _ = await asyncio.wait([final], timeout=grace)
             if not finished:
                 log.warning("batch_abandoned", table=pipeline.table, grace_s=grace)

@@ -95,6 +95,7 @@ class BatchRecord:
     objects: tuple[ObjectRecord, ...] = ()
     status: Status = Status.PENDING
     attempts: int = 1
+    error: str | None = field(default=None, compare=False)
 
     def spec_json(self) -> dict[str, Any]:
         return {

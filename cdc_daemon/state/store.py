@@ -224,15 +224,18 @@ class Store:
             ),
         )
 
-    async def bump_attempts(self, batch: BatchRecord, error: str) -> None:
-        await self._fetch(
-            "recording a retry",
+    async def note_failure(self, table: str, error: str) -> int:
+        """Record a failed attempt (and why) on the table's pending batch, if there is one."""
+        rows = await self._fetch(
+            "recording a failed attempt",
             self._q(
                 "UPDATE {schema}.batches SET attempts = attempts + 1, error = %s, "
-                "updated_at = now() WHERE table_name = %s AND batch_id = %s"
+                "updated_at = now() WHERE table_name = %s AND status = 'pending' "
+                "RETURNING batch_id"
             ),
-            (error, batch.table, batch.batch_id),
+            (error, table),
         )
+        return len(rows)
 
     async def commit_uploaded(self, batch: BatchRecord) -> None:
         """Mark the batch uploaded and move the position to its ``state_after``, atomically.
@@ -308,4 +311,5 @@ def _record(row: dict[str, Any]) -> BatchRecord:
         objects=tuple(ObjectRecord(**o) for o in row["objects"]),
         status=Status(row["status"]),
         attempts=row["attempts"],
+        error=row["error"],
     )

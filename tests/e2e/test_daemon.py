@@ -51,6 +51,12 @@ def test_crash_between_upload_and_commit(
         rows = conn.execute("SELECT status, count(*), sum(rows) FROM cdc.batches GROUP BY 1")
         assert rows.fetchall() == [("uploaded", 3, 3000)]
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    status = cli(config, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)["public.ecommerce_sales"]
+    assert report["watermark"] == 3000
+    assert report["batches"] == {"uploaded": 3}
+    assert report["rows"] == 3000
 
 
 def test_crash_after_intent_before_upload(
