@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--compression", choices=["gzip", "zstd"], default="gzip")
     parser.add_argument("--days", type=int, default=373, help="days the rows are spread over")
     parser.add_argument("--max-rows", type=int, default=500_000, help="batch.max_rows")
+    parser.add_argument("--max-days", type=int, default=64, help="batch.max_days")
     args = parser.parse_args()
     compressor = {"gzip": "gzip -1", "zstd": "zstd -q -1"}[args.compression]
     with services() as svc:
@@ -34,7 +35,11 @@ def main() -> None:
         reference = reference_seconds(svc, compressor)
         config = write_config(
             svc,
-            batch={"max_rows": args.max_rows, "compression": args.compression},
+            batch={
+                "max_rows": args.max_rows,
+                "compression": args.compression,
+                "max_days": args.max_days,
+            },
         )
         reset_capture(svc)
         run = run_until_idle(config)

@@ -76,6 +76,8 @@ class S3Settings(_Section):
     sse_kms_key_id: str | None = None
     part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     max_concurrency: int = Field(default=4, ge=1, le=64)
+    # Per request: an S3 endpoint that stops answering is a transient error after this long.
+    timeout_s: float = Field(default=60.0, gt=0)
 
     @field_validator("prefix")
     @classmethod

@@ -120,6 +120,9 @@ class LocalPostgres:
                     str(self._dir / "data"),
                     "-m",
                     "fast",
+                    # The log file, or the server would keep pg_ctl's output pipe open.
+                    "-l",
+                    str(self._dir / "server.log"),
                     "-w",
                     "restart",
                 ]

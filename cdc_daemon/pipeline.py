@@ -33,7 +33,13 @@ from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import BLOCK_ROWS, DayObject, DaySpool
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.source.watermark import BatchSpec, Limits, Scan, WatermarkSource
-from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, batch_id, object_key
+from cdc_daemon.state.ledger import (
+    BatchRecord,
+    ObjectRecord,
+    batch_id,
+    object_key,
+    quarantine_key,
+)
 from cdc_daemon.state.store import Store
 
 log = structlog.get_logger()
@@ -249,9 +255,10 @@ class WatermarkPipeline:
             state_after=after,
             objects=tuple(
                 ObjectRecord(
-                    key=object_key(
+                    key=(quarantine_key if d.quarantined else object_key)(
                         settings.s3.prefix, self.table, d.day, bid, settings.batch.compression
                     ),
+                    quarantine=d.day if d.quarantined else None,
                     day=d.day,
                     rows=d.rows,
                     raw_bytes=d.raw_bytes,
@@ -310,8 +317,16 @@ class WatermarkPipeline:
         reason: str,
         behind: int,
     ) -> None:
-        """The one canonical line per batch."""
+        """The one canonical line per batch (and one more when rows were quarantined)."""
         done = time.monotonic()
+        if batch.quarantined:
+            log.warning(
+                "rows_quarantined",
+                table=self.table,
+                batch_id=batch.batch_id,
+                reasons={o.quarantine: o.rows for o in batch.objects if o.quarantine},
+                keys=[o.key for o in batch.objects if o.quarantine],
+            )
         log.info(
             "batch_uploaded",
             table=self.table,
@@ -320,6 +335,7 @@ class WatermarkPipeline:
             late_rows=sum(b - a + 1 for a, b in batch.caught),
             reason=reason,
             rows=batch.rows,
+            quarantined=batch.quarantined,
             bytes=batch.raw_bytes,
             compressed_bytes=batch.size,
             objects=len(batch.objects),

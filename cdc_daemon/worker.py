@@ -99,7 +99,16 @@ class Worker:
         table = await asyncio.to_thread(source.connect)
         await store.try_lock(table.qualified)
         sink = await S3Sink.open(settings.s3, stack)
-        await sink.check_bucket()
+        # A bucket that does not answer yet is waited for like any transient error; one that
+        # does not exist is the user's mistake and ends here.
+        async for attempt in stamina.retry_context(
+            on=TransientError,
+            attempts=settings.daemon.retry_attempts,
+            wait_max=settings.daemon.retry_max_wait_s,
+            timeout=None,
+        ):
+            with attempt:
+                await sink.check_bucket()
         log.info(
             "daemon_started",
             table=table.qualified,

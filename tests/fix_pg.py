@@ -15,16 +15,21 @@ from cdc_daemon.localdev import LocalPostgres
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    dsn = os.environ.get("CDC_TEST_PG_DSN")
-    if dsn:
-        yield dsn
+def local_pg() -> Iterator[LocalPostgres | None]:
+    """The cluster this session started, or None when CDC_TEST_PG_DSN names another server."""
+    if os.environ.get("CDC_TEST_PG_DSN"):
+        yield None
         return
     server = LocalPostgres().start()
     try:
-        yield server.dsn
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(local_pg: LocalPostgres | None) -> str:
+    return local_pg.dsn if local_pg is not None else os.environ["CDC_TEST_PG_DSN"]
 
 
 @pytest.fixture

@@ -38,8 +38,8 @@ class S3Sink:
             # The daemon sends its own checksum (SHA-256, computed while the object was
             # written) for S3 to verify; botocore need not compute another one per request.
             request_checksum_calculation="when_required",
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=min(10, settings.timeout_s),
+            read_timeout=settings.timeout_s,
             max_pool_connections=max(10, settings.max_concurrency * 2),
         )
         client = await stack.enter_async_context(

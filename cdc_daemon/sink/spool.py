@@ -24,12 +24,13 @@ DRAIN_ROWS = 256
 
 @dataclass(frozen=True)
 class DayObject:
-    day: str
+    day: str  # YYYY-MM-DD, "unknown" (NULL partition value), or a quarantine reason
     path: Path
     rows: int
     raw_bytes: int
     size: int
     sha256: str
+    quarantined: bool = False
 
 
 class DayFile:
@@ -113,8 +114,9 @@ class DaySpool:
     def day(self, day: bytes) -> DayFile:
         found = self._days.get(day)
         if found is None:
-            # NULL or non-ISO partition values (infinity, BC dates) get a name of their own.
-            name = day.decode("ascii", "replace").replace(" ", "_") or "unknown"
+            # NULL partition values get a day of their own; quarantined rows arrive with
+            # "!<reason>" (see TableInfo.day_expr) and get a file per reason.
+            name = day.decode("ascii", "replace").replace("!", "q-") or "unknown"
             found = self._days[day] = DayFile(
                 self,
                 self._dir / (name + EXTENSIONS[self._codec]),
@@ -137,14 +139,16 @@ class DaySpool:
         for key in sorted(self._days):
             f = self._days[key]
             f.close()
+            quarantined = key.startswith(b"!")
             out.append(
                 DayObject(
-                    f.path.name.split(".")[0],
+                    key[1:].decode() if quarantined else f.path.name.split(".")[0],
                     f.path,
                     f.rows,
                     f.raw,
                     f.size,
                     f.digest.hexdigest(),
+                    quarantined,
                 )
             )
         return out

@@ -7,6 +7,7 @@ quotes or SQL in it can never be spliced into a statement.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import psycopg
@@ -48,7 +49,35 @@ class Column:
             return sql.SQL(
                 "CASE WHEN isfinite({c}) THEN to_char({c}, {f}) ELSE {c}::text END"
             ).format(c=self.ident(), f=sql.Literal(_TS_LOCAL))
+        if base == "bytea":
+            # Hex without Postgres's \x prefix: what BINARY_FORMAT = HEX reads.
+            return sql.SQL("encode({}, 'hex')").format(self.ident())
         return self.ident()
+
+    def quarantine_checks(self) -> list[tuple[sql.Composable, str]]:
+        """(condition, reason) for values Snowflake cannot read back exactly: a row holding
+        one goes to the quarantine prefix instead of being altered or failing the load."""
+        c = self.ident()
+        safe = re.sub(r"[^A-Za-z0-9_]", "_", self.name)
+        base = self.base_type
+        checks: list[tuple[str, str]] = []
+        if base == "numeric":
+            checks = [
+                ("{c} = 'NaN'::numeric", "nan"),
+                # NUMBER(38, s): at most 38 digits, at most 37 after the point.
+                ("abs({c}) >= 1e38 OR scale({c}) > 37", "numeric_out_of_range"),
+            ]
+        elif base in ("real", "double precision"):
+            checks = [("{c} IN ('NaN', 'Infinity', '-Infinity')", "not_finite")]
+        elif base in ("date", *_TIMESTAMP_TYPES):
+            checks = [
+                ("NOT isfinite({c})", "infinite"),
+                ("{c} < '0001-01-01'", "before_year_1"),
+                ("{c} >= '10000-01-01'", "after_year_9999"),
+            ]
+        elif base in ("text", "character varying", "character"):
+            checks = [("octet_length({c}) > 16777216", "longer_than_16mb")]
+        return [(sql.SQL(cond).format(c=c), f"{reason}-{safe}") for cond, reason in checks]
 
 
 @dataclass(frozen=True)
@@ -72,12 +101,21 @@ class TableInfo:
 
     def day_expr(self) -> sql.Composable:
         """The UTC day of the partition column as a date (``YYYY-MM-DD`` in ISO DateStyle;
-        ``infinity`` or empty for NULL, which ``sink.spool`` names ``unknown``). A cast, not
-        to_char: it costs the server a third as much."""
+        empty for NULL, which ``sink.spool`` names ``unknown``). A cast, not to_char: it costs
+        the server a third as much. A row to quarantine gets ``!<reason>`` instead."""
         col = self.partition.ident()
         if self.partition.base_type == "timestamp with time zone":
-            return sql.SQL("({} AT TIME ZONE 'UTC')::date").format(col)
-        return sql.SQL("{}::date").format(col)
+            day = sql.SQL("({} AT TIME ZONE 'UTC')::date").format(col)
+        else:
+            day = sql.SQL("{}::date").format(col)
+        checks = [check for column in self.columns for check in column.quarantine_checks()]
+        if not checks:
+            return day
+        whens = sql.SQL(" ").join(
+            sql.SQL("WHEN {} THEN {}").format(cond, sql.Literal("!" + reason))
+            for cond, reason in checks
+        )
+        return sql.SQL("CASE {} ELSE {}::text END").format(whens, day)
 
 
 def describe_table(

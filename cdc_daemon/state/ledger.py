@@ -59,6 +59,11 @@ def object_key(prefix: str, table: str, day: str, batch: str, codec: Codec) -> s
     return f"{prefix}{table}/dt={day}/{batch}{EXTENSIONS[codec]}"
 
 
+def quarantine_key(prefix: str, table: str, reason: str, batch: str, codec: Codec) -> str:
+    """Outside ``<prefix><table>/``, so the pipe never loads it."""
+    return f"{prefix}_quarantine/{table}/reason={reason}/{batch}{EXTENSIONS[codec]}"
+
+
 @dataclass(frozen=True)
 class ObjectRecord:
     key: str
@@ -68,9 +73,11 @@ class ObjectRecord:
     size: int
     sha256: str
     path: str = field(default="", compare=False)  # the local spool file, while it exists
+    quarantine: str | None = None  # the reason, for rows Snowflake could not read back
 
     def as_json(self) -> dict[str, object]:
         return {
+            "quarantine": self.quarantine,
             "key": self.key,
             "day": self.day,
             "rows": self.rows,
@@ -107,6 +114,10 @@ class BatchRecord:
     @property
     def rows(self) -> int:
         return sum(o.rows for o in self.objects)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(o.rows for o in self.objects if o.quarantine)
 
     @property
     def raw_bytes(self) -> int:
