@@ -26,7 +26,6 @@ from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
 SCHEMA_VERSION = 1
 
 _DDL = """
-CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}.meta (
     key text PRIMARY KEY,
     value text NOT NULL
@@ -129,6 +128,13 @@ class Store:
     async def init_schema(self) -> None:
         try:
             async with self._conn.transaction():
+                # CREATE SCHEMA IF NOT EXISTS still needs CREATE on the database: skip it when
+                # an administrator made the schema for the daemon's role (deploy/postgres/).
+                found = await self._conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema_name,)
+                )
+                if await found.fetchone() is None:
+                    await self._conn.execute(self._q("CREATE SCHEMA {schema}"))
                 await self._conn.execute(self._q(_DDL))
         except psycopg.Error as exc:
             doing = f"cannot create the ledger schema {self._schema_name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ def as_role(dsn: str, role: str, password: str) -> str:
     return make_conninfo("", **params)
 
 
-def create_role(dsn: str) -> None:
-    """Apply deploy/postgres/cdc_role.sql as the administrator, as an operator would."""
+def create_role(dsn: str) -> str:
+    """Apply deploy/postgres/cdc_role.sql as the administrator, as an operator would. Roles
+    belong to the whole cluster, so each test makes its own."""
+    role = f"cdc_{uuid.uuid4().hex[:8]}"
     subprocess.run(
         [
             "psql",
@@ -41,7 +44,7 @@ def create_role(dsn: str) -> None:
             "-v",
             "ON_ERROR_STOP=1",
             "-v",
-            "role=cdc_daemon",
+            f"role={role}",
             "-v",
             "table=public.ecommerce_sales",
             "-v",
@@ -53,7 +56,8 @@ def create_role(dsn: str) -> None:
         capture_output=True,
     )
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"ALTER ROLE cdc_daemon PASSWORD '{PG_SECRET}'")
+        conn.execute(f"ALTER ROLE {role} PASSWORD '{PG_SECRET}'")
+    return role
 
 
 def test_runs_under_the_minimal_role_and_prints_no_secret(
@@ -64,8 +68,8 @@ def test_runs_under_the_minimal_role_and_prints_no_secret(
     credentials, nothing it prints (logs, errors, status) contains them."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 200, days=2)
-    create_role(pg_dsn)
-    dsn = as_role(pg_dsn, "cdc_daemon", PG_SECRET)
+    role = create_role(pg_dsn)
+    dsn = as_role(pg_dsn, role, PG_SECRET)
     config = write_config(tmp_path, dsn, s3_server, bucket, log={"level": "debug"})
     env = {"AWS_ACCESS_KEY_ID": "AKIAMARKER", "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
     printed = []
@@ -83,12 +87,14 @@ def test_runs_under_the_minimal_role_and_prints_no_secret(
     printed += [result.stdout, result.stderr]
     assert result.returncode == 0, result.stderr
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
-    # Errors too: a wrong bucket, and a wrong password.
+    # Errors too: a missing bucket, and a database that refuses the connection.
     bad_bucket = write_config(tmp_path, dsn, s3_server, "no-such-bucket")
-    wrong_pw = write_config(
-        tmp_path, as_role(pg_dsn, "cdc_daemon", PG_SECRET + "x"), s3_server, bucket
-    )
-    for cfg in (bad_bucket, wrong_pw):
+    # (The test cluster trusts local connections, so a wrong password would still log in:
+    # a database that does not exist makes the server refuse, with the password in the DSN.)
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = "no_such_database"
+    wrong_db = write_config(tmp_path, make_conninfo("", **params), s3_server, bucket)
+    for cfg in (bad_bucket, wrong_db):
         result = cli(cfg, "run", **env)
         assert result.returncode != 0
         printed += [result.stdout, result.stderr]
@@ -102,8 +108,8 @@ def test_the_role_cannot_write_the_source(pg_dsn: str) -> None:
     """The minimal role reads the table and nothing more."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 1)
-    create_role(pg_dsn)
-    with psycopg.connect(as_role(pg_dsn, "cdc_daemon", PG_SECRET), autocommit=True) as conn:
+    role = create_role(pg_dsn)
+    with psycopg.connect(as_role(pg_dsn, role, PG_SECRET), autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM ecommerce_sales").fetchone() == (1,)
         try:
             conn.execute("DELETE FROM ecommerce_sales")
