@@ -113,6 +113,41 @@ def reference_seconds(svc: Services, compressor: str) -> float:
     )
 
 
+def same_bytes_seconds(svc: Services, config: Path, compressor: str) -> float:
+    """The daemon's own COPY query (day prefix, ISO timestamps, _cdc_* columns) through
+    ``psql | <compressor>``: the same bytes, produced by C tools."""
+    from cdc_daemon.config import load_settings
+    from cdc_daemon.source.fence import INT64_MIN
+    from cdc_daemon.source.watermark import WatermarkSource
+
+    source = WatermarkSource(load_settings(config))
+    source.connect()
+    try:
+        with psycopg.connect(svc.pg.dsn) as conn:
+            high = conn.execute("SELECT max(id) FROM ecommerce_sales").fetchone()
+            assert high is not None
+            query = source._copy(
+                source._range(INT64_MIN, int(high[0])), "2026-01-01T00:00:00.000000Z"
+            ).as_string(conn)
+    finally:
+        source.close()
+    inner = query[len("COPY (") : query.rindex(") TO STDOUT")]
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            f"psql '{svc.pg.dsn}' -q -c \"\\copy ({inner}) to stdout csv\" | {compressor}"
+            " > /dev/null",
+        ],
+        check=True,
+        env={**os.environ, "PGOPTIONS": "-c TimeZone=UTC -c DateStyle=ISO"},
+    )
+    return time.perf_counter() - started
+
+
 def write_config(svc: Services, **sections: dict[str, Any]) -> Path:
     base: dict[str, dict[str, Any]] = {
         "postgres": {"dsn": svc.pg.dsn},

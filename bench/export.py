@@ -15,6 +15,7 @@ from bench.common import (
     reference_seconds,
     reset_capture,
     run_until_idle,
+    same_bytes_seconds,
     services,
     write_config,
 )
@@ -41,6 +42,7 @@ def main() -> None:
                 "max_days": args.max_days,
             },
         )
+        same_bytes = same_bytes_seconds(svc, config, compressor)
         reset_capture(svc)
         run = run_until_idle(config)
         objects = sum(b["objects"] for b in run.batches)
@@ -61,6 +63,10 @@ def main() -> None:
             f"({rows / run.seconds:,.0f} rows/s, {raw_mb / run.seconds:,.0f} MB/s)"
         )
         print(f"  ratio (reference / daemon): {reference / run.seconds:.2f}x")
+        print(
+            f"  the daemon's own query through psql | {compressor}: {same_bytes:6.2f} s "
+            f"(ratio {same_bytes / run.seconds:.2f}x; the server's share of the work)"
+        )
         print(f"  daemon peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_seconds:.1f} s")
         print(
             f"  time in batches (overlapping): extract+encode+compress "

@@ -28,7 +28,7 @@ import structlog
 from cdc_daemon.batching import BatchPolicy
 from cdc_daemon.config import Settings, crash_point_from_env
 from cdc_daemon.errors import first_error
-from cdc_daemon.sink.csv import CONTENT_ENCODINGS
+from cdc_daemon.sink.csv import CONTENT_ENCODINGS, ZstdPool
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import BLOCK_ROWS, DayObject, DaySpool
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
@@ -68,6 +68,7 @@ class WatermarkPipeline:
         self._waiting_since: float | None = None
         self._reason: str | None = None
         self._inflight: asyncio.Task[None] | None = None
+        self._zstd_pool = ZstdPool(batch.compression_level)
         self._crash_at = crash_point_from_env()
         if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
             raise ValueError(f"unknown crash point {self._crash_at!r}")
@@ -233,7 +234,11 @@ class WatermarkPipeline:
     def _spool(self) -> DaySpool:
         batch = self._settings.batch
         return DaySpool(
-            batch.spool_dir, batch.compression, batch.compression_level, self._source.header
+            batch.spool_dir,
+            batch.compression,
+            batch.compression_level,
+            self._source.header,
+            self._zstd_pool,
         )
 
     async def _finish(self, spool: DaySpool) -> list[DayObject]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cdc_daemon.sink.csv import EXTENSIONS, Codec, Compressor, make_compressor
+from cdc_daemon.sink.csv import EXTENSIONS, Codec, Compressor, ZstdPool, make_compressor
 
 Row = bytes | bytearray | memoryview
 
@@ -93,7 +93,15 @@ class DayFile:
 class DaySpool:
     """Route encoded rows (``day,<csv row>``) into one compressed file per day."""
 
-    def __init__(self, directory: Path | None, codec: Codec, level: int, header: bytes) -> None:
+    def __init__(
+        self,
+        directory: Path | None,
+        codec: Codec,
+        level: int,
+        header: bytes,
+        pool: ZstdPool | None = None,
+    ) -> None:
+        self._pool = pool
         self._dir = Path(tempfile.mkdtemp(prefix="cdc-batch-", dir=directory))
         self._codec: Codec = codec
         self._level = level
@@ -120,7 +128,7 @@ class DaySpool:
             found = self._days[day] = DayFile(
                 self,
                 self._dir / (name + EXTENSIONS[self._codec]),
-                make_compressor(self._codec, self._level),
+                make_compressor(self._codec, self._level, self._pool),
                 self._header,
             )
         return found

@@ -169,3 +169,50 @@ def test_shutdown_abandons_a_long_batch_within_grace(
     daemon.send_signal(signal.SIGTERM)
     daemon.communicate(timeout=30)
     assert daemon.returncode == 128 + signal.SIGTERM
+
+
+def test_crash_after_commit_needs_no_redo(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """Killed right after the ledger commit: nothing is pending, nothing is uploaded twice."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 300, days=1)
+    config = write_config(tmp_path, pg_dsn, s3_server, bucket)
+    assert cli(config, "init").returncode == 0
+    assert cli(config, "run", "--exit-when-idle", CDCTEST_CRASH_AT="after_commit").returncode == 70
+    first = raw_objects(s3_client, bucket)
+    again = cli(config, "run", "--exit-when-idle")
+    assert again.returncode == 0, again.stderr
+    assert "batch_redone" not in again.stdout
+    assert raw_objects(s3_client, bucket) == first
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+def test_statement_timeout_fails_clearly_and_loses_nothing(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A statement timeout too short for the export: retried, then one clear line and a
+    non-zero exit, with the position unmoved; with a sane timeout the next run exports all."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 400_000, days=2)
+        conn.execute("VACUUM ANALYZE ecommerce_sales")
+    sane = write_config(tmp_path, pg_dsn, s3_server, bucket)
+    assert cli(sane, "init").returncode == 0
+    # Long enough for the catalog and planning queries, too short for the COPY of 400k rows.
+    tight = write_config(
+        tmp_path,
+        pg_dsn,
+        s3_server,
+        bucket,
+        postgres={"statement_timeout_s": 0.15},
+        daemon={"retry_attempts": 3, "retry_max_wait_s": 0.1},
+    )
+    failed = cli(tight, "run", "--exit-when-idle")
+    assert failed.returncode == 6, failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
+    assert "cancel" in failed.stderr
+    assert failed.stdout.count('"step_failed"') == 3
+    assert raw_objects(s3_client, bucket) == {}
+    sane = write_config(tmp_path, pg_dsn, s3_server, bucket)
+    assert cli(sane, "run", "--exit-when-idle").returncode == 0
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)

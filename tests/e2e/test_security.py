@@ -137,3 +137,19 @@ def test_fuzzed_config_files_never_give_a_traceback(
         code = main(["--config", str(path), "status"])
     assert code != 0
     assert len(err.getvalue().strip().splitlines()) == 1
+
+
+def test_missing_privilege_is_one_sentence(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A role that may not read the table gets one sentence and exit code 3."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1)
+    role = create_role(pg_dsn)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"REVOKE SELECT ON ecommerce_sales FROM {role}")
+    config = write_config(tmp_path, as_role(pg_dsn, role, PG_SECRET), s3_server, bucket)
+    result = cli(config, "init")
+    assert result.returncode == 3, result.stderr
+    assert "permission denied" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

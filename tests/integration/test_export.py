@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales, load_online_retail, sample_path
@@ -179,3 +180,38 @@ async def test_rerun_exports_only_new_rows(
     assert sum(v.count(b"\n") - 1 for v in new.values()) == 10
     assert all("/00000000000000000500-00000000000000000510." in k for k in new)
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+async def test_hostile_table_name_is_an_identifier(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A table whose name holds quotes, a semicolon and SQL is captured as that table: the name
+    is never spliced into a statement. Server-side encryption is asked for and applied."""
+    name = 'sales "x"; DROP TABLE ecommerce_sales; --'
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 0)
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE ecommerce_sales INCLUDING ALL)").format(
+                sql.Identifier(name)
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (invoice_no, stock_code, quantity, invoice_date, unit_price,"
+                " country) VALUES ('1', 'S', 1, '2011-01-01', 1, 'UK')"
+            ).format(sql.Identifier(name))
+        )
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        postgres={"table": sql.Identifier("public", name).as_string(None)},
+        s3={"server_side_encryption": "AES256"},
+    )
+    assert await export_until_idle(settings) == 0
+    [key] = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert key.startswith(f"public.{name}/dt=2011-01-01/")
+    assert s3_client.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM ecommerce_sales").fetchone() == (0,)
