@@ -90,11 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def init(settings: Settings) -> int:
     from cdc_daemon.source.watermark import WatermarkSource
 
-    store = await Store.connect(
-        settings.state_dsn.get_secret_value(),
-        settings.state.schema_,
-        settings.postgres.connect_timeout_s,
-    )
+    store = await Store.from_settings(settings)
     try:
         await store.init_schema()
     finally:
@@ -115,11 +111,7 @@ async def init(settings: Settings) -> int:
 
 
 async def status(settings: Settings, as_json: bool) -> int:
-    store = await Store.connect(
-        settings.state_dsn.get_secret_value(),
-        settings.state.schema_,
-        settings.postgres.connect_timeout_s,
-    )
+    store = await Store.from_settings(settings)
     try:
         await store.check_schema()
         report = await status_report(store)

@@ -56,11 +56,11 @@ async def _export_and_report(settings: Settings) -> int:
     async with AsyncExitStack() as stack:
         sink = await S3Sink.open(settings.s3, stack)
         await sink.create_bucket()
-    store = await Store.connect(settings.state_dsn.get_secret_value(), settings.state.schema_)
+    store = await Store.from_settings(settings)
     await store.init_schema()
     await store.close()
     await Worker(settings, exit_when_idle=True).serve()
-    store = await Store.connect(settings.state_dsn.get_secret_value(), settings.state.schema_)
+    store = await Store.from_settings(settings)
     batches = await store.batches("public.ecommerce_sales")
     await store.close()
     per_day: Counter[str] = Counter()

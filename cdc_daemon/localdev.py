@@ -110,45 +110,26 @@ class LocalPostgres:
         )
         return self
 
-    def restart(self) -> None:
+    def _pg_ctl(self, *args: str) -> None:
         assert self._dir is not None
         subprocess.run(
             self._as_server_user(
-                [
-                    str(_pg_bindir() / "pg_ctl"),
-                    "-D",
-                    str(self._dir / "data"),
-                    "-m",
-                    "fast",
-                    # The log file, or the server would keep pg_ctl's output pipe open.
-                    "-l",
-                    str(self._dir / "server.log"),
-                    "-w",
-                    "restart",
-                ]
+                [str(_pg_bindir() / "pg_ctl"), "-D", str(self._dir / "data"), *args]
             ),
             check=True,
             capture_output=True,
         )
 
+    def restart(self) -> None:
+        assert self._dir is not None
+        # The log file, or the server would keep pg_ctl's output pipe open.
+        self._pg_ctl("-m", "fast", "-l", str(self._dir / "server.log"), "-w", "restart")
+
     def stop(self) -> None:
         if self._dir is None:
             return
-        subprocess.run(
-            self._as_server_user(
-                [
-                    str(_pg_bindir() / "pg_ctl"),
-                    "-D",
-                    str(self._dir / "data"),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ]
-            ),
-            check=False,
-            capture_output=True,
-        )
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._pg_ctl("-m", "immediate", "-w", "stop")
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
 

@@ -120,11 +120,7 @@ class Worker:
 
     async def _connect_store(self) -> Store:
         settings = self._settings
-        store = await Store.connect(
-            settings.state_dsn.get_secret_value(),
-            settings.state.schema_,
-            settings.postgres.connect_timeout_s,
-        )
+        store = await Store.from_settings(settings)
         self._store = store
         await store.check_schema()
         return store

@@ -34,7 +34,7 @@ def make_settings(
 
 
 async def init_ledger(settings: Settings) -> None:
-    store = await Store.connect(settings.state_dsn.get_secret_value(), settings.state.schema_)
+    store = await Store.from_settings(settings)
     try:
         await store.init_schema()
     finally:

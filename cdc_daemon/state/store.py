@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
@@ -105,6 +106,14 @@ class Store:
         except psycopg.Error as exc:
             raise from_psycopg(exc, "cannot connect to the state database") from None
         return cls(conn, schema)
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> Store:
+        return await cls.connect(
+            settings.state_dsn.get_secret_value(),
+            settings.state.schema_,
+            settings.postgres.connect_timeout_s,
+        )
 
     async def close(self) -> None:
         await self._conn.close()
