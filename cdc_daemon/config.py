@@ -50,8 +50,6 @@ class CaptureSettings(_Section):
     watermark_column: str | None = None
     partition_column: str = "invoice_date"
     poll_interval_s: float = Field(default=1.0, gt=0)
-    # How long a capture pass waits for in-flight transactions before it exports what is safe.
-    fence_log_after_s: float = Field(default=30.0, gt=0)
 
 
 class BatchSettings(_Section):
