@@ -142,10 +142,16 @@ async def status_report(store: Store, table: str | None = None) -> dict[str, Any
             "rows": sum(b.rows for b in batches),
             "objects": sum(len(b.objects) for b in batches),
             "last_batch": batches[-1].batch_id if batches else None,
-            "pending": [
-                {"batch_id": b.batch_id, "attempts": b.attempts, "error": b.error}
+            # Not (yet) in S3: pending, or failed with the reason the retries gave up on.
+            "unfinished": [
+                {
+                    "batch_id": b.batch_id,
+                    "status": b.status.value,
+                    "attempts": b.attempts,
+                    "error": b.error,
+                }
                 for b in batches
-                if b.status is Status.PENDING
+                if b.status in (Status.PENDING, Status.FAILED)
             ],
         }
     return tables

@@ -173,6 +173,16 @@ class Worker:
                 return worked
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _give_up(self, pipeline: WatermarkPipeline, exc: CdcError) -> None:
+        """Retries exhausted: the pending batch (if any) is marked failed with the reason; the
+        daemon then exits non-zero, and the batch is redone first on the next start."""
+        store = self._store
+        failed: list[str] = []
+        if store is not None and not store.broken:
+            with contextlib.suppress(CdcError):
+                failed = await store.mark_failed(pipeline.table, str(exc))
+        log.error("batch_failed", table=pipeline.table, batches=failed, error=str(exc))
+
     async def _note_failure(self, pipeline: WatermarkPipeline, exc: CdcError) -> None:
         store = self._store
         if store is None or store.broken:
@@ -201,7 +211,11 @@ class Worker:
                         with contextlib.suppress(asyncio.CancelledError):
                             await step
                         return
-                worked = step.result()
+                try:
+                    worked = step.result()
+                except TransientError as exc:
+                    await self._give_up(pipeline, exc)
+                    raise
                 if worked:
                     continue
                 if self._exit_when_idle:

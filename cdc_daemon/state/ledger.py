@@ -1,6 +1,8 @@
 """Batches and their states. Pure: no I/O (the Postgres tables are in ``store``).
 
     pending --upload acknowledged + watermark moved (one transaction)--> uploaded
+    pending --retries exhausted (S3 or Postgres kept failing)--> failed (with the error)
+    failed, never uploaded --redone at the next start--> pending
     uploaded --reconciler: loaded row count matches--> loaded
     uploaded --reconciler: Snowflake reported an error--> failed
     uploaded --reconciler: not seen in load history in time--> missing
@@ -31,10 +33,10 @@ class Status(StrEnum):
 
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.PENDING: frozenset({Status.UPLOADED}),
+    Status.PENDING: frozenset({Status.UPLOADED, Status.FAILED}),
     Status.UPLOADED: frozenset({Status.LOADED, Status.FAILED, Status.MISSING}),
     Status.MISSING: frozenset({Status.LOADED, Status.FAILED}),
-    Status.FAILED: frozenset({Status.LOADED}),
+    Status.FAILED: frozenset({Status.PENDING, Status.LOADED}),
     Status.LOADED: frozenset(),
 }
 

@@ -67,6 +67,10 @@ INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
 """
 
 
+# A batch whose objects are not all in S3 yet.
+_UNFINISHED = "(status = 'pending' OR (status = 'failed' AND uploaded_at IS NULL))"
+
+
 def lock_key(table: str) -> int:
     """A signed 64-bit advisory lock key for one table's pipeline."""
     digest = hashlib.sha256(f"cdc-daemon:{table}".encode()).digest()
@@ -199,11 +203,13 @@ class Store:
         return [Position(r["table_name"], CaptureState.from_json(r["state"])) for r in rows]
 
     async def pending(self, table: str) -> list[BatchRecord]:
+        """Batches with an intent record but no upload yet (pending, or failed earlier)."""
         rows = await self._fetch(
             "reading pending batches",
             self._q(
-                "SELECT * FROM {schema}.batches WHERE table_name = %s AND status = 'pending' "
-                "ORDER BY hi"
+                "SELECT * FROM {schema}.batches WHERE table_name = %s AND "
+                + _UNFINISHED
+                + " ORDER BY hi, created_at"
             ),
             (table,),
         )
@@ -220,8 +226,11 @@ class Store:
                 "ON CONFLICT (table_name, batch_id) DO UPDATE SET "
                 "attempts = {schema}.batches.attempts + 1, updated_at = now(), "
                 "rows = EXCLUDED.rows, raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size, "
-                "objects = EXCLUDED.objects, checksum = EXCLUDED.checksum "
-                "WHERE {schema}.batches.status = 'pending'"
+                "objects = EXCLUDED.objects, checksum = EXCLUDED.checksum, status = 'pending' "
+                "WHERE "
+                + _UNFINISHED.replace("status", "{schema}.batches.status").replace(
+                    "uploaded_at", "{schema}.batches.uploaded_at"
+                )
             ),
             (
                 batch.table,
@@ -252,6 +261,19 @@ class Store:
         )
         return len(rows)
 
+    async def mark_failed(self, table: str, error: str) -> list[str]:
+        """Retries are exhausted: the pending batch becomes ``failed``, with the reason. It is
+        still redone first at the next start (its rows are not lost, only late)."""
+        rows = await self._fetch(
+            "marking a batch failed",
+            self._q(
+                "UPDATE {schema}.batches SET status = 'failed', error = %s, updated_at = now() "
+                "WHERE table_name = %s AND status = 'pending' RETURNING batch_id"
+            ),
+            (error, table),
+        )
+        return [str(r["batch_id"]) for r in rows]
+
     async def commit_uploaded(self, batch: BatchRecord) -> None:
         """Mark the batch uploaded and move the position to its ``state_after``, atomically.
         The compare-and-set on the old high refuses a move that another process (or a stale
@@ -263,7 +285,7 @@ class Store:
                     self._q(
                         "UPDATE {schema}.batches SET status = 'uploaded', uploaded_at = now(), "
                         "updated_at = now(), error = NULL "
-                        "WHERE table_name = %s AND batch_id = %s AND status = 'pending'"
+                        "WHERE table_name = %s AND batch_id = %s AND " + _UNFINISHED
                     ),
                     (batch.table, batch.batch_id),
                 )

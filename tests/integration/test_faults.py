@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdc_daemon.config import Settings
+from cdc_daemon.errors import TransientError
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.worker import Worker
@@ -219,4 +220,49 @@ async def test_postgres_restart_is_waited_out(
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 30) == 0
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+async def test_persistent_failure_marks_the_batch_failed_then_recovers(
+    pg_dsn: str, s3_server: LocalS3, s3_proxy: Any, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """S3 keeps failing past the retry limit: the daemon marks the batch failed with S3's
+    answer and exits with the error; the position does not move. Started again once S3 is
+    healthy, it redoes that batch first and nothing is lost."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 50, days=1)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        s3={"endpoint_url": s3_proxy.endpoint_url},
+        daemon={"retry_max_wait_s": 0.05, "retry_attempts": 3},
+    )
+    task, stop = await run_daemon(settings)
+    await wait_until(lambda: exported_rows(s3_client, bucket) == 50)
+    s3_proxy.fail_next(1000, 503, "SlowDown")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 30, days=1)
+    with pytest.raises(TransientError, match="SlowDown"):
+        await asyncio.wait_for(task, 60)
+    with psycopg.connect(pg_dsn) as conn:
+        failed = conn.execute(
+            "SELECT status, error, attempts FROM cdc.batches WHERE status <> 'uploaded'"
+        ).fetchall()
+        high = conn.execute("SELECT high FROM cdc.positions").fetchone()
+    assert len(failed) == 1
+    assert failed[0][0] == "failed"
+    assert "SlowDown" in failed[0][1]
+    assert failed[0][2] >= 3
+    assert high == (50,)
+    s3_proxy.failures.clear()
+    task, stop = await run_daemon(settings)
+    try:
+        await wait_until(lambda: exported_rows(s3_client, bucket) == 80)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT DISTINCT status FROM cdc.batches").fetchall() == [("uploaded",)]
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
