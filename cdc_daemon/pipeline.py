@@ -1,4 +1,4 @@
-"""The watermark pipeline's unit of work: fence -> plan -> extract -> upload -> commit.
+"""The watermark pipeline's unit of work: pass -> intent record -> upload -> commit.
 
 Commit order, and why a crash anywhere loses nothing:
 1. one pass reads, in one snapshot, the rows that filled earlier gaps and the new range, into
@@ -11,6 +11,10 @@ Commit order, and why a crash anywhere loses nothing:
 A crash before 2 leaves nothing behind. A crash between 2 and 4 leaves a pending record: the
 next start redoes exactly that range under exactly those keys, with the same ``_cdc_ts``, so the
 objects are byte-identical and an object that Snowpipe already loaded is harmless.
+
+Steps 3-4 of one batch run in the background while the next pass reads (step 1); the next
+intent record is written only after the previous batch committed, so at most one batch is ever
+pending and positions move in order.
 """
 
 from __future__ import annotations
