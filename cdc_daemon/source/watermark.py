@@ -11,7 +11,7 @@ Synchronous by design: a sync COPY in a thread runs at psql's speed, the async o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
@@ -201,10 +201,13 @@ class WatermarkSource:
         try:
             # Which of the fences' transactions are still open, asked *before* the snapshot.
             alive = [str(r[0]) for r in conn.execute(sql.SQL(_HOLDERS)).fetchall()]
-            state = retire(state, alive)
+            retired = retire(state, alive)
             self._begin(conn)
             try:
-                return self._pass_in_snapshot(conn, state, limits, read_ts, spool, decide)
+                result = self._pass_in_snapshot(conn, retired, limits, read_ts, spool, decide)
+                # Rows waiting (max_age_s): keep the old state, so that ``low`` never passes
+                # gap rows that the catch-up has not copied yet.
+                return result if not result.waiting else replace(result, state=state)
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
