@@ -166,6 +166,19 @@ def describe_table(
             f"watermark column {watermark_column!r} is {watermark.type_name}; it must be an "
             "integer column filled by a sequence (serial or identity)"
         )
+    cached = conn.execute(
+        "SELECT s.seqrelid::regclass::text, s.seqcache FROM pg_sequence s"
+        " WHERE s.seqrelid = pg_get_serial_sequence(%s, %s)::regclass",
+        (sql.Identifier(str(schema), str(name)).as_string(conn), watermark_column),
+    ).fetchone()
+    if cached is not None and int(str(cached[1])) > 1:
+        # Each session would hand out ids from its own cached block: a smaller id could commit
+        # after its fence retired, and be skipped. (Ids the application assigns itself cannot
+        # be checked here; the README states the assumption.)
+        raise SourceError(
+            f"sequence {cached[0]} of the watermark column has CACHE {cached[1]}, so ids are not "
+            f"assigned in order: ALTER SEQUENCE {cached[0]} CACHE 1"
+        )
     if partition_column not in by_name:
         raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
     partition = by_name[partition_column]

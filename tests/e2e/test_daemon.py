@@ -216,3 +216,19 @@ def test_statement_timeout_fails_clearly_and_loses_nothing(
     sane = write_config(tmp_path, pg_dsn, s3_server, bucket)
     assert cli(sane, "run", "--exit-when-idle").returncode == 0
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+def test_cached_sequence_is_refused(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A watermark sequence with CACHE > 1 hands out ids out of order across sessions, which
+    would let a late row slip past a retired fence: refused with the fix in one sentence."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1)
+        conn.execute("ALTER SEQUENCE ecommerce_sales_id_seq CACHE 20")
+    config = write_config(tmp_path, pg_dsn, s3_server, bucket)
+    result = cli(config, "init")
+    assert result.returncode == 3, result.stderr
+    assert "CACHE 20" in result.stderr
+    assert "ALTER SEQUENCE" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
