@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,23 @@ async def export_until_idle(settings: Settings) -> int:
     """Run the daemon in this process until everything committed is exported."""
     await init_ledger(settings)
     return await Worker(settings, exit_when_idle=True).serve(shutdown_trigger=_never)
+
+
+async def run_daemon(settings: Settings) -> tuple[asyncio.Task[int], asyncio.Event]:
+    """The daemon in this process, running until the returned event is set."""
+    await init_ledger(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Worker(settings).serve(shutdown_trigger=stop.wait))
+    return task, stop
+
+
+async def wait_until(predicate: Callable[[], object], seconds: float = 60) -> None:
+    """Poll a blocking predicate (in a thread) until it holds, or fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
 
 
 def object_bodies(s3_client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,23 +157,6 @@ class S3Sink:
                     )
                 )
             raise
-
-    async def keys(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
-        paginator = self._client.get_paginator("list_objects_v2")
-        try:
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    yield item["Key"], item["Size"]
-        except (BotoCoreError, ClientError) as exc:
-            raise from_botocore(exc, f"listing s3://{self.bucket}/{prefix}") from None
-
-    async def get(self, key: str) -> bytes:
-        try:
-            answer = await self._client.get_object(Bucket=self.bucket, Key=key)
-            async with answer["Body"] as body:
-                return await body.read()
-        except (BotoCoreError, ClientError) as exc:
-            raise from_botocore(exc, f"reading s3://{self.bucket}/{key}") from None
 
 
 def _read_range(path: Path, offset: int, length: int) -> bytes:

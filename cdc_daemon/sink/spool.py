@@ -109,10 +109,6 @@ class DaySpool:
         self._days: dict[bytes, DayFile] = {}
         self.raw_bytes = 0  # uncompressed bytes drained so far, all days
 
-    @property
-    def rows(self) -> int:
-        return sum(f.rows + len(f.pending) for f in self._days.values())
-
     def __len__(self) -> int:
         return len(self._days)
 

@@ -72,7 +72,6 @@ class BatchSpec:
 @dataclass(frozen=True)
 class PassResult:
     spec: BatchSpec | None  # None: nothing was copied
-    rows: int
     cut: bool  # max_bytes/max_days closed the batch before the planned end
     state: CaptureState  # the capture state once this pass's batch is durable
     high_seen: int  # the highest id visible in the snapshot (for the "behind" figure)
@@ -254,20 +253,19 @@ class WatermarkSource:
         scan = Scan(new_rows, late_rows)
         if scan.rows == 0:
             # Nothing to copy; retired fences may still let empty gaps be forgotten.
-            return PassResult(None, 0, False, advance(state, lo, [], [], holders), high_now)
+            return PassResult(None, False, advance(state, lo, [], [], holders), high_now)
         if not decide(scan):
-            return PassResult(None, 0, False, state, high_now, waiting=True)
+            return PassResult(None, False, state, high_now, waiting=True)
 
         caught: list[Range] = []
         if late_rows:
-            caught = self._copy_late(conn, state.gaps, read_ts, spool)
-        hi, copied, cut = lo, 0, False
+            caught = self._copy_late(conn, self._in_ranges(state.gaps), read_ts, spool)
+        hi, cut = lo, False
         if new_rows:
-            hi, copied, cut = self._copy_new(conn, lo, planned_hi, read_ts, spool, limits)
+            hi, cut = self._copy_new(conn, lo, planned_hi, read_ts, spool, limits)
             gaps = [(a, min(b, hi)) for a, b in gaps if a <= hi]
         spec = BatchSpec(lo, hi, tuple(gaps), tuple(caught))
-        rows = copied + sum(b - a + 1 for a, b in caught)
-        return PassResult(spec, rows, cut, advance(state, hi, gaps, caught, holders), high_now)
+        return PassResult(spec, cut, advance(state, hi, gaps, caught, holders), high_now)
 
     def _plan(
         self, conn: psycopg.Connection[tuple[object, ...]], lo: int, high: int, max_rows: int
@@ -297,13 +295,14 @@ class WatermarkSource:
     def _copy_late(
         self,
         conn: psycopg.Connection[tuple[object, ...]],
-        gaps: Sequence[Range],
+        where: sql.Composable,
         read_ts: str,
         spool: DaySpool,
     ) -> list[Range]:
-        """Rows that appeared in earlier gaps: few, so each row's id is parsed."""
+        """The slow path, for the few rows of a catch-up (and a redo): each row is routed on
+        its own and its id parsed. Returns the ids copied, as ranges."""
         ids: list[int] = []
-        with conn.cursor() as cur, cur.copy(self._copy(self._in_ranges(gaps), read_ts)) as copy:
+        with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
             for raw in copy:
                 data = bytes(raw)
                 spool.add(data)
@@ -318,8 +317,8 @@ class WatermarkSource:
         read_ts: str,
         spool: DaySpool,
         limits: Limits,
-    ) -> tuple[int, int, bool]:
-        """Stream ``(lo, hi]`` into the spool; returns (end, rows, cut).
+    ) -> tuple[int, bool]:
+        """Stream ``(lo, hi]`` into the spool; returns (end, cut).
 
         The hot loop: Postgres sends one row per message, and a row of the same day as the one
         before (the common case: ids and dates grow together) costs a slice compare and a list
@@ -327,7 +326,6 @@ class WatermarkSource:
         max_bytes, or at the first row of a day beyond max_days, the batch closes at the next
         change of id (never between two rows with the same watermark) and becomes ``(lo, cut]``.
         """
-        rows_before = spool.rows
         block_rows = limits.block_rows
         prefix = _NO_PREFIX  # "YYYY-MM-DD," of the day being appended to
         target: DayFile | None = None
@@ -379,30 +377,23 @@ class WatermarkSource:
         except psycopg.errors.QueryCanceled:
             if cut is None:
                 raise
-        rows = spool.rows - rows_before
         if cut is not None and cut < hi:
-            return cut, rows, True
-        return hi, rows, False
+            return cut, True
+        return hi, False
 
-    def redo(self, spec: BatchSpec, read_ts: str, spool: DaySpool) -> int:
+    def redo(self, spec: BatchSpec, read_ts: str, spool: DaySpool) -> None:
         """Copy exactly the rows of an interrupted batch again (see ``BatchSpec``)."""
         conn = self._session()
         try:
             self._begin(conn)
             try:
-                rows = 0
                 if spec.caught:
-                    caught = self._copy_late(conn, spec.caught, read_ts, spool)
-                    rows += sum(b - a + 1 for a, b in caught)
+                    self._copy_late(conn, self._in_ranges(spec.caught), read_ts, spool)
                 if spec.hi > spec.lo:
                     where = self._range(spec.lo, spec.hi)
                     if spec.gaps:
                         where = sql.SQL("{} AND NOT {}").format(where, self._in_ranges(spec.gaps))
-                    with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
-                        for raw in copy:
-                            spool.add(bytes(raw))
-                            rows += 1
-                return rows
+                    self._copy_late(conn, where, read_ts, spool)
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")

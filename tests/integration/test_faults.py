@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,37 +12,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_daemon.config import Settings
 from cdc_daemon.errors import TransientError
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
-from cdc_daemon.worker import Worker
 from tests.helpers import (
     assert_rebuilt_equals_source,
     export_until_idle,
-    init_ledger,
     make_settings,
     object_bodies,
+    run_daemon,
+    wait_until,
 )
 
 
 def exported_rows(s3_client: Any, bucket: str) -> int:
     return sum(b.count(b"\n") - 1 for b in object_bodies(s3_client, bucket).values())
-
-
-async def wait_until(predicate: Any, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.2)
-
-
-async def run_daemon(settings: Settings) -> tuple[asyncio.Task[int], asyncio.Event]:
-    await init_ledger(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(Worker(settings).serve(shutdown_trigger=stop.wait))
-    return task, stop
 
 
 async def test_terminated_connections_are_retried(

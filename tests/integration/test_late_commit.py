@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,13 @@ import pytest
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.state.store import Store
-from tests.helpers import assert_rebuilt_equals_source, export_until_idle, make_settings
+from tests.helpers import (
+    assert_rebuilt_equals_source,
+    export_until_idle,
+    make_settings,
+    run_daemon,
+    wait_until,
+)
 
 INSERT = (
     "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity, invoice_date,"
@@ -112,32 +119,17 @@ async def test_watermark_never_passes_a_late_row_still_waiting(
     """With max_age_s > 0 a late row may wait before it is copied; meanwhile the transaction
     that held it has ended, so its fence retires. The committed watermark must still stay below
     the late row until the row is in S3 (the watermark means "exported and final")."""
-    import asyncio
-    import time
-
-    from cdc_daemon.worker import Worker
-    from tests.helpers import init_ledger
-
     settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, batch={"max_age_s": 1.5})
     with psycopg.connect(pg_dsn, autocommit=True) as setup:
         generate_sales(setup, 10, days=1)
-    await init_ledger(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(Worker(settings).serve(shutdown_trigger=stop.wait))
-
-    async def until(predicate: Any) -> None:
-        deadline = time.monotonic() + 30
-        while not await asyncio.to_thread(predicate):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-
+    task, stop = await run_daemon(settings)
     try:
-        await until(lambda: exported_ids(s3_client, bucket) == set(range(1, 11)))
+        await wait_until(lambda: exported_ids(s3_client, bucket) == set(range(1, 11)))
         with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
             late.execute(INSERT, ("late",))
             for n in range(9):
                 other.execute(INSERT, (f"on-time-{n}",))
-            await until(lambda: exported_ids(s3_client, bucket) == set(range(1, 21)) - {11})
+            await wait_until(lambda: exported_ids(s3_client, bucket) == set(range(1, 21)) - {11})
             late.commit()
         watermarks = []
         while 11 not in exported_ids(s3_client, bucket):
@@ -145,7 +137,7 @@ async def test_watermark_never_passes_a_late_row_still_waiting(
             await asyncio.sleep(0.05)
         assert watermarks, "the late row should have waited for max_age_s"
         assert all(w is not None and w < 11 for w in watermarks), watermarks
-        await until(lambda: asyncio.run(position(pg_dsn)) == 20)
+        await wait_until(lambda: asyncio.run(position(pg_dsn)) == 20)
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 30) == 0
