@@ -99,6 +99,59 @@ class DaemonSettings(_Section):
     retry_max_wait_s: float = Field(default=30.0, gt=0)
 
 
+_SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
+
+
+class SnowflakeSettings(_Section):
+    """The warehouse side (``snowflake/`` SQL) and the reconciler. The reconciler runs in the
+    daemon when ``account`` is set. ``emulator = true`` talks to the local warehouse (fakesnow
+    behind the same connector), whose missing PIPE/STREAM/TASK/COPY_HISTORY features are
+    emulated in ``cdc_daemon/warehouse/local.py``."""
+
+    account: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    private_key_file: Path | None = None
+    private_key_passphrase: SecretStr | None = None
+    role: str | None = Field(default=None, pattern=_SF_IDENT)
+    warehouse: str = Field(default="CDC_WH", pattern=_SF_IDENT)
+    database: str = Field(default="CDC", pattern=_SF_IDENT)
+    schema_: str = Field(default="SALES", alias="schema", pattern=_SF_IDENT)
+    integration: str = Field(default="CDC_S3", pattern=_SF_IDENT)
+    aws_role_arn: str = Field(
+        default="arn:aws:iam::123456789012:role/cdc-snowflake", pattern=r"^arn:aws[-a-z]*:iam::"
+    )
+    stage: str = Field(default="CDC_SALES_STAGE", pattern=_SF_IDENT)
+    file_format: str = Field(default="CDC_CSV", pattern=_SF_IDENT)
+    pipe: str = Field(default="RAW_SALES_PIPE", pattern=_SF_IDENT)
+    stream: str = Field(default="RAW_SALES_STREAM", pattern=_SF_IDENT)
+    merge_task: str = Field(default="MERGE_SALES", pattern=_SF_IDENT)
+    cleanup_task: str = Field(default="CLEANUP_RAW_SALES", pattern=_SF_IDENT)
+    merge_schedule: str = Field(default="1 MINUTE", pattern=r"^[0-9]{1,5} (MINUTE|MINUTES)$")
+    cleanup_schedule: str = Field(default="USING CRON 0 3 * * * UTC", pattern=r"^[A-Za-z0-9 *]+$")
+    retention_days: int = Field(default=7, ge=1, le=365)
+    tombstone_days: int = Field(default=14, ge=1, le=365)
+    # Connector endpoint overrides (the local emulator serves plain HTTP on 127.0.0.1).
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    protocol: Literal["https", "http"] = "https"
+    emulator: bool = False
+    login_timeout_s: float = Field(default=30.0, gt=0)
+    query_timeout_s: float = Field(default=120.0, gt=0)
+    # Reconciler: how often it reads the load history; after how long an uploaded batch not in
+    # it is refreshed once (ALTER PIPE ... REFRESH) and, as long again after that, `missing`.
+    reconcile_interval_s: float = Field(default=60.0, gt=0)
+    missing_after_s: float = Field(default=900.0, gt=0)
+    # The per-day completeness check (Postgres vs SALES) runs this often.
+    completeness_interval_s: float = Field(default=86_400.0, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.account is not None
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -120,6 +173,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     daemon: DaemonSettings = DaemonSettings()
     log: LogSettings = LogSettings()
+    snowflake: SnowflakeSettings = SnowflakeSettings()
 
     @property
     def state_dsn(self) -> SecretStr:

@@ -52,6 +52,26 @@ class StorageError(CdcError):
     exit_code = 7
 
 
+class WarehouseError(CdcError):
+    """Snowflake refused a statement for a reason a retry will not fix (SQL, privileges)."""
+
+    exit_code = 8
+
+
+def from_snowflake(exc: Exception, doing: str) -> CdcError:
+    """Translate a snowflake-connector error. Network trouble, timeouts and the server's own
+    failures are transient; a rejected statement is not."""
+    from snowflake.connector import errors as sf
+
+    detail = (getattr(exc, "raw_msg", None) or str(exc)).strip().splitlines()
+    message = f"{doing}: {detail[0] if detail else type(exc).__name__}"
+    if isinstance(exc, sf.ProgrammingError) and not isinstance(exc, sf.NotSupportedError):
+        return WarehouseError(message)
+    if isinstance(exc, (sf.Error, OSError, TimeoutError)):
+        return TransientError(message)
+    return CdcError(message)
+
+
 # SQLSTATE classes that a later attempt can succeed at: connection exceptions, a serialization
 # failure or deadlock, operator intervention (admin shutdown, query canceled), insufficient
 # resources.

@@ -1,0 +1,215 @@
+"""Snowflake through snowflake-connector-python: the statements the reconciler and
+``cdc-daemon snowflake apply`` run. Synchronous (the connector is); async callers use
+``asyncio.to_thread``.
+
+The three things Snowflake has and the local emulator (fakesnow) does not -- COPY_HISTORY,
+SYSTEM$PIPE_STATUS and ALTER PIPE ... REFRESH -- are the three methods of ``Dialect``: the
+real one here, the emulated one in ``warehouse/local.py``. Nothing else differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import snowflake.connector
+import structlog
+from snowflake.connector import SnowflakeConnection
+from snowflake.connector.cursor import DictCursor
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import ConfigError, from_snowflake
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """One file in the load history. ``file`` is relative to the stage: ``dt=.../name``."""
+
+    file: str
+    status: str  # loaded | load_failed | partially_loaded | load_skipped
+    rows_loaded: int
+    rows_parsed: int
+    first_error: str | None
+    loaded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PipeStatus:
+    execution_state: str  # RUNNING, PAUSED, STOPPED_*, ...
+    pending_file_count: int
+    last_ingested_at: str | None
+    error: str | None
+
+    @property
+    def healthy(self) -> bool:
+        return self.execution_state == "RUNNING"
+
+
+def stage_relative(file_name: str) -> str:
+    """``dt=2011-01-04/x.csv.gz`` from whatever form the history gives (a full URL, a path
+    under the stage): the partition folder and the object name."""
+    return "/".join(posixpath.normpath(file_name).split("/")[-2:])
+
+
+def normalize_status(status: str) -> str:
+    return status.strip().lower().replace(" ", "_")
+
+
+class Dialect(Protocol):
+    def load_history(self, wh: Warehouse, since: datetime) -> list[LoadRecord]: ...
+    def pipe_status(self, wh: Warehouse) -> PipeStatus: ...
+    def refresh(self, wh: Warehouse, prefix: str) -> None: ...
+
+
+class SnowflakeDialect:
+    def load_history(self, wh: Warehouse, since: datetime) -> list[LoadRecord]:
+        sf = wh.settings.snowflake
+        rows = wh.query(
+            f"SELECT FILE_NAME, STATUS, ROW_COUNT, ROW_PARSED, FIRST_ERROR_MESSAGE,"
+            f" LAST_LOAD_TIME FROM TABLE({sf.database}.INFORMATION_SCHEMA.COPY_HISTORY("
+            f"TABLE_NAME => %(table)s, START_TIME => %(since)s::TIMESTAMP_LTZ))",
+            {"table": f"{sf.database}.{sf.schema_}.RAW_SALES", "since": since.isoformat()},
+        )
+        return [_record(row) for row in rows]
+
+    def pipe_status(self, wh: Warehouse) -> PipeStatus:
+        sf = wh.settings.snowflake
+        rows = wh.query(
+            "SELECT SYSTEM$PIPE_STATUS(%(pipe)s) AS S",
+            {"pipe": f"{sf.database}.{sf.schema_}.{sf.pipe}"},
+        )
+        return parse_pipe_status(str(rows[0]["S"]))
+
+    def refresh(self, wh: Warehouse, prefix: str) -> None:
+        # PREFIX is relative to the stage; Snowflake only queues files staged in the last
+        # 7 days that the pipe has not loaded.
+        wh.query(f"ALTER PIPE {wh.settings.snowflake.pipe} REFRESH PREFIX = %(p)s", {"p": prefix})
+
+
+def parse_pipe_status(text: str) -> PipeStatus:
+    data: dict[str, Any] = json.loads(text)
+    return PipeStatus(
+        execution_state=str(data.get("executionState", "UNKNOWN")),
+        pending_file_count=int(data.get("pendingFileCount", 0)),
+        last_ingested_at=data.get("lastIngestedTimestamp"),
+        error=data.get("error") or data.get("lastForwardedMessage"),
+    )
+
+
+def _record(row: dict[str, Any]) -> LoadRecord:
+    return LoadRecord(
+        file=stage_relative(str(row["FILE_NAME"])),
+        status=normalize_status(str(row["STATUS"])),
+        rows_loaded=int(row["ROW_COUNT"] or 0),
+        rows_parsed=int(row["ROW_PARSED"] or 0),
+        first_error=row["FIRST_ERROR_MESSAGE"],
+        loaded_at=row["LAST_LOAD_TIME"],
+    )
+
+
+class Warehouse:
+    """One connector session. The constructor does no I/O; ``connect()`` does."""
+
+    def __init__(self, settings: Settings, dialect: Dialect | None = None) -> None:
+        self.settings = settings
+        if dialect is None:
+            if settings.snowflake.emulator:
+                from cdc_daemon.warehouse.local import EmulatorDialect
+
+                dialect = EmulatorDialect()
+            else:
+                dialect = SnowflakeDialect()
+        self.dialect = dialect
+        self._conn: SnowflakeConnection | None = None
+
+    def __repr__(self) -> str:
+        sf = self.settings.snowflake
+        return f"Warehouse(account={sf.account!r}, user={sf.user!r}, database={sf.database!r})"
+
+    def connect(self) -> Warehouse:
+        sf = self.settings.snowflake
+        if not sf.enabled:
+            raise ConfigError("snowflake.account is not set")
+        params: dict[str, Any] = {
+            "account": sf.account,
+            "user": sf.user,
+            "login_timeout": sf.login_timeout_s,
+            "network_timeout": sf.query_timeout_s,
+            "warehouse": sf.warehouse,
+            "database": sf.database,
+            "schema": sf.schema_,
+            "application": "cdc-daemon",
+            "session_parameters": {
+                "QUERY_TAG": "cdc-daemon",
+                "STATEMENT_TIMEOUT_IN_SECONDS": int(sf.query_timeout_s),
+                "TIMEZONE": "UTC",
+                "CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False,
+            },
+        }
+        if sf.role:
+            params["role"] = sf.role
+        if sf.password is not None:
+            params["password"] = sf.password.get_secret_value()
+        if sf.private_key_file is not None:
+            params["private_key_file"] = str(sf.private_key_file)
+            if sf.private_key_passphrase is not None:
+                params["private_key_file_pwd"] = sf.private_key_passphrase.get_secret_value()
+        if sf.host:
+            params.update(host=sf.host, protocol=sf.protocol)
+        if sf.port:
+            params["port"] = sf.port
+        try:
+            self._conn = snowflake.connector.connect(**params)
+        except Exception as exc:  # noqa: BLE001 - translated: the connector raises many kinds
+            raise from_snowflake(exc, "cannot connect to Snowflake") from None
+        return self
+
+    def use_schema(self) -> None:
+        sf = self.settings.snowflake
+        self.execute(f"USE SCHEMA {sf.database}.{sf.schema_}")
+
+    @property
+    def conn(self) -> SnowflakeConnection:
+        if self._conn is None:
+            raise RuntimeError("Warehouse.connect() was not called")
+        return self._conn
+
+    def query(
+        self, text: str, params: dict[str, Any] | Sequence[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            with self.conn.cursor(DictCursor) as cur:
+                cur.execute(text, params)
+                return list(cur.fetchall())
+        except Exception as exc:  # noqa: BLE001 - translated at the boundary
+            raise from_snowflake(exc, f"Snowflake failed {_verb(text)}") from None
+
+    def execute(self, text: str, params: dict[str, Any] | Sequence[Any] | None = None) -> None:
+        self.query(text, params)
+
+    def load_history(self, since: datetime) -> list[LoadRecord]:
+        return self.dialect.load_history(self, since)
+
+    def pipe_status(self) -> PipeStatus:
+        return self.dialect.pipe_status(self)
+
+    def refresh(self, prefix: str) -> None:
+        self.dialect.refresh(self, prefix)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # closing a broken session
+                self._conn.close()
+            self._conn = None
+
+
+def _verb(text: str) -> str:
+    """The statement's first words for an error message (never its parameters)."""
+    return " ".join(text.split()[:3])

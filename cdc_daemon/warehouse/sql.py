@@ -1,0 +1,153 @@
+"""The warehouse side as ordered, templated SQL: ``snowflake/NN_*.sql`` rendered with the
+``[snowflake]`` and ``[s3]`` settings (Jinja2, undefined names are errors), split into
+statements by the connector's own splitter (it knows ``$$`` blocks).
+
+Every name that goes into the SQL is validated by the settings (identifiers match
+``[A-Za-z_][A-Za-z0-9_$]*``; the stage URL is built from the bucket and prefix, whose characters
+are checked here), so rendering cannot splice SQL.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from snowflake.connector.util_text import split_statements
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import ConfigError
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "snowflake"
+
+_SAFE_URL_PART = re.compile(r"^[A-Za-z0-9._/=-]*$")
+
+
+@dataclass(frozen=True)
+class Statement:
+    file: str
+    text: str
+
+    @property
+    def head(self) -> str:
+        """The statement's first words, upper-cased: what kind of statement it is."""
+        return " ".join(self.text.split()[:4]).upper()
+
+
+def table_folder(settings: Settings) -> str:
+    """The S3 folder of the table's objects, relative to the bucket (what the stage points at):
+    the daemon names objects by the table's schema-qualified name (``public`` when the
+    configured name has no schema)."""
+    parts = [p.strip().strip('"') for p in settings.postgres.table.split(".")]
+    qualified = ".".join(parts) if len(parts) > 1 else f"public.{parts[0]}"
+    return f"{settings.s3.prefix}{qualified}/"
+
+
+def stage_url(settings: Settings) -> str:
+    url = f"s3://{settings.s3.bucket}/{table_folder(settings)}"
+    if not _SAFE_URL_PART.match(url.removeprefix("s3://")):
+        raise ConfigError(
+            "the S3 bucket, prefix and table name must be plain "
+            "(letters, digits, . _ - / =) to be named in Snowflake's stage URL"
+        )
+    return url
+
+
+def template_vars(
+    settings: Settings, *, stage_url_override: str | None = None
+) -> dict[str, object]:
+    sf = settings.snowflake
+    return {
+        "database": sf.database,
+        "schema": sf.schema_,
+        "warehouse": sf.warehouse,
+        "integration": None if stage_url_override else sf.integration,
+        "aws_role_arn": sf.aws_role_arn,
+        "stage": sf.stage,
+        "stage_url": stage_url_override or stage_url(settings),
+        "file_format": sf.file_format,
+        "pipe": sf.pipe,
+        "stream": sf.stream,
+        "merge_task": sf.merge_task,
+        "cleanup_task": sf.cleanup_task,
+        "merge_schedule": sf.merge_schedule,
+        "cleanup_schedule": sf.cleanup_schedule,
+        "retention_days": sf.retention_days,
+        "tombstone_days": sf.tombstone_days,
+        "table": settings.postgres.table.replace("'", ""),
+    }
+
+
+def sql_files(sql_dir: Path = SQL_DIR) -> list[Path]:
+    files = sorted(sql_dir.glob("[0-9][0-9]_*.sql"))
+    if not files:
+        raise ConfigError(f"no SQL files in {sql_dir}")
+    return files
+
+
+def render_file(path: Path, variables: dict[str, object]) -> str:
+    env = jinja2.Environment(  # noqa: S701 - SQL, not HTML; names are validated identifiers
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
+    try:
+        return env.from_string(path.read_text()).render(**variables)
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"cannot render {path.name}: {exc}") from None
+
+
+def statements(
+    settings: Settings, *, stage_url_override: str | None = None, sql_dir: Path = SQL_DIR
+) -> list[Statement]:
+    """Every statement of every file, in order."""
+    variables = template_vars(settings, stage_url_override=stage_url_override)
+    out: list[Statement] = []
+    for path in sql_files(sql_dir):
+        text = render_file(path, variables)
+        for stmt, _ in split_statements(io.StringIO(text), remove_comments=True):
+            stmt = stmt.strip().rstrip(";").strip()
+            if stmt:
+                out.append(Statement(path.name, stmt))
+    return out
+
+
+def render(settings: Settings, *, sql_dir: Path = SQL_DIR) -> str:
+    """The whole script for the current configuration, with each file's comments kept."""
+    variables = template_vars(settings)
+    parts = []
+    for path in sql_files(sql_dir):
+        body = re.sub(r"\n{3,}", "\n\n", render_file(path, variables)).strip()
+        parts.append(f"-- ==== {path.name} ====\n{body}\n")
+    return "\n".join(parts)
+
+
+def task_body(stmt: Statement) -> list[str]:
+    """The statements a task runs: those between ``BEGIN TRANSACTION`` and ``COMMIT`` of its
+    ``EXECUTE IMMEDIATE $$ BEGIN ... END; $$`` body (the local task runner runs exactly these)."""
+    match = re.search(
+        r"\$\$\s*BEGIN\s+BEGIN TRANSACTION;(.*?)COMMIT;\s*END;\s*\$\$", stmt.text, re.S
+    )
+    if match is None:
+        raise ValueError(f"{stmt.file}: task without a BEGIN TRANSACTION ... COMMIT body")
+    body = match.group(1)
+    return [
+        s.strip().rstrip(";").strip()
+        for s, _ in split_statements(io.StringIO(body), remove_comments=True)
+        if s.strip().rstrip(";").strip()
+    ]
+
+
+def task_name(stmt: Statement) -> str:
+    match = re.match(r"CREATE\s+OR\s+ALTER\s+TASK\s+([A-Za-z0-9_$]+)", stmt.text, re.I)
+    if match is None:
+        raise ValueError(f"{stmt.file}: not a CREATE OR ALTER TASK statement")
+    return match.group(1)
+
+
+def pipe_copy(stmt: Statement) -> str:
+    """The COPY statement of a ``CREATE PIPE ... AS COPY ...``."""
+    match = re.search(r"\bAS\s+(COPY\s+INTO\b.*)$", stmt.text, re.S | re.I)
+    if match is None:
+        raise ValueError(f"{stmt.file}: pipe without a COPY statement")
+    return match.group(1)

@@ -1,0 +1,33 @@
+"""The local warehouse (fakesnow's server, the Snowpipe stand-in, the task runner) for a test:
+its own database, queue and stage folder, notifications from the test's bucket."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cdc_daemon.config import Settings
+from cdc_daemon.warehouse.local import LocalWarehouse
+
+
+def start_warehouse(settings: Settings, workdir: Path) -> LocalWarehouse:
+    """Apply ``snowflake/`` to a fresh database and subscribe to the settings' bucket."""
+    name = uuid.uuid4().hex[:10].upper()
+    settings = settings.model_copy(
+        update={"snowflake": settings.snowflake.model_copy(update={"database": f"T_{name}"})}
+    )
+    wh = LocalWarehouse(settings, workdir, queue=f"snowpipe-{name.lower()}").start()
+    wh.apply()
+    wh.connect_notifications()
+    return wh
+
+
+@pytest.fixture
+def warehouse_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """fakesnow keeps internal stages under tempfile's folder: keep them in the test's."""
+    folder = tmp_path / "warehouse"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder

@@ -1,0 +1,106 @@
+"""The warehouse's final tables against the source: SALES row for row; INVOICES and PRODUCTS
+against the same aggregates computed by Postgres from the source table (the expected values,
+written independently of the merge task's SQL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_daemon.warehouse.local import LocalWarehouse
+
+SALES_COLUMNS = (
+    "id bigint, invoice_no text, stock_code text, description text, quantity integer,"
+    " invoice_date timestamptz, unit_price numeric(12,3), customer_id integer, country text"
+)
+INVOICES_COLUMNS = (
+    "invoice_no text, invoice_date timestamptz, customer_id integer, country text,"
+    " lines bigint, quantity bigint, amount numeric, is_cancellation boolean"
+)
+PRODUCTS_COLUMNS = (
+    "stock_code text, description text, unit_price numeric(12,3), first_sold timestamptz,"
+    " last_sold timestamptz, quantity bigint, invoices bigint"
+)
+
+EXPECTED_INVOICES = """
+SELECT invoice_no, min(invoice_date), max(customer_id), max(country COLLATE "C"), count(*),
+  sum(quantity), sum(quantity * unit_price), invoice_no LIKE 'C%%'
+FROM {t} GROUP BY invoice_no
+"""
+EXPECTED_PRODUCTS = """
+SELECT a.stock_code, l.description, l.unit_price, a.first_sold, a.last_sold, a.quantity,
+  a.invoices
+FROM (SELECT stock_code, min(invoice_date) AS first_sold, max(invoice_date) AS last_sold,
+        sum(quantity) AS quantity, count(DISTINCT invoice_no) AS invoices
+      FROM {t} GROUP BY stock_code) a
+JOIN (SELECT DISTINCT ON (stock_code) stock_code, description, unit_price FROM {t}
+      ORDER BY stock_code, invoice_date DESC, id DESC) l USING (stock_code)
+"""
+
+
+def _column_names(columns: str) -> list[str]:
+    return [
+        c.strip().split()[0] for c in columns.split(",") if c.strip() and c.strip()[0].isalpha()
+    ]
+
+
+def _copy_in(
+    conn: psycopg.Connection[Any], name: str, columns: str, rows: list[dict[str, Any]]
+) -> None:
+    names = _column_names(columns)
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} ({})").format(sql.Identifier(name), sql.SQL(columns))
+    )
+    with conn.cursor().copy(
+        sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+    ) as copy:
+        for row in rows:
+            copy.write_row([row[n.upper()] for n in names])
+
+
+def _diff(conn: psycopg.Connection[Any], got: str, expected: sql.Composable) -> tuple[int, int]:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT (SELECT count(*) FROM (SELECT * FROM {g} EXCEPT ALL ({e})) a),"
+            " (SELECT count(*) FROM (({e}) EXCEPT ALL SELECT * FROM {g}) b)"
+        ).format(g=sql.Identifier(got), e=expected)
+    ).fetchone()
+    assert row is not None
+    if row != (0, 0):
+        sample = conn.execute(
+            sql.SQL(
+                "(SELECT 'got', * FROM (SELECT * FROM {g} EXCEPT ALL ({e})) a LIMIT 3)"
+                " UNION ALL (SELECT 'expected', * FROM (({e}) EXCEPT ALL SELECT * FROM {g}) b"
+                " LIMIT 3)"
+            ).format(g=sql.Identifier(got), e=expected)
+        ).fetchall()
+        print(f"{got}: {row[0]} unexpected rows, {row[1]} missing rows; e.g.", *sample, sep="\n  ")
+    return int(row[0]), int(row[1])
+
+
+def assert_warehouse_equals_source(
+    dsn: str, wh: LocalWarehouse, table: str = "ecommerce_sales"
+) -> None:
+    t = sql.Identifier(table)
+    sales = wh.query(f"SELECT {', '.join(_column_names(SALES_COLUMNS)).upper()} FROM SALES")
+    invoices = wh.query(
+        f"SELECT {', '.join(_column_names(INVOICES_COLUMNS)).upper()} FROM INVOICES"
+    )
+    products = wh.query(
+        f"SELECT {', '.join(_column_names(PRODUCTS_COLUMNS)).upper()} FROM PRODUCTS"
+    )
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        _copy_in(conn, "got_sales", SALES_COLUMNS, sales)
+        _copy_in(conn, "got_invoices", INVOICES_COLUMNS, invoices)
+        _copy_in(conn, "got_products", PRODUCTS_COLUMNS, products)
+        cols = sql.SQL(", ").join(map(sql.Identifier, _column_names(SALES_COLUMNS)))
+        assert _diff(conn, "got_sales", sql.SQL("SELECT {} FROM {}").format(cols, t)) == (0, 0)
+        assert _diff(conn, "got_invoices", sql.SQL(EXPECTED_INVOICES).format(t=t)) == (0, 0)
+        assert _diff(conn, "got_products", sql.SQL(EXPECTED_PRODUCTS).format(t=t)) == (0, 0)
+        (count,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t)).fetchone() or (0,)
+    assert len(sales) == count
