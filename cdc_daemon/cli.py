@@ -18,7 +18,7 @@ import structlog
 
 from cdc_daemon import __version__
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.errors import CdcError
+from cdc_daemon.errors import CdcError, ConfigError
 from cdc_daemon.logging import configure_logging
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
@@ -47,6 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("init", help="create the ledger schema (idempotent) and check the source")
     status = sub.add_parser("status", help="the watermark and batches by status")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    snowflake = sub.add_parser("snowflake", help="the warehouse side (snowflake/ SQL)")
+    sf_sub = snowflake.add_subparsers(dest="snowflake_command", required=True, metavar="ACTION")
+    sf_sub.add_parser("render", help="print the SQL for the current configuration")
+    sf_sub.add_parser(
+        "apply", help="run the SQL in Snowflake (idempotent; never recreates the pipe)"
+    )
+    reconcile = sub.add_parser(
+        "reconcile", help="check Snowflake's load history against the ledger"
+    )
+    reconcile.add_argument(
+        "--once", action="store_true", required=True, help="one round, then exit"
+    )
+    reconcile.add_argument(
+        "--completeness",
+        action="store_true",
+        help="also compare per-day row counts and amounts in Postgres and SALES",
+    )
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     demo = sub.add_parser(
         "demo",
         help="start a local Postgres and S3, load the Online Retail sample, export it, "
@@ -79,12 +97,99 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(init(settings))
         if args.command == "status":
             return asyncio.run(status(settings, as_json=args.json))
+        if args.command == "snowflake":
+            return snowflake_command(settings, args.snowflake_command)
+        if args.command == "reconcile":
+            return asyncio.run(reconcile_once(settings, args.completeness, args.json))
     except CdcError as exc:
         print(f"cdc-daemon: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def snowflake_command(settings: Settings, action: str) -> int:
+    from cdc_daemon.warehouse import sql
+    from cdc_daemon.warehouse.client import Warehouse
+
+    if action == "render":
+        print(sql.render(settings), end="")
+        return 0
+    if settings.snowflake.emulator:
+        raise ConfigError(
+            "snowflake.emulator is set: the local warehouse is set up by the demo and the tests"
+        )
+    statements = sql.statements(settings)
+    wh = Warehouse(settings).connect()
+    try:
+        for stmt in statements:
+            wh.execute(stmt.text)
+            structlog.get_logger().info("snowflake_applied", file=stmt.file, statement=stmt.head)
+    finally:
+        wh.close()
+    return 0
+
+
+async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) -> int:
+    """One reconciler round. Exit 1 when a batch is failed or missing (for scripts)."""
+    from cdc_daemon.reconcile import Reconciler
+
+    if not settings.snowflake.enabled:
+        raise ConfigError("snowflake.account is not set: there is no warehouse to reconcile with")
+    reconciler = Reconciler(settings)
+    try:
+        outcome = await reconciler.run_once()
+        days = await reconciler.completeness() if completeness else None
+        store = await Store.from_settings(settings)
+        try:
+            counts = {}
+            for position in await store.positions():
+                counts[position.table] = await store.status_counts(position.table)
+        finally:
+            await store.close()
+    finally:
+        await reconciler.close()
+    report: dict[str, Any] = {"round": outcome.as_json(), "batches": counts}
+    if days is not None:
+        report["days_differing"] = [
+            {
+                "day": d.day,
+                "source_rows": d.source_rows,
+                "sales_rows": d.sales_rows,
+                "source_amount": str(d.source_amount),
+                "sales_amount": str(d.sales_amount),
+            }
+            for d in days
+        ]
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        pipe = outcome.pipe
+        print(
+            f"pipe        {pipe.execution_state if pipe else '?'}"
+            f" (pending files: {pipe.pending_file_count if pipe else '?'})"
+        )
+        print(
+            f"this round  loaded {len(outcome.loaded)}, failed {len(outcome.failed)},"
+            f" missing {len(outcome.missing)}, refreshed {len(outcome.refreshed)},"
+            f" waiting {outcome.waiting}"
+        )
+        for table, by_status in counts.items():
+            print(f"{table}  " + ", ".join(f"{k} {v}" for k, v in sorted(by_status.items())))
+        for batch_id, error in outcome.failed:
+            print(f"  failed   {batch_id}: {error}")
+        for batch_id, reason in outcome.missing:
+            print(f"  missing  {batch_id}: {reason}")
+        if days is not None:
+            print(f"days differing between Postgres and SALES: {len(days)}")
+            for d in days[:20]:
+                print(
+                    f"  {d.day}  rows {d.source_rows} vs {d.sales_rows},"
+                    f" amount {d.source_amount} vs {d.sales_amount}"
+                )
+    bad = sum(c.get("failed", 0) + c.get("missing", 0) for c in counts.values())
+    return 1 if bad or (days is not None and days) else 0
 
 
 async def init(settings: Settings) -> int:

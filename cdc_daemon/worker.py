@@ -21,6 +21,7 @@ import structlog
 from cdc_daemon.config import Settings, redact_dsn
 from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error
 from cdc_daemon.pipeline import WatermarkPipeline
+from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.watermark import WatermarkSource
 from cdc_daemon.state.store import Store
@@ -68,6 +69,10 @@ class Worker:
                         if shutdown_trigger is not None:
                             trigger = group.create_task(self._await_trigger(shutdown_trigger))
                             capture.add_done_callback(lambda _: trigger.cancel())
+                        if settings.snowflake.enabled:
+                            # Its own sessions; it never raises: Snowflake cannot stop export.
+                            reconciler = group.create_task(Reconciler(settings).run(self._stop))
+                            capture.add_done_callback(lambda _: reconciler.cancel())
                 except BaseExceptionGroup as group:
                     # One loop failed and the group cancelled the rest: report that failure.
                     raise first_error(group) from None

@@ -12,13 +12,16 @@ from cdc_daemon.config import Settings
 from cdc_daemon.warehouse.local import LocalWarehouse
 
 
-def start_warehouse(settings: Settings, workdir: Path) -> LocalWarehouse:
-    """Apply ``snowflake/`` to a fresh database and subscribe to the settings' bucket."""
-    name = uuid.uuid4().hex[:10].upper()
+def start_warehouse(
+    settings: Settings, workdir: Path, port: int | None = None, database: str | None = None
+) -> LocalWarehouse:
+    """Apply ``snowflake/`` to a fresh database and subscribe to the settings' bucket. The
+    returned warehouse's ``settings`` point the daemon and the reconciler at it."""
+    name = database or f"T_{uuid.uuid4().hex[:10].upper()}"
     settings = settings.model_copy(
-        update={"snowflake": settings.snowflake.model_copy(update={"database": f"T_{name}"})}
+        update={"snowflake": settings.snowflake.model_copy(update={"database": name})}
     )
-    wh = LocalWarehouse(settings, workdir, queue=f"snowpipe-{name.lower()}").start()
+    wh = LocalWarehouse(settings, workdir, queue=f"snowpipe-{name.lower()}").start(port)
     wh.apply()
     wh.connect_notifications()
     return wh

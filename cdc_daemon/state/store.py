@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -22,7 +23,7 @@ from psycopg.rows import dict_row
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
-from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
+from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
 
 SCHEMA_VERSION = 1
 
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS {schema}.batches (
     PRIMARY KEY (table_name, batch_id)
 );
 CREATE INDEX IF NOT EXISTS batches_status ON {schema}.batches (table_name, status);
+-- The reconciler: when it asked Snowpipe to look again (ALTER PIPE ... REFRESH), once.
+ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
 INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
     ON CONFLICT (key) DO NOTHING;
 """
@@ -333,6 +336,53 @@ class Store:
             (table,),
         )
         return [_record(r) for r in rows]
+
+    # -- the reconciler's side ---------------------------------------------------------------
+    async def unreconciled(self, table: str) -> list[Unreconciled]:
+        """Batches in S3 whose load Snowflake has not confirmed yet (uploaded or missing)."""
+        rows = await self._fetch(
+            "reading unreconciled batches",
+            self._q(
+                "SELECT * FROM {schema}.batches WHERE table_name = %s"
+                " AND status IN ('uploaded', 'missing') ORDER BY uploaded_at, hi"
+            ),
+            (table,),
+        )
+        return [Unreconciled(_record(r), r["uploaded_at"], r.get("refreshed_at")) for r in rows]
+
+    async def reconcile(
+        self, table: str, batch_id: str, old: Status, new: Status, error: str | None = None
+    ) -> bool:
+        """Move one batch ``old -> new`` (compare-and-set); False if it was not ``old``."""
+        if not can_move(old, new):
+            raise StateError(f"a batch cannot move from {old} to {new}")
+        rows = await self._fetch(
+            "recording a reconciliation",
+            self._q(
+                "UPDATE {schema}.batches SET status = %s, error = %s, updated_at = now(),"
+                " loaded_at = CASE WHEN %s = 'loaded' THEN now() ELSE loaded_at END"
+                " WHERE table_name = %s AND batch_id = %s AND status = %s RETURNING batch_id"
+            ),
+            (new.value, error, new.value, table, batch_id, old.value),
+        )
+        return bool(rows)
+
+    async def mark_refreshed(self, table: str, batch_id: str) -> None:
+        await self._fetch(
+            "recording a pipe refresh",
+            self._q(
+                "UPDATE {schema}.batches SET refreshed_at = now(), updated_at = now()"
+                " WHERE table_name = %s AND batch_id = %s"
+            ),
+            (table, batch_id),
+        )
+
+
+@dataclass(frozen=True)
+class Unreconciled:
+    batch: BatchRecord
+    uploaded_at: datetime
+    refreshed_at: datetime | None
 
 
 def _record(row: dict[str, Any]) -> BatchRecord:

@@ -35,7 +35,6 @@ unquoted one; ``_LOADED_AT`` is the time of the emulated COPY, not METADATA$STAR
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -53,6 +52,7 @@ from sqlglot import exp
 
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError
+from cdc_daemon.localdev import free_port
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import (
     LoadRecord,
@@ -184,27 +184,41 @@ class LocalWarehouse:
         self.stage_dir = workdir / "stage"
         self.queue_name = queue
         self.port: int | None = None
-        self._server_cm: contextlib.AbstractContextManager[dict[str, Any]] | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
         self._wh: Warehouse | None = None
         self._copy: _PipeCopy | None = None
         self._queue_url: str | None = None
-        self._seen: set[str] = set()
+        self._last_ingested: str | None = None
         self._lock = threading.Lock()
         self.settings = settings
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> LocalWarehouse:
+    def start(self, port: int | None = None) -> LocalWarehouse:
         import logging
 
-        import fakesnow
+        import fakesnow.server
+        import uvicorn
 
         # uvicorn logs every request at INFO on stdout, where the daemon's JSON lines go.
         for name in ("uvicorn", "uvicorn.access", "uvicorn.error", "fakesnow"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self._server_cm = fakesnow.server()
-        params = self._server_cm.__enter__()
-        self.port = int(params["port"])
+        # fakesnow's own fakesnow.server() helper does this, but importing it once shadows it
+        # with the module of the same name: run its ASGI app in a thread here.
+        self.port = port or free_port()
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                fakesnow.server.app, host="127.0.0.1", port=self.port, log_level="warning"
+            )
+        )
+        self._thread = threading.Thread(target=self._server.run, name="fakesnow", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the local warehouse (fakesnow) did not start")
+            time.sleep(0.05)
         self.settings = load_settings(
             None,
             **{
@@ -237,10 +251,11 @@ class LocalWarehouse:
         if self._wh is not None:
             self._wh.close()
             self._wh = None
-        if self._server_cm is not None:
-            with contextlib.suppress(Exception):
-                self._server_cm.__exit__(None, None, None)
-            self._server_cm = None
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._thread is not None:
+                self._thread.join(10)
+            self._server = None
 
     @property
     def wh(self) -> Warehouse:
@@ -333,6 +348,10 @@ class LocalWarehouse:
                     yield urllib.parse.unquote_plus(record["s3"]["object"]["key"])
                 sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
 
+    def drop_notifications(self) -> int:
+        """Lose every queued notification (for tests of a pipe that missed files)."""
+        return sum(1 for _ in self._notified_keys())
+
     def ingest(self) -> int:
         """Load every newly notified object, then serve refresh requests. Returns the number
         of files loaded."""
@@ -342,6 +361,9 @@ class LocalWarehouse:
         for key in dict.fromkeys(keys):  # moto may notify twice for one object
             loaded += self._load(key)
         loaded += self._serve_refreshes()
+        if loaded:
+            with self._lock:
+                self._set_pipe_status("RUNNING", pending=0, last=self._last_ingested)
         return loaded
 
     def _serve_refreshes(self) -> int:
@@ -395,12 +417,10 @@ class LocalWarehouse:
                 self.wh.execute("DELETE FROM _EMU_PIPE_IN")
                 return 0  # already loaded: Snowpipe skips it and records nothing new
             text, params = self._copy.insert_target(relative)
-            self.wh.execute("BEGIN TRANSACTION")
             self.wh.execute(text, params)
             self.wh.execute("DELETE FROM _EMU_PIPE_IN")
-            self.wh.execute("COMMIT")
             self._history(relative, "Loaded", int(values[3]), int(values[2]), None, now)
-            self._set_pipe_status("RUNNING", pending=0, last=now)
+            self._last_ingested = now
         return 1
 
     def _history(
@@ -465,7 +485,7 @@ class LocalWarehouse:
         """One round: the pipe stand-in, then the tasks. (files loaded, changes merged)"""
         return self.ingest(), self.run_tasks()
 
-    def pump_until_quiet(self, timeout_s: float = 60, idle_rounds: int = 2) -> None:
+    def pump_until_quiet(self, timeout_s: float = 600, idle_rounds: int = 2) -> None:
         deadline = time.monotonic() + timeout_s
         quiet = 0
         while quiet < idle_rounds:

@@ -1,35 +1,160 @@
 """Postgres -> daemon -> S3 (moto) -> SQS -> pipe stand-in -> RAW_SALES -> tasks -> SALES,
-INVOICES, PRODUCTS in the local warehouse (the real connector against fakesnow)."""
+INVOICES, PRODUCTS in the local warehouse (the real connector against fakesnow), and the
+reconciler that confirms every batch from the load history."""
 
 from __future__ import annotations
 
+import gzip
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from cdc_daemon.localdev import LocalS3
+from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sample import generate_sales
+from cdc_daemon.state.ledger import Status
+from cdc_daemon.state.store import Store
+from cdc_daemon.warehouse.local import LocalWarehouse
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, make_settings
 from tests.warehouse_checks import assert_warehouse_equals_source
 
+TABLE = "public.ecommerce_sales"
+
+
+async def statuses(settings: Any) -> dict[str, Status]:
+    store = await Store.from_settings(settings)
+    try:
+        return {b.batch_id: b.status for b in await store.batches(TABLE)}
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def warehouse(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> Any:
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        batch={"max_rows": 1_500},
+        snowflake={"missing_after_s": 60},
+    )
+    wh = start_warehouse(settings, warehouse_dir)
+    yield wh
+    wh.stop()
+
 
 async def test_watermark_export_arrives_in_sales_invoices_products(
-    pg_dsn: str,
-    s3_server: LocalS3,
-    bucket: str,
-    s3_client: Any,
-    tmp_path: Path,
-    warehouse_dir: Path,
+    pg_dsn: str, warehouse: LocalWarehouse
 ) -> None:
+    """Every row of the source is in SALES; INVOICES and PRODUCTS equal the aggregates Postgres
+    computes from the source; every batch is `loaded`; no day differs."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 5_000, days=20)
-    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, batch={"max_rows": 1_500})
-    wh = start_warehouse(settings, warehouse_dir)
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.pump_until_quiet()
+    assert_warehouse_equals_source(pg_dsn, warehouse)
+    reconciler = Reconciler(warehouse.settings)
     try:
-        assert await export_until_idle(settings) == 0
-        wh.pump_until_quiet()
-        assert_warehouse_equals_source(pg_dsn, wh)
+        outcome = await reconciler.run_once()
+        assert outcome.pipe is not None
+        assert outcome.pipe.healthy
+        assert len(outcome.loaded) == 4
+        assert set((await statuses(warehouse.settings)).values()) == {Status.LOADED}
+        assert await reconciler.completeness() == []
     finally:
-        wh.stop()
+        await reconciler.close()
+
+
+async def test_more_rows_and_a_second_merge_keep_aggregates_right(
+    pg_dsn: str, warehouse: LocalWarehouse
+) -> None:
+    """Rows of invoices and products already merged arrive in a later batch: only the touched
+    keys are recomputed, and they come out right; loading the same objects again (a second
+    notification, a refresh) changes nothing."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 4_000, days=8)
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.pump_until_quiet()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity,"
+            " invoice_date, unit_price, customer_id, country)"
+            " SELECT invoice_no, stock_code, 'NEW ' || coalesce(description, ''), quantity + 1,"
+            " invoice_date + interval '1 hour', unit_price, customer_id, country"
+            " FROM ecommerce_sales WHERE id % 7 = 0"
+        )
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.pump_until_quiet()
+    warehouse.wh.refresh("dt=")  # every object again: all skipped as already loaded
+    warehouse.pump_until_quiet()
+    assert_warehouse_equals_source(pg_dsn, warehouse)
+
+
+async def test_an_object_loaded_short_is_failed(
+    pg_dsn: str, warehouse: LocalWarehouse, s3_client: Any
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 3_000, days=5)
+    settings = warehouse.settings
+    assert await export_until_idle(settings) == 0
+    # One object loses its last line before Snowpipe reads it.
+    key = next(
+        o["Key"]
+        for o in s3_client.list_objects_v2(Bucket=settings.s3.bucket)["Contents"]
+        if o["Key"].endswith(".csv.gz")
+    )
+    body = gzip.decompress(s3_client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read())
+    short = body[: body.rstrip(b"\n").rfind(b"\n") + 1]
+    s3_client.put_object(Bucket=settings.s3.bucket, Key=key, Body=gzip.compress(short))
+    warehouse.pump_until_quiet()
+    reconciler = Reconciler(settings)
+    try:
+        outcome = await reconciler.run_once()
+    finally:
+        await reconciler.close()
+    (failed,) = outcome.failed
+    assert "rows, the ledger says" in failed[1]
+    after = await statuses(settings)
+    assert after[failed[0]] is Status.FAILED
+    assert sum(s is Status.LOADED for s in after.values()) == len(after) - 1
+
+
+async def test_lost_notifications_are_refreshed_once_then_missing(
+    pg_dsn: str, warehouse: LocalWarehouse, s3_client: Any
+) -> None:
+    """Notifications lost: after missing_after_s the reconciler asks the pipe to refresh the
+    batch's objects (once) and they load. An object gone from S3 stays unseen: `missing`."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 3_000, days=3)
+    settings = warehouse.settings
+    assert await export_until_idle(settings) == 0
+    s3_client.get_waiter("object_exists")  # (the objects are there)
+    warehouse.drop_notifications()
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=settings.s3.bucket)["Contents"]]
+    gone = max(keys)
+    s3_client.delete_object(Bucket=settings.s3.bucket, Key=gone)
+    reconciler = Reconciler(settings)
+    later = datetime.now(UTC) + timedelta(seconds=61)
+    try:
+        first = await reconciler.run_once()
+        assert (first.loaded, first.refreshed, first.waiting) == ([], [], 2)
+        second = await reconciler.run_once(now=later)
+        assert len(second.refreshed) == 2
+        warehouse.pump_until_quiet()
+        third = await reconciler.run_once()
+        assert len(third.loaded) == 1
+        assert third.waiting == 1
+        fourth = await reconciler.run_once(now=datetime.now(UTC) + timedelta(seconds=61))
+        assert fourth.refreshed == []  # only once
+        (missing,) = fourth.missing
+        assert gone.rsplit("/", 2)[-2] in missing[1]
+    finally:
+        await reconciler.close()
+    assert sorted(map(str, (await statuses(settings)).values())) == ["loaded", "missing"]

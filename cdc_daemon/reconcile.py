@@ -1,0 +1,338 @@
+"""The reconciler: Snowflake's load history -> the ledger.
+
+Each round it reads the batches that are in S3 but not confirmed (``uploaded``, ``missing``),
+the pipe's load history (``COPY_HISTORY`` on RAW_SALES, within its 14-day window) and
+``SYSTEM$PIPE_STATUS``, and for each batch:
+
+- every object loaded, each with exactly the ledger's row count -> ``loaded``;
+- an object failed or partially loaded, or loaded with another row count -> ``failed``, with
+  Snowflake's first error (or the two counts);
+- not all seen ``snowflake.missing_after_s`` after the upload -> the pipe is asked once to look
+  again (``ALTER PIPE ... REFRESH PREFIX``, only within Snowflake's 7-day limit); not seen as long
+  again after that -> ``missing``. A missing batch is still looked for and becomes ``loaded``
+  if it shows up.
+
+Quarantined objects (outside the pipe's folder) are not expected in the history. A paused or
+stalled pipe is logged every round and kept for ``status`` and metrics.
+
+It runs in the daemon's TaskGroup on its own ledger session and its own Snowflake session:
+Snowflake being slow or unreachable slows reconciliation (backoff, one log line per failure)
+and never stops or slows export. A daily completeness check compares per-day row counts and
+amounts in Postgres with SALES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, TransientError, from_psycopg
+from cdc_daemon.source.fence import INT64_MIN
+from cdc_daemon.state.ledger import Status
+from cdc_daemon.state.store import Store, Unreconciled
+from cdc_daemon.warehouse import sql as wsql
+from cdc_daemon.warehouse.client import LoadRecord, PipeStatus, Warehouse, stage_relative
+
+log = structlog.get_logger()
+
+HISTORY_DAYS = 14  # COPY_HISTORY's window
+REFRESH_DAYS = 7  # ALTER PIPE ... REFRESH only sees files staged this recently
+_HISTORY_OK = "loaded"
+_HISTORY_FAILED = frozenset({"load_failed", "partially_loaded", "failed"})
+
+
+@dataclass
+class Outcome:
+    loaded: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
+    waiting: int = 0
+    pipe: PipeStatus | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "loaded": len(self.loaded),
+            "failed": [{"batch_id": b, "error": e} for b, e in self.failed],
+            "missing": [{"batch_id": b, "reason": r} for b, r in self.missing],
+            "refreshed": self.refreshed,
+            "waiting": self.waiting,
+            "pipe": None
+            if self.pipe is None
+            else {
+                "execution_state": self.pipe.execution_state,
+                "pending_file_count": self.pipe.pending_file_count,
+                "last_ingested_at": self.pipe.last_ingested_at,
+                "error": self.pipe.error,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class DayDifference:
+    day: str
+    source_rows: int
+    sales_rows: int
+    source_amount: Decimal
+    sales_amount: Decimal
+
+
+def ledger_table(settings: Settings) -> str:
+    """The table name the pipeline records batches under (schema-qualified)."""
+    return wsql.table_folder(settings).removeprefix(settings.s3.prefix).rstrip("/")
+
+
+def judge(
+    item: Unreconciled, history: dict[str, LoadRecord]
+) -> tuple[Status | None, str | None, list[str]]:
+    """(new status or None to keep waiting, the reason, the objects not seen yet)."""
+    unseen: list[str] = []
+    problems: list[str] = []
+    for obj in item.batch.objects:
+        if obj.quarantine:
+            continue
+        name = stage_relative(obj.key)
+        record = history.get(name)
+        if record is None:
+            unseen.append(name)
+        elif record.status in _HISTORY_FAILED:
+            problems.append(f"{name}: {record.status}: {record.first_error or 'no error given'}")
+        elif record.rows_loaded != obj.rows:
+            problems.append(
+                f"{name}: Snowflake loaded {record.rows_loaded} rows, the ledger says {obj.rows}"
+            )
+    if problems:
+        return Status.FAILED, "; ".join(problems), unseen
+    if unseen:
+        return None, None, unseen
+    return Status.LOADED, None, []
+
+
+def _best(records: list[LoadRecord]) -> dict[str, LoadRecord]:
+    """One record per file: a successful load wins over a failed attempt, else the latest."""
+    out: dict[str, LoadRecord] = {}
+    epoch = datetime.min.replace(tzinfo=UTC)
+    for record in sorted(records, key=lambda r: r.loaded_at or epoch):
+        kept = out.get(record.file)
+        if record.status == "load_skipped":
+            continue
+        if kept is None or kept.status != _HISTORY_OK or record.status == _HISTORY_OK:
+            out[record.file] = record
+    return out
+
+
+class Reconciler:
+    """The constructor does no I/O; ``run_once`` and ``run`` connect when needed."""
+
+    def __init__(self, settings: Settings, warehouse: Warehouse | None = None) -> None:
+        self._settings = settings
+        self._table = ledger_table(settings)
+        self._wh = warehouse
+        self._store: Store | None = None
+        self.last: Outcome | None = None
+        self.last_completeness: list[DayDifference] | None = None
+        self._last_completeness_at: float | None = None
+
+    async def _warehouse(self) -> Warehouse:
+        if self._wh is None:
+            self._wh = await asyncio.to_thread(Warehouse(self._settings).connect)
+        return self._wh
+
+    async def _ledger(self) -> Store:
+        if self._store is None or self._store.broken:
+            self._store = await Store.from_settings(self._settings)
+        return self._store
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        if self._wh is not None:
+            await asyncio.to_thread(self._wh.close)
+            self._wh = None
+
+    async def _drop_warehouse(self) -> None:
+        """After a failure: the next round opens a new session."""
+        if self._wh is not None:
+            wh, self._wh = self._wh, None
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(wh.close)
+
+    async def run_once(self, now: datetime | None = None) -> Outcome:
+        now = now or datetime.now(UTC)
+        sf = self._settings.snowflake
+        store = await self._ledger()
+        items = await store.unreconciled(self._table)
+        wh = await self._warehouse()
+        outcome = Outcome()
+        outcome.pipe = await asyncio.to_thread(wh.pipe_status)
+        if not outcome.pipe.healthy:
+            log.warning(
+                "pipe_not_running",
+                pipe=sf.pipe,
+                state=outcome.pipe.execution_state,
+                pending_files=outcome.pipe.pending_file_count,
+                error=outcome.pipe.error,
+            )
+        if items:
+            oldest = min(i.uploaded_at for i in items) - timedelta(hours=1)
+            since = max(oldest, now - timedelta(days=HISTORY_DAYS))
+            history = _best(await asyncio.to_thread(wh.load_history, since))
+        else:
+            history = {}
+        wait = timedelta(seconds=sf.missing_after_s)
+        for item in items:
+            batch = item.batch
+            new, reason, unseen = judge(item, history)
+            if new is not None:
+                if await store.reconcile(self._table, batch.batch_id, batch.status, new, reason):
+                    if new is Status.LOADED:
+                        outcome.loaded.append(batch.batch_id)
+                    else:
+                        outcome.failed.append((batch.batch_id, reason or ""))
+                        log.error("batch_load_failed", batch_id=batch.batch_id, error=reason)
+                continue
+            if item.refreshed_at is None:
+                if now - item.uploaded_at < wait:
+                    outcome.waiting += 1
+                    continue
+                if now - item.uploaded_at < timedelta(days=REFRESH_DAYS):
+                    for name in unseen:
+                        await asyncio.to_thread(wh.refresh, name)
+                    await store.mark_refreshed(self._table, batch.batch_id)
+                    outcome.refreshed.append(batch.batch_id)
+                    log.warning("pipe_refresh_requested", batch_id=batch.batch_id, files=unseen)
+                    continue
+            elif now - item.refreshed_at < wait:
+                outcome.waiting += 1
+                continue
+            if batch.status is Status.MISSING:
+                continue
+            reason = (
+                f"{len(unseen)} object(s) not in Snowflake's load history"
+                f" {int((now - item.uploaded_at).total_seconds())} s after upload"
+                + (", after a pipe refresh" if item.refreshed_at else ", too old to refresh")
+                + f": {', '.join(unseen[:3])}"
+            )
+            if await store.reconcile(
+                self._table, batch.batch_id, batch.status, Status.MISSING, reason
+            ):
+                outcome.missing.append((batch.batch_id, reason))
+                log.error("batch_missing", batch_id=batch.batch_id, reason=reason)
+        if outcome.loaded or outcome.failed or outcome.missing or outcome.refreshed:
+            log.info(
+                "reconciled",
+                loaded=len(outcome.loaded),
+                failed=len(outcome.failed),
+                missing=len(outcome.missing),
+                refreshed=len(outcome.refreshed),
+                waiting=outcome.waiting,
+            )
+        self.last = outcome
+        return outcome
+
+    async def completeness(self) -> list[DayDifference]:
+        """Days whose row count or amount differs between Postgres and SALES. In watermark
+        mode only rows at or below the committed watermark are compared (the rest may not be
+        exported yet); a day whose last batch is still loading can differ for a while."""
+        settings = self._settings
+        store = await self._ledger()
+        position = await store.position(self._table, settings.capture.mode)
+        low = position.state.low if settings.capture.mode == "watermark" else None
+        if low == INT64_MIN:
+            return []
+        table = sql.Identifier(*[p.strip('"') for p in self._table.split(".")])
+        part = sql.Identifier(settings.capture.partition_column)
+        key = sql.Identifier(settings.capture.watermark_column or "id")
+        where = sql.SQL("WHERE {} <= %s").format(key) if low is not None else sql.SQL("")
+        query = sql.SQL(
+            "SELECT to_char({p} AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*) AS n,"
+            " coalesce(sum(quantity * unit_price), 0) AS amount FROM {t} {w} GROUP BY 1"
+        ).format(p=part, t=table, w=where)
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.postgres.dsn.get_secret_value(),
+                connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+                options="-c TimeZone=UTC",
+            ) as conn:
+                cur = await conn.execute(query, (low,) if low is not None else None)
+                source = {r[0]: (int(r[1]), Decimal(r[2])) for r in await cur.fetchall()}
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "counting source rows per day") from None
+        wh = await self._warehouse()
+        sales_where = f"WHERE ID <= {int(low)}" if low is not None else ""
+        rows = await asyncio.to_thread(
+            wh.query,
+            # Timestamps are loaded with their +00:00 offset: TO_DATE gives the UTC day.
+            "SELECT TO_DATE(INVOICE_DATE) AS DAY, COUNT(*) AS N,"
+            " COALESCE(SUM(QUANTITY * UNIT_PRICE), 0)::NUMBER(38, 3) AS AMOUNT"
+            f" FROM SALES {sales_where} GROUP BY 1",
+        )
+        sales = {str(r["DAY"]): (int(r["N"]), Decimal(r["AMOUNT"])) for r in rows}
+        zero = (0, Decimal(0))
+        diffs = [
+            DayDifference(day, *_pair(source.get(day, zero), sales.get(day, zero)))
+            for day in sorted(source.keys() | sales.keys())
+            if source.get(day, zero) != sales.get(day, zero)
+        ]
+        for d in diffs:
+            log.warning(
+                "day_incomplete",
+                day=d.day,
+                source_rows=d.source_rows,
+                sales_rows=d.sales_rows,
+                source_amount=str(d.source_amount),
+                sales_amount=str(d.sales_amount),
+            )
+        log.info("completeness_checked", days=len(source), differing=len(diffs))
+        self.last_completeness = diffs
+        return diffs
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Rounds every ``reconcile_interval_s`` until ``stop``; failures back off (up to ten
+        intervals) and are logged, never raised: export goes on whatever Snowflake does."""
+        sf = self._settings.snowflake
+        loop = asyncio.get_running_loop()
+        failures = 0
+        try:
+            while not stop.is_set():
+                delay = sf.reconcile_interval_s
+                try:
+                    await self.run_once()
+                    due = self._last_completeness_at is None or (
+                        loop.time() - self._last_completeness_at >= sf.completeness_interval_s
+                    )
+                    if due and self.last is not None and not self.last.waiting:
+                        await self.completeness()
+                        self._last_completeness_at = loop.time()
+                    if failures:
+                        log.info("reconcile_recovered", attempts=failures + 1)
+                    failures = 0
+                except CdcError as exc:
+                    failures += 1
+                    delay = min(sf.reconcile_interval_s * 2 ** (failures - 1), 10 * delay)
+                    log.warning(
+                        "reconcile_failed",
+                        attempt=failures,
+                        retry_in_s=round(delay, 1),
+                        error=str(exc),
+                        retriable=isinstance(exc, TransientError),
+                    )
+                    await self._drop_warehouse()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            await self.close()
+
+
+def _pair(a: tuple[int, Decimal], b: tuple[int, Decimal]) -> tuple[int, int, Decimal, Decimal]:
+    return a[0], b[0], a[1], b[1]
