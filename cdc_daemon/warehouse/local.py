@@ -195,9 +195,9 @@ class LocalWarehouse:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, port: int | None = None) -> LocalWarehouse:
+        import importlib
         import logging
 
-        import fakesnow.server
         import uvicorn
 
         # uvicorn logs every request at INFO on stdout, where the daemon's JSON lines go.
@@ -209,7 +209,10 @@ class LocalWarehouse:
         self.port = port or free_port()
         self._server = uvicorn.Server(
             uvicorn.Config(
-                fakesnow.server.app, host="127.0.0.1", port=self.port, log_level="warning"
+                importlib.import_module("fakesnow.server").app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
             )
         )
         self._thread = threading.Thread(target=self._server.run, name="fakesnow", daemon=True)
