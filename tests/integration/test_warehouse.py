@@ -11,15 +11,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
-from cdc_daemon.localdev import LocalS3
+from cdc_daemon.localdev import LocalS3, free_port
 from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
 from cdc_daemon.warehouse.local import LocalWarehouse
 from tests.fix_warehouse import start_warehouse
-from tests.helpers import export_until_idle, make_settings
+from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
 from tests.warehouse_checks import assert_warehouse_equals_source
 
 TABLE = "public.ecommerce_sales"
@@ -158,3 +159,78 @@ async def test_lost_notifications_are_refreshed_once_then_missing(
     finally:
         await reconciler.close()
     assert sorted(map(str, (await statuses(settings)).values())) == ["loaded", "missing"]
+
+
+async def test_applying_the_sql_again_changes_nothing(
+    pg_dsn: str, warehouse: LocalWarehouse
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2_000, days=4)
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.pump_until_quiet()
+    before = warehouse.query("SELECT COUNT(*) AS N FROM RAW_SALES")
+    warehouse.apply()
+    warehouse.pump_until_quiet()
+    assert warehouse.query("SELECT COUNT(*) AS N FROM RAW_SALES") == before
+    assert_warehouse_equals_source(pg_dsn, warehouse)
+
+
+async def test_snowflake_down_never_stops_export(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> None:
+    """The daemon runs with Snowflake unreachable: every batch is exported all the same, the
+    reconciler logs its failures and backs off. When Snowflake comes back (with the S3
+    notifications of those objects lost), the reconciler has the pipe refresh them and
+    confirms every batch."""
+    port = free_port()
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        batch={"max_rows": 1_000},
+        snowflake={
+            "account": "fakesnow",
+            "user": "fake",
+            "password": "snow",
+            "host": "127.0.0.1",
+            "port": port,
+            "protocol": "http",
+            "emulator": True,
+            "database": "T_DOWN",
+            "login_timeout_s": 1,
+            "query_timeout_s": 5,
+            "reconcile_interval_s": 0.2,
+            "missing_after_s": 1,
+        },
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 3_000, days=3)
+
+    def ledger() -> dict[str, str]:
+        with psycopg.connect(pg_dsn) as conn:
+            return dict(conn.execute("SELECT batch_id, status FROM cdc.batches").fetchall())
+
+    with capture_logs() as logs:
+        task, stop = await run_daemon(settings)
+        try:
+            await wait_until(lambda: len(ledger()) == 3 and "pending" not in ledger().values())
+            await wait_until(
+                lambda: sum(e["event"] == "reconcile_failed" for e in logs) >= 2, seconds=60
+            )
+            assert set(ledger().values()) == {"uploaded"}
+            wh = start_warehouse(settings, warehouse_dir, port=port, database="T_DOWN")
+            try:
+                await wait_until(
+                    lambda: (wh.pump(), set(ledger().values()) == {"loaded"})[1], seconds=120
+                )
+                assert_warehouse_equals_source(pg_dsn, wh)
+            finally:
+                stop.set()
+                assert await task == 0
+                wh.stop()
+        finally:
+            stop.set()
+    events = [e["event"] for e in logs]
+    assert "reconcile_recovered" in events
+    assert "pipe_refresh_requested" in events

@@ -1,0 +1,108 @@
+"""The warehouse SQL as rendered for a configuration: it parses, names what the configuration
+says, matches the objects the daemon writes, and can be applied again without harm."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import sqlglot
+from sqlglot import exp
+
+from cdc_daemon.config import load_settings
+from cdc_daemon.errors import ConfigError
+from cdc_daemon.sample import SALES_DDL
+from cdc_daemon.warehouse import sql
+
+# Statement kinds sqlglot's Snowflake dialect does not model (it keeps them as a Command).
+UNMODELLED = ("CREATE PIPE", "CREATE STREAM", "CREATE OR ALTER TASK", "ALTER TASK")
+
+
+@pytest.fixture
+def settings():  # type: ignore[no-untyped-def]
+    return load_settings(
+        None,
+        s3={"bucket": "acme-cdc", "prefix": "raw/sales"},
+        snowflake={"database": "ANALYTICS", "schema": "CDC", "warehouse": "LOAD_WH"},
+    )
+
+
+def test_every_statement_parses_with_sqlglot(settings) -> None:  # type: ignore[no-untyped-def]
+    statements = sql.statements(settings)
+    assert len(statements) >= 15
+    for stmt in statements:
+        tree = sqlglot.parse_one(stmt.text, read="snowflake")
+        if stmt.head.startswith(UNMODELLED):
+            continue
+        assert not isinstance(tree, exp.Command), f"{stmt.file}: {stmt.head} did not parse"
+    pipe = next(s for s in statements if s.head.startswith("CREATE PIPE"))
+    assert isinstance(sqlglot.parse_one(sql.pipe_copy(pipe), read="snowflake"), exp.Copy)
+    for task in (s for s in statements if s.head.startswith("CREATE OR ALTER TASK")):
+        body = sql.task_body(task)
+        assert body
+        for statement in body:
+            tree = sqlglot.parse_one(statement, read="snowflake")
+            assert isinstance(tree, (exp.Insert, exp.Delete, exp.Merge)), statement
+
+
+def test_rendered_sql_names_the_configuration(settings) -> None:  # type: ignore[no-untyped-def]
+    text = sql.render(settings)
+    assert "USE SCHEMA ANALYTICS.CDC" in text
+    assert "URL = 's3://acme-cdc/raw/sales/public.ecommerce_sales/'" in text
+    assert "STORAGE_ALLOWED_LOCATIONS = ('s3://acme-cdc/raw/sales/public.ecommerce_sales/')" in text
+    assert "STORAGE_INTEGRATION = CDC_S3" in text
+    assert "WAREHOUSE = LOAD_WH" in text
+    assert "{{" not in text
+    assert "{%" not in text
+
+
+def test_applying_twice_recreates_nothing_that_keeps_state(settings) -> None:  # type: ignore[no-untyped-def]
+    """The pipe (its load history), the stream (its offset) and the tables are created only
+    if missing; nothing is ever replaced."""
+    for stmt in sql.statements(settings):
+        assert "OR REPLACE" not in stmt.text.upper(), stmt.head
+    for stmt in sql.statements(settings):
+        if stmt.head.startswith("CREATE") and "OR ALTER TASK" not in stmt.head:
+            assert "IF NOT EXISTS" in " ".join(stmt.text.split()[:6]).upper(), stmt.head
+    pipe = next(s for s in sql.statements(settings) if s.head.startswith("CREATE PIPE"))
+    assert "AUTO_INGEST = TRUE" in pipe.text
+
+
+def test_the_pipe_reads_the_columns_the_daemon_writes(settings) -> None:  # type: ignore[no-untyped-def]
+    """The pipe's $1..$n are the objects' columns in order: the source table's columns, then
+    _cdc_op, _cdc_seq, _cdc_ts; each lands in the RAW_SALES column of the same name."""
+    source = re.findall(r"^    (\w+) ", SALES_DDL, re.M)
+    header = [*source, "_cdc_op", "_cdc_seq", "_cdc_ts"]
+    pipe = next(s for s in sql.statements(settings) if s.head.startswith("CREATE PIPE"))
+    tree = sqlglot.parse_one(sql.pipe_copy(pipe), read="snowflake")
+    assert isinstance(tree, exp.Copy)
+    targets = [c.name.lower() for c in tree.this.expressions]
+    select = tree.args["files"][0].this
+    positional = [
+        (int(e.this.name), t)
+        for t, e in zip(targets, select.expressions, strict=True)
+        if isinstance(e, exp.Parameter)
+    ]
+    assert [n for n, _ in positional] == list(range(1, len(header) + 1))
+    assert [t for _, t in positional] == header
+    assert targets[len(header) :] == ["_file", "_file_row", "_loaded_at"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("snowflake", "database", "X; DROP TABLE SALES"),
+        ("snowflake", "pipe", 'P"'),
+        ("snowflake", "merge_schedule", "1 MINUTE'; DROP"),
+        ("snowflake", "aws_role_arn", "x' OR '1"),
+    ],
+)
+def test_names_that_could_splice_sql_are_refused(section: str, key: str, value: str) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(None, **{section: {key: value}})
+
+
+def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
+    settings = load_settings(None, s3={"bucket": "b'); DROP", "prefix": ""})
+    with pytest.raises(ConfigError, match="stage URL"):
+        sql.render(settings)
