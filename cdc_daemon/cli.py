@@ -71,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         "print what was written",
     )
     demo.add_argument(
-        "--data", type=Path, help="Online Retail CSV(.gz) to load instead of the sample"
+        "--csv",
+        "--data",
+        dest="data",
+        type=Path,
+        help="Online Retail CSV(.gz) to load instead of the sample (e.g. the full data set)",
     )
     demo.add_argument(
         "--compression",

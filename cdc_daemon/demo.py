@@ -1,7 +1,11 @@
-"""``cdc-daemon demo``: the whole watermark pipeline on local defaults.
+"""``cdc-daemon demo``: the whole pipeline on local defaults, end to end.
 
-Starts a throwaway PostgreSQL cluster and moto's S3 server, loads the shipped Online Retail sample
-into ``ecommerce_sales``, runs the daemon until idle, prints what it wrote, and stops both.
+Starts a throwaway PostgreSQL cluster, moto's S3 server (with S3 -> SQS notifications) and the
+local warehouse (fakesnow behind the real Snowflake connector, with the Snowpipe stand-in and
+the task runner of ``warehouse/local.py``); loads the shipped Online Retail sample (or a full
+copy with ``--csv``) into ``ecommerce_sales``; runs the daemon -- capture and reconciler --
+while it inserts more rows; waits until the reconciler has confirmed every batch; prints a
+report of rows per stage; stops everything.
 """
 
 from __future__ import annotations
@@ -9,25 +13,38 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections import Counter
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import structlog
 
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.localdev import LocalPostgres, LocalS3
+from cdc_daemon.reconcile import ledger_table
 from cdc_daemon.sample import load_online_retail, sample_path
 from cdc_daemon.state.store import Store
+from cdc_daemon.warehouse.local import LocalWarehouse
 from cdc_daemon.worker import Worker
 
 log = structlog.get_logger()
 
+LIVE_INSERT = """
+INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity, invoice_date,
+  unit_price, customer_id, country)
+SELECT 'D' || (600000 + g)::text, stock_code, description, quantity, now() - g * interval '1 hour',
+  unit_price, customer_id, country
+FROM (SELECT * FROM ecommerce_sales ORDER BY id LIMIT 5) s, generate_series(1, 2) g
+"""
 
-def run_demo(data: Path | None, compression: str) -> int:
+
+def run_demo(data: Path | None, compression: str, timeout_s: float = 900) -> int:
     pg = LocalPostgres()
     s3 = LocalS3()
-    spool = tempfile.mkdtemp(prefix="cdc-demo-spool-")
+    work = Path(tempfile.mkdtemp(prefix="cdc-demo-"))
+    warehouse: LocalWarehouse | None = None
     try:
         pg.start()
         s3.start()
@@ -35,52 +52,140 @@ def run_demo(data: Path | None, compression: str) -> int:
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             rows = load_online_retail(conn, data or sample_path())
         log.info("demo_data_loaded", table="public.ecommerce_sales", rows=rows)
-        settings = load_settings(
+        base = load_settings(
             None,
             postgres={"dsn": pg.dsn},
             s3={"endpoint_url": s3.endpoint_url, "bucket": "cdc-demo"},
-            batch={"compression": compression, "spool_dir": spool, "max_rows": 100_000},
+            batch={
+                "compression": compression,
+                "spool_dir": str(work / "spool"),
+                "max_rows": 100_000,
+                "max_age_s": 1,
+            },
+            snowflake={"reconcile_interval_s": 1, "missing_after_s": 60},
         )
-        return asyncio.run(_export_and_report(settings))
+        (work / "spool").mkdir()
+        _create_bucket(base)
+        warehouse = LocalWarehouse(base, work / "warehouse").start()
+        warehouse.apply()
+        warehouse.connect_notifications()
+        log.info("demo_warehouse_ready", port=warehouse.port, database=base.snowflake.database)
+        return asyncio.run(_run(warehouse.settings, warehouse, pg.dsn, timeout_s))
     finally:
+        if warehouse is not None:
+            warehouse.stop()
         s3.stop()
         pg.stop()
-        shutil.rmtree(spool, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
-async def _export_and_report(settings: Settings) -> int:
-    from contextlib import AsyncExitStack
+def _create_bucket(settings: Settings) -> None:
+    import boto3  # type: ignore[import-untyped]
 
-    from cdc_daemon.sink.s3 import S3Sink
+    boto3.client(
+        "s3", endpoint_url=settings.s3.endpoint_url, region_name=settings.s3.region
+    ).create_bucket(Bucket=settings.s3.bucket)
 
-    async with AsyncExitStack() as stack:
-        sink = await S3Sink.open(settings.s3, stack)
-        await sink.create_bucket()
+
+async def _run(settings: Settings, warehouse: LocalWarehouse, dsn: str, timeout_s: float) -> int:
     store = await Store.from_settings(settings)
-    await store.init_schema()
-    await store.close()
-    await Worker(settings, exit_when_idle=True).serve()
+    try:
+        await store.init_schema()
+    finally:
+        await store.close()
+    done = asyncio.Event()
+    stop_pump = threading.Event()
+    pump = threading.Thread(target=_pump, args=(warehouse, stop_pump), daemon=True)
+    pump.start()
+    started = time.monotonic()
+    daemon = asyncio.create_task(Worker(settings).serve(shutdown_trigger=done.wait))
+    try:
+        # Rows committed while the daemon runs (today's date: a new day partition).
+        await asyncio.sleep(2)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(LIVE_INSERT)
+        log.info("demo_rows_inserted", rows=10)
+        while not await _all_loaded(settings, dsn):
+            if daemon.done() or time.monotonic() - started > timeout_s:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        done.set()
+        code = await daemon
+        stop_pump.set()
+        pump.join()
+    if code == 0:
+        await _report(settings, warehouse, dsn, time.monotonic() - started)
+        if not await _all_loaded(settings, dsn):
+            print("Not every batch was confirmed loaded in time: see the batch states above.")
+            return 1
+    return code
+
+
+def _pump(warehouse: LocalWarehouse, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            warehouse.pump()
+        except Exception as exc:  # noqa: BLE001 - the stand-in keeps going, like Snowpipe
+            log.warning("demo_warehouse_pump_failed", error=str(exc))
+        stop.wait(0.5)
+
+
+async def _all_loaded(settings: Settings, dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM ecommerce_sales WHERE id > coalesce("
+            "  (SELECT low FROM cdc.positions WHERE table_name = %s), 0)),"
+            " (SELECT count(*) FROM cdc.batches WHERE table_name = %s AND status <> 'loaded'),"
+            " (SELECT count(*) FROM cdc.batches WHERE table_name = %s)",
+            (ledger_table(settings),) * 3,
+        ).fetchone()
+    return row is not None and row[0] == 0 and row[1] == 0 and row[2] > 0
+
+
+async def _report(settings: Settings, warehouse: LocalWarehouse, dsn: str, seconds: float) -> None:
+    table = ledger_table(settings)
     store = await Store.from_settings(settings)
-    batches = await store.batches("public.ecommerce_sales")
-    await store.close()
-    per_day: Counter[str] = Counter()
-    objects = []
-    for batch in batches:
-        for obj in batch.objects:
-            per_day[obj.day] += obj.rows
-            objects.append(obj)
-    print()
-    print(
-        f"Wrote {len(objects)} objects, {sum(per_day.values())} rows, "
-        f"{len(batches)} batches to s3://{settings.s3.bucket}/"
+    try:
+        batches = await store.batches(table)
+        counts = await store.status_counts(table)
+    finally:
+        await store.close()
+    with psycopg.connect(dsn) as conn:
+        (source,) = conn.execute("SELECT count(*) FROM ecommerce_sales").fetchone() or (0,)
+    exported = sum(b.rows for b in batches)
+    objects = sum(len(b.objects) for b in batches)
+
+    def one(query: str) -> Any:
+        return next(iter(warehouse.query(query)[0].values()))
+
+    landing = one("SELECT COUNT(*) AS N FROM RAW_SALES")
+    sales = one("SELECT COUNT(*) AS N FROM SALES")
+    invoices = one("SELECT COUNT(*) AS N FROM INVOICES")
+    cancelled = one("SELECT COUNT(*) AS N FROM INVOICES WHERE IS_CANCELLATION")
+    products = one("SELECT COUNT(*) AS N FROM PRODUCTS")
+    revenue = one("SELECT SUM(AMOUNT)::NUMBER(38, 2) AS N FROM INVOICES")
+    top = warehouse.query(
+        "SELECT STOCK_CODE, DESCRIPTION, QUANTITY FROM PRODUCTS ORDER BY QUANTITY DESC LIMIT 3"
     )
-    for obj in objects[:5]:
-        print(f"  {obj.key}  rows={obj.rows} bytes={obj.size}")
-    if len(objects) > 5:
-        print(f"  ... and {len(objects) - 5} more")
-    print("Rows per day (first and last 5):")
-    days = sorted(per_day.items())
-    shown = days if len(days) <= 10 else [*days[:5], ("...", 0), *days[-5:]]
-    for day, n in shown:
-        print(f"  {day}  {n}" if day != "..." else "  ...")
-    return 0
+    with psycopg.connect(dsn) as conn:
+        lag = conn.execute(
+            "SELECT extract(epoch FROM max(loaded_at) - max(uploaded_at)) FROM cdc.batches"
+        ).fetchone()
+    print()
+    print(f"cdc-daemon demo: {table} -> s3://{settings.s3.bucket}/ -> local Snowflake")
+    print(f"  source rows (Postgres)        {source:>10,}")
+    print(f"  exported rows (S3 objects)    {exported:>10,}  in {objects} objects")
+    print(f"  landing rows (RAW_SALES)      {landing:>10,}")
+    print(f"  SALES rows                    {sales:>10,}")
+    print(f"  INVOICES                      {invoices:>10,}  ({cancelled} cancellations)")
+    print(f"  PRODUCTS                      {products:>10,}")
+    print(f"  revenue (sum of INVOICES)     {revenue:>13,}")
+    for row in top:
+        name = row["DESCRIPTION"] or ""
+        print(f"    top product {row['STOCK_CODE']:<8} {name:<36} {row['QUANTITY']:>7,}")
+    print("  batches: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if lag and lag[0] is not None:
+        print(f"  last batch: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
+    print(f"  everything confirmed in {seconds:.1f} s")
+    print("  SALES equals the source:", "yes" if sales == source else "NO")
