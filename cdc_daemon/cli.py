@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         help="Online Retail CSV(.gz) to load instead of the sample (e.g. the full data set)",
     )
     demo.add_argument(
+        "--report", type=Path, metavar="PATH", help="also write a one-page HTML report with charts"
+    )
+    demo.add_argument(
         "--compression",
         choices=["gzip", "zstd", "none"],
         default="gzip",
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cdc_daemon.demo import run_demo
 
             configure_logging("info", "auto")
-            return run_demo(args.data, args.compression)
+            return run_demo(args.data, args.compression, args.report)
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.format)
         if args.command == "run":

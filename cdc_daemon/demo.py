@@ -40,7 +40,9 @@ FROM (SELECT * FROM ecommerce_sales ORDER BY id LIMIT 5) s, generate_series(1, 2
 """
 
 
-def run_demo(data: Path | None, compression: str, timeout_s: float = 900) -> int:
+def run_demo(
+    data: Path | None, compression: str, report: Path | None = None, timeout_s: float = 900
+) -> int:
     pg = LocalPostgres()
     s3 = LocalS3()
     work = Path(tempfile.mkdtemp(prefix="cdc-demo-"))
@@ -70,7 +72,7 @@ def run_demo(data: Path | None, compression: str, timeout_s: float = 900) -> int
         warehouse.apply()
         warehouse.connect_notifications()
         log.info("demo_warehouse_ready", port=warehouse.port, database=base.snowflake.database)
-        return asyncio.run(_run(warehouse.settings, warehouse, pg.dsn, timeout_s))
+        return asyncio.run(_run(warehouse.settings, warehouse, pg.dsn, timeout_s, report))
     finally:
         if warehouse is not None:
             warehouse.stop()
@@ -87,7 +89,13 @@ def _create_bucket(settings: Settings) -> None:
     ).create_bucket(Bucket=settings.s3.bucket)
 
 
-async def _run(settings: Settings, warehouse: LocalWarehouse, dsn: str, timeout_s: float) -> int:
+async def _run(
+    settings: Settings,
+    warehouse: LocalWarehouse,
+    dsn: str,
+    timeout_s: float,
+    report: Path | None,
+) -> int:
     store = await Store.from_settings(settings)
     try:
         await store.init_schema()
@@ -115,7 +123,7 @@ async def _run(settings: Settings, warehouse: LocalWarehouse, dsn: str, timeout_
         stop_pump.set()
         pump.join()
     if code == 0:
-        await _report(settings, warehouse, dsn, time.monotonic() - started)
+        await _report(settings, warehouse, dsn, time.monotonic() - started, report)
         if not await _all_loaded(settings, dsn):
             print("Not every batch was confirmed loaded in time: see the batch states above.")
             return 1
@@ -143,7 +151,13 @@ async def _all_loaded(settings: Settings, dsn: str) -> bool:
     return row is not None and row[0] == 0 and row[1] == 0 and row[2] > 0
 
 
-async def _report(settings: Settings, warehouse: LocalWarehouse, dsn: str, seconds: float) -> None:
+async def _report(
+    settings: Settings,
+    warehouse: LocalWarehouse,
+    dsn: str,
+    seconds: float,
+    report: Path | None,
+) -> None:
     table = ledger_table(settings)
     store = await Store.from_settings(settings)
     try:
@@ -153,6 +167,9 @@ async def _report(settings: Settings, warehouse: LocalWarehouse, dsn: str, secon
         await store.close()
     with psycopg.connect(dsn) as conn:
         (source,) = conn.execute("SELECT count(*) FROM ecommerce_sales").fetchone() or (0,)
+        lag = conn.execute(
+            "SELECT extract(epoch FROM max(loaded_at) - max(uploaded_at)) FROM cdc.batches"
+        ).fetchone()
     exported = sum(b.rows for b in batches)
     objects = sum(len(b.objects) for b in batches)
 
@@ -168,24 +185,28 @@ async def _report(settings: Settings, warehouse: LocalWarehouse, dsn: str, secon
     top = warehouse.query(
         "SELECT STOCK_CODE, DESCRIPTION, QUANTITY FROM PRODUCTS ORDER BY QUANTITY DESC LIMIT 3"
     )
-    with psycopg.connect(dsn) as conn:
-        lag = conn.execute(
-            "SELECT extract(epoch FROM max(loaded_at) - max(uploaded_at)) FROM cdc.batches"
-        ).fetchone()
-    print()
-    print(f"cdc-daemon demo: {table} -> s3://{settings.s3.bucket}/ -> local Snowflake")
-    print(f"  source rows (Postgres)        {source:>10,}")
-    print(f"  exported rows (S3 objects)    {exported:>10,}  in {objects} objects")
-    print(f"  landing rows (RAW_SALES)      {landing:>10,}")
-    print(f"  SALES rows                    {sales:>10,}")
-    print(f"  INVOICES                      {invoices:>10,}  ({cancelled} cancellations)")
-    print(f"  PRODUCTS                      {products:>10,}")
-    print(f"  revenue (sum of INVOICES)     {revenue:>13,}")
+    lines = [
+        f"cdc-daemon demo: {table} -> s3://{settings.s3.bucket}/ -> local Snowflake",
+        f"  source rows (Postgres)        {source:>10,}",
+        f"  exported rows (S3 objects)    {exported:>10,}  in {objects} objects",
+        f"  landing rows (RAW_SALES)      {landing:>10,}",
+        f"  SALES rows                    {sales:>10,}",
+        f"  INVOICES                      {invoices:>10,}  ({cancelled} cancellations)",
+        f"  PRODUCTS                      {products:>10,}",
+        f"  revenue (sum of INVOICES)     {revenue:>13,}",
+    ]
     for row in top:
         name = row["DESCRIPTION"] or ""
-        print(f"    top product {row['STOCK_CODE']:<8} {name:<36} {row['QUANTITY']:>7,}")
-    print("  batches: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        lines.append(f"    top product {row['STOCK_CODE']:<8} {name:<36} {row['QUANTITY']:>7,}")
+    lines.append("  batches: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if lag and lag[0] is not None:
-        print(f"  last batch: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
-    print(f"  everything confirmed in {seconds:.1f} s")
-    print("  SALES equals the source:", "yes" if sales == source else "NO")
+        lines.append(f"  last batch: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
+    lines.append(f"  everything confirmed in {seconds:.1f} s")
+    lines.append("  SALES equals the source: " + ("yes" if sales == source else "NO"))
+    print()
+    print("\n".join(lines))
+    if report is not None:
+        from cdc_daemon.report import write_report
+
+        write_report(report, warehouse, dsn, lines)
+        print(f"  report: {report}")

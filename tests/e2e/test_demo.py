@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
-def test_demo_reports_every_row_in_sales() -> None:
+def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
     done = subprocess.run(
-        [sys.executable, "-m", "cdc_daemon", "demo"],
+        [sys.executable, "-m", "cdc_daemon", "demo", "--report", str(page)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -19,3 +21,8 @@ def test_demo_reports_every_row_in_sales() -> None:
     assert "SALES equals the source: yes" in report
     assert "batches: loaded" in report
     assert "failed" not in report.split("batches:")[1].splitlines()[0]
+    html = page.read_text()
+    assert html.count("<svg") == 4
+    for title in ("Rows per day", "Revenue by country", "Top products", "cancellations per month"):
+        assert title in html
+    assert "United Kingdom" in html
