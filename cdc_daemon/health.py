@@ -172,11 +172,13 @@ class HealthServer:
         """Listen on ``http.address``; the exit stack stops it. A port that cannot be bound
         is the configuration's fault: one sentence, exit 2."""
         http = self._settings.http
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         stack.push_async_callback(self._probe.close)
-        site = web.TCPSite(runner, http.host, http.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, http.host, http.port)
         try:
             await site.start()
         except OSError as exc:
