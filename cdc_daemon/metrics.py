@@ -219,6 +219,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("_sum", "_count", "_created"),
+}
+
+
 def metric_names(registry: CollectorRegistry) -> set[str]:
-    """Every sample name the registry exposes (``cdc_rows_exported_total``, ``..._bucket``)."""
-    return {sample.name for family in registry.collect() for sample in family.samples}
+    """Every sample name the registry exposes or will expose once a series has a value
+    (``cdc_rows_exported_total``, ``cdc_batch_duration_seconds_bucket``, ``cdc_lag_seconds``)."""
+    names = set()
+    for family in registry.collect():
+        names |= {sample.name for sample in family.samples}
+        suffixes = _SUFFIXES.get(family.type, ("",))
+        names |= {family.name + suffix for suffix in suffixes}
+    return names
