@@ -157,18 +157,24 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"{name}  ({t['mode']} mode)")
         running = t["running"]
         if running:
-            who = ", ".join(
-                str(v) for v in (running["application_name"], running["client_addr"]) if v
-            )
-            since = f" since {running['since']}" if running["since"] else ""
-            rows = [("running", f"yes: server pid {running['pid']} ({who}){since}")]
+            who = f"{running['application_name'] or 'a session'}"
+            if running["client_addr"]:
+                who += f" from {running['client_addr']}"
+            since = f", since {running['since']}" if running["since"] else ""
+            rows = [
+                ("running", f"yes: {who} holds the lock (Postgres pid {running['pid']}{since})")
+            ]
         else:
             rows = [("running", "no (no session holds the table's lock)")]
         behind = t["behind"]
         if "error" in behind:
             lag = f"unknown: {behind['error']}"
         else:
-            lag = f"{_count(behind['rows'])} rows, {behind['seconds']} s"
+            lag = (
+                f"{_count(behind['rows'])} rows; the position last moved {behind['seconds']} s ago"
+                if behind["rows"] != 0
+                else "nothing (caught up)"
+            )
             if behind["slot_lag_bytes"] is not None:
                 lag += f", slot {_size(behind['slot_lag_bytes'])} of WAL"
         counts = t["batches"]

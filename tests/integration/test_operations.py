@@ -160,7 +160,7 @@ async def test_status_and_metrics_match_the_ledger(
         assert report["oldest_unreconciled"]["batch_id"] == third
         text = render({"public.ecommerce_sales": report})
         assert "running" in text
-        assert f"server pid {server_pid}" in text
+        assert f"Postgres pid {server_pid}" in text
         assert "Numeric value out of range" in text
         assert "not in COPY_HISTORY" in text
     finally:
@@ -178,7 +178,9 @@ async def test_status_and_metrics_match_the_ledger(
     assert report["running"] is None
     assert report["behind"]["rows"] == 500
     assert report["behind"]["seconds"] > 0
-    assert "no (no session holds the table's lock)" in render({"t": report})
+    text = render({"t": report})
+    assert "no (no session holds the table's lock)" in text
+    assert "500 rows; the position last moved" in text
 
 
 async def test_standby_waits_for_the_lock_then_takes_over(
