@@ -10,19 +10,16 @@ from typing import Any
 
 import aiohttp
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_daemon.config import Settings
-from cdc_daemon.localdev import LocalS3
+from cdc_daemon.errors import ConfigError
+from cdc_daemon.localdev import LocalS3, free_port
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.status import collect, render, slot_lag_bytes
-from tests.helpers import make_settings, run_daemon, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.fix_faults import FaultyProxy
+from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
 
 
 def settings_with_http(
@@ -34,6 +31,7 @@ def settings_with_http(
         bucket,
         tmp_path,
         batch={"max_rows": 1000},
+        s3={"timeout_s": 5},
         http={"address": f"127.0.0.1:{free_port()}"},
         daemon={"shutdown_grace_s": 5, **daemon},
     )
@@ -255,3 +253,62 @@ def test_slot_lag_bytes_of_a_logical_slot(pg_dsn: str) -> None:
             assert slot_lag_bytes(conn, "no_such_slot") is None
         finally:
             conn.execute("SELECT pg_drop_replication_slot('ops_test')")
+
+
+async def test_readiness_and_retries_follow_s3_faults(
+    pg_dsn: str, s3_server: LocalS3, s3_proxy: FaultyProxy, bucket: str, tmp_path: Path
+) -> None:
+    """S3 answering errors makes /readyz 503 with the reason (and 200 again when it
+    recovers); an upload that fails past botocore's own retries is retried by the daemon and
+    counted in ``cdc_retries_total{boundary="s3"}``, and the rows still arrive."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1000, days=1)
+    settings = settings_with_http(pg_dsn, s3_server, bucket, tmp_path)
+    settings = settings.model_copy(
+        update={"s3": settings.s3.model_copy(update={"endpoint_url": s3_proxy.endpoint_url})}
+    )
+    task, stop = await run_daemon(settings)
+    try:
+        await wait_until(lambda: uploaded_batches(pg_dsn) == 1)
+        assert (await get(settings, "/readyz"))[0] == 200
+        s3_proxy.fail_next(4)  # botocore tries a request 4 times (3 retries)
+        status, body = await get(settings, "/readyz")
+        assert status == 503
+        assert "S3 answered 503" in body
+        assert (await get(settings, "/readyz"))[0] == 200
+        assert (await scrape(settings))[("cdc_retries_total", (("boundary", "s3"),))] == 0
+
+        # Every request of the next upload fails (two objects, four tries each): the step
+        # fails, the daemon retries it.
+        s3_proxy.fail_next(8)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            generate_sales(conn, 500, days=1)
+        await wait_until(lambda: uploaded_batches(pg_dsn) == 2)
+        metrics = await scrape(settings)
+        assert metrics[("cdc_retries_total", (("boundary", "s3"),))] >= 1
+        assert metrics[("cdc_retries_total", (("boundary", "postgres"),))] == 0
+        assert metrics[("cdc_rows_exported_total", T)] == 1500
+        assert ledger(pg_dsn, "SELECT max(attempts) FROM cdc.batches") > 1
+    finally:
+        stop.set()
+        assert await task == 0
+
+
+async def test_a_port_in_use_is_a_configuration_error(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """``http.address`` on a port another process holds: one sentence naming the key, exit
+    code 2 (configuration), before any batch."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 10, days=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = make_settings(
+            pg_dsn, s3_server, bucket, tmp_path, http={"address": f"127.0.0.1:{port}"}
+        )
+        with pytest.raises(ConfigError, match=r"cannot listen on http\.address") as raised:
+            await export_until_idle(settings)
+    assert raised.value.exit_code == 2
+    assert ledger(pg_dsn, "SELECT count(*) FROM cdc.batches") == 0
