@@ -37,6 +37,9 @@ def settings_with_http(
     )
 
 
+T = (("table", "public.ecommerce_sales"),)
+
+
 async def get(settings: Settings, path: str) -> tuple[int, str]:
     url = f"http://127.0.0.1:{settings.http.port}{path}"
     async with aiohttp.ClientSession() as session, session.get(url) as response:
@@ -53,6 +56,17 @@ async def scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], .
     }
 
 
+async def settled(settings: Settings, rows: int) -> dict[tuple[str, Any], float]:
+    """A scrape once the counters caught up with the ledger (they move just after the ledger
+    commit, in the same task)."""
+    for _ in range(100):
+        metrics = await scrape(settings)
+        if metrics[("cdc_rows_exported_total", T)] == rows:
+            return metrics
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"cdc_rows_exported_total never reached {rows}")
+
+
 def ledger(dsn: str, query: str) -> Any:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(query).fetchone()
@@ -62,9 +76,6 @@ def ledger(dsn: str, query: str) -> Any:
 
 def uploaded_batches(dsn: str) -> int:
     return int(ledger(dsn, "SELECT count(*) FROM cdc.batches WHERE status = 'uploaded'"))
-
-
-T = (("table", "public.ecommerce_sales"),)
 
 
 def by_status(status: str) -> tuple[tuple[str, str], ...]:
@@ -91,8 +102,8 @@ async def test_status_and_metrics_match_the_ledger(
             "SELECT sum(rows), sum(raw_bytes), sum(size), sum(jsonb_array_length(objects))"
             " FROM cdc.batches",
         )
-        metrics = await scrape(settings)
-        assert metrics[("cdc_rows_exported_total", T)] == rows == 3000
+        metrics = await settled(settings, rows)
+        assert rows == 3000
         assert metrics[("cdc_bytes_exported_total", T)] == raw
         assert metrics[("cdc_object_bytes_uploaded_total", T)] == size
         assert metrics[("cdc_objects_uploaded_total", T)] == objects
@@ -228,8 +239,13 @@ async def test_standby_waits_for_the_lock_then_takes_over(
                 status = (await get(standby_settings, "/readyz"))[0]
 
         await asyncio.wait_for(ready(), 30)
-        await wait_until(lambda: ledger(pg_dsn, "SELECT max(hi) FROM cdc.batches") == 1500)
-        assert (await scrape(standby_settings))[("cdc_rows_exported_total", T)] == 500
+        await wait_until(
+            lambda: (
+                ledger(pg_dsn, "SELECT max(hi) FROM cdc.batches WHERE status = 'uploaded'") == 1500
+            )
+        )
+
+        await settled(standby_settings, 500)
     finally:
         stop_first.set()
         stop_standby.set()
@@ -284,7 +300,7 @@ async def test_readiness_and_retries_follow_s3_faults(
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             generate_sales(conn, 500, days=1)
         await wait_until(lambda: uploaded_batches(pg_dsn) == 2)
-        metrics = await scrape(settings)
+        metrics = await settled(settings, 1500)
         assert metrics[("cdc_retries_total", (("boundary", "s3"),))] >= 1
         assert metrics[("cdc_retries_total", (("boundary", "postgres"),))] == 0
         assert metrics[("cdc_rows_exported_total", T)] == 1500
