@@ -27,11 +27,12 @@ from cdc_daemon.state.store import Store
 
 
 def slot_lag_bytes(conn: psycopg.Connection[Any], slot: str) -> int | None:
-    """WAL the slot still holds back: the server's current LSN minus what the slot's consumer
-    confirmed. None when there is no such slot. (For logical mode; the caller passes the
-    slot's name from its settings.)"""
+    """WAL the slot still holds back: the server's current insert LSN (the write LSN lags it
+    while commits are not flushed, e.g. with synchronous_commit off) minus what the slot's
+    consumer confirmed. None when there is no such slot. (For logical mode; the caller passes
+    the slot's name from its settings.)"""
     row = conn.execute(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 "
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::int8 "
         "FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
     ).fetchone()
