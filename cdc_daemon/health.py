@@ -141,6 +141,8 @@ class Probe:
         """Ledger-fed gauges; on a failure the previous figures stay (and the error is logged
         at debug: /readyz reports it)."""
         metrics.set_lock(self.lock_session() is not None)
+        if self.table is None:
+            return  # the table is not resolved yet: nothing to read
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 ledger = await self._ledger()

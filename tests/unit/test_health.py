@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from cdc_daemon.config import DEFAULT_HTTP_PORT, load_settings, split_address
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.health import Heartbeats, Supervisor
+from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.metrics import Metrics
 from cdc_daemon.systemd import SystemdNotifier
 
@@ -178,3 +179,30 @@ def test_metrics_follow_prometheus_conventions() -> None:
         metrics.reconciled("exploded")
     metrics.caught_up()
     assert 'cdc_lag_seconds{table="public.t"} 0.0' in metrics.exposition().decode()
+
+
+async def test_endpoints_answer_from_heartbeats_and_phase() -> None:
+    """/healthz is 200 while the loops beat and 503 naming the stalled loop after
+    ``daemon.stall_timeout_s``; /readyz is 503 until startup finished; /metrics is Prometheus
+    text with the loops' heartbeat ages."""
+    settings = load_settings(None, daemon={"stall_timeout_s": 30})
+    clock = Clock()
+    beats = Heartbeats(clock)
+    beats.beat("capture")
+    metrics = Metrics(CollectorRegistry(), "public.t")
+    server = HealthServer(settings, metrics, beats, Probe(settings))
+    async with TestClient(TestServer(server.app())) as client:
+        answer = await client.get("/healthz")
+        assert answer.status == 200
+        assert (await answer.json())["status"] == "ok"
+        clock.now += 31
+        answer = await client.get("/healthz")
+        assert answer.status == 503
+        assert (await answer.json())["stalled"] == ["capture"]
+        answer = await client.get("/readyz")
+        assert answer.status == 503
+        assert (await answer.json())["checks"] == {"phase": "starting"}
+        answer = await client.get("/metrics")
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        assert 'cdc_loop_heartbeat_age_seconds{loop="capture"} 31.0' in await answer.text()
