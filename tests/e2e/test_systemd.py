@@ -87,3 +87,8 @@ def test_notify_ready_watchdog_stopping_and_clean_exit(
     assert "shutdown_requested" in events
     assert events[-1] == "daemon_stopped"
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    shown = cli(config, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "no (no session holds the table's lock)" in shown.stdout
+    assert "nothing (caught up)" in shown.stdout
+    assert "uploaded 4" in shown.stdout

@@ -177,6 +177,8 @@ def test_metrics_follow_prometheus_conventions() -> None:
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
     with pytest.raises(ValueError, match="unknown reconciler outcome"):
         metrics.reconciled("exploded")
+    metrics.slot_lag(4096)
+    assert 'cdc_slot_lag_bytes{table="public.t"} 4096.0' in metrics.exposition().decode()
     metrics.caught_up()
     assert 'cdc_lag_seconds{table="public.t"} 0.0' in metrics.exposition().decode()
 
