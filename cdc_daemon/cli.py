@@ -20,7 +20,6 @@ from cdc_daemon import __version__
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError, ConfigError
 from cdc_daemon.logging import configure_logging
-from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
@@ -45,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         help="export everything committed, then exit 0 (for cron and tests)",
     )
     sub.add_parser("init", help="create the ledger schema (idempotent) and check the source")
-    status = sub.add_parser("status", help="the watermark and batches by status")
+    status = sub.add_parser(
+        "status",
+        help="is it running, how far behind, batches by status, batches that need attention",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     snowflake = sub.add_parser("snowflake", help="the warehouse side (snowflake/ SQL)")
     sf_sub = snowflake.add_subparsers(dest="snowflake_command", required=True, metavar="ACTION")
@@ -223,47 +225,8 @@ async def init(settings: Settings) -> int:
 
 
 async def status(settings: Settings, as_json: bool) -> int:
-    store = await Store.from_settings(settings)
-    try:
-        await store.check_schema()
-        report = await status_report(store)
-    finally:
-        await store.close()
-    if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        if not report:
-            print("no table captured yet")
-        for name, fields in report.items():
-            print(name)
-            for key, value in fields.items():
-                print(f"  {key:<12} {value}")
+    from cdc_daemon.status import collect, render
+
+    report = await collect(settings)
+    print(json.dumps(report, indent=2) if as_json else render(report))
     return 0
-
-
-async def status_report(store: Store, table: str | None = None) -> dict[str, Any]:
-    """Per captured table: its watermark, batches by status, rows and objects exported."""
-    tables: dict[str, Any] = {}
-    for position in await store.positions():
-        if table is not None and position.table not in (table, f"public.{table}"):
-            continue
-        batches = await store.batches(position.table)
-        tables[position.table] = {
-            "watermark": position.position,
-            "batches": await store.status_counts(position.table),
-            "rows": sum(b.rows for b in batches),
-            "objects": sum(len(b.objects) for b in batches),
-            "last_batch": batches[-1].batch_id if batches else None,
-            # Not (yet) in S3: pending, or failed with the reason the retries gave up on.
-            "unfinished": [
-                {
-                    "batch_id": b.batch_id,
-                    "status": b.status.value,
-                    "attempts": b.attempts,
-                    "error": b.error,
-                }
-                for b in batches
-                if b.status in (Status.PENDING, Status.FAILED)
-            ],
-        }
-    return tables

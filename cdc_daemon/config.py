@@ -24,6 +24,9 @@ from pydantic_settings import (
 from cdc_daemon.errors import ConfigError
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The port of /healthz, /readyz and /metrics when ``http.address`` names only a host; the
+# manifests in deploy/ use it (9187: next to postgres_exporter's 9187-9188 range, unassigned).
+DEFAULT_HTTP_PORT = 9187
 
 
 class _Section(BaseModel):
@@ -97,6 +100,34 @@ class DaemonSettings(_Section):
     # Attempts of one batch against transient errors (S3, Postgres) before the daemon gives up.
     retry_attempts: int = Field(default=8, ge=1)
     retry_max_wait_s: float = Field(default=30.0, gt=0)
+    # A loop that has not reported progress for this long is stalled: /healthz fails and the
+    # systemd watchdog is no longer fed. Above the longest legitimate step (a batch with its
+    # retries: retry_max_wait_s per attempt, s3.timeout_s per request).
+    stall_timeout_s: float = Field(default=300.0, gt=0)
+    # Another daemon holds the table's lock: wait for it (a standby pod) instead of exiting 5.
+    wait_for_lock: bool = False
+    lock_poll_s: float = Field(default=5.0, gt=0)
+
+
+class HttpSettings(_Section):
+    # ``host[:port]`` for /healthz, /readyz and /metrics; empty (the default): no endpoint.
+    address: str = ""
+
+    @field_validator("address")
+    @classmethod
+    def _address_parses(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            split_address(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_address(self.address)[1]
 
 
 _SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
@@ -174,6 +205,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     log: LogSettings = LogSettings()
     snowflake: SnowflakeSettings = SnowflakeSettings()
+    http: HttpSettings = HttpSettings()
 
     @property
     def state_dsn(self) -> SecretStr:
@@ -227,6 +259,21 @@ def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
             # Never echo the offending input: it may be a DSN with a password in it.
             problems.append(f"{loc}: {error['msg']}")
     return f"invalid configuration{where}: " + "; ".join(problems)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``host``, ``:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port:
+        host, port = address, ""
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{address!r}: write an IPv6 address in brackets, e.g. [::]:9187")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
+    if not port:
+        return host, DEFAULT_HTTP_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port with a port from 1 to 65535")
+    return host, int(port)
 
 
 def redact_dsn(dsn: str) -> str:

@@ -17,6 +17,13 @@ class CdcError(Exception):
 
     retriable: bool = False
     exit_code: int = 1
+    # Which service failed ("postgres", "s3", "snowflake"), set where a driver error is
+    # translated; retries are counted per boundary (metrics).
+    boundary: str | None = None
+
+    def at(self, boundary: str) -> CdcError:
+        self.boundary = boundary
+        return self
 
 
 class ConfigError(CdcError):
@@ -83,12 +90,12 @@ def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
     sqlstate = exc.sqlstate or ""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, psycopg.OperationalError) and not sqlstate:
-        return TransientError(f"{doing}: {detail}")
+        return TransientError(f"{doing}: {detail}").at("postgres")
     if sqlstate.startswith(_RETRIABLE_SQLSTATE_CLASSES):
-        return TransientError(f"{doing}: {detail}")
+        return TransientError(f"{doing}: {detail}").at("postgres")
     if sqlstate in ("42P01", "42703", "42501", "3F000"):
-        return SourceError(f"{doing}: {detail}")
-    return CdcError(f"{doing}: {detail}")
+        return SourceError(f"{doing}: {detail}").at("postgres")
+    return CdcError(f"{doing}: {detail}").at("postgres")
 
 
 # botocore error codes that mean "try again later"; everything else is a configuration problem.
@@ -109,6 +116,10 @@ _RETRIABLE_S3_CODES = frozenset(
 
 
 def from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
+    return _from_botocore(exc, doing).at("s3")
+
+
+def _from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))

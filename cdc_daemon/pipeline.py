@@ -32,6 +32,7 @@ import structlog
 from cdc_daemon.batching import BatchPolicy
 from cdc_daemon.config import Settings, crash_point_from_env
 from cdc_daemon.errors import first_error
+from cdc_daemon.metrics import Metrics
 from cdc_daemon.sink.csv import CONTENT_ENCODINGS, ZstdPool
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import BLOCK_ROWS, DayObject, DaySpool
@@ -60,9 +61,15 @@ def utc_now_iso() -> str:
 
 class WatermarkPipeline:
     def __init__(
-        self, settings: Settings, source: WatermarkSource, sink: S3Sink, store: Store
+        self,
+        settings: Settings,
+        source: WatermarkSource,
+        sink: S3Sink,
+        store: Store,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._source = source
         self._sink = sink
         self._store = store
@@ -179,6 +186,8 @@ class WatermarkPipeline:
                     self._state = result.state
                 if not result.waiting:
                     self._waiting_since = None
+                    if self._metrics is not None:
+                        self._metrics.caught_up()
                 return False
             batch = self._batch(result.spec, read_ts, result.state, await self._finish(spool))
             timings = {"extract_s": time.monotonic() - started}
@@ -328,6 +337,17 @@ class WatermarkPipeline:
     ) -> None:
         """The one canonical line per batch (and one more when rows were quarantined)."""
         done = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.batch_committed(
+                rows=batch.rows,
+                raw_bytes=batch.raw_bytes,
+                size=batch.size,
+                objects=len(batch.objects),
+                quarantined=batch.quarantined,
+                seconds=done - started,
+                lag_s=done - waiting_since,
+                behind=behind,
+            )
         if batch.quarantined:
             log.warning(
                 "rows_quarantined",

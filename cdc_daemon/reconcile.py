@@ -36,6 +36,8 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, TransientError, from_psycopg
+from cdc_daemon.health import Heartbeats
+from cdc_daemon.metrics import Metrics
 from cdc_daemon.source.fence import INT64_MIN
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store, Unreconciled
@@ -133,8 +135,16 @@ def _best(records: list[LoadRecord]) -> dict[str, LoadRecord]:
 class Reconciler:
     """The constructor does no I/O; ``run_once`` and ``run`` connect when needed."""
 
-    def __init__(self, settings: Settings, warehouse: Warehouse | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        heartbeats: Heartbeats | None = None,
+        warehouse: Warehouse | None = None,
+    ) -> None:
         self._settings = settings
+        self._metrics = metrics
+        self._heartbeats = heartbeats
         self._table = ledger_table(settings)
         self._wh = warehouse
         self._store: Store | None = None
@@ -228,6 +238,15 @@ class Reconciler:
             ):
                 outcome.missing.append((batch.batch_id, reason))
                 log.error("batch_missing", batch_id=batch.batch_id, reason=reason)
+        if self._metrics is not None:
+            for name, batches in (
+                ("loaded", outcome.loaded),
+                ("failed", outcome.failed),
+                ("missing", outcome.missing),
+                ("refreshed", outcome.refreshed),
+            ):
+                if batches:
+                    self._metrics.reconciled(name, len(batches))
         if outcome.loaded or outcome.failed or outcome.missing or outcome.refreshed:
             log.info(
                 "reconciled",
@@ -305,6 +324,10 @@ class Reconciler:
         failures = 0
         try:
             while not stop.is_set():
+                # The loop is alive whatever Snowflake does: a failing round still beats, so
+                # Snowflake being down never fails /healthz nor starves the watchdog.
+                if self._heartbeats is not None:
+                    self._heartbeats.beat("reconcile")
                 delay = sf.reconcile_interval_s
                 try:
                     await self.run_once()
@@ -319,6 +342,8 @@ class Reconciler:
                     failures = 0
                 except CdcError as exc:
                     failures += 1
+                    if self._metrics is not None:
+                        self._metrics.retried("snowflake")
                     delay = min(sf.reconcile_interval_s * 2 ** (failures - 1), 10 * delay)
                     log.warning(
                         "reconcile_failed",
@@ -331,6 +356,8 @@ class Reconciler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         finally:
+            if self._heartbeats is not None:
+                self._heartbeats.forget("reconcile")
             await self.close()
 
 

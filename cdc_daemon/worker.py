@@ -17,14 +17,24 @@ from contextlib import AsyncExitStack
 
 import stamina
 import structlog
+from prometheus_client import CollectorRegistry
 
 from cdc_daemon.config import Settings, redact_dsn
-from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error
+from cdc_daemon.errors import (
+    AlreadyRunningError,
+    CdcError,
+    ConfigError,
+    TransientError,
+    first_error,
+)
+from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
+from cdc_daemon.metrics import Metrics
 from cdc_daemon.pipeline import WatermarkPipeline
 from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.watermark import WatermarkSource
 from cdc_daemon.state.store import Store
+from cdc_daemon.systemd import SystemdNotifier
 
 log = structlog.get_logger()
 
@@ -37,10 +47,19 @@ class Worker:
         self._signals = 0
         self._store: Store | None = None
         self._source: WatermarkSource | None = None
+        # Operations (health.py, metrics.py, systemd.py): one registry per worker.
+        self.registry = CollectorRegistry()
+        self.metrics: Metrics | None = None
+        self.heartbeats = Heartbeats()
+        self._probe = Probe(settings)
+        self._notifier = SystemdNotifier()
+        self._lock_held = False
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
             log.info("shutdown_requested", reason=reason)
+            self._notifier.stopping(f"stopping ({reason})")
+            self._probe.phase = "stopping"
         self._stop.set()
 
     def _on_signal(self, signum: signal.Signals) -> None:
@@ -62,16 +81,30 @@ class Worker:
                 installed.append(signum)
         try:
             async with AsyncExitStack() as stack:
+                stack.callback(self._notifier.close)
+                stack.callback(self._notifier.stopping)
+                if shutdown_trigger is not None:
+                    # Outside the TaskGroup: it also ends a wait for the lock.
+                    trigger = asyncio.create_task(self._await_trigger(shutdown_trigger))
+                    stack.push_async_callback(_cancelled, trigger)
                 pipeline = await self._startup(stack)
+                if pipeline is None:
+                    log.info("daemon_stopped", table=self._settings.postgres.table)
+                    return 0
+                self._probe.phase = "running"
+                self._notifier.ready(f"exporting {pipeline.table}")
                 try:
                     async with asyncio.TaskGroup() as group:
                         capture = group.create_task(self._capture_loop(pipeline))
-                        if shutdown_trigger is not None:
-                            trigger = group.create_task(self._await_trigger(shutdown_trigger))
-                            capture.add_done_callback(lambda _: trigger.cancel())
+                        supervisor = group.create_task(
+                            Supervisor(settings, self.heartbeats, self._notifier).run()
+                        )
+                        capture.add_done_callback(lambda _: supervisor.cancel())
                         if settings.snowflake.enabled:
                             # Its own sessions; it never raises: Snowflake cannot stop export.
-                            reconciler = group.create_task(Reconciler(settings).run(self._stop))
+                            reconciler = group.create_task(
+                                Reconciler(settings, self.metrics, self.heartbeats).run(self._stop)
+                            )
                             capture.add_done_callback(lambda _: reconciler.cancel())
                 except BaseExceptionGroup as group:
                     # One loop failed and the group cancelled the rest: report that failure.
@@ -86,7 +119,8 @@ class Worker:
         await trigger()
         self.request_stop("trigger")
 
-    async def _startup(self, stack: AsyncExitStack) -> WatermarkPipeline:
+    async def _startup(self, stack: AsyncExitStack) -> WatermarkPipeline | None:
+        """Open everything; None when a shutdown was asked for while waiting for the lock."""
         settings = self._settings
         log.info(
             "daemon_starting",
@@ -102,8 +136,15 @@ class Worker:
         self._source = source
         stack.callback(source.close)
         table = await asyncio.to_thread(source.connect)
-        await store.try_lock(table.qualified)
+        self.metrics = Metrics(self.registry, table.qualified)
+        self._probe.table = table.qualified
+        self._probe.lock_session = self._lock_session
+        if settings.http.address:
+            await HealthServer(settings, self.metrics, self.heartbeats, self._probe).start(stack)
+        if not await self._take_lock(store, table.qualified):
+            return None
         sink = await S3Sink.open(settings.s3, stack)
+        self._probe.check_bucket = sink.check_bucket
         # A bucket that does not answer yet is waited for like any transient error; one that
         # does not exist is the user's mistake and ends here.
         async for attempt in stamina.retry_context(
@@ -121,7 +162,41 @@ class Worker:
             partition_column=table.partition.name,
             pid=os.getpid(),
         )
-        return WatermarkPipeline(settings, source, sink, store)
+        return WatermarkPipeline(settings, source, sink, store, self.metrics)
+
+    def _lock_session(self) -> int | None:
+        store = self._store
+        if not self._lock_held or store is None or store.broken:
+            return None
+        return store.backend_pid
+
+    async def _take_lock(self, store: Store, table: str) -> bool:
+        """The single-instance lock. Held by another daemon: exit 5, or with
+        ``daemon.wait_for_lock`` wait for it (a standby), alive but not ready."""
+        daemon = self._settings.daemon
+        waited = False
+        while True:
+            try:
+                await store.try_lock(table)
+            except AlreadyRunningError:
+                if not daemon.wait_for_lock:
+                    raise
+                if not waited:
+                    log.info("lock_waiting", table=table, poll_s=daemon.lock_poll_s)
+                    self._notifier.status(f"waiting for the lock on {table}")
+                    self._probe.phase = "waiting_for_lock"
+                    waited = True
+                self.heartbeats.beat("lock")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), daemon.lock_poll_s)
+                if self._stop.is_set():
+                    return False
+                continue
+            self.heartbeats.forget("lock")
+            self._lock_held = True
+            if waited:
+                log.info("lock_taken", table=table)
+            return True
 
     async def _connect_store(self) -> Store:
         settings = self._settings
@@ -139,8 +214,10 @@ class Worker:
         (and stop if another daemon took it meanwhile)."""
         store = self._store
         if store is not None and store.broken:
+            self._lock_held = False
             new = await self._connect_store()
             await new.try_lock(pipeline.table)
+            self._lock_held = True
             pipeline.replace_store(new)
 
     async def _step_with_retries(self, pipeline: WatermarkPipeline) -> bool:
@@ -156,6 +233,7 @@ class Worker:
             timeout=None,
         ):
             with attempt:
+                self.heartbeats.beat("capture")
                 try:
                     if failures:
                         await self._reconnect_if_broken(pipeline)
@@ -172,6 +250,8 @@ class Worker:
                         error=str(exc),
                     )
                     await self._note_failure(pipeline, exc)
+                    if self.metrics is not None and attempt.num < daemon.retry_attempts:
+                        self.metrics.retried(exc.boundary)
                     raise
                 if failures:
                     log.info("step_recovered", table=pipeline.table, attempts=failures + 1)
@@ -205,6 +285,7 @@ class Worker:
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
+                self.heartbeats.beat("capture")
                 step = asyncio.ensure_future(self._step_with_retries(pipeline))
                 await asyncio.wait([step, stop_wait], return_when=asyncio.FIRST_COMPLETED)
                 if not step.done():
@@ -241,3 +322,10 @@ class Worker:
                 final.result()
         finally:
             stop_wait.cancel()
+            self.heartbeats.forget("capture")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -211,7 +211,7 @@ class WatermarkSource:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
         except psycopg.errors.QueryCanceled as exc:
-            raise TransientError("the export was cancelled") from exc
+            raise TransientError("the export was cancelled").at("postgres") from exc
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"exporting {self.table.qualified}") from None
 

@@ -129,6 +129,11 @@ class Store:
     def broken(self) -> bool:
         return self._conn.closed or self._conn.broken
 
+    @property
+    def backend_pid(self) -> int:
+        """The server process of this session (the one holding the lock)."""
+        return self._conn.info.backend_pid
+
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._schema)
 

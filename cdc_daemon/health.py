@@ -1,0 +1,245 @@
+"""Health and metrics over HTTP (aiohttp, in the daemon's event loop): ``http.address``.
+
+- ``/healthz``: liveness. Every loop reports a heartbeat as it makes progress; a loop silent for
+  longer than ``daemon.stall_timeout_s`` is stalled and the answer is 503. The same test gates
+  the systemd watchdog pings (``Supervisor``), so a wedged process is restarted either way.
+- ``/readyz``: readiness. Startup finished, the single-instance lock is held by this process's
+  ledger session, Postgres (ledger and source) and the bucket answer. A standby waiting for
+  the lock is alive but not ready.
+- ``/metrics``: Prometheus text format from the worker's registry; ledger-fed gauges are
+  refreshed from the ledger first.
+
+Probes use sessions of their own (``LedgerReader``), never the pipeline's ledger session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import psycopg
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, ConfigError
+from cdc_daemon.metrics import Metrics
+from cdc_daemon.state.report import LedgerReader
+from cdc_daemon.systemd import SystemdNotifier
+
+log = structlog.get_logger()
+
+HEALTHZ_PATH = "/healthz"
+READYZ_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+# One probe must not hang a request past a kubelet's default probe timeout much.
+CHECK_TIMEOUT_S = 5.0
+
+
+class Heartbeats:
+    """When each loop last reported progress (monotonic clock)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._beats: dict[str, float] = {}
+
+    def beat(self, loop: str) -> None:
+        self._beats[loop] = self._clock()
+
+    def forget(self, loop: str) -> None:
+        """The loop ended on purpose (e.g. shutting down): no longer expected to beat."""
+        self._beats.pop(loop, None)
+
+    def ages(self) -> dict[str, float]:
+        now = self._clock()
+        return {loop: now - at for loop, at in self._beats.items()}
+
+    def stalled(self, limit_s: float) -> list[str]:
+        return sorted(loop for loop, age in self.ages().items() if age > limit_s)
+
+
+class Probe:
+    """What readiness needs to know, filled in by the worker as startup proceeds."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.phase = "starting"  # -> waiting_for_lock -> running -> stopping
+        # Returns the backend pid of the session holding the lock, when this process holds it.
+        self.lock_session: Callable[[], int | None] = lambda: None
+        self.check_bucket: Callable[[], Awaitable[None]] | None = None
+        self.table: str | None = None
+        self._reader: LedgerReader | None = None
+        self._source: psycopg.AsyncConnection[Any] | None = None
+
+    async def _ledger(self) -> LedgerReader:
+        if self._reader is None or self._reader.broken:
+            if self._reader is not None:
+                await self._reader.close()
+            self._reader = await LedgerReader.connect(self._settings, "cdc-daemon-probe")
+        return self._reader
+
+    async def _ping_source(self) -> None:
+        """The source is checked on its own session only when it is another database."""
+        settings = self._settings
+        if settings.postgres.dsn == settings.state_dsn:
+            return
+        try:
+            if self._source is None or self._source.closed or self._source.broken:
+                self._source = await psycopg.AsyncConnection.connect(
+                    settings.postgres.dsn.get_secret_value(),
+                    autocommit=True,
+                    application_name="cdc-daemon-probe",
+                    connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+                )
+            await self._source.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise CdcError(f"the source database does not answer: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+        if self._source is not None:
+            await self._source.close()
+
+    async def _check(self, name: str, check: Callable[[], Awaitable[object]]) -> str:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await check()
+        except TimeoutError:
+            return f"{name}: no answer within {CHECK_TIMEOUT_S:g}s"
+        except CdcError as exc:
+            return str(exc)
+        return "ok"
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        checks: dict[str, str] = {"phase": self.phase}
+        if self.phase != "running" or self.table is None:
+            return False, checks
+
+        async def lock() -> None:
+            ledger = await self._ledger()
+            holder = await ledger.lock_holder(self.table or "")
+            ours = self.lock_session()
+            if holder is None or ours is None or holder["pid"] != ours:
+                raise CdcError("the single-instance lock is not held by this process")
+
+        async def bucket() -> None:
+            if self.check_bucket is not None:
+                await self.check_bucket()
+
+        checks["postgres"] = await self._check("ledger", lock)
+        if checks["postgres"] == "ok":
+            checks["source"] = await self._check("source", self._ping_source)
+        checks["s3"] = await self._check("s3", bucket)
+        return all(v == "ok" for k, v in checks.items() if k != "phase"), checks
+
+    async def refresh(self, metrics: Metrics) -> None:
+        """Ledger-fed gauges; on a failure the previous figures stay (and the error is logged
+        at debug: /readyz reports it)."""
+        metrics.set_lock(self.lock_session() is not None)
+        if self.table is None:
+            return  # the table is not resolved yet: nothing to read
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                ledger = await self._ledger()
+                counts = await ledger.counts(metrics.table)
+                oldest = await ledger.oldest_unreconciled(metrics.table)
+        except (CdcError, TimeoutError) as exc:
+            log.debug("metrics_ledger_unavailable", error=str(exc))
+            return
+        metrics.set_ledger(counts, oldest["age_s"] if oldest else None)
+
+
+class HealthServer:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, heartbeats: Heartbeats, probe: Probe
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._heartbeats = heartbeats
+        self._probe = probe
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(HEALTHZ_PATH, self._healthz)
+        app.router.add_get(READYZ_PATH, self._readyz)
+        app.router.add_get(METRICS_PATH, self._metrics_page)
+        return app
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """Listen on ``http.address``; the exit stack stops it. A port that cannot be bound
+        is the configuration's fault: one sentence, exit 2."""
+        http = self._settings.http
+        runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(self._probe.close)
+        site = web.TCPSite(runner, http.host, http.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on http.address {http.address!r}: {exc.strerror or exc}"
+            ) from None
+        log.info("http_listening", address=http.address, port=http.port)
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        limit = self._settings.daemon.stall_timeout_s
+        stalled = self._heartbeats.stalled(limit)
+        body = {
+            "status": "stalled" if stalled else "ok",
+            "stalled": stalled,
+            "loops": {k: round(v, 3) for k, v in self._heartbeats.ages().items()},
+            "stall_timeout_s": limit,
+        }
+        return web.json_response(body, status=503 if stalled else 200)
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ready, checks = await self._probe.readiness()
+        return web.json_response(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status=200 if ready else 503,
+        )
+
+    async def _metrics_page(self, _request: web.Request) -> web.Response:
+        await self._probe.refresh(self._metrics)
+        self._metrics.set_heartbeats(self._heartbeats.ages())
+        return web.Response(
+            body=self._metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+class Supervisor:
+    """The loop that feeds systemd's watchdog: a ping only while no loop is stalled, so a
+    wedged capture (a query that never returns) gets the process restarted."""
+
+    def __init__(
+        self, settings: Settings, heartbeats: Heartbeats, notifier: SystemdNotifier
+    ) -> None:
+        self._settings = settings
+        self._heartbeats = heartbeats
+        self._notifier = notifier
+
+    @property
+    def interval_s(self) -> float:
+        # Half the watchdog period, as sd_watchdog_enabled(3) advises.
+        watchdog = self._notifier.watchdog_s
+        return watchdog / 2 if watchdog else 5.0
+
+    async def run(self) -> None:
+        limit = self._settings.daemon.stall_timeout_s
+        warned: list[str] = []
+        while True:
+            stalled = self._heartbeats.stalled(limit)
+            if not stalled:
+                self._notifier.watchdog()
+            elif stalled != warned:
+                log.error("loop_stalled", loops=stalled, stall_timeout_s=limit)
+            warned = stalled
+            await asyncio.sleep(self.interval_s)

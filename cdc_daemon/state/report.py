@@ -1,0 +1,176 @@
+"""Read-only views of the ledger for ``status`` and ``/metrics``.
+
+On a session of its own, never the daemon's ledger session: that one holds the single-instance
+lock and runs the commit transactions, and a query slipped in between could land inside one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import from_psycopg
+from cdc_daemon.state.store import lock_key
+
+# Uploaded to S3, not yet confirmed in the warehouse (the reconciler's work).
+UNRECONCILED = ("uploaded", "missing")
+
+
+def lock_columns(table: str) -> tuple[int, int]:
+    """The (classid, objid) under which pg_locks shows the table's bigint advisory lock: the
+    key's high and low 32 bits, unsigned (with objsubid = 1)."""
+    key = lock_key(table) & 0xFFFF_FFFF_FFFF_FFFF
+    return key >> 32, key & 0xFFFF_FFFF
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+class LedgerReader:
+    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
+        self._conn = conn
+        self._schema = sql.Identifier(schema)
+
+    @classmethod
+    async def connect(cls, settings: Settings, application_name: str) -> LedgerReader:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                settings.state_dsn.get_secret_value(),
+                autocommit=True,
+                row_factory=dict_row,
+                application_name=application_name,
+                connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+                options="-c TimeZone=UTC -c DateStyle=ISO",
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "cannot connect to the state database") from None
+        return cls(conn, settings.state.schema_)
+
+    @property
+    def broken(self) -> bool:
+        return self._conn.closed or self._conn.broken
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def _fetch(self, query: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            cur = await self._conn.execute(sql.SQL(query).format(schema=self._schema), params)
+            return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "reading the ledger") from None
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1 AS ok")
+
+    async def positions(self) -> list[dict[str, Any]]:
+        return await self._fetch(
+            "SELECT table_name, mode, low, high, updated_at FROM {schema}.positions "
+            "ORDER BY table_name"
+        )
+
+    async def counts(self, table: str) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT status, count(*) AS n FROM {schema}.batches WHERE table_name = %s "
+            "GROUP BY status",
+            (table,),
+        )
+        return {str(r["status"]): int(r["n"]) for r in rows}
+
+    async def totals(self, table: str) -> dict[str, int]:
+        """Rows, objects and object bytes of the batches that reached S3."""
+        rows = await self._fetch(
+            "SELECT coalesce(sum(rows), 0) AS rows, "
+            "coalesce(sum(jsonb_array_length(objects)), 0) AS objects, "
+            "coalesce(sum(size), 0) AS bytes FROM {schema}.batches "
+            "WHERE table_name = %s AND uploaded_at IS NOT NULL",
+            (table,),
+        )
+        return {k: int(v) for k, v in rows[0].items()}
+
+    async def last(self, table: str, column: str) -> dict[str, Any] | None:
+        """The batch with the latest ``uploaded_at`` or ``loaded_at``."""
+        assert column in ("uploaded_at", "loaded_at")
+        rows = await self._fetch(
+            f"SELECT batch_id, status, rows, {column} AS at FROM {{schema}}.batches "
+            f"WHERE table_name = %s AND {column} IS NOT NULL ORDER BY {column} DESC, hi DESC "
+            "LIMIT 1",
+            (table,),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return {
+            "batch_id": row["batch_id"],
+            "status": row["status"],
+            "rows": row["rows"],
+            "at": _iso(row["at"]),
+        }
+
+    async def oldest_unreconciled(self, table: str) -> dict[str, Any] | None:
+        rows = await self._fetch(
+            "SELECT batch_id, status, uploaded_at, "
+            "extract(epoch FROM now() - uploaded_at)::float8 AS age_s "
+            "FROM {schema}.batches WHERE table_name = %s AND status = ANY(%s) "
+            "AND uploaded_at IS NOT NULL ORDER BY uploaded_at, hi LIMIT 1",
+            (table, list(UNRECONCILED)),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return {
+            "batch_id": row["batch_id"],
+            "status": row["status"],
+            "uploaded_at": _iso(row["uploaded_at"]),
+            "age_s": round(float(row["age_s"]), 3),
+        }
+
+    async def troubled(self, table: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Batches not where they should be: pending (with attempts), failed or missing, with
+        the reason recorded for each; oldest first."""
+        rows = await self._fetch(
+            "SELECT batch_id, status, attempts, error, uploaded_at IS NOT NULL AS in_s3, "
+            "updated_at FROM {schema}.batches WHERE table_name = %s "
+            "AND status IN ('pending', 'failed', 'missing') ORDER BY hi, created_at LIMIT %s",
+            (table, limit),
+        )
+        return [
+            {
+                "batch_id": r["batch_id"],
+                "status": r["status"],
+                "attempts": r["attempts"],
+                "in_s3": r["in_s3"],
+                "error": r["error"],
+                "updated_at": _iso(r["updated_at"]),
+            }
+            for r in rows
+        ]
+
+    async def lock_holder(self, table: str) -> dict[str, Any] | None:
+        """The session holding the table's lock (a running daemon), if any. pg_locks shows
+        only this database's locks: the lock is taken on the ledger's session, as here."""
+        classid, objid = lock_columns(table)
+        rows = await self._fetch(
+            "SELECT l.pid, a.application_name, a.client_addr::text AS client_addr, "
+            "a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.classid = %s::oid AND l.objid = %s::oid",
+            (classid, objid),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return {
+            "pid": row["pid"],
+            "application_name": row["application_name"],
+            "client_addr": row["client_addr"],
+            "since": _iso(row["backend_start"]),
+        }

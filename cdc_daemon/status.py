@@ -1,0 +1,227 @@
+"""``cdc-daemon status``: what an operator asks first, from the ledger (and the source).
+
+Per captured table: is a daemon running (a session holds the table's advisory lock), how far
+behind it is (rows above the exported position and seconds since the position last moved; WAL
+bytes of the slot in logical mode), batches by status, the last uploaded and last loaded batch,
+batches that need attention (pending with attempts, failed, missing) with their reasons, and
+the oldest batch not yet confirmed loaded. ``--json`` prints the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, from_psycopg
+from cdc_daemon.source.fence import INT64_MIN
+from cdc_daemon.source.table import describe_table
+from cdc_daemon.source.watermark import connect as connect_source
+from cdc_daemon.state.ledger import Status
+from cdc_daemon.state.report import LedgerReader
+from cdc_daemon.state.store import Store
+
+
+def slot_lag_bytes(conn: psycopg.Connection[Any], slot: str) -> int | None:
+    """WAL the slot still holds back: the server's current insert LSN (the write LSN lags it
+    while commits are not flushed, e.g. with synchronous_commit off) minus what the slot's
+    consumer confirmed. None when there is no such slot. (For logical mode; the caller passes
+    the slot's name from its settings.)"""
+    row = conn.execute(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::int8 "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _source_figures(
+    settings: Settings, highs: dict[str, int | None], slot: str | None
+) -> tuple[str, int | None, int | None]:
+    """(qualified table, rows above its exported high, slot lag bytes), in a thread."""
+    conn = connect_source(settings)
+    try:
+        capture = settings.capture
+        table = describe_table(
+            conn, settings.postgres.table, capture.watermark_column, capture.partition_column
+        )
+        rows = None
+        if table.qualified in highs:
+            high = highs[table.qualified]
+            cur = conn.execute(
+                sql.SQL("SELECT count(*) FROM {t} WHERE {c} > %s").format(
+                    t=table.ident(), c=table.watermark.ident()
+                ),
+                (INT64_MIN if high is None else high,),
+            )
+            found = cur.fetchone()
+            rows = int(found[0]) if found is not None else 0  # type: ignore[call-overload]
+        lag = slot_lag_bytes(conn, slot) if slot else None
+        return table.qualified, rows, lag
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, f"reading {settings.postgres.table}") from None
+    finally:
+        conn.close()
+
+
+async def collect(
+    settings: Settings, table: str | None = None, slot: str | None = None
+) -> dict[str, Any]:
+    """The report for every table in the ledger (or one); see the module docstring."""
+    store = await Store.from_settings(settings)
+    try:
+        await store.check_schema()
+    finally:
+        await store.close()
+    reader = await LedgerReader.connect(settings, "cdc-daemon-status")
+    try:
+        positions = [p for p in await reader.positions() if table in (None, p["table_name"])]
+        highs = {p["table_name"]: p["high"] for p in positions}
+        source_error = None
+        source: tuple[str, int | None, int | None] | None = None
+        try:
+            source = await asyncio.to_thread(_source_figures, settings, highs, slot)
+        except CdcError as exc:
+            source_error = str(exc)
+        now = datetime.now(UTC)
+        report: dict[str, Any] = {}
+        for position in positions:
+            name = position["table_name"]
+            counts = await reader.counts(name)
+            troubled = await reader.troubled(name)
+            behind: dict[str, Any] = {"rows": None, "seconds": None, "slot_lag_bytes": None}
+            if source is not None and source[0] == name:
+                rows = source[1]
+                behind["rows"] = rows
+                behind["seconds"] = (
+                    round((now - position["updated_at"]).total_seconds(), 3) if rows else 0.0
+                )
+                behind["slot_lag_bytes"] = source[2]
+            elif source_error is not None:
+                behind["error"] = source_error
+            totals = await reader.totals(name)
+            last_uploaded = await reader.last(name, "uploaded_at")
+            report[name] = {
+                "mode": position["mode"],
+                "running": await reader.lock_holder(name),
+                "watermark": None if position["low"] in (None, INT64_MIN) else position["low"],
+                "exported_high": (
+                    None if position["high"] in (None, INT64_MIN) else position["high"]
+                ),
+                "position_updated_at": position["updated_at"].isoformat(),
+                "behind": behind,
+                "batches": counts,
+                **totals,
+                "last_batch": last_uploaded["batch_id"] if last_uploaded else None,
+                "last_uploaded": last_uploaded,
+                "last_loaded": await reader.last(name, "loaded_at"),
+                "oldest_unreconciled": await reader.oldest_unreconciled(name),
+                # Not (yet) in S3: pending, or failed with the reason the retries gave up on.
+                "unfinished": [b for b in troubled if not b["in_s3"]],
+                "failed": [b for b in troubled if b["status"] == Status.FAILED],
+                "missing": [b for b in troubled if b["status"] == Status.MISSING],
+            }
+        return report
+    finally:
+        await reader.close()
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{n:,} B" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _batch(b: dict[str, Any] | None) -> str:
+    if b is None:
+        return "none"
+    return f"{b['batch_id']} ({_count(b['rows'])} rows) at {b['at']}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as a readable table for a terminal."""
+    if not report:
+        return "no table captured yet (run the daemon first)"
+    lines: list[str] = []
+    for name, t in report.items():
+        lines.append(f"{name}  ({t['mode']} mode)")
+        running = t["running"]
+        if running:
+            who = f"{running['application_name'] or 'a session'}"
+            if running["client_addr"]:
+                who += f" from {running['client_addr']}"
+            since = f", since {running['since']}" if running["since"] else ""
+            rows = [
+                ("running", f"yes: {who} holds the lock (Postgres pid {running['pid']}{since})")
+            ]
+        else:
+            rows = [("running", "no (no session holds the table's lock)")]
+        behind = t["behind"]
+        if "error" in behind:
+            lag = f"unknown: {behind['error']}"
+        else:
+            lag = (
+                f"{_count(behind['rows'])} rows; the position last moved {behind['seconds']} s ago"
+                if behind["rows"] != 0
+                else "nothing (caught up)"
+            )
+            if behind["slot_lag_bytes"] is not None:
+                lag += f", slot {_size(behind['slot_lag_bytes'])} of WAL"
+        counts = t["batches"]
+        rows += [
+            ("watermark", f"{t['watermark']} (exported up to {t['exported_high']})"),
+            ("behind", lag),
+            ("batches", "  ".join(f"{s.value} {counts.get(s.value, 0)}" for s in Status)),
+            (
+                "exported",
+                f"{_count(t['rows'])} rows, {_count(t['objects'])} objects, {_size(t['bytes'])}",
+            ),
+            ("last uploaded", _batch(t["last_uploaded"])),
+            ("last loaded", _batch(t["last_loaded"])),
+        ]
+        oldest = t["oldest_unreconciled"]
+        rows.append(
+            (
+                "oldest unreconciled",
+                "none"
+                if oldest is None
+                else f"{oldest['batch_id']} ({oldest['status']}, uploaded {oldest['age_s']:.0f} s"
+                " ago)",
+            )
+        )
+        width = max(len(k) for k, _ in rows)
+        lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+        attention = t["unfinished"] + [
+            b for b in t["failed"] + t["missing"] if b not in t["unfinished"]
+        ]
+        if attention:
+            lines.append("  needs attention:")
+            header = ("batch", "status", "attempts", "in S3", "reason")
+            table = [header] + [
+                (
+                    b["batch_id"],
+                    b["status"],
+                    str(b["attempts"]),
+                    "yes" if b["in_s3"] else "no",
+                    b["error"] or "",
+                )
+                for b in attention
+            ]
+            widths = [max(len(r[i]) for r in table) for i in range(4)]
+            for r in table:
+                lines.append(
+                    "    " + "  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4]
+                )
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")

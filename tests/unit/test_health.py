@@ -1,0 +1,210 @@
+"""Heartbeats, the watchdog gate, systemd's notify datagrams, ``http.address`` and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from cdc_daemon.config import DEFAULT_HTTP_PORT, load_settings, split_address
+from cdc_daemon.errors import ConfigError
+from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
+from cdc_daemon.metrics import Metrics
+from cdc_daemon.systemd import SystemdNotifier
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_loop_silent_past_the_limit_is_stalled() -> None:
+    """A loop is stalled only once its last beat is older than the limit; a loop that ended
+    on purpose is no longer expected to beat."""
+    clock = Clock()
+    beats = Heartbeats(clock)
+    beats.beat("capture")
+    beats.beat("reconcile")
+    clock.now += 10
+    beats.beat("reconcile")
+    assert beats.stalled(10) == []
+    clock.now += 0.5
+    assert beats.stalled(10) == ["capture"]
+    assert beats.ages() == {"capture": 10.5, "reconcile": 0.5}
+    beats.forget("capture")
+    assert beats.stalled(10) == []
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_notifier_sends_the_protocol_messages(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READY=1 (with a status and the main pid), WATCHDOG=1 and STOPPING=1 arrive as
+    datagrams on NOTIFY_SOCKET; WATCHDOG_USEC gives the watchdog period, but only for the
+    process WATCHDOG_PID names."""
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    notifier = SystemdNotifier()
+    try:
+        assert notifier.watchdog_s == 2.0
+        notifier.ready("exporting t")
+        notifier.watchdog()
+        notifier.stopping()
+        got = [notify_socket.recv(4096).decode() for _ in range(3)]
+    finally:
+        notifier.close()
+    assert got[0].splitlines()[:2] == ["READY=1", "STATUS=exporting t"]
+    assert got[0].splitlines()[2].startswith("MAINPID=")
+    assert got[1:] == ["WATCHDOG=1", "STOPPING=1\nSTATUS=stopping"]
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    other = SystemdNotifier()
+    assert other.watchdog_s is None
+    other.close()
+
+
+def test_notifier_outside_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without NOTIFY_SOCKET nothing is sent and nothing fails."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notifier = SystemdNotifier()
+    assert not notifier.enabled
+    notifier.ready("x")
+    notifier.watchdog()
+    notifier.close()
+
+
+async def test_watchdog_pings_stop_while_a_loop_is_stalled(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor pings every half watchdog period while the loops beat, and stops
+    pinging (so systemd restarts the process) once one stays silent past the stall limit."""
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    settings = load_settings(None, daemon={"stall_timeout_s": 0.3})
+    beats = Heartbeats()
+    notifier = SystemdNotifier()
+    notify_socket.setblocking(False)
+    task = asyncio.create_task(Supervisor(settings, beats, notifier).run())
+    try:
+        for _ in range(6):
+            beats.beat("capture")
+            await asyncio.sleep(0.05)
+        pings = drain(notify_socket)
+        assert pings.count("WATCHDOG=1") >= 4
+        await asyncio.sleep(0.5)  # no beat: stalled from 0.3 s on
+        drain(notify_socket)
+        await asyncio.sleep(0.3)
+        assert drain(notify_socket) == []
+        beats.beat("capture")
+        await asyncio.sleep(0.15)
+        assert "WATCHDOG=1" in drain(notify_socket)
+    finally:
+        task.cancel()
+        notifier.close()
+
+
+def drain(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("0.0.0.0:9187", ("0.0.0.0", 9187)),
+        ("127.0.0.1", ("127.0.0.1", DEFAULT_HTTP_PORT)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("[::]:9100", ("::", 9100)),
+        ("[::1]", ("::1", DEFAULT_HTTP_PORT)),
+    ],
+)
+def test_http_address_forms(address: str, expected: tuple[str, int]) -> None:
+    """``host:port``, a host alone (the default port), ``:port`` and bracketed IPv6."""
+    assert split_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["localhost:http", "::1", "h:0", "h:70000"])
+def test_bad_http_address_is_one_sentence(address: str) -> None:
+    """A malformed address is refused at load time with a message naming the key."""
+    with pytest.raises(ConfigError, match=r"http\.address"):
+        load_settings(None, http={"address": address})
+
+
+def test_http_endpoint_is_off_by_default() -> None:
+    assert load_settings(None).http.address == ""
+
+
+def test_metrics_follow_prometheus_conventions() -> None:
+    """Every series is prefixed, counters end in _total, and unknown reconciler outcomes are
+    refused rather than creating a new series."""
+    metrics = Metrics(CollectorRegistry(), "public.t")
+    metrics.batch_committed(
+        rows=10, raw_bytes=100, size=40, objects=2, quarantined=1, seconds=0.2, lag_s=0.3, behind=5
+    )
+    metrics.reconciled("loaded", 2)
+    metrics.retried("s3")
+    metrics.retried(None)
+    text = metrics.exposition().decode()
+    assert 'cdc_rows_exported_total{table="public.t"} 10.0' in text
+    assert 'cdc_reconciler_outcomes_total{outcome="loaded",table="public.t"} 2.0' in text
+    assert 'cdc_retries_total{boundary="s3"} 1.0' in text
+    assert 'cdc_retries_total{boundary="unknown"} 1.0' in text
+    assert 'cdc_lag_rows{table="public.t"} 5.0' in text
+    for family in metrics.registry.collect():
+        assert family.name.startswith(("cdc_", "process_")), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+    with pytest.raises(ValueError, match="unknown reconciler outcome"):
+        metrics.reconciled("exploded")
+    metrics.slot_lag(4096)
+    assert 'cdc_slot_lag_bytes{table="public.t"} 4096.0' in metrics.exposition().decode()
+    metrics.caught_up()
+    assert 'cdc_lag_seconds{table="public.t"} 0.0' in metrics.exposition().decode()
+
+
+async def test_endpoints_answer_from_heartbeats_and_phase() -> None:
+    """/healthz is 200 while the loops beat and 503 naming the stalled loop after
+    ``daemon.stall_timeout_s``; /readyz is 503 until startup finished; /metrics is Prometheus
+    text with the loops' heartbeat ages."""
+    settings = load_settings(None, daemon={"stall_timeout_s": 30})
+    clock = Clock()
+    beats = Heartbeats(clock)
+    beats.beat("capture")
+    metrics = Metrics(CollectorRegistry(), "public.t")
+    server = HealthServer(settings, metrics, beats, Probe(settings))
+    async with TestClient(TestServer(server.app())) as client:
+        answer = await client.get("/healthz")
+        assert answer.status == 200
+        assert (await answer.json())["status"] == "ok"
+        clock.now += 31
+        answer = await client.get("/healthz")
+        assert answer.status == 503
+        assert (await answer.json())["stalled"] == ["capture"]
+        answer = await client.get("/readyz")
+        assert answer.status == 503
+        assert (await answer.json())["checks"] == {"phase": "starting"}
+        answer = await client.get("/metrics")
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        assert 'cdc_loop_heartbeat_age_seconds{loop="capture"} 31.0' in await answer.text()
