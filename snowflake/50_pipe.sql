@@ -1,3 +1,4 @@
+-- dt=unknown/ holds deletes whose day is not known (logical mode, key-only replica identity).
 -- Snowpipe: S3 event notifications (SQS, see the pipe's notification_channel in SHOW PIPES) load
 -- each new object once. IF NOT EXISTS, never OR REPLACE: recreating a pipe drops its load
 -- history, and Snowpipe would load every object in the stage again.
@@ -15,4 +16,4 @@ FROM (
   FROM @{{ stage }}
 )
 FILE_FORMAT = (FORMAT_NAME = '{{ file_format }}')
-PATTERN = '.*dt=[0-9]{4}-[0-9]{2}-[0-9]{2}/.*[.]csv([.](gz|zst))?';
+PATTERN = '.*dt=([0-9]{4}-[0-9]{2}-[0-9]{2}|unknown)/[^/]+[.]csv([.](gz|zst))?';

@@ -140,6 +140,8 @@ class _PipeCopy:
         self.stage = stage.sql("snowflake").lstrip("@")
         fmt = copy_sql[copy_sql.upper().index("FILE_FORMAT") :].split(")")[0] + ")"
         self.file_format = fmt
+        match = re.search(r"PATTERN\s*=\s*'([^']*)'", copy_sql, re.I)
+        self.pattern = match.group(1) if match else ".*"
 
     @property
     def columns(self) -> str:
@@ -393,7 +395,7 @@ class LocalWarehouse:
         """One object through the pipe's COPY. 1 if it loaded, 0 if skipped or failed."""
         assert self._copy is not None, "apply() was not called"
         relative = key.removeprefix(sql.table_folder(self.settings))
-        if not re.fullmatch(r"dt=\d{4}-\d{2}-\d{2}/[^/]+[.]csv([.](gz|zst))?", relative):
+        if not re.fullmatch(self._copy.pattern, relative):
             return 0  # not matched by the pipe's PATTERN
         _, s3 = self._clients()
         target = self.stage_dir / relative
