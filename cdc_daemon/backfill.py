@@ -387,8 +387,11 @@ class Backfill:
         ledger: BackfillLedger,
         sink: S3Sink,
         jobs: int,
+        quiet: bool = False,
     ) -> None:
         self._settings = settings
+        # On a terminal the bar shows progress: the line per chunk is for debug level only.
+        self._chunk_log = log.debug if quiet else log.info
         self._table = table
         self._run = run
         self._ledger = ledger
@@ -517,7 +520,7 @@ class Backfill:
         progress.chunk_done(chunk.day, rows)
         self.objects += len(objects)
         done = time.monotonic()
-        log.info(
+        self._chunk_log(
             "backfill_chunk_uploaded",
             run_id=run_id,
             day=chunk.day.isoformat(),
@@ -706,7 +709,7 @@ async def _execute(
         ):
             with attempt:
                 await sink.check_bucket()
-        backfill = Backfill(settings, table, run, ledger, sink, request.jobs)
+        backfill = Backfill(settings, table, run, ledger, sink, request.jobs, quiet=terminal)
         if terminal:
             structlog.configure(
                 logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStdout()))
@@ -735,7 +738,7 @@ async def _execute(
     seconds = time.monotonic() - started
     figures = progress.figures()
     read_now = progress.rows - sum(c.rows or 0 for c in done)
-    log.info(
+    (log.debug if terminal else log.info)(
         "backfill_finished",
         run_id=run.run_id,
         table=table.qualified,
