@@ -400,6 +400,7 @@ class Backfill:
         self._seq = chunk_seq(settings.capture.mode)
         self._pool = ZstdPool(settings.batch.compression_level)
         self._header = header_line(table.header)
+        self._recorded: dict[date, Chunk] = {}  # intent records written by this process
         self._crash_at = crash_point_from_env()
         if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
             self._crash_at = None  # the daemon's crash points, not ours
@@ -476,6 +477,9 @@ class Backfill:
         it now (a retry after the intent record redoes it with the same ``_cdc_ts``)."""
         settings, table, run_id = self._settings, self._table, self._run.run_id
         started = time.monotonic()
+        # A chunk with an intent record (from an earlier process, or an attempt of this one that
+        # failed after it) is read again with the same _cdc_ts: the same bytes under its keys.
+        chunk = self._recorded.get(chunk.day, chunk)
         redo = chunk.status == "pending"
         read_ts = chunk.read_ts if redo and chunk.read_ts else utc_now_iso()
         spool = DaySpool(
@@ -505,7 +509,14 @@ class Backfill:
                     rows_now=sum(o.rows for o in objects),
                 )
             await self._ledger.record_pending(run_id, chunk.day, read_ts, None, objects, checksum)
-            chunk = replace(chunk, status="pending", read_ts=read_ts, checksum=checksum)
+            chunk = replace(
+                chunk,
+                status="pending",
+                read_ts=read_ts,
+                checksum=checksum,
+                rows=sum(o.rows for o in objects),
+            )
+            self._recorded[chunk.day] = chunk
             self._crash_point("backfill_after_pending")
             await upload_objects(self._sink, settings, batch_name(run_id, chunk.day), objects)
             uploaded = time.monotonic()

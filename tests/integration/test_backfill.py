@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -19,6 +20,7 @@ from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.state.backfill import BackfillLedger
 from tests.e2e.daemon import write_config
+from tests.fix_faults import FaultyProxy
 from tests.helpers import (
     differences,
     export_until_idle,
@@ -312,8 +314,6 @@ async def test_a_ledger_without_backfill_tables_asks_for_init(
 
 async def _main_in_thread(argv: list[str]) -> int:
     """cli.main runs its own event loop: call it from a thread."""
-    import asyncio
-
     return await asyncio.to_thread(main, argv)
 
 
@@ -327,3 +327,71 @@ def test_parse_request_defaults() -> None:
     )
     assert not request.resume
     assert not request.dry_run
+
+
+async def test_s3_errors_are_retried_with_the_same_bytes(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    s3_proxy: FaultyProxy,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """S3 answering 503 beyond botocore's own retries fails a chunk's upload after its intent
+    record; the chunk is retried (logged, counted on the chunk) with the recorded _cdc_ts, so
+    the same bytes, and the run ends with one object per day holding every row once."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2000, days=4)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        s3={"endpoint_url": s3_proxy.endpoint_url},
+        daemon={"retry_max_wait_s": 0.2},
+    )
+    await init_ledger(settings)
+
+    async def fail_the_first_uploads() -> None:
+        # The first request is the bucket check; the next ones are the first chunk's PUT
+        # (3 attempts by botocore, then one more after the chunk is retried).
+        while s3_proxy.requests == 0:  # noqa: ASYNC110 - a counter in another thread
+            await asyncio.sleep(0.001)
+        s3_proxy.fail_next(4)
+
+    injector = asyncio.create_task(fail_the_first_uploads())
+    request = parse_request("2010-12-01", "2010-12-05", jobs="1")
+    assert await run_backfill(settings, request) == 0
+    await injector
+    assert s3_proxy.injected == 4
+    with psycopg.connect(pg_dsn) as conn:
+        attempts = conn.execute(
+            "SELECT day::text, attempts FROM cdc.backfill_chunks ORDER BY 1"
+        ).fetchall()
+    assert attempts == [("2010-12-01", 2), ("2010-12-02", 1), ("2010-12-03", 1), ("2010-12-04", 1)]
+    out = capsys.readouterr().out
+    assert re.search(r"backfill_chunk_failed .*day=2010-12-01 .*SlowDown", out)
+    assert re.search(r"backfill_chunk_uploaded .*day=2010-12-01 .*redo=True", out)
+    assert "backfill_chunk_changed_on_redo" not in out  # the same _cdc_ts, the same bytes
+    bodies = object_bodies(s3_client, bucket)
+    assert len(bodies) == 4
+    expected = range_table(pg_dsn, "2010-12-01", "2010-12-05")
+    rebuild(pg_dsn, bodies, table="range_src")
+    assert differences(pg_dsn, "range_src") == (expected, expected, 0, 0)
+
+
+async def test_a_range_without_rows_is_a_finished_empty_run(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """Days without rows are no chunks: a range without rows ends at once, recorded as a
+    finished run with no chunk, and writes no object."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 100, days=3)
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path)
+    await init_ledger(settings)
+    assert await run_backfill(settings, parse_request("2012-01-01", "2012-02-01")) == 0
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT status FROM cdc.backfill_runs").fetchall() == [("done",)]
+        assert conn.execute("SELECT count(*) FROM cdc.backfill_chunks").fetchone() == (0,)
