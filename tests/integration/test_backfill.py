@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 
 from cdc_daemon.backfill import parse_request, run_backfill
@@ -313,8 +314,12 @@ async def test_a_ledger_without_backfill_tables_asks_for_init(
 
 
 async def _main_in_thread(argv: list[str]) -> int:
-    """cli.main runs its own event loop: call it from a thread."""
-    return await asyncio.to_thread(main, argv)
+    """cli.main runs its own event loop: call it from a thread. It also configures structlog
+    for the stdout of the moment (this test's capture): restore the defaults after it."""
+    try:
+        return await asyncio.to_thread(main, argv)
+    finally:
+        structlog.reset_defaults()
 
 
 def test_parse_request_defaults() -> None:
