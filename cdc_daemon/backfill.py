@@ -627,9 +627,10 @@ async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
     chunk_seq(settings.capture.mode)  # refuse what cannot be done before anything else
     planner = ChunkReader(settings)
     try:
-        table = await asyncio.to_thread(planner.describe)
-        days, indexed = await asyncio.to_thread(
-            planner.plan, table, request.day_from, request.day_to
+        table = await in_thread(planner.describe, planner.cancel)
+        # The count can take a while on a large range: a signal cancels it on the server.
+        days, indexed = await in_thread(
+            lambda: planner.plan(table, request.day_from, request.day_to), planner.cancel
         )
     finally:
         await asyncio.to_thread(planner.close)
