@@ -4,7 +4,7 @@ running daemon, into the same daily layout.
 What is read: the rows whose partition day (the UTC day of ``capture.partition_column``, the
 day that names their ``dt=`` folder) is in ``[from, to)``. One **chunk** per day that has rows,
 each read in its own REPEATABLE READ snapshot with ``COPY`` through the daemon's own hot loop
-(``source.watermark.stream_rows``), spooled and compressed like a batch, uploaded like one
+(``WatermarkSource.stream_rows``), spooled and compressed like a batch, uploaded like one
 (``pipeline.upload_objects``). ``--jobs`` chunks run at once, each on its own source session.
 
 Where it goes: ``<prefix><table>/dt=<day>/backfill-<run id>-<day>.csv.gz``, beside the live
@@ -54,7 +54,7 @@ from cdc_daemon.sink.csv import EXTENSIONS, ZstdPool, header_line
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import DaySpool
 from cdc_daemon.source.table import TableInfo, describe_table
-from cdc_daemon.source.watermark import Limits, connect, copy_query, stream_rows
+from cdc_daemon.source.watermark import Limits, WatermarkSource, connect, copy_query
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, Run
 from cdc_daemon.state.ledger import objects_checksum
 
@@ -262,7 +262,8 @@ class ChunkReader:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             try:
                 where = table.days_between(day, day + timedelta(days=1))
-                stream_rows(conn, copy_query(table, where, read_ts, seq), spool, _WHOLE_DAY)
+                query = copy_query(table, where, read_ts, seq)
+                WatermarkSource.stream_rows(conn, query, spool, _WHOLE_DAY)
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
