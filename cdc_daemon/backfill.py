@@ -130,9 +130,11 @@ def chunk_seq(mode: str) -> sql.Composable | None:
     the content of a row with a given id never changes in what the daemon captures, and no
     later live change of that id exists. So the id is correct: the backfilled copy ties with
     the live copy of the same row and holds the same values, so whichever the merge keeps
-    ("highest ``_cdc_seq`` per id wins", ties between equal rows) the table is the same. Any
-    higher value would be wrong the day the table moves to logical capture; any lower one would
-    let the live copy win, which is harmless but says nothing true.
+    ("highest ``_cdc_seq`` per id wins", ties between equal rows) the table is the same. Only a
+    row updated in place, which watermark capture does not see, differs; a merge that breaks
+    ties by the later ``_cdc_ts`` then keeps the backfilled (newer) read. A higher seq would
+    claim a position the row was not read at; a lower one would let the live copy win always,
+    which is harmless but says nothing true.
 
     Logical mode (issue #3, built elsewhere): the seq must be the WAL position of the snapshot,
     in the live path's scale (which must order changes by commit LSN). Reading
