@@ -1,4 +1,4 @@
-"""Command line: ``cdc-daemon [--config PATH] {run,init,status,demo}``.
+"""Command line: ``cdc-daemon [--config PATH] {run,init,backfill,status,demo}``.
 
 A user's mistake (bad configuration, unreachable server, missing table) ends with one sentence on
 stderr and a non-zero exit code, never a traceback.
@@ -44,6 +44,30 @@ def _parser() -> argparse.ArgumentParser:
         help="export everything committed, then exit 0 (for cron and tests)",
     )
     sub.add_parser("init", help="create the ledger schema (idempotent) and check the source")
+    backfill = sub.add_parser(
+        "backfill",
+        help="export the rows of past days again, beside the running daemon",
+        description="Export the rows whose partition day (UTC) is in [--from, --to) again, "
+        "into the same daily layout under keys of their own. Runs beside the daemon; an "
+        "interrupted run resumes when the same range is asked for again.",
+    )
+    backfill.add_argument("--from", dest="day_from", required=True, metavar="YYYY-MM-DD")
+    backfill.add_argument(
+        "--to", dest="day_to", required=True, metavar="YYYY-MM-DD", help="first day not exported"
+    )
+    backfill.add_argument("--jobs", default="4", metavar="N", help="days read at once (4)")
+    backfill.add_argument(
+        "--resume", action="store_true", help="only resume an unfinished run of this range"
+    )
+    backfill.add_argument(
+        "--dry-run", action="store_true", help="print the plan (days, rows, objects), write nothing"
+    )
+    backfill.add_argument(
+        "--progress-interval",
+        default="10",
+        metavar="SECONDS",
+        help="seconds between progress log lines when not on a terminal (10)",
+    )
     status = sub.add_parser(
         "status",
         help="is it running, how far behind, batches by status, batches that need attention",
@@ -104,6 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(Worker(settings, exit_when_idle=args.exit_when_idle).serve())
         if args.command == "init":
             return asyncio.run(init(settings))
+        if args.command == "backfill":
+            from cdc_daemon.backfill import parse_request, run_backfill
+
+            request = parse_request(
+                args.day_from,
+                args.day_to,
+                args.jobs,
+                args.resume,
+                args.dry_run,
+                args.progress_interval,
+            )
+            return asyncio.run(run_backfill(settings, request))
         if args.command == "status":
             return asyncio.run(status(settings, as_json=args.json))
         if args.command == "snowflake":

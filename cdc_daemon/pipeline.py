@@ -59,6 +59,66 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+async def in_thread(fn: Callable[[], T], cancel: Callable[[], None]) -> T:
+    """Run blocking source work in a thread; on cancellation, interrupt the query (``cancel``)
+    and wait for the thread to let go of its spool before the cancellation goes on."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.to_thread(cancel)
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what matters now
+        raise
+
+
+def object_records(
+    settings: Settings, table: str, batch: str, days: list[DayObject]
+) -> tuple[ObjectRecord, ...]:
+    """The objects of a finished spool, named for ``batch`` (quarantined rows apart)."""
+    return tuple(
+        ObjectRecord(
+            key=(quarantine_key if d.quarantined else object_key)(
+                settings.s3.prefix, table, d.day, batch, settings.batch.compression
+            ),
+            quarantine=d.day if d.quarantined else None,
+            day=d.day,
+            rows=d.rows,
+            raw_bytes=d.raw_bytes,
+            size=d.size,
+            sha256=d.sha256,
+            path=str(d.path),
+        )
+        for d in days
+    )
+
+
+async def upload_objects(
+    sink: S3Sink, settings: Settings, batch: str, objects: tuple[ObjectRecord, ...]
+) -> None:
+    """Upload every object from its spool file, ``s3.max_concurrency`` at a time; S3 checks
+    each one's SHA-256. The first failure is raised (the others are cancelled)."""
+    limit = asyncio.Semaphore(settings.s3.max_concurrency)
+
+    async def upload(obj: ObjectRecord) -> None:
+        async with limit:
+            await sink.upload_file(
+                obj.key,
+                Path(obj.path),
+                {"batch-id": batch, "rows": str(obj.rows), "sha256": obj.sha256},
+                CONTENT_ENCODINGS[settings.batch.compression],
+                obj.sha256,
+            )
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for obj in objects:
+                group.create_task(upload(obj))
+    except BaseExceptionGroup as failed:
+        raise first_error(failed) from None
+
+
 class WatermarkPipeline:
     def __init__(
         self,
@@ -104,17 +164,7 @@ class WatermarkPipeline:
         return self._state.low
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
-        """Run blocking source work in a thread; on cancellation, interrupt the query and wait
-        for the thread to let go of the spool before the cancellation goes on."""
-        future = asyncio.ensure_future(asyncio.to_thread(fn))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.to_thread(self._source.cancel)
-            await asyncio.wait([future])
-            if not future.cancelled():
-                future.exception()  # retrieved: the cancellation is what matters now
-            raise
+        return await in_thread(fn, self._source.cancel)
 
     async def step(self, draining: bool) -> bool:
         """Do one unit of work. False when there was nothing to do (idle)."""
@@ -271,21 +321,7 @@ class WatermarkPipeline:
             gaps=spec.gaps,
             caught=spec.caught,
             state_after=after,
-            objects=tuple(
-                ObjectRecord(
-                    key=(quarantine_key if d.quarantined else object_key)(
-                        settings.s3.prefix, self.table, d.day, bid, settings.batch.compression
-                    ),
-                    quarantine=d.day if d.quarantined else None,
-                    day=d.day,
-                    rows=d.rows,
-                    raw_bytes=d.raw_bytes,
-                    size=d.size,
-                    sha256=d.sha256,
-                    path=str(d.path),
-                )
-                for d in days
-            ),
+            objects=object_records(settings, self.table, bid, days),
         )
 
     async def _upload_and_commit(self, batch: BatchRecord) -> dict[str, float]:
@@ -293,24 +329,7 @@ class WatermarkPipeline:
         is committed. Returns the seconds spent uploading and committing."""
         settings = self._settings
         started = time.monotonic()
-        limit = asyncio.Semaphore(settings.s3.max_concurrency)
-
-        async def upload(obj: ObjectRecord) -> None:
-            async with limit:
-                await self._sink.upload_file(
-                    obj.key,
-                    Path(obj.path),
-                    {"batch-id": batch.batch_id, "rows": str(obj.rows), "sha256": obj.sha256},
-                    CONTENT_ENCODINGS[settings.batch.compression],
-                    obj.sha256,
-                )
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for obj in batch.objects:
-                    group.create_task(upload(obj))
-        except BaseExceptionGroup as failed:
-            raise first_error(failed) from None
+        await upload_objects(self._sink, settings, batch.batch_id, batch.objects)
         uploaded = time.monotonic()
         self._crash_point("after_upload")
         # Shielded: once S3 has every object, the commit must not be abandoned half-way by a

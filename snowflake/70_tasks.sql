@@ -1,6 +1,8 @@
 -- MERGE_SALES: every {{ merge_schedule }}, when the stream holds changes, one transaction:
---   1. the stream's changes, one per key (highest _CDC_SEQ; a duplicate of a change is the same
---      change), into SALES_CHANGES: reading the stream in a committed DML moves its offset;
+--   1. the stream's changes, one per key (highest _CDC_SEQ, then the latest read _CDC_TS: a
+--      backfill re-reads a row at the same _CDC_SEQ in watermark mode; a duplicate of a change
+--      is the same change), into SALES_CHANGES: reading the stream in a committed DML moves
+--      its offset;
 --   2. the invoices and stock codes those keys had before (from SALES) and have now;
 --   3. MERGE into SALES: a newer change wins, D deletes, a change older than the row or than
 --      the key's tombstone is ignored; one source row per key, so never "Duplicate row
@@ -23,7 +25,7 @@ SELECT ID, INVOICE_NO, STOCK_CODE, DESCRIPTION, QUANTITY, INVOICE_DATE, UNIT_PRI
   COUNTRY, _CDC_OP, _CDC_SEQ, _CDC_TS, _FILE, _FILE_ROW, _LOADED_AT
 FROM {{ stream }}
 QUALIFY ROW_NUMBER() OVER (
-  PARTITION BY ID ORDER BY _CDC_SEQ DESC, _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
+  PARTITION BY ID ORDER BY _CDC_SEQ DESC, _CDC_TS DESC, _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
 ) = 1;
 DELETE FROM SALES_TOUCHED;
 INSERT INTO SALES_TOUCHED (INVOICE_NO, STOCK_CODE)
@@ -38,7 +40,9 @@ USING (
 ) AS s
 ON t.ID = s.ID
 WHEN MATCHED AND s._CDC_OP = 'D' AND s._CDC_SEQ >= t._CDC_SEQ THEN DELETE
-WHEN MATCHED AND s._CDC_OP <> 'D' AND s._CDC_SEQ > t._CDC_SEQ THEN UPDATE SET
+WHEN MATCHED AND s._CDC_OP <> 'D'
+  AND (s._CDC_SEQ > t._CDC_SEQ OR (s._CDC_SEQ = t._CDC_SEQ AND s._CDC_TS > t._CDC_TS))
+  THEN UPDATE SET
   INVOICE_NO = s.INVOICE_NO, STOCK_CODE = s.STOCK_CODE, DESCRIPTION = s.DESCRIPTION,
   QUANTITY = s.QUANTITY, INVOICE_DATE = s.INVOICE_DATE, UNIT_PRICE = s.UNIT_PRICE,
   CUSTOMER_ID = s.CUSTOMER_ID, COUNTRY = s.COUNTRY, _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS,

@@ -81,6 +81,7 @@ class DayFile:
             self.rows += len(self.pending)
             self.raw += len(block)
             self.spool.raw_bytes += len(block)
+            self.spool.rows += len(self.pending)
             self.pending = []
             self._write(self.compressor.compress(block))
 
@@ -108,6 +109,7 @@ class DaySpool:
         self._header = header
         self._days: dict[bytes, DayFile] = {}
         self.raw_bytes = 0  # uncompressed bytes drained so far, all days
+        self.rows = 0  # rows drained so far, all days (read by progress reports)
 
     def __len__(self) -> int:
         return len(self._days)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
 
 import psycopg
 from psycopg import sql
@@ -99,15 +100,33 @@ class TableInfo:
     def header(self) -> list[str]:
         return [c.name for c in self.columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
 
+    def utc_day_expr(self) -> sql.Composable:
+        """The UTC day of the partition column, as the objects' ``dt=`` folders name it."""
+        col = self.partition.ident()
+        if self.partition.base_type == "timestamp with time zone":
+            return sql.SQL("({} AT TIME ZONE 'UTC')::date").format(col)
+        return sql.SQL("{}::date").format(col)
+
+    def days_between(self, first: date, end: date) -> sql.Composable:
+        """Rows whose ``utc_day_expr`` is in ``[first, end)``, as a range on the bare column
+        (an index on it can serve it; an expression on the column could not)."""
+        col = self.partition.ident()
+        base = self.partition.base_type
+        lo: date | datetime = first
+        hi: date | datetime = end
+        if base == "timestamp with time zone":
+            lo, hi = (datetime.combine(d, time(), UTC) for d in (first, end))
+        elif base == "timestamp without time zone":
+            lo, hi = (datetime.combine(d, time()) for d in (first, end))
+        return sql.SQL("{c} >= {lo} AND {c} < {hi}").format(
+            c=col, lo=sql.Literal(lo), hi=sql.Literal(hi)
+        )
+
     def day_expr(self) -> sql.Composable:
         """The UTC day of the partition column as a date (``YYYY-MM-DD`` in ISO DateStyle;
         empty for NULL, which ``sink.spool`` names ``unknown``). A cast, not to_char: it costs
         the server a third as much. A row to quarantine gets ``!<reason>`` instead."""
-        col = self.partition.ident()
-        if self.partition.base_type == "timestamp with time zone":
-            day = sql.SQL("({} AT TIME ZONE 'UTC')::date").format(col)
-        else:
-            day = sql.SQL("{}::date").format(col)
+        day = self.utc_day_expr()
         checks = [check for column in self.columns for check in column.quarantine_checks()]
         if not checks:
             return day

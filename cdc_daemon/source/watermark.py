@@ -78,8 +78,11 @@ class PassResult:
     waiting: bool = False  # rows are there, but the policy let them wait (age)
 
 
-def connect(settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
-    """A source session with the settings the encoding relies on (UTC, ISO dates)."""
+def connect(
+    settings: Settings, application_name: str = APPLICATION_NAME
+) -> psycopg.Connection[tuple[object, ...]]:
+    """A source session with the settings the encoding relies on (UTC, ISO dates). The name
+    must start with ``cdc-daemon``: the fence ignores such sessions (they only read)."""
     options = "-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=1"
     if settings.postgres.statement_timeout_s:
         options += f" -c statement_timeout={int(settings.postgres.statement_timeout_s * 1000)}"
@@ -87,7 +90,7 @@ def connect(settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(
             settings.postgres.dsn.get_secret_value(),
             autocommit=True,
-            application_name=APPLICATION_NAME,
+            application_name=application_name,
             connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
             options=options,
         )
@@ -154,18 +157,7 @@ class WatermarkSource:
         return self.table.watermark.ident()
 
     def _copy(self, where: sql.Composable, read_ts: str) -> sql.Composed:
-        t = self.table
-        return sql.SQL(
-            "COPY (SELECT {day}, {cols}, 'I', {id}::bigint, {ts} FROM {tbl} t WHERE {where}"
-            " ORDER BY {id}) TO STDOUT (FORMAT csv)"
-        ).format(
-            day=t.day_expr(),
-            cols=sql.SQL(", ").join(c.csv_expr() for c in t.columns),
-            id=self._id(),
-            ts=sql.Literal(read_ts),
-            tbl=t.ident(),
-            where=where,
-        )
+        return copy_query(self.table, where, read_ts)
 
     def _in_ranges(self, ranges: Sequence[Range]) -> sql.Composable:
         return sql.SQL(
@@ -318,7 +310,21 @@ class WatermarkSource:
         spool: DaySpool,
         limits: Limits,
     ) -> tuple[int, bool]:
-        """Stream ``(lo, hi]`` into the spool; returns (end, cut).
+        """Stream ``(lo, hi]`` into the spool; returns (end, cut). See ``stream_rows``."""
+        cut = self.stream_rows(conn, self._copy(self._range(lo, hi), read_ts), spool, limits)
+        if cut is not None and cut < hi:
+            return cut, True
+        return hi, False
+
+    @staticmethod
+    def stream_rows(
+        conn: psycopg.Connection[tuple[object, ...]],
+        query: sql.Composed,
+        spool: DaySpool,
+        limits: Limits,
+    ) -> int | None:
+        """Stream the rows of a ``copy_query`` into the spool; returns the id the batch was
+        cut at, or None when every row was read (``backfill`` uses it too).
 
         The hot loop: Postgres sends one row per message, and a row of the same day as the one
         before (the common case: ids and dates grow together) costs a slice compare and a list
@@ -332,7 +338,6 @@ class WatermarkSource:
         pending: list[Row] = []
         closing: int | None = None  # a limit was reached: close at the next change of id
         cut: int | None = None
-        query = self._copy(self._range(lo, hi), read_ts)
         try:
             with conn.cursor() as cursor, cursor.copy(query) as copy:
                 read = copy.read  # one row per call; b"" at the end
@@ -377,9 +382,7 @@ class WatermarkSource:
         except psycopg.errors.QueryCanceled:
             if cut is None:
                 raise
-        if cut is not None and cut < hi:
-            return cut, True
-        return hi, False
+        return cut
 
     def redo(self, spec: BatchSpec, read_ts: str, spool: DaySpool) -> None:
         """Copy exactly the rows of an interrupted batch again (see ``BatchSpec``)."""
@@ -399,6 +402,27 @@ class WatermarkSource:
                     conn.execute("ROLLBACK")
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"re-exporting {self.table.qualified}") from None
+
+
+def copy_query(
+    table: TableInfo, where: sql.Composable, read_ts: str, seq: sql.Composable | None = None
+) -> sql.Composed:
+    """``COPY`` of the rows matching ``where`` in id order, each as ``day,<csv row>``: the
+    source columns, ``_cdc_op``, ``_cdc_seq`` (the watermark unless ``seq`` says otherwise)
+    and ``_cdc_ts``."""
+    ident = table.watermark.ident()
+    return sql.SQL(
+        "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts} FROM {tbl} t WHERE {where}"
+        " ORDER BY {id}) TO STDOUT (FORMAT csv)"
+    ).format(
+        day=table.day_expr(),
+        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
+        seq=sql.SQL("{}::bigint").format(ident) if seq is None else seq,
+        id=ident,
+        ts=sql.Literal(read_ts),
+        tbl=table.ident(),
+        where=where,
+    )
 
 
 # Never the start of a row: 0xFF does not occur in UTF-8.

@@ -131,8 +131,12 @@ class BatchRecord:
 
     @property
     def checksum(self) -> str:
-        """sha256 over the objects' keys and sha256s, in key order."""
-        digest = hashlib.sha256()
-        for obj in sorted(self.objects, key=lambda o: o.key):
-            digest.update(f"{obj.key}\0{obj.sha256}\n".encode())
-        return digest.hexdigest()
+        return objects_checksum(self.objects)
+
+
+def objects_checksum(objects: Sequence[ObjectRecord]) -> str:
+    """sha256 over the objects' keys and sha256s, in key order."""
+    digest = hashlib.sha256()
+    for obj in sorted(objects, key=lambda o: o.key):
+        digest.update(f"{obj.key}\0{obj.sha256}\n".encode())
+    return digest.hexdigest()

@@ -23,9 +23,11 @@ from psycopg.rows import dict_row
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
+from cdc_daemon.state.backfill import BACKFILL_DDL
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
 
-SCHEMA_VERSION = 1
+# 2: backfill_runs, backfill_chunks (state.backfill).
+SCHEMA_VERSION = 2
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.meta (
@@ -157,6 +159,14 @@ class Store:
                 if await found.fetchone() is None:
                     await self._conn.execute(self._q("CREATE SCHEMA {schema}"))
                 await self._conn.execute(self._q(_DDL))
+                await self._conn.execute(self._q(BACKFILL_DDL))
+                await self._conn.execute(
+                    self._q(
+                        "UPDATE {schema}.meta SET value = %s WHERE key = 'schema_version' "
+                        "AND value::int < %s"
+                    ),
+                    (str(SCHEMA_VERSION), SCHEMA_VERSION),
+                )
         except psycopg.Error as exc:
             doing = f"cannot create the ledger schema {self._schema_name}"
             raise from_psycopg(exc, doing) from None

@@ -1,0 +1,772 @@
+"""``cdc-daemon backfill --from D1 --to D2``: export the rows of past days again, beside the
+running daemon, into the same daily layout.
+
+What is read: the rows whose partition day (the UTC day of ``capture.partition_column``, the
+day that names their ``dt=`` folder) is in ``[from, to)``. One **chunk** per day that has rows,
+each read in its own REPEATABLE READ snapshot with ``COPY`` through the daemon's own hot loop
+(``WatermarkSource.stream_rows``), spooled and compressed like a batch, uploaded like one
+(``pipeline.upload_objects``). ``--jobs`` chunks run at once, each on its own source session.
+
+Where it goes: ``<prefix><table>/dt=<day>/backfill-<run id>-<day>.csv.gz``, beside the live
+objects (Snowpipe loads both). The run id (UTC start time and random hex) is new for every run,
+so a key never names other rows than the first time: live keys start with a watermark or
+``start``, and a later backfill of the same days gets keys of its own.
+
+What it never touches: the live watermark (``positions``), the daemon's batches and its lock.
+It takes a lock of its own per run. Its sessions are named ``cdc-daemon-backfill``, which the
+daemon's fence ignores (they only read), so a long backfill delays nothing in the daemon.
+
+``_cdc_seq``: see ``chunk_seq``. Order of a chunk, as for a batch: read into the spool, record
+the intent (``pending``: keys, checksums, ``_cdc_ts``), upload, mark ``uploaded``. A run
+interrupted anywhere (even by SIGKILL) resumes when the same range is asked for again with the
+same configuration: uploaded chunks are skipped, a pending one is read again with the same
+``_cdc_ts`` and uploaded under the same keys, so S3 gets no second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TextIO, cast
+
+import psycopg
+import stamina
+import structlog
+from psycopg import sql
+
+from cdc_daemon.config import Settings, crash_point_from_env
+from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error, from_psycopg
+from cdc_daemon.pipeline import in_thread, object_records, upload_objects, utc_now_iso
+from cdc_daemon.sink.csv import EXTENSIONS, ZstdPool, header_line
+from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.sink.spool import DaySpool
+from cdc_daemon.source.table import TableInfo, describe_table
+from cdc_daemon.source.watermark import Limits, WatermarkSource, connect, copy_query
+from cdc_daemon.state.backfill import BackfillLedger, Chunk, Run
+from cdc_daemon.state.ledger import objects_checksum
+
+log = structlog.get_logger()
+
+APPLICATION_NAME = "cdc-daemon-backfill"
+# Where a test may make the process die (os._exit, like SIGKILL: no cleanup, no flush).
+CRASH_POINTS = ("backfill_after_pending", "backfill_after_upload")
+# A chunk is one day: it is never cut (one object per day, plus quarantine objects).
+_WHOLE_DAY = Limits(max_rows=2**62, max_bytes=2**62, max_days=2**31)
+
+
+class Interrupted(CdcError):
+    """SIGINT or SIGTERM: the run stops and can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass(frozen=True)
+class Request:
+    day_from: date
+    day_to: date
+    jobs: int = 4
+    resume: bool = False
+    dry_run: bool = False
+    progress_interval_s: float = 10.0
+
+
+def _parse_day(flag: str, text: str) -> date:
+    # date.fromisoformat alone also takes "20101201" and "2010-W48-3": ask for one form only.
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise ConfigError(f"{flag} {text!r} is not a date of the form YYYY-MM-DD")
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a valid date (YYYY-MM-DD)") from None
+
+
+def parse_request(
+    day_from: str,
+    day_to: str,
+    jobs: str = "4",
+    resume: bool = False,
+    dry_run: bool = False,
+    progress_interval_s: str = "10",
+) -> Request:
+    """The command line's values, checked; a ConfigError with one sentence otherwise."""
+    first, end = _parse_day("--from", day_from), _parse_day("--to", day_to)
+    if end <= first:
+        raise ConfigError(
+            f"--to {end} must be after --from {first} (the range is [from, to): --to is the "
+            "first day not exported)"
+        )
+    if not jobs.isdigit() or not 1 <= int(jobs) <= 64:
+        raise ConfigError(f"--jobs {jobs!r} must be a whole number from 1 to 64")
+    try:
+        interval = float(progress_interval_s)
+    except ValueError:
+        interval = 0
+    if not interval > 0:
+        raise ConfigError(f"--progress-interval {progress_interval_s!r} must be a positive number")
+    return Request(first, end, int(jobs), resume, dry_run, interval)
+
+
+def chunk_seq(mode: str) -> sql.Composable | None:
+    """The hook that decides a backfilled row's ``_cdc_seq``: "the position at which it was
+    read", such that a later live change of the row always has a higher one. None means the
+    watermark column, exactly as the live path writes it.
+
+    Watermark mode: the live path's ``_cdc_seq`` is the row's id, and it exports inserts only:
+    the content of a row with a given id never changes in what the daemon captures, and no
+    later live change of that id exists. So the id is correct: the backfilled copy ties with
+    the live copy of the same row and holds the same values, so whichever the merge keeps
+    ("highest ``_cdc_seq`` per id wins", ties between equal rows) the table is the same. Only a
+    row updated in place, which watermark capture does not see, differs; a merge that breaks
+    ties by the later ``_cdc_ts`` then keeps the backfilled (newer) read. A higher seq would
+    claim a position the row was not read at; a lower one would let the live copy win always,
+    which is harmless but says nothing true.
+
+    Logical mode (issue #3, built elsewhere): the seq must be the WAL position of the snapshot,
+    in the live path's scale (which must order changes by commit LSN). Reading
+    ``pg_current_wal_lsn()`` in the chunk's snapshot is not quite right: a transaction whose
+    commit record precedes that LSN can still be invisible to the snapshot, and its live change
+    would then lose to the older backfilled row. The exact point is the ``consistent_point`` of
+    a temporary logical slot created with an exported snapshot, imported by every chunk with
+    ``SET TRANSACTION SNAPSHOT``; a lower seq is always safe (the live stream holds every change
+    after it). Until that lands, backfill refuses logical mode.
+    """
+    if mode == "watermark":
+        return None
+    raise ConfigError(
+        f"backfill is not available for capture.mode {mode!r} yet; it needs the logical "
+        "capture's snapshot position (see cdc_daemon.backfill.chunk_seq)"
+    )
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def batch_name(run_id: str, day: date) -> str:
+    """The object name of a chunk (``backfill-...``): never a live batch id, which starts with
+    digits or ``start``, and never the name of another run's chunk."""
+    return f"backfill-{run_id}-{day.isoformat()}"
+
+
+def fingerprint(
+    settings: Settings, table: TableInfo, request: Request
+) -> tuple[str, dict[str, Any]]:
+    """What shapes a run's objects and keys: a resume continues a run only when all of it is
+    unchanged (otherwise its finished chunks would be in another format or place)."""
+    config = {
+        "table": table.qualified,
+        "mode": settings.capture.mode,
+        "partition_column": table.partition.name,
+        "watermark_column": table.watermark.name,
+        "columns": table.header,
+        "compression": settings.batch.compression,
+        "compression_level": settings.batch.compression_level,
+        "bucket": settings.s3.bucket,
+        "prefix": settings.s3.prefix,
+        "from": request.day_from.isoformat(),
+        "to": request.day_to.isoformat(),
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return digest[:16], config
+
+
+# -- the source side (blocking; runs in threads) --------------------------------------------
+
+
+class ChunkReader:
+    """One source session: the plan, or the chunks of one job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self._settings, APPLICATION_NAME)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def cancel(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe(timeout=5)
+
+    def describe(self) -> TableInfo:
+        capture = self._settings.capture
+        try:
+            return describe_table(
+                self._session(),
+                self._settings.postgres.table,
+                capture.watermark_column,
+                capture.partition_column,
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
+
+    def plan(self, table: TableInfo, first: date, end: date) -> tuple[list[tuple[date, int]], bool]:
+        """(day, rows) of the days in ``[first, end)`` that have rows (an exact count, read
+        through the same predicate as the chunks), and whether an index serves it."""
+        conn = self._session()
+        try:
+            days = [
+                (d, int(str(n)))
+                for d, n in conn.execute(
+                    sql.SQL(
+                        "SELECT {day} AS day, count(*) FROM {tbl} WHERE {rng} GROUP BY 1 ORDER BY 1"
+                    ).format(
+                        day=table.utc_day_expr(),
+                        tbl=table.ident(),
+                        rng=table.days_between(first, end),
+                    )
+                )
+                if isinstance(d, date)
+            ]
+            indexed = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a"
+                " ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+                " WHERE i.indrelid = to_regclass(%s) AND a.attname = %s)",
+                (table.ident().as_string(conn), table.partition.name),
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"planning the backfill of {table.qualified}") from None
+        return days, bool(indexed and indexed[0])
+
+    def read(
+        self,
+        table: TableInfo,
+        day: date,
+        read_ts: str,
+        spool: DaySpool,
+        seq: sql.Composable | None,
+    ) -> None:
+        """Every row of ``day`` into the spool, in id order, in one REPEATABLE READ snapshot."""
+        conn = self._session()
+        try:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                where = table.days_between(day, day + timedelta(days=1))
+                query = copy_query(table, where, read_ts, seq)
+                WatermarkSource.stream_rows(conn, query, spool, _WHOLE_DAY)
+            finally:
+                if not conn.closed and not conn.broken:
+                    conn.execute("ROLLBACK")
+        except psycopg.errors.QueryCanceled as exc:
+            raise TransientError("the backfill read was cancelled") from exc
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"backfilling {table.qualified} for {day}") from None
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+class _CurrentStdout:
+    """A file that is whatever ``sys.stdout`` is now: log lines written through it pass
+    through rich's redirection and appear above the progress bar."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@dataclass
+class Progress:
+    """Rows read so far (finished chunks, plus what the running ones have compressed)."""
+
+    run_id: str
+    rows_total: int
+    chunks_total: int
+    chunks_done: int
+    interval_s: float
+    rows_done: int = 0
+    active: dict[date, DaySpool] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    rows_before: int = 0  # read by earlier attempts of the run (not in the rate)
+
+    def __post_init__(self) -> None:
+        self.rows_before = self.rows_done
+
+    @property
+    def rows(self) -> int:
+        return self.rows_done + sum(s.rows for s in list(self.active.values()))
+
+    def chunk_done(self, day: date, rows: int) -> None:
+        self.active.pop(day, None)
+        self.rows_done += rows
+        self.chunks_done += 1
+
+    def figures(self) -> dict[str, Any]:
+        rows = self.rows
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        rate = (rows - self.rows_before) / seconds
+        left = max(self.rows_total - rows, 0)
+        return {
+            "rows": rows,
+            "rows_estimate": self.rows_total,
+            "chunks_done": self.chunks_done,
+            "chunks": self.chunks_total,
+            "rows_per_s": round(rate),
+            "eta_s": round(left / rate, 1) if rate > 0 else None,
+        }
+
+    async def log_lines(self) -> None:
+        """Not on a terminal: one ``backfill_progress`` line every ``interval_s``."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            log.info("backfill_progress", run_id=self.run_id, **self.figures())
+
+    async def bar(self, label: str) -> None:
+        """On a terminal: a rich progress bar with rows, rows/s and ETA."""
+        from rich import progress as rp
+        from rich.text import Text
+
+        class RateColumn(rp.ProgressColumn):
+            def render(self, task: rp.Task) -> Text:
+                speed = task.speed
+                return Text(f"{speed:,.0f} rows/s" if speed else "- rows/s")
+
+        with rp.Progress(
+            rp.TextColumn("{task.description}"),
+            rp.BarColumn(),
+            rp.MofNCompleteColumn(),
+            rp.TextColumn("rows"),
+            RateColumn(),
+            rp.TextColumn("{task.fields[chunks]} days"),
+            rp.TimeElapsedColumn(),
+            rp.TextColumn("ETA"),
+            rp.TimeRemainingColumn(),
+            redirect_stdout=True,
+        ) as bar:
+            task = bar.add_task(label, total=self.rows_total, chunks="")
+            try:
+                while True:
+                    bar.update(
+                        task,
+                        completed=self.rows,
+                        chunks=f"{self.chunks_done}/{self.chunks_total}",
+                    )
+                    await asyncio.sleep(0.2)
+            finally:
+                bar.update(
+                    task, completed=self.rows, chunks=f"{self.chunks_done}/{self.chunks_total}"
+                )
+
+
+def _on_terminal(settings: Settings) -> bool:
+    return settings.log.format != "json" and sys.stdout.isatty()
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+class Backfill:
+    """The chunks of one run, ``jobs`` at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: TableInfo,
+        run: Run,
+        ledger: BackfillLedger,
+        sink: S3Sink,
+        jobs: int,
+        quiet: bool = False,
+    ) -> None:
+        self._settings = settings
+        # On a terminal the bar shows progress: the line per chunk is for debug level only.
+        self._chunk_log = log.debug if quiet else log.info
+        self._table = table
+        self._run = run
+        self._ledger = ledger
+        self._sink = sink
+        self._jobs = jobs
+        self._seq = chunk_seq(settings.capture.mode)
+        self._pool = ZstdPool(settings.batch.compression_level)
+        self._header = header_line(table.header)
+        self._recorded: dict[date, Chunk] = {}  # intent records written by this process
+        self._crash_at = crash_point_from_env()
+        if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
+            self._crash_at = None  # the daemon's crash points, not ours
+        self.objects = 0
+
+    @property
+    def ledger(self) -> BackfillLedger:
+        """The run's ledger session (a new one after a reconnect)."""
+        return self._ledger
+
+    def _crash_point(self, name: str) -> None:
+        if self._crash_at == name:
+            log.warning("crash_point_reached", point=name)
+            os._exit(70)
+
+    async def run(self, progress: Progress) -> None:
+        todo = collections.deque(c for c in self._run.chunks if c.status != "uploaded")
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self._jobs, len(todo))):
+                    group.create_task(self._job(todo, progress))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
+
+    async def _job(self, todo: collections.deque[Chunk], progress: Progress) -> None:
+        reader = ChunkReader(self._settings)
+        try:
+            while todo:
+                await self._chunk_with_retries(reader, todo.popleft(), progress)
+        finally:
+            await asyncio.to_thread(reader.close)
+
+    async def _chunk_with_retries(
+        self, reader: ChunkReader, chunk: Chunk, progress: Progress
+    ) -> None:
+        """One chunk, retried with backoff and jitter on transient errors (as the daemon's
+        steps are); each failed attempt is logged and noted on the chunk."""
+        daemon = self._settings.daemon
+        async for attempt in stamina.retry_context(
+            on=TransientError,
+            attempts=daemon.retry_attempts,
+            wait_max=daemon.retry_max_wait_s,
+            timeout=None,
+        ):
+            with attempt:
+                try:
+                    if self._ledger.broken:
+                        await self._reconnect_ledger()
+                    chunk = await self._chunk(reader, chunk, progress)
+                except TransientError as exc:
+                    log.warning(
+                        "backfill_chunk_failed",
+                        run_id=self._run.run_id,
+                        day=chunk.day.isoformat(),
+                        attempt=attempt.num,
+                        of=daemon.retry_attempts,
+                        error=str(exc),
+                    )
+                    if not self._ledger.broken:
+                        with contextlib.suppress(CdcError):
+                            await self._ledger.note_failure(self._run.run_id, chunk.day, str(exc))
+                    raise
+
+    async def _reconnect_ledger(self) -> None:
+        """A lost ledger session also lost the run's lock: take it again (and stop if another
+        process took it meanwhile)."""
+        with contextlib.suppress(CdcError):
+            await self._ledger.close()
+        self._ledger = await BackfillLedger.connect(self._settings)
+        await self._ledger.try_lock(self._run.run_id)
+
+    async def _chunk(self, reader: ChunkReader, chunk: Chunk, progress: Progress) -> Chunk:
+        """Read, record the intent, upload, mark uploaded. Returns the chunk as the ledger has
+        it now (a retry after the intent record redoes it with the same ``_cdc_ts``)."""
+        settings, table, run_id = self._settings, self._table, self._run.run_id
+        started = time.monotonic()
+        # A chunk with an intent record (from an earlier process, or an attempt of this one that
+        # failed after it) is read again with the same _cdc_ts: the same bytes under its keys.
+        chunk = self._recorded.get(chunk.day, chunk)
+        redo = chunk.status == "pending"
+        read_ts = chunk.read_ts if redo and chunk.read_ts else utc_now_iso()
+        spool = DaySpool(
+            settings.batch.spool_dir,
+            settings.batch.compression,
+            settings.batch.compression_level,
+            self._header,
+            self._pool,
+        )
+        progress.active[chunk.day] = spool
+        try:
+            await in_thread(
+                lambda: reader.read(table, chunk.day, read_ts, spool, self._seq), reader.cancel
+            )
+            days = await asyncio.to_thread(spool.finish)
+            read = time.monotonic()
+            objects = object_records(settings, table.qualified, batch_name(run_id, chunk.day), days)
+            checksum = objects_checksum(objects)
+            if redo and chunk.checksum and chunk.checksum != checksum:
+                # Rows of that day changed (or arrived) between the attempts: same keys, and
+                # the live path exports every insert anyway.
+                log.warning(
+                    "backfill_chunk_changed_on_redo",
+                    run_id=run_id,
+                    day=chunk.day.isoformat(),
+                    rows_before=chunk.rows,
+                    rows_now=sum(o.rows for o in objects),
+                )
+            await self._ledger.record_pending(run_id, chunk.day, read_ts, None, objects, checksum)
+            chunk = replace(
+                chunk,
+                status="pending",
+                read_ts=read_ts,
+                checksum=checksum,
+                rows=sum(o.rows for o in objects),
+            )
+            self._recorded[chunk.day] = chunk
+            self._crash_point("backfill_after_pending")
+            await upload_objects(self._sink, settings, batch_name(run_id, chunk.day), objects)
+            uploaded = time.monotonic()
+            self._crash_point("backfill_after_upload")
+            await self._ledger.mark_uploaded(run_id, chunk.day)
+        except BaseException:
+            progress.active.pop(chunk.day, None)
+            raise
+        finally:
+            await asyncio.to_thread(spool.discard)
+        rows = sum(o.rows for o in objects)
+        progress.chunk_done(chunk.day, rows)
+        self.objects += len(objects)
+        done = time.monotonic()
+        self._chunk_log(
+            "backfill_chunk_uploaded",
+            run_id=run_id,
+            day=chunk.day.isoformat(),
+            rows=rows,
+            quarantined=sum(o.rows for o in objects if o.quarantine),
+            bytes=sum(o.raw_bytes for o in objects),
+            compressed_bytes=sum(o.size for o in objects),
+            objects=len(objects),
+            redo=redo,
+            seconds=round(done - started, 3),
+            read_s=round(read - started, 3),
+            upload_s=round(uploaded - read, 3),
+            commit_s=round(done - uploaded, 3),
+        )
+        return replace(chunk, status="uploaded", rows=rows)
+
+
+def print_plan(
+    out: TextIO,
+    settings: Settings,
+    table: TableInfo,
+    request: Request,
+    days: Sequence[tuple[date, int]],
+    resumable: Run | None,
+) -> None:
+    """What ``--dry-run`` shows: the days, their rows, the objects and where they would go."""
+    rows = sum(n for _, n in days)
+    ext = EXTENSIONS[settings.batch.compression]
+    print(
+        f"Backfill plan for {table.qualified}: UTC days of {table.partition.name} from "
+        f"{request.day_from} to {request.day_to} (the --to day excluded)",
+        file=out,
+    )
+    print(f"  {'day':<12}{'rows':>14}", file=out)
+    for day, n in days:
+        print(f"  {day.isoformat():<12}{n:>14,}", file=out)
+    print(
+        f"  {len(days)} day(s) with rows, {rows:,} rows (counted now), {len(days)} object(s): "
+        "one per day, plus one per quarantine reason if a row needs it",
+        file=out,
+    )
+    print(
+        f"  keys: s3://{settings.s3.bucket}/{settings.s3.prefix}{table.qualified}/"
+        f"dt=YYYY-MM-DD/backfill-<run id>-YYYY-MM-DD{ext}",
+        file=out,
+    )
+    print(f"  jobs: {request.jobs}", file=out)
+    if resumable is not None:
+        done = len(resumable.done)
+        print(
+            f"  resumes run {resumable.run_id}: {done} of {len(resumable.chunks)} day(s) "
+            f"already uploaded, {len(resumable.chunks) - done} to go",
+            file=out,
+        )
+    else:
+        print("  a new run", file=out)
+    print("Nothing was written (--dry-run).", file=out)
+
+
+async def run_backfill(settings: Settings, request: Request, out: TextIO | None = None) -> int:
+    """The ``backfill`` command; the plan and the summary go to ``out`` (stdout). SIGINT and
+    SIGTERM stop it (resumable), with exit 128 + signal."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+    try:
+        return await _backfill(settings, request, out or sys.stdout)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        task.uncancel()
+        raise Interrupted(
+            "the backfill was interrupted: run the same command again to resume it",
+            received[0],
+        ) from None
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
+    chunk_seq(settings.capture.mode)  # refuse what cannot be done before anything else
+    planner = ChunkReader(settings)
+    try:
+        table = await in_thread(planner.describe, planner.cancel)
+        # The count can take a while on a large range: a signal cancels it on the server.
+        days, indexed = await in_thread(
+            lambda: planner.plan(table, request.day_from, request.day_to), planner.cancel
+        )
+    finally:
+        await asyncio.to_thread(planner.close)
+    if not indexed:
+        log.warning(
+            "backfill_without_index",
+            table=table.qualified,
+            partition_column=table.partition.name,
+            hint="each day's chunk scans the whole table; an index on the column avoids it",
+        )
+    digest, config = fingerprint(settings, table, request)
+    ledger = await BackfillLedger.connect(settings)
+    try:
+        await ledger.check_schema()
+        found = await ledger.unfinished(table.qualified, request.day_from, request.day_to, digest)
+        if request.dry_run:
+            print_plan(out, settings, table, request, days, found[0] if found else None)
+            return 0
+        if found:
+            run = found[0]
+        elif request.resume:
+            other = await ledger.unfinished(table.qualified, request.day_from, request.day_to)
+            why = (
+                f"; run {other[0].run_id} of this range was made with another configuration"
+                if other
+                else ""
+            )
+            raise ConfigError(
+                f"there is no unfinished backfill of {table.qualified} from "
+                f"{request.day_from} to {request.day_to} with this configuration to resume{why}"
+            )
+        else:
+            run = await ledger.create_run(
+                new_run_id(),
+                table.qualified,
+                request.day_from,
+                request.day_to,
+                digest,
+                config,
+                request.jobs,
+                days,
+            )
+        await ledger.try_lock(run.run_id)
+        run = await ledger.run(run.run_id)  # as it is now that no one else works on it
+        return await _execute(settings, table, request, run, ledger, resumed=bool(found), out=out)
+    finally:
+        await ledger.close()
+
+
+async def _execute(
+    settings: Settings,
+    table: TableInfo,
+    request: Request,
+    run: Run,
+    ledger: BackfillLedger,
+    resumed: bool,
+    out: TextIO,
+) -> int:
+    done = run.done
+    progress = Progress(
+        run.run_id,
+        rows_total=sum(c.rows_estimate for c in run.chunks),
+        chunks_total=len(run.chunks),
+        chunks_done=len(done),
+        interval_s=request.progress_interval_s,
+        rows_done=sum(c.rows or 0 for c in done),
+    )
+    log.info(
+        "backfill_resumed" if resumed else "backfill_started",
+        run_id=run.run_id,
+        table=table.qualified,
+        range=[request.day_from.isoformat(), request.day_to.isoformat()],
+        days=len(run.chunks),
+        days_done=len(done),
+        rows_estimate=progress.rows_total,
+        jobs=request.jobs,
+    )
+    started = time.monotonic()
+    await ledger.set_run_status(run.run_id, "running", request.jobs, None)
+    terminal = _on_terminal(settings)
+    async with AsyncExitStack() as stack:
+        sink = await S3Sink.open(settings.s3, stack)
+        async for attempt in stamina.retry_context(
+            on=TransientError,
+            attempts=settings.daemon.retry_attempts,
+            wait_max=settings.daemon.retry_max_wait_s,
+            timeout=None,
+        ):
+            with attempt:
+                await sink.check_bucket()
+        backfill = Backfill(settings, table, run, ledger, sink, request.jobs, quiet=terminal)
+        if terminal:
+            structlog.configure(
+                logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStdout()))
+            )
+            label = f"backfill {request.day_from}..{request.day_to}"
+            reporter = asyncio.create_task(progress.bar(label))
+        else:
+            reporter = asyncio.create_task(progress.log_lines())
+        try:
+            await backfill.run(progress)
+            await backfill.ledger.set_run_status(run.run_id, "done", request.jobs, None)
+        except BaseException as exc:
+            error = str(exc) if isinstance(exc, CdcError) else "interrupted"
+            if not backfill.ledger.broken:
+                with contextlib.suppress(CdcError):
+                    await asyncio.shield(
+                        backfill.ledger.set_run_status(run.run_id, "failed", request.jobs, error)
+                    )
+            raise
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            if backfill.ledger is not ledger:
+                await backfill.ledger.close()
+    seconds = time.monotonic() - started
+    figures = progress.figures()
+    read_now = progress.rows - sum(c.rows or 0 for c in done)
+    (log.debug if terminal else log.info)(
+        "backfill_finished",
+        run_id=run.run_id,
+        table=table.qualified,
+        rows=progress.rows,
+        days=len(run.chunks),
+        objects_written=backfill.objects,
+        seconds=round(seconds, 3),
+        rows_per_s=round(read_now / seconds) if seconds > 0 else None,
+    )
+    if terminal:
+        print(
+            f"backfill run {run.run_id} done: {figures['rows']:,} rows of {len(run.chunks)} "
+            f"day(s), {backfill.objects} object(s) written in {seconds:.1f} s",
+            file=out,
+        )
+    return 0

@@ -1,0 +1,316 @@
+"""The backfill ledger: one row per backfill run, one per chunk (a day of the partition column).
+
+    chunk: planned --read, intent recorded--> pending --every object in S3--> uploaded
+    run:   running --every chunk uploaded--> done;  running --error or signal--> failed
+
+A run is resumable while it is not ``done``: uploaded chunks are skipped, a pending chunk is
+read again with its recorded ``_cdc_ts`` (and seq basis) and uploaded under the same keys, a
+planned chunk is read for the first time. Keys depend only on the run id and the day, so a redo
+overwrites, never adds. These tables never touch ``positions``: a backfill does not move the
+live watermark. The run's own advisory lock (``run_lock_key``) keeps two processes off one run;
+the daemon's lock is never taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
+from cdc_daemon.state.ledger import ObjectRecord
+
+# Run by ``Store.init_schema`` (``cdc-daemon init``), after the base tables; idempotent.
+BACKFILL_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}.backfill_runs (
+    run_id text PRIMARY KEY,
+    table_name text NOT NULL,
+    day_from date NOT NULL,
+    day_to date NOT NULL CHECK (day_to > day_from),
+    fingerprint text NOT NULL,
+    config jsonb NOT NULL,
+    status text NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+    jobs integer NOT NULL,
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS backfill_runs_range
+    ON {schema}.backfill_runs (table_name, day_from, day_to, fingerprint);
+CREATE TABLE IF NOT EXISTS {schema}.backfill_chunks (
+    run_id text NOT NULL REFERENCES {schema}.backfill_runs ON DELETE CASCADE,
+    day date NOT NULL,
+    status text NOT NULL CHECK (status IN ('planned', 'pending', 'uploaded')),
+    rows_estimate bigint NOT NULL,
+    rows bigint,
+    raw_bytes bigint,
+    size bigint,
+    objects jsonb,
+    checksum text,
+    read_ts text,
+    seq_basis bigint,
+    attempts integer NOT NULL DEFAULT 0,
+    error text,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    uploaded_at timestamptz,
+    PRIMARY KEY (run_id, day)
+);
+"""
+
+
+def run_lock_key(run_id: str) -> int:
+    """A signed 64-bit advisory lock key for one backfill run (never the daemon's key)."""
+    digest = hashlib.sha256(f"cdc-daemon-backfill:{run_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    day: date
+    status: str
+    rows_estimate: int
+    read_ts: str | None = None
+    seq_basis: int | None = None
+    checksum: str | None = None
+    rows: int | None = None
+    objects: int = 0
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    table: str
+    day_from: date
+    day_to: date
+    fingerprint: str
+    status: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def done(self) -> list[Chunk]:
+        return [c for c in self.chunks if c.status == "uploaded"]
+
+
+class BackfillLedger:
+    """Async access to the backfill tables, on a session of its own (which also holds the
+    run's lock). ``connect()`` is the factory that does I/O."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
+        self._conn = conn
+        self._schema = sql.Identifier(schema)
+        self._schema_name = schema
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> BackfillLedger:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                settings.state_dsn.get_secret_value(),
+                autocommit=True,
+                row_factory=dict_row,
+                application_name="cdc-daemon-backfill-ledger",
+                connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+                options="-c TimeZone=UTC -c DateStyle=ISO",
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "cannot connect to the state database") from None
+        return cls(conn, settings.state.schema_)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @property
+    def broken(self) -> bool:
+        return self._conn.closed or self._conn.broken
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._schema)
+
+    async def _fetch(
+        self, doing: str, query: sql.SQL | sql.Composed, params: tuple[Any, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            cur = await self._conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, doing) from None
+
+    async def check_schema(self) -> None:
+        rows = await self._fetch(
+            "reading the ledger",
+            sql.SQL(
+                "SELECT count(*) AS n FROM pg_tables WHERE schemaname = %s "
+                "AND tablename IN ('backfill_runs', 'backfill_chunks')"
+            ),
+            (self._schema_name,),
+        )
+        if rows[0]["n"] != 2:
+            raise StateError(
+                f"the ledger schema {self._schema_name!r} has no backfill tables: "
+                "run `cdc-daemon init` (it creates or upgrades the ledger)"
+            )
+
+    async def unfinished(
+        self, table: str, day_from: date, day_to: date, fingerprint: str | None = None
+    ) -> list[Run]:
+        """Runs of exactly this range that are not done, newest first (one fingerprint, or
+        all of them when None)."""
+        rows = await self._fetch(
+            "reading backfill runs",
+            self._q(
+                "SELECT run_id FROM {schema}.backfill_runs WHERE table_name = %s AND "
+                "day_from = %s AND day_to = %s AND status <> 'done' "
+                "AND (%s::text IS NULL OR fingerprint = %s) ORDER BY created_at DESC"
+            ),
+            (table, day_from, day_to, fingerprint, fingerprint),
+        )
+        return [await self.run(str(r["run_id"])) for r in rows]
+
+    async def run(self, run_id: str) -> Run:
+        runs = await self._fetch(
+            "reading a backfill run",
+            self._q("SELECT * FROM {schema}.backfill_runs WHERE run_id = %s"),
+            (run_id,),
+        )
+        if not runs:
+            raise StateError(f"backfill run {run_id} does not exist")
+        chunks = await self._fetch(
+            "reading backfill chunks",
+            self._q(
+                "SELECT day, status, rows_estimate, read_ts, seq_basis, checksum, rows, "
+                "coalesce(jsonb_array_length(objects), 0) AS objects, attempts "
+                "FROM {schema}.backfill_chunks WHERE run_id = %s ORDER BY day"
+            ),
+            (run_id,),
+        )
+        r = runs[0]
+        return Run(
+            run_id=run_id,
+            table=r["table_name"],
+            day_from=r["day_from"],
+            day_to=r["day_to"],
+            fingerprint=r["fingerprint"],
+            status=r["status"],
+            chunks=tuple(Chunk(**c) for c in chunks),
+        )
+
+    async def create_run(
+        self,
+        run_id: str,
+        table: str,
+        day_from: date,
+        day_to: date,
+        fingerprint: str,
+        config: dict[str, Any],
+        jobs: int,
+        days: list[tuple[date, int]],
+    ) -> Run:
+        """The run and all its chunks (``planned``), in one transaction."""
+        try:
+            async with self._conn.transaction():
+                await self._conn.execute(
+                    self._q(
+                        "INSERT INTO {schema}.backfill_runs (run_id, table_name, day_from, "
+                        "day_to, fingerprint, config, status, jobs) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, 'running', %s)"
+                    ),
+                    (run_id, table, day_from, day_to, fingerprint, json.dumps(config), jobs),
+                )
+                async with self._conn.cursor() as cur:
+                    await cur.executemany(
+                        self._q(
+                            "INSERT INTO {schema}.backfill_chunks (run_id, day, status, "
+                            "rows_estimate) VALUES (%s, %s, 'planned', %s)"
+                        ),
+                        [(run_id, day, rows) for day, rows in days],
+                    )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "recording a backfill run") from None
+        return await self.run(run_id)
+
+    async def try_lock(self, run_id: str) -> None:
+        """Session-level: held while this connection lives, released if the process dies."""
+        rows = await self._fetch(
+            "taking the backfill run's lock",
+            sql.SQL("SELECT pg_try_advisory_lock(%s) AS ok"),
+            (run_lock_key(run_id),),
+        )
+        if not rows[0]["ok"]:
+            raise AlreadyRunningError(
+                f"backfill run {run_id} is already running in another process"
+            )
+
+    async def set_run_status(self, run_id: str, status: str, jobs: int, error: str | None) -> None:
+        await self._fetch(
+            "updating a backfill run",
+            self._q(
+                "UPDATE {schema}.backfill_runs SET status = %s, error = %s, jobs = %s, "
+                "updated_at = now(), finished_at = CASE WHEN %s = 'done' THEN now() END "
+                "WHERE run_id = %s"
+            ),
+            (status, error, jobs, status, run_id),
+        )
+
+    async def record_pending(
+        self,
+        run_id: str,
+        day: date,
+        read_ts: str,
+        seq_basis: int | None,
+        objects: tuple[ObjectRecord, ...],
+        checksum: str,
+    ) -> None:
+        """The chunk's intent record, written before any of its objects goes to S3."""
+        rows = await self._fetch(
+            "recording a backfill chunk",
+            self._q(
+                "UPDATE {schema}.backfill_chunks SET status = 'pending', read_ts = %s, "
+                "seq_basis = %s, objects = %s, checksum = %s, rows = %s, raw_bytes = %s, "
+                "size = %s, attempts = attempts + 1, error = NULL, updated_at = now() "
+                "WHERE run_id = %s AND day = %s AND status <> 'uploaded' RETURNING day"
+            ),
+            (
+                read_ts,
+                seq_basis,
+                json.dumps([o.as_json() for o in objects]),
+                checksum,
+                sum(o.rows for o in objects),
+                sum(o.raw_bytes for o in objects),
+                sum(o.size for o in objects),
+                run_id,
+                day,
+            ),
+        )
+        if not rows:
+            raise StateError(f"backfill chunk {run_id}/{day} is already uploaded")
+
+    async def note_failure(self, run_id: str, day: date, error: str) -> None:
+        await self._fetch(
+            "recording a failed attempt",
+            self._q(
+                "UPDATE {schema}.backfill_chunks SET error = %s, updated_at = now() "
+                "WHERE run_id = %s AND day = %s"
+            ),
+            (error, run_id, day),
+        )
+
+    async def mark_uploaded(self, run_id: str, day: date) -> None:
+        rows = await self._fetch(
+            "committing a backfill chunk",
+            self._q(
+                "UPDATE {schema}.backfill_chunks SET status = 'uploaded', uploaded_at = now(), "
+                "updated_at = now() WHERE run_id = %s AND day = %s AND status = 'pending' "
+                "RETURNING day"
+            ),
+            (run_id, day),
+        )
+        if not rows:
+            raise StateError(f"backfill chunk {run_id}/{day} is not pending any more")
