@@ -124,6 +124,7 @@ async def collect(
                 "unfinished": [b for b in troubled if not b["in_s3"]],
                 "failed": [b for b in troubled if b["status"] == Status.FAILED],
                 "missing": [b for b in troubled if b["status"] == Status.MISSING],
+                "backfill_runs": await reader.backfill_runs(name),
             }
         return report
     finally:
@@ -223,5 +224,11 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(
                     "    " + "  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4]
                 )
+        for run in t.get("backfill_runs", []):
+            lines.append(
+                f"  backfill {run['run_id']}  [{run['day_from']}, {run['day_to']})  {run['status']}"
+                f"  {run['days_done']}/{run['days']} days, {_count(run['rows'])} rows"
+                + (f"  {run['error']}" if run["error"] else "")
+            )
         lines.append("")
     return "\n".join(lines).rstrip("\n")

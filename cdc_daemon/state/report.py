@@ -67,6 +67,22 @@ class LedgerReader:
         except psycopg.Error as exc:
             raise from_psycopg(exc, "reading the ledger") from None
 
+    async def backfill_runs(self, table: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The latest backfill runs of the table, with their chunks' progress."""
+        rows = await self._fetch(
+            "SELECT r.run_id, r.day_from::text AS day_from, r.day_to::text AS day_to, r.status,"
+            " r.error, count(c.day) AS days,"
+            " count(c.day) FILTER (WHERE c.status = 'uploaded') AS days_done,"
+            " coalesce(sum(c.rows), 0) AS rows"
+            " FROM {schema}.backfill_runs r LEFT JOIN {schema}.backfill_chunks c USING (run_id)"
+            " WHERE r.table_name = %s GROUP BY r.run_id ORDER BY r.created_at DESC LIMIT %s",
+            (table, limit),
+        )
+        return [
+            {k: (int(v) if k in ("days", "days_done", "rows") else v) for k, v in r.items()}
+            for r in rows
+        ]
+
     async def ping(self) -> None:
         await self._fetch("SELECT 1 AS ok")
 

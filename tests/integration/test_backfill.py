@@ -20,6 +20,7 @@ from cdc_daemon.cli import main
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.state.backfill import BackfillLedger
+from cdc_daemon.status import collect, render
 from tests.e2e.daemon import write_config
 from tests.fix_faults import FaultyProxy
 from tests.helpers import (
@@ -145,6 +146,11 @@ async def test_backfill_equals_the_source_rows_of_the_range(
     assert {c.status for c in run.chunks} == {"uploaded"}
     assert sum(c.rows or 0 for c in run.chunks) == expected
     assert sum(c.objects for c in run.chunks) == len(new)
+    # `status` shows the run and its progress.
+    (shown,) = (await collect(settings))["public.ecommerce_sales"]["backfill_runs"]
+    assert (shown["run_id"], shown["status"]) == (run_id, "done")
+    assert (shown["days_done"], shown["days"], shown["rows"]) == (len(days), len(days), expected)
+    assert run_id in render(await collect(settings))
 
 
 @pytest.mark.parametrize(
