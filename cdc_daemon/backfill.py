@@ -716,14 +716,7 @@ async def _execute(
     terminal = _on_terminal(settings)
     async with AsyncExitStack() as stack:
         sink = await S3Sink.open(settings.s3, stack)
-        async for attempt in stamina.retry_context(
-            on=TransientError,
-            attempts=settings.daemon.retry_attempts,
-            wait_max=settings.daemon.retry_max_wait_s,
-            timeout=None,
-        ):
-            with attempt:
-                await sink.check_bucket()
+        await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
         backfill = Backfill(settings, table, run, ledger, sink, request.jobs, quiet=terminal)
         if terminal:
             structlog.configure(

@@ -145,16 +145,7 @@ class Worker:
             return None
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
-        # A bucket that does not answer yet is waited for like any transient error; one that
-        # does not exist is the user's mistake and ends here.
-        async for attempt in stamina.retry_context(
-            on=TransientError,
-            attempts=settings.daemon.retry_attempts,
-            wait_max=settings.daemon.retry_max_wait_s,
-            timeout=None,
-        ):
-            with attempt:
-                await sink.check_bucket()
+        await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
         log.info(
             "daemon_started",
             table=table.qualified,

@@ -11,12 +11,13 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import stamina
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cdc_daemon.config import S3Settings
-from cdc_daemon.errors import first_error, from_botocore
+from cdc_daemon.errors import TransientError, first_error, from_botocore
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -54,6 +55,15 @@ class S3Sink:
     @property
     def bucket(self) -> str:
         return self._settings.bucket
+
+    async def wait_for_bucket(self, attempts: int, wait_max_s: float) -> None:
+        """``check_bucket`` at startup: a bucket that does not answer yet is waited for like any
+        transient error; one that does not exist is the user's mistake and ends here."""
+        async for attempt in stamina.retry_context(
+            on=TransientError, attempts=attempts, wait_max=wait_max_s, timeout=None
+        ):
+            with attempt:
+                await self.check_bucket()
 
     async def check_bucket(self) -> None:
         try:
