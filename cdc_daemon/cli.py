@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         help="export everything committed, then exit 0 (for cron and tests)",
     )
     sub.add_parser("init", help="create the ledger schema (idempotent) and check the source")
+    teardown = sub.add_parser(
+        "teardown", help="logical mode: drop the replication slot and the publication"
+    )
+    teardown.add_argument(
+        "--yes", action="store_true", help="confirm: the next run starts with a new snapshot"
+    )
     status = sub.add_parser("status", help="the watermark and batches by status")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     demo = sub.add_parser(
@@ -77,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(Worker(settings, exit_when_idle=args.exit_when_idle).serve())
         if args.command == "init":
             return asyncio.run(init(settings))
+        if args.command == "teardown":
+            from cdc_daemon.logical_setup import teardown
+
+            return asyncio.run(teardown(settings, confirmed=args.yes))
         if args.command == "status":
             return asyncio.run(status(settings, as_json=args.json))
     except CdcError as exc:
@@ -95,6 +105,10 @@ async def init(settings: Settings) -> int:
         await store.init_schema()
     finally:
         await store.close()
+    if settings.capture.mode == "logical":
+        from cdc_daemon.logical_setup import init_logical
+
+        return await init_logical(settings)
     source = WatermarkSource(settings)
     try:
         table = await asyncio.to_thread(source.connect)

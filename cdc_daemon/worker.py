@@ -19,9 +19,11 @@ import stamina
 import structlog
 
 from cdc_daemon.config import Settings, redact_dsn
-from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error
+from cdc_daemon.errors import CdcError, TransientError, first_error
+from cdc_daemon.logical_pipeline import LogicalPipeline
 from cdc_daemon.pipeline import WatermarkPipeline
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.source.logical import LogicalSource
 from cdc_daemon.source.watermark import WatermarkSource
 from cdc_daemon.state.store import Store
 
@@ -35,7 +37,6 @@ class Worker:
         self._stop = asyncio.Event()
         self._signals = 0
         self._store: Store | None = None
-        self._source: WatermarkSource | None = None
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
@@ -50,9 +51,6 @@ class Worker:
         self.request_stop(signum.name)
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> int:
-        settings = self._settings
-        if settings.capture.mode != "watermark":
-            raise ConfigError("capture.mode 'logical' is not available yet; use 'watermark'")
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         if shutdown_trigger is None:
@@ -93,8 +91,11 @@ class Worker:
         )
         store = await self._connect_store()
         stack.push_async_callback(self._close_store)
-        source = WatermarkSource(settings)
-        self._source = source
+        source: WatermarkSource | LogicalSource = (
+            LogicalSource(settings)
+            if settings.capture.mode == "logical"
+            else WatermarkSource(settings)
+        )
         stack.callback(source.close)
         table = await asyncio.to_thread(source.connect)
         await store.try_lock(table.qualified)
@@ -116,6 +117,8 @@ class Worker:
             partition_column=table.partition.name,
             pid=os.getpid(),
         )
+        if isinstance(source, LogicalSource):
+            return LogicalPipeline(settings, source, sink, store)
         return WatermarkPipeline(settings, source, sink, store)
 
     async def _connect_store(self) -> Store:

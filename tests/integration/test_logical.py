@@ -1,0 +1,257 @@
+"""Logical capture against a real PostgreSQL (wal_level=logical) and a real S3 server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_daemon.cli import init
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import SourceError
+from cdc_daemon.localdev import LocalS3
+from cdc_daemon.sample import generate_sales
+from tests.helpers import (
+    assert_rebuilt_equals_source,
+    export_until_idle,
+    make_settings,
+    object_bodies,
+)
+
+# Writers commit synchronously: a peek sees only flushed WAL, and an asynchronous commit is
+# flushed up to wal_writer_delay later, after the test's "export until idle" may have run.
+SYNC = "-c synchronous_commit=on"
+
+
+@pytest.fixture(autouse=True)
+def drop_slots(pg_dsn: str) -> Iterator[None]:
+    """A database with a replication slot cannot be dropped: the test's slots go first."""
+    yield
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE database = current_database()"
+        )
+
+
+def parsed(bodies: dict[str, bytes]) -> list[dict[str, str]]:
+    return [r for b in bodies.values() for r in csv.DictReader(io.StringIO(b.decode()))]
+
+
+def _rows_of(body: bytes) -> list[bytes]:
+    """Split CSV bytes into rows, honouring quoted line breaks."""
+    rows, start, quoted = [], 0, False
+    for i, c in enumerate(body):
+        if c == 34:
+            quoted = not quoted
+        elif c == 10 and not quoted:
+            rows.append(body[start:i])
+            start = i + 1
+    return rows
+
+
+def logical_settings(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, **capture: Any
+) -> Settings:
+    return make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"mode": "logical", **capture},
+        batch={"max_rows": 500},
+    )
+
+
+def sales(pg_dsn: str, rows: int) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, rows, days=5)
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
+
+
+def random_changes(dsn: str, rng: random.Random, transactions: int) -> None:
+    """Inserts, updates (some moving a row to another day), deletes, in transactions of 1-30
+    statements; some roll back."""
+    with psycopg.connect(dsn, options=SYNC) as conn:
+        for _ in range(transactions):
+            for _ in range(rng.randint(1, 30)):
+                pick = rng.random()
+                if pick < 0.35:
+                    conn.execute(
+                        "INSERT INTO ecommerce_sales (invoice_no, stock_code, description,"
+                        " quantity, invoice_date, unit_price, customer_id, country) VALUES"
+                        " (%s, 'S', %s, %s, now() - random() * interval '6 days', 1.25, NULL,"
+                        " 'UK')",
+                        (str(rng.randint(1, 10**6)), 'new, "quoted"\nrow', rng.randint(-5, 50)),
+                    )
+                elif pick < 0.6:
+                    conn.execute(
+                        "UPDATE ecommerce_sales SET quantity = quantity + 1,"
+                        " description = coalesce(description, '') || 'u' WHERE id = ("
+                        " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
+                    )
+                elif pick < 0.75:
+                    # The partition column: the row moves to another day's object.
+                    conn.execute(
+                        "UPDATE ecommerce_sales SET invoice_date = invoice_date"
+                        " + interval '1 day' * %s WHERE id = ("
+                        " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)",
+                        (rng.choice([-2, -1, 1, 3]),),
+                    )
+                elif pick < 0.85:
+                    conn.execute(
+                        "UPDATE ecommerce_sales SET customer_id = NULL, description = ''"
+                        " WHERE id = (SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
+                    )
+                else:
+                    conn.execute(
+                        "DELETE FROM ecommerce_sales WHERE id = ("
+                        " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
+                    )
+            if rng.random() < 0.1:
+                conn.rollback()
+            else:
+                conn.commit()
+
+
+async def test_snapshot_then_changes_rebuild_the_table(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """The initial snapshot exports the existing rows as I; then inserts, updates (also of the
+    partition column) and deletes from many transactions, some concurrent, are exported as
+    I/U/D with the change's LSN: applying them in _cdc_seq order gives exactly the source."""
+    sales(pg_dsn, 1500)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    bodies = assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    assert all("/dt=" in k and "start-" in k for k in bodies)
+    assert len({r["_cdc_seq"] for r in parsed(bodies)}) == 1  # one _cdc_seq for the snapshot
+    rng = random.Random(7)
+    for round_ in range(3):
+        writers = [
+            threading.Thread(
+                target=random_changes, args=(pg_dsn, random.Random(round_ * 10 + i), 40)
+            )
+            for i in range(3)
+        ]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        random_changes(pg_dsn, rng, 10)
+        assert await export_until_idle(settings) == 0
+        bodies = assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    assert {r["_cdc_op"] for r in parsed(bodies)} == {"I", "U", "D"}
+    with psycopg.connect(pg_dsn) as conn:
+        statuses = conn.execute("SELECT DISTINCT status FROM cdc.batches").fetchall()
+        slot = conn.execute(
+            "SELECT confirmed_flush_lsn = (SELECT pg_lsn(to_hex(high >> 32) || '/'"
+            " || to_hex(high & 4294967295)) FROM cdc.positions) FROM pg_replication_slots"
+        ).fetchone()
+    assert statuses == [("uploaded",)]
+    assert slot == (True,)
+
+
+async def test_same_bytes_as_watermark_mode(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """For the same row values, a streamed insert is encoded exactly like the watermark COPY:
+    only _cdc_seq and _cdc_ts differ (awkward text, NULL vs '', numerics, timestamps with and
+    without fractions, bytea, quarantined values)."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE ecommerce_sales (id bigint PRIMARY KEY, invoice_date timestamptz,"
+            " d text, n numeric, f float8, b bytea, ts timestamp, dt date, ok boolean,"
+            " arr int[], j jsonb) "
+        )
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
+    values = (
+        " (1, '2011-03-27 00:30:00+00', NULL, 1.5, 0.1, '\\x00ff', '2011-01-01 10:00:00', "
+        "  '2011-01-02', true, '{1,2}', '{\"a\": [1, \"x,y\"]}'),"
+        " (2, '2011-03-27 01:30:00.25+01', '', -0.001, -1e300, '', '2011-01-01 10:00:00.5',"
+        "  NULL, false, '{}', '\"\"'),"
+        " (3, '2010-12-01 08:26:00.123456+00', 'a,b \"q\"' || chr(13) || chr(10) || '£ 日本',"
+        "  12345678901234567890123456789.1234567890, 1.0000000000000002, NULL, NULL, NULL, NULL,"
+        "  NULL, NULL),"
+        " (4, '2011-01-01', 'x', 'NaN', 'Infinity', NULL, 'infinity', NULL, NULL, NULL, NULL),"
+        " (5, NULL, 'no day', 1e40, 0, NULL, NULL, '10000-01-01', NULL, NULL, NULL)"
+    )
+    watermark = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"partition_column": "invoice_date"},
+        s3={"prefix": "w/"},
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO ecommerce_sales VALUES" + values)
+    assert await export_until_idle(watermark) == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE ecommerce_sales")
+    logical = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"mode": "logical"},
+        s3={"prefix": "l/"},
+        state={"schema": "cdc_l"},
+    )
+    assert await init(logical) == 0
+    assert await export_until_idle(logical) == 0  # the (empty) snapshot
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("INSERT INTO ecommerce_sales VALUES" + values)
+    assert await export_until_idle(logical) == 0
+
+    def rows(prefix: str) -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {}
+        for key, body in object_bodies(s3_client, bucket, prefix).items():
+            folder = key.split("/")[-2]
+            # The bytes of each row without _cdc_seq and _cdc_ts (never quoted, no commas).
+            header, *lines = _rows_of(body)
+            out.setdefault(folder, []).extend(
+                [header, *sorted(r.rsplit(b",", 2)[0] for r in lines)]
+            )
+        return out
+
+    assert rows("l/") == rows("w/")
+    assert set(rows("l/")) == {
+        "dt=2011-03-27",
+        "dt=2010-12-01",
+        "reason=nan-n",
+        "reason=numeric_out_of_range-n",
+    }
+
+
+async def test_unlogged_toast_value_stops_never_empties(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """Under the default replica identity an update does not log an unchanged TOASTed value:
+    init refuses such a table, and if the identity is changed afterwards the daemon stops at
+    that change with a clear message instead of writing an empty value."""
+    sales(pg_dsn, 10)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY DEFAULT")
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    with pytest.raises(SourceError, match="REPLICA IDENTITY FULL"):
+        await init(settings)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY DEFAULT")
+        conn.execute("ALTER TABLE ecommerce_sales ALTER COLUMN description SET STORAGE EXTERNAL")
+        conn.execute("UPDATE ecommerce_sales SET description = repeat('x', 5000) WHERE id = 1")
+        conn.execute("UPDATE ecommerce_sales SET quantity = 99 WHERE id = 1")
+    with pytest.raises(SourceError, match="TOASTed"):
+        await export_until_idle(settings)
