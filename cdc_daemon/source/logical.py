@@ -284,7 +284,7 @@ class LogicalSource:
         except psycopg.Error as exc:
             # A session left in an odd state is not reused: the next call reconnects.
             self.close()
-            raise from_psycopg(exc, doing) from None
+            raise _translate(exc, doing) from None
 
     # -- prerequisites, publication, slot ----------------------------------------------------
 
@@ -554,11 +554,7 @@ class LogicalSource:
         except psycopg.Error as exc:
             reader.discard()
             self.close()
-            if exc.sqlstate == "55000" or "does not exist" in str(exc):
-                raise SourceError(
-                    f"reading slot {self.slot}: {str(exc).strip().splitlines()[0]}"
-                ) from None
-            raise from_psycopg(exc, f"reading slot {self.slot}") from None
+            raise _translate(exc, f"reading slot {self.slot}") from None
         except DecodeError as exc:
             reader.discard()
             raise CdcError(
@@ -731,6 +727,16 @@ class _Reader:
                 f"columns of {q} {what} ({names}): the warehouse table must be changed first; "
                 'then set capture.schema_change = "follow" for one run'
             )
+
+
+def _translate(exc: psycopg.Error, doing: str) -> CdcError:
+    if exc.sqlstate == "55006":
+        # "replication slot ... is active for PID ...": the backend of a daemon that was just
+        # killed has not noticed yet; it goes away on its own.
+        return TransientError(f"{doing}: {str(exc).strip().splitlines()[0]}")
+    if exc.sqlstate in ("55000", "42704"):
+        return SourceError(f"{doing}: {str(exc).strip().splitlines()[0]}")
+    return from_psycopg(exc, doing)
 
 
 def lsn_window(position: int, flush: int, max_bytes: int) -> int:
