@@ -59,8 +59,11 @@ def test_million_row_transaction_in_bounded_memory(
         env=env(),
     )
     # wait4: the child's own peak RSS (ru_maxrss, KiB on Linux), without a polling sampler.
-    out = proc.stdout.read() if proc.stdout else b""
-    err = proc.stderr.read() if proc.stderr else b""
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        out = proc.stdout.read()
+        err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, err.decode()[-2000:]
