@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import random
@@ -407,3 +408,46 @@ async def test_schema_changes(
     last = max(changes, key=lambda r: int(r["_cdc_seq"]))
     assert last["quantity"] == "8"
     assert "country" not in last
+
+
+async def test_handover_transaction_spanning_the_consistent_point(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """The hand-over's hard case: a transaction that begins while the slot is being created
+    (after its full-snapshot point) and commits after its consistent point. The exported
+    snapshot does not see it, the slot streams it, and its change LSN lies *below* the
+    consistent point: snapshot rows carry the slot's restart_lsn as _cdc_seq, so the streamed
+    change still wins. (Stamped with the consistent point, the old value would win.)"""
+    sales(pg_dsn, 10)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    t0 = psycopg.connect(pg_dsn, options=SYNC)
+    t1 = psycopg.connect(pg_dsn, options=SYNC)
+    t2 = psycopg.connect(pg_dsn, options=SYNC)
+    admin = psycopg.connect(pg_dsn, autocommit=True)
+    try:
+        t0.execute("SELECT txid_current()")  # running when the slot starts: it must wait
+        daemon = asyncio.create_task(export_until_idle(settings))
+        await asyncio.sleep(1)
+        await asyncio.to_thread(
+            t1.execute, "UPDATE ecommerce_sales SET quantity = 1111 WHERE id = 1"
+        )
+        await asyncio.to_thread(t0.commit)
+        await asyncio.to_thread(admin.execute, "CHECKPOINT")  # a running-xacts record: full
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(
+            t2.execute, "UPDATE ecommerce_sales SET quantity = 2222 WHERE id = 2"
+        )
+        await asyncio.to_thread(t1.commit)
+        await asyncio.to_thread(admin.execute, "CHECKPOINT")  # t1 ended: consistent
+        assert await asyncio.wait_for(daemon, 60) == 0
+        await asyncio.to_thread(t2.commit)
+    finally:
+        for conn in (t0, t1, t2, admin):
+            conn.close()
+    assert await export_until_idle(settings) == 0
+    bodies = assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    consistent = int(next(k for k in bodies if "start-" in k).rsplit("start-", 1)[1][:20])
+    streamed = [r for r in parsed(bodies) if r["_cdc_op"] == "U"]
+    assert [(r["id"], r["quantity"]) for r in streamed] == [("2", "2222")]
+    assert int(streamed[0]["_cdc_seq"]) < consistent
