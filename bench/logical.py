@@ -28,9 +28,9 @@ PEEK = (
 INSERT = (
     "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity, invoice_date,"
     " unit_price, customer_id, country) SELECT (536365 + g / 20)::text, '85123A',"
-    " 'PRODUCT ' || g || ' WHITE HANGING HEART', 1 + g % 24,"
-    " timestamptz '2010-12-01 08:00:00+00' + g * interval '31 seconds', 2.55, 17850 + g % 5000,"
-    " 'United Kingdom' FROM generate_series(%s, %s) g"
+    " 'PRODUCT ' || g || ' WHITE HANGING HEART', 1 + g %% 24,"
+    " timestamptz '2010-12-01 08:00:00+00' + g * interval '31 seconds', 2.55, 17850 + g %% 5000,"
+    " 'United Kingdom' FROM generate_series(%s::int, %s::int) g"
 )
 
 

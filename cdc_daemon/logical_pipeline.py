@@ -50,7 +50,7 @@ class LogicalPipeline(WatermarkPipeline):
         super().__init__(settings, source, sink, store)  # type: ignore[arg-type]
         self._logical = source
         self._pos: int | None = None  # the ledger's position (an LSN); INT64_MIN: none yet
-        self._last_move = time.monotonic()
+        self._last_move = -float("inf")  # the first idle pass of a start moves the slot
         self._lag_warned = -_LAG_WARN_EVERY_S
         self._seen_since: float | None = None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cdc_daemon.source.pgoutput import TupleData
 
@@ -154,22 +155,53 @@ class RowEncoder:
         if columns[self._partition].type_oid not in _PARTITION_TYPES:
             raise ValueError(f"partition column {partition_column!r} is not a date/timestamp")
         self._convert = [_CONVERT.get(c.type_oid, quote) for c in columns]
-        self._checks = [
+        # Columns whose bytes change (timestamps, bytea); the others go out as they are unless
+        # they need quoting, which one scan of the joined row rules out for most rows.
+        self._converted = [
+            (i, convert) for i, convert in enumerate(self._convert) if convert not in (_bare, quote)
+        ]
+        checks = [
             (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")
             for i, c in enumerate(columns)
             if (check := _CHECKS.get(c.type_oid)) is not None
         ]
+        self._checks = [c for c in checks if c[1] is not _check_text]
+        self._text_checks = [c for c in checks if c[1] is _check_text]
+        self._commas = len(columns) - 1
         self.width = len(columns)
 
     def encode(self, values: TupleData) -> tuple[bytes, bytes]:
         """Values must be bytes or None (UNCHANGED resolved by the caller)."""
-        fields = [
-            b"" if v is None else convert(v)  # type: ignore[arg-type]
-            for convert, v in zip(self._convert, values, strict=True)
-        ]
+        fields: list[Any] = list(values)
+        for i, convert in self._converted:
+            value = fields[i]
+            if value is not None:
+                fields[i] = convert(value)
+        if None in fields:
+            fields = [b"" if v is None else v for v in fields]
+        row = b",".join(fields)
+        if (
+            row.count(b",") != self._commas
+            or b'"' in row
+            or b"\n" in row
+            or b"\r" in row
+            or b"" in values
+        ):
+            # Some value needs quoting (or is an empty string, written as ""): field by field.
+            row = b",".join(
+                [
+                    b"" if v is None else convert(v)  # type: ignore[arg-type]
+                    for convert, v in zip(self._convert, values, strict=True)
+                ]
+            )
         for i, check, label in self._checks:
             value = values[i]
             if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]
-                return b"!" + label.format(reason).encode(), b",".join(fields)
+                return b"!" + label.format(reason).encode(), row
+        if len(row) > _MAX_TEXT:
+            for i, check, label in self._text_checks:
+                value = values[i]
+                if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]
+                    return b"!" + label.format(reason).encode(), row
         day = values[self._partition]
-        return (b"" if day is None else day[:10]), b",".join(fields)  # type: ignore[index]
+        return (b"" if day is None else day[:10]), row  # type: ignore[index]

@@ -152,23 +152,23 @@ def _string(buf: bytes, pos: int) -> tuple[str, int]:
 
 
 def decode_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
-    """TupleData at ``pos``: the values and the position after them."""
+    """TupleData at ``pos``: the values and the position after them. (The hot loop of the
+    capture: one branch and one slice per text value.)"""
     (count,) = _U16(buf, pos)
     pos += 2
-    values: TupleData = []
-    append = values.append
-    for _ in range(count):
+    values: TupleData = [None] * count
+    u32 = _U32
+    for i in range(count):
         kind = buf[pos]
-        pos += 1
         if kind == 116:  # 't': text
-            (length,) = _U32(buf, pos)
-            pos += 4
-            append(buf[pos : pos + length])
-            pos += length
+            start = pos + 5
+            pos = start + u32(buf, pos + 1)[0]
+            values[i] = buf[start:pos]
         elif kind == 110:  # 'n': NULL
-            append(None)
+            pos += 1
         elif kind == 117:  # 'u': unchanged TOASTed value, not sent
-            append(UNCHANGED)
+            values[i] = UNCHANGED
+            pos += 1
         else:
             # 'b' (binary) only comes with the 'binary' option, which the capture never sets.
             raise DecodeError(f"unexpected tuple value kind {chr(kind)!r}")

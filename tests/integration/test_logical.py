@@ -82,44 +82,51 @@ def random_changes(dsn: str, rng: random.Random, transactions: int) -> None:
     statements; some roll back."""
     with psycopg.connect(dsn, options=SYNC) as conn:
         for _ in range(transactions):
-            for _ in range(rng.randint(1, 30)):
-                pick = rng.random()
-                if pick < 0.35:
-                    conn.execute(
-                        "INSERT INTO ecommerce_sales (invoice_no, stock_code, description,"
-                        " quantity, invoice_date, unit_price, customer_id, country) VALUES"
-                        " (%s, 'S', %s, %s, now() - random() * interval '6 days', 1.25, NULL,"
-                        " 'UK')",
-                        (str(rng.randint(1, 10**6)), 'new, "quoted"\nrow', rng.randint(-5, 50)),
-                    )
-                elif pick < 0.6:
-                    conn.execute(
-                        "UPDATE ecommerce_sales SET quantity = quantity + 1,"
-                        " description = coalesce(description, '') || 'u' WHERE id = ("
-                        " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
-                    )
-                elif pick < 0.75:
-                    # The partition column: the row moves to another day's object.
-                    conn.execute(
-                        "UPDATE ecommerce_sales SET invoice_date = invoice_date"
-                        " + interval '1 day' * %s WHERE id = ("
-                        " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)",
-                        (rng.choice([-2, -1, 1, 3]),),
-                    )
-                elif pick < 0.85:
-                    conn.execute(
-                        "UPDATE ecommerce_sales SET customer_id = NULL, description = ''"
-                        " WHERE id = (SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
-                    )
-                else:
-                    conn.execute(
-                        "DELETE FROM ecommerce_sales WHERE id = ("
-                        " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
-                    )
-            if rng.random() < 0.1:
-                conn.rollback()
-            else:
-                conn.commit()
+            try:
+                _one_transaction(conn, rng)
+            except psycopg.errors.DeadlockDetected:
+                conn.rollback()  # concurrent writers updating random rows: it happens
+
+
+def _one_transaction(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+    for _ in range(rng.randint(1, 30)):
+        pick = rng.random()
+        if pick < 0.35:
+            conn.execute(
+                "INSERT INTO ecommerce_sales (invoice_no, stock_code, description,"
+                " quantity, invoice_date, unit_price, customer_id, country) VALUES"
+                " (%s, 'S', %s, %s, now() - random() * interval '6 days', 1.25, NULL,"
+                " 'UK')",
+                (str(rng.randint(1, 10**6)), 'new, "quoted"\nrow', rng.randint(-5, 50)),
+            )
+        elif pick < 0.6:
+            conn.execute(
+                "UPDATE ecommerce_sales SET quantity = quantity + 1,"
+                " description = coalesce(description, '') || 'u' WHERE id = ("
+                " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
+            )
+        elif pick < 0.75:
+            # The partition column: the row moves to another day's object.
+            conn.execute(
+                "UPDATE ecommerce_sales SET invoice_date = invoice_date"
+                " + interval '1 day' * %s WHERE id = ("
+                " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)",
+                (rng.choice([-2, -1, 1, 3]),),
+            )
+        elif pick < 0.85:
+            conn.execute(
+                "UPDATE ecommerce_sales SET customer_id = NULL, description = ''"
+                " WHERE id = (SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
+            )
+        else:
+            conn.execute(
+                "DELETE FROM ecommerce_sales WHERE id = ("
+                " SELECT id FROM ecommerce_sales ORDER BY random() LIMIT 1)"
+            )
+    if rng.random() < 0.1:
+        conn.rollback()
+    else:
+        conn.commit()
 
 
 async def test_snapshot_then_changes_rebuild_the_table(
