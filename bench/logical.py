@@ -115,6 +115,12 @@ def main() -> None:
                 f"{counted / busy:.2f} (batches); target >= 0.5"
             )
             print(f"    peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_seconds:.1f} s")
+            for b in run.batches:
+                print(
+                    f"      batch {b['batch_id']}: {b['rows']:,} rows, read+decode+spool "
+                    f"{b.get('extract_s', 0):.2f} s, upload {b.get('upload_s', 0):.2f} s, "
+                    f"commit {b.get('commit_s', 0):.2f} s, {b['reason']}"
+                )
 
 
 if __name__ == "__main__":
