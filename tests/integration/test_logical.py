@@ -13,12 +13,14 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
+from cdc_daemon.source.pgoutput import parse_lsn
 from tests.helpers import (
     assert_rebuilt_equals_source,
     export_until_idle,
@@ -320,6 +322,38 @@ async def test_lost_slot_stops_with_a_clear_message(
         await export_until_idle(settings)
 
 
+async def test_invalidated_slot_stops_with_a_clear_message(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A slot the server invalidated (max_slot_wal_keep_size passed: wal_status 'lost') lost
+    changes: the daemon stops and says so, it does not carry on from what is left."""
+    sales(pg_dsn, 20)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            for _ in range(3):
+                conn.execute(
+                    "INSERT INTO ecommerce_sales (invoice_no, stock_code, quantity,"
+                    " invoice_date, unit_price, country) SELECT 'p', 'p', 1, now(), 1, 'X'"
+                    " FROM generate_series(1, 30000)"
+                )
+                conn.execute("SELECT pg_switch_wal()")
+                conn.execute("CHECKPOINT")
+            status = conn.execute(
+                "SELECT wal_status FROM pg_replication_slots WHERE database = current_database()"
+            ).fetchone()
+        finally:
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+    assert status == ("lost",)
+    with pytest.raises(SourceError, match="invalidated"):
+        await export_until_idle(settings)
+
+
 async def test_teardown_then_a_new_snapshot(
     pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
@@ -361,7 +395,9 @@ async def test_idle_table_busy_server_moves_the_slot(
     """WAL written for other tables does not pile up behind the slot: a pass that finds no
     change of the table still moves the slot (heartbeat), after the ledger."""
     sales(pg_dsn, 10)
-    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path, heartbeat_s=0.01)
+    settings = logical_settings(
+        pg_dsn, s3_server, bucket, tmp_path, heartbeat_s=0.01, max_lag_bytes=1_000_000
+    )
     assert await init(settings) == 0
     assert await export_until_idle(settings) == 0
     with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
@@ -371,10 +407,15 @@ async def test_idle_table_busy_server_moves_the_slot(
         )
     before = slot_row(pg_dsn)
     assert before is not None
-    assert await export_until_idle(settings) == 0
+    with structlog.testing.capture_logs() as logs:
+        assert await export_until_idle(settings) == 0
     after = slot_row(pg_dsn)
+    # The lag is watched on every pass: a warning above capture.max_lag_bytes.
+    (warning,) = [e for e in logs if e["event"] == "slot_lag_high"]
+    assert warning["slot_lag_bytes"] > 1_000_000
     assert after is not None
-    assert after[0] >= before[1]  # confirmed_flush moved past the other table's WAL
+    # confirmed_flush moved past the other table's WAL
+    assert parse_lsn(after[0]) >= parse_lsn(before[1])
     with psycopg.connect(pg_dsn) as conn:
         position = conn.execute("SELECT high FROM cdc.positions").fetchone()
     assert position is not None
