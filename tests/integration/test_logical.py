@@ -499,3 +499,19 @@ async def test_handover_transaction_spanning_the_consistent_point(
     streamed = [r for r in parsed(bodies) if r["_cdc_op"] == "U"]
     assert [(r["id"], r["quantity"]) for r in streamed] == [("2", "2222")]
     assert int(streamed[0]["_cdc_seq"]) < consistent
+
+
+async def test_truncate_stops_with_a_clear_message(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """TRUNCATE cannot be exported as row changes: the daemon stops at it, saying how to
+    re-initialise (nothing of that read is exported; the slot does not move)."""
+    sales(pg_dsn, 20)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("DELETE FROM ecommerce_sales WHERE id = 1")
+        conn.execute("TRUNCATE ecommerce_sales")
+    with pytest.raises(SourceError, match=r"truncated.*teardown"):
+        await export_until_idle(settings)
