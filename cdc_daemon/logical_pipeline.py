@@ -75,6 +75,14 @@ class LogicalPipeline(WatermarkPipeline):
 
     async def _start(self) -> None:
         store = self._store
+        source = self._logical
+        if not await self._in_thread(source.publication_exists):
+            raise SourceError(
+                f"publication {source.publication} does not exist: run `cdc-daemon init`"
+            )
+        problems = await self._in_thread(source.check_publication)
+        if problems:
+            raise SourceError("; ".join(problems))
         for pending in await store.pending(self.table):
             log.warning(
                 "batch_redone",

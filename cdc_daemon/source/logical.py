@@ -329,15 +329,45 @@ class LogicalSource:
                 f"{q} has TOASTable columns ({', '.join(t.toastable)}) whose unchanged values "
                 f"an update does not log: ALTER TABLE {q} REPLICA IDENTITY FULL"
             )
-        if not self._publication_exists() and not (owns and can_create):
+        if not self.publication_exists() and not (owns and can_create):
             problems.append(
                 f"role {user} cannot create publication {self.publication} (it must own {q} "
                 f"and may CREATE in the database): have the owner run CREATE PUBLICATION "
                 f"{self.publication} FOR TABLE {q}"
             )
+        return problems + self.check_publication()
+
+    def check_publication(self) -> list[str]:
+        """An existing publication must publish every kind of change of the table: one made
+        by hand with ``publish = 'insert'`` would silently drop updates and deletes."""
+
+        def read(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[Any, ...] | None:
+            return conn.execute(
+                "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate,"
+                " EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname"
+                " AND t.schemaname = %s AND t.tablename = %s)"
+                " FROM pg_publication p WHERE p.pubname = %s",
+                (self.table.schema, self.table.name, self.publication),
+            ).fetchone()
+
+        row = self._guard("reading the publication", read)
+        if row is None:
+            return []
+        every_kind, has_table = row
+        q, pub = self.table.qualified, self.publication
+        problems = []
+        if not every_kind:
+            problems.append(
+                f"publication {pub} does not publish every change: ALTER PUBLICATION {pub} "
+                "SET (publish = 'insert, update, delete, truncate')"
+            )
+        if not has_table:
+            problems.append(
+                f"publication {pub} does not include {q}: ALTER PUBLICATION {pub} ADD TABLE {q}"
+            )
         return problems
 
-    def _publication_exists(self) -> bool:
+    def publication_exists(self) -> bool:
         def find(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
             row = conn.execute(
                 "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
@@ -348,7 +378,7 @@ class LogicalSource:
 
     def ensure_publication(self) -> bool:
         """Create the publication for the table if missing; True when created."""
-        if self._publication_exists():
+        if self.publication_exists():
             return False
         statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
             sql.Identifier(self.publication), self.table.ident()
@@ -413,7 +443,7 @@ class LogicalSource:
                 lambda c: c.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,)),
             )
             dropped.append(f"slot {self.slot}")
-        if self._publication_exists():
+        if self.publication_exists():
             self._guard(
                 "dropping the publication",
                 lambda c: c.execute(

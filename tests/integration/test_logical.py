@@ -288,12 +288,20 @@ async def test_init_names_each_missing_prerequisite(
         conn.execute("GRANT SELECT ON ecommerce_sales TO cdc_weak")
         conn.execute("GRANT ALL ON SCHEMA public TO cdc_weak")
     weak = pg_dsn.replace("user=postgres", "user=cdc_weak")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE PUBLICATION cdc_public_ecommerce_sales FOR TABLE ecommerce_sales"
+            " WITH (publish = 'insert')"
+        )
     settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
     with pytest.raises(SourceError) as caught:
         await init(settings)
     message = str(caught.value)
     assert "no primary key" in message
     assert "ALTER TABLE public.ecommerce_sales REPLICA IDENTITY FULL" in message
+    assert "publish = 'insert, update, delete, truncate'" in message
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP PUBLICATION cdc_public_ecommerce_sales")
     weak_settings = make_settings(
         weak, s3_server, bucket, tmp_path, capture={"mode": "logical"}, state={"dsn": pg_dsn}
     )
