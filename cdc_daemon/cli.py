@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between progress log lines when not on a terminal (10)",
     )
+    teardown = sub.add_parser(
+        "teardown", help="logical mode: drop the replication slot and the publication"
+    )
+    teardown.add_argument(
+        "--yes", action="store_true", help="confirm: the next run starts with a new snapshot"
+    )
     status = sub.add_parser(
         "status",
         help="is it running, how far behind, batches by status, batches that need attention",
@@ -140,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.progress_interval,
             )
             return asyncio.run(run_backfill(settings, request))
+        if args.command == "teardown":
+            from cdc_daemon.logical_setup import teardown
+
+            return asyncio.run(teardown(settings, confirmed=args.yes))
         if args.command == "status":
             return asyncio.run(status(settings, as_json=args.json))
         if args.command == "snowflake":
@@ -245,6 +255,10 @@ async def init(settings: Settings) -> int:
         await store.init_schema()
     finally:
         await store.close()
+    if settings.capture.mode == "logical":
+        from cdc_daemon.logical_setup import init_logical
+
+        return await init_logical(settings)
     source = WatermarkSource(settings)
     try:
         table = await asyncio.to_thread(source.connect)

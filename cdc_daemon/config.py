@@ -53,6 +53,19 @@ class CaptureSettings(_Section):
     watermark_column: str | None = None
     partition_column: str = "invoice_date"
     poll_interval_s: float = Field(default=1.0, gt=0)
+    # Logical mode only (see source.logical). Names default to cdc_<schema>_<table>.
+    slot_name: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,63}$")
+    publication_name: str | None = Field(default=None, min_length=1, max_length=63)
+    # Export the rows present when the slot is created (from the slot's exported snapshot).
+    initial_snapshot: bool = True
+    # WAL read by one peek at most: one call never decodes the whole backlog.
+    max_read_wal_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    # Idle table, busy server: move the slot at least this often, so WAL does not pile up.
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    # Warn when the slot holds back more WAL than this.
+    max_lag_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    # A dropped or retyped column: stop (default), or follow the new column list.
+    schema_change: Literal["stop", "follow"] = "stop"
 
 
 class BatchSettings(_Section):

@@ -23,15 +23,16 @@ from cdc_daemon.config import Settings, redact_dsn
 from cdc_daemon.errors import (
     AlreadyRunningError,
     CdcError,
-    ConfigError,
     TransientError,
     first_error,
 )
 from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
+from cdc_daemon.logical_pipeline import LogicalPipeline
 from cdc_daemon.metrics import Metrics
 from cdc_daemon.pipeline import WatermarkPipeline
 from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.source.logical import LogicalSource
 from cdc_daemon.source.watermark import WatermarkSource
 from cdc_daemon.state.store import Store
 from cdc_daemon.systemd import SystemdNotifier
@@ -46,7 +47,6 @@ class Worker:
         self._stop = asyncio.Event()
         self._signals = 0
         self._store: Store | None = None
-        self._source: WatermarkSource | None = None
         # Operations (health.py, metrics.py, systemd.py): one registry per worker.
         self.registry = CollectorRegistry()
         self.metrics: Metrics | None = None
@@ -71,8 +71,6 @@ class Worker:
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> int:
         settings = self._settings
-        if settings.capture.mode != "watermark":
-            raise ConfigError("capture.mode 'logical' is not available yet; use 'watermark'")
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         if shutdown_trigger is None:
@@ -132,8 +130,11 @@ class Worker:
         )
         store = await self._connect_store()
         stack.push_async_callback(self._close_store)
-        source = WatermarkSource(settings)
-        self._source = source
+        source: WatermarkSource | LogicalSource = (
+            LogicalSource(settings)
+            if settings.capture.mode == "logical"
+            else WatermarkSource(settings)
+        )
         stack.callback(source.close)
         table = await asyncio.to_thread(source.connect)
         self.metrics = Metrics(self.registry, table.qualified)
@@ -153,6 +154,8 @@ class Worker:
             partition_column=table.partition.name,
             pid=os.getpid(),
         )
+        if isinstance(source, LogicalSource):
+            return LogicalPipeline(settings, source, sink, store, self.metrics)
         return WatermarkPipeline(settings, source, sink, store, self.metrics)
 
     def _lock_session(self) -> int | None:

@@ -87,7 +87,8 @@ def object_bodies(s3_client: Any, bucket: str, prefix: str = "") -> dict[str, by
 def rebuild(dsn: str, bodies: dict[str, bytes], table: str = "ecommerce_sales") -> str:
     """Load every object into ``<table>_rebuilt`` with COPY (which, like Snowflake's file
     format, reads an unquoted empty field as NULL and ``""`` as an empty string), keep the row
-    with the highest ``_cdc_seq`` per id, and return the name of that view."""
+    with the highest ``_cdc_seq`` per id unless it is a delete (``_cdc_op = 'D'``), and return
+    the name of that view."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         t = sql.Identifier(table)
@@ -106,8 +107,8 @@ def rebuild(dsn: str, bodies: dict[str, bytes], table: str = "ecommerce_sales") 
                 copy.write(body)
         conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE VIEW {v} AS SELECT DISTINCT ON (id) * FROM {raw}"
-                " ORDER BY id, _cdc_seq DESC"
+                "CREATE OR REPLACE VIEW {v} AS SELECT * FROM (SELECT DISTINCT ON (id) *"
+                " FROM {raw} ORDER BY id, _cdc_seq DESC) w WHERE _cdc_op <> 'D'"
             ).format(v=sql.Identifier(f"{table}_rebuilt"), raw=raw)
         )
     return f"{table}_rebuilt"

@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS {schema}.batches (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_name, batch_id)
 );
+-- Logical capture: the column list last exported per table (to detect schema changes).
+CREATE TABLE IF NOT EXISTS {schema}.relations (
+    table_name text PRIMARY KEY,
+    columns jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
 CREATE INDEX IF NOT EXISTS batches_status ON {schema}.batches (table_name, status);
 -- The reconciler: when it asked Snowpipe to look again (ALTER PIPE ... REFRESH), once.
 ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
@@ -331,6 +337,36 @@ class Store:
         if cur.rowcount != 1:
             raise StateError(
                 f"the position of {table} is no longer {high_before}: another process moved it"
+            )
+
+    async def relation_columns(self, table: str) -> list[list[Any]] | None:
+        """Logical capture: the column list of the last exported batch, if any."""
+        rows = await self._fetch(
+            "reading the column list",
+            self._q("SELECT columns FROM {schema}.relations WHERE table_name = %s"),
+            (table,),
+        )
+        return list(rows[0]["columns"]) if rows else None
+
+    async def save_relation_columns(self, table: str, columns: Sequence[Sequence[Any]]) -> None:
+        await self._fetch(
+            "saving the column list",
+            self._q(
+                "INSERT INTO {schema}.relations (table_name, columns) VALUES (%s, %s) "
+                "ON CONFLICT (table_name) DO UPDATE SET columns = EXCLUDED.columns, "
+                "updated_at = now()"
+            ),
+            (table, json.dumps([list(c) for c in columns])),
+        )
+
+    async def forget_position(self, table: str) -> None:
+        """Teardown of a logical pipeline: the next run starts with a new slot and snapshot.
+        The batches stay (their keys hold the slot's LSNs and never collide)."""
+        for name in ("positions", "relations"):
+            await self._fetch(
+                "forgetting the position",
+                self._q("DELETE FROM {schema}." + name + " WHERE table_name = %s"),
+                (table,),
             )
 
     async def status_counts(self, table: str) -> dict[str, int]:

@@ -290,7 +290,13 @@ async def test_readiness_and_retries_follow_s3_faults(
         s3_proxy.fail_next(4)  # botocore tries a request 4 times (3 retries)
         status, body = await get(settings, "/readyz")
         assert status == 503
-        assert "S3 answered 503" in body
+        # botocore's retries back off between tries: on a loaded machine the check's own
+        # deadline may come first. Either way S3 is what is not ready.
+        assert "S3 answered 503" in body or "s3: no answer within" in body
+        for _ in range(50):  # ready again once the faults are used up
+            if (await get(settings, "/readyz"))[0] == 200:
+                break
+            await asyncio.sleep(0.2)
         assert (await get(settings, "/readyz"))[0] == 200
         assert (await scrape(settings))[("cdc_retries_total", (("boundary", "s3"),))] == 0
 

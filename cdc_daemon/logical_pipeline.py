@@ -1,0 +1,393 @@
+"""The logical mode's unit of work: peek -> spool -> intent record -> upload -> ledger commit ->
+slot advance. How positions, the snapshot hand-over, TOAST and schema changes work is in
+``source.logical``; this module strings the steps together on the watermark pipeline's spool,
+S3 upload, ledger and crash-point code (it subclasses ``WatermarkPipeline`` to reuse them).
+
+Batches run one after another: the next peek starts where the slot stands, so the slot is
+advanced before the next read (an overlapped read would make the server decode the batch
+still uploading a second time).
+
+The initial snapshot cannot be re-read after a crash (its exported snapshot dies with the
+connection), so its spool files are kept, named by their sha256, in
+``<spool_dir>/cdc-snapshot-<slot>-<lsn>/`` until the batch is committed: a crash after its
+intent record re-uploads those very files. If they are gone (another machine, a cleaned /tmp),
+the daemon stops with what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import SourceError
+from cdc_daemon.metrics import Metrics
+from cdc_daemon.pipeline import WatermarkPipeline, utc_now_iso
+from cdc_daemon.sink.csv import header_line
+from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.sink.spool import DayObject, DaySpool
+from cdc_daemon.source.fence import INT64_MIN, CaptureState
+from cdc_daemon.source.logical import LogicalSource, ReadResult, SlotStatus, lsn_window
+from cdc_daemon.source.pgoutput import format_lsn
+from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, batch_id, object_key, quarantine_key
+from cdc_daemon.state.store import Store
+
+log = structlog.get_logger()
+
+# How often a lag above capture.max_lag_bytes is logged again.
+_LAG_WARN_EVERY_S = 60.0
+
+
+class LogicalPipeline(WatermarkPipeline):
+    def __init__(
+        self,
+        settings: Settings,
+        source: LogicalSource,
+        sink: S3Sink,
+        store: Store,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(settings, source, sink, store, metrics)  # type: ignore[arg-type]
+        self._logical = source
+        self._pos: int | None = None  # the ledger's position (an LSN); INT64_MIN: none yet
+        self._last_move = -float("inf")  # the first idle pass of a start moves the slot
+        self._lag_warned = -_LAG_WARN_EVERY_S
+        self._seen_since: float | None = None
+
+    @property
+    def table(self) -> str:
+        return self._logical.table.qualified
+
+    @property
+    def position(self) -> int | None:
+        return None if self._pos in (None, INT64_MIN) else self._pos
+
+    async def step(self, draining: bool) -> bool:
+        try:
+            if self._pos is None:
+                await self._start()
+            return await self._pass(draining)
+        except BaseException:
+            self._pos = None  # start over from the ledger
+            raise
+
+    # -- start: redo, snapshot ----------------------------------------------------------------
+
+    async def _start(self) -> None:
+        store = self._store
+        source = self._logical
+        if not await self._in_thread(source.publication_exists):
+            raise SourceError(
+                f"publication {source.publication} does not exist: run `cdc-daemon init`"
+            )
+        problems = await self._in_thread(source.check_publication)
+        if problems:
+            raise SourceError("; ".join(problems))
+        for pending in await store.pending(self.table):
+            log.warning(
+                "batch_redone",
+                table=self.table,
+                batch_id=pending.batch_id,
+                attempts=pending.attempts + 1,
+            )
+            await self._redo(pending)
+        state = (await store.position(self.table, "logical")).state
+        saved = await store.relation_columns(self.table)
+        if saved is not None:
+            self._logical.accepted = tuple((str(n), int(o), int(m)) for n, o, m in saved)
+        if state.high == INT64_MIN:
+            await self._begin()
+        else:
+            self._pos = state.high
+            await self._in_thread(lambda: self._sync_slot(state.high))
+
+    async def _begin(self) -> None:
+        """No position yet: create the slot, with the initial snapshot unless disabled."""
+        source = self._logical
+        status = await self._in_thread(source.slot_status)
+        if status.exists:
+            # Left by a first start that died before its snapshot's intent record: nothing of
+            # it reached S3, so it is dropped and the snapshot taken again.
+            log.warning("slot_recreated", table=self.table, slot=source.slot)
+            await self._in_thread(
+                lambda: source._guard(
+                    "dropping the unfinished slot",
+                    lambda c: c.execute("SELECT pg_drop_replication_slot(%s)", (source.slot,)),
+                )
+            )
+        if not self._settings.capture.initial_snapshot:
+            lsn = await self._in_thread(source.create_slot)
+            await self._store.commit_position(self.table, CaptureState(), CaptureState(lsn, lsn))
+            await self._store.save_relation_columns(self.table, source.logical_table.columns)
+            source.accepted = source.logical_table.columns
+            self._pos = lsn
+            log.info("slot_created", table=self.table, slot=source.slot, lsn=format_lsn(lsn))
+            return
+        started = time.monotonic()
+        read_ts = utc_now_iso()
+        spool = self._new_spool([*source.table.header])
+        try:
+            consistent, seq = await self._in_thread(lambda: source.snapshot(spool, read_ts))
+            days = await asyncio.to_thread(spool.finish)
+            keep = self._snapshot_dir(consistent)
+            keep.mkdir(parents=True, exist_ok=True)
+            kept = []
+            for day in days:
+                target = keep / day.sha256
+                shutil.move(day.path, target)
+                kept.append(replace(day, path=target))
+        finally:
+            await asyncio.to_thread(spool.discard)
+        log.info(
+            "snapshot_taken",
+            table=self.table,
+            slot=source.slot,
+            consistent_point=format_lsn(consistent),
+            seq=seq,
+        )
+        batch = self._record(INT64_MIN, consistent, read_ts, [kept])
+        await self._store.record_pending(batch)
+        self._crash_point("after_pending")
+        timings = await self._upload_and_commit(batch)
+        await self._store.save_relation_columns(self.table, source.logical_table.columns)
+        source.accepted = source.logical_table.columns
+        shutil.rmtree(keep, ignore_errors=True)
+        self._pos = consistent
+        self._log_batch(batch, started, started, timings, "snapshot", behind=0)
+
+    def _snapshot_dir(self, lsn: int) -> Path:
+        base = self._settings.batch.spool_dir or Path(tempfile.gettempdir())
+        return base / f"cdc-snapshot-{self._logical.slot}-{lsn}"
+
+    async def _redo(self, pending: BatchRecord) -> None:
+        started = time.monotonic()
+        if pending.lo == INT64_MIN:
+            # The snapshot: upload the very files it was spooled to (see the module docstring).
+            keep = self._snapshot_dir(pending.hi)
+            objects = []
+            for obj in pending.objects:
+                path = keep / obj.sha256
+                if not await asyncio.to_thread(_file_has_sha256, path, obj.sha256):
+                    raise SourceError(
+                        f"the initial snapshot of {self.table} was interrupted during its upload "
+                        f"and its spool files ({keep}) are gone: run `cdc-daemon teardown --yes`, "
+                        f"delete the objects of batch {pending.batch_id} from S3, then `init` "
+                        "and `run` again"
+                    )
+                objects.append(replace(obj, path=str(path)))
+            batch = replace(pending, objects=tuple(objects))
+            await self._store.record_pending(batch)
+            timings = await self._upload_and_commit(batch)
+            await self._store.save_relation_columns(self.table, self._logical.logical_table.columns)
+            shutil.rmtree(keep, ignore_errors=True)
+            self._log_batch(batch, started, started, timings, "redo", behind=0)
+            return
+        source = self._logical
+        await self._in_thread(lambda: self._sync_slot(pending.lo))
+        result = await self._in_thread(
+            lambda: source.read(pending.lo, pending.hi, None, self._new_spool)
+        )
+        try:
+            batch = await self._batch_of(result, pending.read_ts)
+            if batch.checksum != pending.checksum:
+                log.warning(
+                    "batch_changed_on_redo",
+                    table=self.table,
+                    batch_id=batch.batch_id,
+                    rows_before=pending.rows,
+                    rows_now=batch.rows,
+                )
+            await self._store.record_pending(batch)
+            timings = await self._commit_batch(batch)
+        finally:
+            await self._discard(result)
+        self._log_batch(batch, started, started, timings, "redo", behind=0)
+
+    # -- one pass -----------------------------------------------------------------------------
+
+    def _sync_slot(self, position: int) -> SlotStatus:
+        """The slot must exist, be valid, and stand at most at the ledger's position; one left
+        behind (a crash between the ledger commit and the advance) is moved up to it."""
+        source = self._logical
+        status = source.slot_status()
+        if not status.exists:
+            raise SourceError(
+                f"replication slot {source.slot} is gone: changes of {self.table} after "
+                f"{format_lsn(position)} cannot be recovered; re-initialise the pipeline "
+                "(cdc-daemon teardown --yes, init, run) and reload the warehouse table"
+            )
+        if status.wal_status == "lost":
+            raise SourceError(
+                f"replication slot {source.slot} was invalidated (wal_status lost, "
+                "max_slot_wal_keep_size): changes were removed before they were exported; "
+                "re-initialise the pipeline (cdc-daemon teardown --yes, init, run)"
+            )
+        if status.confirmed_flush > position:
+            raise SourceError(
+                f"replication slot {source.slot} stands at {format_lsn(status.confirmed_flush)}, "
+                f"past the exported position {format_lsn(position)}: something else consumed "
+                "changes; re-initialise the pipeline (cdc-daemon teardown --yes, init, run)"
+            )
+        if status.confirmed_flush < position:
+            source.advance(position)
+        return status
+
+    async def _pass(self, draining: bool) -> bool:
+        settings = self._settings
+        source = self._logical
+        pos = self._pos
+        assert pos is not None
+        status = await self._in_thread(lambda: self._sync_slot(pos))
+        self._watch_lag(status)
+        now = time.monotonic()
+        if status.flush_lsn <= pos:
+            self._seen_since = None
+            return False
+        if self._seen_since is None:
+            self._seen_since = now
+        if (
+            not draining
+            and now - self._seen_since < settings.batch.max_age_s
+            and status.flush_lsn - pos < settings.batch.max_bytes
+        ):
+            return False  # let changes gather for up to max_age_s
+        upto = lsn_window(pos, status.flush_lsn, settings.capture.max_read_wal_bytes)
+        started = time.monotonic()
+        read_ts = utc_now_iso()
+        batch_settings = settings.batch
+        result = await self._in_thread(
+            lambda: source.read(
+                pos,
+                upto,
+                self.policy.max_rows,
+                self._new_spool,
+                batch_settings.max_bytes,
+                batch_settings.max_days,
+            )
+        )
+        self._seen_since = None
+        try:
+            if result.hi is None or result.hi <= pos:
+                return False
+            if result.rows == 0:
+                # Nothing of the table commits before hi: move there when more WAL follows, or
+                # as a heartbeat, so that the slot does not hold WAL back.
+                if result.more or now - self._last_move >= settings.capture.heartbeat_s:
+                    await self._store.commit_position(
+                        self.table, CaptureState(pos, pos), CaptureState(result.hi, result.hi)
+                    )
+                    await self._in_thread(lambda: source.advance(result.hi or 0))
+                    self._pos = result.hi
+                    self._last_move = time.monotonic()
+                    log.debug("slot_moved", table=self.table, lsn=format_lsn(result.hi))
+                return result.more
+            batch = await self._batch_of(result, read_ts)
+            timings = {"extract_s": time.monotonic() - started}
+            await self._store.record_pending(batch)
+            self._crash_point("after_pending")
+            timings |= await self._commit_batch(batch)
+        finally:
+            await self._discard(result)
+        self._pos = batch.hi
+        self.policy.learn(batch.rows, batch.raw_bytes)
+        reason = "max_bytes_or_days" if result.cut else "more" if result.more else "caught_up"
+        self._log_batch(batch, started, started, timings, reason, behind=0)
+        return True
+
+    async def _commit_batch(self, batch: BatchRecord) -> dict[str, float]:
+        """Upload, commit in the ledger, then (only then) advance the slot."""
+        timings = await self._upload_and_commit(batch)
+        if self._logical.accepted is not None:
+            await self._store.save_relation_columns(self.table, self._logical.accepted)
+        await self._in_thread(lambda: self._logical.advance(batch.hi))
+        self._last_move = time.monotonic()
+        return timings
+
+    def _watch_lag(self, status: SlotStatus) -> None:
+        structlog.contextvars.bind_contextvars(slot_lag_bytes=status.lag_bytes)
+        if self._metrics is not None:
+            self._metrics.slot_lag(status.lag_bytes)
+        limit = self._settings.capture.max_lag_bytes
+        now = time.monotonic()
+        if status.lag_bytes > limit and now - self._lag_warned >= _LAG_WARN_EVERY_S:
+            self._lag_warned = now
+            log.warning(
+                "slot_lag_high",
+                table=self.table,
+                slot=self._logical.slot,
+                slot_lag_bytes=status.lag_bytes,
+                max_lag_bytes=limit,
+            )
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _new_spool(self, header: list[str]) -> DaySpool:
+        batch = self._settings.batch
+        return DaySpool(
+            batch.spool_dir,
+            batch.compression,
+            batch.compression_level,
+            header_line(header),
+            self._zstd_pool,
+        )
+
+    async def _discard(self, result: ReadResult) -> None:
+        for generation in result.generations:
+            await asyncio.to_thread(generation.spool.discard)
+
+    async def _batch_of(self, result: ReadResult, read_ts: str) -> BatchRecord:
+        days = [await asyncio.to_thread(g.spool.finish) for g in result.generations]
+        assert result.hi is not None
+        return self._record(result.lo, result.hi, read_ts, days)
+
+    def _record(
+        self, lo: int, hi: int, read_ts: str, generations: list[list[DayObject]]
+    ) -> BatchRecord:
+        """A batch of whole transactions committing in ``[lo, hi)``; its objects are named
+        ``<batch_id>`` (first column list) and ``<batch_id>-s<n>`` (later ones)."""
+        s3, codec = self._settings.s3, self._settings.batch.compression
+        bid = batch_id(lo, hi)
+        objects = []
+        for n, days in enumerate(generations):
+            name = bid if n == 0 else f"{bid}-s{n}"
+            for d in days:
+                make_key = quarantine_key if d.quarantined else object_key
+                objects.append(
+                    ObjectRecord(
+                        key=make_key(s3.prefix, self.table, d.day, name, codec),
+                        quarantine=d.day if d.quarantined else None,
+                        day=d.day,
+                        rows=d.rows,
+                        raw_bytes=d.raw_bytes,
+                        size=d.size,
+                        sha256=d.sha256,
+                        path=str(d.path),
+                    )
+                )
+        return BatchRecord(
+            table=self.table,
+            batch_id=bid,
+            lo=lo,
+            hi=hi,
+            read_ts=read_ts,
+            state_after=CaptureState(hi, hi),
+            objects=tuple(objects),
+        )
+
+
+def _file_has_sha256(path: Path, sha256: str) -> bool:
+    import hashlib
+
+    if not path.is_file():
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == sha256

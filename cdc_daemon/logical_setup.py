@@ -1,0 +1,92 @@
+"""``cdc-daemon init`` and ``teardown`` in logical mode.
+
+``init`` checks every prerequisite (wal_level, the role's REPLICATION attribute, a primary
+key, a replica identity that logs what the capture needs, the right to create the
+publication) and names each one missing in one actionable sentence; then it creates the
+publication if missing. The slot is created by the first ``run``, because the initial snapshot
+must be taken from the very connection that creates it (its exported snapshot dies with that
+connection); with ``capture.initial_snapshot = false`` ``init`` creates it and records its
+consistent point as the position.
+
+``teardown --yes`` drops the slot and the publication (a forgotten slot makes the server keep
+WAL forever) and forgets the table's position, so the next ``run`` starts with a new snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import ConfigError, SourceError
+from cdc_daemon.source.fence import CaptureState
+from cdc_daemon.source.logical import LogicalSource
+from cdc_daemon.source.pgoutput import format_lsn
+from cdc_daemon.state.store import Store
+
+log = structlog.get_logger()
+
+
+async def init_logical(settings: Settings) -> int:
+    source = LogicalSource(settings)
+    try:
+        table = await asyncio.to_thread(source.connect)
+        problems = await asyncio.to_thread(source.check_prerequisites)
+        if problems:
+            raise SourceError(
+                f"{table.qualified} cannot be captured in logical mode yet: " + "; ".join(problems)
+            )
+        created = await asyncio.to_thread(source.ensure_publication)
+        slot = None
+        if not settings.capture.initial_snapshot:
+            store = await Store.from_settings(settings)
+            try:
+                position = await store.position(table.qualified, "logical")
+                status = await asyncio.to_thread(source.slot_status)
+                if position.state.high == CaptureState().high and not status.exists:
+                    lsn = await asyncio.to_thread(source.create_slot)
+                    await store.commit_position(
+                        table.qualified, CaptureState(), CaptureState(lsn, lsn)
+                    )
+                    await store.save_relation_columns(table.qualified, source.logical_table.columns)
+                    slot = format_lsn(lsn)
+            finally:
+                await store.close()
+    finally:
+        source.close()
+    log.info(
+        "logical_ready",
+        schema=settings.state.schema_,
+        table=table.qualified,
+        publication=source.publication,
+        publication_created=created,
+        slot=source.slot,
+        slot_created_at=slot,
+        partition_column=table.partition.name,
+    )
+    return 0
+
+
+async def teardown(settings: Settings, confirmed: bool) -> int:
+    if settings.capture.mode != "logical":
+        raise ConfigError("teardown is for capture.mode = 'logical' only")
+    source = LogicalSource(settings)
+    try:
+        table = await asyncio.to_thread(source.connect)
+        if not confirmed:
+            raise ConfigError(
+                f"teardown drops slot {source.slot} and publication {source.publication}; the "
+                "next run exports the whole table again: repeat with --yes to confirm"
+            )
+        dropped = await asyncio.to_thread(source.drop)
+    finally:
+        source.close()
+    store = await Store.from_settings(settings)
+    try:
+        await store.check_schema()
+        await store.forget_position(table.qualified)
+    finally:
+        await store.close()
+    log.info("logical_torn_down", table=table.qualified, dropped=dropped)
+    return 0

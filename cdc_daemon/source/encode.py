@@ -1,0 +1,207 @@
+"""pgoutput tuple values -> the CSV row bytes of the object format. Pure.
+
+The objects of both capture modes must be byte-identical for the same row values, so this
+mirrors what ``source.table`` asks PostgreSQL's COPY to produce (``Column.csv_expr``,
+``TableInfo.day_expr``, ``Column.quarantine_checks``):
+
+- pgoutput sends every value in its text output form, produced in the capture's session
+  (TimeZone=UTC, DateStyle=ISO, extra_float_digits=1, bytea_output=hex), which is what COPY
+  writes for the same session, except where ``csv_expr`` converts: ``timestamptz`` becomes
+  ``YYYY-MM-DDTHH:MM:SS.ffffffZ``, ``timestamp`` the same without ``Z``, ``bytea`` hex
+  without ``\\x``.
+- CSV quoting as COPY's: a value is quoted when it is empty (so that ``""`` is an empty string
+  and an unquoted empty field is NULL) or holds a comma, a quote, CR or LF.
+- A row holding a value Snowflake cannot read back goes to the day ``!<reason>-<column>``
+  (the first reason in column order, as the SQL ``CASE`` picks it).
+
+Types are recognised by OID (the built-in types ``csv_expr`` treats specially); any other type
+(arrays, json, enums, domains) is its text form, quoted as needed, exactly as COPY writes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cdc_daemon.source.pgoutput import TupleData
+
+_NEEDS_QUOTE = re.compile(rb'[,"\r\n]').search
+
+# Built-in type OIDs (pg_type.dat).
+BOOL, BYTEA, INT8, INT2, INT4, TEXT, OID = 16, 17, 20, 21, 23, 25, 26
+FLOAT4, FLOAT8, BPCHAR, VARCHAR, DATE = 700, 701, 1042, 1043, 1082
+TIMESTAMP, TIMESTAMPTZ, NUMERIC, UUID = 1114, 1184, 1700, 2950
+
+# Text output that never needs quoting and is never empty.
+_BARE = frozenset({BOOL, INT8, INT2, INT4, OID, UUID})
+
+_MAX_TEXT = 16 * 1024 * 1024
+
+
+def quote(value: bytes) -> bytes:
+    if not value:
+        return b'""'
+    if _NEEDS_QUOTE(value) is None:
+        return value
+    return b'"' + value.replace(b'"', b'""') + b'"'
+
+
+def _bare(value: bytes) -> bytes:
+    return value
+
+
+def _bytea(value: bytes) -> bytes:
+    return value[2:] or b'""'  # hex without \x; an empty bytea is an empty string
+
+
+def _timestamp(value: bytes, zone: bytes) -> bytes:
+    """``2011-03-27 00:30:00.25+00`` -> ``2011-03-27T00:30:00.250000Z`` (``+00``: the session
+    is in UTC); without a zone for ``timestamp``. Infinity keeps its text, like csv_expr."""
+    if value[:1] in (b"i", b"-"):
+        return value
+    if value.endswith(b" BC"):
+        value = value[:-3]
+    date, _, clock = value.partition(b" ")
+    if zone:
+        clock = clock[:-3]  # "+00"
+    whole, _, frac = clock.partition(b".")
+    return date + b"T" + whole + b"." + frac.ljust(6, b"0") + zone
+
+
+def _timestamptz(value: bytes) -> bytes:
+    if len(value) == 22 and value[10:11] == b" ":  # the common case, no fraction
+        return value[:10] + b"T" + value[11:19] + b".000000Z"
+    return _timestamp(value, b"Z")
+
+
+def _timestamp_local(value: bytes) -> bytes:
+    return _timestamp(value, b"")
+
+
+def _check_numeric(value: bytes) -> str | None:
+    if value == b"NaN":
+        return "nan"
+    if value.endswith(b"Infinity"):
+        return "numeric_out_of_range"
+    if len(value) <= 38:
+        return None  # at most 38 digits: below 1e38, scale at most 36
+    whole, _, frac = value.lstrip(b"-").partition(b".")
+    if len(whole) > 38 or len(frac) > 37:
+        return "numeric_out_of_range"
+    return None
+
+
+def _check_float(value: bytes) -> str | None:
+    return "not_finite" if value in (b"NaN", b"Infinity", b"-Infinity") else None
+
+
+def _check_datetime(value: bytes) -> str | None:
+    if value[4:5] == b"-" and not value.endswith(b" BC"):
+        return None
+    if value in (b"infinity", b"-infinity"):
+        return "infinite"
+    if value.endswith(b" BC"):
+        return "before_year_1"
+    return "after_year_9999"
+
+
+def _check_text(value: bytes) -> str | None:
+    return "longer_than_16mb" if len(value) > _MAX_TEXT else None
+
+
+_BARE_CONVERT: dict[int, Callable[[bytes], bytes]] = dict.fromkeys(_BARE, _bare)
+_CONVERT: dict[int, Callable[[bytes], bytes]] = _BARE_CONVERT | {
+    BYTEA: _bytea,
+    TIMESTAMPTZ: _timestamptz,
+    TIMESTAMP: _timestamp_local,
+    NUMERIC: _bare,
+    FLOAT4: _bare,
+    FLOAT8: _bare,
+    DATE: _bare,
+}
+
+_CHECKS: dict[int, Callable[[bytes], str | None]] = {
+    NUMERIC: _check_numeric,
+    FLOAT4: _check_float,
+    FLOAT8: _check_float,
+    DATE: _check_datetime,
+    TIMESTAMP: _check_datetime,
+    TIMESTAMPTZ: _check_datetime,
+    TEXT: _check_text,
+    VARCHAR: _check_text,
+    BPCHAR: _check_text,
+}
+
+_PARTITION_TYPES = frozenset({DATE, TIMESTAMP, TIMESTAMPTZ})
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    name: str
+    type_oid: int
+
+
+class RowEncoder:
+    """Encodes one relation's tuples: ``encode(values)`` -> (day key, CSV fields joined by
+    commas, without the ``_cdc_*`` columns and line end)."""
+
+    def __init__(self, columns: Sequence[ColumnType], partition_column: str) -> None:
+        names = [c.name for c in columns]
+        if partition_column not in names:
+            raise ValueError(f"no column {partition_column!r}")
+        self._partition = names.index(partition_column)
+        if columns[self._partition].type_oid not in _PARTITION_TYPES:
+            raise ValueError(f"partition column {partition_column!r} is not a date/timestamp")
+        self._convert = [_CONVERT.get(c.type_oid, quote) for c in columns]
+        # Columns whose bytes change (timestamps, bytea); the others go out as they are unless
+        # they need quoting, which one scan of the joined row rules out for most rows.
+        self._converted = [
+            (i, convert) for i, convert in enumerate(self._convert) if convert not in (_bare, quote)
+        ]
+        checks = [
+            (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")
+            for i, c in enumerate(columns)
+            if (check := _CHECKS.get(c.type_oid)) is not None
+        ]
+        self._checks = [c for c in checks if c[1] is not _check_text]
+        self._text_checks = [c for c in checks if c[1] is _check_text]
+        self._commas = len(columns) - 1
+        self.width = len(columns)
+
+    def encode(self, values: TupleData) -> tuple[bytes, bytes]:
+        """Values must be bytes or None (UNCHANGED resolved by the caller)."""
+        fields: list[Any] = list(values)
+        for i, convert in self._converted:
+            value = fields[i]
+            if value is not None:
+                fields[i] = convert(value)
+        if None in fields:
+            fields = [b"" if v is None else v for v in fields]
+        row = b",".join(fields)
+        if (
+            row.count(b",") != self._commas
+            or b'"' in row
+            or b"\n" in row
+            or b"\r" in row
+            or b"" in values
+        ):
+            # Some value needs quoting (or is an empty string, written as ""): field by field.
+            row = b",".join(
+                [
+                    b"" if v is None else convert(v)  # type: ignore[arg-type]
+                    for convert, v in zip(self._convert, values, strict=True)
+                ]
+            )
+        for i, check, label in self._checks:
+            value = values[i]
+            if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]
+                return b"!" + label.format(reason).encode(), row
+        if len(row) > _MAX_TEXT:
+            for i, check, label in self._text_checks:
+                value = values[i]
+                if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]
+                    return b"!" + label.format(reason).encode(), row
+        day = values[self._partition]
+        return (b"" if day is None else day[:10]), row  # type: ignore[index]

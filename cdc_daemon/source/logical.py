@@ -1,0 +1,778 @@
+"""Logical replication capture: inserts, updates and deletes from a ``pgoutput`` slot.
+
+Every committed change of the table goes into the same daily objects as the watermark mode,
+with ``_cdc_op`` I/U/D, ``_cdc_seq`` the change's LSN and ``_cdc_ts`` its commit time. For one
+key, changes are serialised by row locks, so their LSNs grow in commit order and "highest
+``_cdc_seq`` per key wins" rebuilds the table. An update that changes the key also writes a
+``D`` row for the old key (same LSN).
+
+Reading. psycopg has no replication-protocol API, so changes are read with
+``pg_logical_slot_peek_binary_changes`` (which leaves them in the slot), streamed through
+``COPY ... TO STDOUT (FORMAT binary)``: rows are decoded and written to the spool as they
+arrive, so a transaction of any size is exported with bounded memory (the server keeps the
+function's result in a tuplestore that spills to disk). Every call is bounded by ``upto_lsn``
+(at most ``capture.max_read_wal_bytes`` of WAL) and ``upto_nchanges`` (``batch.max_rows``;
+only checked between transactions, so one huge transaction still comes whole, streamed).
+
+Position. The position ``P`` (kept in the ledger as the batch's ``hi``) means: every
+transaction whose commit record starts before ``P`` is in S3. The SQL function emits whole
+transactions at their commit record, and skips those whose commit starts before the slot's
+``confirmed_flush_lsn``. A batch therefore holds whole transactions with commit LSN in
+``[lo, hi)``: ``hi`` is the end LSN of its last transaction, or the ``upto_lsn`` of the call
+when the call read its whole window (then nothing else commits before it). A batch is never
+split inside a transaction. Order: spool -> intent record (``pending``, with ``lo``/``hi``)
+-> upload -> ledger commit -> ``pg_replication_slot_advance(slot, hi)``. The slot never moves
+past what is durable in S3; a slot behind the ledger (crash after the commit) is advanced at
+the next pass; a slot ahead of the ledger, missing, or invalidated (``wal_status = 'lost'``)
+stops the daemon with a clear message, never a silent restart from "now". A pending batch is
+redone by peeking ``(lo, hi]`` again: the same transactions, LSNs and commit times, so
+byte-identical objects under the same keys (changes may be exported twice, with the same
+``_cdc_seq``; never lost).
+
+Idle table, busy server: a call that returns nothing still proves that nothing commits before
+its ``upto_lsn``, so the position moves there (ledger, then slot) when more WAL follows or
+every ``capture.heartbeat_s``: the slot never holds WAL back for unrelated activity. Slot lag
+(``pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)``) is logged with every batch
+(``slot_lag_bytes``) and a warning passes ``capture.max_lag_bytes``.
+
+TOAST. PostgreSQL does not log an unchanged TOASTed value of an updated row ('u'). Writing it
+as empty would overwrite real data downstream, so ``init`` requires REPLICA IDENTITY FULL for
+a table with TOASTable columns: then every update carries the whole old row, and an unchanged
+value is taken from it. A 'u' without an old row (the identity was changed later) stops the
+daemon with a clear message. FULL also makes deletes carry the whole old row (so a ``D`` row
+lands in its day's object); under a key-only identity a ``D`` row has only the key columns and
+goes to ``dt=unknown``.
+
+Schema changes. pgoutput sends a Relation message (the column list) before a table's first
+change in every call and after each DDL. A column added at the end starts a new object
+"generation" within the batch (keys ``<batch_id>-s<n>``) whose header has the new column;
+it is logged (``columns_changed``). A dropped, renamed or retyped column stops the daemon
+with a clear message unless ``capture.schema_change = "follow"``. The accepted column list is
+kept in the ledger (``relations``) so a restart compares against it too. TRUNCATE of the table
+stops the daemon: it cannot be expressed as row changes (re-initialise the pipeline).
+
+Initial snapshot and hand-over (see ``LogicalSource.snapshot``): the slot is created on a
+``replication=database`` connection with ``CREATE_REPLICATION_SLOT ... LOGICAL pgoutput
+(SNAPSHOT 'export')``. PostgreSQL guarantees that the exported snapshot sees exactly the
+transactions that commit before the slot's consistent point, and the slot emits exactly those
+that commit after it: no gap, no overlap. The rows are copied in a REPEATABLE READ transaction
+that imports that snapshot (``SET TRANSACTION SNAPSHOT``), through the watermark mode's COPY
+(same bytes), as ``I`` rows. Their ``_cdc_seq`` is the slot's ``restart_lsn`` at creation,
+not its consistent point: a transaction that began before the consistent point but commits
+after it is streamed with change LSNs *below* the consistent point, and must still win over
+the snapshot's older version of the row; every streamed change lies after ``restart_lsn``.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
+from cdc_daemon.sink.spool import BLOCK_ROWS, DaySpool
+from cdc_daemon.source.encode import ColumnType, RowEncoder
+from cdc_daemon.source.pgoutput import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    DecodeError,
+    Delete,
+    Relation,
+    Truncate,
+    Update,
+    decode,
+    decode_tuple,
+    format_lsn,
+    iso_utc,
+    parse_lsn,
+)
+from cdc_daemon.source.table import Column, TableInfo
+from cdc_daemon.source.watermark import connect
+
+log = structlog.get_logger()
+
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_ROW = struct.Struct(">hiQi").unpack_from  # fields, 8, lsn, length of data
+_COPY_HEADER = 19  # PGCOPY\n\377\r\n\0, flags, header extension length
+
+
+def default_name(schema: str, table: str) -> str:
+    """cdc_<schema>_<table>, as a valid slot name (lower case, digits, underscores, 63 max)."""
+    return ("cdc_" + re.sub(r"[^a-z0-9_]", "_", f"{schema}_{table}".lower()))[:63]
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    exists: bool
+    confirmed_flush: int = 0
+    restart_lsn: int = 0
+    wal_status: str | None = None
+    flush_lsn: int = 0  # pg_current_wal_flush_lsn(): the end of what a peek can read
+    lag_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class LogicalTable:
+    info: TableInfo  # columns in table order, the partition column (for the snapshot's COPY)
+    oid: int
+    key: tuple[str, ...]
+    replica_identity: str
+    toastable: tuple[str, ...]
+    columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod), as Relation sends
+
+
+@dataclass
+class ReadResult:
+    """What one peek found. ``hi`` is the new position (None: no progress)."""
+
+    lo: int
+    hi: int | None
+    upto: int
+    rows: int = 0
+    transactions: int = 0
+    cut: bool = False  # closed early by max_bytes/max_days: more is waiting
+    more: bool = False  # the window or the change count bounded the call
+    generations: list[Generation] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """The rows of one column list within a batch: one spool, one header."""
+
+    columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod)
+    spool: DaySpool
+    encoder: RowEncoder
+    key_index: tuple[int, ...]
+
+    @property
+    def header(self) -> list[str]:
+        return [c[0] for c in self.columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
+
+
+SpoolFactory = Callable[[list[str]], DaySpool]
+
+
+def describe(
+    conn: psycopg.Connection[tuple[object, ...]], table: str, partition_column: str
+) -> LogicalTable:
+    row = conn.execute(
+        "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text, c.relreplident::text"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass(%s)",
+        (table,),
+    ).fetchone()
+    if row is None:
+        raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
+    oid, schema, name, relkind, identity = (str(v) for v in row)
+    if relkind not in ("r", "p"):
+        raise SourceError(f"{schema}.{name} is not a table")
+    cols = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod), attstorage::text <> 'p',"
+        " atttypid::int8, atttypmod"
+        " FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+        " ORDER BY attnum",
+        (int(oid),),
+    ).fetchall()
+    columns = tuple(Column(str(n), str(t)) for n, t, *_ in cols)
+    key = tuple(
+        str(r[0])
+        for r in conn.execute(
+            "SELECT a.attname FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o)"
+            " JOIN pg_attribute a ON a.attnum = k.attnum"
+            " WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = i.indrelid ORDER BY k.o",
+            (int(oid),),
+        )
+    )
+    by_name = {c.name: c for c in columns}
+    if partition_column not in by_name:
+        raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
+    partition = by_name[partition_column]
+    if partition.base_type not in (
+        "date",
+        "timestamp with time zone",
+        "timestamp without time zone",
+    ):
+        raise SourceError(
+            f"partition column {partition_column!r} is {partition.type_name}; "
+            "it must be a date or a timestamp"
+        )
+    # TableInfo's watermark is meaningless here; the first key column stands in.
+    info = TableInfo(schema, name, columns, by_name[key[0]] if key else partition, partition)
+    toastable = tuple(str(n) for n, _, t, *_ in cols if t)
+    catalog = tuple((str(n), int(str(o)), int(str(m))) for n, _, _, o, m in cols)
+    return LogicalTable(info, int(oid), key, identity, toastable, catalog)
+
+
+class LogicalSource:
+    """The source side of logical capture. Synchronous; the pipeline runs it in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._table: LogicalTable | None = None
+        # The column list accepted so far (from the ledger, then from Relation messages).
+        self.accepted: tuple[tuple[str, int, int], ...] | None = None
+
+    # -- names and connection -----------------------------------------------------------------
+
+    @property
+    def logical_table(self) -> LogicalTable:
+        assert self._table is not None, "connect() first"
+        return self._table
+
+    @property
+    def table(self) -> TableInfo:
+        return self.logical_table.info
+
+    @property
+    def slot(self) -> str:
+        t = self.table
+        return self._settings.capture.slot_name or default_name(t.schema, t.name)
+
+    @property
+    def publication(self) -> str:
+        t = self.table
+        return self._settings.capture.publication_name or default_name(t.schema, t.name)
+
+    def connect(self) -> TableInfo:
+        self.close()
+        self._conn = connect(self._settings)
+        try:
+            self._conn.execute("SET bytea_output = 'hex'")
+            self._table = describe(
+                self._conn, self._settings.postgres.table, self._settings.capture.partition_column
+            )
+            self._conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(self.table.ident()))
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
+        return self.table
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.connect()
+        assert self._conn is not None
+        return self._conn
+
+    def cancel(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe(timeout=5)
+
+    def _guard(
+        self, doing: str, fn: Callable[[psycopg.Connection[tuple[object, ...]]], Any]
+    ) -> Any:
+        try:
+            return fn(self._session())
+        except psycopg.errors.QueryCanceled as exc:
+            self.close()
+            raise TransientError(f"{doing}: cancelled") from exc
+        except psycopg.Error as exc:
+            # A session left in an odd state is not reused: the next call reconnects.
+            self.close()
+            raise _translate(exc, doing) from None
+
+    # -- prerequisites, publication, slot ----------------------------------------------------
+
+    def check_prerequisites(self) -> list[str]:
+        """Each missing prerequisite as one actionable sentence (empty: all good)."""
+        t = self.logical_table
+        q = t.info.qualified
+        problems = []
+
+        def check(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[Any, ...]:
+            row = conn.execute(
+                "SELECT current_setting('wal_level'), r.rolsuper OR r.rolreplication,"
+                " has_database_privilege(current_database(), 'CREATE'),"
+                " pg_has_role(c.relowner, 'USAGE'), current_user"
+                " FROM pg_roles r, pg_class c WHERE r.rolname = current_user AND c.oid = %s",
+                (t.oid,),
+            ).fetchone()
+            assert row is not None
+            return tuple(row)
+
+        wal_level, replication, can_create, owns, user = self._guard("checking the source", check)
+        if wal_level != "logical":
+            problems.append(
+                f"wal_level is {wal_level!r}: set wal_level = logical in postgresql.conf and "
+                "restart the server"
+            )
+        if not replication:
+            problems.append(
+                f"role {user} may not use replication slots: ALTER ROLE {user} REPLICATION"
+            )
+        if not t.key:
+            problems.append(
+                f"{q} has no primary key: the warehouse merge needs one (ALTER TABLE {q} ADD "
+                "PRIMARY KEY (...))"
+            )
+        if t.replica_identity == "n":
+            problems.append(
+                f"{q} has REPLICA IDENTITY NOTHING: ALTER TABLE {q} REPLICA IDENTITY FULL"
+            )
+        elif t.toastable and t.replica_identity != "f":
+            problems.append(
+                f"{q} has TOASTable columns ({', '.join(t.toastable)}) whose unchanged values "
+                f"an update does not log: ALTER TABLE {q} REPLICA IDENTITY FULL"
+            )
+        if not self.publication_exists() and not (owns and can_create):
+            problems.append(
+                f"role {user} cannot create publication {self.publication} (it must own {q} "
+                f"and may CREATE in the database): have the owner run CREATE PUBLICATION "
+                f"{self.publication} FOR TABLE {q}"
+            )
+        return problems + self.check_publication()
+
+    def check_publication(self) -> list[str]:
+        """An existing publication must publish every kind of change of the table: one made
+        by hand with ``publish = 'insert'`` would silently drop updates and deletes."""
+
+        def read(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[Any, ...] | None:
+            return conn.execute(
+                "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate,"
+                " EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname"
+                " AND t.schemaname = %s AND t.tablename = %s)"
+                " FROM pg_publication p WHERE p.pubname = %s",
+                (self.table.schema, self.table.name, self.publication),
+            ).fetchone()
+
+        row = self._guard("reading the publication", read)
+        if row is None:
+            return []
+        every_kind, has_table = row
+        q, pub = self.table.qualified, self.publication
+        problems = []
+        if not every_kind:
+            problems.append(
+                f"publication {pub} does not publish every change: ALTER PUBLICATION {pub} "
+                "SET (publish = 'insert, update, delete, truncate')"
+            )
+        if not has_table:
+            problems.append(
+                f"publication {pub} does not include {q}: ALTER PUBLICATION {pub} ADD TABLE {q}"
+            )
+        return problems
+
+    def publication_exists(self) -> bool:
+        def find(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
+            ).fetchone()
+            return row is not None
+
+        return bool(self._guard("reading publications", find))
+
+    def ensure_publication(self) -> bool:
+        """Create the publication for the table if missing; True when created."""
+        if self.publication_exists():
+            return False
+        statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(self.publication), self.table.ident()
+        )
+        self._guard("creating the publication", lambda c: c.execute(statement))
+        return True
+
+    def slot_status(self) -> SlotStatus:
+        def read(conn: psycopg.Connection[tuple[object, ...]]) -> SlotStatus:
+            row = conn.execute(
+                "SELECT confirmed_flush_lsn::text, restart_lsn::text, wal_status,"
+                " pg_current_wal_flush_lsn()::text,"
+                " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8"
+                " FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
+                (self.slot,),
+            ).fetchone()
+            if row is None:
+                return SlotStatus(False)
+            confirmed, restart, wal_status, flush, lag = row
+            return SlotStatus(
+                True,
+                parse_lsn(str(confirmed)) if confirmed else 0,
+                parse_lsn(str(restart)) if restart else 0,
+                str(wal_status) if wal_status else None,
+                parse_lsn(str(flush)),
+                int(str(lag or 0)),
+            )
+
+        status: SlotStatus = self._guard("reading the slot", read)
+        return status
+
+    def create_slot(self) -> int:
+        """A slot without a snapshot (``capture.initial_snapshot = false``): streaming starts
+        at its consistent point, which is returned."""
+        with self._replication() as repl:
+            row = repl.execute(
+                sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')").format(
+                    sql.Identifier(self.slot)
+                )
+            ).fetchone()
+        assert row is not None
+        return parse_lsn(str(row[1]))
+
+    def _replication(self) -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            return psycopg.connect(
+                self._settings.postgres.dsn.get_secret_value(),
+                autocommit=True,
+                replication="database",
+                application_name="cdc-daemon-slot",
+                connect_timeout=max(1, int(self._settings.postgres.connect_timeout_s)),
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "cannot open a replication connection") from None
+
+    def drop(self) -> list[str]:
+        """Drop the slot and the publication (teardown); returns what was dropped."""
+        dropped = []
+        if self.slot_status().exists:
+            self._guard(
+                "dropping the slot",
+                lambda c: c.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,)),
+            )
+            dropped.append(f"slot {self.slot}")
+        if self.publication_exists():
+            self._guard(
+                "dropping the publication",
+                lambda c: c.execute(
+                    sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(self.publication))
+                ),
+            )
+            dropped.append(f"publication {self.publication}")
+        return dropped
+
+    def advance(self, lsn: int) -> None:
+        """Move the slot's confirmed position to ``lsn`` (only ever forward)."""
+        self._guard(
+            "advancing the slot",
+            lambda c: c.execute(
+                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, format_lsn(lsn))
+            ),
+        )
+
+    # -- the initial snapshot -----------------------------------------------------------------
+
+    def snapshot(self, spool: DaySpool, read_ts: str) -> tuple[int, int]:
+        """Create the slot with an exported snapshot and copy the table as of that snapshot
+        into ``spool``. Returns (consistent point, _cdc_seq of the rows). See the module
+        docstring for why the rows carry the slot's restart_lsn."""
+        conn = self._session()
+        try:
+            with self._replication() as repl:
+                row = repl.execute(
+                    sql.SQL(
+                        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')"
+                    ).format(sql.Identifier(self.slot))
+                ).fetchone()
+                assert row is not None
+                consistent, snapshot_name = parse_lsn(str(row[1])), str(row[2])
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                # The exported snapshot lives as long as the replication connection stays idle;
+                # once imported, this transaction holds it on its own.
+                conn.execute(
+                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
+                )
+            try:
+                found = conn.execute(
+                    "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.slot,),
+                ).fetchone()
+                assert found is not None
+                seq = parse_lsn(str(found[0]))
+                t = self.table
+                query = sql.SQL(
+                    "COPY (SELECT {day}, {cols}, 'I', {seq}::bigint, {ts} FROM {tbl} t)"
+                    " TO STDOUT (FORMAT csv)"
+                ).format(
+                    day=t.day_expr(),
+                    cols=sql.SQL(", ").join(c.csv_expr() for c in t.columns),
+                    seq=sql.Literal(seq),
+                    ts=sql.Literal(read_ts),
+                    tbl=t.ident(),
+                )
+                with conn.cursor() as cur, cur.copy(query) as copy:
+                    for raw in copy:
+                        spool.add(bytes(raw))
+            finally:
+                if not conn.closed and not conn.broken:
+                    conn.execute("ROLLBACK")
+        except psycopg.errors.QueryCanceled as exc:
+            raise TransientError("the initial snapshot was cancelled") from exc
+        except psycopg.Error as exc:
+            raise from_psycopg(
+                exc, f"taking the initial snapshot of {self.table.qualified}"
+            ) from None
+        return consistent, seq
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def read(
+        self,
+        lo: int,
+        upto: int,
+        nchanges: int | None,
+        new_spool: SpoolFactory,
+        max_bytes: int | None = None,
+        max_days: int | None = None,
+    ) -> ReadResult:
+        """Peek the transactions that commit in ``[lo, upto)`` (at most ``nchanges`` rows of
+        output, whole transactions) and write their changes into spools. With ``max_bytes`` /
+        ``max_days`` the batch may close early, after a transaction. ``nchanges=None`` with
+        ``upto=hi`` re-reads exactly a recorded batch ``(lo, hi]`` (redo)."""
+        conn = self._session()
+        result = ReadResult(lo, None, upto)
+        reader = _Reader(self, result, new_spool, lo, upto if nchanges is None else None)
+        query = sql.SQL(
+            "COPY (SELECT lsn, data FROM pg_logical_slot_peek_binary_changes({slot},"
+            " {upto}::pg_lsn, {n}, 'proto_version', '1', 'publication_names', {pub}))"
+            " TO STDOUT (FORMAT binary)"
+        ).format(
+            slot=sql.Literal(self.slot),
+            upto=sql.Literal(format_lsn(upto)),
+            n=sql.Literal(nchanges),
+            pub=sql.Literal(self.publication),
+        )
+        returned = 0
+        cancelled = False
+        try:
+            with conn.cursor() as cur, cur.copy(query) as copy:
+                read = copy.read
+                pos = _COPY_HEADER
+                while raw := read():
+                    data = bytes(raw)
+                    if _U16(data, pos)[0] == 0xFFFF:
+                        continue  # the trailer; read() returns b"" next
+                    _, _, lsn, length = _ROW(data, pos)
+                    returned += 1
+                    if not cancelled and reader.feed(lsn, data, pos + 18, pos + 18 + length):
+                        # Closed early (limits, or the end of a redone batch): stop the server.
+                        cancelled = True
+                        conn.cancel_safe(timeout=5)
+                    pos = 0
+                    if cancelled:
+                        continue
+                    if (
+                        max_bytes is not None
+                        and reader.after_commit
+                        and (
+                            reader.raw_bytes() >= max_bytes or reader.days() > (max_days or 1 << 30)
+                        )
+                    ):
+                        result.cut = True
+                        cancelled = True
+                        conn.cancel_safe(timeout=5)
+        except psycopg.errors.QueryCanceled as exc:
+            if not cancelled:
+                reader.discard()
+                self.close()
+                raise TransientError("reading the slot was cancelled") from exc
+        except CdcError:
+            reader.discard()
+            raise
+        except psycopg.Error as exc:
+            reader.discard()
+            self.close()
+            raise _translate(exc, f"reading slot {self.slot}") from None
+        except DecodeError as exc:
+            reader.discard()
+            raise CdcError(
+                f"slot {self.slot} sent a message this decoder cannot read: {exc}"
+            ) from None
+        if reader.in_transaction and not cancelled:
+            reader.discard()
+            raise CdcError(f"slot {self.slot} returned a transaction without its commit")
+        reader.finish()
+        if nchanges is None:
+            result.hi = upto  # a redo: exactly the recorded range
+        elif result.cut or returned >= nchanges:
+            # Only whole transactions up to the last one read are known to be complete.
+            result.hi = reader.last_end
+            result.more = True
+        else:
+            # The call read its whole window: nothing else commits before upto.
+            result.hi = max(upto, reader.last_end or 0)
+        return result
+
+
+class _Reader:
+    """Turns the messages of one peek into spooled CSV rows (one instance per batch)."""
+
+    def __init__(
+        self,
+        source: LogicalSource,
+        result: ReadResult,
+        new_spool: SpoolFactory,
+        lo: int,
+        redo_end: int | None,
+    ) -> None:
+        self._source = source
+        self._table = source.logical_table
+        self._result = result
+        self._new_spool = new_spool
+        self._lo = lo
+        self._redo_end = redo_end
+        self._generation: Generation | None = None
+        self._tail = b"\n"
+        self.in_transaction = False
+        self.after_commit = False
+        self.last_end: int | None = None
+        self._txn_rows = 0
+
+    def raw_bytes(self) -> int:
+        return sum(g.spool.raw_bytes for g in self._result.generations)
+
+    def days(self) -> int:
+        return sum(len(g.spool) for g in self._result.generations)
+
+    def discard(self) -> None:
+        for g in self._result.generations:
+            g.spool.discard()
+
+    def finish(self) -> None:
+        # A generation that got no rows (e.g. only a Relation message) makes no objects.
+        kept = []
+        for g in self._result.generations:
+            if len(g.spool):
+                kept.append(g)
+            else:
+                g.spool.discard()
+        self._result.generations = kept
+
+    def feed(self, lsn: int, data: bytes, start: int, end: int) -> bool:
+        """One message; True when the read must stop here (end of a redone range)."""
+        kind = data[start]
+        self.after_commit = False
+        if kind == 73:  # 'I', the hot path
+            (rel,) = _U32(data, start + 1)
+            values, _ = decode_tuple(data, start + 6)
+            self._row(rel, values, b"I", lsn)
+            return False
+        message = decode(data[start:end])
+        if isinstance(message, Update):
+            self._update(message, lsn)
+        elif isinstance(message, Delete):
+            if any(v is UNCHANGED for v in message.old):
+                self._unlogged(lsn)
+            self._row(message.relation, message.old, b"D", lsn)
+        elif isinstance(message, Begin):
+            if self._redo_end is not None and message.final_lsn >= self._redo_end:
+                return True
+            self.in_transaction = True
+            self._tail = b"," + iso_utc(message.commit_ts).encode() + b"\n"
+        elif isinstance(message, Commit):
+            self.in_transaction = False
+            self.after_commit = True
+            self.last_end = message.end_lsn
+            self._result.transactions += 1
+        elif isinstance(message, Relation):
+            if message.oid == self._table.oid:
+                self._relation(message)
+        elif isinstance(message, Truncate) and self._table.oid in message.relations:
+            raise SourceError(
+                f"{self._table.info.qualified} was truncated (commit before LSN {format_lsn(lsn)}):"
+                " a TRUNCATE cannot be exported as row changes; re-initialise the pipeline "
+                "(cdc-daemon teardown --yes, empty the warehouse table, cdc-daemon init, run)"
+            )
+        return False
+
+    def _unlogged(self, lsn: int) -> None:
+        q = self._table.info.qualified
+        raise SourceError(
+            f"a change of {q} at LSN {format_lsn(lsn)} did not log an unchanged TOASTed value, "
+            f"which would be lost: ALTER TABLE {q} REPLICA IDENTITY FULL, then re-initialise"
+        )
+
+    def _update(self, message: Update, lsn: int) -> None:
+        new = message.new
+        old = message.old
+        if any(v is UNCHANGED for v in new):
+            if message.old_kind != "O" or old is None:
+                self._unlogged(lsn)
+            assert old is not None
+            new = [o if v is UNCHANGED else v for v, o in zip(new, old, strict=True)]
+        gen = self._generation
+        if old is not None and gen is not None and any(old[i] != new[i] for i in gen.key_index):
+            # The key changed: the old key is deleted (same LSN, another key).
+            self._row(message.relation, old, b"D", lsn)
+        self._row(message.relation, new, b"U", lsn)
+
+    def _row(self, rel: int, values: list[Any], op: bytes, lsn: int) -> None:
+        gen = self._generation
+        if gen is None or rel != self._table.oid:
+            raise CdcError(f"a change for relation {rel} came without its Relation message")
+        day, fields = gen.encoder.encode(values)
+        target = gen.spool.day(day)
+        target.pending.append(fields + b"," + op + b",%d" % lsn + self._tail)
+        if len(target.pending) >= BLOCK_ROWS:
+            target.drain()
+        self._result.rows += 1
+
+    def _relation(self, message: Relation) -> None:
+        columns = tuple((c.name, c.type_oid, c.typmod) for c in message.columns)
+        accepted = self._source.accepted
+        if accepted is not None and columns != accepted:
+            self._changed(accepted, columns)
+        self._source.accepted = columns
+        if self._generation is not None and self._generation.columns == columns:
+            return
+        try:
+            encoder = RowEncoder(
+                [ColumnType(c.name, c.type_oid) for c in message.columns],
+                self._source._settings.capture.partition_column,
+            )
+        except ValueError as exc:
+            raise SourceError(f"{self._table.info.qualified}: {exc}") from None
+        header = [c[0] for c in columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
+        # The primary key (under REPLICA IDENTITY FULL pgoutput flags every column as key).
+        key_index = tuple(i for i, c in enumerate(message.columns) if c.name in self._table.key)
+        self._generation = Generation(columns, self._new_spool(header), encoder, key_index)
+        self._result.generations.append(self._generation)
+
+    def _changed(
+        self, old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...]
+    ) -> None:
+        q = self._table.info.qualified
+        old_names = {c[0]: c for c in old}
+        new_names = {c[0]: c for c in new}
+        dropped = [n for n in old_names if n not in new_names]
+        retyped = [n for n in old_names if n in new_names and old_names[n] != new_names[n]]
+        added = [n for n in new_names if n not in old_names]
+        log.warning("columns_changed", table=q, added=added, dropped=dropped, retyped=retyped)
+        if (dropped or retyped) and self._source._settings.capture.schema_change == "stop":
+            what = "dropped" if dropped else "changed type"
+            names = ", ".join(dropped or retyped)
+            raise SourceError(
+                f"columns of {q} {what} ({names}): the warehouse table must be changed first; "
+                'then set capture.schema_change = "follow" for one run'
+            )
+
+
+def _translate(exc: psycopg.Error, doing: str) -> CdcError:
+    if exc.sqlstate == "55006":
+        # "replication slot ... is active for PID ...": the backend of a daemon that was just
+        # killed has not noticed yet; it goes away on its own.
+        return TransientError(f"{doing}: {str(exc).strip().splitlines()[0]}")
+    if exc.sqlstate in ("55000", "42704"):
+        return SourceError(f"{doing}: {str(exc).strip().splitlines()[0]}")
+    return from_psycopg(exc, doing)
+
+
+def lsn_window(position: int, flush: int, max_bytes: int) -> int:
+    """The ``upto_lsn`` of the next peek: at most ``max_bytes`` of WAL past the position."""
+    return min(flush, position + max_bytes)
+
+
+def monotonic() -> float:
+    return time.monotonic()

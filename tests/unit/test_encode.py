@@ -1,0 +1,146 @@
+"""pgoutput text values -> CSV row bytes (the watermark COPY's format). Pure; the comparison
+against PostgreSQL's own COPY output is in tests/integration/test_logical.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cdc_daemon.source.encode import (
+    BYTEA,
+    DATE,
+    FLOAT8,
+    INT8,
+    NUMERIC,
+    TEXT,
+    TIMESTAMP,
+    TIMESTAMPTZ,
+    ColumnType,
+    RowEncoder,
+)
+
+COLUMNS = [
+    ColumnType("id", INT8),
+    ColumnType("at", TIMESTAMPTZ),
+    ColumnType("note", TEXT),
+    ColumnType("n", NUMERIC),
+    ColumnType("f", FLOAT8),
+    ColumnType("b", BYTEA),
+    ColumnType("local", TIMESTAMP),
+    ColumnType("d", DATE),
+]
+ENCODER = RowEncoder(COLUMNS, "at")
+
+
+def row(**values: bytes | None) -> list[bytes | None]:
+    base: dict[str, bytes | None] = {
+        "id": b"1",
+        "at": b"2011-03-27 00:30:00+00",
+        "note": b"x",
+        "n": b"1.50",
+        "f": b"0.1",
+        "b": b"\\x00ff",
+        "local": b"2011-01-01 10:00:00",
+        "d": b"2011-01-02",
+    }
+    base.update(values)
+    return [base[c.name] for c in COLUMNS]
+
+
+def test_plain_row() -> None:
+    """Timestamps become ISO-8601 with six fraction digits (Z for timestamptz), bytea hex
+    loses its \\x, the day is the partition value's UTC date."""
+    day, data = ENCODER.encode(row())
+    assert day == b"2011-03-27"
+    assert (
+        data
+        == b"1,2011-03-27T00:30:00.000000Z,x,1.50,0.1,00ff,2011-01-01T10:00:00.000000,2011-01-02"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "out"),
+    [
+        (b"2010-12-01 08:26:00.123456+00", b"2010-12-01T08:26:00.123456Z"),
+        (b"2011-03-27 00:30:00.25+00", b"2011-03-27T00:30:00.250000Z"),
+        (b"infinity", b"infinity"),
+    ],
+)
+def test_timestamptz_forms(text: bytes, out: bytes) -> None:
+    _, data = ENCODER.encode(row(at=text))
+    assert data.split(b",")[1] == out
+
+
+def test_null_empty_and_quoting() -> None:
+    """NULL is an empty unquoted field, '' is "", and a value with a comma, quote, CR or LF is
+    quoted with doubled quotes; an empty bytea is an empty string."""
+    _, data = ENCODER.encode(row(note=b"", b=b"\\x", d=None))
+    assert data.split(b",")[2] == b'""'
+    assert data.split(b",")[5] == b'""'
+    assert data.endswith(b",")
+    _, data = ENCODER.encode(row(note=b'a,"b"\r\nc'))
+    assert b',"a,""b""\r\nc",' in data
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("n", b"NaN", b"!nan-n"),
+        ("n", b"Infinity", b"!numeric_out_of_range-n"),
+        ("n", b"1" * 39, b"!numeric_out_of_range-n"),
+        ("n", b"0." + b"1" * 38, b"!numeric_out_of_range-n"),
+        ("f", b"-Infinity", b"!not_finite-f"),
+        ("d", b"infinity", b"!infinite-d"),
+        ("d", b"0001-01-01 BC", b"!before_year_1-d"),
+        ("local", b"10000-01-01 00:00:00", b"!after_year_9999-local"),
+        ("note", b"x" * (16 * 1024 * 1024 + 1), b"!longer_than_16mb-note"),
+    ],
+)
+def test_quarantine_reasons(column: str, value: bytes, reason: bytes) -> None:
+    """Values Snowflake cannot read back route the row to !<reason>-<column>."""
+    day, _ = ENCODER.encode(row(**{column: value}))
+    assert day == reason
+
+
+def test_first_reason_in_column_order() -> None:
+    day, _ = ENCODER.encode(row(n=b"NaN", f=b"NaN"))
+    assert day == b"!nan-n"
+
+
+def test_no_partition_value_is_unknown_day() -> None:
+    assert ENCODER.encode(row(at=None))[0] == b""
+
+
+@given(st.lists(st.one_of(st.none(), st.text()), min_size=3, max_size=3))
+def test_text_round_trips_through_a_csv_reader(texts: list[str | None]) -> None:
+    """Any text (commas, quotes, line breaks, Unicode) reads back as itself; NULL and '' stay
+    apart (an unquoted empty field vs "")."""
+    encoder = RowEncoder(
+        [ColumnType("d", DATE), *(ColumnType(f"t{i}", TEXT) for i in range(3))], "d"
+    )
+    values = [b"2011-01-01", *(None if t is None else t.encode() for t in texts)]
+    _, data = encoder.encode(values)
+    text = data.decode()
+    (fields,) = list(csv.reader(io.StringIO(text)))
+    assert fields[1:] == ["" if t is None else t for t in texts]
+    raw = [f for f in _split_raw(text)][1:]
+    assert [r == "" for r in raw] == [t is None for t in texts]
+
+
+def _split_raw(line: str) -> list[str]:
+    """Fields as written (quotes kept), to tell "" from an empty field."""
+    out, field, quoted = [], "", False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            out.append(field)
+            field = ""
+        else:
+            field += ch
+    out.append(field)
+    return out
