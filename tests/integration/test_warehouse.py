@@ -5,6 +5,7 @@ reconciler that confirms every batch from the load history."""
 from __future__ import annotations
 
 import gzip
+import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cdc_daemon.backfill import parse_request, run_backfill
+from cdc_daemon.cli import init
 from cdc_daemon.localdev import LocalS3, free_port
 from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sample import generate_sales
@@ -25,6 +27,8 @@ from tests.helpers import export_until_idle, make_settings, run_daemon, wait_unt
 from tests.warehouse_checks import assert_warehouse_equals_source
 
 TABLE = "public.ecommerce_sales"
+# Logical mode reads flushed WAL: writers commit synchronously (see test_logical.py).
+SYNC = "-c synchronous_commit=on"
 
 
 async def statuses(settings: Any) -> dict[str, Status]:
@@ -257,3 +261,73 @@ async def test_a_backfill_refreshes_rows_updated_in_place(
     assert await run_backfill(warehouse.settings, request) == 0
     warehouse.pump_until_quiet()
     assert_warehouse_equals_source(pg_dsn, warehouse)
+
+
+async def test_logical_inserts_updates_deletes_arrive_in_sales(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> None:
+    """Logical mode: the initial snapshot, then random inserts, updates (of the quantity, of the
+    invoice, of the day: a row moves to another day's object) and deletes in many transactions.
+    SALES equals the source, INVOICES and PRODUCTS its aggregates, every batch is `loaded`.
+    (The sales table has TOASTable columns: logical mode requires REPLICA IDENTITY FULL.)"""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 3_000, days=6)
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"mode": "logical"},
+        batch={"max_rows": 500},
+        snowflake={"missing_after_s": 60},
+    )
+    wh = start_warehouse(settings, warehouse_dir)
+    try:
+        assert await init(wh.settings) == 0
+        assert await export_until_idle(wh.settings) == 0  # the initial snapshot
+        rng = random.Random(7)
+        with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+            for _ in range(60):
+                with conn.transaction():
+                    ids = rng.sample(range(1, 3_001), 8)
+                    conn.execute(
+                        "UPDATE ecommerce_sales SET quantity = quantity + 1,"
+                        " description = 'CHANGED ' || id WHERE id = ANY(%s)",
+                        (ids[:3],),
+                    )
+                    conn.execute(
+                        "UPDATE ecommerce_sales SET invoice_date = invoice_date + interval '2 days'"
+                        " WHERE id = %s",
+                        (ids[3],),
+                    )
+                    conn.execute(
+                        "UPDATE ecommerce_sales SET invoice_no = 'C' || invoice_no WHERE id = %s",
+                        (ids[4],),
+                    )
+                    conn.execute("DELETE FROM ecommerce_sales WHERE id = ANY(%s)", (ids[5:7],))
+                    conn.execute(
+                        "INSERT INTO ecommerce_sales (invoice_no, stock_code, description,"
+                        " quantity, invoice_date, unit_price, customer_id, country)"
+                        " SELECT invoice_no, stock_code, 'COPY', 2, invoice_date, unit_price,"
+                        " customer_id, country FROM ecommerce_sales WHERE id = %s",
+                        (ids[7],),
+                    )
+        assert await export_until_idle(wh.settings) == 0
+        wh.pump_until_quiet()
+        ops = {r["OP"] for r in wh.query("SELECT DISTINCT _CDC_OP AS OP FROM RAW_SALES")}
+        assert ops == {"I", "U", "D"}
+        assert_warehouse_equals_source(pg_dsn, wh)
+        reconciler = Reconciler(wh.settings)
+        try:
+            await reconciler.run_once()
+        finally:
+            await reconciler.close()
+        assert set((await statuses(wh.settings)).values()) == {Status.LOADED}
+    finally:
+        wh.stop()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE database = current_database()"
+            )
