@@ -31,13 +31,39 @@ from cdc_daemon.worker import Worker
 
 log = structlog.get_logger()
 
-LIVE_INSERT = """
-INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity, invoice_date,
-  unit_price, customer_id, country)
-SELECT 'D' || (600000 + g)::text, stock_code, description, quantity, now() - g * interval '1 hour',
-  unit_price, customer_id, country
-FROM (SELECT * FROM ecommerce_sales ORDER BY id LIMIT 5) s, generate_series(1, 2) g
-"""
+# Changes made while the daemon runs: inserts (dated today: a new day partition), updates
+# (one moves a row to another day, one to another invoice) and deletes.
+LIVE_CHANGES = [
+    (
+        "inserted",
+        "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity,"
+        " invoice_date, unit_price, customer_id, country)"
+        " SELECT 'D' || (600000 + g)::text, stock_code, description, quantity,"
+        " now() - g * interval '1 hour', unit_price, customer_id, country"
+        " FROM (SELECT * FROM ecommerce_sales ORDER BY id LIMIT 5) s, generate_series(1, 2) g",
+    ),
+    (
+        "updated",
+        "UPDATE ecommerce_sales SET quantity = quantity + 10, description = 'UPDATED ' ||"
+        " coalesce(description, '') WHERE id IN (SELECT id FROM ecommerce_sales ORDER BY id"
+        " OFFSET 20 LIMIT 4)",
+    ),
+    (
+        "updated",
+        "UPDATE ecommerce_sales SET invoice_date = invoice_date + interval '3 days'"
+        " WHERE id = (SELECT min(id) + 30 FROM ecommerce_sales)",
+    ),
+    (
+        "updated",
+        "UPDATE ecommerce_sales SET invoice_no = 'C' || invoice_no"
+        " WHERE id = (SELECT min(id) + 40 FROM ecommerce_sales)",
+    ),
+    (
+        "deleted",
+        "DELETE FROM ecommerce_sales WHERE id IN (SELECT id FROM ecommerce_sales ORDER BY id"
+        " OFFSET 50 LIMIT 3)",
+    ),
+]
 
 
 def run_demo(
@@ -53,10 +79,13 @@ def run_demo(
         log.info("demo_services_started", postgres=pg.dsn, s3=s3.endpoint_url)
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             rows = load_online_retail(conn, data or sample_path())
+            # Logical mode logs whole old rows of a table with TOASTable columns.
+            conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
         log.info("demo_data_loaded", table="public.ecommerce_sales", rows=rows)
         base = load_settings(
             None,
             postgres={"dsn": pg.dsn},
+            capture={"mode": "logical", "poll_interval_s": 0.5},
             s3={"endpoint_url": s3.endpoint_url, "bucket": "cdc-demo"},
             batch={
                 "compression": compression,
@@ -96,11 +125,9 @@ async def _run(
     timeout_s: float,
     report: Path | None,
 ) -> int:
-    store = await Store.from_settings(settings)
-    try:
-        await store.init_schema()
-    finally:
-        await store.close()
+    from cdc_daemon.cli import init
+
+    await init(settings)  # the ledger, the publication (the first run makes the slot)
     done = asyncio.Event()
     stop_pump = threading.Event()
     pump = threading.Thread(target=_pump, args=(warehouse, stop_pump), daemon=True)
@@ -108,12 +135,14 @@ async def _run(
     started = time.monotonic()
     daemon = asyncio.create_task(Worker(settings).serve(shutdown_trigger=done.wait))
     try:
-        # Rows committed while the daemon runs (today's date: a new day partition).
         await asyncio.sleep(2)
+        changes: dict[str, int] = {}
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(LIVE_INSERT)
-        log.info("demo_rows_inserted", rows=10)
-        while not await _all_loaded(settings, dsn):
+            for kind, statement in LIVE_CHANGES:
+                changes[kind] = changes.get(kind, 0) + conn.execute(statement).rowcount
+            (after,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone() or (None,)
+        log.info("demo_changes_committed", **changes)
+        while not await _all_loaded(settings, dsn, str(after)):
             if daemon.done() or time.monotonic() - started > timeout_s:
                 break
             await asyncio.sleep(0.5)
@@ -123,8 +152,9 @@ async def _run(
         stop_pump.set()
         pump.join()
     if code == 0:
-        await _report(settings, warehouse, dsn, time.monotonic() - started, report)
-        if not await _all_loaded(settings, dsn):
+        warehouse.pump()  # the last merge
+        await _report(settings, warehouse, dsn, time.monotonic() - started, report, changes)
+        if not await _all_loaded(settings, dsn, str(after)):
             print("Not every batch was confirmed loaded in time: see the batch states above.")
             return 1
     return code
@@ -139,16 +169,18 @@ def _pump(warehouse: LocalWarehouse, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
-async def _all_loaded(settings: Settings, dsn: str) -> bool:
+async def _all_loaded(settings: Settings, dsn: str, lsn: str) -> bool:
+    """Every change up to ``lsn`` is exported (the ledger's position, an LSN in logical mode,
+    is past it) and every batch is confirmed loaded by the reconciler."""
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT (SELECT count(*) FROM ecommerce_sales WHERE id > coalesce("
-            "  (SELECT low FROM cdc.positions WHERE table_name = %s), 0)),"
+            "SELECT coalesce((SELECT high FROM cdc.positions WHERE table_name = %s), 0)"
+            "   >= %s::pg_lsn - '0/0'::pg_lsn,"
             " (SELECT count(*) FROM cdc.batches WHERE table_name = %s AND status <> 'loaded'),"
             " (SELECT count(*) FROM cdc.batches WHERE table_name = %s)",
-            (ledger_table(settings),) * 3,
+            (ledger_table(settings), lsn, ledger_table(settings), ledger_table(settings)),
         ).fetchone()
-    return row is not None and row[0] == 0 and row[1] == 0 and row[2] > 0
+    return row is not None and bool(row[0]) and row[1] == 0 and row[2] > 0
 
 
 async def _report(
@@ -157,6 +189,7 @@ async def _report(
     dsn: str,
     seconds: float,
     report: Path | None,
+    changes: dict[str, int],
 ) -> None:
     table = ledger_table(settings)
     store = await Store.from_settings(settings)
@@ -177,6 +210,7 @@ async def _report(
         return next(iter(warehouse.query(query)[0].values()))
 
     landing = one("SELECT COUNT(*) AS N FROM RAW_SALES")
+    equal = await asyncio.to_thread(_sales_equal_source, warehouse, dsn)
     sales = one("SELECT COUNT(*) AS N FROM SALES")
     invoices = one("SELECT COUNT(*) AS N FROM INVOICES")
     cancelled = one("SELECT COUNT(*) AS N FROM INVOICES WHERE IS_CANCELLATION")
@@ -188,8 +222,10 @@ async def _report(
     lines = [
         f"cdc-daemon demo: {table} -> s3://{settings.s3.bucket}/ -> local Snowflake",
         f"  source rows (Postgres)        {source:>10,}",
-        f"  exported rows (S3 objects)    {exported:>10,}  in {objects} objects",
-        f"  landing rows (RAW_SALES)      {landing:>10,}",
+        "  changed while running         "
+        + ", ".join(f"{n} {kind}" for kind, n in changes.items()),
+        f"  changes exported (S3 objects) {exported:>10,}  in {objects} objects",
+        f"  landing rows (RAW_SALES)      {landing:>10,}  (one per change)",
         f"  SALES rows                    {sales:>10,}",
         f"  INVOICES                      {invoices:>10,}  ({cancelled} cancellations)",
         f"  PRODUCTS                      {products:>10,}",
@@ -202,7 +238,7 @@ async def _report(
     if lag and lag[0] is not None:
         lines.append(f"  last batch: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
     lines.append(f"  everything confirmed in {seconds:.1f} s")
-    lines.append("  SALES equals the source: " + ("yes" if sales == source else "NO"))
+    lines.append("  SALES equals the source: " + ("yes" if equal else "NO"))
     print()
     print("\n".join(lines))
     if report is not None:
@@ -210,3 +246,17 @@ async def _report(
 
         write_report(report, warehouse, dsn, lines)
         print(f"  report: {report}")
+
+
+def _sales_equal_source(warehouse: LocalWarehouse, dsn: str) -> bool:
+    """Every row of SALES equals the source row of the same id, column by column."""
+    cols = "id, invoice_no, stock_code, description, quantity, invoice_date, unit_price,"
+    cols += " customer_id, country"
+    got = warehouse.query(f"SELECT {cols.upper()} FROM SALES")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        source = {r[0]: r for r in conn.execute(f"SELECT {cols} FROM ecommerce_sales")}
+    names = [c.strip().upper() for c in cols.split(",")]
+    return len(got) == len(source) and all(
+        source.get(int(r["ID"])) == tuple(r[n] for n in names) for r in got
+    )
