@@ -129,6 +129,18 @@ class Metrics:
             ["boundary"],
             registry=registry,
         )
+        self.pipe_running = Gauge(
+            "cdc_pipe_running",
+            "1 when SYSTEM$PIPE_STATUS last said RUNNING, 0 when paused or stalled (reconciler).",
+            ["table", "pipe"],
+            registry=registry,
+        )
+        self.pipe_pending_files = Gauge(
+            "cdc_pipe_pending_files",
+            "Files queued in the pipe when the reconciler last asked (pendingFileCount).",
+            ["table", "pipe"],
+            registry=registry,
+        )
         self.lock_held = Gauge(
             "cdc_lock_held",
             "1 while this process holds the table's single-instance lock.",
@@ -206,6 +218,11 @@ class Metrics:
         if outcome not in RECONCILER_OUTCOMES:
             raise ValueError(f"unknown reconciler outcome {outcome!r}")
         self.reconciler_outcomes.labels(self.table, outcome).inc(count)
+
+    def pipe(self, pipe: str, running: bool, pending_files: int) -> None:
+        """For the reconciler: the pipe's state from SYSTEM$PIPE_STATUS."""
+        self.pipe_running.labels(self.table, pipe).set(1 if running else 0)
+        self.pipe_pending_files.labels(self.table, pipe).set(pending_files)
 
     def set_ledger(self, counts: Mapping[str, int], oldest_unreconciled_s: float | None) -> None:
         for status in Status:

@@ -185,6 +185,8 @@ class Reconciler:
         wh = await self._warehouse()
         outcome = Outcome()
         outcome.pipe = await asyncio.to_thread(wh.pipe_status)
+        if self._metrics is not None:
+            self._metrics.pipe(sf.pipe, outcome.pipe.healthy, outcome.pipe.pending_file_count)
         if not outcome.pipe.healthy:
             log.warning(
                 "pipe_not_running",
