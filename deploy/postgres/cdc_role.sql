@@ -13,3 +13,13 @@ GRANT CONNECT ON DATABASE :"DBNAME" TO :"role";
 SELECT format('GRANT USAGE ON SCHEMA %I TO %I', split_part(:'table', '.', 1), :'role') \gexec
 SELECT format('GRANT SELECT ON %s TO %I', :'table', :'role') \gexec
 CREATE SCHEMA IF NOT EXISTS :"schema" AUTHORIZATION :"role";
+
+-- Logical mode (capture.mode = "logical") needs, on top:
+-- * REPLICATION, to create, read and advance its slot:
+--     ALTER ROLE cdc_daemon REPLICATION;
+-- * the publication, made by the table's owner (the role does not own the table), before
+--   `cdc-daemon init`, with the name the daemon derives (cdc_<schema>_<table>) or the one in
+--   capture.publication_name:
+--     CREATE PUBLICATION cdc_public_ecommerce_sales FOR TABLE public.ecommerce_sales;
+-- * REPLICA IDENTITY FULL on a table with TOASTable columns (see README, "TOAST"):
+--     ALTER TABLE public.ecommerce_sales REPLICA IDENTITY FULL;

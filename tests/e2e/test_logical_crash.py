@@ -18,7 +18,7 @@ import pytest
 
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
-from tests.e2e.daemon import cli, start, write_config
+from tests.e2e.daemon import cli, start, wait_for_event, write_config
 from tests.helpers import assert_rebuilt_equals_source
 from tests.integration.test_logical import random_changes
 
@@ -111,3 +111,24 @@ def test_random_sigkills_lose_nothing(
     assert final.returncode == 0, final.stderr
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
     assert statuses(pg_dsn) == [("uploaded",)]
+
+
+def test_sigterm_finishes_the_batch_and_exits_zero(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while changes stream in: the daemon stops taking batches, finishes the one in
+    flight, exits 0, and nothing is left pending; a later run exports the rest."""
+    config = setup(pg_dsn, s3_server, bucket, tmp_path)
+    daemon = start(config)
+    wait_for_event(daemon, "batch_uploaded")  # the snapshot
+    random_changes(pg_dsn, random.Random(5), 20)
+    time.sleep(0.5)
+    daemon.send_signal(signal.SIGTERM)
+    out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err[-2000:]
+    assert '"daemon_stopped"' in out
+    assert ("pending",) not in statuses(pg_dsn)
+    random_changes(pg_dsn, random.Random(6), 5)
+    final = cli(config, "run", "--exit-when-idle")
+    assert final.returncode == 0, final.stderr
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
