@@ -277,6 +277,13 @@ async def init(settings: Settings) -> int:
 async def status(settings: Settings, as_json: bool) -> int:
     from cdc_daemon.status import collect, render
 
-    report = await collect(settings)
+    slot = None
+    if settings.capture.mode == "logical":
+        from cdc_daemon.reconcile import ledger_table
+        from cdc_daemon.source.logical import default_name
+
+        schema, _, name = ledger_table(settings).partition(".")
+        slot = settings.capture.slot_name or default_name(schema, name)
+    report = await collect(settings, slot=slot)
     print(json.dumps(report, indent=2) if as_json else render(report))
     return 0

@@ -50,7 +50,8 @@ def _source_figures(
             conn, settings.postgres.table, capture.watermark_column, capture.partition_column
         )
         rows = None
-        if table.qualified in highs:
+        if table.qualified in highs and capture.mode == "watermark":
+            # (In logical mode the position is an LSN: the slot's lag says how far behind.)
             high = highs[table.qualified]
             cur = conn.execute(
                 sql.SQL("SELECT count(*) FROM {t} WHERE {c} > %s").format(
@@ -98,7 +99,7 @@ async def collect(
                 rows = source[1]
                 behind["rows"] = rows
                 behind["seconds"] = (
-                    round((now - position["updated_at"]).total_seconds(), 3) if rows else 0.0
+                    round((now - position["updated_at"]).total_seconds(), 3) if rows != 0 else 0.0
                 )
                 behind["slot_lag_bytes"] = source[2]
             elif source_error is not None:
@@ -181,7 +182,11 @@ def render(report: dict[str, Any]) -> str:
                 lag += f", slot {_size(behind['slot_lag_bytes'])} of WAL"
         counts = t["batches"]
         rows += [
-            ("watermark", f"{t['watermark']} (exported up to {t['exported_high']})"),
+            (
+                "position" if t["mode"] == "logical" else "watermark",
+                f"{t['watermark']} (exported up to {t['exported_high']})"
+                + (" (LSNs)" if t["mode"] == "logical" else ""),
+            ),
             ("behind", lag),
             ("batches", "  ".join(f"{s.value} {counts.get(s.value, 0)}" for s in Status)),
             (

@@ -5,6 +5,7 @@ reconciler that confirms every batch from the load history."""
 from __future__ import annotations
 
 import gzip
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from structlog.testing import capture_logs
 
 from cdc_daemon.backfill import parse_request, run_backfill
 from cdc_daemon.cli import init
+from cdc_daemon.cli import status as status_command
 from cdc_daemon.localdev import LocalS3, free_port
 from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sample import generate_sales
@@ -264,7 +266,12 @@ async def test_a_backfill_refreshes_rows_updated_in_place(
 
 
 async def test_logical_inserts_updates_deletes_arrive_in_sales(
-    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    tmp_path: Path,
+    warehouse_dir: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Logical mode: the initial snapshot, then random inserts, updates (of the quantity, of the
     invoice, of the day: a row moves to another day's object) and deletes in many transactions.
@@ -324,6 +331,13 @@ async def test_logical_inserts_updates_deletes_arrive_in_sales(
         finally:
             await reconciler.close()
         assert set((await statuses(wh.settings)).values()) == {Status.LOADED}
+        # `status` in logical mode: the slot's lag, the batches as the ledger has them.
+        capsys.readouterr()
+        assert await status_command(wh.settings, as_json=True) == 0
+        shown = json.loads(capsys.readouterr().out)[TABLE]
+        assert shown["mode"] == "logical"
+        assert shown["behind"]["slot_lag_bytes"] is not None
+        assert shown["batches"]["loaded"] == len(await statuses(wh.settings))
     finally:
         wh.stop()
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
