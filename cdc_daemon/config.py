@@ -182,6 +182,10 @@ class SnowflakeSettings(_Section):
     emulator: bool = False
     login_timeout_s: float = Field(default=30.0, gt=0)
     query_timeout_s: float = Field(default=120.0, gt=0)
+    # Every socket connect and read: a server that accepts and never answers is a timeout, not
+    # a hang (the connector's login_timeout cannot interrupt a request in flight). Above 45 s:
+    # Snowflake holds a query request that long before answering "still running".
+    socket_timeout_s: int = Field(default=60, ge=1)
     # Reconciler: how often it reads the load history; after how long an uploaded batch not in
     # it is refreshed once (ALTER PIPE ... REFRESH) and, as long again after that, `missing`.
     reconcile_interval_s: float = Field(default=60.0, gt=0)

@@ -140,8 +140,9 @@ class Warehouse:
         params: dict[str, Any] = {
             "account": sf.account,
             "user": sf.user,
-            "login_timeout": sf.login_timeout_s,
-            "network_timeout": sf.query_timeout_s,
+            "login_timeout": max(1, int(sf.login_timeout_s)),
+            "network_timeout": max(1, int(sf.query_timeout_s)),
+            "socket_timeout": sf.socket_timeout_s,
             "warehouse": sf.warehouse,
             "database": sf.database,
             "schema": sf.schema_,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -182,14 +183,21 @@ async def test_applying_the_sql_again_changes_nothing(
     assert_warehouse_equals_source(pg_dsn, warehouse)
 
 
+@pytest.mark.parametrize("outage", ["refused", "silent"])
 async def test_snowflake_down_never_stops_export(
-    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    tmp_path: Path,
+    warehouse_dir: Path,
+    outage: str,
 ) -> None:
-    """The daemon runs with Snowflake unreachable: every batch is exported all the same, the
-    reconciler logs its failures and backs off. When Snowflake comes back (with the S3
-    notifications of those objects lost), the reconciler has the pipe refresh them and
-    confirms every batch."""
+    """The daemon runs with Snowflake unreachable (connections refused, or accepted and never
+    answered: timeouts): every batch is exported all the same, the reconciler logs its
+    failures and backs off. When Snowflake comes back (with the S3 notifications of those
+    objects lost), the reconciler has the pipe refresh them and confirms every batch."""
     port = free_port()
+    silent = socket.create_server(("127.0.0.1", port)) if outage == "silent" else None
     settings = make_settings(
         pg_dsn,
         s3_server,
@@ -204,9 +212,10 @@ async def test_snowflake_down_never_stops_export(
             "port": port,
             "protocol": "http",
             "emulator": True,
-            "database": "T_DOWN",
+            "database": f"T_DOWN_{outage.upper()}",
             "login_timeout_s": 1,
             "query_timeout_s": 5,
+            "socket_timeout_s": 1,
             "reconcile_interval_s": 0.2,
             "missing_after_s": 1,
         },
@@ -226,7 +235,11 @@ async def test_snowflake_down_never_stops_export(
                 lambda: sum(e["event"] == "reconcile_failed" for e in logs) >= 2, seconds=60
             )
             assert set(ledger().values()) == {"uploaded"}
-            wh = start_warehouse(settings, warehouse_dir, port=port, database="T_DOWN")
+            if silent is not None:
+                silent.close()
+            wh = start_warehouse(
+                settings, warehouse_dir, port=port, database=f"T_DOWN_{outage.upper()}"
+            )
             try:
                 await wait_until(
                     lambda: (wh.pump(), set(ledger().values()) == {"loaded"})[1], seconds=120
