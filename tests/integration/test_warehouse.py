@@ -77,6 +77,18 @@ async def test_watermark_export_arrives_in_sales_invoices_products(
         assert len(outcome.loaded) == 4
         assert set((await statuses(warehouse.settings)).values()) == {Status.LOADED}
         assert await reconciler.completeness() == []
+        # A row lost in the warehouse: its day is reported, with both counts and amounts.
+        warehouse.query("DELETE FROM SALES WHERE ID = 100")
+        (day,) = await reconciler.completeness()
+        with psycopg.connect(pg_dsn) as conn:
+            expected = conn.execute(
+                "SELECT to_char(invoice_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'),"
+                " quantity * unit_price FROM ecommerce_sales WHERE id = 100"
+            ).fetchone()
+        assert expected is not None
+        assert day.day == expected[0]
+        assert day.source_rows == day.sales_rows + 1
+        assert day.source_amount - day.sales_amount == expected[1]
     finally:
         await reconciler.close()
 
