@@ -106,3 +106,29 @@ def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
     settings = load_settings(None, s3={"bucket": "b'); DROP", "prefix": ""})
     with pytest.raises(ConfigError, match="stage URL"):
         sql.render(settings)
+
+
+def test_cli_renders_and_refuses_what_it_cannot_do(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    from cdc_daemon.cli import main
+
+    monkeypatch.setenv("CDC_S3__BUCKET", "acme-cdc")
+    try:
+        assert main(["snowflake", "render"]) == 0
+        out = capsys.readouterr().out
+        assert "CREATE PIPE IF NOT EXISTS RAW_SALES_PIPE" in out
+        assert "s3://acme-cdc/public.ecommerce_sales/" in out
+        monkeypatch.setenv("CDC_SNOWFLAKE__ACCOUNT", "fakesnow")
+        monkeypatch.setenv("CDC_SNOWFLAKE__EMULATOR", "true")
+        assert main(["snowflake", "apply"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        monkeypatch.delenv("CDC_SNOWFLAKE__ACCOUNT")
+        assert main(["reconcile", "--once"]) == 2
+        err = capsys.readouterr().err
+        assert "snowflake.account is not set" in err
+        assert "Traceback" not in err
+    finally:
+        structlog.reset_defaults()  # main() configured logging for the whole process
