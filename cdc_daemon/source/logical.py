@@ -510,8 +510,10 @@ class LogicalSource:
                     tbl=t.ident(),
                 )
                 with conn.cursor() as cur, cur.copy(query) as copy:
-                    for raw in copy:
-                        spool.add(bytes(raw))
+                    rows = CopyRows(copy).batch
+                    while batch := rows():
+                        for data in map(bytes, batch):
+                            spool.add(data)
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")

@@ -296,10 +296,11 @@ class WatermarkSource:
         its own and its id parsed. Returns the ids copied, as ranges."""
         ids: list[int] = []
         with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
-            for raw in copy:
-                data = bytes(raw)
-                spool.add(data)
-                ids.append(seq_of_row(data))
+            rows = CopyRows(copy).batch
+            while batch := rows():
+                for data in map(bytes, batch):
+                    spool.add(data)
+                    ids.append(seq_of_row(data))
         return to_ranges(ids)
 
     def _copy_new(
