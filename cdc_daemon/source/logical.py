@@ -65,6 +65,7 @@ the snapshot's older version of the row; every streamed change lies after ``rest
 
 from __future__ import annotations
 
+import operator
 import re
 import struct
 import time
@@ -79,16 +80,16 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 from cdc_daemon.sink.spool import BLOCK_ROWS, DaySpool
+from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.encode import ColumnType, RowEncoder
 from cdc_daemon.source.pgoutput import (
     UNCHANGED,
     Begin,
     Commit,
     DecodeError,
-    Delete,
     Relation,
     Truncate,
-    Update,
+    TupleData,
     decode,
     decode_tuple,
     format_lsn,
@@ -104,6 +105,7 @@ _U16 = struct.Struct(">H").unpack_from
 _U32 = struct.Struct(">I").unpack_from
 _ROW = struct.Struct(">hiQi").unpack_from  # fields, 8, lsn, length of data
 _COPY_HEADER = 19  # PGCOPY\n\377\r\n\0, flags, header extension length
+_CHANGES = frozenset(b"IUD")
 
 
 def default_name(schema: str, table: str) -> str:
@@ -153,6 +155,11 @@ class Generation:
     spool: DaySpool
     encoder: RowEncoder
     key_index: tuple[int, ...]
+    # The key columns of a tuple, compared as one value (None: no key).
+    key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
 
     @property
     def header(self) -> list[str]:
@@ -503,8 +510,10 @@ class LogicalSource:
                     tbl=t.ident(),
                 )
                 with conn.cursor() as cur, cur.copy(query) as copy:
-                    for raw in copy:
-                        spool.add(bytes(raw))
+                    rows = CopyRows(copy).batch
+                    while batch := rows():
+                        for data in map(bytes, batch):
+                            spool.add(data)
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
@@ -548,31 +557,34 @@ class LogicalSource:
         cancelled = False
         try:
             with conn.cursor() as cur, cur.copy(query) as copy:
-                read = copy.read
+                rows = CopyRows(copy).batch  # the rows libpq holds; [] at the end
+                feed = reader.feed
                 pos = _COPY_HEADER
-                while raw := read():
-                    data = bytes(raw)
-                    if _U16(data, pos)[0] == 0xFFFF:
-                        continue  # the trailer; read() returns b"" next
-                    _, _, lsn, length = _ROW(data, pos)
-                    returned += 1
-                    if not cancelled and reader.feed(lsn, data, pos + 18, pos + 18 + length):
-                        # Closed early (limits, or the end of a redone batch): stop the server.
-                        cancelled = True
-                        conn.cancel_safe(timeout=5)
-                    pos = 0
-                    if cancelled:
-                        continue
-                    if (
-                        max_bytes is not None
-                        and reader.after_commit
-                        and (
-                            reader.raw_bytes() >= max_bytes or reader.days() > (max_days or 1 << 30)
-                        )
-                    ):
-                        result.cut = True
-                        cancelled = True
-                        conn.cancel_safe(timeout=5)
+                while batch := rows():
+                    for data in map(bytes, batch):
+                        if data[pos] == 0xFF:
+                            continue  # the trailer (field count -1; a row has 2)
+                        _, _, lsn, length = _ROW(data, pos)
+                        returned += 1
+                        if not cancelled and feed(lsn, data, pos + 18, pos + 18 + length):
+                            # Closed early (limits, or the end of a redone batch): stop the
+                            # server.
+                            cancelled = True
+                            conn.cancel_safe(timeout=5)
+                        pos = 0
+                        if cancelled:
+                            continue
+                        if (
+                            max_bytes is not None
+                            and reader.after_commit
+                            and (
+                                reader.raw_bytes() >= max_bytes
+                                or reader.days() > (max_days or 1 << 30)
+                            )
+                        ):
+                            result.cut = True
+                            cancelled = True
+                            conn.cancel_safe(timeout=5)
         except psycopg.errors.QueryCanceled as exc:
             if not cancelled:
                 reader.discard()
@@ -619,6 +631,7 @@ class _Reader:
     ) -> None:
         self._source = source
         self._table = source.logical_table
+        self._oid = self._table.oid
         self._result = result
         self._new_spool = new_spool
         self._lo = lo
@@ -654,19 +667,16 @@ class _Reader:
         """One message; True when the read must stop here (end of a redone range)."""
         kind = data[start]
         self.after_commit = False
-        if kind == 73:  # 'I', the hot path
-            (rel,) = _U32(data, start + 1)
-            values, _ = decode_tuple(data, start + 6)
-            self._row(rel, values, b"I", lsn)
+        if kind in _CHANGES:
+            # The hot path: the tuples are read in place, without a message object.
+            try:
+                self._change(kind, lsn, data, start)
+            except (IndexError, struct.error):
+                decode(data[start:end])  # raises the DecodeError that says what is wrong
+                raise
             return False
         message = decode(data[start:end])
-        if isinstance(message, Update):
-            self._update(message, lsn)
-        elif isinstance(message, Delete):
-            if any(v is UNCHANGED for v in message.old):
-                self._unlogged(lsn)
-            self._row(message.relation, message.old, b"D", lsn)
-        elif isinstance(message, Begin):
+        if isinstance(message, Begin):
             if self._redo_end is not None and message.final_lsn >= self._redo_end:
                 return True
             self.in_transaction = True
@@ -694,28 +704,51 @@ class _Reader:
             f"which would be lost: ALTER TABLE {q} REPLICA IDENTITY FULL, then re-initialise"
         )
 
-    def _update(self, message: Update, lsn: int) -> None:
-        new = message.new
-        old = message.old
-        if any(v is UNCHANGED for v in new):
-            if message.old_kind != "O" or old is None:
+    def _change(self, kind: int, lsn: int, data: bytes, start: int) -> None:
+        """Insert, Update or Delete at ``start`` (layouts as in ``pgoutput.decode``)."""
+        (rel,) = _U32(data, start + 1)
+        if kind == 73:  # 'I'
+            if data[start + 5] != 78:
+                raise DecodeError("insert without a new tuple")
+            self._row(rel, decode_tuple(data, start + 6)[0], b"I", lsn)
+            return
+        pos = start + 5
+        old_kind = data[pos]
+        if kind == 68:  # 'D'
+            if old_kind not in (75, 79):
+                raise DecodeError("delete without an old tuple")
+            old = decode_tuple(data, pos + 1)[0]
+            if UNCHANGED in old:
                 self._unlogged(lsn)
-            assert old is not None
-            new = [o if v is UNCHANGED else v for v, o in zip(new, old, strict=True)]
+            self._row(rel, old, b"D", lsn)
+            return
+        old_values: TupleData | None = None
+        if old_kind in (75, 79):  # 'K', 'O'
+            old_values, pos = decode_tuple(data, pos + 1)
+        if data[pos] != 78:
+            raise DecodeError("update without a new tuple")
+        new = decode_tuple(data, pos + 1)[0]
+        if UNCHANGED in new:
+            if old_kind != 79 or old_values is None:
+                self._unlogged(lsn)
+            assert old_values is not None
+            new = [o if v is UNCHANGED else v for v, o in zip(new, old_values, strict=True)]
         gen = self._generation
-        if old is not None and gen is not None and any(old[i] != new[i] for i in gen.key_index):
+        key_of = None if gen is None else gen.key_of
+        if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
             # The key changed: the old key is deleted (same LSN, another key).
-            self._row(message.relation, old, b"D", lsn)
-        self._row(message.relation, new, b"U", lsn)
+            self._row(rel, old_values, b"D", lsn)
+        self._row(rel, new, b"U", lsn)
 
     def _row(self, rel: int, values: list[Any], op: bytes, lsn: int) -> None:
         gen = self._generation
-        if gen is None or rel != self._table.oid:
+        if gen is None or rel != self._oid:
             raise CdcError(f"a change for relation {rel} came without its Relation message")
         day, fields = gen.encoder.encode(values)
         target = gen.spool.day(day)
-        target.pending.append(fields + b"," + op + b",%d" % lsn + self._tail)
-        if len(target.pending) >= BLOCK_ROWS:
+        pending = target.pending
+        pending.append(b"%s,%s,%d%s" % (fields, op, lsn, self._tail))
+        if len(pending) >= BLOCK_ROWS:
             target.drain()
         self._result.rows += 1
 

@@ -20,6 +20,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import TransientError, from_psycopg
 from cdc_daemon.sink.csv import header_line, seq_of_row
 from cdc_daemon.sink.spool import BLOCK_ROWS, DRAIN_ROWS, DayFile, DaySpool, Row
+from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range, advance, retire, to_ranges
 from cdc_daemon.source.table import TableInfo, describe_table
 
@@ -295,10 +296,11 @@ class WatermarkSource:
         its own and its id parsed. Returns the ids copied, as ranges."""
         ids: list[int] = []
         with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
-            for raw in copy:
-                data = bytes(raw)
-                spool.add(data)
-                ids.append(seq_of_row(data))
+            rows = CopyRows(copy).batch
+            while batch := rows():
+                for data in map(bytes, batch):
+                    spool.add(data)
+                    ids.append(seq_of_row(data))
         return to_ranges(ids)
 
     def _copy_new(
@@ -340,45 +342,45 @@ class WatermarkSource:
         cut: int | None = None
         try:
             with conn.cursor() as cursor, cursor.copy(query) as copy:
-                read = copy.read  # one row per call; b"" at the end
-                while raw := read():
+                rows = CopyRows(copy).batch  # the rows libpq holds; [] at the end
+                while batch := rows():
                     # One copy out of libpq's buffer, then bytes operations: several times
                     # cheaper per row than slicing and comparing memoryviews.
-                    data = bytes(raw)
-                    if data.startswith(prefix):
-                        pending.append(data[11:])
-                        if len(pending) < block_rows:
+                    for data in map(bytes, batch):
+                        if data.startswith(prefix):
+                            pending.append(data[11:])
+                            if len(pending) < block_rows:
+                                continue
+                            assert target is not None
+                            target.drain()
+                            pending = target.pending
+                            if spool.raw_bytes >= limits.max_bytes:
+                                closing, prefix = seq_of_row(target.last_row), _NO_PREFIX
                             continue
-                        assert target is not None
-                        target.drain()
+                        # The slow path: a new day, an odd day prefix, or a batch about to close.
+                        if cut is not None:
+                            continue  # what the server sent before the cancel landed
+                        comma = data.index(b",")
+                        day = data[:comma]
+                        if (
+                            closing is None
+                            and target is not None
+                            and day not in spool
+                            and len(spool) >= limits.max_days
+                        ):
+                            closing = seq_of_row(target.last_row)
+                        if closing is not None and seq_of_row(data) != closing:
+                            cut = closing
+                            conn.cancel_safe(timeout=5)
+                            continue
+                        if target is not None and len(pending) >= DRAIN_ROWS:
+                            # Leaving a day: compress what it has, so that memory stays bounded by
+                            # max_days small remainders, not by the batch.
+                            target.drain()
+                        target = spool.day(day)
+                        target.pending.append(data[comma + 1 :])
                         pending = target.pending
-                        if spool.raw_bytes >= limits.max_bytes:
-                            closing, prefix = seq_of_row(target.last_row), _NO_PREFIX
-                        continue
-                    # The slow path: a new day, an odd day prefix, or a batch about to close.
-                    if cut is not None:
-                        continue  # what the server sent before the cancel landed
-                    comma = data.index(b",")
-                    day = data[:comma]
-                    if (
-                        closing is None
-                        and target is not None
-                        and day not in spool
-                        and len(spool) >= limits.max_days
-                    ):
-                        closing = seq_of_row(target.last_row)
-                    if closing is not None and seq_of_row(data) != closing:
-                        cut = closing
-                        conn.cancel_safe(timeout=5)
-                        continue
-                    if target is not None and len(pending) >= DRAIN_ROWS:
-                        # Leaving a day: compress what it has, so that memory stays bounded by
-                        # max_days small remainders, not by the batch.
-                        target.drain()
-                    target = spool.day(day)
-                    target.pending.append(data[comma + 1 :])
-                    pending = target.pending
-                    prefix = data[:11] if comma == 10 and closing is None else _NO_PREFIX
+                        prefix = data[:11] if comma == 10 and closing is None else _NO_PREFIX
         except psycopg.errors.QueryCanceled:
             if cut is None:
                 raise

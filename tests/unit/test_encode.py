@@ -144,3 +144,85 @@ def _split_raw(line: str) -> list[str]:
             field += ch
     out.append(field)
     return out
+
+
+# Text forms of each type, common and odd: what ``encode`` must hand to the careful path.
+_TIMESTAMPTZ = st.sampled_from(
+    [
+        b"2010-12-01 08:26:00+00",
+        b"2010-12-01 08:26:00.5+00",
+        b"2010-12-01 08:26:00.123456+00",
+        b"0044-03-15 12:00:00+00 BC",
+        b"10000-01-01 00:00:00+00",
+        b"infinity",
+        b"-infinity",
+    ]
+)
+_TIMESTAMP = st.sampled_from(
+    [
+        b"2011-01-01 10:00:00",
+        b"2011-01-01 10:00:00.25",
+        b"2011-01-01 10:00:00.000001",
+        b"0001-01-01 00:00:00 BC",
+        b"10000-01-01 00:00:00",
+        b"infinity",
+    ]
+)
+_DATE = st.sampled_from([b"2011-01-02", b"0001-01-01 BC", b"10000-01-01", b"-infinity"])
+_NUMERIC = st.one_of(
+    st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"0", b"-1.50", b"1" * 38, b"1" * 39]),
+    st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: str(d).encode()),
+)
+_FLOAT = st.one_of(
+    st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e+30", b"-0"]),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+)
+_BYTEA = st.binary(max_size=8).map(lambda b: b"\\x" + b.hex().encode())
+_TEXT = st.one_of(st.text(max_size=12).map(str.encode), st.sampled_from([b"", b",", b'"', b"\r\n"]))
+_VALUES = {
+    INT8: st.integers().map(lambda i: str(i).encode()),
+    TIMESTAMPTZ: _TIMESTAMPTZ,
+    TEXT: _TEXT,
+    NUMERIC: _NUMERIC,
+    FLOAT8: _FLOAT,
+    BYTEA: _BYTEA,
+    TIMESTAMP: _TIMESTAMP,
+    DATE: _DATE,
+}
+
+
+@given(
+    st.tuples(
+        *(
+            st.one_of(st.none(), _VALUES[c.type_oid]) if c.name != "id" else _VALUES[INT8]
+            for c in COLUMNS
+        )
+    )
+)
+def test_fast_path_gives_the_reference_bytes(values: tuple[bytes | None, ...]) -> None:
+    """``encode`` (the hot path) and ``encode_reference`` (field by field, every check) give
+    the same day and the same bytes for any row: common forms, NULL, '', values needing
+    quotes, and every quarantine reason."""
+    assert ENCODER.encode(list(values)) == ENCODER.encode_reference(list(values))
+
+
+def test_fast_path_covers_the_common_row() -> None:
+    """The common row does not fall back (else the hot path would be pointless), and each odd
+    form does."""
+    calls: list[int] = []
+
+    class Counting(RowEncoder):
+        def encode_reference(self, values: list[bytes | None]) -> tuple[bytes, bytes]:  # type: ignore[override]
+            calls.append(1)
+            return super().encode_reference(values)
+
+    encoder = Counting(COLUMNS, "at")
+    encoder.encode(row())
+    encoder.encode(row(at=b"2010-12-01 08:26:00.123456+00", local=b"2011-01-01 10:00:00.5"))
+    encoder.encode(row(note=None, n=None))
+    assert calls == []
+    encoder.encode(row(note=b""))
+    encoder.encode(row(note=b"a,b"))
+    encoder.encode(row(n=b"NaN"))
+    encoder.encode(row(at=b"infinity"))
+    assert len(calls) == 4
