@@ -30,7 +30,6 @@ from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.logical_pipeline import LogicalPipeline
 from cdc_daemon.metrics import Metrics
 from cdc_daemon.pipeline import WatermarkPipeline
-from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.logical import LogicalSource
 from cdc_daemon.source.watermark import WatermarkSource
@@ -99,6 +98,9 @@ class Worker:
                         )
                         capture.add_done_callback(lambda _: supervisor.cancel())
                         if settings.snowflake.enabled:
+                            # Imported here: the Snowflake connector costs ~0.2 s to import.
+                            from cdc_daemon.reconcile import Reconciler
+
                             # Its own sessions; it never raises: Snowflake cannot stop export.
                             reconciler = group.create_task(
                                 Reconciler(settings, self.metrics, self.heartbeats).run(self._stop)
