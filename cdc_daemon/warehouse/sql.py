@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-from snowflake.connector.util_text import split_statements
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError
@@ -101,6 +100,8 @@ def statements(
     settings: Settings, *, stage_url_override: str | None = None, sql_dir: Path = SQL_DIR
 ) -> list[Statement]:
     """Every statement of every file, in order."""
+    from snowflake.connector.util_text import split_statements  # ~40 MB: only when used
+
     variables = template_vars(settings, stage_url_override=stage_url_override)
     out: list[Statement] = []
     for path in sql_files(sql_dir):
@@ -131,6 +132,8 @@ def task_body(stmt: Statement) -> list[str]:
     if match is None:
         raise ValueError(f"{stmt.file}: task without a BEGIN TRANSACTION ... COMMIT body")
     body = match.group(1)
+    from snowflake.connector.util_text import split_statements
+
     return [
         s.strip().rstrip(";").strip()
         for s, _ in split_statements(io.StringIO(body), remove_comments=True)
