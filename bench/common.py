@@ -201,15 +201,37 @@ def start_daemon(config: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def finish_daemon(proc: subprocess.Popen[bytes], started: float, config: Path) -> DaemonRun:
-    """Collect the daemon's log and its rusage (peak RSS, CPU) once it exits."""
-    _, status, usage = os.wait4(proc.pid, 0)
+    """Collect the daemon's log, its CPU time (rusage) and its own peak RSS once it exits.
+
+    The peak is the daemon's VmHWM, read from /proc while it runs: rusage's ru_maxrss of a
+    child started with vfork+exec (subprocess does that) starts at the *parent's* peak, so it
+    would count this bench process too. VmHWM belongs to the exec'd program only; polled every
+    50 ms, a rise in the last 50 ms before exit can be missed."""
+    peak_kib = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
+        time.sleep(0.05)
     seconds = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"cdc-daemon exited with {proc.returncode}")
     out = (config.parent / "daemon.log").read_text()
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return DaemonRun(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, events)
+    return DaemonRun(seconds, peak_kib / 1024, usage.ru_utime + usage.ru_stime, events)
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 def run_until_idle(config: Path) -> DaemonRun:
