@@ -12,7 +12,9 @@ the pipe's load history (``COPY_HISTORY`` on RAW_SALES, within its 14-day window
   again after that -> ``missing``. A missing batch is still looked for and becomes ``loaded``
   if it shows up.
 
-Quarantined objects (outside the pipe's folder) are not expected in the history. A paused or
+Backfill chunks (``cdc.backfill_chunks``) are reconciled the same way, their outcome kept in
+the chunk (``load_status``, ``load_error``, ``loaded_at``). Quarantined objects (outside the
+pipe's folder) are not expected in the history. A paused or
 stalled pipe is logged every round and kept for ``status`` and metrics.
 
 It runs in the daemon's TaskGroup on its own ledger session and its own Snowflake session:
@@ -182,6 +184,7 @@ class Reconciler:
         sf = self._settings.snowflake
         store = await self._ledger()
         items = await store.unreconciled(self._table)
+        items += await store.unreconciled_chunks(self._table)
         wh = await self._warehouse()
         outcome = Outcome()
         outcome.pipe = await asyncio.to_thread(wh.pipe_status)
@@ -206,7 +209,7 @@ class Reconciler:
             batch = item.batch
             new, reason, unseen = judge(item, history)
             if new is not None:
-                if await store.reconcile(self._table, batch.batch_id, batch.status, new, reason):
+                if await self._settle(store, item, new, reason):
                     if new is Status.LOADED:
                         outcome.loaded.append(batch.batch_id)
                     else:
@@ -220,7 +223,10 @@ class Reconciler:
                 if now - item.uploaded_at < timedelta(days=REFRESH_DAYS):
                     for name in unseen:
                         await asyncio.to_thread(wh.refresh, name)
-                    await store.mark_refreshed(self._table, batch.batch_id)
+                    if item.chunk is not None:
+                        await store.mark_chunk_refreshed(item.chunk)
+                    else:
+                        await store.mark_refreshed(self._table, batch.batch_id)
                     outcome.refreshed.append(batch.batch_id)
                     log.warning("pipe_refresh_requested", batch_id=batch.batch_id, files=unseen)
                     continue
@@ -235,9 +241,7 @@ class Reconciler:
                 + (", after a pipe refresh" if item.refreshed_at else ", too old to refresh")
                 + f": {', '.join(unseen[:3])}"
             )
-            if await store.reconcile(
-                self._table, batch.batch_id, batch.status, Status.MISSING, reason
-            ):
+            if await self._settle(store, item, Status.MISSING, reason):
                 outcome.missing.append((batch.batch_id, reason))
                 log.error("batch_missing", batch_id=batch.batch_id, reason=reason)
         if self._metrics is not None:
@@ -260,6 +264,16 @@ class Reconciler:
             )
         self.last = outcome
         return outcome
+
+    async def _settle(
+        self, store: Store, item: Unreconciled, new: Status, reason: str | None
+    ) -> bool:
+        """Record a batch's (or a backfill chunk's) new status; False if it moved meanwhile."""
+        if item.chunk is not None:
+            return await store.reconcile_chunk(item.chunk, item.batch.status, new, reason)
+        return await store.reconcile(
+            self._table, item.batch.batch_id, item.batch.status, new, reason
+        )
 
     async def completeness(self) -> list[DayDifference]:
         """Days whose row count or amount differs between Postgres and SALES. In watermark

@@ -232,8 +232,8 @@ def render(report: dict[str, Any]) -> str:
         for run in t.get("backfill_runs", []):
             lines.append(
                 f"  backfill {run['run_id']}  [{run['day_from']}, {run['day_to']})  {run['status']}"
-                f"  {run['days_done']}/{run['days']} days, {_count(run['rows'])} rows"
-                + (f"  {run['error']}" if run["error"] else "")
+                f"  {run['days_done']}/{run['days']} days in S3, {run['days_loaded']} loaded,"
+                f" {_count(run['rows'])} rows" + (f"  {run['error']}" if run["error"] else "")
             )
         lines.append("")
     return "\n".join(lines).rstrip("\n")

@@ -63,6 +63,11 @@ CREATE TABLE IF NOT EXISTS {schema}.backfill_chunks (
     uploaded_at timestamptz,
     PRIMARY KEY (run_id, day)
 );
+-- The reconciler's view of a chunk in S3: NULL (not confirmed yet), loaded, failed, missing.
+ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS load_status text;
+ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS load_error text;
+ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS loaded_at timestamptz;
+ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
 """
 
 

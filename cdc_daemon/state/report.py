@@ -73,13 +73,17 @@ class LedgerReader:
             "SELECT r.run_id, r.day_from::text AS day_from, r.day_to::text AS day_to, r.status,"
             " r.error, count(c.day) AS days,"
             " count(c.day) FILTER (WHERE c.status = 'uploaded') AS days_done,"
+            " count(c.day) FILTER (WHERE c.load_status = 'loaded') AS days_loaded,"
             " coalesce(sum(c.rows), 0) AS rows"
             " FROM {schema}.backfill_runs r LEFT JOIN {schema}.backfill_chunks c USING (run_id)"
             " WHERE r.table_name = %s GROUP BY r.run_id ORDER BY r.created_at DESC LIMIT %s",
             (table, limit),
         )
         return [
-            {k: (int(v) if k in ("days", "days_done", "rows") else v) for k, v in r.items()}
+            {
+                k: (int(v) if k in ("days", "days_done", "days_loaded", "rows") else v)
+                for k, v in r.items()
+            }
             for r in rows
         ]
 

@@ -428,12 +428,71 @@ class Store:
             (table, batch_id),
         )
 
+    async def unreconciled_chunks(self, table: str) -> list[Unreconciled]:
+        """Backfill chunks in S3 whose load Snowflake has not confirmed yet."""
+        rows = await self._fetch(
+            "reading unreconciled backfill chunks",
+            self._q(
+                "SELECT c.run_id, c.day, c.objects, c.read_ts, c.uploaded_at, c.refreshed_at,"
+                " coalesce(c.load_status, 'uploaded') AS load_status"
+                " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
+                " WHERE r.table_name = %s AND c.status = 'uploaded'"
+                " AND coalesce(c.load_status, 'uploaded') IN ('uploaded', 'missing')"
+                " ORDER BY c.uploaded_at"
+            ),
+            (table,),
+        )
+        return [
+            Unreconciled(
+                BatchRecord(
+                    table=table,
+                    batch_id=f"backfill-{r['run_id']}-{r['day']}",
+                    lo=0,
+                    hi=0,
+                    read_ts=r["read_ts"] or "",
+                    objects=tuple(ObjectRecord(**o) for o in r["objects"] or []),
+                    status=Status(r["load_status"]),
+                ),
+                r["uploaded_at"],
+                r["refreshed_at"],
+                chunk=(str(r["run_id"]), str(r["day"])),
+            )
+            for r in rows
+        ]
+
+    async def reconcile_chunk(
+        self, chunk: tuple[str, str], old: Status, new: Status, error: str | None = None
+    ) -> bool:
+        rows = await self._fetch(
+            "recording a backfill chunk's reconciliation",
+            self._q(
+                "UPDATE {schema}.backfill_chunks SET load_status = %s, load_error = %s,"
+                " loaded_at = CASE WHEN %s = 'loaded' THEN now() ELSE loaded_at END"
+                " WHERE run_id = %s AND day = %s::date AND status = 'uploaded'"
+                " AND coalesce(load_status, 'uploaded') = %s RETURNING run_id"
+            ),
+            (new.value, error, new.value, chunk[0], chunk[1], old.value),
+        )
+        return bool(rows)
+
+    async def mark_chunk_refreshed(self, chunk: tuple[str, str]) -> None:
+        await self._fetch(
+            "recording a pipe refresh",
+            self._q(
+                "UPDATE {schema}.backfill_chunks SET refreshed_at = now()"
+                " WHERE run_id = %s AND day = %s::date"
+            ),
+            chunk,
+        )
+
 
 @dataclass(frozen=True)
 class Unreconciled:
     batch: BatchRecord
     uploaded_at: datetime
     refreshed_at: datetime | None
+    # A backfill chunk (run id, day) rather than a batch of the daemon's.
+    chunk: tuple[str, str] | None = None
 
 
 def _record(row: dict[str, Any]) -> BatchRecord:

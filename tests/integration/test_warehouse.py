@@ -24,6 +24,7 @@ from cdc_daemon.reconcile import Reconciler
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
+from cdc_daemon.status import collect
 from cdc_daemon.warehouse.local import LocalWarehouse
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
@@ -32,6 +33,11 @@ from tests.warehouse_checks import assert_warehouse_equals_source
 TABLE = "public.ecommerce_sales"
 # Logical mode reads flushed WAL: writers commit synchronously (see test_logical.py).
 SYNC = "-c synchronous_commit=on"
+
+
+def _runs(dsn: str) -> list[tuple[str]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT run_id FROM cdc.backfill_runs").fetchall()
 
 
 async def statuses(settings: Any) -> dict[str, Status]:
@@ -288,6 +294,17 @@ async def test_a_backfill_refreshes_rows_updated_in_place(
     assert await run_backfill(warehouse.settings, request) == 0
     warehouse.pump_until_quiet()
     assert_warehouse_equals_source(pg_dsn, warehouse)
+    # The reconciler confirms the backfill's chunk as it does the daemon's batches.
+    reconciler = Reconciler(warehouse.settings)
+    try:
+        outcome = await reconciler.run_once()
+    finally:
+        await reconciler.close()
+    assert [b for b in outcome.loaded if b.startswith("backfill-")] == [
+        f"backfill-{run}-{day}" for (run,) in _runs(pg_dsn)
+    ]
+    (shown,) = (await collect(warehouse.settings))[TABLE]["backfill_runs"]
+    assert (shown["days_done"], shown["days_loaded"]) == (1, 1)
 
 
 async def test_logical_inserts_updates_deletes_arrive_in_sales(
