@@ -89,14 +89,7 @@ class LogicalPipeline(WatermarkPipeline):
         problems = await self._in_thread(source.check_publication)
         if problems:
             raise SourceError("; ".join(problems))
-        for pending in await store.pending(self.table):
-            log.warning(
-                "batch_redone",
-                table=self.table,
-                batch_id=pending.batch_id,
-                attempts=pending.attempts + 1,
-            )
-            await self._redo(pending)
+        await self._redo_pending()
         state = (await store.position(self.table, "logical")).state
         saved = await store.relation_columns(self.table)
         if saved is not None:

@@ -166,19 +166,23 @@ class WatermarkPipeline:
     async def _in_thread(self, fn: Callable[[], T]) -> T:
         return await in_thread(fn, self._source.cancel)
 
+    async def _redo_pending(self) -> None:
+        """Redo, first, every batch an earlier run left with an intent record only."""
+        for pending in await self._store.pending(self.table):
+            log.warning(
+                "batch_redone",
+                table=self.table,
+                batch_id=pending.batch_id,
+                attempts=pending.attempts + 1,
+            )
+            await self._redo(pending)
+
     async def step(self, draining: bool) -> bool:
         """Do one unit of work. False when there was nothing to do (idle)."""
         try:
             if self._state is None:
                 # (Re)start: from the ledger, after redoing whatever was left pending.
-                for pending in await self._store.pending(self.table):
-                    log.warning(
-                        "batch_redone",
-                        table=self.table,
-                        batch_id=pending.batch_id,
-                        attempts=pending.attempts + 1,
-                    )
-                    await self._redo(pending)
+                await self._redo_pending()
                 self._state = (await self._store.position(self.table, "watermark")).state
             return await self._pass(draining)
         except BaseException:

@@ -97,7 +97,7 @@ from cdc_daemon.source.pgoutput import (
     parse_lsn,
 )
 from cdc_daemon.source.table import Column, TableInfo
-from cdc_daemon.source.watermark import connect
+from cdc_daemon.source.watermark import SourceSession, connect
 
 log = structlog.get_logger()
 
@@ -220,12 +220,11 @@ def describe(
     return LogicalTable(info, int(oid), key, identity, toastable, catalog)
 
 
-class LogicalSource:
+class LogicalSource(SourceSession):
     """The source side of logical capture. Synchronous; the pipeline runs it in a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        super().__init__(settings)
         self._table: LogicalTable | None = None
         # The column list accepted so far (from the ledger, then from Relation messages).
         self.accepted: tuple[tuple[str, int, int], ...] | None = None
@@ -263,22 +262,6 @@ class LogicalSource:
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
         return self.table
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self.connect()
-        assert self._conn is not None
-        return self._conn
-
-    def cancel(self) -> None:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            conn.cancel_safe(timeout=5)
 
     def _guard(
         self, doing: str, fn: Callable[[psycopg.Connection[tuple[object, ...]]], Any]

@@ -103,10 +103,38 @@ def _ranges_literal(ranges: Sequence[Range]) -> tuple[sql.Composable, sql.Compos
     return sql.Literal([r[0] for r in ranges]), sql.Literal([r[1] for r in ranges])
 
 
-class WatermarkSource:
+class SourceSession:
+    """The source session both capture modes keep (synchronous; run in a thread): reopened
+    by ``_session()`` after it broke, closed by ``close()``, interrupted by ``cancel()``."""
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def connect(self) -> object:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self.connect()
+        assert self._conn is not None
+        return self._conn
+
+    def cancel(self) -> None:
+        """Interrupt a running statement from another thread (shutdown past its grace)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe(timeout=5)
+
+
+class WatermarkSource(SourceSession):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self._table: TableInfo | None = None
 
     @property
@@ -134,23 +162,6 @@ class WatermarkSource:
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
         return self._table
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self.connect()
-        assert self._conn is not None
-        return self._conn
-
-    def cancel(self) -> None:
-        """Interrupt a running statement from another thread (shutdown past its grace)."""
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            conn.cancel_safe(timeout=5)
 
     # -- SQL pieces ---------------------------------------------------------------------------
 
