@@ -4,7 +4,8 @@
 -- Snowflake's defaults already match the rest, and are relied on: RECORD_DELIMITER = '\n'
 -- (LF line ends), ESCAPE = NONE (a quote inside a quoted field is doubled), TRIM_SPACE = FALSE,
 -- ERROR_ON_COLUMN_COUNT_MISMATCH = TRUE, BINARY_FORMAT = HEX (bytea is written as hex),
--- TIMESTAMP_FORMAT = AUTO (ISO-8601; timestamptz is written in UTC with a Z), ENCODING = UTF8.
+-- TIMESTAMP_FORMAT = AUTO (ISO-8601: timestamptz as 2011-03-27T00:30:00+00:00 or with a fraction
+-- as .25+00:00, timestamp without the offset; _CDC_TS in UTC with a Z), ENCODING = UTF8.
 CREATE FILE FORMAT IF NOT EXISTS {{ file_format }}
   TYPE = CSV
   FIELD_DELIMITER = ','

@@ -6,9 +6,9 @@ mirrors what ``source.table`` asks PostgreSQL's COPY to produce (``Column.csv_ex
 
 - pgoutput sends every value in its text output form, produced in the capture's session
   (TimeZone=UTC, DateStyle=ISO, extra_float_digits=1, bytea_output=hex), which is what COPY
-  writes for the same session, except where ``csv_expr`` converts: ``timestamptz`` becomes
-  ``YYYY-MM-DDTHH:MM:SS.ffffffZ``, ``timestamp`` the same without ``Z``, ``bytea`` hex
-  without ``\\x``.
+  writes for the same session, except where ``csv_expr`` converts: a timestamp in years
+  1-9999 gets a ``T`` instead of the space (and timestamptz ``+00:00`` instead of ``+00``),
+  ``bytea`` is hex without ``\\x``.
 - CSV quoting as COPY's: a value is quoted when it is empty (so that ``""`` is an empty string
   and an unquoted empty field is NULL) or holds a comma, a quote, CR or LF.
 - A row holding a value Snowflake cannot read back goes to the day ``!<reason>-<column>``
@@ -57,23 +57,16 @@ def _bytea(value: bytes) -> bytes:
 
 
 def _timestamp(value: bytes, zone: bytes) -> bytes:
-    """``2011-03-27 00:30:00.25+00`` -> ``2011-03-27T00:30:00.250000Z`` (``+00``: the session
-    is in UTC); without a zone for ``timestamp``. Infinity keeps its text, like csv_expr."""
-    if value[:1] in (b"i", b"-"):
+    """``2011-03-27 00:30:00.25+00`` -> ``2011-03-27T00:30:00.25+00:00`` (``+00``: the session
+    is in UTC); ``zone`` is b"" for ``timestamp``. Like csv_expr, only years 1-9999: other
+    values (infinite, BC, five-digit years) keep their text."""
+    if value[4:5] != b"-" or value.endswith(b" BC"):
         return value
-    if value.endswith(b" BC"):
-        value = value[:-3]
-    date, _, clock = value.partition(b" ")
-    if zone:
-        clock = clock[:-3]  # "+00"
-    whole, _, frac = clock.partition(b".")
-    return date + b"T" + whole + b"." + frac.ljust(6, b"0") + zone
+    return value.replace(b" ", b"T") + zone
 
 
 def _timestamptz(value: bytes) -> bytes:
-    if len(value) == 22 and value[10:11] == b" ":  # the common case, no fraction
-        return value[:10] + b"T" + value[11:19] + b".000000Z"
-    return _timestamp(value, b"Z")
+    return _timestamp(value, b":00")
 
 
 def _timestamp_local(value: bytes) -> bytes:
@@ -140,25 +133,15 @@ _PARTITION_TYPES = frozenset({DATE, TIMESTAMP, TIMESTAMPTZ})
 def _timestamptz_fast(value: bytes) -> bytes | None:
     """The common ``2011-03-27 00:30:00[.ffffff]+00`` (a 4-digit year, not BC: no quarantine
     reason), else None: the careful path decides. Byte indexing: ints, no slices."""
-    n = len(value)
-    if n < 22 or value[4] != 45 or value[10] != 32 or value[-1] == 67:  # "-", " ", "BC"
+    if len(value) < 22 or value[4] != 45 or value[10] != 32 or value[-1] == 67:  # "-", " ", "BC"
         return None
-    if n == 22:
-        return value[:10] + b"T" + value[11:19] + b".000000Z"
-    if n > 29 or value[19] != 46:  # "."
-        return None
-    return value[:10] + b"T" + value[11:-3].ljust(15, b"0") + b"Z"
+    return value[:10] + b"T" + value[11:] + b":00"
 
 
 def _timestamp_fast(value: bytes) -> bytes | None:
-    n = len(value)
-    if n < 19 or value[4] != 45 or value[10] != 32 or value[-1] == 67:
+    if len(value) < 19 or value[4] != 45 or value[10] != 32 or value[-1] == 67:
         return None
-    if n == 19:
-        return value[:10] + b"T" + value[11:] + b".000000"
-    if n > 26 or value[19] != 46:
-        return None
-    return value[:10] + b"T" + value[11:].ljust(15, b"0")
+    return value[:10] + b"T" + value[11:]
 
 
 def _date_fast(value: bytes) -> bytes | None:

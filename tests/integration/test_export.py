@@ -72,11 +72,11 @@ async def test_csv_encoding_of_awkward_values(
     await export_until_idle(settings)
     bodies = assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
     data = b"".join(bodies[k] for k in sorted(bodies))
-    assert b"\n1,1,A,,1,2011-03-27T00:30:00.000000Z,0.001,,X,I,1," in data
-    assert b'\n2,2,B,"",2,2011-03-27T00:30:00.000000Z,123456789.125,7,X,I,2,' in data
+    assert b"\n1,1,A,,1,2011-03-27T00:30:00+00:00,0.001,,X,I,1," in data
+    assert b'\n2,2,B,"",2,2011-03-27T00:30:00+00:00,123456789.125,7,X,I,2,' in data
     assert (
-        '\n3,3,C,"a,b ""quoted""\r\nnext line £ 日本 🎉",3,2010-12-01T08:26:00.123456Z,2.500,8,'
-        "Y,I,3,".encode()
+        '\n3,3,C,"a,b ""quoted""\r\nnext line £ 日本 🎉",3,2010-12-01T08:26:00.123456+00:00,'
+        "2.500,8,Y,I,3,".encode()
     ) in data
 
 

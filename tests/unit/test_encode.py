@@ -52,22 +52,23 @@ def row(**values: bytes | None) -> list[bytes | None]:
 
 
 def test_plain_row() -> None:
-    """Timestamps become ISO-8601 with six fraction digits (Z for timestamptz), bytea hex
-    loses its \\x, the day is the partition value's UTC date."""
+    """Timestamps become ISO-8601 with a T (+00:00 for timestamptz), bytea hex loses its \\x,
+    the day is the partition value's UTC date."""
     day, data = ENCODER.encode(row())
     assert day == b"2011-03-27"
-    assert (
-        data
-        == b"1,2011-03-27T00:30:00.000000Z,x,1.50,0.1,00ff,2011-01-01T10:00:00.000000,2011-01-02"
-    )
+    assert data == b"1,2011-03-27T00:30:00+00:00,x,1.50,0.1,00ff,2011-01-01T10:00:00,2011-01-02"
 
 
 @pytest.mark.parametrize(
     ("text", "out"),
     [
-        (b"2010-12-01 08:26:00.123456+00", b"2010-12-01T08:26:00.123456Z"),
-        (b"2011-03-27 00:30:00.25+00", b"2011-03-27T00:30:00.250000Z"),
+        (b"2010-12-01 08:26:00.123456+00", b"2010-12-01T08:26:00.123456+00:00"),
+        (b"2011-03-27 00:30:00.25+00", b"2011-03-27T00:30:00.25+00:00"),
+        (b"0044-03-15 12:00:00+00", b"0044-03-15T12:00:00+00:00"),
         (b"infinity", b"infinity"),
+        (b"-infinity", b"-infinity"),
+        (b"0044-03-15 12:00:00+00 BC", b"0044-03-15 12:00:00+00 BC"),
+        (b"10000-01-01 00:00:00+00", b"10000-01-01 00:00:00+00"),
     ],
 )
 def test_timestamptz_forms(text: bytes, out: bytes) -> None:
