@@ -117,6 +117,10 @@ class DaySpool:
     def __contains__(self, day: bytes) -> bool:
         return day in self._days
 
+    def row_total(self) -> int:
+        """Rows added so far, drained or still pending, all days."""
+        return sum(d.rows + len(d.pending) for d in self._days.values())
+
     def day(self, day: bytes) -> DayFile:
         found = self._days.get(day)
         if found is None:

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import TransientError, from_psycopg
+from cdc_daemon.errors import SourceError, TransientError, from_psycopg
 from cdc_daemon.sink.csv import header_line, seq_of_row
 from cdc_daemon.sink.spool import BLOCK_ROWS, DRAIN_ROWS, DayFile, DaySpool, Row
 from cdc_daemon.source.copyread import CopyRows
@@ -136,6 +136,9 @@ class WatermarkSource(SourceSession):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._table: TableInfo | None = None
+        # Whether the ids seen last were dense (no absent id): then the next pass copies a
+        # range without counting its rows first (see ``_pass_in_snapshot``).
+        self._dense = True
 
     @property
     def table(self) -> TableInfo:
@@ -232,20 +235,32 @@ class WatermarkSource(SourceSession):
         # The first statement takes the snapshot; pg_locks is read after it, so every
         # transaction open at the snapshot is either listed or has committed by now (and the
         # next pass's snapshot sees its rows).
+        lo = state.high
         row = conn.execute(
             sql.SQL(
                 "SELECT (SELECT {id}::bigint FROM {tbl} WHERE {id} IS NOT NULL"
-                " ORDER BY {id} DESC LIMIT 1), ARRAY(" + _HOLDERS + ")"
-            ).format(id=self._id(), tbl=t.ident())
+                " ORDER BY {id} DESC LIMIT 1), ARRAY(" + _HOLDERS + "),"
+                " (SELECT {id}::bigint FROM {tbl} WHERE {id} > {lo} ORDER BY {id} LIMIT 1)"
+            ).format(id=self._id(), tbl=t.ident(), lo=_int8(lo))
         ).fetchone()
         assert row is not None
         high_now = INT64_MIN if row[0] is None else int(str(row[0]))
         holders = [str(h) for h in row[1]]  # type: ignore[attr-defined]
-        lo = state.high
-        # New rows: how many, the planned end, and the absent ids below it (index scans).
+        first = None if row[2] is None else int(str(row[2]))
+        # New rows: how many, the planned end, and the absent ids below it. When the ids
+        # were dense so far, the next max_rows ids from the first new one are taken as they
+        # are (new_rows is then an upper bound) and the copy itself shows whether an id was
+        # absent; otherwise they are counted first (index scans).
         new_rows, planned_hi, gaps = 0, lo, list[Range]()
-        if high_now > lo:
-            new_rows, planned_hi, gaps = self._plan(conn, lo, high_now, limits.max_rows)
+        optimistic = False
+        if first is not None and high_now > lo:
+            if self._dense:
+                optimistic = True
+                planned_hi = min(high_now, first + limits.max_rows - 1)
+                new_rows = planned_hi - first + 1
+            else:
+                new_rows, planned_hi, gaps = self._plan(conn, lo, high_now, limits.max_rows)
+                self._dense = new_rows == planned_hi - first + 1
         late_rows = 0
         if state.gaps:
             late = conn.execute(
@@ -266,7 +281,23 @@ class WatermarkSource(SourceSession):
             caught = self._copy_late(conn, self._in_ranges(state.gaps), read_ts, spool)
         hi, cut = lo, False
         if new_rows:
+            before = spool.row_total()
             hi, cut = self._copy_new(conn, lo, planned_hi, read_ts, spool, limits)
+            if optimistic:
+                assert first is not None
+                copied = spool.row_total() - before
+                if copied == hi - first + 1:
+                    gaps = [(lo + 1, first - 1)] if first > lo + 1 else []
+                else:
+                    # An id was absent: which ones (in this snapshot, as the copy saw it),
+                    # and the batch ends at the last id present.
+                    self._dense = False
+                    count, hi, gaps = self._plan(conn, lo, hi, copied + 1)
+                    if count != copied:
+                        raise SourceError(
+                            f"copied {copied} rows of {t.qualified} where the snapshot has "
+                            f"{count}: is the watermark column unique?"
+                        )
             gaps = [(a, min(b, hi)) for a, b in gaps if a <= hi]
         spec = BatchSpec(lo, hi, tuple(gaps), tuple(caught))
         return PassResult(spec, cut, advance(state, hi, gaps, caught, holders), high_now)
