@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import sys
 from collections.abc import Sequence
@@ -120,6 +121,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def limit_malloc_arenas(arenas: int = 1) -> None:
+    """At most ``arenas`` glibc malloc arenas (what MALLOC_ARENA_MAX=1 does), set before any
+    thread starts. glibc gives each thread that allocates its own arena (64 MB of address
+    space, kept once touched), and the daemon's reading, compressing and uploading threads all
+    allocate: bench/export at 2M rows peaked at 190 MB with the default and 151 MB with one
+    arena (167 MB with two; no slower: small objects come from pymalloc under the GIL). No-op
+    elsewhere than glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -131,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.format)
         if args.command == "run":
+            limit_malloc_arenas()
             return asyncio.run(Worker(settings, exit_when_idle=args.exit_when_idle).serve())
         if args.command == "init":
             return asyncio.run(init(settings))

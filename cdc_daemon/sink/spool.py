@@ -1,12 +1,20 @@
 """Per-day spool files for one batch: rows are routed by their partition day, compressed as they
 arrive, and written to local files, so a batch is never held whole in memory and its object
-names can wait until its range is final (see ``worker``)."""
+names can wait until its range is final (see ``worker``).
+
+Blocks are compressed and written by a thread of the spool's own (``_Compressor``): the thread
+that reads the rows hands a block over and goes on reading while it is compressed (ISA-L and
+zstd release the GIL). A bounded queue keeps memory flat: a reader faster than the compressor
+waits for it.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,6 +28,8 @@ Row = bytes | bytearray | memoryview
 BLOCK_ROWS = 8192
 # A day left with at least this many rows pending is compressed when the next day starts.
 DRAIN_ROWS = 256
+# Blocks handed to the compressing thread and not yet compressed, at most.
+QUEUE_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -74,21 +84,61 @@ class DayFile:
         return bytes(self.pending[-1] if self.pending else self._last)
 
     def drain(self) -> None:
-        """Compress what is pending. The caller must re-read ``pending`` (a new list)."""
+        """Hand what is pending to the compressor. The caller must re-read ``pending`` (a new
+        list)."""
         if self.pending:
-            block = b"".join(self.pending)
-            self._last = self.pending[-1]
-            self.rows += len(self.pending)
-            self.raw += len(block)
-            self.spool.raw_bytes += len(block)
-            self.spool.rows += len(self.pending)
-            self.pending = []
-            self._write(self.compressor.compress(block))
+            self.spool.compress(self, self._take())
+
+    def _take(self) -> bytes:
+        block = b"".join(self.pending)
+        self._last = self.pending[-1]
+        self.rows += len(self.pending)
+        self.raw += len(block)
+        self.spool.raw_bytes += len(block)
+        self.spool.rows += len(self.pending)
+        self.pending = []
+        return block
+
+    def compress(self, block: bytes) -> None:
+        self._write(self.compressor.compress(block))
 
     def close(self) -> None:
-        self.drain()
+        """Compress the rest and close the file (the compressing thread has stopped)."""
+        if self.pending:
+            self.compress(self._take())
         self._write(self.compressor.flush())
         self.file.close()
+
+
+class _Compressor:
+    """The thread that compresses and writes a spool's blocks, in the order they come (so each
+    day's blocks stay in order). An error is kept and raised to the reader on its next block,
+    or by ``stop``."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[DayFile, bytes] | None] = queue.Queue(QUEUE_BLOCKS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cdc-compress", daemon=True)
+        self._thread.start()
+
+    def submit(self, target: DayFile, block: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((target, block))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[0].compress(item[1])
+                except BaseException as exc:  # noqa: BLE001 - handed to the reader
+                    self._error = exc
+
+    def stop(self) -> BaseException | None:
+        """Wait for every block handed over; returns the error, if one occurred."""
+        self._queue.put(None)
+        self._thread.join()
+        return self._error
 
 
 class DaySpool:
@@ -110,6 +160,7 @@ class DaySpool:
         self._days: dict[bytes, DayFile] = {}
         self.raw_bytes = 0  # uncompressed bytes drained so far, all days
         self.rows = 0  # rows drained so far, all days (read by progress reports)
+        self._compressor: _Compressor | None = None
 
     def __len__(self) -> int:
         return len(self._days)
@@ -144,7 +195,18 @@ class DaySpool:
             target.drain()
         return len(row) - comma - 1
 
+    def compress(self, target: DayFile, block: bytes) -> None:
+        if self._compressor is None:
+            self._compressor = _Compressor()
+        self._compressor.submit(target, block)
+
+    def _stop_compressor(self) -> BaseException | None:
+        found, self._compressor = self._compressor, None
+        return found.stop() if found is not None else None
+
     def finish(self) -> list[DayObject]:
+        if (error := self._stop_compressor()) is not None:
+            raise error
         out = []
         for key in sorted(self._days):
             f = self._days[key]
@@ -164,6 +226,7 @@ class DaySpool:
         return out
 
     def discard(self) -> None:
+        self._stop_compressor()
         for f in self._days.values():
             if not f.file.closed:
                 f.file.close()

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_daemon.sink.csv import decompress, header_line, make_compressor, seq_of_row
-from cdc_daemon.sink.spool import DaySpool
+from cdc_daemon.sink.csv import Codec, decompress, header_line, make_compressor, seq_of_row
+from cdc_daemon.sink.spool import BLOCK_ROWS, QUEUE_BLOCKS, DaySpool
 
 
 @pytest.mark.parametrize("codec", ["gzip", "zstd", "none"])
@@ -49,5 +49,55 @@ def test_spool_splits_by_day(tmp_path: Path) -> None:
     ]
     assert decompress("gzip", days[2].path.read_bytes()) == b"h\nb1\nb2\n"
     assert days[2].raw_bytes == len(b"h\nb1\nb2\n")
+    spool.discard()
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_blocks_compressed_in_a_thread_stay_in_order(tmp_path: Path, codec: Codec) -> None:
+    """Many blocks of several days, interleaved, handed to the compressing thread: each day's
+    object holds its rows in the order they were added, and the counts add up."""
+    spool = DaySpool(tmp_path, codec, 1, b"h\n")
+    expected: dict[str, list[bytes]] = {"2011-01-01": [], "2011-01-02": []}
+    for n in range(3 * BLOCK_ROWS + 7):
+        day = "2011-01-01" if n % 3 else "2011-01-02"
+        row = b"%d,%s\n" % (n, b"x" * (n % 50))
+        expected[day].append(row)
+        spool.add(day.encode() + b"," + row)
+        if n % 1000 == 0:
+            spool.day(day.encode()).drain()
+    assert spool.row_total() == 3 * BLOCK_ROWS + 7
+    days = spool.finish()
+    for d in days:
+        assert decompress(codec, d.path.read_bytes()) == b"h\n" + b"".join(expected[d.day])
+        assert d.rows == len(expected[d.day])
+    spool.discard()
+
+
+def test_a_compression_failure_reaches_the_reader(tmp_path: Path) -> None:
+    """An error in the compressing thread (here: the disk is full) is raised to the thread
+    that reads rows, on its next block or when the batch finishes; never lost."""
+
+    class DiskFull:
+        def compress(self, data: bytes) -> bytes:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> bytes:
+            return b""
+
+    spool = DaySpool(tmp_path, "gzip", 1, b"h\n")
+    spool.add(b"2011-01-01,a\n")
+    target = spool.day(b"2011-01-01")
+    target.compressor = DiskFull()
+
+    def keep_reading() -> None:
+        for _ in range(QUEUE_BLOCKS + 2):
+            target.pending.append(b"b\n")
+            target.drain()
+
+    with pytest.raises(OSError, match="No space left"):
+        keep_reading()
+    with pytest.raises(OSError, match="No space left"):
+        spool.finish()
     spool.discard()
     assert not any(tmp_path.iterdir())
