@@ -43,9 +43,53 @@ class Services:
     s3_url: str
     workdir: Path
     bucket: str = "bench"
+    s3_pid: int = 0
 
     def s3(self) -> Any:
         return boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1")
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by PostgreSQL (every process of the cluster, ended
+        backends included) and by the S3 server."""
+        postmaster = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
+        return tree_cpu_seconds(postmaster), tree_cpu_seconds(self.s3_pid)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU of a process and its live descendants, plus what its ended children
+    used (reaped: counted in its cutime/cstime), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+        todo.extend(int(c) for c in children)
+    return total / ticks
+
+
+@dataclass
+class Timed:
+    """A timed run and the CPU it took: its own processes, PostgreSQL's, the S3 server's."""
+
+    seconds: float
+    cpu_s: float
+    pg_cpu_s: float = 0.0
+    s3_cpu_s: float = 0.0
+
+    def cpu_line(self) -> str:
+        total = self.cpu_s + self.pg_cpu_s + self.s3_cpu_s
+        return (
+            f"CPU {total:.1f} s = {total / self.seconds:.2f} cores (own {self.cpu_s:.1f} s, "
+            f"PostgreSQL {self.pg_cpu_s:.1f} s, S3 server {self.s3_cpu_s:.1f} s)"
+        )
 
 
 @contextmanager
@@ -70,7 +114,7 @@ def services() -> Iterator[Services]:
                 break
             except OSError:
                 time.sleep(0.1)
-        found = Services(pg, url, workdir)
+        found = Services(pg, url, workdir, s3_pid=moto.pid)
         found.s3().create_bucket(Bucket=found.bucket)
         yield found
     finally:
@@ -99,21 +143,34 @@ def reset_capture(svc: Services) -> None:
             s3.delete_object(Bucket=svc.bucket, Key=item["Key"])
 
 
-def timed_shell(command: str) -> float:
+def timed_shell(command: str, svc: Services | None = None) -> Timed:
+    """Run a shell pipeline; its time, its CPU (wait4: the shell and the programs of the
+    pipeline it waited for) and, with ``svc``, PostgreSQL's CPU meanwhile."""
+    pg_before = svc.cpu()[0] if svc else 0.0
     started = time.perf_counter()
-    subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True)
-    return time.perf_counter() - started
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], env=os.environ.copy())
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command!r} failed")
+    pg_cpu = svc.cpu()[0] - pg_before if svc else 0.0
+    return Timed(seconds, usage.ru_utime + usage.ru_stime, pg_cpu)
 
 
-def reference_seconds(svc: Services, compressor: str) -> float:
+def reference_run(svc: Services, compressor: str) -> Timed:
     """``psql \\copy ... to stdout csv | <compressor> > /dev/null`` on the same table."""
     query = "select * from ecommerce_sales order by id"
     return timed_shell(
-        f"psql '{svc.pg.dsn}' -q -c \"\\copy ({query}) to stdout csv\" | {compressor} > /dev/null"
+        f"psql '{svc.pg.dsn}' -q -c \"\\copy ({query}) to stdout csv\" | {compressor} > /dev/null",
+        svc,
     )
 
 
-def same_bytes_seconds(svc: Services, config: Path, compressor: str) -> float:
+def reference_seconds(svc: Services, compressor: str) -> float:
+    return reference_run(svc, compressor).seconds
+
+
+def same_bytes_run(svc: Services, config: Path, compressor: str) -> Timed:
     """The daemon's own COPY query (day prefix, ISO timestamps, _cdc_* columns) through
     ``psql | <compressor>``: the same bytes, produced by C tools."""
     from cdc_daemon.config import load_settings
@@ -132,20 +189,11 @@ def same_bytes_seconds(svc: Services, config: Path, compressor: str) -> float:
     finally:
         source.close()
     inner = query[len("COPY (") : query.rindex(") TO STDOUT")]
-    started = time.perf_counter()
-    subprocess.run(
-        [
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            f"psql '{svc.pg.dsn}' -q -c \"\\copy ({inner}) to stdout csv\" | {compressor}"
-            " > /dev/null",
-        ],
-        check=True,
-        env={**os.environ, "PGOPTIONS": "-c TimeZone=UTC -c DateStyle=ISO"},
+    return timed_shell(
+        "PGOPTIONS='-c TimeZone=UTC -c DateStyle=ISO' "
+        f"psql '{svc.pg.dsn}' -q -c \"\\copy ({inner}) to stdout csv\" | {compressor} > /dev/null",
+        svc,
     )
-    return time.perf_counter() - started
 
 
 def write_config(svc: Services, **sections: dict[str, Any]) -> Path:
@@ -173,6 +221,11 @@ class DaemonRun:
     peak_rss_mb: float
     cpu_seconds: float
     events: list[dict[str, Any]] = field(default_factory=list)
+    pg_cpu_s: float = 0.0
+    s3_cpu_s: float = 0.0
+
+    def timed(self) -> Timed:
+        return Timed(self.seconds, self.cpu_seconds, self.pg_cpu_s, self.s3_cpu_s)
 
     @property
     def batches(self) -> list[dict[str, Any]]:
@@ -234,7 +287,14 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def run_until_idle(config: Path) -> DaemonRun:
+def run_until_idle(config: Path, svc: Services | None = None) -> DaemonRun:
+    """``cdc-daemon run --exit-when-idle``; with ``svc``, PostgreSQL's and the S3 server's CPU
+    meanwhile too."""
     cli(config, "init")
+    before = svc.cpu() if svc else (0.0, 0.0)
     started = time.perf_counter()
-    return finish_daemon(start_daemon(config, "--exit-when-idle"), started, config)
+    run = finish_daemon(start_daemon(config, "--exit-when-idle"), started, config)
+    if svc:
+        after = svc.cpu()
+        run.pg_cpu_s, run.s3_cpu_s = after[0] - before[0], after[1] - before[1]
+    return run

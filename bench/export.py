@@ -12,10 +12,10 @@ import argparse
 from bench.common import (
     load_rows,
     machine,
-    reference_seconds,
+    reference_run,
     reset_capture,
     run_until_idle,
-    same_bytes_seconds,
+    same_bytes_run,
     services,
     write_config,
 )
@@ -32,8 +32,9 @@ def main() -> None:
     compressor = {"gzip": "gzip -1", "zstd": "zstd -q -1"}[args.compression]
     with services() as svc:
         load_rows(svc, args.rows, args.days)
-        reference_seconds(svc, compressor)  # warm the cache once, for both sides
-        reference = reference_seconds(svc, compressor)
+        reference_run(svc, compressor)  # warm the cache once, for both sides
+        ref = reference_run(svc, compressor)
+        reference = ref.seconds
         config = write_config(
             svc,
             batch={
@@ -42,9 +43,10 @@ def main() -> None:
                 "max_days": args.max_days,
             },
         )
-        same_bytes = same_bytes_seconds(svc, config, compressor)
+        same = same_bytes_run(svc, config, compressor)
+        same_bytes = same.seconds
         reset_capture(svc)
-        run = run_until_idle(config)
+        run = run_until_idle(config, svc)
         objects = sum(b["objects"] for b in run.batches)
         rows = sum(b["rows"] for b in run.batches)
         raw_mb = run.total("bytes") / 1e6
@@ -68,6 +70,9 @@ def main() -> None:
             f"(ratio {same_bytes / run.seconds:.2f}x; the server's share of the work)"
         )
         print(f"  daemon peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_seconds:.1f} s")
+        print(f"  reference:  {ref.cpu_line()}")
+        print(f"  same bytes: {same.cpu_line()}")
+        print(f"  daemon:     {run.timed().cpu_line()}")
         print(
             f"  time in batches (overlapping): extract+encode+compress "
             f"{run.total('extract_s'):.1f} s, upload {run.total('upload_s'):.1f} s, "

@@ -51,6 +51,11 @@ class LocalPostgres:
     def dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
+    @property
+    def data_dir(self) -> Path:
+        assert self._dir is not None, "start() first"
+        return self._dir / "data"
+
     def _as_server_user(self, argv: list[str]) -> list[str]:
         if os.geteuid() == 0:
             return ["runuser", "-u", "postgres", "--", *argv]
