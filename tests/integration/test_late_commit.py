@@ -178,3 +178,29 @@ async def test_absent_ids_inside_a_planned_range(
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
     await export_until_idle(settings)
     assert await position(pg_dsn) == 17
+
+
+async def test_many_gaps_at_once(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """More absent ids than the ORed form of the gap test takes (40 rollbacks while a late
+    transaction holds id 3 open): the late row is still found among them and exported."""
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path)
+    with psycopg.connect(pg_dsn, autocommit=True) as setup:
+        generate_sales(setup, 2, days=1)
+    committed = {1, 2}
+    with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
+        (late_id,) = late.execute(INSERT, ("late",)).fetchone()  # type: ignore[misc]
+        assert late_id == 3
+        for n in range(40):
+            (kept,) = other.execute(INSERT, (f"kept-{n}",)).fetchone()  # type: ignore[misc]
+            committed.add(kept)
+            with other.transaction():
+                other.execute(INSERT, (f"rolled-back-{n}",))
+                raise psycopg.Rollback()
+        await export_until_idle(settings)
+        assert exported_ids(s3_client, bucket) == committed
+        late.commit()
+    await export_until_idle(settings)
+    assert exported_ids(s3_client, bucket) == committed | {3}
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
