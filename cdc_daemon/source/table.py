@@ -32,7 +32,10 @@ class Column:
 
     @property
     def base_type(self) -> str:
-        return self.type_name.split("(")[0].strip()
+        """The type without its modifiers: ``numeric(12,3)`` -> ``numeric``,
+        ``timestamp(3) with time zone`` -> ``timestamp with time zone``; arrays keep their
+        ``[]`` (``character varying(10)[]`` -> ``character varying[]``: no special handling)."""
+        return re.sub(r"\([^)]*\)", "", self.type_name).strip()
 
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.name)

@@ -175,24 +175,26 @@ async def test_same_bytes_as_watermark_mode(
 ) -> None:
     """For the same row values, a streamed insert is encoded exactly like the watermark COPY:
     only _cdc_seq and _cdc_ts differ (awkward text, NULL vs '', numerics, timestamps with and
-    without fractions, bytea, quarantined values)."""
+    without fractions or a declared precision, bytea, arrays, quarantined values)."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE ecommerce_sales (id bigint PRIMARY KEY, invoice_date timestamptz,"
             " d text, n numeric, f float8, b bytea, ts timestamp, dt date, ok boolean,"
-            " arr int[], j jsonb) "
+            " arr int[], j jsonb, tp timestamp(3) with time zone, vs varchar(10)[]) "
         )
         conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
     values = (
         " (1, '2011-03-27 00:30:00+00', NULL, 1.5, 0.1, '\\x00ff', '2011-01-01 10:00:00', "
-        "  '2011-01-02', true, '{1,2}', '{\"a\": [1, \"x,y\"]}'),"
+        "  '2011-01-02', true, '{1,2}', '{\"a\": [1, \"x,y\"]}', '2011-03-27 00:30:00.123+00',"
+        "  '{a,\"b,c\"}'),"
         " (2, '2011-03-27 01:30:00.25+01', '', -0.001, -1e300, '', '2011-01-01 10:00:00.5',"
-        "  NULL, false, '{}', '\"\"'),"
+        "  NULL, false, '{}', '\"\"', '2011-03-27 00:30:00+00', '{}'),"
         " (3, '2010-12-01 08:26:00.123456+00', 'a,b \"q\"' || chr(13) || chr(10) || '£ 日本',"
         "  12345678901234567890123456789.1234567890, 1.0000000000000002, NULL, NULL, NULL, NULL,"
-        "  NULL, NULL),"
-        " (4, '2011-01-01', 'x', 'NaN', 'Infinity', NULL, 'infinity', NULL, NULL, NULL, NULL),"
-        " (5, NULL, 'no day', 1e40, 0, NULL, NULL, '10000-01-01', NULL, NULL, NULL)"
+        "  NULL, NULL, NULL, NULL),"
+        " (4, '2011-01-01', 'x', 'NaN', 'Infinity', NULL, 'infinity', NULL, NULL, NULL, NULL,"
+        "  'infinity', NULL),"
+        " (5, NULL, 'no day', 1e40, 0, NULL, NULL, '10000-01-01', NULL, NULL, NULL, NULL, NULL)"
     )
     watermark = make_settings(
         pg_dsn,

@@ -1,0 +1,48 @@
+"""The SQL pieces ``source.table`` builds for a column, by type (no Postgres involved; the
+integration suites run them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_daemon.source.table import Column
+
+
+def checks(type_name: str) -> list[str]:
+    return [cond.as_string(None) for cond, _ in Column("x", type_name).quarantine_checks()]
+
+
+@pytest.mark.parametrize(
+    ("type_name", "base"),
+    [
+        ("numeric(12,3)", "numeric"),
+        ("timestamp(3) with time zone", "timestamp with time zone"),
+        ("timestamp(0) without time zone", "timestamp without time zone"),
+        ("character varying(10)[]", "character varying[]"),
+        ("text", "text"),
+    ],
+)
+def test_base_type_drops_modifiers(type_name: str, base: str) -> None:
+    assert Column("x", type_name).base_type == base
+
+
+def test_checks_the_type_rules_out_are_left_out() -> None:
+    assert checks("numeric(12,3)") == ["\"x\" = 'NaN'::numeric"]
+    assert len(checks("numeric")) == 2  # unconstrained: may be out of Snowflake's range
+    assert len(checks("numeric(38,-5)")) == 2  # 43 digits before the point
+    assert checks("character varying(100)") == []
+    assert checks("character varying") == ['octet_length("x") > 16777216']
+    assert checks("character varying(5000000)") == ['octet_length("x") > 16777216']
+
+
+def test_arrays_get_no_scalar_checks() -> None:
+    """octet_length() or = 'NaN' on an array would fail the COPY: arrays get none."""
+    assert checks("character varying(10)[]") == []
+    assert checks("numeric(12,3)[]") == []
+    assert Column("x", "timestamp(3) with time zone[]").csv_expr().as_string(None) == '"x"'
+
+
+def test_timestamps_with_a_precision_are_converted() -> None:
+    expr = Column("x", "timestamp(3) with time zone").csv_expr().as_string(None)
+    assert "replace(\"x\"::text, ' ', 'T') || ':00'" in expr
+    assert len(checks("timestamp(3) with time zone")) == 1
