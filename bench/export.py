@@ -2,7 +2,10 @@
 local S3 server, against ``psql \\copy ... to stdout csv | gzip -1`` (or ``zstd -1``) on the
 same table, measured in the same run.
 
-    .venv/bin/python -m bench.export [--rows 5000000] [--compression gzip|zstd]
+    .venv/bin/python -m bench.export [--rows 5000000] [--compression gzip|zstd] [--repeat 1]
+
+With ``--repeat N`` the reference and the daemon run N times, alternately, on the same table;
+every run's ratio is printed and the details are those of the median run.
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=373, help="days the rows are spread over")
     parser.add_argument("--max-rows", type=int, default=500_000, help="batch.max_rows")
     parser.add_argument("--max-days", type=int, default=64, help="batch.max_days")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each side, alternately")
     args = parser.parse_args()
     compressor = {"gzip": "gzip -1", "zstd": "zstd -q -1"}[args.compression]
     with services() as svc:
         load_rows(svc, args.rows, args.days)
         reference_run(svc, compressor)  # warm the cache once, for both sides
-        ref = reference_run(svc, compressor)
-        reference = ref.seconds
         config = write_config(
             svc,
             batch={
@@ -45,8 +47,14 @@ def main() -> None:
         )
         same = same_bytes_run(svc, config, compressor)
         same_bytes = same.seconds
-        reset_capture(svc)
-        run = run_until_idle(config, svc)
+        pairs = []
+        for _ in range(args.repeat):
+            ref = reference_run(svc, compressor)
+            reset_capture(svc)
+            pairs.append((ref, run_until_idle(config, svc)))
+        ratios = sorted(r.seconds / d.seconds for r, d in pairs)
+        ref, run = sorted(pairs, key=lambda p: p[0].seconds / p[1].seconds)[len(pairs) // 2]
+        reference = ref.seconds
         objects = sum(b["objects"] for b in run.batches)
         rows = sum(b["rows"] for b in run.batches)
         raw_mb = run.total("bytes") / 1e6
@@ -65,6 +73,8 @@ def main() -> None:
             f"({rows / run.seconds:,.0f} rows/s, {raw_mb / run.seconds:,.0f} MB/s)"
         )
         print(f"  ratio (reference / daemon): {reference / run.seconds:.2f}x")
+        if len(pairs) > 1:
+            print(f"  ratios of {len(pairs)} runs: " + ", ".join(f"{r:.2f}x" for r in ratios))
         print(
             f"  the daemon's own query through psql | {compressor}: {same_bytes:6.2f} s "
             f"(ratio {same_bytes / run.seconds:.2f}x; the server's share of the work)"
