@@ -137,6 +137,7 @@ def limit_malloc_arenas(arenas: int = 1) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    limit_malloc_arenas()  # every command: run, backfill and demo start threads
     try:
         if args.command == "demo":
             from cdc_daemon.demo import run_demo
@@ -146,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.format)
         if args.command == "run":
-            limit_malloc_arenas()
             return asyncio.run(Worker(settings, exit_when_idle=args.exit_when_idle).serve())
         if args.command == "init":
             return asyncio.run(init(settings))
