@@ -84,9 +84,10 @@ def main() -> None:
         print(f"  same bytes: {same.cpu_line()}")
         print(f"  daemon:     {run.timed().cpu_line()}")
         print(
-            f"  time in batches (overlapping): extract+encode+compress "
-            f"{run.total('extract_s'):.1f} s, upload {run.total('upload_s'):.1f} s, "
-            f"commit {run.total('commit_s'):.2f} s"
+            f"  time in batches (overlapping): extract (read, route, compress; ends when the "
+            f"last block is compressed) {run.total('extract_s'):.1f} s, of which compressing "
+            f"in its own thread {run.total('compress_s'):.1f} s; upload "
+            f"{run.total('upload_s'):.1f} s, commit {run.total('commit_s'):.2f} s"
         )
 
 

@@ -281,7 +281,10 @@ class LogicalPipeline(WatermarkPipeline):
                     log.debug("slot_moved", table=self.table, lsn=format_lsn(result.hi))
                 return result.more
             batch = await self._batch_of(result, read_ts)
-            timings = {"extract_s": time.monotonic() - started}
+            timings = {
+                "extract_s": time.monotonic() - started,
+                "compress_s": sum(g.spool.compress_s for g in result.generations),
+            }
             await self._store.record_pending(batch)
             self._crash_point("after_pending")
             timings |= await self._commit_batch(batch)

@@ -244,7 +244,7 @@ class WatermarkPipeline:
                         self._metrics.caught_up()
                 return False
             batch = self._batch(result.spec, read_ts, result.state, await self._finish(spool))
-            timings = {"extract_s": time.monotonic() - started}
+            timings = {"extract_s": time.monotonic() - started, "compress_s": spool.compress_s}
             # The previous batch (uploading while this one was read) commits first: positions
             # move in order, and at most one batch is ever pending.
             await self.drain()

@@ -15,6 +15,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -100,7 +101,9 @@ class DayFile:
         return block
 
     def compress(self, block: bytes) -> None:
+        started = time.perf_counter()
         self._write(self.compressor.compress(block))
+        self.spool.compress_s += time.perf_counter() - started
 
     def close(self) -> None:
         """Compress the rest and close the file (the compressing thread has stopped)."""
@@ -161,6 +164,9 @@ class DaySpool:
         self.raw_bytes = 0  # uncompressed bytes drained so far, all days
         self.rows = 0  # rows drained so far, all days (read by progress reports)
         self._compressor: _Compressor | None = None
+        # Seconds spent compressing and writing blocks (mostly in the compressing thread,
+        # overlapping the reading).
+        self.compress_s = 0.0
 
     def __len__(self) -> int:
         return len(self._days)
