@@ -21,11 +21,11 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.state.ledger import ObjectRecord
+from cdc_daemon.state.session import LedgerSession
 
 # Run by ``Store.init_schema`` (``cdc-daemon init``), after the base tables; idempotent.
 BACKFILL_DDL = """
@@ -105,63 +105,20 @@ class Run:
         return [c for c in self.chunks if c.status == "uploaded"]
 
 
-class BackfillLedger:
+class BackfillLedger(LedgerSession):
     """Async access to the backfill tables, on a session of its own (which also holds the
     run's lock). ``connect()`` is the factory that does I/O."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
-        self._conn = conn
-        self._schema = sql.Identifier(schema)
-        self._schema_name = schema
-
     @classmethod
     async def connect(cls, settings: Settings) -> BackfillLedger:
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                settings.state_dsn.get_secret_value(),
-                autocommit=True,
-                row_factory=dict_row,
-                application_name="cdc-daemon-backfill-ledger",
-                connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
-                options="-c TimeZone=UTC -c DateStyle=ISO",
-            )
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "cannot connect to the state database") from None
-        return cls(conn, settings.state.schema_)
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    @property
-    def broken(self) -> bool:
-        return self._conn.closed or self._conn.broken
-
-    def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self._schema)
-
-    async def _fetch(
-        self, doing: str, query: sql.SQL | sql.Composed, params: tuple[Any, ...] | None = None
-    ) -> list[dict[str, Any]]:
-        try:
-            cur = await self._conn.execute(query, params)
-            return await cur.fetchall() if cur.description else []
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, doing) from None
+        return await cls.open_for(settings, "cdc-daemon-backfill-ledger")
 
     async def check_schema(self) -> None:
-        rows = await self._fetch(
-            "reading the ledger",
-            sql.SQL(
-                "SELECT count(*) AS n FROM pg_tables WHERE schemaname = %s "
-                "AND tablename IN ('backfill_runs', 'backfill_chunks')"
-            ),
-            (self._schema_name,),
+        await self._require_tables(
+            ("backfill_runs", "backfill_chunks"),
+            f"the ledger schema {self._schema_name!r} has no backfill tables: "
+            "run `cdc-daemon init` (it creates or upgrades the ledger)",
         )
-        if rows[0]["n"] != 2:
-            raise StateError(
-                f"the ledger schema {self._schema_name!r} has no backfill tables: "
-                "run `cdc-daemon init` (it creates or upgrades the ledger)"
-            )
 
     async def unfinished(
         self, table: str, day_from: date, day_to: date, fingerprint: str | None = None

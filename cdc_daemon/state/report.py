@@ -10,12 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import psycopg
-from psycopg import sql
-from psycopg.rows import dict_row
-
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import from_psycopg
+from cdc_daemon.state.session import LedgerSession
 from cdc_daemon.state.store import lock_key
 
 # Uploaded to S3, not yet confirmed in the warehouse (the reconciler's work).
@@ -33,43 +29,17 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-class LedgerReader:
-    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
-        self._conn = conn
-        self._schema = sql.Identifier(schema)
-
+class LedgerReader(LedgerSession):
     @classmethod
     async def connect(cls, settings: Settings, application_name: str) -> LedgerReader:
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                settings.state_dsn.get_secret_value(),
-                autocommit=True,
-                row_factory=dict_row,
-                application_name=application_name,
-                connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
-                options="-c TimeZone=UTC -c DateStyle=ISO",
-            )
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "cannot connect to the state database") from None
-        return cls(conn, settings.state.schema_)
+        return await cls.open_for(settings, application_name)
 
-    @property
-    def broken(self) -> bool:
-        return self._conn.closed or self._conn.broken
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    async def _fetch(self, query: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        try:
-            cur = await self._conn.execute(sql.SQL(query).format(schema=self._schema), params)
-            return await cur.fetchall()
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "reading the ledger") from None
+    async def _read(self, query: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return await self._fetch("reading the ledger", self._q(query), params)
 
     async def backfill_runs(self, table: str, limit: int = 5) -> list[dict[str, Any]]:
         """The latest backfill runs of the table, with their chunks' progress."""
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT r.run_id, r.day_from::text AS day_from, r.day_to::text AS day_to, r.status,"
             " r.error, count(c.day) AS days,"
             " count(c.day) FILTER (WHERE c.status = 'uploaded') AS days_done,"
@@ -88,16 +58,16 @@ class LedgerReader:
         ]
 
     async def ping(self) -> None:
-        await self._fetch("SELECT 1 AS ok")
+        await self._read("SELECT 1 AS ok")
 
     async def positions(self) -> list[dict[str, Any]]:
-        return await self._fetch(
+        return await self._read(
             "SELECT table_name, mode, low, high, updated_at FROM {schema}.positions "
             "ORDER BY table_name"
         )
 
     async def counts(self, table: str) -> dict[str, int]:
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT status, count(*) AS n FROM {schema}.batches WHERE table_name = %s "
             "GROUP BY status",
             (table,),
@@ -106,7 +76,7 @@ class LedgerReader:
 
     async def totals(self, table: str) -> dict[str, int]:
         """Rows, objects and object bytes of the batches that reached S3."""
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT coalesce(sum(rows), 0) AS rows, "
             "coalesce(sum(jsonb_array_length(objects)), 0) AS objects, "
             "coalesce(sum(size), 0) AS bytes FROM {schema}.batches "
@@ -118,7 +88,7 @@ class LedgerReader:
     async def last(self, table: str, column: str) -> dict[str, Any] | None:
         """The batch with the latest ``uploaded_at`` or ``loaded_at``."""
         assert column in ("uploaded_at", "loaded_at")
-        rows = await self._fetch(
+        rows = await self._read(
             f"SELECT batch_id, status, rows, {column} AS at FROM {{schema}}.batches "
             f"WHERE table_name = %s AND {column} IS NOT NULL ORDER BY {column} DESC, hi DESC "
             "LIMIT 1",
@@ -135,7 +105,7 @@ class LedgerReader:
         }
 
     async def oldest_unreconciled(self, table: str) -> dict[str, Any] | None:
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT batch_id, status, uploaded_at, "
             "extract(epoch FROM now() - uploaded_at)::float8 AS age_s "
             "FROM {schema}.batches WHERE table_name = %s AND status = ANY(%s) "
@@ -155,7 +125,7 @@ class LedgerReader:
     async def troubled(self, table: str, limit: int = 50) -> list[dict[str, Any]]:
         """Batches not where they should be: pending (with attempts), failed or missing, with
         the reason recorded for each; oldest first."""
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT batch_id, status, attempts, error, uploaded_at IS NOT NULL AS in_s3, "
             "updated_at FROM {schema}.batches WHERE table_name = %s "
             "AND status IN ('pending', 'failed', 'missing') ORDER BY hi, created_at LIMIT %s",
@@ -177,7 +147,7 @@ class LedgerReader:
         """The session holding the table's lock (a running daemon), if any. pg_locks shows
         only this database's locks: the lock is taken on the ledger's session, as here."""
         classid, objid = lock_columns(table)
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT l.pid, a.application_name, a.client_addr::text AS client_addr, "
             "a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "

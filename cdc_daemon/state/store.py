@@ -18,13 +18,13 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.state.backfill import BACKFILL_DDL
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
+from cdc_daemon.state.session import LedgerSession
 
 # 2: backfill_runs, backfill_chunks (state.backfill).
 SCHEMA_VERSION = 2
@@ -99,60 +99,21 @@ class Position:
         return None if self.state.low == INT64_MIN else self.state.low
 
 
-class Store:
+class Store(LedgerSession):
     """Async ledger access. ``connect()`` is the factory that does I/O."""
-
-    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
-        self._conn = conn
-        self._schema = sql.Identifier(schema)
-        self._schema_name = schema
 
     @classmethod
     async def connect(cls, dsn: str, schema: str, connect_timeout_s: float = 10) -> Store:
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                dsn,
-                autocommit=True,
-                row_factory=dict_row,
-                application_name="cdc-daemon-ledger",
-                connect_timeout=max(1, int(connect_timeout_s)),
-                options="-c TimeZone=UTC -c DateStyle=ISO",
-            )
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "cannot connect to the state database") from None
-        return cls(conn, schema)
+        return await cls.open(dsn, schema, "cdc-daemon-ledger", connect_timeout_s)
 
     @classmethod
     async def from_settings(cls, settings: Settings) -> Store:
-        return await cls.connect(
-            settings.state_dsn.get_secret_value(),
-            settings.state.schema_,
-            settings.postgres.connect_timeout_s,
-        )
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    @property
-    def broken(self) -> bool:
-        return self._conn.closed or self._conn.broken
+        return await cls.open_for(settings, "cdc-daemon-ledger")
 
     @property
     def backend_pid(self) -> int:
         """The server process of this session (the one holding the lock)."""
         return self._conn.info.backend_pid
-
-    def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self._schema)
-
-    async def _fetch(
-        self, doing: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None = None
-    ) -> list[dict[str, Any]]:
-        try:
-            cur = await self._conn.execute(query, params)
-            return await cur.fetchall() if cur.description else []
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, doing) from None
 
     async def init_schema(self) -> None:
         try:
@@ -178,18 +139,10 @@ class Store:
             raise from_psycopg(exc, doing) from None
 
     async def check_schema(self) -> None:
-        rows = await self._fetch(
-            "reading the ledger",
-            sql.SQL(
-                "SELECT count(*) AS n FROM pg_tables WHERE schemaname = %s "
-                "AND tablename IN ('positions', 'batches')"
-            ),
-            (self._schema_name,),
+        await self._require_tables(
+            ("positions", "batches"),
+            f"the ledger schema {self._schema_name!r} does not exist: run `cdc-daemon init`",
         )
-        if rows[0]["n"] != 2:
-            raise StateError(
-                f"the ledger schema {self._schema_name!r} does not exist: run `cdc-daemon init`"
-            )
 
     async def try_lock(self, table: str) -> None:
         """Session-level: held as long as this connection lives, released if the process dies."""

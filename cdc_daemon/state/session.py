@@ -1,0 +1,80 @@
+"""An async session on the state database, in the ledger's schema: what the daemon's ledger
+(``store.Store``), the backfill ledger and the read-only reports each open one of."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import StateError, from_psycopg
+
+
+class LedgerSession:
+    """``open()``/``from_settings()`` are the factories that do I/O."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]], schema: str) -> None:
+        self._conn = conn
+        self._schema = sql.Identifier(schema)
+        self._schema_name = schema
+
+    @classmethod
+    async def open(
+        cls, dsn: str, schema: str, application_name: str, connect_timeout_s: float = 10
+    ) -> Self:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                dsn,
+                autocommit=True,
+                row_factory=dict_row,
+                application_name=application_name,
+                connect_timeout=max(1, int(connect_timeout_s)),
+                options="-c TimeZone=UTC -c DateStyle=ISO",
+            )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "cannot connect to the state database") from None
+        return cls(conn, schema)
+
+    @classmethod
+    async def open_for(cls, settings: Settings, application_name: str) -> Self:
+        return await cls.open(
+            settings.state_dsn.get_secret_value(),
+            settings.state.schema_,
+            application_name,
+            settings.postgres.connect_timeout_s,
+        )
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @property
+    def broken(self) -> bool:
+        return self._conn.closed or self._conn.broken
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._schema)
+
+    async def _fetch(
+        self, doing: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            cur = await self._conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, doing) from None
+
+    async def _require_tables(self, tables: Sequence[str], missing: str) -> None:
+        """Raise StateError(``missing``) unless the schema has every one of ``tables``."""
+        rows = await self._fetch(
+            "reading the ledger",
+            sql.SQL(
+                "SELECT count(*) AS n FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)"
+            ),
+            (self._schema_name, list(tables)),
+        )
+        if rows[0]["n"] != len(tables):
+            raise StateError(missing)
