@@ -28,14 +28,14 @@ import structlog
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.metrics import Metrics
-from cdc_daemon.pipeline import WatermarkPipeline, utc_now_iso
+from cdc_daemon.pipeline import WatermarkPipeline, object_records, utc_now_iso
 from cdc_daemon.sink.csv import header_line
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.sink.spool import DayObject, DaySpool
 from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.source.logical import LogicalSource, ReadResult, SlotStatus, lsn_window
 from cdc_daemon.source.pgoutput import format_lsn
-from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, batch_id, object_key, quarantine_key
+from cdc_daemon.state.ledger import BatchRecord, batch_id
 from cdc_daemon.state.store import Store
 
 log = structlog.get_logger()
@@ -347,25 +347,14 @@ class LogicalPipeline(WatermarkPipeline):
     ) -> BatchRecord:
         """A batch of whole transactions committing in ``[lo, hi)``; its objects are named
         ``<batch_id>`` (first column list) and ``<batch_id>-s<n>`` (later ones)."""
-        s3, codec = self._settings.s3, self._settings.batch.compression
         bid = batch_id(lo, hi)
-        objects = []
-        for n, days in enumerate(generations):
-            name = bid if n == 0 else f"{bid}-s{n}"
-            for d in days:
-                make_key = quarantine_key if d.quarantined else object_key
-                objects.append(
-                    ObjectRecord(
-                        key=make_key(s3.prefix, self.table, d.day, name, codec),
-                        quarantine=d.day if d.quarantined else None,
-                        day=d.day,
-                        rows=d.rows,
-                        raw_bytes=d.raw_bytes,
-                        size=d.size,
-                        sha256=d.sha256,
-                        path=str(d.path),
-                    )
-                )
+        objects = tuple(
+            record
+            for n, days in enumerate(generations)
+            for record in object_records(
+                self._settings, self.table, bid if n == 0 else f"{bid}-s{n}", days
+            )
+        )
         return BatchRecord(
             table=self.table,
             batch_id=bid,
@@ -373,7 +362,7 @@ class LogicalPipeline(WatermarkPipeline):
             hi=hi,
             read_ts=read_ts,
             state_after=CaptureState(hi, hi),
-            objects=tuple(objects),
+            objects=objects,
         )
 
 
