@@ -148,7 +148,7 @@ def timed_shell(command: str, svc: Services | None = None) -> Timed:
     pipeline it waited for) and, with ``svc``, PostgreSQL's CPU meanwhile."""
     pg_before = svc.cpu()[0] if svc else 0.0
     started = time.perf_counter()
-    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], env=os.environ.copy())
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", command])
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:

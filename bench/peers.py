@@ -46,7 +46,7 @@ pipeline = dlt.pipeline(
     dataset_name="sales",
     pipelines_dir=out + "/.pipelines",
 )
-info = pipeline.run(table, loader_file_format="csv")
+pipeline.run(table, loader_file_format="csv")
 rows = pipeline.last_trace.last_normalize_info.row_counts.get("ecommerce_sales", 0)
 print(rows)
 """
