@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +172,11 @@ def reference_seconds(svc: Services, compressor: str) -> float:
     return reference_run(svc, compressor).seconds
 
 
-def same_bytes_run(svc: Services, config: Path, compressor: str) -> Timed:
+def same_bytes_run(svc: Services, config: Path, compressor: str, jobs: int = 1) -> Timed:
     """The daemon's own COPY query (day prefix, ISO timestamps, _cdc_* columns) through
-    ``psql | <compressor>``: the same bytes, produced by C tools."""
+    ``psql | <compressor>``: the same bytes, produced by C tools. With ``jobs`` > 1 the ids are
+    split into that many equal ranges, each read by its own psql (and PostgreSQL backend) in
+    parallel: what C tools make of the machine's cores on these rows."""
     from cdc_daemon.config import load_settings
     from cdc_daemon.source.fence import INT64_MIN
     from cdc_daemon.source.watermark import WatermarkSource
@@ -181,17 +185,32 @@ def same_bytes_run(svc: Services, config: Path, compressor: str) -> Timed:
     source.connect()
     try:
         with psycopg.connect(svc.pg.dsn) as conn:
-            high = conn.execute("SELECT max(id) FROM ecommerce_sales").fetchone()
-            assert high is not None
-            query = source._copy(
-                source._range(INT64_MIN, int(high[0])), "2026-01-01T00:00:00.000000Z"
-            ).as_string(conn)
+            found = conn.execute("SELECT min(id), max(id) FROM ecommerce_sales").fetchone()
+            assert found is not None
+            low, high = int(found[0]), int(found[1])
+            step = (high - low + jobs) // jobs
+            bounds = [INT64_MIN] + [low - 1 + step * n for n in range(1, jobs)] + [high]
+            queries = [
+                source._copy(source._range(lo, hi), "2026-01-01T00:00:00.000000Z").as_string(conn)
+                for lo, hi in itertools.pairwise(bounds)
+            ]
     finally:
         source.close()
-    inner = query[len("COPY (") : query.rindex(") TO STDOUT")]
+    pipes = []
+    for query in queries:
+        inner = query[len("COPY (") : query.rindex(") TO STDOUT")]
+        pipes.append(
+            "PGOPTIONS='-c TimeZone=UTC -c DateStyle=ISO' "
+            f"psql '{svc.pg.dsn}' -q -c \"\\copy ({inner}) to stdout csv\""
+            f" | {compressor} > /dev/null"
+        )
+    if jobs == 1:
+        return timed_shell(pipes[0], svc)
+    # Each pipeline in its own subshell, in the background; wait fails if any of them failed.
     return timed_shell(
-        "PGOPTIONS='-c TimeZone=UTC -c DateStyle=ISO' "
-        f"psql '{svc.pg.dsn}' -q -c \"\\copy ({inner}) to stdout csv\" | {compressor} > /dev/null",
+        " ".join(f"({pipe}) & p{n}=$!;" for n, pipe in enumerate(pipes))
+        + " ".join(f"wait $p{n} &&" for n in range(len(pipes)))
+        + " true",
         svc,
     )
 
@@ -223,6 +242,7 @@ class DaemonRun:
     events: list[dict[str, Any]] = field(default_factory=list)
     pg_cpu_s: float = 0.0
     s3_cpu_s: float = 0.0
+    started_at: float = 0.0  # the process's start, epoch seconds
 
     def timed(self) -> Timed:
         return Timed(self.seconds, self.cpu_seconds, self.pg_cpu_s, self.s3_cpu_s)
@@ -233,6 +253,23 @@ class DaemonRun:
 
     def total(self, key: str) -> float:
         return float(sum(b.get(key, 0) for b in self.batches))
+
+    @property
+    def start_s(self) -> float:
+        """Seconds from the process's start until its first pass began (imports, settings,
+        connections, checks: one thread, before any row is read)."""
+        first = min(
+            datetime.fromisoformat(b["timestamp"]).timestamp() - float(b["seconds"])
+            for b in self.batches
+        )
+        return first - self.started_at
+
+    def cpu_bound_s(self, cores: int) -> float:
+        """The least time this run's CPU allows on ``cores`` cores: its start runs on one, the
+        rest of all the CPU it took (the daemon's, PostgreSQL's, the S3 server's) spread
+        perfectly over every core."""
+        total = self.cpu_seconds + self.pg_cpu_s + self.s3_cpu_s
+        return self.start_s + max(0.0, total - self.start_s) / cores
 
 
 def cli(config: Path, *args: str) -> None:
@@ -292,8 +329,9 @@ def run_until_idle(config: Path, svc: Services | None = None) -> DaemonRun:
     meanwhile too."""
     cli(config, "init")
     before = svc.cpu() if svc else (0.0, 0.0)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     run = finish_daemon(start_daemon(config, "--exit-when-idle"), started, config)
+    run.started_at = started_at
     if svc:
         after = svc.cpu()
         run.pg_cpu_s, run.s3_cpu_s = after[0] - before[0], after[1] - before[1]

@@ -11,6 +11,7 @@ every run's ratio is printed and the details are those of the median run.
 from __future__ import annotations
 
 import argparse
+import os
 
 from bench.common import (
     load_rows,
@@ -47,6 +48,8 @@ def main() -> None:
         )
         same = same_bytes_run(svc, config, compressor)
         same_bytes = same.seconds
+        cores = os.cpu_count() or 1
+        parallel = same_bytes_run(svc, config, compressor, jobs=cores)
         pairs = []
         for _ in range(args.repeat):
             ref = reference_run(svc, compressor)
@@ -79,10 +82,21 @@ def main() -> None:
             f"  the daemon's own query through psql | {compressor}: {same_bytes:6.2f} s "
             f"(ratio {same_bytes / run.seconds:.2f}x; the server's share of the work)"
         )
+        print(
+            f"  the same, {cores} psql in parallel (id ranges): {parallel.seconds:6.2f} s "
+            f"(ratio {reference / parallel.seconds:.2f}x of the reference)"
+        )
         print(f"  daemon peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_seconds:.1f} s")
         print(f"  reference:  {ref.cpu_line()}")
         print(f"  same bytes: {same.cpu_line()}")
+        print(f"  same, x{cores}:  {parallel.cpu_line()}")
         print(f"  daemon:     {run.timed().cpu_line()}")
+        bound = run.cpu_bound_s(cores)
+        print(
+            f"  CPU bound: start {run.start_s:.2f} s on one core (until the first pass), then "
+            f"all the run's CPU spread over {cores} cores: at least {bound:.2f} s, at most "
+            f"{reference / bound:.2f}x of the reference"
+        )
         print(
             f"  time in batches (overlapping): extract (read, route, compress; ends when the "
             f"last block is compressed) {run.total('extract_s'):.1f} s, of which compressing "
