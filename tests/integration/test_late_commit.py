@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_daemon.config import Settings
 from cdc_daemon.localdev import LocalS3
 from cdc_daemon.sample import generate_sales
 from cdc_daemon.state.store import Store
@@ -45,6 +46,18 @@ async def position(dsn: str) -> int | None:
         await store.close()
 
 
+async def assert_all_exported(
+    settings: Settings, pg_dsn: str, s3_client: Any, bucket: str, ids: set[int], last: int
+) -> None:
+    """After the late transaction ended: one more run exports exactly ``ids``, the objects
+    rebuild the source, and the run after it moves the watermark to ``last``."""
+    await export_until_idle(settings)
+    assert exported_ids(s3_client, bucket) == ids
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+    await export_until_idle(settings)
+    assert await position(pg_dsn) == last
+
+
 @pytest.mark.parametrize("ends_with", ["commit", "rollback"])
 async def test_late_commit_is_exported(
     ends_with: str,
@@ -78,12 +91,8 @@ async def test_late_commit_is_exported(
         else:
             late.rollback()
 
-    await export_until_idle(settings)
     expected = set(range(1, 21)) - ({11} if ends_with == "rollback" else set())
-    assert exported_ids(s3_client, bucket) == expected
-    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
-    await export_until_idle(settings)
-    assert await position(pg_dsn) == 20
+    await assert_all_exported(settings, pg_dsn, s3_client, bucket, expected, 20)
 
 
 async def test_id_taken_before_the_row_is_written(
@@ -173,11 +182,7 @@ async def test_absent_ids_inside_a_planned_range(
         assert waiting is None or waiting < 5  # 5 may still come
         late.commit()
 
-    await export_until_idle(settings)
-    assert exported_ids(s3_client, bucket) == set(range(1, 18)) - {13}
-    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
-    await export_until_idle(settings)
-    assert await position(pg_dsn) == 17
+    await assert_all_exported(settings, pg_dsn, s3_client, bucket, set(range(1, 18)) - {13}, 17)
 
 
 async def test_many_gaps_at_once(
