@@ -23,8 +23,8 @@ from typing import Any
 import boto3
 import psycopg
 
-from cdc_daemon.localdev import LocalPostgres, free_port
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalPostgres, free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -177,9 +177,9 @@ def same_bytes_run(svc: Services, config: Path, compressor: str, jobs: int = 1) 
     ``psql | <compressor>``: the same bytes, produced by C tools. With ``jobs`` > 1 the ids are
     split into that many equal ranges, each read by its own psql (and PostgreSQL backend) in
     parallel: what C tools make of the machine's cores on these rows."""
+    from cdc_daemon.capture.watermark.source import WatermarkSource
     from cdc_daemon.config import load_settings
-    from cdc_daemon.source.fence import INT64_MIN
-    from cdc_daemon.source.watermark import WatermarkSource
+    from cdc_daemon.state.position import INT64_MIN
 
     source = WatermarkSource(load_settings(config))
     source.connect()

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 
 from bench.common import Services, cli, finish_daemon, machine, services, start_daemon, write_config
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
 
 PEEK = (
     "pg_logical_slot_peek_binary_changes('cdc_public_ecommerce_sales', NULL, NULL,"

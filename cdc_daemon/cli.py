@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from cdc_daemon import __version__
+from cdc_daemon import __version__, extensions
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError, ConfigError
 from cdc_daemon.logging import configure_logging
@@ -140,10 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()  # every command: run, backfill and demo start threads
     try:
         if args.command == "demo":
-            from cdc_daemon.demo import run_demo
-
+            # The demo lives in the local tooling, which the daemon never imports.
+            run_demo = extensions.load("demo", "the demo")
             configure_logging("info", "auto")
-            return run_demo(args.data, args.compression, args.report)
+            return int(run_demo(args.data, args.compression, args.report))
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.format)
         if args.command == "run":
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init":
             return asyncio.run(init(settings))
         if args.command == "backfill":
-            from cdc_daemon.backfill import parse_request, run_backfill
+            from cdc_daemon.capture.backfill import parse_request, run_backfill
 
             request = parse_request(
                 args.day_from,
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return asyncio.run(run_backfill(settings, request))
         if args.command == "teardown":
-            from cdc_daemon.logical_setup import teardown
+            from cdc_daemon.capture.logical.setup import teardown
 
             return asyncio.run(teardown(settings, confirmed=args.yes))
         if args.command == "status":
@@ -204,7 +204,7 @@ def snowflake_command(settings: Settings, action: str) -> int:
 
 async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) -> int:
     """One reconciler round. Exit 1 when a batch is failed or missing (for scripts)."""
-    from cdc_daemon.reconcile import Reconciler
+    from cdc_daemon.reconcile.reconciler import Reconciler
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to reconcile with")
@@ -264,7 +264,7 @@ async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) 
 
 
 async def init(settings: Settings) -> int:
-    from cdc_daemon.source.watermark import WatermarkSource
+    from cdc_daemon.capture.watermark.source import WatermarkSource
 
     store = await Store.from_settings(settings)
     try:
@@ -272,7 +272,7 @@ async def init(settings: Settings) -> int:
     finally:
         await store.close()
     if settings.capture.mode == "logical":
-        from cdc_daemon.logical_setup import init_logical
+        from cdc_daemon.capture.logical.setup import init_logical
 
         return await init_logical(settings)
     source = WatermarkSource(settings)
@@ -291,12 +291,12 @@ async def init(settings: Settings) -> int:
 
 
 async def status(settings: Settings, as_json: bool) -> int:
-    from cdc_daemon.status import collect, render
+    from cdc_daemon.ops.status import collect, render
 
     slot = None
     if settings.capture.mode == "logical":
-        from cdc_daemon.reconcile import ledger_table
-        from cdc_daemon.source.logical import default_name
+        from cdc_daemon.capture.logical.source import default_name
+        from cdc_daemon.reconcile.reconciler import ledger_table
 
         schema, _, name = ledger_table(settings).partition(".")
         slot = settings.capture.slot_name or default_name(schema, name)

@@ -19,6 +19,10 @@ import stamina
 import structlog
 from prometheus_client import CollectorRegistry
 
+from cdc_daemon.capture.logical.pipeline import LogicalPipeline
+from cdc_daemon.capture.logical.source import LogicalSource
+from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline
+from cdc_daemon.capture.watermark.source import WatermarkSource
 from cdc_daemon.config import Settings, redact_dsn
 from cdc_daemon.errors import (
     AlreadyRunningError,
@@ -26,15 +30,11 @@ from cdc_daemon.errors import (
     TransientError,
     first_error,
 )
-from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
-from cdc_daemon.logical_pipeline import LogicalPipeline
-from cdc_daemon.metrics import Metrics
-from cdc_daemon.pipeline import WatermarkPipeline
+from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.source.logical import LogicalSource
-from cdc_daemon.source.watermark import WatermarkSource
 from cdc_daemon.state.store import Store
-from cdc_daemon.systemd import SystemdNotifier
 
 log = structlog.get_logger()
 
@@ -99,7 +99,7 @@ class Worker:
                         capture.add_done_callback(lambda _: supervisor.cancel())
                         if settings.snowflake.enabled:
                             # Imported here: the Snowflake connector costs ~0.2 s to import.
-                            from cdc_daemon.reconcile import Reconciler
+                            from cdc_daemon.reconcile.reconciler import Reconciler
 
                             # Its own sessions; it never raises: Snowflake cannot stop export.
                             reconciler = group.create_task(

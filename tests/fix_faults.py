@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cdc_daemon.localdev import LocalS3, free_port
+from cdc_daemon.local.services import LocalS3, free_port
 
 _HOP = {"host", "content-length", "transfer-encoding", "connection"}
 

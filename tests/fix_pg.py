@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cdc_daemon.localdev import LocalPostgres
+from cdc_daemon.local.services import LocalPostgres
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from cdc_daemon.localdev import LocalS3
+from cdc_daemon.local.services import LocalS3
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cdc_daemon.config import Settings
-from cdc_daemon.warehouse.local import LocalWarehouse
+from cdc_daemon.local.warehouse import LocalWarehouse
 
 
 def start_warehouse(

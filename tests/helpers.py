@@ -15,7 +15,7 @@ import zstandard
 from psycopg import sql
 
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.localdev import LocalS3
+from cdc_daemon.local.services import LocalS3
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_daemon.warehouse.local import LocalWarehouse
+from cdc_daemon.local.warehouse import LocalWarehouse
 
 SALES_COLUMNS = (
     "id bigint, invoice_no text, stock_code text, description text, quantity integer,"

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from cdc_daemon.sink.csv import EXTENSIONS, Codec
-from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range
+from cdc_daemon.state.position import INT64_MIN, CaptureState, Range
 
 
 class Status(StrEnum):
@@ -55,15 +54,6 @@ def batch_id(lo: int, hi: int, caught: Sequence[tuple[int, int]] = ()) -> str:
     if hi == lo and caught:
         name += f"-late-{caught[0][0]:020d}"
     return name
-
-
-def object_key(prefix: str, table: str, day: str, batch: str, codec: Codec) -> str:
-    return f"{prefix}{table}/dt={day}/{batch}{EXTENSIONS[codec]}"
-
-
-def quarantine_key(prefix: str, table: str, reason: str, batch: str, codec: Codec) -> str:
-    """Outside ``<prefix><table>/``, so the pipe never loads it."""
-    return f"{prefix}_quarantine/{table}/reason={reason}/{batch}{EXTENSIONS[codec]}"
 
 
 @dataclass(frozen=True)

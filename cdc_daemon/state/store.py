@@ -21,9 +21,9 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
-from cdc_daemon.source.fence import INT64_MIN, CaptureState
 from cdc_daemon.state.backfill import BACKFILL_DDL
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
+from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.session import LedgerSession
 
 # 2: backfill_runs, backfill_chunks (state.backfill).

@@ -4,7 +4,8 @@
 
 The three things Snowflake has and the local emulator (fakesnow) does not -- COPY_HISTORY,
 SYSTEM$PIPE_STATUS and ALTER PIPE ... REFRESH -- are the three methods of ``Dialect``: the
-real one here, the emulated one in ``warehouse/local.py``. Nothing else differs.
+real one here, the emulated one in ``local/warehouse.py`` (found as an entry point). Nothing
+else differs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from cdc_daemon import extensions
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, from_snowflake
 
@@ -123,9 +125,8 @@ class Warehouse:
         self.settings = settings
         if dialect is None:
             if settings.snowflake.emulator:
-                from cdc_daemon.warehouse.local import EmulatorDialect
-
-                dialect = EmulatorDialect()
+                # Registered by the local tooling (cdc_daemon.local), never imported from here.
+                dialect = extensions.load("emulator_dialect", "the local warehouse")()
             else:
                 dialect = SnowflakeDialect()
         self.dialect = dialect

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdc_daemon.localdev import LocalS3
+from cdc_daemon.local.services import LocalS3
 
 
 def write_config(

@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
 from tests.e2e.daemon import cli, env, start, write_config
 from tests.helpers import differences, object_bodies, rebuild
 from tests.integration.test_backfill import KEY, range_table

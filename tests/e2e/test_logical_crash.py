@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
 from tests.e2e.daemon import cli, start, wait_for_event, write_config
 from tests.helpers import assert_rebuilt_equals_source
 from tests.integration.test_logical import random_changes

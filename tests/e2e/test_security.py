@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc_daemon.cli import main
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
 from tests.e2e.daemon import cli, write_config
 from tests.helpers import assert_rebuilt_equals_source
 

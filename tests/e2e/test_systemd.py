@@ -12,8 +12,8 @@ from typing import Any
 
 import psycopg
 
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
 from tests.e2e.daemon import cli, start, write_config
 from tests.helpers import assert_rebuilt_equals_source
 

@@ -15,12 +15,12 @@ import pytest
 import structlog
 from psycopg import sql
 
-from cdc_daemon.backfill import parse_request, run_backfill
+from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.cli import main
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
+from cdc_daemon.ops.status import collect, render
 from cdc_daemon.state.backfill import BackfillLedger
-from cdc_daemon.status import collect, render
 from tests.e2e.daemon import write_config
 from tests.fix_faults import FaultyProxy
 from tests.helpers import (

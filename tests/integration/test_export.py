@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales, load_online_retail, sample_path
+from cdc_daemon.local.sample import generate_sales, load_online_retail, sample_path
+from cdc_daemon.local.services import LocalS3
 from cdc_daemon.state.store import Store
 from tests.helpers import (
     assert_rebuilt_equals_source,

@@ -13,7 +13,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc_daemon.localdev import LocalS3
+from cdc_daemon.local.services import LocalS3
 from tests.helpers import export_until_idle, make_settings
 
 TABLE = """

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from cdc_daemon.config import Settings
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
 from cdc_daemon.state.store import Store
 from tests.helpers import (
     assert_rebuilt_equals_source,

@@ -15,12 +15,12 @@ import psycopg
 import pytest
 import structlog
 
+from cdc_daemon.capture.logical.pgoutput import parse_lsn
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import generate_sales
-from cdc_daemon.source.pgoutput import parse_lsn
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3
 from tests.helpers import (
     assert_rebuilt_equals_source,
     export_until_idle,
@@ -369,8 +369,8 @@ async def test_teardown_then_a_new_snapshot(
 ) -> None:
     """teardown needs --yes; it drops the slot and the publication and forgets the position,
     so init + run start over with a new snapshot (new keys) and the table still rebuilds."""
+    from cdc_daemon.capture.logical.setup import teardown
     from cdc_daemon.errors import ConfigError
-    from cdc_daemon.logical_setup import teardown
 
     sales(pg_dsn, 100)
     settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)

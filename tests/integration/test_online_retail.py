@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_daemon.localdev import LocalS3
-from cdc_daemon.sample import load_online_retail
+from cdc_daemon.local.sample import load_online_retail
+from cdc_daemon.local.services import LocalS3
 from tests.helpers import assert_rebuilt_equals_source, export_until_idle, make_settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "online_retail.csv.gz"

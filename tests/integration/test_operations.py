@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.localdev import LocalS3, free_port
-from cdc_daemon.sample import generate_sales
-from cdc_daemon.status import collect, render, slot_lag_bytes
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3, free_port
+from cdc_daemon.ops.status import collect, render, slot_lag_bytes
 from tests.fix_faults import FaultyProxy
 from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
 

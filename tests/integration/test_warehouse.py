@@ -16,16 +16,16 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from cdc_daemon.backfill import parse_request, run_backfill
+from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.cli import init
 from cdc_daemon.cli import status as status_command
-from cdc_daemon.localdev import LocalS3, free_port
-from cdc_daemon.reconcile import Reconciler
-from cdc_daemon.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.services import LocalS3, free_port
+from cdc_daemon.local.warehouse import LocalWarehouse
+from cdc_daemon.ops.status import collect
+from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
-from cdc_daemon.status import collect
-from cdc_daemon.warehouse.local import LocalWarehouse
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
 from tests.warehouse_checks import assert_warehouse_equals_source

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from cdc_daemon.localdev import LocalPostgres
+from cdc_daemon.local.services import LocalPostgres
 
 STEPS = [
     "CREATE TYPE mood AS ENUM ('sad', 'ok')",

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_daemon.sink.csv import Codec, decompress, header_line, make_compressor, seq_of_row
-from cdc_daemon.sink.spool import BLOCK_ROWS, QUEUE_BLOCKS, DaySpool
+from cdc_daemon.batch.csv import Codec, decompress, header_line, make_compressor, seq_of_row
+from cdc_daemon.batch.spool import BLOCK_ROWS, QUEUE_BLOCKS, DaySpool
 
 
 @pytest.mark.parametrize("codec", ["gzip", "zstd", "none"])

@@ -18,8 +18,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.health import CHECK_TIMEOUT_S, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
-from cdc_daemon.metrics import Metrics, metric_names
+from cdc_daemon.ops.health import CHECK_TIMEOUT_S, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
+from cdc_daemon.ops.metrics import Metrics, metric_names
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "kubernetes"

@@ -1,20 +1,12 @@
-"""The capture state: fences, gaps, retirement (pure logic, see cdc_daemon.source.fence)."""
+"""The capture state: fences, gaps, retirement (pure logic, see capture.watermark.fence)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_daemon.source.fence import (
-    INT64_MIN,
-    MAX_FENCES,
-    CaptureState,
-    Fence,
-    advance,
-    retire,
-    subtract,
-    to_ranges,
-)
+from cdc_daemon.capture.watermark.fence import MAX_FENCES, advance, retire, subtract, to_ranges
+from cdc_daemon.state.position import INT64_MIN, CaptureState, Fence
 
 
 def test_quiet_pass_becomes_final_one_pass_later() -> None:

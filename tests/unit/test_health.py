@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from cdc_daemon.config import DEFAULT_HTTP_PORT, load_settings, split_address
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.health import HealthServer, Heartbeats, Probe, Supervisor
-from cdc_daemon.metrics import Metrics
-from cdc_daemon.systemd import SystemdNotifier
+from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.ops.systemd import SystemdNotifier
 
 
 class Clock:

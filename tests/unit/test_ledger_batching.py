@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from cdc_daemon.batching import BatchPolicy
-from cdc_daemon.source.fence import INT64_MIN
-from cdc_daemon.state.ledger import (
-    BatchRecord,
-    ObjectRecord,
-    Status,
-    batch_id,
-    can_move,
-    object_key,
-)
+from cdc_daemon.batch.policy import BatchPolicy
+from cdc_daemon.sink.keys import object_key
+from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, batch_id, can_move
+from cdc_daemon.state.position import INT64_MIN
 
 
 def test_batch_id_is_derived_from_the_rows() -> None:

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cdc_daemon.config import load_settings
-from cdc_daemon.sink.spool import DaySpool
-from cdc_daemon.source.logical import LogicalSource, LogicalTable, ReadResult, _Reader
-from cdc_daemon.source.pgoutput import (
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
     DecodeError,
@@ -23,6 +21,8 @@ from cdc_daemon.source.pgoutput import (
     decode,
     iso_utc,
 )
+from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, ReadResult, _Reader
+from cdc_daemon.config import load_settings
 from cdc_daemon.source.table import Column, TableInfo
 from tests.unit.test_pgoutput import MESSAGES
 

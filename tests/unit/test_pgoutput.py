@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_daemon.source.pgoutput import (
+from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
     Commit,

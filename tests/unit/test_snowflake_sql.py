@@ -11,7 +11,7 @@ from sqlglot import exp
 
 from cdc_daemon.config import load_settings
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.sample import SALES_DDL
+from cdc_daemon.local.sample import SALES_DDL
 from cdc_daemon.warehouse import sql
 
 # Statement kinds sqlglot's Snowflake dialect does not model (it keeps them as a Command).

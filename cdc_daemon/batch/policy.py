@@ -1,13 +1,15 @@
 """When a micro-batch closes: by rows, bytes or age, whichever comes first. Pure.
 
 Rows are counted exactly before the batch is read (an index scan). Bytes are known exactly
-only while reading, so the batch is also cut there (``source.watermark.Limits``); before
+only while reading, so the batch is also cut there (``Limits``, below); before
 reading, the byte count is estimated from the average row size seen so far.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from cdc_daemon.batch.spool import BLOCK_ROWS
 
 # Until a batch has been seen, assume rows of this many bytes (the sales table averages ~110).
 _DEFAULT_ROW_BYTES = 128
@@ -37,3 +39,14 @@ class BatchPolicy:
     def learn(self, rows: int, raw_bytes: int) -> None:
         if rows:
             self.row_bytes = raw_bytes / rows
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What cuts a batch while it is read: the exact rows, bytes and days so far."""
+
+    max_rows: int
+    max_bytes: int
+    max_days: int
+    # Rows between two checks of max_bytes: a batch overshoots max_bytes by at most this many.
+    block_rows: int = BLOCK_ROWS

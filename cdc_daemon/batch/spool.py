@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cdc_daemon.sink.csv import EXTENSIONS, Codec, Compressor, ZstdPool, make_compressor
+from cdc_daemon.batch.csv import EXTENSIONS, Codec, Compressor, ZstdPool, make_compressor
 
 Row = bytes | bytearray | memoryview
 

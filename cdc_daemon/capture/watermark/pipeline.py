@@ -29,22 +29,17 @@ from typing import TypeVar
 
 import structlog
 
-from cdc_daemon.batching import BatchPolicy
+from cdc_daemon.batch.csv import CONTENT_ENCODINGS, ZstdPool
+from cdc_daemon.batch.policy import BatchPolicy, Limits
+from cdc_daemon.batch.spool import BLOCK_ROWS, DayObject, DaySpool
+from cdc_daemon.capture.watermark.source import BatchSpec, Scan, WatermarkSource
 from cdc_daemon.config import Settings, crash_point_from_env
 from cdc_daemon.errors import first_error
-from cdc_daemon.metrics import Metrics
-from cdc_daemon.sink.csv import CONTENT_ENCODINGS, ZstdPool
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.sink.spool import BLOCK_ROWS, DayObject, DaySpool
-from cdc_daemon.source.fence import INT64_MIN, CaptureState
-from cdc_daemon.source.watermark import BatchSpec, Limits, Scan, WatermarkSource
-from cdc_daemon.state.ledger import (
-    BatchRecord,
-    ObjectRecord,
-    batch_id,
-    object_key,
-    quarantine_key,
-)
+from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, batch_id
+from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.store import Store
 
 log = structlog.get_logger()

@@ -47,14 +47,21 @@ import stamina
 import structlog
 from psycopg import sql
 
+from cdc_daemon.batch.csv import EXTENSIONS, ZstdPool, header_line
+from cdc_daemon.batch.policy import Limits
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.watermark.pipeline import (
+    in_thread,
+    object_records,
+    upload_objects,
+    utc_now_iso,
+)
+from cdc_daemon.capture.watermark.source import WatermarkSource, copy_query
 from cdc_daemon.config import Settings, crash_point_from_env
 from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error, from_psycopg
-from cdc_daemon.pipeline import in_thread, object_records, upload_objects, utc_now_iso
-from cdc_daemon.sink.csv import EXTENSIONS, ZstdPool, header_line
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.sink.spool import DaySpool
+from cdc_daemon.source.session import connect
 from cdc_daemon.source.table import TableInfo, describe_table
-from cdc_daemon.source.watermark import Limits, WatermarkSource, connect, copy_query
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, Run
 from cdc_daemon.state.ledger import objects_checksum
 

@@ -52,7 +52,7 @@ from sqlglot import exp
 
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError
-from cdc_daemon.localdev import free_port
+from cdc_daemon.local.services import free_port
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import (
     LoadRecord,

@@ -25,17 +25,17 @@ from pathlib import Path
 
 import structlog
 
+from cdc_daemon.batch.csv import header_line
+from cdc_daemon.batch.spool import DayObject, DaySpool
+from cdc_daemon.capture.logical.pgoutput import format_lsn
+from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotStatus, lsn_window
+from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline, object_records, utc_now_iso
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
-from cdc_daemon.metrics import Metrics
-from cdc_daemon.pipeline import WatermarkPipeline, object_records, utc_now_iso
-from cdc_daemon.sink.csv import header_line
+from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.sink.spool import DayObject, DaySpool
-from cdc_daemon.source.fence import INT64_MIN, CaptureState
-from cdc_daemon.source.logical import LogicalSource, ReadResult, SlotStatus, lsn_window
-from cdc_daemon.source.pgoutput import format_lsn
 from cdc_daemon.state.ledger import BatchRecord, batch_id
+from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.store import Store
 
 log = structlog.get_logger()

@@ -18,10 +18,10 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, from_psycopg
-from cdc_daemon.source.fence import INT64_MIN
+from cdc_daemon.source.session import connect as connect_source
 from cdc_daemon.source.table import describe_table
-from cdc_daemon.source.watermark import connect as connect_source
 from cdc_daemon.state.ledger import Status
+from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.report import LedgerReader
 from cdc_daemon.state.store import Store
 

@@ -16,15 +16,16 @@ from dataclasses import dataclass, replace
 import psycopg
 from psycopg import sql
 
+from cdc_daemon.batch.csv import header_line, seq_of_row
+from cdc_daemon.batch.policy import Limits
+from cdc_daemon.batch.spool import DRAIN_ROWS, DayFile, DaySpool, Row
+from cdc_daemon.capture.watermark.fence import advance, retire, to_ranges
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError, TransientError, from_psycopg
-from cdc_daemon.sink.csv import header_line, seq_of_row
-from cdc_daemon.sink.spool import BLOCK_ROWS, DRAIN_ROWS, DayFile, DaySpool, Row
 from cdc_daemon.source.copyread import CopyRows
-from cdc_daemon.source.fence import INT64_MIN, CaptureState, Range, advance, retire, to_ranges
+from cdc_daemon.source.session import SourceSession, connect
 from cdc_daemon.source.table import TableInfo, describe_table
-
-APPLICATION_NAME = "cdc-daemon"
+from cdc_daemon.state.position import INT64_MIN, CaptureState, Range
 
 # Transactions that can insert rows: not the daemon's own sessions (they only read), and not
 # autovacuum or WAL senders.
@@ -36,15 +37,6 @@ WHERE l.locktype = 'virtualxid' AND l.granted AND l.virtualxid = l.virtualtransa
   AND coalesce(a.application_name, '') NOT LIKE 'cdc-daemon%%'
 UNION ALL SELECT 'prepared:' || gid FROM pg_prepared_xacts WHERE database = current_database()
 """
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_rows: int
-    max_bytes: int
-    max_days: int
-    # Rows between two checks of max_bytes: a batch overshoots max_bytes by at most this many.
-    block_rows: int = BLOCK_ROWS
 
 
 @dataclass(frozen=True)
@@ -77,55 +69,6 @@ class PassResult:
     state: CaptureState  # the capture state once this pass's batch is durable
     high_seen: int  # the highest id visible in the snapshot (for the "behind" figure)
     waiting: bool = False  # rows are there, but the policy let them wait (age)
-
-
-def connect(
-    settings: Settings, application_name: str = APPLICATION_NAME
-) -> psycopg.Connection[tuple[object, ...]]:
-    """A source session with the settings the encoding relies on (UTC, ISO dates). The name
-    must start with ``cdc-daemon``: the fence ignores such sessions (they only read)."""
-    options = "-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=1"
-    if settings.postgres.statement_timeout_s:
-        options += f" -c statement_timeout={int(settings.postgres.statement_timeout_s * 1000)}"
-    try:
-        return psycopg.connect(
-            settings.postgres.dsn.get_secret_value(),
-            autocommit=True,
-            application_name=application_name,
-            connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
-            options=options,
-        )
-    except psycopg.Error as exc:
-        raise from_psycopg(exc, "cannot connect to the source database") from None
-
-
-class SourceSession:
-    """The source session both capture modes keep (synchronous; run in a thread): reopened
-    by ``_session()`` after it broke, closed by ``close()``, interrupted by ``cancel()``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
-
-    def connect(self) -> object:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self.connect()
-        assert self._conn is not None
-        return self._conn
-
-    def cancel(self) -> None:
-        """Interrupt a running statement from another thread (shutdown past its grace)."""
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            conn.cancel_safe(timeout=5)
 
 
 class WatermarkSource(SourceSession):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cdc_daemon.source.pgoutput import TupleData
+from cdc_daemon.capture.logical.pgoutput import TupleData
 
 _NEEDS_QUOTE = re.compile(rb'[,"\r\n]').search
 

@@ -27,9 +27,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, ConfigError
-from cdc_daemon.metrics import Metrics
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.state.report import LedgerReader
-from cdc_daemon.systemd import SystemdNotifier
 
 log = structlog.get_logger()
 

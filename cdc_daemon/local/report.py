@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from cdc_daemon.warehouse.local import LocalWarehouse
+from cdc_daemon.local.warehouse import LocalWarehouse
 
 
 def _chart(kind: str, title: str, **options: Any) -> Any:

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 
 
 def sample_path() -> Path:
-    return Path(str(resources.files("cdc_daemon") / "data" / "online_retail_sample.csv.gz"))
+    return Path(str(resources.files("cdc_daemon.local") / "data" / "online_retail_sample.csv.gz"))
 
 
 def create_sales_table(

@@ -38,10 +38,10 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, TransientError, from_psycopg
-from cdc_daemon.health import Heartbeats
-from cdc_daemon.metrics import Metrics
-from cdc_daemon.source.fence import INT64_MIN
+from cdc_daemon.ops.health import Heartbeats
+from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.state.ledger import Status
+from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.store import Store, Unreconciled
 from cdc_daemon.warehouse import sql as wsql
 from cdc_daemon.warehouse.client import LoadRecord, PipeStatus, Warehouse, stage_relative

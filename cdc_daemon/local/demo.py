@@ -21,12 +21,13 @@ from typing import Any
 import psycopg
 import structlog
 
+from cdc_daemon.cli import init
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.localdev import LocalPostgres, LocalS3
-from cdc_daemon.reconcile import ledger_table
-from cdc_daemon.sample import load_online_retail, sample_path
+from cdc_daemon.local.sample import load_online_retail, sample_path
+from cdc_daemon.local.services import LocalPostgres, LocalS3
+from cdc_daemon.local.warehouse import LocalWarehouse
+from cdc_daemon.reconcile.reconciler import ledger_table
 from cdc_daemon.state.store import Store
-from cdc_daemon.warehouse.local import LocalWarehouse
 from cdc_daemon.worker import Worker
 
 log = structlog.get_logger()
@@ -125,8 +126,6 @@ async def _run(
     timeout_s: float,
     report: Path | None,
 ) -> int:
-    from cdc_daemon.cli import init
-
     await init(settings)  # the ledger, the publication (the first run makes the slot)
     done = asyncio.Event()
     stop_pump = threading.Event()
@@ -242,7 +241,7 @@ async def _report(
     print()
     print("\n".join(lines))
     if report is not None:
-        from cdc_daemon.report import write_report
+        from cdc_daemon.local.report import write_report
 
         write_report(report, warehouse, dsn, lines)
         print(f"  report: {report}")

@@ -18,11 +18,11 @@ import asyncio
 
 import structlog
 
+from cdc_daemon.capture.logical.pgoutput import format_lsn
+from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, SourceError
-from cdc_daemon.source.fence import CaptureState
-from cdc_daemon.source.logical import LogicalSource
-from cdc_daemon.source.pgoutput import format_lsn
+from cdc_daemon.state.position import CaptureState
 from cdc_daemon.state.store import Store
 
 log = structlog.get_logger()

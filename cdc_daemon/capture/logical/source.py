@@ -77,12 +77,9 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from cdc_daemon.config import Settings
-from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
-from cdc_daemon.sink.spool import BLOCK_ROWS, DaySpool
-from cdc_daemon.source.copyread import CopyRows
-from cdc_daemon.source.encode import ColumnType, RowEncoder
-from cdc_daemon.source.pgoutput import (
+from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
+from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder
+from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
     Commit,
@@ -96,8 +93,11 @@ from cdc_daemon.source.pgoutput import (
     iso_utc,
     parse_lsn,
 )
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
+from cdc_daemon.source.copyread import CopyRows
+from cdc_daemon.source.session import SourceSession, connect
 from cdc_daemon.source.table import Column, TableInfo
-from cdc_daemon.source.watermark import SourceSession, connect
 
 log = structlog.get_logger()
 
