@@ -14,11 +14,12 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import TypeVar
 
-import stamina
 import structlog
 from prometheus_client import CollectorRegistry
 
+from cdc_daemon.capture import Pipeline
 from cdc_daemon.capture.logical.pipeline import LogicalPipeline
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline
@@ -35,8 +36,11 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.state.store import Store
+from cdc_daemon.unit import Retry, UnitOfWork
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -119,7 +123,7 @@ class Worker:
         await trigger()
         self.request_stop("trigger")
 
-    async def _startup(self, stack: AsyncExitStack) -> WatermarkPipeline | None:
+    async def _startup(self, stack: AsyncExitStack) -> Pipeline | None:
         """Open everything; None when a shutdown was asked for while waiting for the lock."""
         settings = self._settings
         log.info(
@@ -156,9 +160,10 @@ class Worker:
             partition_column=table.partition.name,
             pid=os.getpid(),
         )
+        unit = UnitOfWork(settings, sink, self.metrics)
         if isinstance(source, LogicalSource):
-            return LogicalPipeline(settings, source, sink, store, self.metrics)
-        return WatermarkPipeline(settings, source, sink, store, self.metrics)
+            return LogicalPipeline(settings, source, unit, store, self.metrics)
+        return WatermarkPipeline(settings, source, unit, store, self.metrics)
 
     def _lock_session(self) -> int | None:
         store = self._store
@@ -205,7 +210,7 @@ class Worker:
         if self._store is not None:
             await self._store.close()
 
-    async def _reconnect_if_broken(self, pipeline: WatermarkPipeline) -> None:
+    async def _reconnect_if_broken(self, pipeline: Pipeline) -> None:
         """After a transient failure: a lost ledger session also lost the lock; take it again
         (and stop if another daemon took it meanwhile)."""
         store = self._store
@@ -216,45 +221,27 @@ class Worker:
             self._lock_held = True
             pipeline.replace_store(new)
 
-    async def _step_with_retries(self, pipeline: WatermarkPipeline) -> bool:
-        """One step, retried with backoff and jitter on transient errors (stamina). One log
-        line per failed attempt, one when it recovers; attempts and the last error are kept
-        on the pending batch, so ``status`` can say why a batch is stuck."""
-        daemon = self._settings.daemon
-        failures = 0
-        async for attempt in stamina.retry_context(
-            on=TransientError,
-            attempts=daemon.retry_attempts,
-            wait_max=daemon.retry_max_wait_s,
-            timeout=None,
-        ):
-            with attempt:
-                self.heartbeats.beat("capture")
-                try:
-                    if failures:
-                        await self._reconnect_if_broken(pipeline)
-                    worked = await pipeline.step(
-                        draining=self._exit_when_idle or self._stop.is_set()
-                    )
-                except TransientError as exc:
-                    failures += 1
-                    log.warning(
-                        "step_failed",
-                        table=pipeline.table,
-                        attempt=attempt.num,
-                        of=daemon.retry_attempts,
-                        error=str(exc),
-                    )
-                    await self._note_failure(pipeline, exc)
-                    if self.metrics is not None and attempt.num < daemon.retry_attempts:
-                        self.metrics.retried(exc.boundary)
-                    raise
-                if failures:
-                    log.info("step_recovered", table=pipeline.table, attempts=failures + 1)
-                return worked
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _step_with_retries(self, pipeline: Pipeline) -> bool:
+        """One step, retried on transient errors by the one retry loop (``unit.Retry``):
+        attempts and the last error are kept on the pending batch, so ``status`` can say why
+        a batch is stuck."""
 
-    async def _give_up(self, pipeline: WatermarkPipeline, exc: CdcError) -> None:
+        async def prepare() -> None:
+            self.heartbeats.beat("capture")
+            await self._reconnect_if_broken(pipeline)
+
+        async def note(exc: TransientError) -> None:
+            await self._note_failure(pipeline, exc)
+
+        return await Retry(self._settings.daemon, self.metrics).run(
+            lambda: pipeline.step(draining=self._exit_when_idle or self._stop.is_set()),
+            "step",
+            note,
+            prepare,
+            table=pipeline.table,
+        )
+
+    async def _give_up(self, pipeline: Pipeline, exc: CdcError) -> None:
         """Retries exhausted: the pending batch (if any) is marked failed with the reason; the
         daemon then exits non-zero, and the batch is redone first on the next start."""
         store = self._store
@@ -264,18 +251,18 @@ class Worker:
                 failed = await store.mark_failed(pipeline.table, str(exc))
         log.error("batch_failed", table=pipeline.table, batches=failed, error=str(exc))
 
-    async def _note_failure(self, pipeline: WatermarkPipeline, exc: CdcError) -> None:
+    async def _note_failure(self, pipeline: Pipeline, exc: CdcError) -> None:
         store = self._store
         if store is None or store.broken:
             return  # the ledger itself is what failed; the retry reconnects first
         with contextlib.suppress(CdcError):
             await store.note_failure(pipeline.table, str(exc))
 
-    async def _last_step(self, pipeline: WatermarkPipeline) -> None:
+    async def _last_step(self, pipeline: Pipeline) -> None:
         await pipeline.step(draining=True)
         await pipeline.drain()
 
-    async def _capture_loop(self, pipeline: WatermarkPipeline) -> None:
+    async def _capture_loop(self, pipeline: Pipeline) -> None:
         poll = self._settings.capture.poll_interval_s
         grace = self._settings.daemon.shutdown_grace_s
         stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -284,15 +271,9 @@ class Worker:
                 self.heartbeats.beat("capture")
                 step = asyncio.ensure_future(self._step_with_retries(pipeline))
                 await asyncio.wait([step, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():
-                    # Shutdown during a batch: let it finish within the grace period.
-                    done, _ = await asyncio.wait([step], timeout=grace)
-                    if not done:
-                        log.warning("batch_abandoned", table=pipeline.table, grace_s=grace)
-                        step.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await step
-                        return
+                # Shutdown during a batch: let it finish within the grace period.
+                if not step.done() and not await _within(step, grace, pipeline.table):
+                    return
                 try:
                     worked = step.result()
                 except TransientError as exc:
@@ -308,13 +289,7 @@ class Worker:
             # Stopping: rows waiting for max_age_s are flushed and the batch still uploading
             # finishes, within the grace period.
             final = asyncio.ensure_future(self._last_step(pipeline))
-            finished, _ = await asyncio.wait([final], timeout=grace)
-            if not finished:
-                log.warning("batch_abandoned", table=pipeline.table, grace_s=grace)
-                final.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await final
-            else:
+            if await _within(final, grace, pipeline.table):
                 final.result()
         finally:
             stop_wait.cancel()
@@ -325,3 +300,16 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _within(task: asyncio.Future[T], grace: float, table: str) -> bool:
+    """Let ``task`` finish within ``grace`` seconds; past that it is cancelled (a cancelled
+    batch leaves at most an intent record, redone on the next start). False if it was."""
+    done, _ = await asyncio.wait([task], timeout=grace)
+    if done:
+        return True
+    log.warning("batch_abandoned", table=table, grace_s=grace)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False

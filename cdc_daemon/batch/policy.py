@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cdc_daemon.batch.spool import BLOCK_ROWS
+from cdc_daemon.config import BatchSettings
 
 # Until a batch has been seen, assume rows of this many bytes (the sales table averages ~110).
 _DEFAULT_ROW_BYTES = 128
@@ -21,6 +22,10 @@ class BatchPolicy:
     max_bytes: int
     max_age_s: float
     row_bytes: float = _DEFAULT_ROW_BYTES
+
+    @classmethod
+    def of(cls, settings: BatchSettings) -> BatchPolicy:
+        return cls(settings.max_rows, settings.max_bytes, settings.max_age_s)
 
     def flush_reason(self, rows: int, age_s: float, draining: bool) -> str | None:
         """Why the rows waiting now should become a batch now, or None to keep waiting."""

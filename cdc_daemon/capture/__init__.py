@@ -1,0 +1,36 @@
+"""Capture: the producers that read changes from PostgreSQL and hand them, batch by batch, to
+the unit of work (``cdc_daemon.unit``). One per mode: ``watermark/``, ``logical/``, and the
+``backfill`` of past days. The worker drives a mode through the ``Pipeline`` protocol."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cdc_daemon.state.store import Store
+
+
+class Pipeline(Protocol):
+    """What the worker drives: one step at a time, drained at shutdown."""
+
+    @property
+    def table(self) -> str:
+        """The captured table, ``schema.table``."""
+        ...
+
+    @property
+    def position(self) -> int | None:
+        """Where the ledger stands (a watermark id or an LSN); None before the first batch."""
+        ...
+
+    async def step(self, draining: bool) -> bool:
+        """One unit of work; False when there was nothing to do. ``draining``: flush what
+        waits (shutdown, ``--exit-when-idle``)."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait for the batch still in flight; its failure is raised here."""
+        ...
+
+    def replace_store(self, store: Store) -> None:
+        """The ledger session after a reconnect."""
+        ...

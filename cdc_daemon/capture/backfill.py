@@ -30,7 +30,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import signal
@@ -43,33 +42,24 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, TextIO, cast
 
 import psycopg
-import stamina
 import structlog
 from psycopg import sql
 
-from cdc_daemon.batch.csv import EXTENSIONS, ZstdPool, header_line
+from cdc_daemon.batch.csv import EXTENSIONS
 from cdc_daemon.batch.policy import Limits
 from cdc_daemon.batch.spool import DaySpool
-from cdc_daemon.capture.watermark.pipeline import (
-    in_thread,
-    object_records,
-    upload_objects,
-    utc_now_iso,
-)
 from cdc_daemon.capture.watermark.source import WatermarkSource, copy_query
-from cdc_daemon.config import Settings, crash_point_from_env
+from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error, from_psycopg
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.source.session import connect
+from cdc_daemon.source.session import SourceSession, read_snapshot, translated
 from cdc_daemon.source.table import TableInfo, describe_table
-from cdc_daemon.state.backfill import BackfillLedger, Chunk, Run
-from cdc_daemon.state.ledger import objects_checksum
+from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run
+from cdc_daemon.unit import Retry, UnitOfWork, utc_now_iso
 
 log = structlog.get_logger()
 
 APPLICATION_NAME = "cdc-daemon-backfill"
-# Where a test may make the process die (os._exit, like SIGKILL: no cleanup, no flush).
-CRASH_POINTS = ("backfill_after_pending", "backfill_after_upload")
 # A chunk is one day: it is never cut (one object per day, plus quarantine objects).
 _WHOLE_DAY = Limits(max_rows=2**62, max_bytes=2**62, max_days=2**31)
 
@@ -164,12 +154,6 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def batch_name(run_id: str, day: date) -> str:
-    """The object name of a chunk (``backfill-...``): never a live batch id, which starts with
-    digits or ``start``, and never the name of another run's chunk."""
-    return f"backfill-{run_id}-{day.isoformat()}"
-
-
 def fingerprint(
     settings: Settings, table: TableInfo, request: Request
 ) -> tuple[str, dict[str, Any]]:
@@ -195,27 +179,11 @@ def fingerprint(
 # -- the source side (blocking; runs in threads) --------------------------------------------
 
 
-class ChunkReader:
+class ChunkReader(SourceSession):
     """One source session: the plan, or the chunks of one job."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
-
-    def _session(self) -> psycopg.Connection[tuple[object, ...]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self._settings, APPLICATION_NAME)
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def cancel(self) -> None:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            conn.cancel_safe(timeout=5)
+        super().__init__(settings, APPLICATION_NAME)
 
     def describe(self) -> TableInfo:
         capture = self._settings.capture
@@ -267,19 +235,10 @@ class ChunkReader:
     ) -> None:
         """Every row of ``day`` into the spool, in id order, in one REPEATABLE READ snapshot."""
         conn = self._session()
-        try:
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            try:
-                where = table.days_between(day, day + timedelta(days=1))
-                query = copy_query(table, where, read_ts, seq)
-                WatermarkSource.stream_rows(conn, query, spool, _WHOLE_DAY)
-            finally:
-                if not conn.closed and not conn.broken:
-                    conn.execute("ROLLBACK")
-        except psycopg.errors.QueryCanceled as exc:
-            raise TransientError("the backfill read was cancelled") from exc
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, f"backfilling {table.qualified} for {day}") from None
+        with translated(f"backfilling {table.qualified} for {day}"), read_snapshot(conn):
+            where = table.days_between(day, day + timedelta(days=1))
+            query = copy_query(table, where, read_ts, seq)
+            WatermarkSource.stream_rows(conn, query, spool, _WHOLE_DAY)
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -387,7 +346,7 @@ def _on_terminal(settings: Settings) -> bool:
 
 
 class Backfill:
-    """The chunks of one run, ``jobs`` at a time."""
+    """The chunks of one run, ``jobs`` at a time, each delivered by the unit of work."""
 
     def __init__(
         self,
@@ -401,30 +360,21 @@ class Backfill:
     ) -> None:
         self._settings = settings
         # On a terminal the bar shows progress: the line per chunk is for debug level only.
-        self._chunk_log = log.debug if quiet else log.info
+        self._quiet = quiet
         self._table = table
         self._run = run
         self._ledger = ledger
-        self._sink = sink
         self._jobs = jobs
         self._seq = chunk_seq(settings.capture.mode)
-        self._pool = ZstdPool(settings.batch.compression_level)
-        self._header = header_line(table.header)
+        self._unit = UnitOfWork(settings, sink, crash_prefix="backfill_")
+        self._retry = Retry(settings.daemon)
         self._recorded: dict[date, Chunk] = {}  # intent records written by this process
-        self._crash_at = crash_point_from_env()
-        if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
-            self._crash_at = None  # the daemon's crash points, not ours
         self.objects = 0
 
     @property
     def ledger(self) -> BackfillLedger:
         """The run's ledger session (a new one after a reconnect)."""
         return self._ledger
-
-    def _crash_point(self, name: str) -> None:
-        if self._crash_at == name:
-            log.warning("crash_point_reached", point=name)
-            os._exit(70)
 
     async def run(self, progress: Progress) -> None:
         todo = collections.deque(c for c in self._run.chunks if c.status != "uploaded")
@@ -445,118 +395,88 @@ class Backfill:
 
     async def _chunk_with_retries(
         self, reader: ChunkReader, chunk: Chunk, progress: Progress
-    ) -> None:
-        """One chunk, retried with backoff and jitter on transient errors (as the daemon's
-        steps are); each failed attempt is logged and noted on the chunk."""
-        daemon = self._settings.daemon
-        async for attempt in stamina.retry_context(
-            on=TransientError,
-            attempts=daemon.retry_attempts,
-            wait_max=daemon.retry_max_wait_s,
-            timeout=None,
-        ):
-            with attempt:
-                try:
-                    if self._ledger.broken:
-                        await self._reconnect_ledger()
-                    chunk = await self._chunk(reader, chunk, progress)
-                except TransientError as exc:
-                    log.warning(
-                        "backfill_chunk_failed",
-                        run_id=self._run.run_id,
-                        day=chunk.day.isoformat(),
-                        attempt=attempt.num,
-                        of=daemon.retry_attempts,
-                        error=str(exc),
-                    )
-                    if not self._ledger.broken:
-                        with contextlib.suppress(CdcError):
-                            await self._ledger.note_failure(self._run.run_id, chunk.day, str(exc))
-                    raise
+    ) -> Chunk:
+        """One chunk, retried on transient errors by the one retry loop; each failed attempt
+        is noted on the chunk."""
+        run_id = self._run.run_id
+
+        async def note(exc: TransientError) -> None:
+            if not self._ledger.broken:
+                with contextlib.suppress(CdcError):
+                    await self._ledger.note_failure(run_id, chunk.day, str(exc))
+
+        return await self._retry.run(
+            lambda: self._chunk(reader, chunk, progress),
+            "backfill_chunk",
+            note,
+            self._reconnect_ledger,
+            run_id=run_id,
+            day=chunk.day.isoformat(),
+        )
 
     async def _reconnect_ledger(self) -> None:
         """A lost ledger session also lost the run's lock: take it again (and stop if another
         process took it meanwhile)."""
+        if not self._ledger.broken:
+            return
         with contextlib.suppress(CdcError):
             await self._ledger.close()
         self._ledger = await BackfillLedger.connect(self._settings)
         await self._ledger.try_lock(self._run.run_id)
 
     async def _chunk(self, reader: ChunkReader, chunk: Chunk, progress: Progress) -> Chunk:
-        """Read, record the intent, upload, mark uploaded. Returns the chunk as the ledger has
-        it now (a retry after the intent record redoes it with the same ``_cdc_ts``)."""
-        settings, table, run_id = self._settings, self._table, self._run.run_id
+        """Read, then the unit of work: intent record, upload, mark uploaded. Returns the chunk
+        as the ledger has it now (a retry after the intent record redoes it with the same
+        ``_cdc_ts``)."""
+        table, run_id = self._table, self._run.run_id
         started = time.monotonic()
         # A chunk with an intent record (from an earlier process, or an attempt of this one that
         # failed after it) is read again with the same _cdc_ts: the same bytes under its keys.
         chunk = self._recorded.get(chunk.day, chunk)
         redo = chunk.status == "pending"
         read_ts = chunk.read_ts if redo and chunk.read_ts else utc_now_iso()
-        spool = DaySpool(
-            settings.batch.spool_dir,
-            settings.batch.compression,
-            settings.batch.compression_level,
-            self._header,
-            self._pool,
-        )
+        spool = self._unit.new_spool(table.header)
         progress.active[chunk.day] = spool
         try:
-            await in_thread(
-                lambda: reader.read(table, chunk.day, read_ts, spool, self._seq), reader.cancel
-            )
+            await reader.run(lambda: reader.read(table, chunk.day, read_ts, spool, self._seq))
             days = await asyncio.to_thread(spool.finish)
-            read = time.monotonic()
-            objects = object_records(settings, table.qualified, batch_name(run_id, chunk.day), days)
-            checksum = objects_checksum(objects)
-            if redo and chunk.checksum and chunk.checksum != checksum:
-                # Rows of that day changed (or arrived) between the attempts: same keys, and
-                # the live path exports every insert anyway.
-                log.warning(
-                    "backfill_chunk_changed_on_redo",
-                    run_id=run_id,
-                    day=chunk.day.isoformat(),
-                    rows_before=chunk.rows,
-                    rows_now=sum(o.rows for o in objects),
-                )
-            await self._ledger.record_pending(run_id, chunk.day, read_ts, None, objects, checksum)
-            chunk = replace(
-                chunk,
-                status="pending",
+            record = ChunkRecord(
+                table=table.qualified,
+                run_id=run_id,
+                day=chunk.day,
                 read_ts=read_ts,
-                checksum=checksum,
-                rows=sum(o.rows for o in objects),
+                objects=(),
+            )
+            record = replace(
+                record, objects=self._unit.objects(table.qualified, record.batch_id, days)
+            )
+            timings = {"read_s": time.monotonic() - started}
+            if redo:
+                self._unit.check_redo(record, chunk.checksum, chunk.rows, run_id=run_id)
+            await self._unit.record(record, self._ledger)
+            chunk = replace(
+                chunk, status="pending", read_ts=read_ts, checksum=record.checksum, rows=record.rows
             )
             self._recorded[chunk.day] = chunk
-            self._crash_point("backfill_after_pending")
-            await upload_objects(self._sink, settings, batch_name(run_id, chunk.day), objects)
-            uploaded = time.monotonic()
-            self._crash_point("backfill_after_upload")
-            await self._ledger.mark_uploaded(run_id, chunk.day)
+            timings |= await self._unit.upload_and_commit(record, self._ledger)
         except BaseException:
             progress.active.pop(chunk.day, None)
             raise
         finally:
             await asyncio.to_thread(spool.discard)
-        rows = sum(o.rows for o in objects)
-        progress.chunk_done(chunk.day, rows)
-        self.objects += len(objects)
-        done = time.monotonic()
-        self._chunk_log(
-            "backfill_chunk_uploaded",
+        progress.chunk_done(chunk.day, record.rows)
+        self.objects += len(record.objects)
+        self._unit.log_batch(
+            record,
+            started,
+            timings,
+            event="backfill_chunk_uploaded",
+            quiet=self._quiet,
             run_id=run_id,
             day=chunk.day.isoformat(),
-            rows=rows,
-            quarantined=sum(o.rows for o in objects if o.quarantine),
-            bytes=sum(o.raw_bytes for o in objects),
-            compressed_bytes=sum(o.size for o in objects),
-            objects=len(objects),
             redo=redo,
-            seconds=round(done - started, 3),
-            read_s=round(read - started, 3),
-            upload_s=round(uploaded - read, 3),
-            commit_s=round(done - uploaded, 3),
         )
-        return replace(chunk, status="uploaded", rows=rows)
+        return replace(chunk, status="uploaded", rows=record.rows)
 
 
 def print_plan(
@@ -637,10 +557,10 @@ async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
     chunk_seq(settings.capture.mode)  # refuse what cannot be done before anything else
     planner = ChunkReader(settings)
     try:
-        table = await in_thread(planner.describe, planner.cancel)
+        table = await planner.run(planner.describe)
         # The count can take a while on a large range: a signal cancels it on the server.
-        days, indexed = await in_thread(
-            lambda: planner.plan(table, request.day_from, request.day_to), planner.cancel
+        days, indexed = await planner.run(
+            lambda: planner.plan(table, request.day_from, request.day_to)
         )
     finally:
         await asyncio.to_thread(planner.close)

@@ -4,12 +4,33 @@ the encoding relies on, reopened after it broke, interrupted from another thread
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
 import psycopg
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import from_psycopg
+from cdc_daemon.errors import TransientError, from_psycopg
 
 APPLICATION_NAME = "cdc-daemon"
+
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[[], T], cancel: Callable[[], None]) -> T:
+    """Run blocking source work in a thread; on cancellation, interrupt the query (``cancel``)
+    and wait for the thread to let go of its spool before the cancellation goes on."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.to_thread(cancel)
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what matters now
+        raise
 
 
 def connect(
@@ -36,12 +57,16 @@ class SourceSession:
     """The source session both capture modes keep (synchronous; run in a thread): reopened
     by ``_session()`` after it broke, closed by ``close()``, interrupted by ``cancel()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, application_name: str = APPLICATION_NAME) -> None:
         self._settings = settings
+        self._application_name = application_name
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def connect(self) -> object:
-        raise NotImplementedError
+        """(Re)open the session; a capture mode also reads its table's catalog here."""
+        self.close()
+        self._conn = connect(self._settings, self._application_name)
+        return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
@@ -54,8 +79,36 @@ class SourceSession:
         assert self._conn is not None
         return self._conn
 
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn`` (blocking work on this session) in a thread, interrupted on cancellation."""
+        return await in_thread(fn, self.cancel)
+
     def cancel(self) -> None:
         """Interrupt a running statement from another thread (shutdown past its grace)."""
         conn = self._conn
         if conn is not None and not conn.closed:
             conn.cancel_safe(timeout=5)
+
+
+@contextlib.contextmanager
+def translated(doing: str) -> Iterator[None]:
+    """psycopg's errors raised inside as the ``CdcError`` they mean (``errors.from_psycopg``);
+    a cancelled statement is transient: a shutdown past its grace, or a retry reads again."""
+    try:
+        yield
+    except psycopg.errors.QueryCanceled as exc:
+        raise TransientError(f"{doing} was cancelled").at("postgres") from exc
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, doing) from None
+
+
+@contextlib.contextmanager
+def read_snapshot(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+    """One REPEATABLE READ, READ ONLY transaction: everything read inside sees one snapshot.
+    Read-only, so ending it with ROLLBACK is always right, also after a cancelled COPY."""
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute("ROLLBACK")

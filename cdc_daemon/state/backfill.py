@@ -24,7 +24,7 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
-from cdc_daemon.state.ledger import ObjectRecord
+from cdc_daemon.state.ledger import ObjectRecord, ObjectTotals
 from cdc_daemon.state.session import LedgerSession
 
 # Run by ``Store.init_schema`` (``cdc-daemon init``), after the base tables; idempotent.
@@ -88,6 +88,27 @@ class Chunk:
     rows: int | None = None
     objects: int = 0
     attempts: int = 0
+
+
+def chunk_name(run_id: str, day: date) -> str:
+    """The object name of a chunk (``backfill-...``): never a live batch id, which starts with
+    digits or ``start``, and never the name of another run's chunk."""
+    return f"backfill-{run_id}-{day.isoformat()}"
+
+
+@dataclass(frozen=True)
+class ChunkRecord(ObjectTotals):
+    """A chunk as the unit of work delivers it: one day of a run, read at ``read_ts``."""
+
+    table: str
+    run_id: str
+    day: date
+    read_ts: str
+    objects: tuple[ObjectRecord, ...]
+
+    @property
+    def batch_id(self) -> str:
+        return chunk_name(self.run_id, self.day)
 
 
 @dataclass(frozen=True)
@@ -221,15 +242,7 @@ class BackfillLedger(LedgerSession):
             (status, error, jobs, status, run_id),
         )
 
-    async def record_pending(
-        self,
-        run_id: str,
-        day: date,
-        read_ts: str,
-        seq_basis: int | None,
-        objects: tuple[ObjectRecord, ...],
-        checksum: str,
-    ) -> None:
+    async def record_pending(self, chunk: ChunkRecord) -> None:
         """The chunk's intent record, written before any of its objects goes to S3."""
         rows = await self._fetch(
             "recording a backfill chunk",
@@ -240,19 +253,19 @@ class BackfillLedger(LedgerSession):
                 "WHERE run_id = %s AND day = %s AND status <> 'uploaded' RETURNING day"
             ),
             (
-                read_ts,
-                seq_basis,
-                json.dumps([o.as_json() for o in objects]),
-                checksum,
-                sum(o.rows for o in objects),
-                sum(o.raw_bytes for o in objects),
-                sum(o.size for o in objects),
-                run_id,
-                day,
+                chunk.read_ts,
+                None,
+                json.dumps([o.as_json() for o in chunk.objects]),
+                chunk.checksum,
+                chunk.rows,
+                chunk.raw_bytes,
+                chunk.size,
+                chunk.run_id,
+                chunk.day,
             ),
         )
         if not rows:
-            raise StateError(f"backfill chunk {run_id}/{day} is already uploaded")
+            raise StateError(f"backfill chunk {chunk.run_id}/{chunk.day} is already uploaded")
 
     async def note_failure(self, run_id: str, day: date, error: str) -> None:
         await self._fetch(
@@ -264,7 +277,8 @@ class BackfillLedger(LedgerSession):
             (error, run_id, day),
         )
 
-    async def mark_uploaded(self, run_id: str, day: date) -> None:
+    async def commit_uploaded(self, chunk: ChunkRecord) -> None:
+        run_id, day = chunk.run_id, chunk.day
         rows = await self._fetch(
             "committing a backfill chunk",
             self._q(

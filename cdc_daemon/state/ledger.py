@@ -79,8 +79,34 @@ class ObjectRecord:
         }
 
 
+class ObjectTotals:
+    """Figures of a batch (or a backfill chunk) summed over its ``objects``."""
+
+    objects: tuple[ObjectRecord, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(o.rows for o in self.objects)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(o.rows for o in self.objects if o.quarantine)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(o.raw_bytes for o in self.objects)
+
+    @property
+    def size(self) -> int:
+        return sum(o.size for o in self.objects)
+
+    @property
+    def checksum(self) -> str:
+        return objects_checksum(self.objects)
+
+
 @dataclass(frozen=True)
-class BatchRecord:
+class BatchRecord(ObjectTotals):
     """One batch: ids in ``(lo, hi]`` except ``gaps``, plus the late ids in ``caught``."""
 
     table: str
@@ -102,26 +128,6 @@ class BatchRecord:
             "caught": [list(c) for c in self.caught],
             "state_after": self.state_after.to_json(),
         }
-
-    @property
-    def rows(self) -> int:
-        return sum(o.rows for o in self.objects)
-
-    @property
-    def quarantined(self) -> int:
-        return sum(o.rows for o in self.objects if o.quarantine)
-
-    @property
-    def raw_bytes(self) -> int:
-        return sum(o.raw_bytes for o in self.objects)
-
-    @property
-    def size(self) -> int:
-        return sum(o.size for o in self.objects)
-
-    @property
-    def checksum(self) -> str:
-        return objects_checksum(self.objects)
 
 
 def objects_checksum(objects: Sequence[ObjectRecord]) -> str:

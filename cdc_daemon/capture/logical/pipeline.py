@@ -1,7 +1,7 @@
-"""The logical mode's unit of work: peek -> spool -> intent record -> upload -> ledger commit ->
-slot advance. How positions, the snapshot hand-over, TOAST and schema changes work is in
-``source.logical``; this module strings the steps together on the watermark pipeline's spool,
-S3 upload, ledger and crash-point code (it subclasses ``WatermarkPipeline`` to reuse them).
+"""The logical producer: peek -> spool -> intent record -> upload -> ledger commit -> slot
+advance. How positions, the snapshot hand-over, TOAST and schema changes work is in
+``capture.logical.source``; the intent record, uploads, commit, crash points and the log line
+are ``unit.UnitOfWork``'s, as for every exporter.
 
 Batches run one after another: the next peek starts where the slot stands, so the slot is
 advanced before the next read (an overlapped read would make the server decode the batch
@@ -17,6 +17,7 @@ the daemon stops with what to do.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import tempfile
 import time
@@ -25,18 +26,17 @@ from pathlib import Path
 
 import structlog
 
-from cdc_daemon.batch.csv import header_line
+from cdc_daemon.batch.policy import BatchPolicy
 from cdc_daemon.batch.spool import DayObject, DaySpool
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotStatus, lsn_window
-from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline, object_records, utc_now_iso
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.ops.metrics import Metrics
-from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.state.ledger import BatchRecord, batch_id
 from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.store import Store
+from cdc_daemon.unit import UnitOfWork, redo_pending, utc_now_iso
 
 log = structlog.get_logger()
 
@@ -44,17 +44,23 @@ log = structlog.get_logger()
 _LAG_WARN_EVERY_S = 60.0
 
 
-class LogicalPipeline(WatermarkPipeline):
+class LogicalPipeline:
+    """The logical producer: whole transactions from the slot, handed to the unit of work."""
+
     def __init__(
         self,
         settings: Settings,
         source: LogicalSource,
-        sink: S3Sink,
+        unit: UnitOfWork,
         store: Store,
         metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(settings, source, sink, store, metrics)  # type: ignore[arg-type]
+        self._settings = settings
         self._logical = source
+        self._unit = unit
+        self._store = store
+        self._metrics = metrics
+        self.policy = BatchPolicy.of(settings.batch)
         self._pos: int | None = None  # the ledger's position (an LSN); INT64_MIN: none yet
         self._last_move = -float("inf")  # the first idle pass of a start moves the slot
         self._lag_warned = -_LAG_WARN_EVERY_S
@@ -67,6 +73,12 @@ class LogicalPipeline(WatermarkPipeline):
     @property
     def position(self) -> int | None:
         return None if self._pos in (None, INT64_MIN) else self._pos
+
+    def replace_store(self, store: Store) -> None:
+        self._store = store
+
+    async def drain(self) -> None:
+        """Batches run one after another (see the module docstring): nothing is in flight."""
 
     async def step(self, draining: bool) -> bool:
         try:
@@ -82,14 +94,14 @@ class LogicalPipeline(WatermarkPipeline):
     async def _start(self) -> None:
         store = self._store
         source = self._logical
-        if not await self._in_thread(source.publication_exists):
+        if not await source.run(source.publication_exists):
             raise SourceError(
                 f"publication {source.publication} does not exist: run `cdc-daemon init`"
             )
-        problems = await self._in_thread(source.check_publication)
+        problems = await source.run(source.check_publication)
         if problems:
             raise SourceError("; ".join(problems))
-        await self._redo_pending()
+        await redo_pending(await store.pending(self.table), self._redo)
         state = (await store.position(self.table, "logical")).state
         saved = await store.relation_columns(self.table)
         if saved is not None:
@@ -98,24 +110,24 @@ class LogicalPipeline(WatermarkPipeline):
             await self._begin()
         else:
             self._pos = state.high
-            await self._in_thread(lambda: self._sync_slot(state.high))
+            await source.run(lambda: self._sync_slot(state.high))
 
     async def _begin(self) -> None:
         """No position yet: create the slot, with the initial snapshot unless disabled."""
         source = self._logical
-        status = await self._in_thread(source.slot_status)
+        status = await source.run(source.slot_status)
         if status.exists:
             # Left by a first start that died before its snapshot's intent record: nothing of
             # it reached S3, so it is dropped and the snapshot taken again.
             log.warning("slot_recreated", table=self.table, slot=source.slot)
-            await self._in_thread(
+            await source.run(
                 lambda: source._guard(
                     "dropping the unfinished slot",
                     lambda c: c.execute("SELECT pg_drop_replication_slot(%s)", (source.slot,)),
                 )
             )
         if not self._settings.capture.initial_snapshot:
-            lsn = await self._in_thread(source.create_slot)
+            lsn = await source.run(source.create_slot)
             await self._store.commit_position(self.table, CaptureState(), CaptureState(lsn, lsn))
             await self._store.save_relation_columns(self.table, source.logical_table.columns)
             source.accepted = source.logical_table.columns
@@ -126,7 +138,7 @@ class LogicalPipeline(WatermarkPipeline):
         read_ts = utc_now_iso()
         spool = self._new_spool([*source.table.header])
         try:
-            consistent, seq = await self._in_thread(lambda: source.snapshot(spool, read_ts))
+            consistent, seq = await source.run(lambda: source.snapshot(spool, read_ts))
             days = await asyncio.to_thread(spool.finish)
             keep = self._snapshot_dir(consistent)
             keep.mkdir(parents=True, exist_ok=True)
@@ -145,20 +157,19 @@ class LogicalPipeline(WatermarkPipeline):
             seq=seq,
         )
         batch = self._record(INT64_MIN, consistent, read_ts, [kept])
-        await self._store.record_pending(batch)
-        self._crash_point("after_pending")
-        timings = await self._upload_and_commit(batch)
+        timings = await self._unit.deliver(batch, self._store)
         await self._store.save_relation_columns(self.table, source.logical_table.columns)
         source.accepted = source.logical_table.columns
         shutil.rmtree(keep, ignore_errors=True)
         self._pos = consistent
-        self._log_batch(batch, started, started, timings, "snapshot", behind=0)
+        self._log_batch(batch, started, timings, "snapshot")
 
     def _snapshot_dir(self, lsn: int) -> Path:
         base = self._settings.batch.spool_dir or Path(tempfile.gettempdir())
         return base / f"cdc-snapshot-{self._logical.slot}-{lsn}"
 
     async def _redo(self, pending: BatchRecord) -> None:
+        source = self._logical
         started = time.monotonic()
         if pending.lo == INT64_MIN:
             # The snapshot: upload the very files it was spooled to (see the module docstring).
@@ -175,32 +186,23 @@ class LogicalPipeline(WatermarkPipeline):
                     )
                 objects.append(replace(obj, path=str(path)))
             batch = replace(pending, objects=tuple(objects))
-            await self._store.record_pending(batch)
-            timings = await self._upload_and_commit(batch)
-            await self._store.save_relation_columns(self.table, self._logical.logical_table.columns)
+            timings = await self._unit.deliver(batch, self._store)
+            await self._store.save_relation_columns(self.table, source.logical_table.columns)
             shutil.rmtree(keep, ignore_errors=True)
-            self._log_batch(batch, started, started, timings, "redo", behind=0)
+            self._log_batch(batch, started, timings, "redo")
             return
-        source = self._logical
-        await self._in_thread(lambda: self._sync_slot(pending.lo))
-        result = await self._in_thread(
+        await source.run(lambda: self._sync_slot(pending.lo))
+        result = await source.run(
             lambda: source.read(pending.lo, pending.hi, None, self._new_spool)
         )
         try:
             batch = await self._batch_of(result, pending.read_ts)
-            if batch.checksum != pending.checksum:
-                log.warning(
-                    "batch_changed_on_redo",
-                    table=self.table,
-                    batch_id=batch.batch_id,
-                    rows_before=pending.rows,
-                    rows_now=batch.rows,
-                )
-            await self._store.record_pending(batch)
+            self._unit.check_redo(batch, pending.checksum, pending.rows)
+            await self._unit.record(batch, self._store)
             timings = await self._commit_batch(batch)
         finally:
             await self._discard(result)
-        self._log_batch(batch, started, started, timings, "redo", behind=0)
+        self._log_batch(batch, started, timings, "redo")
 
     # -- one pass -----------------------------------------------------------------------------
 
@@ -236,7 +238,7 @@ class LogicalPipeline(WatermarkPipeline):
         source = self._logical
         pos = self._pos
         assert pos is not None
-        status = await self._in_thread(lambda: self._sync_slot(pos))
+        status = await source.run(lambda: self._sync_slot(pos))
         self._watch_lag(status)
         now = time.monotonic()
         if status.flush_lsn <= pos:
@@ -254,7 +256,7 @@ class LogicalPipeline(WatermarkPipeline):
         started = time.monotonic()
         read_ts = utc_now_iso()
         batch_settings = settings.batch
-        result = await self._in_thread(
+        result = await source.run(
             lambda: source.read(
                 pos,
                 upto,
@@ -275,7 +277,7 @@ class LogicalPipeline(WatermarkPipeline):
                     await self._store.commit_position(
                         self.table, CaptureState(pos, pos), CaptureState(result.hi, result.hi)
                     )
-                    await self._in_thread(lambda: source.advance(result.hi or 0))
+                    await source.run(lambda: source.advance(result.hi or 0))
                     self._pos = result.hi
                     self._last_move = time.monotonic()
                     log.debug("slot_moved", table=self.table, lsn=format_lsn(result.hi))
@@ -285,23 +287,22 @@ class LogicalPipeline(WatermarkPipeline):
                 "extract_s": time.monotonic() - started,
                 "compress_s": sum(g.spool.compress_s for g in result.generations),
             }
-            await self._store.record_pending(batch)
-            self._crash_point("after_pending")
+            await self._unit.record(batch, self._store)
             timings |= await self._commit_batch(batch)
         finally:
             await self._discard(result)
         self._pos = batch.hi
         self.policy.learn(batch.rows, batch.raw_bytes)
         reason = "max_bytes_or_days" if result.cut else "more" if result.more else "caught_up"
-        self._log_batch(batch, started, started, timings, reason, behind=0)
+        self._log_batch(batch, started, timings, reason)
         return True
 
     async def _commit_batch(self, batch: BatchRecord) -> dict[str, float]:
         """Upload, commit in the ledger, then (only then) advance the slot."""
-        timings = await self._upload_and_commit(batch)
+        timings = await self._unit.upload_and_commit(batch, self._store)
         if self._logical.accepted is not None:
             await self._store.save_relation_columns(self.table, self._logical.accepted)
-        await self._in_thread(lambda: self._logical.advance(batch.hi))
+        await self._logical.run(lambda: self._logical.advance(batch.hi))
         self._last_move = time.monotonic()
         return timings
 
@@ -323,15 +324,20 @@ class LogicalPipeline(WatermarkPipeline):
 
     # -- batches ------------------------------------------------------------------------------
 
-    def _new_spool(self, header: list[str]) -> DaySpool:
-        batch = self._settings.batch
-        return DaySpool(
-            batch.spool_dir,
-            batch.compression,
-            batch.compression_level,
-            header_line(header),
-            self._zstd_pool,
+    def _log_batch(
+        self, batch: BatchRecord, started: float, timings: dict[str, float], reason: str
+    ) -> None:
+        self._unit.log_batch(
+            batch,
+            started,
+            timings,
+            range=[batch.lo if batch.lo != INT64_MIN else None, batch.hi],
+            late_rows=0,
+            reason=reason,
         )
+
+    def _new_spool(self, header: list[str]) -> DaySpool:
+        return self._unit.new_spool(header)
 
     async def _discard(self, result: ReadResult) -> None:
         for generation in result.generations:
@@ -351,9 +357,7 @@ class LogicalPipeline(WatermarkPipeline):
         objects = tuple(
             record
             for n, days in enumerate(generations)
-            for record in object_records(
-                self._settings, self.table, bid if n == 0 else f"{bid}-s{n}", days
-            )
+            for record in self._unit.objects(self.table, bid if n == 0 else f"{bid}-s{n}", days)
         )
         return BatchRecord(
             table=self.table,
@@ -367,8 +371,6 @@ class LogicalPipeline(WatermarkPipeline):
 
 
 def _file_has_sha256(path: Path, sha256: str) -> bool:
-    import hashlib
-
     if not path.is_file():
         return False
     digest = hashlib.sha256()

@@ -96,7 +96,7 @@ from cdc_daemon.capture.logical.pgoutput import (
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 from cdc_daemon.source.copyread import CopyRows
-from cdc_daemon.source.session import SourceSession, connect
+from cdc_daemon.source.session import SourceSession, connect, translated
 from cdc_daemon.source.table import Column, TableInfo
 
 log = structlog.get_logger()
@@ -459,7 +459,7 @@ class LogicalSource(SourceSession):
         into ``spool``. Returns (consistent point, _cdc_seq of the rows). See the module
         docstring for why the rows carry the slot's restart_lsn."""
         conn = self._session()
-        try:
+        with translated(f"taking the initial snapshot of {self.table.qualified}"):
             with self._replication() as repl:
                 row = repl.execute(
                     sql.SQL(
@@ -500,12 +500,6 @@ class LogicalSource(SourceSession):
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
-        except psycopg.errors.QueryCanceled as exc:
-            raise TransientError("the initial snapshot was cancelled") from exc
-        except psycopg.Error as exc:
-            raise from_psycopg(
-                exc, f"taking the initial snapshot of {self.table.qualified}"
-            ) from None
         return consistent, seq
 
     # -- streaming ----------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from cdc_daemon.batch.policy import Limits
 from cdc_daemon.batch.spool import DRAIN_ROWS, DayFile, DaySpool, Row
 from cdc_daemon.capture.watermark.fence import advance, retire, to_ranges
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import SourceError, TransientError, from_psycopg
+from cdc_daemon.errors import SourceError, from_psycopg
 from cdc_daemon.source.copyread import CopyRows
-from cdc_daemon.source.session import SourceSession, connect
+from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
 from cdc_daemon.source.table import TableInfo, describe_table
 from cdc_daemon.state.position import INT64_MIN, CaptureState, Range
 
@@ -141,10 +141,6 @@ class WatermarkSource(SourceSession):
             id=self._id(), lo=_int8(lo), hi=_int8(hi)
         )
 
-    def _begin(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
-        # Read-only: ending it with ROLLBACK is always right, also after a cancelled COPY.
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-
     # -- one pass -----------------------------------------------------------------------------
 
     def run_pass(
@@ -156,23 +152,15 @@ class WatermarkSource(SourceSession):
         decide: Callable[[Scan], bool],
     ) -> PassResult:
         conn = self._session()
-        try:
+        with translated(f"exporting {self.table.qualified}"):
             # Which of the fences' transactions are still open, asked *before* the snapshot.
             alive = [str(r[0]) for r in conn.execute(sql.SQL(_HOLDERS)).fetchall()]
             retired = retire(state, alive)
-            self._begin(conn)
-            try:
+            with read_snapshot(conn):
                 result = self._pass_in_snapshot(conn, retired, limits, read_ts, spool, decide)
-                # Rows waiting (max_age_s): keep the old state, so that ``low`` never passes
-                # gap rows that the catch-up has not copied yet.
-                return result if not result.waiting else replace(result, state=state)
-            finally:
-                if not conn.closed and not conn.broken:
-                    conn.execute("ROLLBACK")
-        except psycopg.errors.QueryCanceled as exc:
-            raise TransientError("the export was cancelled").at("postgres") from exc
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, f"exporting {self.table.qualified}") from None
+            # Rows waiting (max_age_s): keep the old state, so that ``low`` never passes gap
+            # rows that the catch-up has not copied yet.
+            return result if not result.waiting else replace(result, state=state)
 
     def _pass_in_snapshot(
         self,
@@ -383,21 +371,14 @@ class WatermarkSource(SourceSession):
     def redo(self, spec: BatchSpec, read_ts: str, spool: DaySpool) -> None:
         """Copy exactly the rows of an interrupted batch again (see ``BatchSpec``)."""
         conn = self._session()
-        try:
-            self._begin(conn)
-            try:
-                if spec.caught:
-                    self._copy_late(conn, self._in_ranges(spec.caught), read_ts, spool)
-                if spec.hi > spec.lo:
-                    where = self._range(spec.lo, spec.hi)
-                    if spec.gaps:
-                        where = sql.SQL("{} AND NOT {}").format(where, self._in_ranges(spec.gaps))
-                    self._copy_late(conn, where, read_ts, spool)
-            finally:
-                if not conn.closed and not conn.broken:
-                    conn.execute("ROLLBACK")
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, f"re-exporting {self.table.qualified}") from None
+        with translated(f"re-exporting {self.table.qualified}"), read_snapshot(conn):
+            if spec.caught:
+                self._copy_late(conn, self._in_ranges(spec.caught), read_ts, spool)
+            if spec.hi > spec.lo:
+                where = self._range(spec.lo, spec.hi)
+                if spec.gaps:
+                    where = sql.SQL("{} AND NOT {}").format(where, self._in_ranges(spec.gaps))
+                self._copy_late(conn, where, read_ts, spool)
 
 
 def copy_query(

@@ -1,0 +1,337 @@
+"""The unit of work, written once for every exporter (watermark, logical, backfill):
+
+    spool -> intent record -> upload -> shielded commit -> the canonical log line
+
+1. the producer reads rows into spool files from ``UnitOfWork.new_spool`` (one per day) and
+   names their objects with ``UnitOfWork.objects``;
+2. ``record`` commits the intent record (exactly which rows, under which keys, with which
+   ``_cdc_ts``, and the position to move to);
+3. ``upload_and_commit`` uploads every object (S3 acknowledges each, checksummed), then, in
+   one ledger transaction, marks the batch uploaded and moves the position. That commit is
+   shielded from cancellation: once S3 has every object it is never abandoned half-way;
+4. ``log_batch`` writes the one canonical line per batch (and feeds the metrics).
+
+A crash before 2 leaves nothing behind. A crash between 2 and 3's commit leaves an intent
+record: the next start redoes exactly that batch under exactly those keys, with the same
+``_cdc_ts``, so the objects are byte-identical and one Snowpipe already loaded is harmless.
+
+Which ledger records the batch is the producer's: anything with ``record_pending`` and
+``commit_uploaded`` (``state.store.Store`` for live batches, ``state.backfill.ChunkLedger``
+for backfill chunks). Retries are ``Retry``'s, one loop for every boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import stamina
+import structlog
+
+from cdc_daemon.batch.csv import CONTENT_ENCODINGS, ZstdPool, header_line
+from cdc_daemon.batch.spool import DayObject, DaySpool
+from cdc_daemon.config import DaemonSettings, Settings, crash_point_from_env
+from cdc_daemon.errors import TransientError, first_error
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.sink.keys import object_key, quarantine_key
+from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.state.ledger import BatchRecord, ObjectRecord
+
+log = structlog.get_logger()
+
+# Where a test may make the process die (os._exit, like SIGKILL: no cleanup, no flush): after
+# the intent record, after the uploads, after the commit. A backfill's are prefixed.
+STEPS = ("after_pending", "after_upload", "after_commit")
+CRASH_POINTS = frozenset(STEPS) | frozenset(f"backfill_{step}" for step in STEPS)
+
+T = TypeVar("T")
+
+
+class Batch(Protocol):
+    """What the unit of work delivers: a live batch or a backfill chunk."""
+
+    @property
+    def table(self) -> str: ...
+    @property
+    def batch_id(self) -> str: ...
+    @property
+    def objects(self) -> tuple[ObjectRecord, ...]: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def quarantined(self) -> int: ...
+    @property
+    def raw_bytes(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def checksum(self) -> str: ...
+
+
+B = TypeVar("B", bound=Batch, contravariant=True)
+
+
+class Ledger(Protocol[B]):
+    """Where a batch's intent record and its commit go."""
+
+    async def record_pending(self, batch: B, /) -> None: ...
+    async def commit_uploaded(self, batch: B, /) -> None: ...
+
+
+def utc_now_iso() -> str:
+    """The ``_cdc_ts`` of a batch read now."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class UnitOfWork:
+    """Spool set-up, intent record, uploads, shielded commit, crash points and the canonical
+    log line, for one exporter. ``crash_prefix`` names its crash points (``backfill_``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sink: S3Sink,
+        metrics: Metrics | None = None,
+        crash_prefix: str = "",
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._metrics = metrics
+        self._crash_prefix = crash_prefix
+        self._zstd_pool = ZstdPool(settings.batch.compression_level)
+        self._crash_at = crash_point_from_env()
+        if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {self._crash_at!r}")
+
+    def crash_point(self, step: str) -> None:
+        if self._crash_at == self._crash_prefix + step:
+            log.warning("crash_point_reached", point=self._crash_at)
+            os._exit(70)
+
+    # -- 1. spool -------------------------------------------------------------------------
+
+    def new_spool(self, header: bytes | Sequence[str]) -> DaySpool:
+        """Per-day spool files, compressed as configured; ``header`` is the CSV header (a
+        line, or the column names)."""
+        batch = self._settings.batch
+        return DaySpool(
+            batch.spool_dir,
+            batch.compression,
+            batch.compression_level,
+            header if isinstance(header, bytes) else header_line(header),
+            self._zstd_pool,
+        )
+
+    def objects(self, table: str, name: str, days: list[DayObject]) -> tuple[ObjectRecord, ...]:
+        """The objects of a finished spool, named ``name`` (quarantined rows apart)."""
+        settings = self._settings
+        return tuple(
+            ObjectRecord(
+                key=(quarantine_key if d.quarantined else object_key)(
+                    settings.s3.prefix, table, d.day, name, settings.batch.compression
+                ),
+                quarantine=d.day if d.quarantined else None,
+                day=d.day,
+                rows=d.rows,
+                raw_bytes=d.raw_bytes,
+                size=d.size,
+                sha256=d.sha256,
+                path=str(d.path),
+            )
+            for d in days
+        )
+
+    # -- 2. intent record ---------------------------------------------------------------------
+
+    async def record(self, batch: B, ledger: Ledger[B]) -> None:
+        await ledger.record_pending(batch)
+        self.crash_point("after_pending")
+
+    # -- 3. upload, shielded commit -------------------------------------------------------
+
+    async def upload_and_commit(self, batch: B, ledger: Ledger[B]) -> dict[str, float]:
+        """Every object, then the commit, once the intent record is in. Returns the seconds
+        spent uploading and committing."""
+        started = time.monotonic()
+        await self._upload(batch.batch_id, batch.objects)
+        uploaded = time.monotonic()
+        self.crash_point("after_upload")
+        # Shielded: once S3 has every object, the commit must not be abandoned half-way by a
+        # shutdown (it is one short transaction), nor its connection closed under it.
+        commit = asyncio.ensure_future(ledger.commit_uploaded(batch))
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            await asyncio.wait([commit])
+            if not commit.cancelled():
+                commit.exception()
+            raise
+        self.crash_point("after_commit")
+        return {"upload_s": uploaded - started, "commit_s": time.monotonic() - uploaded}
+
+    async def deliver(self, batch: B, ledger: Ledger[B]) -> dict[str, float]:
+        """``record``, then ``upload_and_commit``."""
+        await self.record(batch, ledger)
+        return await self.upload_and_commit(batch, ledger)
+
+    async def _upload(self, name: str, objects: tuple[ObjectRecord, ...]) -> None:
+        """Every object from its spool file, ``s3.max_concurrency`` at a time; S3 checks each
+        one's SHA-256. The first failure is raised (the others are cancelled)."""
+        settings = self._settings
+        limit = asyncio.Semaphore(settings.s3.max_concurrency)
+
+        async def upload(obj: ObjectRecord) -> None:
+            async with limit:
+                await self._sink.upload_file(
+                    obj.key,
+                    Path(obj.path),
+                    {"batch-id": name, "rows": str(obj.rows), "sha256": obj.sha256},
+                    CONTENT_ENCODINGS[settings.batch.compression],
+                    obj.sha256,
+                )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for obj in objects:
+                    group.create_task(upload(obj))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
+
+    # -- redo -----------------------------------------------------------------------------
+
+    def check_redo(
+        self, batch: Batch, checksum_before: str | None, rows_before: int | None, **fields: Any
+    ) -> None:
+        """A redo found other bytes than the first attempt (rows changed in place, deleted or
+        arrived between the attempts): the keys stay the same, so it is only worth a line."""
+        if checksum_before and checksum_before != batch.checksum:
+            log.warning(
+                "batch_changed_on_redo",
+                table=batch.table,
+                batch_id=batch.batch_id,
+                rows_before=rows_before,
+                rows_now=batch.rows,
+                **fields,
+            )
+
+    # -- 4. the canonical line ------------------------------------------------------------
+
+    def log_batch(
+        self,
+        batch: Batch,
+        started: float,
+        timings: dict[str, float],
+        event: str = "batch_uploaded",
+        waiting_since: float | None = None,
+        behind: int = 0,
+        quiet: bool = False,
+        **fields: Any,
+    ) -> None:
+        """The one line per batch (and one more when rows were quarantined). ``fields`` are
+        the producer's own (range, reason, run id, ...); ``quiet`` logs it at debug level."""
+        done = time.monotonic()
+        lag = done - (started if waiting_since is None else waiting_since)
+        if self._metrics is not None:
+            self._metrics.batch_committed(
+                rows=batch.rows,
+                raw_bytes=batch.raw_bytes,
+                size=batch.size,
+                objects=len(batch.objects),
+                quarantined=batch.quarantined,
+                seconds=done - started,
+                lag_s=lag,
+                behind=behind,
+            )
+        if batch.quarantined:
+            log.warning(
+                "rows_quarantined",
+                table=batch.table,
+                batch_id=batch.batch_id,
+                reasons={o.quarantine: o.rows for o in batch.objects if o.quarantine},
+                keys=[o.key for o in batch.objects if o.quarantine],
+            )
+        (log.debug if quiet else log.info)(
+            event,
+            table=batch.table,
+            batch_id=batch.batch_id,
+            **fields,
+            rows=batch.rows,
+            quarantined=batch.quarantined,
+            bytes=batch.raw_bytes,
+            compressed_bytes=batch.size,
+            objects=len(batch.objects),
+            seconds=round(done - started, 3),
+            **{k: round(v, 3) for k, v in timings.items()},
+            lag_s=round(lag, 3),
+            behind=max(behind, 0),
+        )
+
+
+async def redo_pending(
+    ledger_pending: Sequence[BatchRecord], redo: Callable[[BatchRecord], Awaitable[None]]
+) -> None:
+    """Redo, first, every batch an earlier run left with an intent record only."""
+    for pending in ledger_pending:
+        log.warning(
+            "batch_redone",
+            table=pending.table,
+            batch_id=pending.batch_id,
+            attempts=pending.attempts + 1,
+        )
+        await redo(pending)
+
+
+class Retry:
+    """The one retry loop: transient errors (``TransientError``: what a retry can fix) are
+    retried with exponential backoff and jitter (stamina), up to ``daemon.retry_attempts``.
+    Each failed attempt gets one ``<name>_failed`` line and is noted on the batch (``note``),
+    a recovery one ``<name>_recovered`` line; ``prepare`` runs before every attempt (a
+    heartbeat, a reconnect of a broken ledger session). The last error is raised."""
+
+    def __init__(self, daemon: DaemonSettings, metrics: Metrics | None = None) -> None:
+        self._daemon = daemon
+        self._metrics = metrics
+
+    async def run(
+        self,
+        step: Callable[[], Awaitable[T]],
+        name: str,
+        note: Callable[[TransientError], Awaitable[None]],
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        **fields: Any,
+    ) -> T:
+        daemon = self._daemon
+        failures = 0
+        async for attempt in stamina.retry_context(
+            on=TransientError,
+            attempts=daemon.retry_attempts,
+            wait_max=daemon.retry_max_wait_s,
+            timeout=None,
+        ):
+            with attempt:
+                try:
+                    if prepare is not None:
+                        await prepare()
+                    result = await step()
+                except TransientError as exc:
+                    failures += 1
+                    log.warning(
+                        f"{name}_failed",
+                        **fields,
+                        attempt=attempt.num,
+                        of=daemon.retry_attempts,
+                        error=str(exc),
+                    )
+                    await note(exc)
+                    if self._metrics is not None and attempt.num < daemon.retry_attempts:
+                        self._metrics.retried(exc.boundary)
+                    raise
+                if failures:
+                    log.info(f"{name}_recovered", **fields, attempts=failures + 1)
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
