@@ -34,11 +34,22 @@ class _Section(BaseModel):
 
 
 class PostgresSettings(_Section):
-    dsn: SecretStr = SecretStr(DEFAULT_DSN)
-    table: str = "public.ecommerce_sales"
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    # Applies to the extract and ledger sessions; 0 means no limit (Postgres's default).
-    statement_timeout_s: float = Field(default=0.0, ge=0)
+    """The source database."""
+
+    dsn: SecretStr = Field(
+        default=SecretStr(DEFAULT_DSN),
+        description="Source database, as a libpq URI or key=value string (secret).",
+    )
+    table: str = Field(
+        default="public.ecommerce_sales",
+        description="The table to capture, `schema.table` (resolved as an identifier).",
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
+    statement_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Statement timeout of the extract and ledger sessions; 0: no limit.",
+    )
 
     @field_validator("table")
     @classmethod
@@ -49,49 +60,126 @@ class PostgresSettings(_Section):
 
 
 class CaptureSettings(_Section):
-    mode: Literal["watermark", "logical"] = "watermark"
-    watermark_column: str | None = None
-    partition_column: str = "invoice_date"
-    poll_interval_s: float = Field(default=1.0, gt=0)
-    # Logical mode only (see source.logical). Names default to cdc_<schema>_<table>.
-    slot_name: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,63}$")
-    publication_name: str | None = Field(default=None, min_length=1, max_length=63)
-    # Export the rows present when the slot is created (from the slot's exported snapshot).
-    initial_snapshot: bool = True
-    # WAL read by one peek at most: one call never decodes the whole backlog.
-    max_read_wal_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
-    # Idle table, busy server: move the slot at least this often, so WAL does not pile up.
-    heartbeat_s: float = Field(default=10.0, gt=0)
-    # Warn when the slot holds back more WAL than this.
-    max_lag_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
-    # A dropped or retyped column: stop (default), or follow the new column list.
-    schema_change: Literal["stop", "follow"] = "stop"
+    """How changes are captured: by high-watermark or through a logical replication slot."""
+
+    mode: Literal["watermark", "logical"] = Field(
+        default="watermark",
+        description="`watermark` (new rows by an increasing column) or `logical` (inserts, "
+        "updates and deletes from a pgoutput slot; see docs/logical.md).",
+    )
+    watermark_column: str | None = Field(
+        default=None,
+        description="Watermark mode: an integer column filled by a sequence; default: the "
+        "primary key.",
+    )
+    partition_column: str = Field(
+        default="invoice_date",
+        description="A `date`, `timestamp` or `timestamptz` column: its UTC day names the "
+        "object's `dt=` folder.",
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, description="Pause between passes while there is nothing new."
+    )
+    slot_name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9_]{1,63}$",
+        description="Logical mode: the replication slot; default `cdc_<schema>_<table>`.",
+    )
+    publication_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="Logical mode: the publication; default `cdc_<schema>_<table>`.",
+    )
+    initial_snapshot: bool = Field(
+        default=True,
+        description="Logical mode: export the rows present when the slot is created (from the "
+        "slot's exported snapshot).",
+    )
+    max_read_wal_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Logical mode: WAL read by one peek at most, so that one call never "
+        "decodes the whole backlog.",
+    )
+    heartbeat_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Logical mode: an idle table on a busy server moves the slot at least "
+        "this often, so that WAL does not pile up.",
+    )
+    max_lag_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        gt=0,
+        description="Logical mode: warn (`slot_lag_high`) when the slot holds back more WAL.",
+    )
+    schema_change: Literal["stop", "follow"] = Field(
+        default="stop",
+        description="Logical mode: a dropped or retyped column stops the daemon (`stop`) or "
+        "is followed with a new column list (`follow`).",
+    )
 
 
 class BatchSettings(_Section):
-    max_rows: int = Field(default=500_000, gt=0)
-    max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
-    max_age_s: float = Field(default=10.0, ge=0)
-    # Days (objects) in one batch: each open day holds a compressor and a file.
-    max_days: int = Field(default=64, ge=1, le=1000)
-    compression: Literal["gzip", "zstd", "none"] = "gzip"
-    # Level 1 is what `gzip -1` / `zstd -1` use: cheap for the daemon, fine for Snowflake.
-    compression_level: int = Field(default=1, ge=1, le=19)
-    # Where batches are spooled (split per day) before they are named and uploaded.
-    spool_dir: Path | None = None
+    """When a micro-batch closes (rows, bytes or age, whichever comes first) and how it is
+    written."""
+
+    max_rows: int = Field(default=500_000, gt=0, description="Rows per batch at most.")
+    max_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="Uncompressed CSV bytes per batch at most."
+    )
+    max_age_s: float = Field(
+        default=10.0, ge=0, description="How long a change waits for more before it is sent."
+    )
+    max_days: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="Days (objects) in one batch: each open day holds a compressor and a file.",
+    )
+    compression: Literal["gzip", "zstd", "none"] = Field(
+        default="gzip", description="Compression of the objects."
+    )
+    compression_level: int = Field(
+        default=1,
+        ge=1,
+        le=19,
+        description="Level 1 is what `gzip -1` / `zstd -1` use: cheap for the daemon, fine "
+        "for Snowflake.",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="Where a batch is spooled (split per day) before it is uploaded; default: "
+        "the system's temporary directory.",
+    )
 
 
 class S3Settings(_Section):
-    bucket: str = "cdc-local"
-    prefix: str = ""
-    region: str = "us-east-1"
-    endpoint_url: str | None = None
-    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
-    sse_kms_key_id: str | None = None
-    part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
-    max_concurrency: int = Field(default=4, ge=1, le=64)
-    # Per request: an S3 endpoint that stops answering is a transient error after this long.
-    timeout_s: float = Field(default=60.0, gt=0)
+    """The staging bucket. Credentials come from botocore's standard chain (environment,
+    profile, instance or IRSA role), never from this file."""
+
+    bucket: str = Field(default="cdc-local", description="The bucket.")
+    prefix: str = Field(default="", description="Key prefix; a `/` is appended when missing.")
+    region: str = Field(default="us-east-1", description="The bucket's region.")
+    endpoint_url: str | None = Field(
+        default=None, description="An S3-compatible server instead of AWS."
+    )
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        default=None, description="`AES256` or `aws:kms` (with `sse_kms_key_id`)."
+    )
+    sse_kms_key_id: str | None = Field(default=None, description="The KMS key for `aws:kms`.")
+    part_size: int = Field(
+        default=8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        description="Multipart part size, and the largest object sent in one PUT.",
+    )
+    max_concurrency: int = Field(default=4, ge=1, le=64, description="Uploads in flight.")
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Per request: an endpoint that stops answering is a transient (retried) "
+        "error after this long.",
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -101,30 +189,57 @@ class S3Settings(_Section):
 
 
 class StateSettings(_Section):
-    dsn: SecretStr | None = None
-    schema_: str = Field(default="cdc", alias="schema")
+    """The ledger: positions, batches and their states, in PostgreSQL."""
+
+    dsn: SecretStr | None = Field(
+        default=None, description="Where the ledger lives (secret); default: `postgres.dsn`."
+    )
+    schema_: str = Field(default="cdc", alias="schema", description="The ledger's schema.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class DaemonSettings(_Section):
-    # Below systemd's TimeoutStopSec and the pod's terminationGracePeriodSeconds.
-    shutdown_grace_s: float = Field(default=20.0, ge=0)
-    # Attempts of one batch against transient errors (S3, Postgres) before the daemon gives up.
-    retry_attempts: int = Field(default=8, ge=1)
-    retry_max_wait_s: float = Field(default=30.0, gt=0)
-    # A loop that has not reported progress for this long is stalled: /healthz fails and the
-    # systemd watchdog is no longer fed. Above the longest legitimate step (a batch with its
-    # retries: retry_max_wait_s per attempt, s3.timeout_s per request).
-    stall_timeout_s: float = Field(default=300.0, gt=0)
-    # Another daemon holds the table's lock: wait for it (a standby pod) instead of exiting 5.
-    wait_for_lock: bool = False
-    lock_poll_s: float = Field(default=5.0, gt=0)
+    """The daemon's lifecycle: shutdown, retries, stall detection, the single-instance lock."""
+
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="Time the batch in flight gets to finish after SIGTERM; keep it below "
+        "systemd's TimeoutStopSec and the pod's terminationGracePeriodSeconds.",
+    )
+    retry_attempts: int = Field(
+        default=8,
+        ge=1,
+        description="Attempts of one step against transient errors (S3, PostgreSQL), with "
+        "exponential backoff and jitter, before the daemon gives up.",
+    )
+    retry_max_wait_s: float = Field(
+        default=30.0, gt=0, description="The longest wait between two attempts."
+    )
+    stall_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A loop silent this long is stalled: /healthz fails and the systemd "
+        "watchdog is no longer fed. Above the longest legitimate step (a batch with its "
+        "retries).",
+    )
+    wait_for_lock: bool = Field(
+        default=False,
+        description="Another daemon holds the table's lock: wait for it (a standby) instead "
+        "of exiting 5.",
+    )
+    lock_poll_s: float = Field(default=5.0, gt=0, description="How often a standby tries.")
 
 
 class HttpSettings(_Section):
-    # ``host[:port]`` for /healthz, /readyz and /metrics; empty (the default): no endpoint.
-    address: str = ""
+    """Health and metrics endpoint."""
+
+    address: str = Field(
+        default="",
+        description="`host[:port]` for /healthz, /readyz and /metrics (port default "
+        f"{DEFAULT_HTTP_PORT}); empty: no endpoint.",
+    )
 
     @field_validator("address")
     @classmethod
@@ -146,52 +261,94 @@ class HttpSettings(_Section):
 _SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
 
 
-class SnowflakeSettings(_Section):
-    """The warehouse side (``snowflake/`` SQL) and the reconciler. The reconciler runs in the
-    daemon when ``account`` is set. ``emulator = true`` talks to the local warehouse (fakesnow
-    behind the same connector), whose missing PIPE/STREAM/TASK/COPY_HISTORY features are
-    emulated in ``cdc_daemon/warehouse/local.py``."""
+def _ident(default: str, what: str) -> Any:
+    return Field(default=default, pattern=_SF_IDENT, description=what)
 
-    account: str | None = None
-    user: str | None = None
-    password: SecretStr | None = None
-    private_key_file: Path | None = None
-    private_key_passphrase: SecretStr | None = None
-    role: str | None = Field(default=None, pattern=_SF_IDENT)
-    warehouse: str = Field(default="CDC_WH", pattern=_SF_IDENT)
-    database: str = Field(default="CDC", pattern=_SF_IDENT)
-    schema_: str = Field(default="SALES", alias="schema", pattern=_SF_IDENT)
-    integration: str = Field(default="CDC_S3", pattern=_SF_IDENT)
-    aws_role_arn: str = Field(
-        default="arn:aws:iam::123456789012:role/cdc-snowflake", pattern=r"^arn:aws[-a-z]*:iam::"
+
+class SnowflakeSettings(_Section):
+    """The warehouse side (the `snowflake/` SQL) and the reconciler, which runs in the daemon
+    when `account` is set. Identifiers are checked (letters, digits, `_`, `$`)."""
+
+    account: str | None = Field(
+        default=None, description="The account; set it to run the reconciler in the daemon."
     )
-    stage: str = Field(default="CDC_SALES_STAGE", pattern=_SF_IDENT)
-    file_format: str = Field(default="CDC_CSV", pattern=_SF_IDENT)
-    pipe: str = Field(default="RAW_SALES_PIPE", pattern=_SF_IDENT)
-    stream: str = Field(default="RAW_SALES_STREAM", pattern=_SF_IDENT)
-    merge_task: str = Field(default="MERGE_SALES", pattern=_SF_IDENT)
-    cleanup_task: str = Field(default="CLEANUP_RAW_SALES", pattern=_SF_IDENT)
-    merge_schedule: str = Field(default="1 MINUTE", pattern=r"^[0-9]{1,5} (MINUTE|MINUTES)$")
-    cleanup_schedule: str = Field(default="USING CRON 0 3 * * * UTC", pattern=r"^[A-Za-z0-9 *]+$")
-    retention_days: int = Field(default=7, ge=1, le=365)
-    tombstone_days: int = Field(default=14, ge=1, le=365)
-    # Connector endpoint overrides (the local emulator serves plain HTTP on 127.0.0.1).
-    host: str | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    protocol: Literal["https", "http"] = "https"
-    emulator: bool = False
-    login_timeout_s: float = Field(default=30.0, gt=0)
-    query_timeout_s: float = Field(default=120.0, gt=0)
-    # Every socket connect and read: a server that accepts and never answers is a timeout, not
-    # a hang (the connector's login_timeout cannot interrupt a request in flight). Above 45 s:
-    # Snowflake holds a query request that long before answering "still running".
-    socket_timeout_s: int = Field(default=60, ge=1)
-    # Reconciler: how often it reads the load history; after how long an uploaded batch not in
-    # it is refreshed once (ALTER PIPE ... REFRESH) and, as long again after that, `missing`.
-    reconcile_interval_s: float = Field(default=60.0, gt=0)
-    missing_after_s: float = Field(default=900.0, gt=0)
-    # The per-day completeness check (Postgres vs SALES) runs this often.
-    completeness_interval_s: float = Field(default=86_400.0, gt=0)
+    user: str | None = Field(default=None, description="The user.")
+    password: SecretStr | None = Field(
+        default=None, description="Password (secret); key-pair authentication is preferred."
+    )
+    private_key_file: Path | None = Field(
+        default=None, description="Key-pair authentication: the private key (PEM)."
+    )
+    private_key_passphrase: SecretStr | None = Field(
+        default=None, description="The private key's passphrase (secret)."
+    )
+    role: str | None = Field(default=None, pattern=_SF_IDENT, description="The role.")
+    warehouse: str = _ident("CDC_WH", "The virtual warehouse.")
+    database: str = _ident("CDC", "The database.")
+    schema_: str = Field(
+        default="SALES", alias="schema", pattern=_SF_IDENT, description="The schema."
+    )
+    integration: str = _ident("CDC_S3", "The storage integration.")
+    aws_role_arn: str = Field(
+        default="arn:aws:iam::123456789012:role/cdc-snowflake",
+        pattern=r"^arn:aws[-a-z]*:iam::",
+        description="The IAM role the storage integration assumes.",
+    )
+    stage: str = _ident("CDC_SALES_STAGE", "The external stage.")
+    file_format: str = _ident("CDC_CSV", "The file format.")
+    pipe: str = _ident("RAW_SALES_PIPE", "The Snowpipe.")
+    stream: str = _ident("RAW_SALES_STREAM", "The stream on the landing table.")
+    merge_task: str = _ident("MERGE_SALES", "The task merging into the current-state table.")
+    cleanup_task: str = _ident("CLEANUP_RAW_SALES", "The task trimming the landing table.")
+    merge_schedule: str = Field(
+        default="1 MINUTE",
+        pattern=r"^[0-9]{1,5} (MINUTE|MINUTES)$",
+        description="The merge task's schedule.",
+    )
+    cleanup_schedule: str = Field(
+        default="USING CRON 0 3 * * * UTC",
+        pattern=r"^[A-Za-z0-9 *]+$",
+        description="The cleanup task's schedule.",
+    )
+    retention_days: int = Field(default=7, ge=1, le=365, description="Days landing rows are kept.")
+    tombstone_days: int = Field(
+        default=14, ge=1, le=365, description="Days delete tombstones are kept."
+    )
+    host: str | None = Field(
+        default=None,
+        description="Connector endpoint override (the local emulator serves plain HTTP on "
+        "127.0.0.1).",
+    )
+    port: int | None = Field(default=None, ge=1, le=65535, description="Endpoint port override.")
+    protocol: Literal["https", "http"] = Field(default="https", description="Endpoint protocol.")
+    emulator: bool = Field(
+        default=False,
+        description="Talk to the local warehouse (fakesnow behind the same connector), whose "
+        "missing PIPE/STREAM/TASK/COPY_HISTORY are emulated by `cdc_daemon.local.warehouse`.",
+    )
+    login_timeout_s: float = Field(default=30.0, gt=0, description="Login timeout.")
+    query_timeout_s: float = Field(default=120.0, gt=0, description="Statement timeout.")
+    socket_timeout_s: int = Field(
+        default=60,
+        ge=1,
+        description="Every socket connect and read: a server that accepts and never answers is "
+        "a timeout, not a hang. Above 45 s: Snowflake holds a query request that long before "
+        "answering 'still running'.",
+    )
+    reconcile_interval_s: float = Field(
+        default=60.0, gt=0, description="How often the reconciler reads the load history."
+    )
+    missing_after_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="An uploaded batch not in the load history after this long is refreshed "
+        "once (ALTER PIPE ... REFRESH) and, as long again after that, marked `missing`.",
+    )
+    completeness_interval_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How often the per-day completeness check (PostgreSQL vs SALES) runs.",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -201,8 +358,15 @@ class SnowflakeSettings(_Section):
 
 
 class LogSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    """Logging (structlog)."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="The lowest level written."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="`auto`: JSON lines when stdout is not a terminal, console otherwise.",
+    )
 
 
 class Settings(BaseSettings):
@@ -308,3 +472,52 @@ def crash_point_from_env() -> str | None:
     """The test seam of ``pipeline.CRASH_POINTS``: inert unless a test sets CDCTEST_CRASH_AT.
     (Deliberately outside the CDC_ prefix: it is not configuration.)"""
     return os.environ.get("CDCTEST_CRASH_AT") or None
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, rendered from the settings' field descriptions (the one source of
+    truth; ``python -m cdc_daemon.config > docs/configuration.md`` writes it, and a test fails
+    when the file and the settings drift)."""
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Generated from cdc_daemon/config.py by `python -m cdc_daemon.config`: "
+        "do not edit. -->",
+        "",
+        "One TOML file (`cdc-daemon --config PATH`); every key can be overridden by an "
+        "environment variable `CDC_<SECTION>__<KEY>` (for example `CDC_POSTGRES__DSN`). "
+        "Unknown keys and wrong types are refused with one sentence that never echoes a value. "
+        "Secrets are never logged. An example for production: "
+        "[deploy/systemd/cdc.toml.example](../deploy/systemd/cdc.toml.example).",
+        "",
+    ]
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
+        doc = " ".join((model.__doc__ or "").split())
+        out += [f"## `[{section}]`", "", doc, "", "| key | default | meaning |", "|---|---|---|"]
+        for name, info in model.model_fields.items():
+            key = info.alias or name
+            out.append(
+                f"| `{section}.{key}` | {_default_text(info.default)} | {info.description} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _default_text(value: object) -> str:
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return f"`{secret}`" if secret == DEFAULT_DSN else "(secret)"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, int) and value >= 1024 * 1024 and value % (1024 * 1024) == 0:
+        return f"`{value}` ({value // (1024 * 1024)} MiB)"
+    return f"`{value}`"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -26,8 +28,8 @@ class LedgerSession:
     async def open(
         cls, dsn: str, schema: str, application_name: str, connect_timeout_s: float = 10
     ) -> Self:
-        try:
-            conn = await psycopg.AsyncConnection.connect(
+        connecting = asyncio.ensure_future(
+            psycopg.AsyncConnection.connect(
                 dsn,
                 autocommit=True,
                 row_factory=dict_row,
@@ -35,6 +37,15 @@ class LedgerSession:
                 connect_timeout=max(1, int(connect_timeout_s)),
                 options="-c TimeZone=UTC -c DateStyle=ISO",
             )
+        )
+        try:
+            conn = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # Cancelled mid-connect (a shutdown): the session psycopg may already have opened
+            # is closed, not left to the garbage collector with a backend attached.
+            with contextlib.suppress(Exception):
+                await (await connecting).close()
+            raise
         except psycopg.Error as exc:
             raise from_psycopg(exc, "cannot connect to the state database") from None
         return cls(conn, schema)
