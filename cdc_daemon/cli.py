@@ -293,13 +293,7 @@ async def init(settings: Settings) -> int:
 async def status(settings: Settings, as_json: bool) -> int:
     from cdc_daemon.ops.status import collect, render
 
-    slot = None
-    if settings.capture.mode == "logical":
-        from cdc_daemon.capture.logical.source import default_name
-        from cdc_daemon.reconcile.reconciler import ledger_table
-
-        schema, _, name = ledger_table(settings).partition(".")
-        slot = settings.capture.slot_name or default_name(schema, name)
+    slot = settings.slot_name if settings.capture.mode == "logical" else None
     report = await collect(settings, slot=slot)
     print(json.dumps(report, indent=2) if as_json else render(report))
     return 0

@@ -8,6 +8,7 @@ AWS credentials are deliberately absent: they come from botocore's standard chai
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -392,6 +393,37 @@ class Settings(BaseSettings):
     def state_dsn(self) -> SecretStr:
         return self.state.dsn or self.postgres.dsn
 
+    @property
+    def table(self) -> str:
+        """The captured table, ``schema.table``, before connecting: the name its objects,
+        ledger records and warehouse stage use (``TableInfo.qualified`` is the catalog's)."""
+        return qualified_name(self.postgres.table)
+
+    @property
+    def slot_name(self) -> str:
+        """Logical mode: the replication slot."""
+        return self.capture.slot_name or default_name(*self.table.split(".", 1))
+
+    @property
+    def publication_name(self) -> str:
+        """Logical mode: the publication."""
+        return self.capture.publication_name or default_name(*self.table.split(".", 1))
+
+
+def qualified_name(table: str) -> str:
+    """``schema.table`` as PostgreSQL resolves the configured name: ``public`` when it names no
+    schema; unquoted parts fold to lower case, quoted ones keep theirs."""
+    parts = [
+        p.strip()[1:-1].replace('""', '"') if p.strip().startswith('"') else p.strip().lower()
+        for p in re.findall(r'(?:"(?:[^"]|"")*"|[^.])+', table)
+    ]
+    return ".".join(parts) if len(parts) > 1 else f"public.{parts[0]}"
+
+
+def default_name(schema: str, table: str) -> str:
+    """cdc_<schema>_<table>, as a valid slot name (lower case, digits, underscores, 63 max)."""
+    return ("cdc_" + re.sub(r"[^a-z0-9_]", "_", f"{schema}_{table}".lower()))[:63]
+
 
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
     """Read the TOML file (if any), then the environment; raise ConfigError with one sentence."""
@@ -469,7 +501,7 @@ def redact_dsn(dsn: str) -> str:
 
 
 def crash_point_from_env() -> str | None:
-    """The test seam of ``pipeline.CRASH_POINTS``: inert unless a test sets CDCTEST_CRASH_AT.
+    """The test seam of ``unit.CRASH_POINTS``: inert unless a test sets CDCTEST_CRASH_AT.
     (Deliberately outside the CDC_ prefix: it is not configuration.)"""
     return os.environ.get("CDCTEST_CRASH_AT") or None
 

@@ -7,6 +7,7 @@ them, with ``raise ... from exc``; everything above deals in these classes only.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
@@ -68,15 +69,21 @@ class WarehouseError(CdcError):
 def from_snowflake(exc: Exception, doing: str) -> CdcError:
     """Translate a snowflake-connector error. Network trouble, timeouts and the server's own
     failures are transient; a rejected statement is not."""
+    # Imported here: the connector costs ~40 MB of RSS, paid only where a warehouse is used.
     from snowflake.connector import errors as sf
 
-    detail = (getattr(exc, "raw_msg", None) or str(exc)).strip().splitlines()
-    message = f"{doing}: {detail[0] if detail else type(exc).__name__}"
+    # Snowflake's refusals come in two lines ("SQL compilation error:" / what is wrong).
+    lines = [s.strip() for s in (getattr(exc, "raw_msg", None) or str(exc)).splitlines()]
+    detail = " ".join(s for s in lines if s) or type(exc).__name__
+    message = f"{doing}: {detail}"
     if isinstance(exc, sf.ProgrammingError) and not isinstance(exc, sf.NotSupportedError):
-        return WarehouseError(message)
+        return WarehouseError(message).at("snowflake")
+    if isinstance(exc, sf.DatabaseError) and str(getattr(exc, "sqlstate", "")).startswith("28"):
+        # SQLSTATE class 28, invalid authorization: a wrong password or key; no retry fixes it.
+        return ConfigError(message).at("snowflake")
     if isinstance(exc, (sf.Error, OSError, TimeoutError)):
-        return TransientError(message)
-    return CdcError(message)
+        return TransientError(message).at("snowflake")
+    return CdcError(message).at("snowflake")
 
 
 # SQLSTATE classes that a later attempt can succeed at: connection exceptions, a serialization
@@ -89,6 +96,10 @@ def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
     """Translate a psycopg error raised while ``doing`` something."""
     sqlstate = exc.sqlstate or ""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.ProgrammingError) and not sqlstate:
+        # A client-side error, e.g. libpq's DSN parser, which quotes the part it cannot
+        # parse: that part may be the password, so quoted parts are left out.
+        detail = re.sub(r'"[^"]*"', '"..."', detail)
     if isinstance(exc, psycopg.OperationalError) and not sqlstate:
         return TransientError(f"{doing}: {detail}").at("postgres")
     if sqlstate.startswith(_RETRIABLE_SQLSTATE_CLASSES):
@@ -139,8 +150,8 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that made a TaskGroup fail (the rest are usually its cancellations), so that
     callers and retries see a ``CdcError``, not a group."""
     for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return first_error(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
+        found = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if not isinstance(found, asyncio.CancelledError):
+            return found
+    first = group.exceptions[0]
+    return first_error(first) if isinstance(first, BaseExceptionGroup) else first

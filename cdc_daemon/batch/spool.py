@@ -46,7 +46,7 @@ class DayObject:
 
 class DayFile:
     """One day's object being written. ``pending`` is appended to directly by the hot loop in
-    ``source.watermark`` (a list append per row, nothing more); ``drain`` compresses it."""
+    ``capture.watermark.source`` (a list append per row, nothing more); ``drain`` compresses it."""
 
     __slots__ = (
         "_last",

@@ -4,8 +4,8 @@ running daemon, into the same daily layout.
 What is read: the rows whose partition day (the UTC day of ``capture.partition_column``, the
 day that names their ``dt=`` folder) is in ``[from, to)``. One **chunk** per day that has rows,
 each read in its own REPEATABLE READ snapshot with ``COPY`` through the daemon's own hot loop
-(``WatermarkSource.stream_rows``), spooled and compressed like a batch, uploaded like one
-(``pipeline.upload_objects``). ``--jobs`` chunks run at once, each on its own source session.
+(``WatermarkSource.stream_rows``), then delivered by the same unit of work as a batch
+(``unit.UnitOfWork``). ``--jobs`` chunks run at once, each on its own source session.
 
 Where it goes: ``<prefix><table>/dt=<day>/backfill-<run id>-<day>.csv.gz``, beside the live
 objects (Snowpipe loads both). The run id (UTC start time and random hex) is new for every run,

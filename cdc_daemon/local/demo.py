@@ -26,7 +26,6 @@ from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.local.sample import load_online_retail, sample_path
 from cdc_daemon.local.services import LocalPostgres, LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
-from cdc_daemon.reconcile.reconciler import ledger_table
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
@@ -177,7 +176,7 @@ async def _all_loaded(settings: Settings, dsn: str, lsn: str) -> bool:
             "   >= %s::pg_lsn - '0/0'::pg_lsn,"
             " (SELECT count(*) FROM cdc.batches WHERE table_name = %s AND status <> 'loaded'),"
             " (SELECT count(*) FROM cdc.batches WHERE table_name = %s)",
-            (ledger_table(settings), lsn, ledger_table(settings), ledger_table(settings)),
+            (settings.table, lsn, settings.table, settings.table),
         ).fetchone()
     return row is not None and bool(row[0]) and row[1] == 0 and row[2] > 0
 
@@ -190,7 +189,7 @@ async def _report(
     report: Path | None,
     changes: dict[str, int],
 ) -> None:
-    table = ledger_table(settings)
+    table = settings.table
     store = await Store.from_settings(settings)
     try:
         batches = await store.batches(table)

@@ -451,11 +451,6 @@ class LocalWarehouse:
             {"p": pipe, "s": json.dumps(status)},
         )
 
-    def pause_pipe(self) -> None:
-        """``ALTER PIPE ... SET PIPE_EXECUTION_PAUSED = TRUE``, for tests of a paused pipe."""
-        with self._lock:
-            self._set_pipe_status("PAUSED", pending=0)
-
     # -- the task runner --------------------------------------------------------------------
     def run_tasks(self, *, cleanup: bool = False) -> int:
         """The merge task's statements in one transaction when the stream has data (and the

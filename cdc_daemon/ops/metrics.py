@@ -207,7 +207,7 @@ class Metrics:
         self.lag_rows.labels(self.table).set(0)
 
     def slot_lag(self, lag_bytes: int) -> None:
-        """For logical mode: WAL the slot holds back (see ``status.slot_lag_bytes``)."""
+        """For logical mode: WAL the slot holds back (see ``ops.status.slot_lag_bytes``)."""
         self.slot_lag_bytes.labels(self.table).set(lag_bytes)
 
     def retried(self, boundary: str | None) -> None:

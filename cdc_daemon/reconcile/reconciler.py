@@ -43,7 +43,6 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.store import Store, Unreconciled
-from cdc_daemon.warehouse import sql as wsql
 from cdc_daemon.warehouse.client import LoadRecord, PipeStatus, Warehouse, stage_relative
 
 log = structlog.get_logger()
@@ -52,6 +51,10 @@ HISTORY_DAYS = 14  # COPY_HISTORY's window
 REFRESH_DAYS = 7  # ALTER PIPE ... REFRESH only sees files staged this recently
 _HISTORY_OK = "loaded"
 _HISTORY_FAILED = frozenset({"load_failed", "partially_loaded", "failed"})
+# Only these are verdicts. COPY_HISTORY also reports "Load in progress" (with ROW_PARSED NULL
+# and a partial ROW_COUNT), and may report statuses unknown to this code: neither says anything
+# yet about the file, which stays "not seen" (Snowflake: "COPY_HISTORY", the STATUS column).
+_HISTORY_FINAL = _HISTORY_FAILED | {_HISTORY_OK}
 
 
 @dataclass
@@ -90,11 +93,6 @@ class DayDifference:
     sales_amount: Decimal
 
 
-def ledger_table(settings: Settings) -> str:
-    """The table name the pipeline records batches under (schema-qualified)."""
-    return wsql.table_folder(settings).removeprefix(settings.s3.prefix).rstrip("/")
-
-
 def judge(
     item: Unreconciled, history: dict[str, LoadRecord]
 ) -> tuple[Status | None, str | None, list[str]]:
@@ -106,7 +104,7 @@ def judge(
             continue
         name = stage_relative(obj.key)
         record = history.get(name)
-        if record is None:
+        if record is None or record.status not in _HISTORY_FINAL:
             unseen.append(name)
         elif record.status in _HISTORY_FAILED:
             problems.append(f"{name}: {record.status}: {record.first_error or 'no error given'}")
@@ -147,7 +145,7 @@ class Reconciler:
         self._settings = settings
         self._metrics = metrics
         self._heartbeats = heartbeats
-        self._table = ledger_table(settings)
+        self._table = settings.table
         self._wh = warehouse
         self._store: Store | None = None
         self.last: Outcome | None = None

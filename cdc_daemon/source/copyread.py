@@ -1,9 +1,9 @@
 """Reading ``COPY ... TO STDOUT`` in batches: the rows libpq already holds, in one call.
 
 psycopg's ``Copy.read()`` returns one row per call and drives two generators through
-``Connection.wait`` to do it: ~1.4 µs of CPU per row, as much as the rest of the watermark
-hot loop. ``CopyRows.batch()`` takes every row libpq has already received with
-``PGconn.get_copy_data`` (libpq's ``PQgetCopyData``, non-blocking, ~0.2 µs) and hands waiting
+``Connection.wait`` to do it: as much CPU per row as the rest of the watermark hot loop.
+``CopyRows.batch()`` takes every row libpq has already received with
+``PGconn.get_copy_data`` (libpq's ``PQgetCopyData``, non-blocking, far cheaper) and hands waiting
 for the socket back to ``Copy.read()``, so psycopg still does every wait, cancel and error.
 
 The one step done here is the end: once ``get_copy_data`` has returned -1 (the server ended

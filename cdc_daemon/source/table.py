@@ -159,7 +159,7 @@ class TableInfo:
 
     def day_expr(self) -> sql.Composable:
         """The UTC day of the partition column as a date (``YYYY-MM-DD`` in ISO DateStyle;
-        empty for NULL, which ``sink.spool`` names ``unknown``). A cast, not to_char: it costs
+        empty for NULL, which ``batch.spool`` names ``unknown``). A cast, not to_char: it costs
         the server a third as much. A row to quarantine gets ``!<reason>`` instead."""
         day = self.utc_day_expr()
         checks = [check for column in self.columns for check in column.quarantine_checks()]

@@ -13,7 +13,6 @@ the daemon's lock is never taken.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date
@@ -25,7 +24,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.state.ledger import ObjectRecord, ObjectTotals
-from cdc_daemon.state.session import LedgerSession
+from cdc_daemon.state.session import LedgerSession, advisory_key
 
 # Run by ``Store.init_schema`` (``cdc-daemon init``), after the base tables; idempotent.
 BACKFILL_DDL = """
@@ -72,9 +71,8 @@ ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS refreshed_at times
 
 
 def run_lock_key(run_id: str) -> int:
-    """A signed 64-bit advisory lock key for one backfill run (never the daemon's key)."""
-    digest = hashlib.sha256(f"cdc-daemon-backfill:{run_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    """The advisory lock key of one backfill run (never the daemon's key)."""
+    return advisory_key(f"cdc-daemon-backfill:{run_id}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
     uploaded --reconciler: loaded row count matches--> loaded
     uploaded --reconciler: Snowflake reported an error--> failed
     uploaded --reconciler: not seen in load history in time--> missing
+    missing --reconciler: seen late, row count matches--> loaded
+    missing --reconciler: seen late, Snowflake reported an error--> failed
 
 ``pending`` is the intent record: a batch's range and object keys are written before the first
 byte goes to S3, so a batch interrupted by a crash is redone with exactly the same range, under
@@ -35,7 +37,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.PENDING: frozenset({Status.UPLOADED, Status.FAILED}),
     Status.UPLOADED: frozenset({Status.LOADED, Status.FAILED, Status.MISSING}),
     Status.MISSING: frozenset({Status.LOADED, Status.FAILED}),
-    Status.FAILED: frozenset({Status.PENDING, Status.LOADED}),
+    Status.FAILED: frozenset({Status.PENDING}),
     Status.LOADED: frozenset(),
 }
 

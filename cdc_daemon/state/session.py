@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -14,6 +15,12 @@ from psycopg.rows import dict_row
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import StateError, from_psycopg
+
+
+def advisory_key(name: str) -> int:
+    """A signed 64-bit advisory lock key for ``name`` (one table's daemon, one backfill run)."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class LedgerSession:

@@ -9,7 +9,6 @@ The store's session also holds the single-instance advisory lock for the table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.state.backfill import BACKFILL_DDL
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
 from cdc_daemon.state.position import INT64_MIN, CaptureState
-from cdc_daemon.state.session import LedgerSession
+from cdc_daemon.state.session import LedgerSession, advisory_key
 
 # 2: backfill_runs, backfill_chunks (state.backfill).
 SCHEMA_VERSION = 2
@@ -83,9 +82,8 @@ _UNFINISHED = "(status = 'pending' OR (status = 'failed' AND uploaded_at IS NULL
 
 
 def lock_key(table: str) -> int:
-    """A signed 64-bit advisory lock key for one table's pipeline."""
-    digest = hashlib.sha256(f"cdc-daemon:{table}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    """The advisory lock key of one table's daemon."""
+    return advisory_key(f"cdc-daemon:{table}")
 
 
 @dataclass(frozen=True)

@@ -177,10 +177,6 @@ class Warehouse:
             raise from_snowflake(exc, "cannot connect to Snowflake") from None
         return self
 
-    def use_schema(self) -> None:
-        sf = self.settings.snowflake
-        self.execute(f"USE SCHEMA {sf.database}.{sf.schema_}")
-
     @property
     def conn(self) -> SnowflakeConnection:
         if self._conn is None:

@@ -39,9 +39,7 @@ def table_folder(settings: Settings) -> str:
     """The S3 folder of the table's objects, relative to the bucket (what the stage points at):
     the daemon names objects by the table's schema-qualified name (``public`` when the
     configured name has no schema)."""
-    parts = [p.strip().strip('"') for p in settings.postgres.table.split(".")]
-    qualified = ".".join(parts) if len(parts) > 1 else f"public.{parts[0]}"
-    return f"{settings.s3.prefix}{qualified}/"
+    return f"{settings.s3.prefix}{settings.table}/"
 
 
 def stage_url(settings: Settings) -> str:

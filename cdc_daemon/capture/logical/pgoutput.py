@@ -13,8 +13,8 @@ Tuple values arrive in their text output form, in the decoding session's setting
 capture's session uses TimeZone=UTC, DateStyle=ISO, so they match the watermark path's COPY).
 A column is one of: a ``bytes`` value, ``None`` (SQL NULL), or ``UNCHANGED``: an unchanged
 TOASTed value that PostgreSQL did not log. ``UNCHANGED`` must never be written out as a value
-(see ``source.logical`` for how the capture fills it in from the old row, and refuses when it
-cannot).
+(see ``capture.logical.source`` for how the capture fills it in from the old row, and refuses
+when it cannot).
 """
 
 from __future__ import annotations

@@ -66,9 +66,7 @@ the snapshot's older version of the row; every streamed change lies after ``rest
 from __future__ import annotations
 
 import operator
-import re
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,11 +104,6 @@ _U32 = struct.Struct(">I").unpack_from
 _ROW = struct.Struct(">hiQi").unpack_from  # fields, 8, lsn, length of data
 _COPY_HEADER = 19  # PGCOPY\n\377\r\n\0, flags, header extension length
 _CHANGES = frozenset(b"IUD")
-
-
-def default_name(schema: str, table: str) -> str:
-    """cdc_<schema>_<table>, as a valid slot name (lower case, digits, underscores, 63 max)."""
-    return ("cdc_" + re.sub(r"[^a-z0-9_]", "_", f"{schema}_{table}".lower()))[:63]
 
 
 @dataclass(frozen=True)
@@ -242,13 +235,11 @@ class LogicalSource(SourceSession):
 
     @property
     def slot(self) -> str:
-        t = self.table
-        return self._settings.capture.slot_name or default_name(t.schema, t.name)
+        return self._settings.slot_name
 
     @property
     def publication(self) -> str:
-        t = self.table
-        return self._settings.capture.publication_name or default_name(t.schema, t.name)
+        return self._settings.publication_name
 
     def connect(self) -> TableInfo:
         self.close()
@@ -782,7 +773,3 @@ def _translate(exc: psycopg.Error, doing: str) -> CdcError:
 def lsn_window(position: int, flush: int, max_bytes: int) -> int:
     """The ``upto_lsn`` of the next peek: at most ``max_bytes`` of WAL past the position."""
     return min(flush, position + max_bytes)
-
-
-def monotonic() -> float:
-    return time.monotonic()

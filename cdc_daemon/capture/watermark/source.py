@@ -2,10 +2,10 @@
 
 One *pass* (``WatermarkSource.run_pass``) runs in one REPEATABLE READ snapshot: it reads the
 fence, plans the batch, re-reads rows that filled earlier gaps, and copies the new range. Why
-that loses no late commit is explained in ``source.fence``.
+that loses no late commit is explained in ``capture.watermark.fence``.
 
-Synchronous by design: a sync COPY in a thread runs at psql's speed, the async one at ~0.4x
-(one chunk per row through the event loop). The pipeline calls it with ``asyncio.to_thread``.
+Synchronous by design: a sync COPY in a thread runs at psql's speed, the async one far slower
+(one chunk per row through the event loop). The pipeline calls it in a thread.
 """
 
 from __future__ import annotations
