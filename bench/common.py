@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
+import boto3  # type: ignore[import-untyped]  # boto3 ships no type hints
 import psycopg
 
 from cdc_daemon.local.sample import generate_sales

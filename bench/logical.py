@@ -36,7 +36,9 @@ INSERT = (
 
 def change(svc: Services, op: str, rows: int, txn_rows: int) -> None:
     with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
-        low = int(conn.execute("SELECT coalesce(min(id), 0) FROM ecommerce_sales").fetchone()[0])  # type: ignore[index]
+        first = conn.execute("SELECT coalesce(min(id), 0) FROM ecommerce_sales").fetchone()
+        assert first is not None
+        low = int(first[0])
         for start in range(0, rows, txn_rows):
             end = min(rows, start + txn_rows)
             if op == "insert":
@@ -59,7 +61,9 @@ def peek_seconds(svc: Services) -> tuple[float, float, int]:
     """(server-side count, streamed to the client, rows of output)."""
     with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
         started = time.perf_counter()
-        count = int(conn.execute(f"SELECT count(*) FROM {PEEK}").fetchone()[0])  # type: ignore[index]
+        peeked = conn.execute(f"SELECT count(*) FROM {PEEK}").fetchone()
+        assert peeked is not None
+        count = int(peeked[0])
         counted = time.perf_counter() - started
         started = time.perf_counter()
         with (

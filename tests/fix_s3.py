@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
+import boto3  # type: ignore[import-untyped]  # boto3 ships no type hints
 import pytest
 
 from cdc_daemon.local.services import LocalS3

@@ -1,18 +1,21 @@
-"""Shared test helpers: settings for the test services, running the daemon until idle, and
-rebuilding the table from the objects in S3 to compare it with the source."""
+"""Shared test helpers: settings for the test services, running the daemon (until idle, or for
+a block of the test), and rebuilding the table from the objects in S3 to compare it with the
+source."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import zstandard
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.local.services import LocalS3
@@ -35,6 +38,13 @@ def make_settings(
     )
 
 
+def fetch_one(cursor: psycopg.Cursor[TupleRow]) -> TupleRow:
+    """The row a query returns: one that returns none fails the test here."""
+    row = cursor.fetchone()
+    assert row is not None, "the query returned no row"
+    return row
+
+
 async def init_ledger(settings: Settings) -> None:
     store = await Store.from_settings(settings)
     try:
@@ -53,12 +63,53 @@ async def export_until_idle(settings: Settings) -> int:
     return await Worker(settings, exit_when_idle=True).serve(shutdown_trigger=_never)
 
 
-async def run_daemon(settings: Settings) -> tuple[asyncio.Task[int], asyncio.Event]:
-    """The daemon in this process, running until the returned event is set."""
+class RunningDaemon:
+    """The daemon as a task of the test's event loop (what ``running_daemon`` yields)."""
+
+    def __init__(self, task: asyncio.Task[int], stop: asyncio.Event) -> None:
+        self.task = task
+        self._stop = stop
+        self.collected = False
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    async def ended(self, seconds: float) -> int:
+        """Wait up to ``seconds`` for the daemon to end by itself: its exit code, or what it
+        failed with raised here. Leaving the block then checks nothing more."""
+        self.collected = True
+        return await asyncio.wait_for(self.task, seconds)
+
+    async def stopped(self, seconds: float = 30) -> int:
+        """Ask the daemon to stop (what SIGTERM does) and wait up to ``seconds`` for it."""
+        self._stop.set()
+        return await self.ended(seconds)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings, stop_s: float = 30) -> AsyncIterator[RunningDaemon]:
+    """The daemon in this process (its ledger initialised) for the body of the block. Leaving
+    the block stops it and asserts it exits 0 within ``stop_s`` seconds, unless the body
+    already took its outcome (``stopped``, ``ended``). If the body fails, the daemon is stopped
+    all the same and the body's exception is the one raised, with the daemon's own failure, if
+    any, added as a note."""
     await init_ledger(settings)
     stop = asyncio.Event()
-    task = asyncio.create_task(Worker(settings).serve(shutdown_trigger=stop.wait))
-    return task, stop
+    daemon = RunningDaemon(
+        asyncio.create_task(Worker(settings).serve(shutdown_trigger=stop.wait)), stop
+    )
+    try:
+        yield daemon
+    except BaseException as failure:
+        stop.set()
+        if not daemon.collected:
+            try:
+                await asyncio.wait_for(daemon.task, stop_s)
+            except Exception as also:  # noqa: BLE001 - reported on the body's failure
+                failure.add_note(f"the daemon failed too: {also!r}")
+        raise
+    if not daemon.collected:
+        assert await daemon.stopped(stop_s) == 0
 
 
 async def wait_until(predicate: Callable[[], object], seconds: float = 60) -> None:
@@ -136,7 +187,7 @@ def differences(dsn: str, table: str = "ecommerce_sales") -> tuple[int, int, int
             ).format(t=t, r=rebuilt, c=cols)
         ).fetchone()
         assert row is not None
-        return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))  # type: ignore[call-overload]
+        return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
 def assert_rebuilt_equals_source(dsn: str, s3_client: Any, bucket: str) -> dict[str, bytes]:

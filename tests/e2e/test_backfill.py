@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,19 +14,9 @@ import pytest
 
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
-from tests.e2e.daemon import cli, env, start, write_config
+from tests.e2e.daemon import cli, daemon_process, start, write_config
 from tests.helpers import differences, object_bodies, rebuild
 from tests.integration.test_backfill import KEY, range_table
-
-
-def backfill(config: Path, *args: str, **extra_env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cdc_daemon", "--config", str(config), "backfill", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(**extra_env),
-    )
 
 
 def events(stdout: str) -> list[dict[str, Any]]:
@@ -112,7 +100,7 @@ def test_sigkill_then_resume_has_no_gap_and_no_duplicate(
     config = write_config(tmp_path, pg_dsn, s3_server, bucket)
     assert cli(config, "init").returncode == 0
     args = ("--from", "2010-12-01", "--to", "2010-12-31", "--jobs", "2")
-    proc = backfill(config, *args)
+    proc = start(config, *args, command="backfill")
     assert proc.stdout is not None
     uploaded = 0
     for line in proc.stdout:
@@ -158,7 +146,7 @@ def test_sigterm_stops_a_run_that_resumes(
     config = write_config(tmp_path, pg_dsn, s3_server, bucket)
     assert cli(config, "init").returncode == 0
     args = ("--from", "2010-12-01", "--to", "2010-12-31", "--jobs", "2")
-    proc = backfill(config, *args)
+    proc = start(config, *args, command="backfill")
     assert proc.stdout is not None
     for line in proc.stdout:
         if '"backfill_chunk_uploaded"' in line:
@@ -198,77 +186,74 @@ def test_backfill_beside_a_running_daemon(
         generate_sales(conn, 60_000, days=30)
     config = write_config(tmp_path, pg_dsn, s3_server, bucket)
     assert cli(config, "init").returncode == 0
-    daemon = start(config)
-    daemon_lines: list[str] = []
-    assert daemon.stdout is not None
-    out = daemon.stdout
-    reader = threading.Thread(target=lambda: daemon_lines.extend(out), daemon=True)
-    reader.start()
+    with daemon_process(config) as daemon:
+        daemon_lines: list[str] = []
+        assert daemon.stdout is not None
+        out = daemon.stdout
+        reader = threading.Thread(target=lambda: daemon_lines.extend(out), daemon=True)
+        reader.start()
 
-    stop = threading.Event()
+        stop = threading.Event()
 
-    def writer() -> None:
-        # A few rows per commit, all the time: today's, and one in a backfilled day.
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                conn.execute(
-                    "INSERT INTO ecommerce_sales (invoice_no, stock_code, description,"
-                    " quantity, invoice_date, unit_price, customer_id, country)"
-                    " SELECT 'W' || g, 'S', 'live row', g, CASE WHEN g = 1 THEN"
-                    " timestamptz '2010-12-10 12:00+00' ELSE now() END, 1.5, NULL, 'UK'"
-                    " FROM generate_series(1, 5) g"
-                )
-                time.sleep(0.01)
+        def writer() -> None:
+            # A few rows per commit, all the time: today's, and one in a backfilled day.
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                while not stop.is_set():
+                    conn.execute(
+                        "INSERT INTO ecommerce_sales (invoice_no, stock_code, description,"
+                        " quantity, invoice_date, unit_price, customer_id, country)"
+                        " SELECT 'W' || g, 'S', 'live row', g, CASE WHEN g = 1 THEN"
+                        " timestamptz '2010-12-10 12:00+00' ELSE now() END, 1.5, NULL, 'UK'"
+                        " FROM generate_series(1, 5) g"
+                    )
+                    time.sleep(0.01)
 
-    def batches() -> int:
+        def batches() -> int:
+            with psycopg.connect(pg_dsn) as conn:
+                row = conn.execute("SELECT count(*) FROM cdc.batches").fetchone()
+            return int(row[0]) if row else 0
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while batches() < 3:
+                assert time.monotonic() < deadline, daemon_lines
+                time.sleep(0.1)
+            before = batches()
+            with psycopg.connect(pg_dsn) as conn:
+                first_max = conn.execute("SELECT max(id) FROM ecommerce_sales").fetchone()
+            assert first_max is not None
+            run = cli(
+                config,
+                "backfill",
+                "--from",
+                "2010-12-05",
+                "--to",
+                "2010-12-25",
+                "--jobs",
+                "3",
+                timeout=300,
+            )
+            assert run.returncode == 0, run.stderr
+            assert batches() > before  # the daemon exported the writer's rows meanwhile
+            assert daemon.poll() is None  # and still runs, holding its lock
+        finally:
+            stop.set()
+            thread.join()
         with psycopg.connect(pg_dsn) as conn:
-            row = conn.execute("SELECT count(*) FROM cdc.batches").fetchone()
-        return int(row[0]) if row else 0
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+            last = conn.execute("SELECT max(id) FROM ecommerce_sales").fetchone()
         deadline = time.monotonic() + 60
-        while batches() < 3:
-            assert time.monotonic() < deadline, daemon_lines
+        while True:
+            with psycopg.connect(pg_dsn) as conn:
+                position = conn.execute("SELECT low FROM cdc.positions").fetchone()
+            if position == last:
+                break
+            assert time.monotonic() < deadline, (position, last)
             time.sleep(0.1)
-        before = batches()
-        with psycopg.connect(pg_dsn) as conn:
-            first_max = conn.execute("SELECT max(id) FROM ecommerce_sales").fetchone()
-        assert first_max is not None
-        run = cli(
-            config,
-            "backfill",
-            "--from",
-            "2010-12-05",
-            "--to",
-            "2010-12-25",
-            "--jobs",
-            "3",
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stderr
-        assert batches() > before  # the daemon exported the writer's rows meanwhile
-        assert daemon.poll() is None  # and still runs, holding its lock
-    finally:
-        stop.set()
-        thread.join()
-    with psycopg.connect(pg_dsn) as conn:
-        last = conn.execute("SELECT max(id) FROM ecommerce_sales").fetchone()
-    deadline = time.monotonic() + 60
-    while True:
-        with psycopg.connect(pg_dsn) as conn:
-            position = conn.execute("SELECT low FROM cdc.positions").fetchone()
-        if position == last:
-            break
-        assert time.monotonic() < deadline, (position, last)
-        time.sleep(0.1)
-    daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(timeout=30) == 0
-    reader.join(timeout=10)
-    out.close()
-    assert daemon.stderr is not None
-    daemon.stderr.close()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        reader.join(timeout=10)
     logged = [json.loads(line) for line in daemon_lines if line.startswith("{")]
     assert not [e for e in logged if e.get("level") in ("warning", "error")], logged
 
@@ -296,7 +281,7 @@ def test_backfill_beside_a_running_daemon(
         late = conn.execute(
             "SELECT count(*) FROM range_src WHERE id > %s", (first_max[0],)
         ).fetchone()
-        missing = conn.execute(
+        not_backfilled = conn.execute(
             "SELECT count(*) FROM range_src s WHERE s.id <= %s AND NOT EXISTS"
             " (SELECT 1 FROM range_src_rebuilt r WHERE r.id = s.id)",
             (first_max[0],),
@@ -305,7 +290,7 @@ def test_backfill_beside_a_running_daemon(
     assert raw[0] == raw[1]  # no row twice
     assert late is not None
     assert late[0] > 0  # the writer did insert into a backfilled day meanwhile
-    assert missing == (0,)
+    assert not_backfilled == (0,)
     assert differences(pg_dsn, "range_src")[3] == 0  # each backfilled row equals its source row
     rebuild(pg_dsn, bodies)
     source, rebuilt, missing_all, extra_all = differences(pg_dsn)

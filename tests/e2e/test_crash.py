@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import psycopg
 
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
-from tests.e2e.daemon import cli, start, write_config
+from tests.e2e.daemon import cli, sigkill_rounds, write_config
 from tests.helpers import assert_rebuilt_equals_source
 
 INSERT = (
@@ -65,12 +64,7 @@ def test_random_sigkills_lose_nothing(
     for thread in writers:
         thread.start()
     try:
-        for _ in range(20):
-            daemon = start(config)
-            time.sleep(0.3 + rng.random() * 1.5)
-            daemon.send_signal(signal.SIGKILL)
-            daemon.communicate(timeout=30)
-            assert daemon.returncode == -signal.SIGKILL
+        sigkill_rounds(config, rng, 20)
     finally:
         stop.set()
         for thread in writers:

@@ -12,7 +12,7 @@ import psycopg
 
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
-from tests.e2e.daemon import cli, start, wait_for_event, write_config
+from tests.e2e.daemon import cli, daemon_process, stop_daemon, wait_for_event, write_config
 from tests.helpers import assert_rebuilt_equals_source, object_bodies
 
 
@@ -82,8 +82,7 @@ def test_sigterm_stops_gracefully_and_second_instance_is_refused(
         generate_sales(conn, 100, days=1)
     config = write_config(tmp_path, pg_dsn, s3_server, bucket)
     assert cli(config, "init").returncode == 0
-    daemon = start(config)
-    try:
+    with daemon_process(config) as daemon:
         wait_for_event(daemon, "batch_uploaded")
         second = cli(config, "run")
         assert second.returncode == 5
@@ -92,11 +91,7 @@ def test_sigterm_stops_gracefully_and_second_instance_is_refused(
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             generate_sales(conn, 50, days=1)
         wait_for_event(daemon, "batch_uploaded")
-        daemon.send_signal(signal.SIGTERM)
-        out, err = daemon.communicate(timeout=30)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
+        out, err = stop_daemon(daemon)
     assert daemon.returncode == 0, err
     assert '"daemon_stopped"' in out
     assert sum(b.count(b"\n") - 1 for b in object_bodies(s3_client, bucket).values()) == 150
@@ -109,7 +104,7 @@ def test_user_errors_are_one_sentence(
     a distinct non-zero exit code, no traceback."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 1)
-    cases = [
+    cases: list[tuple[dict[str, dict[str, Any]], int, str]] = [
         ({}, 4, "run `cdc-daemon init`"),
         ({"postgres": {"table": 'public."no; DROP TABLE x"'}}, 3, "does not exist"),
         ({"s3": {"bucket": "no-such-bucket"}}, 7, "bucket does not exist"),
@@ -148,11 +143,10 @@ def test_shutdown_abandons_a_long_batch_within_grace(
         daemon={"shutdown_grace_s": 0.2},
     )
     assert cli(config, "init").returncode == 0
-    daemon = start(config)
-    wait_for_event(daemon, "daemon_started")
-    daemon.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    out, err = daemon.communicate(timeout=30)
+    with daemon_process(config) as daemon:
+        wait_for_event(daemon, "daemon_started")
+        started = time.monotonic()
+        out, err = stop_daemon(daemon)
     assert daemon.returncode == 0, err
     assert time.monotonic() - started < 10
     assert '"batch_abandoned"' in out
@@ -162,12 +156,13 @@ def test_shutdown_abandons_a_long_batch_within_grace(
     patient = write_config(tmp_path, pg_dsn, s3_server, bucket, daemon={"shutdown_grace_s": 60})
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 400_000, days=1)
-    daemon = start(patient)
-    wait_for_event(daemon, "daemon_started")
-    daemon.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    daemon.send_signal(signal.SIGTERM)
-    daemon.communicate(timeout=30)
+    with daemon_process(patient) as daemon:
+        wait_for_event(daemon, "daemon_started")
+        daemon.send_signal(signal.SIGTERM)
+        # The first signal is handled (not merged with the second): this one is the operator's
+        # second.
+        wait_for_event(daemon, "shutdown_requested")
+        stop_daemon(daemon)
     assert daemon.returncode == 128 + signal.SIGTERM
 
 

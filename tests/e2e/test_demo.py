@@ -8,6 +8,9 @@ from pathlib import Path
 
 
 def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
+    """`python -m cdc_daemon demo --report` exits 0 and its closing report says SALES equals the
+    source and every batch is loaded, none failed; the HTML page holds the four charts (rows per
+    day, revenue by country, top products, cancellations per month) drawn from the sample's data."""
     page = tmp_path / "report.html"
     done = subprocess.run(
         [sys.executable, "-m", "cdc_daemon", "demo", "--report", str(page)],

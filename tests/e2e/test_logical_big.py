@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,7 @@ with open(sys.argv[1], "w") as f:
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
-
-@pytest.fixture(autouse=True)
-def drop_slots(pg_dsn: str) -> Iterator[None]:
-    yield
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = current_database() AND NOT active"
-        )
+pytestmark = pytest.mark.usefixtures("drop_slots")
 
 
 @pytest.mark.slow

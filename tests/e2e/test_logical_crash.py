@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +16,18 @@ import pytest
 
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
-from tests.e2e.daemon import cli, start, wait_for_event, write_config
+from tests.e2e.daemon import (
+    cli,
+    daemon_process,
+    sigkill_rounds,
+    stop_daemon,
+    wait_for_event,
+    write_config,
+)
 from tests.helpers import assert_rebuilt_equals_source
 from tests.integration.test_logical import random_changes
 
-
-@pytest.fixture(autouse=True)
-def drop_slots(pg_dsn: str) -> Iterator[None]:
-    yield
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = current_database() AND NOT active"
-        )
+pytestmark = pytest.mark.usefixtures("drop_slots")
 
 
 def setup(pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path) -> Path:
@@ -97,12 +94,7 @@ def test_random_sigkills_lose_nothing(
     for thread in writers:
         thread.start()
     try:
-        for _ in range(15):
-            daemon = start(config)
-            time.sleep(0.3 + rng.random() * 1.5)
-            daemon.send_signal(signal.SIGKILL)
-            out, err = daemon.communicate(timeout=30)
-            assert daemon.returncode == -signal.SIGKILL, out[-3000:] + err[-3000:]
+        sigkill_rounds(config, rng, 15)
     finally:
         stop.set()
         for thread in writers:
@@ -119,12 +111,11 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
     """SIGTERM while changes stream in: the daemon stops taking batches, finishes the one in
     flight, exits 0, and nothing is left pending; a later run exports the rest."""
     config = setup(pg_dsn, s3_server, bucket, tmp_path)
-    daemon = start(config)
-    wait_for_event(daemon, "batch_uploaded")  # the snapshot
-    random_changes(pg_dsn, random.Random(5), 20)
-    time.sleep(0.5)
-    daemon.send_signal(signal.SIGTERM)
-    out, err = daemon.communicate(timeout=60)
+    with daemon_process(config) as daemon:
+        wait_for_event(daemon, "batch_uploaded")  # the snapshot
+        random_changes(pg_dsn, random.Random(5), 20)
+        time.sleep(0.5)  # let the daemon take those changes in: any moment will do
+        out, err = stop_daemon(daemon, timeout=60)
     assert daemon.returncode == 0, err[-2000:]
     assert '"daemon_stopped"' in out
     assert ("pending",) not in statuses(pg_dsn)

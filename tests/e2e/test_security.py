@@ -71,7 +71,11 @@ def test_runs_under_the_minimal_role_and_prints_no_secret(
     role = create_role(pg_dsn)
     dsn = as_role(pg_dsn, role, PG_SECRET)
     config = write_config(tmp_path, dsn, s3_server, bucket, log={"level": "debug"})
-    env = {"AWS_ACCESS_KEY_ID": "AKIAMARKER", "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+
+    def with_markers(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        """The CLI with marker AWS credentials in its environment."""
+        return cli(cfg, *args, AWS_ACCESS_KEY_ID="AKIAMARKER", AWS_SECRET_ACCESS_KEY=AWS_SECRET)
+
     printed = []
     with psycopg.connect(pg_dsn) as other:
         other.execute(
@@ -79,11 +83,11 @@ def test_runs_under_the_minimal_role_and_prints_no_secret(
             " unit_price, country) VALUES ('late', 'S', 1, now(), 1, 'UK')"
         )
         for args in (("init",), ("run", "--exit-when-idle"), ("status",), ("status", "--json")):
-            result = cli(config, *args, **env)
+            result = with_markers(config, *args)
             printed += [result.stdout, result.stderr]
             assert result.returncode == 0, result.stderr
         other.commit()
-    result = cli(config, "run", "--exit-when-idle", **env)
+    result = with_markers(config, "run", "--exit-when-idle")
     printed += [result.stdout, result.stderr]
     assert result.returncode == 0, result.stderr
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
@@ -95,7 +99,7 @@ def test_runs_under_the_minimal_role_and_prints_no_secret(
     params["dbname"] = "no_such_database"
     wrong_db = write_config(tmp_path, make_conninfo("", **params), s3_server, bucket)
     for cfg in (bad_bucket, wrong_db):
-        result = cli(cfg, "run", **env)
+        result = with_markers(cfg, "run")
         assert result.returncode != 0
         printed += [result.stdout, result.stderr]
     everything = "\n".join(printed)

@@ -14,7 +14,7 @@ import psycopg
 
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
-from tests.e2e.daemon import cli, start, write_config
+from tests.e2e.daemon import cli, daemon_process, write_config
 from tests.helpers import assert_rebuilt_equals_source
 
 
@@ -44,8 +44,7 @@ def test_notify_ready_watchdog_stopping_and_clean_exit(
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
-        proc = start(config, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000")
-        try:
+        with daemon_process(config, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000") as proc:
             before_ready = receive(sock, "READY=1")
             assert all("WATCHDOG=1" not in m for m in before_ready[:-1])
             ready = before_ready[-1].splitlines()
@@ -79,10 +78,6 @@ def test_notify_ready_watchdog_stopping_and_clean_exit(
             assert stopping[-1].splitlines()[0] == "STOPPING=1"
             out, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
     events = [json.loads(line)["event"] for line in out.splitlines()]
     assert "shutdown_requested" in events
     assert events[-1] == "daemon_stopped"

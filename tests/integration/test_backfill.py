@@ -39,6 +39,13 @@ KEY = re.compile(
 )
 
 
+def key_parts(key: str) -> re.Match[str]:
+    """The day, run id and chunk day of a backfill object's key, which must have that form."""
+    match = KEY.match(key)
+    assert match is not None, key
+    return match
+
+
 def csv_rows(body: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(body.decode(), newline="")))
 
@@ -107,10 +114,10 @@ async def test_backfill_equals_the_source_rows_of_the_range(
     keys = sorted(k for k in new if not k.startswith("_quarantine/"))
     quarantine = [k for k in new if k.startswith("_quarantine/")]
     days = [f"2010-12-{d:02d}" for d in range(3, 10)]
-    assert [KEY.match(k).group(1) for k in keys] == days  # type: ignore[union-attr]
-    assert all(KEY.match(k).group(3) == KEY.match(k).group(1) for k in keys)  # type: ignore[union-attr]
-    assert len({KEY.match(k).group(2) for k in keys}) == 1  # type: ignore[union-attr]
-    run_id = KEY.match(keys[0]).group(2)  # type: ignore[union-attr]
+    assert [key_parts(k).group(1) for k in keys] == days
+    assert all(key_parts(k).group(3) == key_parts(k).group(1) for k in keys)
+    assert len({key_parts(k).group(2) for k in keys}) == 1
+    run_id = key_parts(keys[0]).group(2)
     assert quarantine == [
         f"_quarantine/public.ecommerce_sales/reason=nan-unit_price/backfill-{run_id}-2010-12-07.csv.gz"
     ]
@@ -136,7 +143,7 @@ async def test_backfill_equals_the_source_rows_of_the_range(
             assert r[:-1] == live_rows[r[0]][:-1]
             assert (r[-3], r[-2]) == ("I", r[0])
             if not key.startswith("_quarantine/"):
-                assert r[5].startswith(KEY.match(key).group(1))  # type: ignore[union-attr]
+                assert r[5].startswith(key_parts(key).group(1))
 
     ledger = await BackfillLedger.connect(settings)
     run = await ledger.run(run_id)
@@ -221,7 +228,7 @@ async def test_dry_run_writes_nothing(
     writes no object and no ledger row."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 1000, days=10)
-        counts = dict(
+        counts: dict[str, int] = dict(
             conn.execute(
                 "SELECT (invoice_date AT TIME ZONE 'UTC')::date::text, count(*)"
                 " FROM ecommerce_sales GROUP BY 1"

@@ -72,7 +72,10 @@ def test_cancel_raises_query_canceled(pg_dsn: str) -> None:
         seen: list[bytes] = []
 
         def cancel_soon() -> None:
-            time.sleep(0.3)
+            # Once the first rows arrived: the COPY is under way, far from its end.
+            deadline = time.monotonic() + 30
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.01)
             conn.cancel_safe(timeout=5)
 
         canceller = threading.Thread(target=cancel_soon)

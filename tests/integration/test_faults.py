@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import boto3
+import boto3  # type: ignore[import-untyped]  # boto3 ships no type hints
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,15 +18,25 @@ from cdc_daemon.local.services import LocalS3
 from tests.helpers import (
     assert_rebuilt_equals_source,
     export_until_idle,
+    fetch_one,
     make_settings,
     object_bodies,
-    run_daemon,
+    running_daemon,
     wait_until,
 )
 
 
 def exported_rows(s3_client: Any, bucket: str) -> int:
     return sum(b.count(b"\n") - 1 for b in object_bodies(s3_client, bucket).values())
+
+
+def pending_attempts(dsn: str) -> int:
+    """The attempts recorded on the pending batch (1 for its intent record, one more for each
+    failed try), 0 while there is none."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT max(attempts) FROM cdc.batches WHERE status = 'pending'")
+        found = row.fetchone()
+    return int(found[0]) if found and found[0] is not None else 0
 
 
 async def test_terminated_connections_are_retried(
@@ -37,8 +47,7 @@ async def test_terminated_connections_are_retried(
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 100, days=1)
     settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, daemon={"retry_max_wait_s": 0.5})
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: exported_rows(s3_client, bucket) == 100)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             killed = conn.execute(
@@ -50,9 +59,6 @@ async def test_terminated_connections_are_retried(
             assert killed[0] >= 2
             generate_sales(conn, 50, days=1)
         await wait_until(lambda: exported_rows(s3_client, bucket) == 150)
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
 
 
@@ -73,23 +79,23 @@ async def test_s3_outage_is_waited_out(
         tmp_path,
         daemon={"retry_max_wait_s": 0.5, "retry_attempts": 100},
     )
-    task, stop = await run_daemon(settings)
     try:
-        await wait_until(lambda: exported_rows(client, "outage") == 10)
-        own.stop()
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            generate_sales(conn, 20, days=1)
-        await asyncio.sleep(3)
-        assert not task.done()
-        with psycopg.connect(pg_dsn) as conn:
-            pending = conn.execute("SELECT count(*) FROM cdc.batches WHERE status = 'pending'")
-            assert pending.fetchone() == (1,)
-        # moto keeps its state in the process, so the restarted server still has the bucket.
-        own = LocalS3(port=own.port).start()
-        await wait_until(lambda: exported_rows(client, "outage") == 30)
+        async with running_daemon(settings) as daemon:
+            await wait_until(lambda: exported_rows(client, "outage") == 10)
+            own.stop()
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                generate_sales(conn, 20, days=1)
+            # The intent record, then two failed uploads noted on it: retried, still pending.
+            await wait_until(lambda: pending_attempts(pg_dsn) >= 3)
+            assert not daemon.done()
+            with psycopg.connect(pg_dsn) as conn:
+                pending = conn.execute("SELECT count(*) FROM cdc.batches WHERE status = 'pending'")
+                assert pending.fetchone() == (1,)
+                assert conn.execute("SELECT high FROM cdc.positions").fetchone() == (10,)
+            # moto keeps its state in the process, so the restarted server still has the bucket.
+            own = LocalS3(port=own.port).start()
+            await wait_until(lambda: exported_rows(client, "outage") == 30)
     finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
         own.stop()
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT status, sum(rows) FROM cdc.batches GROUP BY 1").fetchall() == [
@@ -155,8 +161,7 @@ async def test_s3_errors_and_timeouts_are_retried(
         daemon={"retry_max_wait_s": 0.2, "retry_attempts": 50},
     )
     s3_proxy.fail_next(3, 503, "SlowDown")  # even the startup check is retried
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: exported_rows(s3_client, bucket) == 100, seconds=60)
         s3_proxy.fail_next(6, 503, "SlowDown")
         s3_proxy.fail_next(6, 500, "InternalError")
@@ -164,14 +169,13 @@ async def test_s3_errors_and_timeouts_are_retried(
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             generate_sales(conn, 100, days=1)
         await wait_until(lambda: exported_rows(s3_client, bucket) == 200, seconds=120)
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
     assert s3_proxy.injected == 19
     with psycopg.connect(pg_dsn) as conn:
-        attempts, error = conn.execute(
-            "SELECT attempts, error FROM cdc.batches WHERE status = 'uploaded' ORDER BY hi DESC"
-        ).fetchone()  # type: ignore[misc]
+        attempts, error = fetch_one(
+            conn.execute(
+                "SELECT attempts, error FROM cdc.batches WHERE status = 'uploaded' ORDER BY hi DESC"
+            )
+        )
     assert attempts > 1  # the failed attempts were recorded on the batch
     assert error is None  # and cleared when it finally committed
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
@@ -193,16 +197,12 @@ async def test_postgres_restart_is_waited_out(
         tmp_path,
         daemon={"retry_max_wait_s": 0.5, "retry_attempts": 60},
     )
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: exported_rows(s3_client, bucket) == 50)
         await asyncio.to_thread(local_pg.restart)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             generate_sales(conn, 25, days=1)
         await wait_until(lambda: exported_rows(s3_client, bucket) == 75)
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
 
 
@@ -222,13 +222,13 @@ async def test_persistent_failure_marks_the_batch_failed_then_recovers(
         s3={"endpoint_url": s3_proxy.endpoint_url},
         daemon={"retry_max_wait_s": 0.05, "retry_attempts": 3},
     )
-    task, stop = await run_daemon(settings)
-    await wait_until(lambda: exported_rows(s3_client, bucket) == 50)
-    s3_proxy.fail_next(1000, 503, "SlowDown")
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        generate_sales(conn, 30, days=1)
-    with pytest.raises(TransientError, match="SlowDown"):
-        await asyncio.wait_for(task, 60)
+    async with running_daemon(settings) as daemon:
+        await wait_until(lambda: exported_rows(s3_client, bucket) == 50)
+        s3_proxy.fail_next(1000, 503, "SlowDown")
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            generate_sales(conn, 30, days=1)
+        with pytest.raises(TransientError, match="SlowDown"):
+            await daemon.ended(60)
     with psycopg.connect(pg_dsn) as conn:
         failed = conn.execute(
             "SELECT status, error, attempts FROM cdc.batches WHERE status <> 'uploaded'"
@@ -240,12 +240,8 @@ async def test_persistent_failure_marks_the_batch_failed_then_recovers(
     assert failed[0][2] >= 3
     assert high == (50,)
     s3_proxy.failures.clear()
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: exported_rows(s3_client, bucket) == 80)
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT DISTINCT status FROM cdc.batches").fetchall() == [("uploaded",)]
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)

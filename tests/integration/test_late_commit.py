@@ -16,8 +16,9 @@ from cdc_daemon.state.store import Store
 from tests.helpers import (
     assert_rebuilt_equals_source,
     export_until_idle,
+    fetch_one,
     make_settings,
-    run_daemon,
+    running_daemon,
     wait_until,
 )
 
@@ -77,7 +78,7 @@ async def test_late_commit_is_exported(
     assert exported_ids(s3_client, bucket) == set(range(1, 11))
 
     with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
-        (late_id,) = late.execute(INSERT, ("late",)).fetchone()  # type: ignore[misc]
+        (late_id,) = fetch_one(late.execute(INSERT, ("late",)))
         for n in range(9):
             other.execute(INSERT, (f"on-time-{n}",))
         assert late_id == 11
@@ -104,9 +105,9 @@ async def test_id_taken_before_the_row_is_written(
     with psycopg.connect(pg_dsn, autocommit=True) as setup:
         generate_sales(setup, 5, days=1)
     with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
-        (taken,) = late.execute(
-            "SELECT nextval(pg_get_serial_sequence('ecommerce_sales', 'id'))"
-        ).fetchone()  # type: ignore[misc]
+        (taken,) = fetch_one(
+            late.execute("SELECT nextval(pg_get_serial_sequence('ecommerce_sales', 'id'))")
+        )
         other.execute(INSERT, ("after",))
         await export_until_idle(settings)
         assert exported_ids(s3_client, bucket) == {1, 2, 3, 4, 5, 7}
@@ -131,8 +132,7 @@ async def test_watermark_never_passes_a_late_row_still_waiting(
     settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, batch={"max_age_s": 1.5})
     with psycopg.connect(pg_dsn, autocommit=True) as setup:
         generate_sales(setup, 10, days=1)
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: exported_ids(s3_client, bucket) == set(range(1, 11)))
         with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
             late.execute(INSERT, ("late",))
@@ -147,9 +147,6 @@ async def test_watermark_never_passes_a_late_row_still_waiting(
         assert watermarks, "the late row should have waited for max_age_s"
         assert all(w is not None and w < 11 for w in watermarks), watermarks
         await wait_until(lambda: asyncio.run(position(pg_dsn)) == 20)
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
 
 
@@ -165,12 +162,12 @@ async def test_absent_ids_inside_a_planned_range(
     with psycopg.connect(pg_dsn, autocommit=True) as setup:
         generate_sales(setup, 4, days=1)
     with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
-        (late_id,) = late.execute(INSERT, ("late",)).fetchone()  # type: ignore[misc]
+        (late_id,) = fetch_one(late.execute(INSERT, ("late",)))
         assert late_id == 5
         for n in range(7):
             other.execute(INSERT, (f"on-time-{n}",))
         with other.transaction():
-            (gone,) = other.execute(INSERT, ("rolled back",)).fetchone()  # type: ignore[misc]
+            (gone,) = fetch_one(other.execute(INSERT, ("rolled back",)))
             assert gone == 13
             raise psycopg.Rollback()
         for n in range(4):
@@ -195,10 +192,10 @@ async def test_many_gaps_at_once(
         generate_sales(setup, 2, days=1)
     committed = {1, 2}
     with psycopg.connect(pg_dsn) as late, psycopg.connect(pg_dsn, autocommit=True) as other:
-        (late_id,) = late.execute(INSERT, ("late",)).fetchone()  # type: ignore[misc]
+        (late_id,) = fetch_one(late.execute(INSERT, ("late",)))
         assert late_id == 3
         for n in range(40):
-            (kept,) = other.execute(INSERT, (f"kept-{n}",)).fetchone()  # type: ignore[misc]
+            (kept,) = fetch_one(other.execute(INSERT, (f"kept-{n}",)))
             committed.add(kept)
             with other.transaction():
                 other.execute(INSERT, (f"rolled-back-{n}",))

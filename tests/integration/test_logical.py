@@ -7,7 +7,6 @@ import csv
 import io
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +25,14 @@ from tests.helpers import (
     export_until_idle,
     make_settings,
     object_bodies,
+    wait_until,
 )
 
 # Writers commit synchronously: a peek sees only flushed WAL, and an asynchronous commit is
 # flushed up to wal_writer_delay later, after the test's "export until idle" may have run.
 SYNC = "-c synchronous_commit=on"
 
-
-@pytest.fixture(autouse=True)
-def drop_slots(pg_dsn: str) -> Iterator[None]:
-    """A database with a replication slot cannot be dropped: the test's slots go first."""
-    yield
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = current_database()"
-        )
+pytestmark = pytest.mark.usefixtures("drop_slots")
 
 
 def parsed(bodies: dict[str, bytes]) -> list[dict[str, str]]:
@@ -468,6 +459,17 @@ async def test_schema_changes(
     assert "country" not in last
 
 
+def waits_for(dsn: str, holder: psycopg.Connection[Any]) -> bool:
+    """Whether some session is blocked by the transaction open on ``holder`` (a slot being
+    created waits for the transactions running at each of its snapshot points to end)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+            (holder.info.backend_pid,),
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
 async def test_handover_transaction_spanning_the_consistent_point(
     pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
@@ -486,13 +488,15 @@ async def test_handover_transaction_spanning_the_consistent_point(
     try:
         t0.execute("SELECT txid_current()")  # running when the slot starts: it must wait
         daemon = asyncio.create_task(export_until_idle(settings))
-        await asyncio.sleep(1)
+        # The slot's creation waits for the transactions running at its start to end: t0.
+        await wait_until(lambda: waits_for(pg_dsn, t0), seconds=30)
         await asyncio.to_thread(
             t1.execute, "UPDATE ecommerce_sales SET quantity = 1111 WHERE id = 1"
         )
         await asyncio.to_thread(t0.commit)
         await asyncio.to_thread(admin.execute, "CHECKPOINT")  # a running-xacts record: full
-        await asyncio.sleep(0.5)
+        # Full snapshot point passed: the creation now waits for what ran then, t1, to end.
+        await wait_until(lambda: waits_for(pg_dsn, t1), seconds=30)
         await asyncio.to_thread(
             t2.execute, "UPDATE ecommerce_sales SET quantity = 2222 WHERE id = 2"
         )

@@ -19,7 +19,7 @@ from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3, free_port
 from cdc_daemon.ops.status import collect, render, slot_lag_bytes
 from tests.fix_faults import FaultyProxy
-from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
+from tests.helpers import export_until_idle, make_settings, running_daemon, wait_until
 
 
 def settings_with_http(
@@ -94,8 +94,7 @@ async def test_status_and_metrics_match_the_ledger(
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 3000, days=3)
     settings = settings_with_http(pg_dsn, s3_server, bucket, tmp_path)
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: uploaded_batches(pg_dsn) == 3)
         rows, raw, size, objects = ledger(
             pg_dsn,
@@ -172,9 +171,6 @@ async def test_status_and_metrics_match_the_ledger(
         assert f"Postgres pid {server_pid}" in text
         assert "Numeric value out of range" in text
         assert "not in COPY_HISTORY" in text
-    finally:
-        stop.set()
-        assert await task == 0
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(
@@ -206,69 +202,61 @@ async def test_standby_waits_for_the_lock_then_takes_over(
     )
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first, stop_first = await run_daemon(first_settings)
-    await wait_until(lambda: uploaded_batches(pg_dsn) == 1)
-    standby, stop_standby = await run_daemon(standby_settings)
-    try:
+    async with running_daemon(first_settings) as first:
+        await wait_until(lambda: uploaded_batches(pg_dsn) == 1)
+        async with running_daemon(standby_settings) as standby:
 
-        async def standby_answers() -> None:
-            while True:
-                try:
-                    await get(standby_settings, "/healthz")
-                    return
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            async def standby_answers() -> None:
+                while True:
+                    try:
+                        await get(standby_settings, "/healthz")
+                        return
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
 
-        await asyncio.wait_for(standby_answers(), 30)
-        assert (await get(standby_settings, "/healthz"))[0] == 200
-        status, body = await get(standby_settings, "/readyz")
-        assert (status, '"waiting_for_lock"' in body) == (503, True), body
-        metrics = await scrape(standby_settings)
-        assert metrics[("cdc_lock_held", T)] == 0
-        assert not standby.done()
+            await asyncio.wait_for(standby_answers(), 30)
+            assert (await get(standby_settings, "/healthz"))[0] == 200
+            status, body = await get(standby_settings, "/readyz")
+            assert (status, '"waiting_for_lock"' in body) == (503, True), body
+            metrics = await scrape(standby_settings)
+            assert metrics[("cdc_lock_held", T)] == 0
+            assert not standby.done()
 
-        stop_first.set()
-        assert await first == 0
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            generate_sales(conn, 500, days=1)  # appends: ids 1001..1500
+            assert await first.stopped() == 0
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                generate_sales(conn, 500, days=1)  # appends: ids 1001..1500
 
-        async def ready() -> None:
-            status = 0
-            while status != 200:
-                await asyncio.sleep(0.1)
-                status = (await get(standby_settings, "/readyz"))[0]
+            async def ready() -> None:
+                status = 0
+                while status != 200:
+                    await asyncio.sleep(0.1)
+                    status = (await get(standby_settings, "/readyz"))[0]
 
-        await asyncio.wait_for(ready(), 30)
-        await wait_until(
-            lambda: (
-                ledger(pg_dsn, "SELECT max(hi) FROM cdc.batches WHERE status = 'uploaded'") == 1500
+            await asyncio.wait_for(ready(), 30)
+            await wait_until(
+                lambda: (
+                    ledger(pg_dsn, "SELECT max(hi) FROM cdc.batches WHERE status = 'uploaded'")
+                    == 1500
+                )
             )
-        )
 
-        await settled(standby_settings, 500)
-    finally:
-        stop_first.set()
-        stop_standby.set()
-        await asyncio.gather(first, standby, return_exceptions=True)
-    assert standby.result() == 0
+            await settled(standby_settings, 500)
 
 
+@pytest.mark.usefixtures("drop_slots")
 def test_slot_lag_bytes_of_a_logical_slot(pg_dsn: str) -> None:
     """The logical-mode figure of ``status``: WAL written after a slot's confirmed position
     counts as lag, and grows with it; an unknown slot is None."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (x int)")
         conn.execute("SELECT pg_create_logical_replication_slot('ops_test', 'test_decoding')")
-        try:
-            before = slot_lag_bytes(conn, "ops_test")
-            conn.execute("INSERT INTO t SELECT generate_series(1, 10000)")
-            after = slot_lag_bytes(conn, "ops_test")
-            assert before is not None
-            assert after is not None
-            assert after > before + 100_000  # 10,000 rows of WAL
-            assert slot_lag_bytes(conn, "no_such_slot") is None
-        finally:
-            conn.execute("SELECT pg_drop_replication_slot('ops_test')")
+        before = slot_lag_bytes(conn, "ops_test")
+        conn.execute("INSERT INTO t SELECT generate_series(1, 10000)")
+        after = slot_lag_bytes(conn, "ops_test")
+        assert before is not None
+        assert after is not None
+        assert after > before + 100_000  # 10,000 rows of WAL
+        assert slot_lag_bytes(conn, "no_such_slot") is None
 
 
 async def test_readiness_and_retries_follow_s3_faults(
@@ -283,8 +271,7 @@ async def test_readiness_and_retries_follow_s3_faults(
     settings = settings.model_copy(
         update={"s3": settings.s3.model_copy(update={"endpoint_url": s3_proxy.endpoint_url})}
     )
-    task, stop = await run_daemon(settings)
-    try:
+    async with running_daemon(settings):
         await wait_until(lambda: uploaded_batches(pg_dsn) == 1)
         assert (await get(settings, "/readyz"))[0] == 200
         s3_proxy.fail_next(4)  # botocore tries a request 4 times (3 retries)
@@ -311,9 +298,6 @@ async def test_readiness_and_retries_follow_s3_faults(
         assert metrics[("cdc_retries_total", (("boundary", "postgres"),))] == 0
         assert metrics[("cdc_rows_exported_total", T)] == 1500
         assert ledger(pg_dsn, "SELECT max(attempts) FROM cdc.batches") > 1
-    finally:
-        stop.set()
-        assert await task == 0
 
 
 async def test_a_port_in_use_is_a_configuration_error(

@@ -27,7 +27,7 @@ from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
 from tests.fix_warehouse import start_warehouse
-from tests.helpers import export_until_idle, make_settings, run_daemon, wait_until
+from tests.helpers import export_until_idle, make_settings, running_daemon, wait_until
 from tests.warehouse_checks import assert_warehouse_equals_source
 
 TABLE = "public.ecommerce_sales"
@@ -127,6 +127,9 @@ async def test_more_rows_and_a_second_merge_keep_aggregates_right(
 async def test_an_object_loaded_short_is_failed(
     pg_dsn: str, warehouse: LocalWarehouse, s3_client: Any
 ) -> None:
+    """An object that lost its last row before Snowpipe loaded it: the reconciler finds fewer
+    rows in the load history than the ledger recorded and marks that batch failed, saying so;
+    every other batch is marked loaded."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 3_000, days=5)
     settings = warehouse.settings
@@ -189,6 +192,8 @@ async def test_lost_notifications_are_refreshed_once_then_missing(
 async def test_applying_the_sql_again_changes_nothing(
     pg_dsn: str, warehouse: LocalWarehouse
 ) -> None:
+    """Applying snowflake/ again to a warehouse that has loaded batches reloads nothing and loses
+    nothing: RAW_SALES keeps its row count and the final tables still equal the source."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 2_000, days=4)
     assert await export_until_idle(warehouse.settings) == 0
@@ -244,30 +249,32 @@ async def test_snowflake_down_never_stops_export(
         with psycopg.connect(pg_dsn) as conn:
             return dict(conn.execute("SELECT batch_id, status FROM cdc.batches").fetchall())
 
-    with capture_logs() as logs:
-        task, stop = await run_daemon(settings)
-        try:
-            await wait_until(lambda: len(ledger()) == 3 and "pending" not in ledger().values())
-            await wait_until(
-                lambda: sum(e["event"] == "reconcile_failed" for e in logs) >= 2, seconds=60
-            )
-            assert set(ledger().values()) == {"uploaded"}
-            if silent is not None:
-                silent.close()
-            wh = start_warehouse(
-                settings, warehouse_dir, port=port, database=f"T_DOWN_{outage.upper()}"
-            )
-            try:
+    wh: LocalWarehouse | None = None
+    try:
+        with capture_logs() as logs:
+            async with running_daemon(settings):
+                await wait_until(lambda: len(ledger()) == 3 and "pending" not in ledger().values())
                 await wait_until(
-                    lambda: (wh.pump(), set(ledger().values()) == {"loaded"})[1], seconds=120
+                    lambda: sum(e["event"] == "reconcile_failed" for e in logs) >= 2, seconds=60
                 )
-                assert_warehouse_equals_source(pg_dsn, wh)
-            finally:
-                stop.set()
-                assert await task == 0
-                wh.stop()
-        finally:
-            stop.set()
+                assert set(ledger().values()) == {"uploaded"}
+                if silent is not None:
+                    silent.close()
+                started = start_warehouse(
+                    settings, warehouse_dir, port=port, database=f"T_DOWN_{outage.upper()}"
+                )
+                wh = started
+                await wait_until(
+                    lambda: (started.pump(), set(ledger().values()) == {"loaded"})[1], seconds=120
+                )
+                assert_warehouse_equals_source(pg_dsn, started)
+    finally:
+        # After the daemon stopped (it reconciles until then); the silent socket too, if
+        # the test failed before it made way for the warehouse.
+        if silent is not None:
+            silent.close()
+        if wh is not None:
+            wh.stop()
     events = [e["event"] for e in logs]
     assert "reconcile_recovered" in events
     assert "pipe_refresh_requested" in events
@@ -306,6 +313,7 @@ async def test_a_backfill_refreshes_rows_updated_in_place(
     assert (shown["days_done"], shown["days_loaded"]) == (1, 1)
 
 
+@pytest.mark.usefixtures("drop_slots")
 async def test_logical_inserts_updates_deletes_arrive_in_sales(
     pg_dsn: str,
     s3_server: LocalS3,
@@ -381,8 +389,3 @@ async def test_logical_inserts_updates_deletes_arrive_in_sales(
         assert shown["batches"]["loaded"] == len(await statuses(wh.settings))
     finally:
         wh.stop()
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                " WHERE database = current_database()"
-            )

@@ -20,6 +20,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults() -> None:
+    """With no file and no environment: the table public.ecommerce_sales in watermark mode,
+    partitioned by invoice_date, gzip objects, and the ledger in schema cdc of the source
+    database."""
     settings = load_settings(None)
     assert settings.postgres.table == "public.ecommerce_sales"
     assert settings.capture.mode == "watermark"
@@ -58,16 +61,22 @@ def test_toml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     ],
 )
 def test_bad_files_give_one_sentence(tmp_path: Path, text: str, message: str) -> None:
+    """An unknown key or section, a value of the wrong type or outside its choices, or a file
+    that is not TOML is a ConfigError whose message names the key (or says the file is not valid
+    TOML)."""
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_settings(write(tmp_path, text))
 
 
 def test_missing_file() -> None:
+    """A configuration path that does not exist is a ConfigError saying so."""
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(Path("/nonexistent/cdc.toml"))
 
 
 def test_bad_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invalid value from the environment (CDC_BATCH__MAX_ROWS=-5) is a ConfigError naming the
+    key it sets."""
     monkeypatch.setenv("CDC_BATCH__MAX_ROWS", "-5")
     with pytest.raises(ConfigError, match=r"batch\.max_rows"):
         load_settings(None)
@@ -90,6 +99,8 @@ def test_passwords_never_printed(tmp_path: Path) -> None:
 def test_cli_reports_config_errors_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The CLI turns an invalid configuration into exit code 2 and one line on stderr that starts
+    with 'cdc-daemon: invalid configuration', without a traceback."""
     path = write(tmp_path, "[batch]\nmax_rows = 'x'\n")
     assert main(["--config", str(path), "run"]) == 2
     err = capsys.readouterr().err

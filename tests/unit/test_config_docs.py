@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from cdc_daemon.config import Settings, reference_markdown
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -21,5 +23,6 @@ def test_every_setting_is_described() -> None:
     for section, field in Settings.model_fields.items():
         model = field.annotation
         assert isinstance(model, type)
-        for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+        assert issubclass(model, BaseModel), section
+        for name, info in model.model_fields.items():
             assert info.description, f"{section}.{info.alias or name} has no description"

@@ -14,10 +14,12 @@ from cdc_daemon.batch.spool import BLOCK_ROWS, QUEUE_BLOCKS, DaySpool
 
 @pytest.mark.parametrize("codec", ["gzip", "zstd", "none"])
 @given(chunks=st.lists(st.binary(max_size=5000), max_size=20))
-def test_codecs_round_trip(codec: str, chunks: list[bytes]) -> None:
-    compressor = make_compressor(codec, 1)  # type: ignore[arg-type]
+def test_codecs_round_trip(codec: Codec, chunks: list[bytes]) -> None:
+    """For gzip, zstd and no compression, any chunks fed to the compressor decompress to their
+    concatenation."""
+    compressor = make_compressor(codec, 1)
     out = b"".join(compressor.compress(c) for c in chunks) + compressor.flush()
-    assert decompress(codec, out) == b"".join(chunks)  # type: ignore[arg-type]
+    assert decompress(codec, out) == b"".join(chunks)
 
 
 def test_gzip_output_is_deterministic() -> None:
@@ -28,14 +30,21 @@ def test_gzip_output_is_deterministic() -> None:
 
 
 def test_header_quotes_odd_column_names() -> None:
+    """The header quotes a column name holding a comma or a quote (quotes doubled), as rows quote
+    their values."""
     assert header_line(["id", "a,b", 'q"']) == b'id,"a,b","q"""\n'
 
 
 def test_seq_of_row_reads_the_second_to_last_field() -> None:
+    """seq_of_row reads _cdc_seq as the second-to-last field, past an earlier quoted field that
+    holds a comma and a line break."""
     assert seq_of_row(b'5,"a,b\nc",I,123,2011-01-01T00:00:00.000000Z\n') == 123
 
 
 def test_spool_splits_by_day(tmp_path: Path) -> None:
+    """Rows go to one object per day (an empty partition value to 'unknown'), listed in day
+    order, each with the header and its rows in the order added, its row count and its
+    uncompressed size; discard() leaves no file behind."""
     spool = DaySpool(tmp_path, "gzip", 1, b"h\n")
     spool.add(b"2011-01-02,b1\n")
     spool.add(b"2011-01-01,a1\n")

@@ -22,6 +22,7 @@ from cdc_daemon.capture.logical.encode import (
     ColumnType,
     RowEncoder,
 )
+from cdc_daemon.capture.logical.pgoutput import TupleData
 
 COLUMNS = [
     ColumnType("id", INT8),
@@ -36,7 +37,7 @@ COLUMNS = [
 ENCODER = RowEncoder(COLUMNS, "at")
 
 
-def row(**values: bytes | None) -> list[bytes | None]:
+def row(**values: bytes | None) -> TupleData:
     base: dict[str, bytes | None] = {
         "id": b"1",
         "at": b"2011-03-27 00:30:00+00",
@@ -72,6 +73,8 @@ def test_plain_row() -> None:
     ],
 )
 def test_timestamptz_forms(text: bytes, out: bytes) -> None:
+    """timestamptz text as pgoutput sends it becomes ISO-8601 with a T and +00:00, keeping the
+    fraction as sent; infinity, BC dates and years past 9999 are passed through unchanged."""
     _, data = ENCODER.encode(row(at=text))
     assert data.split(b",")[1] == out
 
@@ -108,11 +111,14 @@ def test_quarantine_reasons(column: str, value: bytes, reason: bytes) -> None:
 
 
 def test_first_reason_in_column_order() -> None:
+    """A row with several values Snowflake cannot read is routed by the first of them in column
+    order (n before f)."""
     day, _ = ENCODER.encode(row(n=b"NaN", f=b"NaN"))
     assert day == b"!nan-n"
 
 
 def test_no_partition_value_is_unknown_day() -> None:
+    """A NULL partition value gives the empty day (the spool's 'unknown' object), not an error."""
     assert ENCODER.encode(row(at=None))[0] == b""
 
 
@@ -123,7 +129,7 @@ def test_text_round_trips_through_a_csv_reader(texts: list[str | None]) -> None:
     encoder = RowEncoder(
         [ColumnType("d", DATE), *(ColumnType(f"t{i}", TEXT) for i in range(3))], "d"
     )
-    values = [b"2011-01-01", *(None if t is None else t.encode() for t in texts)]
+    values: TupleData = [b"2011-01-01", *(None if t is None else t.encode() for t in texts)]
     _, data = encoder.encode(values)
     text = data.decode()
     (fields,) = list(csv.reader(io.StringIO(text)))
@@ -204,7 +210,8 @@ def test_fast_path_gives_the_reference_bytes(values: tuple[bytes | None, ...]) -
     """``encode`` (the hot path) and ``encode_reference`` (field by field, every check) give
     the same day and the same bytes for any row: common forms, NULL, '', values needing
     quotes, and every quarantine reason."""
-    assert ENCODER.encode(list(values)) == ENCODER.encode_reference(list(values))
+    fields: TupleData = list(values)
+    assert ENCODER.encode(fields) == ENCODER.encode_reference(fields)
 
 
 def test_fast_path_covers_the_common_row() -> None:
@@ -213,7 +220,7 @@ def test_fast_path_covers_the_common_row() -> None:
     calls: list[int] = []
 
     class Counting(RowEncoder):
-        def encode_reference(self, values: list[bytes | None]) -> tuple[bytes, bytes]:  # type: ignore[override]
+        def encode_reference(self, values: TupleData) -> tuple[bytes, bytes]:
             calls.append(1)
             return super().encode_reference(values)
 

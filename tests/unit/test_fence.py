@@ -28,6 +28,8 @@ def test_open_transaction_holds_low_and_keeps_the_gap() -> None:
 
 
 def test_caught_ids_leave_the_gaps() -> None:
+    """Ids of a tracked gap that a pass finds are taken out of it (splitting the range), ids
+    absent from the new rows become gaps, and high moves to the pass's end."""
     state = CaptureState(INT64_MIN, 20, ((11, 15),), (Fence(20, frozenset({"1/1"})),))
     after = advance(state, 25, [(22, 22)], [(12, 13)], ["1/1"])
     assert after.gaps == ((11, 11), (14, 15), (22, 22))
@@ -52,6 +54,8 @@ def test_no_new_fence_without_new_rows() -> None:
 
 
 def test_state_round_trips_through_json() -> None:
+    """A capture state (low, high, gaps, fences with their holders, a prepared transaction among
+    them) reads back from its JSON unchanged; no stored state is the initial state."""
     state = CaptureState(5, 20, ((7, 9),), (Fence(20, frozenset({"1/2", "prepared:x"})),))
     assert CaptureState.from_json(state.to_json()) == state
     assert CaptureState.from_json(None) == CaptureState()
@@ -59,6 +63,8 @@ def test_state_round_trips_through_json() -> None:
 
 @given(st.sets(st.integers(-50, 50)), st.sets(st.integers(-50, 50)))
 def test_subtract_and_to_ranges_are_set_difference(gaps: set[int], taken: set[int]) -> None:
+    """For any two sets of ids, subtracting their ranges gives the set difference, already in the
+    sorted, merged form to_ranges gives."""
     result = subtract(to_ranges(gaps), to_ranges(taken))
     flat = {i for a, b in result for i in range(a, b + 1)}
     assert flat == gaps - taken

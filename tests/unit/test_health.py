@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from cdc_daemon.config import DEFAULT_HTTP_PORT, load_settings, split_address
 from cdc_daemon.errors import ConfigError
@@ -91,33 +92,74 @@ def test_notifier_outside_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) 
     notifier.close()
 
 
+class CheckedHeartbeats(Heartbeats):
+    """Heartbeats that queue the verdict of every ``stalled`` check, so a test can wait for
+    the supervisor's next checks instead of sleeping through its period."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.verdicts: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    def stalled(self, limit_s: float) -> list[str]:
+        verdict = super().stalled(limit_s)
+        self.verdicts.put_nowait(verdict)
+        return verdict
+
+    def forget_checks(self) -> int:
+        """Drop the verdicts queued so far: how many checks they were."""
+        count = 0
+        while not self.verdicts.empty():
+            self.verdicts.get_nowait()
+            count += 1
+        return count
+
+    async def next_checks(self, count: int) -> list[list[str]]:
+        """The verdicts of the supervisor's next ``count`` checks. The supervisor only yields
+        at its sleep, so when this returns, the ping of the last check, if any, is sent."""
+        async with asyncio.timeout(10):
+            return [await self.verdicts.get() for _ in range(count)]
+
+
 async def test_watchdog_pings_stop_while_a_loop_is_stalled(
     notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The supervisor pings every half watchdog period while the loops beat, and stops
-    pinging (so systemd restarts the process) once one stays silent past the stall limit."""
+    """The supervisor checks the loops every half watchdog period and pings after each check
+    that finds none stalled; once a loop stays silent past the stall limit it stops pinging
+    (so systemd restarts the process) and says so once; a beat brings the pings back."""
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
     settings = load_settings(None, daemon={"stall_timeout_s": 0.3})
-    beats = Heartbeats()
+    clock = Clock()
+    beats = CheckedHeartbeats(clock)
     notifier = SystemdNotifier()
+    supervisor = Supervisor(settings, beats, notifier)
+    assert supervisor.interval_s == 0.05
     notify_socket.setblocking(False)
-    task = asyncio.create_task(Supervisor(settings, beats, notifier).run())
-    try:
-        for _ in range(6):
+    beats.beat("capture")
+    with capture_logs() as logs:
+        task = asyncio.create_task(supervisor.run())
+        try:
+            assert await beats.next_checks(4) == [[]] * 4
+            # Each check so far found nothing stalled and pinged: one datagram per check.
+            pings = drain(notify_socket)
+            assert pings == ["WATCHDOG=1"] * (4 + beats.forget_checks())
+
+            # Silent past the limit (the test's clock moved, the loop did not beat). No
+            # await between here and the wait below: no check runs in between.
+            clock.now += 0.31
+            assert drain(notify_socket).count("WATCHDOG=1") == beats.forget_checks()
+            assert await beats.next_checks(3) == [["capture"]] * 3
+            assert drain(notify_socket) == []
+            stalled = [e for e in logs if e["event"] == "loop_stalled"]
+            assert [e["loops"] for e in stalled] == [["capture"]]
+
             beats.beat("capture")
-            await asyncio.sleep(0.05)
-        pings = drain(notify_socket)
-        assert pings.count("WATCHDOG=1") >= 4
-        await asyncio.sleep(0.5)  # no beat: stalled from 0.3 s on
-        drain(notify_socket)
-        await asyncio.sleep(0.3)
-        assert drain(notify_socket) == []
-        beats.beat("capture")
-        await asyncio.sleep(0.15)
-        assert "WATCHDOG=1" in drain(notify_socket)
-    finally:
-        task.cancel()
-        notifier.close()
+            assert drain(notify_socket) == []
+            beats.forget_checks()
+            assert await beats.next_checks(1) == [[]]
+            assert drain(notify_socket) == ["WATCHDOG=1"]
+        finally:
+            task.cancel()
+            notifier.close()
 
 
 def drain(sock: socket.socket) -> list[str]:
@@ -152,6 +194,7 @@ def test_bad_http_address_is_one_sentence(address: str) -> None:
 
 
 def test_http_endpoint_is_off_by_default() -> None:
+    """Without http.address there is no HTTP endpoint: the default address is empty."""
     assert load_settings(None).http.address == ""
 
 

@@ -17,11 +17,15 @@ def test_batch_id_is_derived_from_the_rows() -> None:
 
 
 def test_object_key_layout() -> None:
+    """An object's key is <prefix><table>/dt=<day>/<batch id> with the compression's suffix
+    (.csv.zst for zstd)."""
     key = object_key("raw/", "public.ecommerce_sales", "2011-01-02", "b", "zstd")
     assert key == "raw/public.ecommerce_sales/dt=2011-01-02/b.csv.zst"
 
 
 def test_transitions() -> None:
+    """The ledger allows only its named moves: pending -> uploaded and uploaded -> failed, never
+    pending -> loaded nor loaded back to pending."""
     assert can_move(Status.PENDING, Status.UPLOADED)
     assert not can_move(Status.PENDING, Status.LOADED)
     assert can_move(Status.UPLOADED, Status.FAILED)
@@ -29,6 +33,8 @@ def test_transitions() -> None:
 
 
 def test_checksum_covers_keys_and_contents() -> None:
+    """A batch's checksum changes when an object's content digest does; its rows, raw bytes and
+    size are its objects' figures."""
     obj = ObjectRecord("k1", "2011-01-01", 1, 10, 5, "aa")
     one = BatchRecord("t", "b", 0, 1, "ts", objects=(obj,))
     two = BatchRecord(

@@ -17,6 +17,7 @@ from cdc_daemon.capture.logical.pgoutput import (
     Insert,
     Relation,
     Truncate,
+    TupleData,
     Update,
     decode,
     iso_utc,
@@ -83,7 +84,7 @@ def test_hot_path_writes_what_the_plain_decoder_gives(tmp_path: Path) -> None:
         if reader._generation is not generation:  # a new column list: a new spool
             generation = reader._generation
             expected.append({})
-        rows: list[tuple[list[bytes | None], bytes]] = []
+        rows: list[tuple[TupleData, bytes]] = []
         if isinstance(message, Insert):
             rows = [(message.new, b"I")]
         elif isinstance(message, Update):

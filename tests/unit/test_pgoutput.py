@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import given
@@ -32,7 +33,11 @@ MESSAGES = [(parse_lsn(m["lsn"]), bytes.fromhex(m["data"])) for m in FIXTURE["me
 DECODED = [decode(data) for _, data in MESSAGES]
 
 
-def of(kind: type) -> list:
+M = TypeVar("M")
+
+
+def of(kind: type[M]) -> list[M]:
+    """The decoded messages of one kind, in stream order."""
     return [m for m in DECODED if isinstance(m, kind)]
 
 
@@ -136,6 +141,8 @@ def test_commit_time_is_iso_utc() -> None:
 
 
 def test_lsn_text_round_trip() -> None:
+    """An LSN in PostgreSQL's X/Y hex text parses to its 64-bit position and formats back to the
+    same text."""
     assert parse_lsn("0/150B8C8") == 0x150B8C8
     assert format_lsn(parse_lsn("1A/FF00")) == "1A/FF00"
 

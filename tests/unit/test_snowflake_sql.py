@@ -9,7 +9,7 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from cdc_daemon.config import load_settings
+from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import SALES_DDL
 from cdc_daemon.warehouse import sql
@@ -19,7 +19,7 @@ UNMODELLED = ("CREATE PIPE", "CREATE STREAM", "CREATE OR ALTER TASK", "ALTER TAS
 
 
 @pytest.fixture
-def settings():  # type: ignore[no-untyped-def]
+def settings() -> Settings:
     return load_settings(
         None,
         s3={"bucket": "acme-cdc", "prefix": "raw/sales"},
@@ -27,7 +27,10 @@ def settings():  # type: ignore[no-untyped-def]
     )
 
 
-def test_every_statement_parses_with_sqlglot(settings) -> None:  # type: ignore[no-untyped-def]
+def test_every_statement_parses_with_sqlglot(settings: Settings) -> None:
+    """Every rendered statement parses as Snowflake SQL (only the kinds sqlglot keeps as a bare
+    Command are exempt), the pipe's COPY parses as a COPY, and every task body is made of INSERT,
+    DELETE and MERGE statements."""
     statements = sql.statements(settings)
     assert len(statements) >= 15
     for stmt in statements:
@@ -45,7 +48,10 @@ def test_every_statement_parses_with_sqlglot(settings) -> None:  # type: ignore[
             assert isinstance(tree, (exp.Insert, exp.Delete, exp.Merge)), statement
 
 
-def test_rendered_sql_names_the_configuration(settings) -> None:  # type: ignore[no-untyped-def]
+def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
+    """The rendered SQL uses the configured database, schema and warehouse, points the stage and
+    the storage integration's allowed location at s3://<bucket>/<prefix>/<table>/, and keeps no
+    template syntax."""
     text = sql.render(settings)
     assert "USE SCHEMA ANALYTICS.CDC" in text
     assert "URL = 's3://acme-cdc/raw/sales/public.ecommerce_sales/'" in text
@@ -56,7 +62,7 @@ def test_rendered_sql_names_the_configuration(settings) -> None:  # type: ignore
     assert "{%" not in text
 
 
-def test_applying_twice_recreates_nothing_that_keeps_state(settings) -> None:  # type: ignore[no-untyped-def]
+def test_applying_twice_recreates_nothing_that_keeps_state(settings: Settings) -> None:
     """The pipe (its load history), the stream (its offset) and the tables are created only
     if missing; nothing is ever replaced."""
     for stmt in sql.statements(settings):
@@ -68,7 +74,7 @@ def test_applying_twice_recreates_nothing_that_keeps_state(settings) -> None:  #
     assert "AUTO_INGEST = TRUE" in pipe.text
 
 
-def test_the_pipe_reads_the_columns_the_daemon_writes(settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_pipe_reads_the_columns_the_daemon_writes(settings: Settings) -> None:
     """The pipe's $1..$n are the objects' columns in order: the source table's columns, then
     _cdc_op, _cdc_seq, _cdc_ts; each lands in the RAW_SALES column of the same name."""
     source = re.findall(r"^    (\w+) ", SALES_DDL, re.M)
@@ -98,11 +104,16 @@ def test_the_pipe_reads_the_columns_the_daemon_writes(settings) -> None:  # type
     ],
 )
 def test_names_that_could_splice_sql_are_refused(section: str, key: str, value: str) -> None:
+    """A Snowflake setting that would splice SQL (a database name with a statement, a pipe name
+    with a quote, a schedule or role ARN breaking out of its quotes) is refused when the settings
+    load."""
     with pytest.raises(ConfigError):
         load_settings(None, **{section: {key: value}})
 
 
 def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
+    """A bucket name that would break out of the stage URL's quotes is refused when the SQL is
+    rendered, with a message about the stage URL."""
     settings = load_settings(None, s3={"bucket": "b'); DROP", "prefix": ""})
     with pytest.raises(ConfigError, match="stage URL"):
         sql.render(settings)
@@ -111,6 +122,9 @@ def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
 def test_cli_renders_and_refuses_what_it_cannot_do(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """`snowflake render` prints the SQL for the configured bucket; `snowflake apply` with the
+    emulator configured, and `reconcile --once` without snowflake.account, exit 2 with one line
+    on stderr (naming the missing key), never a traceback."""
     import structlog
 
     from cdc_daemon.cli import main

@@ -23,10 +23,15 @@ def checks(type_name: str) -> list[str]:
     ],
 )
 def test_base_type_drops_modifiers(type_name: str, base: str) -> None:
+    """A column's base type is its type without length, precision or scale modifiers; an array
+    keeps its brackets."""
     assert Column("x", type_name).base_type == base
 
 
 def test_checks_the_type_rules_out_are_left_out() -> None:
+    """Only the quarantine checks a column's type can fail are emitted: numeric(12,3) only the
+    NaN check, unconstrained numeric or one with more than 38 integer digits the range check too,
+    and varchar the 16 MiB length check only when its declared length could exceed it."""
     assert checks("numeric(12,3)") == ["\"x\" = 'NaN'::numeric"]
     assert len(checks("numeric")) == 2  # unconstrained: may be out of Snowflake's range
     assert len(checks("numeric(38,-5)")) == 2  # 43 digits before the point
@@ -43,6 +48,8 @@ def test_arrays_get_no_scalar_checks() -> None:
 
 
 def test_timestamps_with_a_precision_are_converted() -> None:
+    """A timestamptz with a declared precision is written from its text with the T and a :00
+    offset minute added (ISO-8601, like the unmodified type), and keeps its one quarantine check."""
     expr = Column("x", "timestamp(3) with time zone").csv_expr().as_string(None)
     assert "replace(\"x\"::text, ' ', 'T') || ':00'" in expr
     assert len(checks("timestamp(3) with time zone")) == 1
