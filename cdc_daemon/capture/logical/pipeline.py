@@ -26,10 +26,10 @@ from pathlib import Path
 
 import structlog
 
-from cdc_daemon.batch.policy import BatchPolicy
+from cdc_daemon.batch.policy import BatchPolicy, Limits
 from cdc_daemon.batch.spool import DayObject, DaySpool
 from cdc_daemon.capture.logical.pgoutput import format_lsn
-from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotStatus, lsn_window
+from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotStatus
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.ops.metrics import Metrics
@@ -62,9 +62,9 @@ class LogicalPipeline:
         self._metrics = metrics
         self.policy = BatchPolicy.of(settings.batch)
         self._pos: int | None = None  # the ledger's position (an LSN); INT64_MIN: none yet
+        self._read_pos = 0  # where the stream stands (at or past the ledger's position)
         self._last_move = -float("inf")  # the first idle pass of a start moves the slot
         self._lag_warned = -_LAG_WARN_EVERY_S
-        self._seen_since: float | None = None
 
     @property
     def table(self) -> str:
@@ -87,6 +87,7 @@ class LogicalPipeline:
             return await self._pass(draining)
         except BaseException:
             self._pos = None  # start over from the ledger
+            self._read_pos = 0
             raise
 
     # -- start: redo, snapshot ----------------------------------------------------------------
@@ -193,7 +194,7 @@ class LogicalPipeline:
             return
         await source.run(lambda: self._sync_slot(pending.lo))
         result = await source.run(
-            lambda: source.read(pending.lo, pending.hi, None, self._new_spool)
+            lambda: source.read(pending.lo, self._new_spool, redo_end=pending.hi)
         )
         try:
             batch = await self._batch_of(result, pending.read_ts)
@@ -238,42 +239,34 @@ class LogicalPipeline:
         source = self._logical
         pos = self._pos
         assert pos is not None
+        # The stream may stand past the ledger's position: a stretch of WAL with nothing of
+        # the table in it is confirmed only every heartbeat_s (the ledger is not written for
+        # every keepalive).
+        start = max(pos, self._read_pos)
         status = await source.run(lambda: self._sync_slot(pos))
         self._watch_lag(status)
-        now = time.monotonic()
-        if status.flush_lsn <= pos:
-            self._seen_since = None
-            return False
-        if self._seen_since is None:
-            self._seen_since = now
-        if (
-            not draining
-            and now - self._seen_since < settings.batch.max_age_s
-            and status.flush_lsn - pos < settings.batch.max_bytes
-        ):
-            return False  # let changes gather for up to max_age_s
-        upto = lsn_window(pos, status.flush_lsn, settings.capture.max_read_wal_bytes)
         started = time.monotonic()
         read_ts = utc_now_iso()
-        batch_settings = settings.batch
+        batch = settings.batch
+        limits = Limits(self.policy.max_rows, batch.max_bytes, batch.max_days)
         result = await source.run(
             lambda: source.read(
-                pos,
-                upto,
-                self.policy.max_rows,
+                start,
                 self._new_spool,
-                batch_settings.max_bytes,
-                batch_settings.max_days,
+                limits,
+                batch.max_age_s,
+                settings.capture.poll_interval_s,
+                status.flush_lsn if draining else None,
             )
         )
-        self._seen_since = None
         try:
             if result.hi is None or result.hi <= pos:
                 return False
             if result.rows == 0:
-                # Nothing of the table commits before hi: move there when more WAL follows, or
-                # as a heartbeat, so that the slot does not hold WAL back.
-                if result.more or now - self._last_move >= settings.capture.heartbeat_s:
+                # Nothing of the table commits before hi: the position moves there every
+                # heartbeat_s (ledger, then slot), so that the slot holds no WAL back.
+                self._read_pos = result.hi
+                if time.monotonic() - self._last_move >= settings.capture.heartbeat_s:
                     await self._store.commit_position(
                         self.table, CaptureState(pos, pos), CaptureState(result.hi, result.hi)
                     )
@@ -281,20 +274,22 @@ class LogicalPipeline:
                     self._pos = result.hi
                     self._last_move = time.monotonic()
                     log.debug("slot_moved", table=self.table, lsn=format_lsn(result.hi))
-                return result.more
-            batch = await self._batch_of(result, read_ts)
+                return False
+            # The batch covers [pos, hi): nothing of the table commits in [pos, start).
+            result.lo = pos
+            record = await self._batch_of(result, read_ts)
             timings = {
                 "extract_s": time.monotonic() - started,
                 "compress_s": sum(g.spool.compress_s for g in result.generations),
             }
-            await self._unit.record(batch, self._store)
-            timings |= await self._commit_batch(batch)
+            await self._unit.record(record, self._store)
+            timings |= await self._commit_batch(record)
         finally:
             await self._discard(result)
-        self._pos = batch.hi
-        self.policy.learn(batch.rows, batch.raw_bytes)
-        reason = "max_bytes_or_days" if result.cut else "more" if result.more else "caught_up"
-        self._log_batch(batch, started, timings, reason)
+        self._pos = self._read_pos = record.hi
+        self.policy.learn(record.rows, record.raw_bytes)
+        reason = "max_bytes_or_days" if result.cut else "max_age_or_drain"
+        self._log_batch(record, started, timings, reason)
         return True
 
     async def _commit_batch(self, batch: BatchRecord) -> dict[str, float]:

@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import operator
 import struct
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +77,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from cdc_daemon.batch.policy import Limits
 from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
 from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder
 from cdc_daemon.capture.logical.pgoutput import (
@@ -91,6 +94,12 @@ from cdc_daemon.capture.logical.pgoutput import (
     iso_utc,
     parse_lsn,
 )
+from cdc_daemon.capture.logical.stream import (
+    STATUS_INTERVAL_S,
+    XLOG_HEADER,
+    Keepalive,
+    ReplicationStream,
+)
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 from cdc_daemon.source.copyread import CopyRows
@@ -101,8 +110,9 @@ log = structlog.get_logger()
 
 _U16 = struct.Struct(">H").unpack_from
 _U32 = struct.Struct(">I").unpack_from
-_ROW = struct.Struct(">hiQi").unpack_from  # fields, 8, lsn, length of data
-_COPY_HEADER = 19  # PGCOPY\n\377\r\n\0, flags, header extension length
+_XLOG_START = struct.Struct(">Q").unpack_from  # XLogData's dataStart: the message's LSN
+# Draining: the server's walEnd has not moved and nothing came for this long.
+_STALLED_S = 10.0
 _CHANGES = frozenset(b"IUD")
 
 
@@ -219,6 +229,13 @@ class LogicalSource(SourceSession):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._table: LogicalTable | None = None
+        self._stream: ReplicationStream | None = None
+        self._stream_next = 0  # the stream delivered every transaction committing before this
+        # pgoutput sends a table's Relation message once per stream (and after DDL), not once
+        # per batch: the latest one is kept for the next batch read from the same stream.
+        self.stream_relation: Relation | None = None
+        self._keepalive: threading.Thread | None = None
+        self._cancelled = False
         # The column list accepted so far (from the ledger, then from Relation messages).
         self.accepted: tuple[tuple[str, int, int], ...] | None = None
 
@@ -435,7 +452,12 @@ class LogicalSource(SourceSession):
         return dropped
 
     def advance(self, lsn: int) -> None:
-        """Move the slot's confirmed position to ``lsn`` (only ever forward)."""
+        """Move the slot's confirmed position to ``lsn`` (only ever forward): through the
+        stream's status update while one is open (the slot is busy then), else by SQL."""
+        stream = self._stream
+        if stream is not None and not stream.closed:
+            stream.confirm(lsn)
+            return
         self._guard(
             "advancing the slot",
             lambda c: c.execute(
@@ -495,95 +517,162 @@ class LogicalSource(SourceSession):
 
     # -- streaming ----------------------------------------------------------------------------
 
+    def _stream_at(self, lo: int) -> ReplicationStream:
+        """The open stream when it stands at ``lo`` (it delivered everything before), else a
+        new one started there."""
+        stream = self._stream
+        if stream is not None and not stream.closed and self._stream_next == lo:
+            return stream
+        self.close_stream()
+        stream = ReplicationStream(self._settings, self.slot, self.publication)
+        stream.open(lo)
+        self._stream = stream
+        self._stream_next = lo
+        self.stream_relation = None
+        # Status updates go out while nobody reads (an upload, a retry's backoff), or the
+        # walsender drops the connection after wal_sender_timeout.
+        self._keepalive = threading.Thread(
+            target=_keep_alive, args=(stream,), name="cdc-stream-keepalive", daemon=True
+        )
+        self._keepalive.start()
+        return stream
+
+    def close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+        thread, self._keepalive = self._keepalive, None
+        if thread is not None:
+            thread.join()
+
+    def close(self) -> None:
+        self.close_stream()
+        super().close()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        super().cancel()
+
     def read(
         self,
         lo: int,
-        upto: int,
-        nchanges: int | None,
         new_spool: SpoolFactory,
-        max_bytes: int | None = None,
-        max_days: int | None = None,
+        limits: Limits | None = None,
+        max_age_s: float = 0.0,
+        wait_s: float = 1.0,
+        drain_to: int | None = None,
+        redo_end: int | None = None,
     ) -> ReadResult:
-        """Peek the transactions that commit in ``[lo, upto)`` (at most ``nchanges`` rows of
-        output, whole transactions) and write their changes into spools. With ``max_bytes`` /
-        ``max_days`` the batch may close early, after a transaction. ``nchanges=None`` with
-        ``upto=hi`` re-reads exactly a recorded batch ``(lo, hi]`` (redo)."""
-        conn = self._session()
-        result = ReadResult(lo, None, upto)
-        reader = _Reader(self, result, new_spool, lo, upto if nchanges is None else None)
-        query = sql.SQL(
-            "COPY (SELECT lsn, data FROM pg_logical_slot_peek_binary_changes({slot},"
-            " {upto}::pg_lsn, {n}, 'proto_version', '1', 'publication_names', {pub}))"
-            " TO STDOUT (FORMAT binary)"
-        ).format(
-            slot=sql.Literal(self.slot),
-            upto=sql.Literal(format_lsn(upto)),
-            n=sql.Literal(nchanges),
-            pub=sql.Literal(self.publication),
-        )
-        returned = 0
-        cancelled = False
+        """Stream the transactions that commit at or after ``lo`` into spools, whole. Without
+        ``redo_end`` the batch closes after a commit once ``limits`` are reached (``cut``:
+        more is waiting) or once its first change is ``max_age_s`` old; with ``drain_to``
+        (draining: everything committed before the call), once the stream is caught up to
+        it (a keepalive's walEnd past it, with no transaction open). An idle call returns
+        after about ``wait_s``. With ``redo_end`` it reads exactly the transactions
+        committing in ``[lo, redo_end)`` (a recorded batch, again)."""
+        self._cancelled = False
+        stream = self._stream_at(lo)
+        result = ReadResult(lo, None, 0)
+        reader = _Reader(self, result, new_spool, lo, redo_end)
+        if self.stream_relation is not None:
+            reader.relation(self.stream_relation)
+        # Ask for the server's position at once: an idle stream is known idle in one trip.
+        stream.confirm(stream.confirmed, reply=True)
+        asked = started = progressed = time.monotonic()
+        first_row = 0.0
+        wal_end = 0
         try:
-            with conn.cursor() as cur, cur.copy(query) as copy:
-                rows = CopyRows(copy).batch  # the rows libpq holds; [] at the end
-                feed = reader.feed
-                pos = _COPY_HEADER
-                while batch := rows():
-                    for data in map(bytes, batch):
-                        if data[pos] == 0xFF:
-                            continue  # the trailer (field count -1; a row has 2)
-                        _, _, lsn, length = _ROW(data, pos)
-                        returned += 1
-                        if not cancelled and feed(lsn, data, pos + 18, pos + 18 + length):
-                            # Closed early (limits, or the end of a redone batch): stop the
-                            # server.
-                            cancelled = True
-                            conn.cancel_safe(timeout=5)
-                        pos = 0
-                        if cancelled:
-                            continue
-                        if (
-                            max_bytes is not None
-                            and reader.after_commit
-                            and (
-                                reader.raw_bytes() >= max_bytes
-                                or reader.days() > (max_days or 1 << 30)
-                            )
-                        ):
-                            result.cut = True
-                            cancelled = True
-                            conn.cancel_safe(timeout=5)
-        except psycopg.errors.QueryCanceled as exc:
-            if not cancelled:
-                reader.discard()
-                self.close()
-                raise TransientError("reading the slot was cancelled") from exc
+            while True:
+                if self._cancelled:
+                    raise TransientError("reading the slot was cancelled").at("postgres")
+                message = stream.receive(0.1)
+                now = time.monotonic()
+                if stream.wal_end > wal_end or isinstance(message, bytes):
+                    wal_end, progressed = stream.wal_end, now
+                if isinstance(message, bytes):
+                    lsn = _XLOG_START(message, 1)[0]
+                    if reader.feed(lsn, message, XLOG_HEADER, len(message)):
+                        result.hi = redo_end  # a Begin at or past the end of a redone batch
+                        break
+                    if result.rows and not first_row:
+                        first_row = now
+                    if not reader.after_commit or redo_end is not None:
+                        continue
+                    if limits is not None and (
+                        result.rows >= limits.max_rows
+                        or reader.raw_bytes() >= limits.max_bytes
+                        or reader.days() > limits.max_days
+                    ):
+                        result.hi, result.cut, result.more = reader.last_end, True, True
+                        break
+                    if result.rows and drain_to is None and now - first_row >= max_age_s:
+                        result.hi = reader.last_end
+                        break
+                    continue  # draining: on until the stream is caught up
+                if reader.in_transaction:
+                    continue  # a large transaction: its Commit is on its way
+                if isinstance(message, Keepalive) and message.wal_end >= lo:
+                    # Everything committing before wal_end has been received.
+                    caught = max(message.wal_end, reader.last_end or 0)
+                    result.upto = caught
+                    if redo_end is not None:
+                        if caught >= redo_end:
+                            result.hi = redo_end
+                            break
+                    elif drain_to is not None:
+                        result.hi = caught if caught > lo else None
+                        # The server's flush LSN can stand inside a record the walsender cannot
+                        # read yet: a walEnd that stops moving while nothing comes is the end.
+                        if caught >= drain_to or now - progressed >= _STALLED_S:
+                            break
+                    elif not result.rows:
+                        result.hi = caught if caught > lo else None
+                        if now - started >= wait_s:
+                            break
+                    elif now - first_row >= max_age_s:
+                        result.hi = caught
+                        break
+                elif (
+                    result.rows
+                    and redo_end is None
+                    and drain_to is None
+                    and (now - first_row >= max_age_s)
+                ):
+                    result.hi = reader.last_end
+                    break
+                if now - asked >= min(wait_s, 0.5):
+                    stream.confirm(stream.confirmed, reply=True)
+                    asked = now
         except CdcError:
             reader.discard()
+            self.close_stream()
             raise
-        except psycopg.Error as exc:
-            reader.discard()
-            self.close()
-            raise _translate(exc, f"reading slot {self.slot}") from None
         except DecodeError as exc:
             reader.discard()
+            self.close_stream()
             raise CdcError(
                 f"slot {self.slot} sent a message this decoder cannot read: {exc}"
             ) from None
-        if reader.in_transaction and not cancelled:
+        except BaseException:
             reader.discard()
-            raise CdcError(f"slot {self.slot} returned a transaction without its commit")
+            self.close_stream()
+            raise
         reader.finish()
-        if nchanges is None:
-            result.hi = upto  # a redo: exactly the recorded range
-        elif result.cut or returned >= nchanges:
-            # Only whole transactions up to the last one read are known to be complete.
-            result.hi = reader.last_end
-            result.more = True
-        else:
-            # The call read its whole window: nothing else commits before upto.
-            result.hi = max(upto, reader.last_end or 0)
+        if redo_end is not None:
+            self.close_stream()  # it may have read past the batch: the next read starts anew
+        elif result.hi is not None:
+            self._stream_next = result.hi
         return result
+
+
+def _keep_alive(stream: ReplicationStream) -> None:
+    """Status updates for ``stream`` until it closes (see ``LogicalSource._stream_at``)."""
+    while not stream.closed:
+        try:
+            stream.keep_alive()
+        except CdcError:
+            return  # the reader sees the broken stream on its next call
+        time.sleep(STATUS_INTERVAL_S / 4)
 
 
 class _Reader:
@@ -656,7 +745,7 @@ class _Reader:
             self._result.transactions += 1
         elif isinstance(message, Relation):
             if message.oid == self._table.oid:
-                self._relation(message)
+                self.relation(message)
         elif isinstance(message, Truncate) and self._table.oid in message.relations:
             raise SourceError(
                 f"{self._table.info.qualified} was truncated (commit before LSN {format_lsn(lsn)}):"
@@ -720,7 +809,9 @@ class _Reader:
             target.drain()
         self._result.rows += 1
 
-    def _relation(self, message: Relation) -> None:
+    def relation(self, message: Relation) -> None:
+        """The table's column list from now on (a Relation message)."""
+        self._source.stream_relation = message
         columns = tuple((c.name, c.type_oid, c.typmod) for c in message.columns)
         accepted = self._source.accepted
         if accepted is not None and columns != accepted:
@@ -768,8 +859,3 @@ def _translate(exc: psycopg.Error, doing: str) -> CdcError:
     if exc.sqlstate in ("55000", "42704"):
         return SourceError(f"{doing}: {str(exc).strip().splitlines()[0]}")
     return from_psycopg(exc, doing)
-
-
-def lsn_window(position: int, flush: int, max_bytes: int) -> int:
-    """The ``upto_lsn`` of the next peek: at most ``max_bytes`` of WAL past the position."""
-    return min(flush, position + max_bytes)
