@@ -100,8 +100,8 @@ class CaptureSettings(_Section):
     max_read_wal_bytes: int = Field(
         default=256 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Logical mode: WAL read by one peek at most, so that one call never "
-        "decodes the whole backlog.",
+        description="Unused since logical capture streams (it bounded the WAL one peek "
+        "decoded); kept so that existing files still load.",
     )
     heartbeat_s: float = Field(
         default=10.0,

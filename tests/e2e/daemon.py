@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +105,22 @@ def stop_daemon(
     return proc.communicate(timeout=timeout)
 
 
-def sigkill_rounds(config: Path, rng: random.Random, rounds: int) -> None:
+def sigkill_rounds(
+    config: Path,
+    rng: random.Random,
+    rounds: int,
+    after_round: Callable[[], None] | None = None,
+) -> None:
     """``rounds`` times: start the daemon, SIGKILL it at a random moment 0.3 to 1.8 s later
-    (a moment drawn, not a state waited for: the point is not to choose it) and check it died
-    of that signal."""
+    (a moment drawn, not a state waited for: the point is not to choose it), check it died
+    of that signal, then run ``after_round`` (a check of the state it left)."""
     for _ in range(rounds):
         with daemon_process(config) as daemon:
             time.sleep(0.3 + rng.random() * 1.5)
             out, err = stop_daemon(daemon, signal.SIGKILL)
         assert daemon.returncode == -signal.SIGKILL, out[-3000:] + err[-3000:]
+        if after_round is not None:
+            after_round()
 
 
 def wait_for_event(

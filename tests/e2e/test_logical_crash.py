@@ -47,6 +47,20 @@ def setup(pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path) -> Path:
     return config
 
 
+def slot_within_ledger(pg_dsn: str) -> None:
+    """The slot's confirmed position never passes the ledger's (what is durable in S3)."""
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots"
+            " WHERE slot_name = 'cdc_public_ecommerce_sales'),"
+            " (SELECT high FROM cdc.positions WHERE table_name = 'public.ecommerce_sales')"
+        ).fetchone()
+    assert row is not None
+    confirmed, ledger = row
+    if confirmed is not None and ledger is not None:
+        assert int(confirmed) <= int(ledger), (confirmed, ledger)
+
+
 def statuses(pg_dsn: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(pg_dsn) as conn:
         return conn.execute("SELECT DISTINCT status FROM cdc.batches").fetchall()
@@ -76,8 +90,9 @@ def test_random_sigkills_lose_nothing(
     pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
     """15 rounds: start the daemon, SIGKILL it after a random time while three writers insert,
-    update (also the partition column) and delete, some concurrently; then one clean run. The
-    rebuilt table equals the source. The seed is printed; CDC_TEST_SEED replays it."""
+    update (also the partition column) and delete, some concurrently; after every round the
+    slot's confirmed position is at most the ledger's; then one clean run. The rebuilt table
+    equals the source. The seed is printed; CDC_TEST_SEED replays it."""
     seed = int(os.environ.get("CDC_TEST_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -94,7 +109,7 @@ def test_random_sigkills_lose_nothing(
     for thread in writers:
         thread.start()
     try:
-        sigkill_rounds(config, rng, 15)
+        sigkill_rounds(config, rng, 15, lambda: slot_within_ledger(pg_dsn))
     finally:
         stop.set()
         for thread in writers:

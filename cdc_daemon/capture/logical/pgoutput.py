@@ -1,9 +1,9 @@
 """A decoder for PostgreSQL's ``pgoutput`` logical replication messages, protocol version 1.
 
-Pure: bytes in, messages out. The messages are those of one row of
-``pg_logical_slot_peek_binary_changes(slot, upto_lsn, upto_nchanges, 'proto_version', '1',
-'publication_names', ...)`` (the ``data`` column); the change's own LSN is the ``lsn`` column of
-that row, not part of the message. Layouts: PostgreSQL's "Logical Replication Message Formats".
+Pure: bytes in, messages out. The messages are the payloads of the stream's XLogData messages
+(the same bytes as the ``data`` column of ``pg_logical_slot_peek_binary_changes``); the
+change's own LSN is XLogData's ``dataStart``, not part of the message. Layouts: PostgreSQL's
+"Logical Replication Message Formats".
 
 Decoded: Begin, Commit, Relation, Insert, Update, Delete, Truncate. Type, Origin and logical
 decoding Message are recognised and returned as ``Ignored`` (they carry nothing the capture

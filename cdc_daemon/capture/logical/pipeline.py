@@ -1,11 +1,11 @@
-"""The logical producer: peek -> spool -> intent record -> upload -> ledger commit -> slot
+"""The logical producer: stream -> spool -> intent record -> upload -> ledger commit -> slot
 advance. How positions, the snapshot hand-over, TOAST and schema changes work is in
 ``capture.logical.source``; the intent record, uploads, commit, crash points and the log line
 are ``unit.UnitOfWork``'s, as for every exporter.
 
-Batches run one after another: the next peek starts where the slot stands, so the slot is
-advanced before the next read (an overlapped read would make the server decode the batch
-still uploading a second time).
+Batches run one after another on one stream: the next batch is read once the previous one is
+committed and confirmed (while it uploads, nobody reads, and a keepalive thread answers the
+walsender).
 
 The initial snapshot cannot be re-read after a crash (its exported snapshot dies with the
 connection), so its spool files are kept, named by their sha256, in

@@ -6,32 +6,38 @@ key, changes are serialised by row locks, so their LSNs grow in commit order and
 ``_cdc_seq`` per key wins" rebuilds the table. An update that changes the key also writes a
 ``D`` row for the old key (same LSN).
 
-Reading. psycopg has no replication-protocol API, so changes are read with
-``pg_logical_slot_peek_binary_changes`` (which leaves them in the slot), streamed through
-``COPY ... TO STDOUT (FORMAT binary)``: rows are decoded and written to the spool as they
-arrive, so a transaction of any size is exported with bounded memory (the server keeps the
-function's result in a tuplestore that spills to disk). Every call is bounded by ``upto_lsn``
-(at most ``capture.max_read_wal_bytes`` of WAL) and ``upto_nchanges`` (``batch.max_rows``;
-only checked between transactions, so one huge transaction still comes whole, streamed).
+Reading. Changes come over the streaming replication protocol (``stream.ReplicationStream``:
+``START_REPLICATION ... LOGICAL`` on a ``replication=database`` connection): the walsender
+decodes each WAL record once and keeps its reorder buffer for the whole session, so a long open
+transaction elsewhere costs nothing per read (the SQL peek functions decode again from the
+slot's ``restart_lsn`` on every call). Messages are decoded and written to the spool as they
+arrive, so a transaction of any size is exported with bounded memory (the walsender spills
+large transactions to disk, not the daemon). One stream serves batch after batch; a broken
+one (a terminated walsender, a restart) is replaced by a new one started at the ledger's
+position.
 
 Position. The position ``P`` (kept in the ledger as the batch's ``hi``) means: every
-transaction whose commit record starts before ``P`` is in S3. The SQL function emits whole
-transactions at their commit record, and skips those whose commit starts before the slot's
-``confirmed_flush_lsn``. A batch therefore holds whole transactions with commit LSN in
-``[lo, hi)``: ``hi`` is the end LSN of its last transaction, or the ``upto_lsn`` of the call
-when the call read its whole window (then nothing else commits before it). A batch is never
-split inside a transaction. Order: spool -> intent record (``pending``, with ``lo``/``hi``)
--> upload -> ledger commit -> ``pg_replication_slot_advance(slot, hi)``. The slot never moves
-past what is durable in S3; a slot behind the ledger (crash after the commit) is advanced at
-the next pass; a slot ahead of the ledger, missing, or invalidated (``wal_status = 'lost'``)
-stops the daemon with a clear message, never a silent restart from "now". A pending batch is
-redone by peeking ``(lo, hi]`` again: the same transactions, LSNs and commit times, so
-byte-identical objects under the same keys (changes may be exported twice, with the same
-``_cdc_seq``; never lost).
+transaction whose commit record starts before ``P`` is in S3. The walsender sends whole
+transactions at their commit record, and skips those whose commit starts before the start
+LSN. A batch therefore holds whole transactions with commit LSN in ``[lo, hi)``: ``hi`` is the
+end LSN of its last transaction, or the walEnd of a keepalive that came with no transaction
+open (then nothing else commits before it). A batch is never split inside a transaction.
+Order: spool -> intent record (``pending``, with ``lo``/``hi``) -> upload -> ledger commit ->
+the slot's confirmed position moves to ``hi`` (a standby status update reporting ``hi`` as
+flushed; ``pg_replication_slot_advance`` when no stream is open). Status updates only ever
+report the ledger's position, never what was received: the slot never moves past what is
+durable in S3. A slot behind the ledger (crash after the commit) is moved up at the next
+pass; a slot ahead of the ledger, missing, or invalidated (``wal_status = 'lost'``) stops the
+daemon with a clear message, never a silent restart from "now". A pending batch is redone by
+streaming ``[lo, hi)`` again: the same transactions, LSNs and commit times, so byte-identical
+objects under the same keys (changes may be exported twice, with the same ``_cdc_seq``; never
+lost).
 
-Idle table, busy server: a call that returns nothing still proves that nothing commits before
-its ``upto_lsn``, so the position moves there (ledger, then slot) when more WAL follows or
-every ``capture.heartbeat_s``: the slot never holds WAL back for unrelated activity. Slot lag
+Idle table, busy server: a keepalive that comes with no transaction open proves that nothing
+commits before its walEnd, and the walsender reads the WAL of every database of the cluster,
+so the position moves there (ledger, then slot) every ``capture.heartbeat_s``: the slot never
+holds WAL back for unrelated activity, also when the source database itself is idle (tested;
+no ``pg_logical_emit_message`` heartbeat is needed). Slot lag
 (``pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)``) is logged with every batch
 (``slot_lag_bytes``) and a warning passes ``capture.max_lag_bytes``.
 
@@ -95,7 +101,6 @@ from cdc_daemon.capture.logical.pgoutput import (
     parse_lsn,
 )
 from cdc_daemon.capture.logical.stream import (
-    STATUS_INTERVAL_S,
     XLOG_HEADER,
     Keepalive,
     ReplicationStream,
@@ -122,7 +127,7 @@ class SlotStatus:
     confirmed_flush: int = 0
     restart_lsn: int = 0
     wal_status: str | None = None
-    flush_lsn: int = 0  # pg_current_wal_flush_lsn(): the end of what a peek can read
+    flush_lsn: int = 0  # pg_current_wal_flush_lsn(): where a drain (--exit-when-idle) ends
     lag_bytes: int = 0
 
 
@@ -138,7 +143,7 @@ class LogicalTable:
 
 @dataclass
 class ReadResult:
-    """What one peek found. ``hi`` is the new position (None: no progress)."""
+    """What one read found. ``hi`` is the new position (None: no progress)."""
 
     lo: int
     hi: int | None
@@ -672,11 +677,11 @@ def _keep_alive(stream: ReplicationStream) -> None:
             stream.keep_alive()
         except CdcError:
             return  # the reader sees the broken stream on its next call
-        time.sleep(STATUS_INTERVAL_S / 4)
+        time.sleep(min(stream.status_interval_s / 4, 1.0))
 
 
 class _Reader:
-    """Turns the messages of one peek into spooled CSV rows (one instance per batch)."""
+    """Turns the messages of one read into spooled CSV rows (one instance per batch)."""
 
     def __init__(
         self,

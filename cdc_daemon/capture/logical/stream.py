@@ -15,7 +15,8 @@ The client sends ``r`` standby status updates: written, flushed and applied LSN,
 and whether it wants a keepalive back. The slot's ``confirmed_flush_lsn`` follows the flushed
 LSN, so it is only ever the ledger's position (what is durable in S3), never what was merely
 received. The walsender drops a client that has not sent one for ``wal_sender_timeout``
-(60 s by default), so one goes out every ``STATUS_INTERVAL_S`` whatever the client is doing.
+(60 s by default), so one goes out four times per timeout (at most every
+``STATUS_INTERVAL_S``) whatever the client is doing.
 
 psycopg 3 refuses COPY_BOTH in its high-level API; its libpq layer (``psycopg.pq``) carries the
 protocol: ``send_query``, ``get_copy_data`` (non-blocking), ``put_copy_data``, ``flush`` and the
@@ -38,8 +39,9 @@ from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 
-# Below every sane wal_sender_timeout (60 s by default; a few seconds in the tests).
-STATUS_INTERVAL_S = 1.0
+# Status updates go out at least this often, and four times per wal_sender_timeout when the
+# server's is shorter (it is 60 s by default).
+STATUS_INTERVAL_S = 10.0
 
 _XLOG = struct.Struct(">QQq").unpack_from  # dataStart, walEnd, sendTime
 _KEEPALIVE = struct.Struct(">QqB").unpack_from  # walEnd, sendTime, reply requested
@@ -68,6 +70,7 @@ class ReplicationStream:
         self.confirmed = 0  # the flushed LSN reported to the server: the ledger's position
         self.wal_end = 0  # the server's walEnd, from its latest message
         self._last_status = 0.0
+        self.status_interval_s = STATUS_INTERVAL_S
 
     @property
     def closed(self) -> bool:
@@ -96,6 +99,12 @@ class ReplicationStream:
         )
         pgconn = conn.pgconn
         try:
+            row = conn.execute(
+                "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'"
+            ).fetchone()
+            timeout_ms = int(str(row[0])) if row else 0
+            if timeout_ms > 0:
+                self.status_interval_s = min(STATUS_INTERVAL_S, timeout_ms / 4000)
             pgconn.send_query(command.as_bytes(conn))
             while True:
                 pgconn.flush()
@@ -140,7 +149,7 @@ class ReplicationStream:
         with self.lock:
             pgconn = self._pgconn()
             try:
-                if time.monotonic() - self._last_status >= STATUS_INTERVAL_S:
+                if time.monotonic() - self._last_status >= self.status_interval_s:
                     self._send_status(pgconn, reply=False)
                 size, data = pgconn.get_copy_data(1)
                 if size == 0:
@@ -177,7 +186,7 @@ class ReplicationStream:
         """A status update if one is due: for a thread that runs while nobody reads."""
         with self.lock:
             if self._conn is not None and time.monotonic() - self._last_status >= (
-                STATUS_INTERVAL_S
+                self.status_interval_s
             ):
                 self._send(self._conn.pgconn, reply=False)
 
@@ -200,10 +209,16 @@ class ReplicationStream:
         """The server ended the stream (a terminated walsender, a shutdown)."""
         result = pgconn.get_result()
         if result is not None and result.status == pq.ExecStatus.FATAL_ERROR:
+            self._lost("")
             return _refused(result, f"streaming slot {self.slot}")
         return self._lost(pgconn.error_message.decode(errors="replace") or "the stream ended")
 
     def _lost(self, why: str) -> CdcError:
+        """The stream is unusable: it is closed here (the lock is held), so that the next
+        user starts a new one instead of failing on this one again."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
         return TransientError(
             f"the replication stream of slot {self.slot} broke: {_first_line(why)}"
         ).at("postgres")
