@@ -4,6 +4,7 @@ a short wal_sender_timeout, WAL written by others) without losing or doubling a 
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,4 +196,34 @@ async def test_wal_of_another_database_does_not_stay_pinned(
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)')
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+async def test_a_postgres_restart_is_waited_out_by_the_stream(
+    pg_dsn: str, local_pg: Any, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """The source server restarts under a streaming daemon: the stream breaks, the daemon
+    reconnects (ledger, lock, a new stream at the ledger's position) and exports what was
+    committed before and after, each change once: the objects rebuild the source."""
+    if local_pg is None:
+        pytest.skip("CDC_TEST_PG_DSN points at a server this test must not restart")
+    sales(pg_dsn, 30)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"mode": "logical", "heartbeat_s": 0.2},
+        batch={"max_rows": 500},
+        daemon={"retry_max_wait_s": 0.5, "retry_attempts": 60},
+    )
+    assert await init(settings) == 0
+    rng = random.Random(11)
+    async with running_daemon(settings):
+        await wait_until(lambda: stream_pid(pg_dsn) is not None)
+        random_changes(pg_dsn, rng, 4)
+        await asyncio.to_thread(local_pg.restart)
+        random_changes(pg_dsn, rng, 4)
+        end = flush_lsn(pg_dsn)
+        await wait_until(lambda: ledger_at_least(pg_dsn, end))
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)

@@ -88,6 +88,10 @@ class LogicalPipeline:
         except BaseException:
             self._pos = None  # start over from the ledger
             self._read_pos = 0
+            # And on a new stream. Closing this one also lets a server shut down: a stopping
+            # walsender waits until the client has confirmed everything it sent, which a
+            # daemon that cannot reach its ledger (a restart refuses new sessions) never does.
+            await asyncio.to_thread(self._logical.close_stream)
             raise
 
     # -- start: redo, snapshot ----------------------------------------------------------------
