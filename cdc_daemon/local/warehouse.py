@@ -58,9 +58,8 @@ from cdc_daemon.warehouse.client import (
     LoadRecord,
     PipeStatus,
     Warehouse,
-    normalize_status,
+    load_record,
     parse_pipe_status,
-    stage_relative,
 )
 
 log = structlog.get_logger()
@@ -85,17 +84,7 @@ class EmulatorDialect:
             " FROM _EMU_COPY_HISTORY WHERE LAST_LOAD_TIME >= %(since)s",
             {"since": since.isoformat()},
         )
-        return [
-            LoadRecord(
-                file=stage_relative(str(r["FILE_NAME"])),
-                status=normalize_status(str(r["STATUS"])),
-                rows_loaded=int(r["ROW_COUNT"] or 0),
-                rows_parsed=int(r["ROW_PARSED"] or 0),
-                first_error=r["FIRST_ERROR_MESSAGE"],
-                loaded_at=r["LAST_LOAD_TIME"],
-            )
-            for r in rows
-        ]
+        return [load_record(r) for r in rows]
 
     def pipe_status(self, wh: Warehouse) -> PipeStatus:
         rows = wh.query(

@@ -52,8 +52,9 @@ REFRESH_DAYS = 7  # ALTER PIPE ... REFRESH only sees files staged this recently
 _HISTORY_OK = "loaded"
 _HISTORY_FAILED = frozenset({"load_failed", "partially_loaded", "failed"})
 # Only these are verdicts. COPY_HISTORY also reports "Load in progress" (with ROW_PARSED NULL
-# and a partial ROW_COUNT), and may report statuses unknown to this code: neither says anything
-# yet about the file, which stays "not seen" (Snowflake: "COPY_HISTORY", the STATUS column).
+# and a partial ROW_COUNT), and may report statuses unknown to this code: none of these says
+# anything yet about the file, which stays "not seen" (Snowflake: "COPY_HISTORY", the STATUS
+# and ROW_PARSED columns).
 _HISTORY_FINAL = _HISTORY_FAILED | {_HISTORY_OK}
 
 
@@ -104,7 +105,7 @@ def judge(
             continue
         name = stage_relative(obj.key)
         record = history.get(name)
-        if record is None or record.status not in _HISTORY_FINAL:
+        if record is None or record.status not in _HISTORY_FINAL or record.rows_parsed is None:
             unseen.append(name)
         elif record.status in _HISTORY_FAILED:
             problems.append(f"{name}: {record.status}: {record.first_error or 'no error given'}")
@@ -274,11 +275,14 @@ class Reconciler:
         )
 
     async def completeness(self) -> list[DayDifference]:
-        """Days whose row count or amount differs between Postgres and SALES. In watermark
-        mode only rows at or below the committed watermark are compared (the rest may not be
-        exported yet); a day whose last batch is still loading can differ for a while."""
+        """Days whose row count or amount differs between Postgres and SALES, among the days it
+        can judge: those none of whose objects is still waiting for Snowflake to confirm its
+        load. In watermark mode only rows at or below the committed watermark are compared (the
+        rest may not be exported yet); in logical mode only days that have objects (a day with
+        none is not exported yet, nothing can be said of it)."""
         settings = self._settings
         store = await self._ledger()
+        exported, waiting = await store.export_days(self._table)
         position = await store.position(self._table, settings.capture.mode)
         low = position.state.low if settings.capture.mode == "watermark" else None
         if low == INT64_MIN:
@@ -312,9 +316,11 @@ class Reconciler:
         )
         sales = {str(r["DAY"]): (int(r["N"]), Decimal(r["AMOUNT"])) for r in rows}
         zero = (0, Decimal(0))
+        days = source.keys() | sales.keys()
+        judged = {d for d in days if d not in waiting and (low is not None or d in exported)}
         diffs = [
             DayDifference(day, *_pair(source.get(day, zero), sales.get(day, zero)))
-            for day in sorted(source.keys() | sales.keys())
+            for day in sorted(judged)
             if source.get(day, zero) != sales.get(day, zero)
         ]
         for d in diffs:
@@ -326,7 +332,12 @@ class Reconciler:
                 source_amount=str(d.source_amount),
                 sales_amount=str(d.sales_amount),
             )
-        log.info("completeness_checked", days=len(source), differing=len(diffs))
+        log.info(
+            "completeness_checked",
+            days=len(judged),
+            differing=len(diffs),
+            not_judged_yet=len(days - judged),
+        )
         self.last_completeness = diffs
         return diffs
 

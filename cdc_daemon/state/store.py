@@ -320,6 +320,27 @@ class Store(LedgerSession):
                 (table,),
             )
 
+    async def export_days(self, table: str) -> tuple[set[str], set[str]]:
+        """(days with an object of a batch or backfill chunk, days with one not yet confirmed
+        loaded): what the completeness check may judge. Quarantined objects do not count."""
+        rows = await self._fetch(
+            "reading the days of the exported objects",
+            self._q(
+                "SELECT o->>'day' AS day, bool_and(x.loaded) AS loaded FROM ("
+                " SELECT b.objects, b.status = 'loaded' AS loaded FROM {schema}.batches b"
+                " WHERE b.table_name = %s"
+                " UNION ALL SELECT c.objects, c.status = 'uploaded'"
+                " AND coalesce(c.load_status, '') = 'loaded'"
+                " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
+                " WHERE r.table_name = %s AND c.objects IS NOT NULL"
+                ") x, jsonb_array_elements(x.objects) o"
+                " WHERE o->>'quarantine' IS NULL GROUP BY 1"
+            ),
+            (table, table),
+        )
+        days = {str(r["day"]) for r in rows}
+        return days, {str(r["day"]) for r in rows if not r["loaded"]}
+
     async def status_counts(self, table: str) -> dict[str, int]:
         rows = await self._fetch(
             "reading batch counts",

@@ -39,7 +39,7 @@ class LoadRecord:
     file: str
     status: str  # loaded | load_failed | partially_loaded | load_skipped
     rows_loaded: int
-    rows_parsed: int
+    rows_parsed: int | None  # NULL while a load is in progress
     first_error: str | None
     loaded_at: datetime | None
 
@@ -81,7 +81,7 @@ class SnowflakeDialect:
             f"TABLE_NAME => %(table)s, START_TIME => %(since)s::TIMESTAMP_LTZ))",
             {"table": f"{sf.database}.{sf.schema_}.RAW_SALES", "since": since.isoformat()},
         )
-        return [_record(row) for row in rows]
+        return [load_record(row) for row in rows]
 
     def pipe_status(self, wh: Warehouse) -> PipeStatus:
         sf = wh.settings.snowflake
@@ -98,21 +98,26 @@ class SnowflakeDialect:
 
 
 def parse_pipe_status(text: str) -> PipeStatus:
+    """SYSTEM$PIPE_STATUS's JSON. Its documented problem fields are ``error`` and ``fault``
+    (Snowflake: "SYSTEM$PIPE_STATUS", Output); there is no ``lastForwardedMessage``."""
     data: dict[str, Any] = json.loads(text)
+    problems = [str(data[k]) for k in ("error", "fault") if data.get(k)]
     return PipeStatus(
         execution_state=str(data.get("executionState", "UNKNOWN")),
         pending_file_count=int(data.get("pendingFileCount", 0)),
         last_ingested_at=data.get("lastIngestedTimestamp"),
-        error=data.get("error") or data.get("lastForwardedMessage"),
+        error="; ".join(problems) or None,
     )
 
 
-def _record(row: dict[str, Any]) -> LoadRecord:
+def load_record(row: dict[str, Any]) -> LoadRecord:
+    """One row of COPY_HISTORY (FILE_NAME, STATUS, ROW_COUNT, ROW_PARSED, FIRST_ERROR_MESSAGE,
+    LAST_LOAD_TIME)."""
     return LoadRecord(
         file=stage_relative(str(row["FILE_NAME"])),
         status=normalize_status(str(row["STATUS"])),
         rows_loaded=int(row["ROW_COUNT"] or 0),
-        rows_parsed=int(row["ROW_PARSED"] or 0),
+        rows_parsed=None if row["ROW_PARSED"] is None else int(row["ROW_PARSED"]),
         first_error=row["FIRST_ERROR_MESSAGE"],
         loaded_at=row["LAST_LOAD_TIME"],
     )

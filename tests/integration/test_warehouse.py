@@ -389,3 +389,30 @@ async def test_logical_inserts_updates_deletes_arrive_in_sales(
         assert shown["batches"]["loaded"] == len(await statuses(wh.settings))
     finally:
         wh.stop()
+
+
+async def test_completeness_judges_only_days_whose_objects_are_confirmed_loaded(
+    pg_dsn: str, warehouse: LocalWarehouse
+) -> None:
+    """A day whose objects Snowflake has not confirmed yet is not judged (no ``day_incomplete``
+    for a load still on its way); once the reconciler has marked them loaded, a row missing
+    from SALES on that day is reported."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2_000, days=5)
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.pump_until_quiet()
+    warehouse.query("DELETE FROM SALES WHERE ID = 100")
+    reconciler = Reconciler(warehouse.settings)
+    try:
+        with capture_logs() as logs:
+            assert await reconciler.completeness() == []
+        assert not [e for e in logs if e["event"] == "day_incomplete"]
+        (checked,) = [e for e in logs if e["event"] == "completeness_checked"]
+        assert checked["days"] == 0
+        assert checked["not_judged_yet"] > 0
+        await reconciler.run_once()
+        assert set((await statuses(warehouse.settings)).values()) == {Status.LOADED}
+        (day,) = await reconciler.completeness()
+        assert day.source_rows == day.sales_rows + 1
+    finally:
+        await reconciler.close()

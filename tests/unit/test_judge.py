@@ -368,9 +368,22 @@ def test_parse_pipe_status_defaults() -> None:
     assert not status.healthy
 
 
-def test_parse_pipe_status_error_falls_back_to_the_last_forwarded_message() -> None:
-    """The pipe's ``error`` is shown if set, else its ``lastForwardedMessage``."""
-    both = {"executionState": "STALLED", "error": "e", "lastForwardedMessage": "m"}
-    forwarded = {"executionState": "STALLED", "error": "", "lastForwardedMessage": "m"}
-    assert parse_pipe_status(json.dumps(both)).error == "e"
-    assert parse_pipe_status(json.dumps(forwarded)).error == "m"
+def test_parse_pipe_status_reports_error_and_fault() -> None:
+    """The pipe's problems come from the documented ``error`` and ``fault`` fields, both kept;
+    ``lastForwardedMessage`` (not a field of SYSTEM$PIPE_STATUS) is not read."""
+    both = parse_pipe_status(
+        json.dumps({"executionState": "RUNNING", "error": "bad file", "fault": "queue gone"})
+    )
+    assert both.error == "bad file; queue gone"
+    fault = parse_pipe_status(json.dumps({"executionState": "RUNNING", "fault": "queue gone"}))
+    assert fault.error == "queue gone"
+    other = parse_pipe_status(json.dumps({"lastForwardedMessage": "x"}))
+    assert other.error is None
+
+
+def test_a_null_row_parsed_keeps_the_batch_waiting() -> None:
+    """A history row whose ROW_PARSED is NULL (a load in progress, whatever its status says)
+    is no verdict yet: the file stays unseen."""
+    batch = item(obj("2011-01-04", 10))
+    running = LoadRecord(name("2011-01-04"), "loaded", 4, None, None, UPLOADED_AT)
+    assert judge(batch, history(running)) == (None, None, [name("2011-01-04")])
