@@ -9,7 +9,9 @@
 --      detected during DML action";
 --   4. tombstones for deletes;
 --   5. INVOICES and PRODUCTS recomputed from SALES for the touched keys only.
--- The statements between BEGIN TRANSACTION and COMMIT are what the local task runner runs.
+-- The statements between BEGIN TRANSACTION and COMMIT are what the local task runner runs. A
+-- failure rolls the transaction back and re-raises (Snowflake Scripting: "EXCEPTION", "RAISE"
+-- without a name raises the same exception again), so the run fails as a whole.
 ALTER TASK IF EXISTS {{ merge_task }} SUSPEND;
 CREATE OR ALTER TASK {{ merge_task }}
   WAREHOUSE = {{ warehouse }}
@@ -93,6 +95,11 @@ INNER JOIN (
 INSERT INTO SALES_MERGE_LOG (MERGED_AT, CHANGES)
 SELECT CURRENT_TIMESTAMP(), COUNT(*) FROM SALES_CHANGES;
 COMMIT;
+EXCEPTION
+  -- Any failure: undo the whole transaction and fail the task run (TASK_HISTORY shows it).
+  WHEN OTHER THEN
+    ROLLBACK;
+    RAISE;
 END;
 $$;
 ALTER TASK {{ merge_task }} RESUME;
@@ -118,6 +125,11 @@ DELETE FROM SALES_MERGE_LOG
 WHERE MERGED_AT < DATEADD(DAY, -{{ retention_days }}, CURRENT_TIMESTAMP())
   AND MERGED_AT < (SELECT MAX(MERGED_AT) FROM SALES_MERGE_LOG);
 COMMIT;
+EXCEPTION
+  -- Any failure: undo the whole transaction and fail the task run (TASK_HISTORY shows it).
+  WHEN OTHER THEN
+    ROLLBACK;
+    RAISE;
 END;
 $$;
 ALTER TASK {{ cleanup_task }} RESUME;

@@ -123,12 +123,19 @@ def render(settings: Settings, *, sql_dir: Path = SQL_DIR) -> str:
 
 def task_body(stmt: Statement) -> list[str]:
     """The statements a task runs: those between ``BEGIN TRANSACTION`` and ``COMMIT`` of its
-    ``EXECUTE IMMEDIATE $$ BEGIN ... END; $$`` body (the local task runner runs exactly these)."""
+    ``EXECUTE IMMEDIATE $$ BEGIN ... EXCEPTION ... END; $$`` body (the local task runner runs
+    exactly these). Its exception handler must roll back and re-raise."""
     match = re.search(
-        r"\$\$\s*BEGIN\s+BEGIN TRANSACTION;(.*?)COMMIT;\s*END;\s*\$\$", stmt.text, re.S
+        r"\$\$\s*BEGIN\s+BEGIN TRANSACTION;(.*?)COMMIT;\s*EXCEPTION\s+(?:--[^\n]*\n\s*)*"
+        r"WHEN\s+OTHER\s+THEN\s+ROLLBACK;\s*RAISE;\s*END;\s*\$\$",
+        stmt.text,
+        re.S,
     )
     if match is None:
-        raise ValueError(f"{stmt.file}: task without a BEGIN TRANSACTION ... COMMIT body")
+        raise ValueError(
+            f"{stmt.file}: a task's body must be BEGIN TRANSACTION ... COMMIT with an "
+            "exception handler that rolls back and re-raises"
+        )
     body = match.group(1)
     from snowflake.connector.util_text import split_statements
 

@@ -48,6 +48,19 @@ def test_every_statement_parses_with_sqlglot(settings: Settings) -> None:
             assert isinstance(tree, (exp.Insert, exp.Delete, exp.Merge)), statement
 
 
+def test_every_task_rolls_back_and_reraises_on_failure(settings: Settings) -> None:
+    """Each task's transaction has an exception handler that rolls it back and raises the same
+    exception again (a failed run fails as a whole and shows in TASK_HISTORY); a body without
+    one is refused when rendered into the task runner."""
+    tasks = [s for s in sql.statements(settings) if s.head.startswith("CREATE OR ALTER TASK")]
+    assert len(tasks) == 2
+    for task in tasks:
+        assert sql.task_body(task)
+        without = sql.Statement(task.file, task.text.replace("ROLLBACK;", ""))
+        with pytest.raises(ValueError, match="rolls back and re-raises"):
+            sql.task_body(without)
+
+
 def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
     """The rendered SQL uses the configured database, schema and warehouse, points the stage and
     the storage integration's allowed location at s3://<bucket>/<prefix>/<table>/, and keeps no
