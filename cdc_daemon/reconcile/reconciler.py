@@ -56,6 +56,7 @@ _HISTORY_FAILED = frozenset({"load_failed", "partially_loaded", "failed"})
 # anything yet about the file, which stays "not seen" (Snowflake: "COPY_HISTORY", the STATUS
 # and ROW_PARSED columns).
 _HISTORY_FINAL = _HISTORY_FAILED | {_HISTORY_OK}
+_HISTORY_KNOWN = _HISTORY_FINAL | {"load_in_progress", "load_skipped"}
 
 
 @dataclass
@@ -152,6 +153,16 @@ class Reconciler:
         self.last: Outcome | None = None
         self.last_completeness: list[DayDifference] | None = None
         self._last_completeness_at: float | None = None
+        self._unknown_statuses: set[str] = set()  # logged once each
+
+    def _note_unknown_statuses(self, records: list[LoadRecord]) -> None:
+        """A load-history status this code does not know is no verdict (the file waits); it
+        is logged once per status, so that a new Snowflake status is seen, not guessed at."""
+        for record in records:
+            status = record.status
+            if status not in _HISTORY_KNOWN and status not in self._unknown_statuses:
+                self._unknown_statuses.add(status)
+                log.warning("load_status_unknown", status=status, file=record.file)
 
     async def _warehouse(self) -> Warehouse:
         if self._wh is None:
@@ -200,7 +211,9 @@ class Reconciler:
         if items:
             oldest = min(i.uploaded_at for i in items) - timedelta(hours=1)
             since = max(oldest, now - timedelta(days=HISTORY_DAYS))
-            history = _best(await asyncio.to_thread(wh.load_history, since))
+            records = await asyncio.to_thread(wh.load_history, since)
+            self._note_unknown_statuses(records)
+            history = _best(records)
         else:
             history = {}
         wait = timedelta(seconds=sf.missing_after_s)

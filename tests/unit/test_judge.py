@@ -9,8 +9,10 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
-from cdc_daemon.reconcile.reconciler import _best, judge
+from cdc_daemon.config import load_settings
+from cdc_daemon.reconcile.reconciler import Reconciler, _best, judge
 from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
 from cdc_daemon.state.store import Unreconciled
@@ -387,3 +389,19 @@ def test_a_null_row_parsed_keeps_the_batch_waiting() -> None:
     batch = item(obj("2011-01-04", 10))
     running = LoadRecord(name("2011-01-04"), "loaded", 4, None, None, UPLOADED_AT)
     assert judge(batch, history(running)) == (None, None, [name("2011-01-04")])
+
+
+def test_an_unknown_history_status_is_logged_once() -> None:
+    """A status outside the known ones is logged (``load_status_unknown``) the first time it is
+    seen, and not again; known statuses, in progress included, are not logged."""
+    reconciler = Reconciler(load_settings(None))
+    records = [
+        record("2011-01-04", "some_new_status"),
+        record("2011-01-05", "some_new_status"),
+        record("2011-01-06", "load_in_progress"),
+        record("2011-01-07", "loaded"),
+    ]
+    with capture_logs() as logs:
+        reconciler._note_unknown_statuses(records)
+        reconciler._note_unknown_statuses(records)
+    assert [(e["event"], e["status"]) for e in logs] == [("load_status_unknown", "some_new_status")]
