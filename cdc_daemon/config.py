@@ -285,6 +285,11 @@ class SnowflakeSettings(_Section):
     )
     role: str | None = Field(default=None, pattern=_SF_IDENT, description="The role.")
     warehouse: str = _ident("CDC_WH", "The virtual warehouse.")
+    create_warehouse: bool = Field(
+        default=True,
+        description="`snowflake apply` creates the warehouse if it does not exist (XSMALL, "
+        "auto-suspend 60 s); false when it is managed elsewhere.",
+    )
     database: str = _ident("CDC", "The database.")
     schema_: str = Field(
         default="SALES", alias="schema", pattern=_SF_IDENT, description="The schema."

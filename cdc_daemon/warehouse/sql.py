@@ -60,6 +60,7 @@ def template_vars(
         "database": sf.database,
         "schema": sf.schema_,
         "warehouse": sf.warehouse,
+        "create_warehouse": sf.create_warehouse,
         "integration": None if stage_url_override else sf.integration,
         "aws_role_arn": sf.aws_role_arn,
         "stage": sf.stage,

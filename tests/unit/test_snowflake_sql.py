@@ -61,6 +61,21 @@ def test_every_task_rolls_back_and_reraises_on_failure(settings: Settings) -> No
             sql.task_body(without)
 
 
+def test_the_warehouse_is_created_small_and_suspending_unless_managed_elsewhere(
+    settings: Settings,
+) -> None:
+    """``apply`` creates the configured warehouse if missing, at the smallest size and
+    suspended after 60 s idle; with ``snowflake.create_warehouse = false`` it is not touched."""
+    text = sql.render(settings)
+    assert "CREATE WAREHOUSE IF NOT EXISTS LOAD_WH" in text
+    assert "AUTO_SUSPEND = 60" in text
+    assert "WAREHOUSE_SIZE = XSMALL" in text
+    managed = settings.model_copy(
+        update={"snowflake": settings.snowflake.model_copy(update={"create_warehouse": False})}
+    )
+    assert "CREATE WAREHOUSE" not in sql.render(managed)
+
+
 def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
     """The rendered SQL uses the configured database, schema and warehouse, points the stage and
     the storage integration's allowed location at s3://<bucket>/<prefix>/<table>/, and keeps no
