@@ -16,7 +16,7 @@ ALTER TASK IF EXISTS {{ merge_task }} SUSPEND;
 CREATE OR ALTER TASK {{ merge_task }}
   WAREHOUSE = {{ warehouse }}
   SCHEDULE = '{{ merge_schedule }}'
-  WHEN SYSTEM$STREAM_HAS_DATA('{{ stream }}')
+  WHEN SYSTEM$STREAM_HAS_DATA('{{ database }}.{{ schema }}.{{ stream }}')
 AS
 EXECUTE IMMEDIATE $$
 BEGIN

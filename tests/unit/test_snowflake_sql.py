@@ -76,6 +76,24 @@ def test_the_warehouse_is_created_small_and_suspending_unless_managed_elsewhere(
     assert "CREATE WAREHOUSE" not in sql.render(managed)
 
 
+def test_the_pipe_names_every_object_fully_qualified(settings: Settings) -> None:
+    """The pipe's COPY names its table, stage and file format as database.schema.name (a pipe
+    runs outside any session's current schema), and so do the stream and the merge task's
+    condition."""
+    statements = sql.statements(settings)
+    pipe = next(s for s in statements if s.head.startswith("CREATE PIPE"))
+    copy = sql.pipe_copy(pipe)
+    tree = sqlglot.parse_one(copy, read="snowflake")
+    assert isinstance(tree, exp.Copy)
+    target = tree.this.this
+    assert (target.catalog, target.db, target.name) == ("ANALYTICS", "CDC", "RAW_SALES")
+    assert "FROM @ANALYTICS.CDC.CDC_SALES_STAGE" in copy
+    assert "FORMAT_NAME = 'ANALYTICS.CDC.CDC_CSV'" in copy
+    text = sql.render(settings)
+    assert "ON TABLE ANALYTICS.CDC.RAW_SALES" in text
+    assert "SYSTEM$STREAM_HAS_DATA('ANALYTICS.CDC.RAW_SALES_STREAM')" in text
+
+
 def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
     """The rendered SQL uses the configured database, schema and warehouse, points the stage and
     the storage integration's allowed location at s3://<bucket>/<prefix>/<table>/, and keeps no
