@@ -294,6 +294,11 @@ class SnowflakeSettings(_Section):
     schema_: str = Field(
         default="SALES", alias="schema", pattern=_SF_IDENT, description="The schema."
     )
+    serverless_tasks: bool = Field(
+        default=False,
+        description="The merge and cleanup tasks run on Snowflake-managed compute (serverless; "
+        "the task owner needs EXECUTE MANAGED TASK) instead of on `warehouse`.",
+    )
     integration: str = _ident("CDC_S3", "The storage integration.")
     aws_role_arn: str = Field(
         default="arn:aws:iam::123456789012:role/cdc-snowflake",

@@ -9,12 +9,18 @@
 --      detected during DML action";
 --   4. tombstones for deletes;
 --   5. INVOICES and PRODUCTS recomputed from SALES for the touched keys only.
+-- snowflake.serverless_tasks: the tasks run on Snowflake-managed compute (no WAREHOUSE; the
+-- owner needs EXECUTE MANAGED TASK), billed per second of work, not per warehouse minute.
 -- The statements between BEGIN TRANSACTION and COMMIT are what the local task runner runs. A
 -- failure rolls the transaction back and re-raises (Snowflake Scripting: "EXCEPTION", "RAISE"
 -- without a name raises the same exception again), so the run fails as a whole.
 ALTER TASK IF EXISTS {{ merge_task }} SUSPEND;
 CREATE OR ALTER TASK {{ merge_task }}
+{%- if serverless_tasks %}
+  USER_TASK_MANAGED_INITIAL_WAREHOUSE_SIZE = 'XSMALL'
+{%- else %}
   WAREHOUSE = {{ warehouse }}
+{%- endif %}
   SCHEDULE = '{{ merge_schedule }}'
   WHEN SYSTEM$STREAM_HAS_DATA('{{ database }}.{{ schema }}.{{ stream }}')
 AS
@@ -110,7 +116,11 @@ ALTER TASK {{ merge_task }} RESUME;
 -- stream (that would move its offset).
 ALTER TASK IF EXISTS {{ cleanup_task }} SUSPEND;
 CREATE OR ALTER TASK {{ cleanup_task }}
+{%- if serverless_tasks %}
+  USER_TASK_MANAGED_INITIAL_WAREHOUSE_SIZE = 'XSMALL'
+{%- else %}
   WAREHOUSE = {{ warehouse }}
+{%- endif %}
   SCHEDULE = '{{ cleanup_schedule }}'
 AS
 EXECUTE IMMEDIATE $$

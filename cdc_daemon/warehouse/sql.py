@@ -61,6 +61,7 @@ def template_vars(
         "schema": sf.schema_,
         "warehouse": sf.warehouse,
         "create_warehouse": sf.create_warehouse,
+        "serverless_tasks": sf.serverless_tasks,
         "integration": None if stage_url_override else sf.integration,
         "aws_role_arn": sf.aws_role_arn,
         "stage": sf.stage,

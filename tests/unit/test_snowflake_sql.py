@@ -76,6 +76,23 @@ def test_the_warehouse_is_created_small_and_suspending_unless_managed_elsewhere(
     assert "CREATE WAREHOUSE" not in sql.render(managed)
 
 
+def test_serverless_tasks_name_no_warehouse(settings: Settings) -> None:
+    """By default both tasks run on the configured warehouse; with
+    ``snowflake.serverless_tasks`` neither names one and both start at the smallest managed
+    size."""
+
+    def tasks(s: Settings) -> list[str]:
+        return [t.text for t in sql.statements(s) if t.head.startswith("CREATE OR ALTER TASK")]
+
+    assert all("WAREHOUSE = LOAD_WH" in t for t in tasks(settings))
+    serverless = settings.model_copy(
+        update={"snowflake": settings.snowflake.model_copy(update={"serverless_tasks": True})}
+    )
+    for text in tasks(serverless):
+        assert "WAREHOUSE = " not in text.replace("INITIAL_WAREHOUSE_SIZE = ", "")
+        assert "USER_TASK_MANAGED_INITIAL_WAREHOUSE_SIZE = 'XSMALL'" in text
+
+
 def test_the_pipe_names_every_object_fully_qualified(settings: Settings) -> None:
     """The pipe's COPY names its table, stage and file format as database.schema.name (a pipe
     runs outside any session's current schema), and so do the stream and the merge task's
