@@ -82,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     snowflake = sub.add_parser("snowflake", help="the warehouse side (snowflake/ SQL)")
     sf_sub = snowflake.add_subparsers(dest="snowflake_command", required=True, metavar="ACTION")
-    sf_sub.add_parser("render", help="print the SQL for the current configuration")
+    sf_render = sf_sub.add_parser("render", help="print the SQL for the current configuration")
+    sf_render.add_argument(
+        "--grants",
+        action="store_true",
+        help="print the least-privilege roles and grants instead (run by an administrator)",
+    )
     sf_sub.add_parser(
         "apply", help="run the SQL in Snowflake (idempotent; never recreates the pipe)"
     )
@@ -169,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(status(settings, as_json=args.json))
         if args.command == "snowflake":
-            return snowflake_command(settings, args.snowflake_command)
+            return snowflake_command(
+                settings, args.snowflake_command, getattr(args, "grants", False)
+            )
         if args.command == "reconcile":
             return asyncio.run(reconcile_once(settings, args.completeness, args.json))
     except CdcError as exc:
@@ -180,12 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unknown command {args.command}")  # pragma: no cover
 
 
-def snowflake_command(settings: Settings, action: str) -> int:
+def snowflake_command(settings: Settings, action: str, grants: bool = False) -> int:
     from cdc_daemon.warehouse import sql
     from cdc_daemon.warehouse.client import Warehouse
 
     if action == "render":
-        print(sql.render(settings), end="")
+        print(sql.render_grants(settings) if grants else sql.render(settings), end="")
         return 0
     if settings.snowflake.emulator:
         raise ConfigError(

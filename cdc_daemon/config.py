@@ -283,7 +283,18 @@ class SnowflakeSettings(_Section):
     private_key_passphrase: SecretStr | None = Field(
         default=None, description="The private key's passphrase (secret)."
     )
-    role: str | None = Field(default=None, pattern=_SF_IDENT, description="The role.")
+    role: str | None = Field(
+        default=None, pattern=_SF_IDENT, description="The role the daemon's session uses."
+    )
+    deployer_role: str = _ident(
+        "CDC_DEPLOYER", "`snowflake render --grants`: the role that runs `snowflake apply`."
+    )
+    tasks_role: str = _ident(
+        "CDC_TASKS", "`snowflake render --grants`: the role that owns and runs the tasks."
+    )
+    reconciler_role: str = _ident(
+        "CDC_RECONCILER", "`snowflake render --grants`: the reconciler's role."
+    )
     warehouse: str = _ident("CDC_WH", "The virtual warehouse.")
     create_warehouse: bool = Field(
         default=True,

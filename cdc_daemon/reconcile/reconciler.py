@@ -95,6 +95,15 @@ class DayDifference:
     sales_amount: Decimal
 
 
+# The completeness check's side in Snowflake. Timestamps are loaded with their +00:00 offset:
+# TO_DATE gives the UTC day.
+SALES_DAYS = (
+    "SELECT TO_DATE(INVOICE_DATE) AS DAY, COUNT(*) AS N,"
+    " COALESCE(SUM(QUANTITY * UNIT_PRICE), 0)::NUMBER(38, 3) AS AMOUNT"
+    " FROM SALES {where} GROUP BY 1"
+)
+
+
 def judge(
     item: Unreconciled, history: dict[str, LoadRecord]
 ) -> tuple[Status | None, str | None, list[str]]:
@@ -320,13 +329,7 @@ class Reconciler:
             raise from_psycopg(exc, "counting source rows per day") from None
         wh = await self._warehouse()
         sales_where = f"WHERE ID <= {int(low)}" if low is not None else ""
-        rows = await asyncio.to_thread(
-            wh.query,
-            # Timestamps are loaded with their +00:00 offset: TO_DATE gives the UTC day.
-            "SELECT TO_DATE(INVOICE_DATE) AS DAY, COUNT(*) AS N,"
-            " COALESCE(SUM(QUANTITY * UNIT_PRICE), 0)::NUMBER(38, 3) AS AMOUNT"
-            f" FROM SALES {sales_where} GROUP BY 1",
-        )
+        rows = await asyncio.to_thread(wh.query, SALES_DAYS.format(where=sales_where))
         sales = {str(r["DAY"]): (int(r["N"]), Decimal(r["AMOUNT"])) for r in rows}
         zero = (0, Decimal(0))
         days = source.keys() | sales.keys()

@@ -123,6 +123,20 @@ def render(settings: Settings, *, sql_dir: Path = SQL_DIR) -> str:
     return "\n".join(parts)
 
 
+GRANTS = SQL_DIR / "grants" / "grants.sql"
+
+
+def render_grants(settings: Settings) -> str:
+    """The least-privilege roles and grants for the configuration (``snowflake/grants/``)."""
+    sf = settings.snowflake
+    variables = template_vars(settings) | {
+        "deployer_role": sf.deployer_role,
+        "tasks_role": sf.tasks_role,
+        "reconciler_role": sf.reconciler_role,
+    }
+    return re.sub(r"\n{3,}", "\n\n", render_file(GRANTS, variables)).strip() + "\n"
+
+
 def task_body(stmt: Statement) -> list[str]:
     """The statements a task runs: those between ``BEGIN TRANSACTION`` and ``COMMIT`` of its
     ``EXECUTE IMMEDIATE $$ BEGIN ... EXCEPTION ... END; $$`` body (the local task runner runs
