@@ -366,6 +366,12 @@ class SnowflakeSettings(_Section):
         description="An uploaded batch not in the load history after this long is refreshed "
         "once (ALTER PIPE ... REFRESH) and, as long again after that, marked `missing`.",
     )
+    stream_stale_warn_days: float = Field(
+        default=2.0,
+        ge=0,
+        description="Warn (`stream_stale_soon`) when the stream goes stale in less than this "
+        "many days unless something reads it.",
+    )
     completeness_interval_s: float = Field(
         default=86_400.0,
         gt=0,

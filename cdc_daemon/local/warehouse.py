@@ -42,7 +42,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,10 @@ from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import (
     LoadRecord,
     PipeStatus,
+    StreamStatus,
+    TaskStatus,
     Warehouse,
+    consecutive_failures,
     load_record,
     parse_pipe_status,
 )
@@ -72,7 +75,16 @@ _EMULATION_DDL = [
     """CREATE TABLE IF NOT EXISTS _EMU_PIPE_REFRESH (
         PREFIX VARCHAR, REQUESTED_AT TIMESTAMP_TZ, DONE_AT TIMESTAMP_TZ)""",
     "CREATE TABLE IF NOT EXISTS _EMU_STREAM_CONSUMED (_FILE VARCHAR, _FILE_ROW NUMBER)",
+    """CREATE TABLE IF NOT EXISTS _EMU_TASK_HISTORY (
+        NAME VARCHAR, STATE VARCHAR, ERROR_MESSAGE VARCHAR, SCHEDULED_TIME TIMESTAMP_TZ)""",
+    "CREATE TABLE IF NOT EXISTS _EMU_TASK_STATE (NAME VARCHAR, STATE VARCHAR)",
+    "CREATE TABLE IF NOT EXISTS _EMU_STREAM_STATE (STREAM VARCHAR, STALE_AFTER TIMESTAMP_TZ)",
 ]
+# Snowflake's defaults: a task is suspended after this many failed runs in a row
+# (SUSPEND_TASK_AFTER_NUM_FAILURES), and a stream not read for the table's retention extended up
+# to this long goes stale (MAX_DATA_EXTENSION_TIME_IN_DAYS).
+SUSPEND_AFTER_FAILURES = 10
+STREAM_EXTENSION = timedelta(days=14)
 
 
 class EmulatorDialect:
@@ -100,6 +112,35 @@ class EmulatorDialect:
             "INSERT INTO _EMU_PIPE_REFRESH (PREFIX, REQUESTED_AT) VALUES (%(p)s, %(t)s)",
             {"p": prefix, "t": datetime.now(UTC).isoformat()},
         )
+
+    def tasks(self, wh: Warehouse) -> list[TaskStatus]:
+        sf = wh.settings.snowflake
+        states = {
+            str(r["NAME"]): str(r["STATE"])
+            for r in wh.query("SELECT NAME, STATE FROM _EMU_TASK_STATE")
+        }
+        out = []
+        for name in (sf.merge_task, sf.cleanup_task):
+            runs = wh.query(
+                "SELECT STATE, ERROR_MESSAGE FROM _EMU_TASK_HISTORY WHERE NAME = %(t)s"
+                " ORDER BY SCHEDULED_TIME DESC LIMIT 20",
+                {"t": name},
+            )
+            failures, error = consecutive_failures(
+                [(str(r["STATE"]), r["ERROR_MESSAGE"]) for r in runs]
+            )
+            out.append(TaskStatus(name, states.get(name, "missing"), failures, error))
+        return out
+
+    def stream(self, wh: Warehouse) -> StreamStatus | None:
+        sf = wh.settings.snowflake
+        rows = wh.query(
+            "SELECT STALE_AFTER FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": sf.stream}
+        )
+        if not rows:
+            return None
+        stale_after = rows[0]["STALE_AFTER"]
+        return StreamStatus(sf.stream, stale_after <= datetime.now(UTC), stale_after)
 
 
 class _PipeCopy:
@@ -288,6 +329,64 @@ class LocalWarehouse:
                 " WHERE c._FILE = r._FILE AND c._FILE_ROW = r._FILE_ROW)"
             )
             self._set_pipe_status("RUNNING", pending=0)
+            for name in (sf.merge_task, sf.cleanup_task):
+                self.wh.execute("DELETE FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
+                self.wh.execute(
+                    "INSERT INTO _EMU_TASK_STATE VALUES (%(n)s, 'started')", {"n": name}
+                )
+            self._stream_read()
+
+    def _stream_read(self) -> None:
+        """The stream was read (consumed, or found empty by SYSTEM$STREAM_HAS_DATA, which also
+        keeps it from going stale): it goes stale STREAM_EXTENSION from now."""
+        stream = self.settings.snowflake.stream
+        self.wh.execute("DELETE FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream})
+        self.wh.execute(
+            "INSERT INTO _EMU_STREAM_STATE VALUES (%(s)s, %(t)s)",
+            {"s": stream, "t": (datetime.now(UTC) + STREAM_EXTENSION).isoformat()},
+        )
+
+    def age_stream(self, stale_after: datetime) -> None:
+        """For tests: the stream goes (or went) stale at ``stale_after``."""
+        with self._lock:
+            self.wh.execute(
+                "UPDATE _EMU_STREAM_STATE SET STALE_AFTER = %(t)s WHERE STREAM = %(s)s",
+                {"t": stale_after.isoformat(), "s": self.settings.snowflake.stream},
+            )
+
+    def resume_task(self, name: str) -> None:
+        """``ALTER TASK name RESUME``."""
+        with self._lock:
+            self.wh.execute(
+                "UPDATE _EMU_TASK_STATE SET STATE = 'started' WHERE NAME = %(n)s", {"n": name}
+            )
+
+    def _task_started(self, name: str) -> bool:
+        rows = self.wh.query("SELECT STATE FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
+        return bool(rows) and rows[0]["STATE"] == "started"
+
+    def _record_run(self, name: str, error: str | None) -> None:
+        """One run in TASK_HISTORY; the SUSPEND_AFTER_FAILURES-th failure in a row suspends
+        the task, and that run's state says so."""
+        state = "SUCCEEDED"
+        if error is not None:
+            runs = self.wh.query(
+                "SELECT STATE, ERROR_MESSAGE FROM _EMU_TASK_HISTORY WHERE NAME = %(n)s"
+                " ORDER BY SCHEDULED_TIME DESC LIMIT %(k)s",
+                {"n": name, "k": SUSPEND_AFTER_FAILURES},
+            )
+            failed, _ = consecutive_failures([(str(r["STATE"]), None) for r in runs])
+            state = "FAILED"
+            if failed + 1 >= SUSPEND_AFTER_FAILURES:
+                state = "FAILED_AND_AUTO_SUSPENDED"
+                self.wh.execute(
+                    "UPDATE _EMU_TASK_STATE SET STATE = 'suspended' WHERE NAME = %(n)s",
+                    {"n": name},
+                )
+        self.wh.execute(
+            "INSERT INTO _EMU_TASK_HISTORY VALUES (%(n)s, %(s)s, %(e)s, %(t)s)",
+            {"n": name, "s": state, "e": error, "t": datetime.now(UTC).isoformat()},
+        )
 
     def connect_notifications(self) -> None:
         """An SQS queue for the bucket's ObjectCreated events under the table's folder (what
@@ -452,6 +551,8 @@ class LocalWarehouse:
         }
         merged = 0
         with self._lock:
+            if not self._task_started(sf.merge_task):
+                return 0  # suspended: Snowflake schedules no run
             pending = self.wh.query(f"SELECT COUNT(*) AS N FROM {sf.stream}")[0]["N"]
             if pending:
                 # Statement by statement: fakesnow's MERGE writes to its own catalog database,
@@ -459,15 +560,26 @@ class LocalWarehouse:
                 # idempotent (the stream keeps its rows until they are marked consumed, and
                 # a change is applied only over an older one), so a run cut short is redone
                 # whole by the next run.
-                for statement in tasks[sf.merge_task]:
-                    self.wh.execute(statement)
+                try:
+                    for statement in tasks[sf.merge_task]:
+                        self.wh.execute(statement)
+                except CdcError as exc:
+                    self._record_run(sf.merge_task, str(exc))
+                    return 0
                 self.wh.execute(
                     f"INSERT INTO _EMU_STREAM_CONSUMED SELECT _FILE, _FILE_ROW FROM {sf.stream}"
                 )
+                self._record_run(sf.merge_task, None)
                 merged = int(pending)
-            if cleanup:
-                for statement in tasks[sf.cleanup_task]:
-                    self.wh.execute(statement)
+            self._stream_read()
+            if cleanup and self._task_started(sf.cleanup_task):
+                try:
+                    for statement in tasks[sf.cleanup_task]:
+                        self.wh.execute(statement)
+                except CdcError as exc:
+                    self._record_run(sf.cleanup_task, str(exc))
+                else:
+                    self._record_run(sf.cleanup_task, None)
         return merged
 
     def pump(self) -> tuple[int, int]:

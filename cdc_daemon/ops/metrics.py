@@ -141,6 +141,24 @@ class Metrics:
             ["table", "pipe"],
             registry=registry,
         )
+        self.task_running = Gauge(
+            "cdc_task_running",
+            "1 when the task was started (not suspended) at the reconciler's last round.",
+            ["table", "task"],
+            registry=registry,
+        )
+        self.task_failures = Gauge(
+            "cdc_task_consecutive_failures",
+            "Failed runs of the task in a row since its last success (TASK_HISTORY).",
+            ["table", "task"],
+            registry=registry,
+        )
+        self.stream_stale_in_gauge = Gauge(
+            "cdc_stream_stale_in_seconds",
+            "Seconds until the stream goes stale if nothing reads it (negative: stale).",
+            ["table", "stream"],
+            registry=registry,
+        )
         self.lock_held = Gauge(
             "cdc_lock_held",
             "1 while this process holds the table's single-instance lock.",
@@ -218,6 +236,15 @@ class Metrics:
         if outcome not in RECONCILER_OUTCOMES:
             raise ValueError(f"unknown reconciler outcome {outcome!r}")
         self.reconciler_outcomes.labels(self.table, outcome).inc(count)
+
+    def task(self, task: str, running: bool, failures: int) -> None:
+        """For the reconciler: a task's state and failed runs in a row."""
+        self.task_running.labels(self.table, task).set(1 if running else 0)
+        self.task_failures.labels(self.table, task).set(failures)
+
+    def stream_stale_in(self, stream: str, seconds: float) -> None:
+        """For the reconciler: how long until the stream goes stale."""
+        self.stream_stale_in_gauge.labels(self.table, stream).set(seconds)
 
     def pipe(self, pipe: str, running: bool, pending_files: int) -> None:
         """For the reconciler: the pipe's state from SYSTEM$PIPE_STATUS."""

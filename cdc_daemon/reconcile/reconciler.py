@@ -43,7 +43,14 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.store import Store, Unreconciled
-from cdc_daemon.warehouse.client import LoadRecord, PipeStatus, Warehouse, stage_relative
+from cdc_daemon.warehouse.client import (
+    LoadRecord,
+    PipeStatus,
+    StreamStatus,
+    TaskStatus,
+    Warehouse,
+    stage_relative,
+)
 
 log = structlog.get_logger()
 
@@ -67,6 +74,8 @@ class Outcome:
     refreshed: list[str] = field(default_factory=list)
     waiting: int = 0
     pipe: PipeStatus | None = None
+    tasks: list[TaskStatus] = field(default_factory=list)
+    stream: StreamStatus | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -164,6 +173,53 @@ class Reconciler:
         self._last_completeness_at: float | None = None
         self._unknown_statuses: set[str] = set()  # logged once each
 
+    async def _watch_tasks_and_stream(self, wh: Warehouse, outcome: Outcome, now: datetime) -> None:
+        """The merge and cleanup tasks and the stream, every round: a suspended or failing
+        task, or a stale stream, means loaded batches stop reaching SALES even though the load
+        history says ``Loaded``. Logged every round while it lasts, and kept for the metrics."""
+        sf = self._settings.snowflake
+        outcome.tasks = await asyncio.to_thread(wh.tasks)
+        outcome.stream = await asyncio.to_thread(wh.stream)
+        for task in outcome.tasks:
+            if self._metrics is not None:
+                self._metrics.task(task.name, task.state == "started", task.consecutive_failures)
+            if task.state != "started":
+                log.error(
+                    "task_not_running",
+                    task=task.name,
+                    state=task.state,
+                    failures=task.consecutive_failures,
+                    error=task.last_error,
+                    hint=f"fix the cause, then ALTER TASK {task.name} RESUME",
+                )
+            elif task.consecutive_failures:
+                log.warning(
+                    "task_failing",
+                    task=task.name,
+                    failures=task.consecutive_failures,
+                    error=task.last_error,
+                )
+        stream = outcome.stream
+        if stream is None:
+            log.error("stream_missing", stream=sf.stream)
+            return
+        left = None if stream.stale_after is None else stream.stale_after - now
+        if self._metrics is not None and left is not None:
+            self._metrics.stream_stale_in(stream.name, left.total_seconds())
+        if stream.stale:
+            log.error(
+                "stream_stale",
+                stream=stream.name,
+                hint="the stream can no longer be read: recreate it and reload the table",
+            )
+        elif left is not None and left <= timedelta(days=sf.stream_stale_warn_days):
+            log.warning(
+                "stream_stale_soon",
+                stream=stream.name,
+                stale_after=stream.stale_after.isoformat() if stream.stale_after else None,
+                hint="the merge task has not read it for long: resume it or run it",
+            )
+
     def _note_unknown_statuses(self, records: list[LoadRecord]) -> None:
         """A load-history status this code does not know is no verdict (the file waits); it
         is logged once per status, so that a new Snowflake status is seen, not guessed at."""
@@ -217,6 +273,7 @@ class Reconciler:
                 pending_files=outcome.pipe.pending_file_count,
                 error=outcome.pipe.error,
             )
+        await self._watch_tasks_and_stream(wh, outcome, now)
         if items:
             oldest = min(i.uploaded_at for i in items) - timedelta(hours=1)
             since = max(oldest, now - timedelta(days=HISTORY_DAYS))

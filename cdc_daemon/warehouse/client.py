@@ -56,6 +56,50 @@ class PipeStatus:
         return self.execution_state == "RUNNING"
 
 
+@dataclass(frozen=True)
+class TaskStatus:
+    """A task's state (SHOW TASKS: ``started`` or ``suspended``) and its recent runs
+    (TASK_HISTORY): failures in a row since the last success, and the last error."""
+
+    name: str
+    state: str
+    consecutive_failures: int
+    last_error: str | None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "started" and self.consecutive_failures == 0
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """SHOW STREAMS: whether the stream is stale (its offset fell out of the table's retention
+    and it can no longer be read), and when it will be if nothing consumes it."""
+
+    name: str
+    stale: bool
+    stale_after: datetime | None
+
+
+# TASK_HISTORY states of a run that failed; FAILED_AND_AUTO_SUSPENDED is the run after which
+# SUSPEND_TASK_AFTER_NUM_FAILURES (10 by default) suspended the task (Snowflake: "Tasks:
+# Automatically suspend failed task runs").
+TASK_FAILED = frozenset({"FAILED", "FAILED_AND_AUTO_SUSPENDED"})
+
+
+def consecutive_failures(states: Sequence[tuple[str, str | None]]) -> tuple[int, str | None]:
+    """(failed runs in a row, the latest error) from (state, error) pairs, newest first;
+    skipped, scheduled and running runs are no verdict."""
+    failures, error = 0, None
+    for state, message in states:
+        if state in TASK_FAILED:
+            failures += 1
+            error = error or message
+        elif state == "SUCCEEDED":
+            break
+    return failures, error
+
+
 def stage_relative(file_name: str) -> str:
     """``dt=2011-01-04/x.csv.gz`` from whatever form the history gives (a full URL, a path
     under the stage): the partition folder and the object name."""
@@ -70,6 +114,8 @@ class Dialect(Protocol):
     def load_history(self, wh: Warehouse, since: datetime) -> list[LoadRecord]: ...
     def pipe_status(self, wh: Warehouse) -> PipeStatus: ...
     def refresh(self, wh: Warehouse, prefix: str) -> None: ...
+    def tasks(self, wh: Warehouse) -> list[TaskStatus]: ...
+    def stream(self, wh: Warehouse) -> StreamStatus | None: ...
 
 
 class SnowflakeDialect:
@@ -95,6 +141,38 @@ class SnowflakeDialect:
         # PREFIX is relative to the stage; Snowflake only queues files staged in the last
         # 7 days that the pipe has not loaded.
         wh.query(f"ALTER PIPE {wh.settings.snowflake.pipe} REFRESH PREFIX = %(p)s", {"p": prefix})
+
+    def tasks(self, wh: Warehouse) -> list[TaskStatus]:
+        sf = wh.settings.snowflake
+        shown = {
+            str(r["name"]).upper(): str(r["state"]).lower()
+            for r in wh.query(f"SHOW TASKS IN SCHEMA {sf.database}.{sf.schema_}")
+        }
+        out = []
+        for name in (sf.merge_task, sf.cleanup_task):
+            runs = wh.query(
+                f"SELECT STATE, ERROR_MESSAGE FROM TABLE({sf.database}.INFORMATION_SCHEMA"
+                ".TASK_HISTORY(TASK_NAME => %(t)s, RESULT_LIMIT => 20))"
+                " ORDER BY SCHEDULED_TIME DESC",
+                {"t": name},
+            )
+            failures, error = consecutive_failures(
+                [(str(r["STATE"]), r["ERROR_MESSAGE"]) for r in runs]
+            )
+            out.append(TaskStatus(name, shown.get(name.upper(), "missing"), failures, error))
+        return out
+
+    def stream(self, wh: Warehouse) -> StreamStatus | None:
+        sf = wh.settings.snowflake
+        rows = wh.query(
+            f"SHOW STREAMS LIKE %(s)s IN SCHEMA {sf.database}.{sf.schema_}", {"s": sf.stream}
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return StreamStatus(
+            sf.stream, str(row["stale"]).lower() == "true", row.get("stale_after") or None
+        )
 
 
 def parse_pipe_status(text: str) -> PipeStatus:
@@ -211,6 +289,12 @@ class Warehouse:
 
     def refresh(self, prefix: str) -> None:
         self.dialect.refresh(self, prefix)
+
+    def tasks(self) -> list[TaskStatus]:
+        return self.dialect.tasks(self)
+
+    def stream(self) -> StreamStatus | None:
+        return self.dialect.stream(self)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -27,7 +27,13 @@ from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
 from tests.fix_warehouse import start_warehouse
-from tests.helpers import export_until_idle, make_settings, running_daemon, wait_until
+from tests.helpers import (
+    export_until_idle,
+    init_ledger,
+    make_settings,
+    running_daemon,
+    wait_until,
+)
 from tests.warehouse_checks import assert_warehouse_equals_source
 
 TABLE = "public.ecommerce_sales"
@@ -414,5 +420,75 @@ async def test_completeness_judges_only_days_whose_objects_are_confirmed_loaded(
         assert set((await statuses(warehouse.settings)).values()) == {Status.LOADED}
         (day,) = await reconciler.completeness()
         assert day.source_rows == day.sales_rows + 1
+    finally:
+        await reconciler.close()
+
+
+async def test_a_failing_merge_task_is_suspended_and_reported(
+    pg_dsn: str, warehouse: LocalWarehouse
+) -> None:
+    """A merge that fails ten runs in a row is suspended (SUSPEND_TASK_AFTER_NUM_FAILURES) and
+    SALES stops changing while the load history keeps saying ``Loaded``: the reconciler reports
+    the task as failing, then as not running, with its last error; resumed and fixed, it is
+    healthy again."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 500, days=2)
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.ingest()
+    warehouse.query("ALTER TABLE SALES_TOUCHED RENAME TO SALES_TOUCHED_GONE")
+    merge = warehouse.settings.snowflake.merge_task
+    reconciler = Reconciler(warehouse.settings)
+    try:
+        warehouse.run_tasks()
+        with capture_logs() as logs:
+            outcome = await reconciler.run_once()
+        (task,) = [t for t in outcome.tasks if t.name == merge]
+        assert (task.state, task.consecutive_failures) == ("started", 1)
+        assert task.last_error is not None
+        assert [e["event"] for e in logs if e.get("task") == merge] == ["task_failing"]
+        for _ in range(9):
+            warehouse.run_tasks()
+        with capture_logs() as logs:
+            outcome = await reconciler.run_once()
+        (task,) = [t for t in outcome.tasks if t.name == merge]
+        assert (task.state, task.consecutive_failures) == ("suspended", 10)
+        (event,) = [e for e in logs if e.get("task") == merge]
+        assert event["event"] == "task_not_running"
+        assert warehouse.run_tasks() == 0  # suspended: no run at all
+        assert warehouse.query("SELECT COUNT(*) AS N FROM SALES")[0]["N"] == 0
+        warehouse.query("ALTER TABLE SALES_TOUCHED_GONE RENAME TO SALES_TOUCHED")
+        warehouse.resume_task(merge)
+        assert warehouse.run_tasks() == 500
+        outcome = await reconciler.run_once()
+        assert all(t.healthy for t in outcome.tasks)
+    finally:
+        await reconciler.close()
+
+
+async def test_a_stream_near_or_past_staleness_is_reported(warehouse: LocalWarehouse) -> None:
+    """A stream that will go stale within snowflake.stream_stale_warn_days is warned about
+    (``stream_stale_soon``); a stale one is an error (``stream_stale``); a stream read recently
+    is neither."""
+    await init_ledger(warehouse.settings)
+    reconciler = Reconciler(warehouse.settings)
+    try:
+        with capture_logs() as logs:
+            await reconciler.run_once()
+        assert not [e for e in logs if str(e["event"]).startswith("stream_")]
+        now = datetime.now(UTC)
+        warehouse.age_stream(now + timedelta(days=1))
+        with capture_logs() as logs:
+            await reconciler.run_once()
+        assert [e["event"] for e in logs if str(e["event"]).startswith("stream_")] == [
+            "stream_stale_soon"
+        ]
+        warehouse.age_stream(now - timedelta(minutes=1))
+        with capture_logs() as logs:
+            outcome = await reconciler.run_once()
+        assert outcome.stream is not None
+        assert outcome.stream.stale
+        assert [e["event"] for e in logs if str(e["event"]).startswith("stream_")] == [
+            "stream_stale"
+        ]
     finally:
         await reconciler.close()
