@@ -78,3 +78,11 @@ GRANT MONITOR ON PIPE {{ database }}.{{ schema }}.{{ pipe }} TO ROLE {{ reconcil
 GRANT OPERATE ON PIPE {{ database }}.{{ schema }}.{{ pipe }} TO ROLE {{ reconciler_role }};
 -- the reconciler's completeness check: SELECT ... FROM SALES
 GRANT SELECT ON TABLE {{ database }}.{{ schema }}.SALES TO ROLE {{ reconciler_role }};
+-- the reconciler: SHOW TASKS and TASK_HISTORY(TASK_NAME => ...) show a task to a role with
+-- MONITOR on it (Snowflake: "TASK_HISTORY", usage notes)
+GRANT MONITOR ON TASK {{ database }}.{{ schema }}.{{ merge_task }} TO ROLE {{ reconciler_role }};
+GRANT MONITOR ON TASK {{ database }}.{{ schema }}.{{ cleanup_task }}
+  TO ROLE {{ reconciler_role }};
+-- the reconciler: SHOW STREAMS shows a stream to a role with a privilege on it (SELECT is the
+-- only one a stream has; reading it outside DML does not move its offset)
+GRANT SELECT ON STREAM {{ database }}.{{ schema }}.{{ stream }} TO ROLE {{ reconciler_role }};

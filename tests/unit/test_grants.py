@@ -31,7 +31,8 @@ def granted(text: str) -> set[Grant]:
     for stmt in (s.strip() for s in body.split(";")):
         match = re.fullmatch(
             r"GRANT (.+?) ON (FUTURE |ALL )?(ACCOUNT|DATABASE|SCHEMA|WAREHOUSE|TABLE|STREAM|PIPE"
-            r"|TASKS|INTEGRATION) (?:IN SCHEMA )?(\S+)? ?TO ROLE (\w+)(?: COPY CURRENT GRANTS)?",
+            r"|TASKS|TASK|INTEGRATION) (?:IN SCHEMA )?(\S+)? ?TO ROLE (\w+)"
+            r"(?: COPY CURRENT GRANTS)?",
             " ".join(stmt.split()),
         )
         if match:
@@ -102,13 +103,16 @@ def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings)
 
 def test_the_reconciler_gets_what_it_runs_and_nothing_else(settings: Settings) -> None:
     """The reconciler's statements (COPY_HISTORY, SYSTEM$PIPE_STATUS, ALTER PIPE ... REFRESH,
-    the SALES counts) are each covered, and its role holds exactly those grants."""
+    SHOW TASKS, TASK_HISTORY, SHOW STREAMS, the SALES counts) are each covered, and its role
+    holds exactly those grants."""
     sf = settings.snowflake
     recorder = Recorder(settings)
     dialect = SnowflakeDialect()
     dialect.load_history(recorder, datetime.now(UTC))  # type: ignore[arg-type]
     dialect.pipe_status(recorder)  # type: ignore[arg-type]
     dialect.refresh(recorder, "dt=2011-01-04/")  # type: ignore[arg-type]
+    dialect.tasks(recorder)  # type: ignore[arg-type]
+    dialect.stream(recorder)  # type: ignore[arg-type]
     seen = [*recorder.seen, SALES_DAYS.format(where="")]
     role, schema = sf.reconciler_role, f"{sf.database}.{sf.schema_}"
     pipe = f"{schema}.{sf.pipe}"
@@ -129,9 +133,14 @@ def test_the_reconciler_gets_what_it_runs_and_nothing_else(settings: Settings) -
             needed.add((role, "MONITOR", "PIPE", pipe))
         elif re.match(r"ALTER PIPE \S+ REFRESH", statement):
             needed.add((role, "OPERATE", "PIPE", pipe))
+        elif statement.startswith("SHOW TASKS") or "TASK_HISTORY" in statement:
+            for task in (sf.merge_task, sf.cleanup_task):
+                needed.add((role, "MONITOR", "TASK", f"{schema}.{task}"))
+        elif statement.startswith("SHOW STREAMS"):
+            needed.add((role, "SELECT", "STREAM", f"{schema}.{sf.stream}"))
         else:
             for table in tables(statement):
                 needed.add((role, "SELECT", "TABLE", f"{schema}.{table.name}"))
-    assert len(seen) == 4
+    assert len(seen) == 8  # history, pipe status, refresh, SHOW TASKS, 2 x TASK_HISTORY, ...
     held = {g for g in granted(sql.render_grants(settings)) if g[0] == role}
     assert held == needed
