@@ -162,6 +162,14 @@ class Worker:
         )
         unit = UnitOfWork(settings, sink, self.metrics)
         if isinstance(source, LogicalSource):
+            # A logical read can take long (a huge transaction comes whole): it beats from its
+            # thread, through the loop, so the stall watchdog sees it alive.
+            loop = asyncio.get_running_loop()
+
+            def beat() -> None:
+                loop.call_soon_threadsafe(self.heartbeats.beat, "capture")
+
+            source.on_progress = beat
             return LogicalPipeline(settings, source, unit, store, self.metrics)
         return WatermarkPipeline(settings, source, unit, store, self.metrics)
 

@@ -369,6 +369,7 @@ class Backfill:
         self._unit = UnitOfWork(settings, sink, crash_prefix="backfill_")
         self._retry = Retry(settings.daemon)
         self._recorded: dict[date, Chunk] = {}  # intent records written by this process
+        self._reconnecting = asyncio.Lock()
         self.objects = 0
 
     @property
@@ -416,13 +417,15 @@ class Backfill:
 
     async def _reconnect_ledger(self) -> None:
         """A lost ledger session also lost the run's lock: take it again (and stop if another
-        process took it meanwhile)."""
-        if not self._ledger.broken:
-            return
-        with contextlib.suppress(CdcError):
-            await self._ledger.close()
-        self._ledger = await BackfillLedger.connect(self._settings)
-        await self._ledger.try_lock(self._run.run_id)
+        process took it meanwhile). The jobs share the session: one of them reconnects, the
+        others wait for it (two new sessions would fight over the run's lock)."""
+        async with self._reconnecting:
+            if not self._ledger.broken:
+                return
+            with contextlib.suppress(CdcError):
+                await self._ledger.close()
+            self._ledger = await BackfillLedger.connect(self._settings)
+            await self._ledger.try_lock(self._run.run_id)
 
     async def _chunk(self, reader: ChunkReader, chunk: Chunk, progress: Progress) -> Chunk:
         """Read, then the unit of work: intent record, upload, mark uploaded. Returns the chunk

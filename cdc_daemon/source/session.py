@@ -15,6 +15,14 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import TransientError, from_psycopg
 
 APPLICATION_NAME = "cdc-daemon"
+# The settings the value encoding relies on, for every session whose rows become CSV: the COPY
+# sessions and the replication stream (pgoutput formats values in the walsender, with its
+# connection's settings). Given as startup options, they win over the server's, the
+# database's and the role's defaults.
+ENCODING_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=1"
+    " -c bytea_output=hex"
+)
 
 T = TypeVar("T")
 
@@ -38,7 +46,7 @@ def connect(
 ) -> psycopg.Connection[tuple[object, ...]]:
     """A source session with the settings the encoding relies on (UTC, ISO dates). The name
     must start with ``cdc-daemon``: the fence ignores such sessions (they only read)."""
-    options = "-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=1"
+    options = ENCODING_OPTIONS
     if settings.postgres.statement_timeout_s:
         options += f" -c statement_timeout={int(settings.postgres.statement_timeout_s * 1000)}"
     try:

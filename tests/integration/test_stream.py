@@ -5,6 +5,8 @@ a short wal_sender_timeout, WAL written by others) without losing or doubling a 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +16,18 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from cdc_daemon.batch.csv import header_line
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.cli import init
+from cdc_daemon.errors import SourceError
 from cdc_daemon.local.services import LocalS3
 from tests.helpers import (
     assert_rebuilt_equals_source,
+    export_until_idle,
     fetch_one,
     make_settings,
+    object_bodies,
     running_daemon,
     wait_until,
 )
@@ -226,4 +234,192 @@ async def test_a_postgres_restart_is_waited_out_by_the_stream(
         random_changes(pg_dsn, rng, 4)
         end = flush_lsn(pg_dsn)
         await wait_until(lambda: ledger_at_least(pg_dsn, end))
+    assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+@pytest.fixture
+def odd_server_settings(pg_dsn: str) -> Iterator[None]:
+    """A server whose defaults differ from what the encoding needs: another time zone, a
+    non-ISO DateStyle, escaped bytea, fewer float digits (reset afterwards)."""
+    odd = {
+        "timezone": "'Asia/Kolkata'",
+        "datestyle": "'SQL, DMY'",
+        "bytea_output": "'escape'",
+        "extra_float_digits": "0",
+        "intervalstyle": "'sql_standard'",
+    }
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for name, value in odd.items():
+            conn.execute(f"ALTER SYSTEM SET {name} = {value}")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for name in odd:
+                conn.execute(f"ALTER SYSTEM RESET {name}")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.usefixtures("odd_server_settings")
+async def test_streamed_values_do_not_depend_on_the_servers_settings(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """pgoutput formats values in the walsender, with the stream session's settings: whatever
+    the server's defaults (time zone, DateStyle, bytea_output), a streamed row is written
+    exactly as the snapshot writes the same values, in the same day's folder."""
+    sales(pg_dsn, 1)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute(
+            "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity,"
+            " invoice_date, unit_price, customer_id, country) SELECT invoice_no, stock_code,"
+            " description, quantity, invoice_date, unit_price, customer_id, country"
+            " FROM ecommerce_sales WHERE id = 1"
+        )
+    assert await export_until_idle(settings) == 0
+    bodies = object_bodies(s3_client, bucket)
+    rows: dict[str, tuple[str, dict[str, str]]] = {}
+    for key, body in bodies.items():
+        for row in csv.DictReader(io.StringIO(body.decode())):
+            rows[row["id"]] = (key.split("/")[1], row)
+    (day_1, first), (day_2, second) = rows["1"], rows["2"]
+    assert day_1 == day_2
+    for column in ("invoice_date", "unit_price", "quantity", "description", "country"):
+        assert first[column] == second[column], column
+
+
+async def test_a_stream_started_past_the_ledger_reports_only_the_ledgers_position(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A stream opened at a position past the ledger's (a stretch where nothing of the table
+    commits, not yet confirmed) reports the ledger's position as flushed, not its own start:
+    the slot never passes what the ledger holds."""
+    sales(pg_dsn, 5)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    ledger = slot_confirmed(pg_dsn)
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("CREATE TABLE other (payload text)")
+        conn.execute("INSERT INTO other SELECT repeat('x', 100) FROM generate_series(1, 500)")
+    source = LogicalSource(settings)
+    source.connect()
+
+    def new_spool(header: list[str]) -> DaySpool:
+        return DaySpool(tmp_path, "gzip", 1, header_line(header), None)
+
+    try:
+        idle = source.read(ledger, new_spool, wait_s=0.5)
+        assert idle.rows == 0
+        assert idle.hi is not None
+        assert idle.hi > ledger
+        source.close_stream()
+        again = source.read(idle.hi, new_spool, wait_s=0.5, confirmed=ledger)
+        assert again.rows == 0
+    finally:
+        source.close()
+    assert slot_confirmed(pg_dsn) == ledger
+
+
+async def test_a_retried_batch_with_an_added_column_is_redone_without_a_false_drop(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    s3_proxy: Any,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+) -> None:
+    """A batch holding changes before and after ADD COLUMN fails its upload (S3 answers 503
+    past botocore's own retries, after the intent record): the retry redoes it, comparing its
+    first column list with the one the ledger exported last, not with what the failed attempt
+    read, so no column is taken for dropped; every change arrives, the later ones with the new
+    column."""
+    sales(pg_dsn, 5)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"mode": "logical", "heartbeat_s": 0.2},
+        batch={"max_rows": 500, "max_age_s": 2},
+        s3={"endpoint_url": s3_proxy.endpoint_url},
+        daemon={"retry_max_wait_s": 0.2},
+    )
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    insert = (
+        "INSERT INTO ecommerce_sales (invoice_no, stock_code, description, quantity,"
+        " invoice_date, unit_price, customer_id, country{}) VALUES ('1', 'S', 'd', 1, now(),"
+        " 1.25, NULL, 'UK'{})"
+    )
+    with capture_logs() as logs:
+        async with running_daemon(settings):
+            await wait_until(lambda: stream_pid(pg_dsn) is not None)
+            s3_proxy.fail_next(8, 503, "SlowDown")
+            with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+                conn.execute(insert.format("", ""))
+                conn.execute("ALTER TABLE ecommerce_sales ADD COLUMN extra int")
+                conn.execute(insert.format(", extra", ", 7"))
+            end = flush_lsn(pg_dsn)
+            await wait_until(lambda: ledger_at_least(pg_dsn, end))
+    assert s3_proxy.injected == 8
+    assert any(e["event"] == "batch_redone" for e in logs)
+    assert not [e for e in logs if e["event"] == "step_failed" and "dropped" in e["error"]]
+    rows = {}
+    for body in object_bodies(s3_client, bucket).values():
+        for row in csv.DictReader(io.StringIO(body.decode())):
+            rows[row["id"]] = row
+    with psycopg.connect(pg_dsn) as conn:
+        ids = {str(r[0]) for r in conn.execute("SELECT id FROM ecommerce_sales").fetchall()}
+    assert set(rows) == ids
+    assert rows[max(ids, key=int)]["extra"] == "7"
+
+
+async def test_a_partitioned_table_is_refused_in_logical_mode_with_a_way_out(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A partitioned table (whose changes pgoutput sends under each partition's name) is refused
+    at init with one sentence that names watermark mode, not with advice that cannot work."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE ev (id bigint, at timestamptz NOT NULL, PRIMARY KEY (id, at))"
+            " PARTITION BY RANGE (at)"
+        )
+        conn.execute(
+            "CREATE TABLE ev_2011 PARTITION OF ev FOR VALUES FROM ('2011-01-01') TO ('2012-01-01')"
+        )
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        postgres={"table": "public.ev"},
+        capture={"mode": "logical", "partition_column": "at"},
+    )
+    with pytest.raises(SourceError, match=r"partitioned table.*watermark"):
+        await init(settings)
+
+
+async def test_changes_of_other_tables_in_the_publication_are_left_out(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A publication made by hand may hold more tables than the captured one: their changes
+    are left out (not an error), and the captured table's arrive exactly."""
+    sales(pg_dsn, 5)
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("CREATE TABLE other (id serial PRIMARY KEY, payload text)")
+        conn.execute(
+            "CREATE PUBLICATION cdc_public_ecommerce_sales FOR TABLE ecommerce_sales, other"
+        )
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("INSERT INTO other (payload) VALUES ('a'), ('b')")
+        random_changes(pg_dsn, random.Random(5), 3)
+        conn.execute("INSERT INTO other (payload) VALUES ('c')")
+    assert await export_until_idle(settings) == 0
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)

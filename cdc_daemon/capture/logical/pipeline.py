@@ -106,11 +106,14 @@ class LogicalPipeline:
         problems = await source.run(source.check_publication)
         if problems:
             raise SourceError("; ".join(problems))
+        # The column list exported last, before any redo: a redo compares against it, not
+        # against what a failed attempt of this process read.
+        saved = await store.relation_columns(self.table)
+        self._logical.accepted = (
+            None if saved is None else tuple((str(n), int(o), int(m)) for n, o, m in saved)
+        )
         await redo_pending(await store.pending(self.table), self._redo)
         state = (await store.position(self.table, "logical")).state
-        saved = await store.relation_columns(self.table)
-        if saved is not None:
-            self._logical.accepted = tuple((str(n), int(o), int(m)) for n, o, m in saved)
         if state.high == INT64_MIN:
             await self._begin()
         else:
@@ -261,6 +264,7 @@ class LogicalPipeline:
                 batch.max_age_s,
                 settings.capture.poll_interval_s,
                 status.flush_lsn if draining else None,
+                confirmed=pos,
             )
         )
         try:

@@ -77,7 +77,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -112,6 +112,8 @@ from cdc_daemon.source.session import SourceSession, connect, translated
 from cdc_daemon.source.table import Column, TableInfo
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 _U16 = struct.Struct(">H").unpack_from
 _U32 = struct.Struct(">I").unpack_from
@@ -189,7 +191,12 @@ def describe(
     if row is None:
         raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
     oid, schema, name, relkind, identity = (str(v) for v in row)
-    if relkind not in ("r", "p"):
+    if relkind == "p":
+        raise SourceError(
+            f"{schema}.{name} is a partitioned table: logical mode does not capture one yet "
+            '(its changes arrive under each partition\'s name); use capture.mode = "watermark"'
+        )
+    if relkind != "r":
         raise SourceError(f"{schema}.{name} is not a table")
     cols = conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod), attstorage::text <> 'p',"
@@ -241,6 +248,8 @@ class LogicalSource(SourceSession):
         self.stream_relation: Relation | None = None
         self._keepalive: threading.Thread | None = None
         self._cancelled = False
+        # Called (from the reading thread) about every second while a read goes on.
+        self.on_progress: Callable[[], None] | None = None
         # The column list accepted so far (from the ledger, then from Relation messages).
         self.accepted: tuple[tuple[str, int, int], ...] | None = None
 
@@ -267,7 +276,6 @@ class LogicalSource(SourceSession):
         self.close()
         self._conn = connect(self._settings)
         try:
-            self._conn.execute("SET bytea_output = 'hex'")
             self._table = describe(
                 self._conn, self._settings.postgres.table, self._settings.capture.partition_column
             )
@@ -522,15 +530,15 @@ class LogicalSource(SourceSession):
 
     # -- streaming ----------------------------------------------------------------------------
 
-    def _stream_at(self, lo: int) -> ReplicationStream:
+    def _stream_at(self, lo: int, confirmed: int) -> ReplicationStream:
         """The open stream when it stands at ``lo`` (it delivered everything before), else a
-        new one started there."""
+        new one started there, reporting ``confirmed`` (the ledger's position) as flushed."""
         stream = self._stream
         if stream is not None and not stream.closed and self._stream_next == lo:
             return stream
         self.close_stream()
         stream = ReplicationStream(self._settings, self.slot, self.publication)
-        stream.open(lo)
+        stream.open(lo, min(confirmed, lo))
         self._stream = stream
         self._stream_next = lo
         self.stream_relation = None
@@ -554,6 +562,12 @@ class LogicalSource(SourceSession):
         self.close_stream()
         super().close()
 
+    async def run(self, fn: Callable[[], T]) -> T:
+        # Cleared here, before the thread starts: a cancellation that comes before the read
+        # takes its first step is not forgotten.
+        self._cancelled = False
+        return await super().run(fn)
+
     def cancel(self) -> None:
         self._cancelled = True
         super().cancel()
@@ -567,6 +581,7 @@ class LogicalSource(SourceSession):
         wait_s: float = 1.0,
         drain_to: int | None = None,
         redo_end: int | None = None,
+        confirmed: int | None = None,
     ) -> ReadResult:
         """Stream the transactions that commit at or after ``lo`` into spools, whole. Without
         ``redo_end`` the batch closes after a commit once ``limits`` are reached (``cut``:
@@ -574,16 +589,16 @@ class LogicalSource(SourceSession):
         (draining: everything committed before the call), once the stream is caught up to
         it (a keepalive's walEnd past it, with no transaction open). An idle call returns
         after about ``wait_s``. With ``redo_end`` it reads exactly the transactions
-        committing in ``[lo, redo_end)`` (a recorded batch, again)."""
-        self._cancelled = False
-        stream = self._stream_at(lo)
+        committing in ``[lo, redo_end)`` (a recorded batch, again). ``confirmed``: the ledger's
+        position, when the read starts past it (``lo`` otherwise)."""
+        stream = self._stream_at(lo, lo if confirmed is None else confirmed)
         result = ReadResult(lo, None, 0)
         reader = _Reader(self, result, new_spool, lo, redo_end)
         if self.stream_relation is not None:
             reader.relation(self.stream_relation)
         # Ask for the server's position at once: an idle stream is known idle in one trip.
         stream.confirm(stream.confirmed, reply=True)
-        asked = started = progressed = time.monotonic()
+        asked = started = progressed = beaten = time.monotonic()
         first_row = 0.0
         wal_end = 0
         try:
@@ -592,6 +607,10 @@ class LogicalSource(SourceSession):
                     raise TransientError("reading the slot was cancelled").at("postgres")
                 message = stream.receive(0.1)
                 now = time.monotonic()
+                if now - beaten >= 1.0 and self.on_progress is not None:
+                    # A huge transaction is read whole: the loop is alive while it flows.
+                    self.on_progress()
+                    beaten = now
                 if stream.wal_end > wal_end or isinstance(message, bytes):
                     wal_end, progressed = stream.wal_end, now
                 if isinstance(message, bytes):
@@ -769,6 +788,8 @@ class _Reader:
     def _change(self, kind: int, lsn: int, data: bytes, start: int) -> None:
         """Insert, Update or Delete at ``start`` (layouts as in ``pgoutput.decode``)."""
         (rel,) = _U32(data, start + 1)
+        if rel != self._oid:
+            return  # another table of the publication (one made by hand may have more)
         if kind == 73:  # 'I'
             if data[start + 5] != 78:
                 raise DecodeError("insert without a new tuple")

@@ -38,6 +38,7 @@ from psycopg import pq, sql
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
+from cdc_daemon.source.session import ENCODING_OPTIONS
 
 # Status updates go out at least this often, and four times per wal_sender_timeout when the
 # server's is shorter (it is 60 s by default).
@@ -76,9 +77,11 @@ class ReplicationStream:
     def closed(self) -> bool:
         return self._conn is None
 
-    def open(self, start: int) -> None:
+    def open(self, start: int, confirmed: int) -> None:
         """Start streaming the transactions that commit at or after ``start`` (the slot's
-        confirmed position, when that is later)."""
+        confirmed position, when that is later). ``confirmed`` is the ledger's position: what
+        the status updates report until ``confirm`` raises it (``start`` may stand past it
+        where nothing of the table commits, and must not be reported)."""
         settings = self._settings
         try:
             conn = psycopg.connect(
@@ -87,6 +90,8 @@ class ReplicationStream:
                 replication="database",
                 application_name="cdc-daemon-stream",
                 connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+                # pgoutput writes values as text in the walsender, in this session's settings.
+                options=ENCODING_OPTIONS,
             )
         except psycopg.Error as exc:
             raise from_psycopg(exc, "cannot open a replication connection") from None
@@ -124,7 +129,7 @@ class ReplicationStream:
             conn.close()
             raise
         self._conn = conn
-        self.confirmed = start
+        self.confirmed = confirmed
         self.wal_end = start
         self._last_status = time.monotonic()
 
