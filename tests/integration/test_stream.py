@@ -8,6 +8,7 @@ import asyncio
 import csv
 import io
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from structlog.testing import capture_logs
 
 from cdc_daemon.batch.csv import header_line
 from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.pgoutput import Begin, Commit, decode, parse_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
+from cdc_daemon.capture.logical.stream import XLOG_HEADER, Keepalive, ReplicationStream
 from cdc_daemon.cli import init
 from cdc_daemon.errors import SourceError
 from cdc_daemon.local.services import LocalS3
@@ -423,3 +426,88 @@ async def test_changes_of_other_tables_in_the_publication_are_left_out(
         conn.execute("INSERT INTO other (payload) VALUES ('c')")
     assert await export_until_idle(settings) == 0
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
+
+
+def test_a_keepalive_outside_a_transaction_comes_after_every_commit_before_its_wal_end(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """What the reader relies on and PostgreSQL's protocol page does not promise: a keepalive
+    received with no transaction open comes after every transaction of the publication whose
+    commit starts before its walEnd, and one inside a transaction never passes that
+    transaction's commit, also while a large transaction (spilled to disk) of another table or
+    of this one is decoded."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE o (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE PUBLICATION p FOR TABLE t")
+    with psycopg.connect(pg_dsn, autocommit=True, replication="database") as repl:
+        created = fetch_one(repl.execute("CREATE_REPLICATION_SLOT s LOGICAL pgoutput"))
+    start = parse_lsn(str(created[1]))
+    with psycopg.connect(pg_dsn, options=SYNC + " -c logical_decoding_work_mem=64kB") as conn:
+        conn.execute("INSERT INTO o SELECT g, repeat('x', 200) FROM generate_series(1, 40000) g")
+        conn.execute("INSERT INTO t VALUES (0, 'late')")
+        conn.commit()
+        conn.execute("INSERT INTO t SELECT g, repeat('y', 200) FROM generate_series(1, 30000) g")
+        conn.commit()
+        for i in range(5):
+            conn.execute("INSERT INTO t VALUES (%s, 'z')", (1_000_000 + i,))
+            conn.commit()
+    end = flush_lsn(pg_dsn)
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, postgres={"table": "t"})
+    stream = ReplicationStream(settings, "s", "p")
+    stream.open(start, start)
+    begin: int | None = None
+    commits: list[int] = []
+    keepalives: list[tuple[int, int | None, int]] = []  # walEnd, open txn's commit, commits so far
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            stream.confirm(start, reply=True)
+            message = stream.receive(0.05)
+            if isinstance(message, bytes):
+                decoded = decode(message[XLOG_HEADER:])
+                if isinstance(decoded, Begin):
+                    begin = decoded.final_lsn
+                elif isinstance(decoded, Commit):
+                    begin = None
+                    commits.append(decoded.commit_lsn)
+            elif isinstance(message, Keepalive):
+                keepalives.append((message.wal_end, begin, len(commits)))
+                if begin is None and message.wal_end >= end and len(commits) >= 7:
+                    break
+    finally:
+        stream.close()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot('s')")
+    assert len(commits) == 7
+    assert keepalives
+    for wal_end, open_commit, seen in keepalives:
+        if open_commit is not None:
+            assert wal_end <= open_commit
+        else:
+            assert not [c for c in commits[seen:] if c < wal_end]
+
+
+async def test_a_long_read_reports_progress_while_it_lasts(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A read that goes on (here an idle one of 2.5 s) calls ``on_progress`` about every
+    second from its thread, which the worker turns into the capture loop's heartbeat: a large
+    transaction read whole does not look like a stalled daemon."""
+    sales(pg_dsn, 3)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    source = LogicalSource(settings)
+    source.connect()
+    beats: list[float] = []
+    source.on_progress = lambda: beats.append(time.monotonic())
+
+    def new_spool(header: list[str]) -> DaySpool:
+        return DaySpool(tmp_path, "gzip", 1, header_line(header), None)
+
+    try:
+        source.read(slot_confirmed(pg_dsn), new_spool, wait_s=2.5)
+    finally:
+        source.close()
+    assert len(beats) >= 2
