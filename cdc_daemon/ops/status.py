@@ -126,6 +126,7 @@ async def collect(
                 "failed": [b for b in troubled if b["status"] == Status.FAILED],
                 "missing": [b for b in troubled if b["status"] == Status.MISSING],
                 "backfill_runs": await reader.backfill_runs(name),
+                "warehouse": await reader.warehouse_health(name),
             }
         return report
     finally:
@@ -149,6 +150,29 @@ def _batch(b: dict[str, Any] | None) -> str:
     if b is None:
         return "none"
     return f"{b['batch_id']} ({_count(b['rows'])} rows) at {b['at']}"
+
+
+def _warehouse_rows(health: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The pipe, the tasks and the stream, as the reconciler last saw them."""
+    if health is None:
+        return [
+            ("warehouse", "not checked yet (the reconciler runs when snowflake.account is set)")
+        ]
+    rows = [("warehouse", f"checked at {health['checked_at']}")]
+    pipe = health.get("pipe")
+    if pipe:
+        text = f"{pipe['state']}, {pipe['pending_files']} file(s) pending"
+        rows.append(("  pipe", text + (f": {pipe['error']}" if pipe["error"] else "")))
+    for task in health.get("tasks", []):
+        text = task["state"]
+        if task["consecutive_failures"]:
+            text += f", {task['consecutive_failures']} failed run(s) in a row: {task['last_error']}"
+        rows.append((f"  task {task['name']}", text))
+    stream = health.get("stream")
+    if stream:
+        text = "STALE" if stream["stale"] else f"goes stale after {stream['stale_after']}"
+        rows.append((f"  stream {stream['name']}", text))
+    return rows
 
 
 def render(report: dict[str, Any]) -> str:
@@ -206,6 +230,7 @@ def render(report: dict[str, Any]) -> str:
                 " ago)",
             )
         )
+        rows += _warehouse_rows(t.get("warehouse"))
         width = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]
         attention = t["unfinished"] + [

@@ -77,6 +77,35 @@ class Outcome:
     tasks: list[TaskStatus] = field(default_factory=list)
     stream: StreamStatus | None = None
 
+    def health_json(self) -> dict[str, Any]:
+        """The warehouse's side of this round: pipe, tasks, stream."""
+        pipe, stream = self.pipe, self.stream
+        return {
+            "pipe": None
+            if pipe is None
+            else {
+                "state": pipe.execution_state,
+                "pending_files": pipe.pending_file_count,
+                "error": pipe.error,
+            },
+            "tasks": [
+                {
+                    "name": t.name,
+                    "state": t.state,
+                    "consecutive_failures": t.consecutive_failures,
+                    "last_error": t.last_error,
+                }
+                for t in self.tasks
+            ],
+            "stream": None
+            if stream is None
+            else {
+                "name": stream.name,
+                "stale": stream.stale,
+                "stale_after": stream.stale_after.isoformat() if stream.stale_after else None,
+            },
+        }
+
     def as_json(self) -> dict[str, Any]:
         return {
             "loaded": len(self.loaded),
@@ -172,6 +201,7 @@ class Reconciler:
         self.last_completeness: list[DayDifference] | None = None
         self._last_completeness_at: float | None = None
         self._unknown_statuses: set[str] = set()  # logged once each
+        self._health_unsaved = False
 
     async def _watch_tasks_and_stream(self, wh: Warehouse, outcome: Outcome, now: datetime) -> None:
         """The merge and cleanup tasks and the stream, every round: a suspended or failing
@@ -219,6 +249,16 @@ class Reconciler:
                 stale_after=stream.stale_after.isoformat() if stream.stale_after else None,
                 hint="the merge task has not read it for long: resume it or run it",
             )
+
+    async def _save_health(self, store: Store, outcome: Outcome) -> None:
+        """The pipe, tasks and stream as seen this round, for ``status``. A ledger made before
+        this table existed (``init`` not run since) only loses that line, once logged."""
+        try:
+            await store.save_warehouse_health(self._table, outcome.health_json())
+        except CdcError as exc:
+            if not self._health_unsaved:
+                self._health_unsaved = True
+                log.warning("warehouse_health_not_saved", error=str(exc), hint="cdc-daemon init")
 
     def _note_unknown_statuses(self, records: list[LoadRecord]) -> None:
         """A load-history status this code does not know is no verdict (the file waits); it
@@ -274,6 +314,7 @@ class Reconciler:
                 error=outcome.pipe.error,
             )
         await self._watch_tasks_and_stream(wh, outcome, now)
+        await self._save_health(store, outcome)
         if items:
             oldest = min(i.uploaded_at for i in items) - timedelta(hours=1)
             since = max(oldest, now - timedelta(days=HISTORY_DAYS))

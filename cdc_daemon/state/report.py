@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError
 from cdc_daemon.state.session import LedgerSession
 from cdc_daemon.state.store import lock_key
 
@@ -56,6 +57,20 @@ class LedgerReader(LedgerSession):
             }
             for r in rows
         ]
+
+    async def warehouse_health(self, table: str) -> dict[str, Any] | None:
+        """What the reconciler last saw of the warehouse, with when (None: never, or a ledger
+        older than the table that keeps it)."""
+        try:
+            rows = await self._read(
+                "SELECT checked_at, health FROM {schema}.warehouse_health WHERE table_name = %s",
+                (table,),
+            )
+        except CdcError:
+            return None
+        if not rows:
+            return None
+        return {"checked_at": rows[0]["checked_at"].isoformat(), **rows[0]["health"]}
 
     async def ping(self) -> None:
         await self._read("SELECT 1 AS ok")

@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS {schema}.batches (
     PRIMARY KEY (table_name, batch_id)
 );
 -- Logical capture: the column list last exported per table (to detect schema changes).
+-- What the reconciler last saw of the warehouse (pipe, tasks, stream), for `status`.
+CREATE TABLE IF NOT EXISTS {schema}.warehouse_health (
+    table_name text PRIMARY KEY,
+    checked_at timestamptz NOT NULL,
+    health jsonb NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {schema}.relations (
     table_name text PRIMARY KEY,
     columns jsonb NOT NULL,
@@ -340,6 +346,17 @@ class Store(LedgerSession):
         )
         days = {str(r["day"]) for r in rows}
         return days, {str(r["day"]) for r in rows if not r["loaded"]}
+
+    async def save_warehouse_health(self, table: str, health: dict[str, Any]) -> None:
+        await self._fetch(
+            "saving the warehouse's health",
+            self._q(
+                "INSERT INTO {schema}.warehouse_health VALUES (%s, now(), %s)"
+                " ON CONFLICT (table_name) DO UPDATE SET checked_at = now(),"
+                " health = EXCLUDED.health RETURNING table_name"
+            ),
+            (table, json.dumps(health)),
+        )
 
     async def status_counts(self, table: str) -> dict[str, int]:
         rows = await self._fetch(

@@ -22,7 +22,7 @@ from cdc_daemon.cli import status as status_command
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3, free_port
 from cdc_daemon.local.warehouse import LocalWarehouse
-from cdc_daemon.ops.status import collect
+from cdc_daemon.ops.status import collect, render
 from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
@@ -429,8 +429,8 @@ async def test_a_failing_merge_task_is_suspended_and_reported(
 ) -> None:
     """A merge that fails ten runs in a row is suspended (SUSPEND_TASK_AFTER_NUM_FAILURES) and
     SALES stops changing while the load history keeps saying ``Loaded``: the reconciler reports
-    the task as failing, then as not running, with its last error; resumed and fixed, it is
-    healthy again."""
+    the task as failing, then as not running, with its last error, in the log and in
+    ``status``; resumed and fixed, it is healthy again."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 500, days=2)
     assert await export_until_idle(warehouse.settings) == 0
@@ -454,6 +454,12 @@ async def test_a_failing_merge_task_is_suspended_and_reported(
         assert (task.state, task.consecutive_failures) == ("suspended", 10)
         (event,) = [e for e in logs if e.get("task") == merge]
         assert event["event"] == "task_not_running"
+        # status shows it too, from what the reconciler saved in the ledger
+        report = (await collect(warehouse.settings))[TABLE]
+        (saved,) = [t for t in report["warehouse"]["tasks"] if t["name"] == merge]
+        assert (saved["state"], saved["consecutive_failures"]) == ("suspended", 10)
+        assert f"task {merge}" in render({TABLE: report})
+        assert "suspended, 10 failed run(s) in a row" in render({TABLE: report})
         assert warehouse.run_tasks() == 0  # suspended: no run at all
         assert warehouse.query("SELECT COUNT(*) AS N FROM SALES")[0]["N"] == 0
         warehouse.query("ALTER TABLE SALES_TOUCHED_GONE RENAME TO SALES_TOUCHED")
