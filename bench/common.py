@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -336,3 +337,127 @@ def run_until_idle(config: Path, svc: Services | None = None) -> DaemonRun:
         after = svc.cpu()
         run.pg_cpu_s, run.s3_cpu_s = after[0] - before[0], after[1] - before[1]
     return run
+
+
+def postmaster_pid(svc: Services) -> int:
+    return int((svc.pg.data_dir / "postmaster.pid").read_text().split()[0])
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one live process (not its children), from /proc; 0 once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pg_bin(name: str) -> Path:
+    """A program of the PostgreSQL installation the benchmarks' clusters run on."""
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
+        found = Path(out.stdout.strip()) / name
+        if found.exists():
+            return found
+    for version in ("17", "16", "15", "14"):
+        found = Path(f"/usr/lib/postgresql/{version}/bin") / name
+        if found.exists():
+            return found
+    raise RuntimeError(f"{name} is not installed (it ships with the PostgreSQL server binaries)")
+
+
+class ClusterCpu:
+    """The cluster's CPU split by process, polled from /proc in a thread while a run goes on:
+    what each walsender (or any one backend) used, not only the whole tree.
+
+    A backend that exits between two polls is reaped by the postmaster, whose cutime/cstime
+    then grows by the backend's final CPU: that growth, less the last samples of the backends
+    that vanished, is the CPU they used after their last sample (shared equally when several
+    vanished in one interval; "unseen" when none did, i.e. a backend that lived less than one
+    interval). So a short-lived walsender is counted whole, not cut at its last sample."""
+
+    def __init__(self, svc: Services, interval_s: float = 0.02) -> None:
+        self._postmaster = postmaster_pid(svc)
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cluster-cpu", daemon=True)
+        self._kind: dict[int, str] = {}
+        self._base: dict[int, float] = {}  # CPU at the start (0 for those born later)
+        self._last: dict[int, float] = {}  # the latest sample of every live child
+        self.used: dict[int, float] = {}  # pid -> CPU used in the window
+        self.unseen = 0.0
+        self._postmaster_own = 0.0
+        self._reaped = 0.0
+        self.postmaster_s = 0.0  # the postmaster's own
+
+    def _own_and_reaped(self) -> tuple[float, float]:
+        fields = Path(f"/proc/{self._postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks, (
+            int(fields[13]) + int(fields[14])
+        ) / ticks
+
+    def _children(self) -> dict[int, float]:
+        pids = Path(f"/proc/{self._postmaster}/task/{self._postmaster}/children").read_text()
+        found = {}
+        for pid in map(int, pids.split()):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                # A backend sets its title after the fork, and a walsender names itself so
+                # only after its start-up: read it again until it says walsender.
+                if "walsender" not in self._kind.get(pid, ""):
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    if title.strip():  # empty while the process exits
+                        self._kind[pid] = title.decode(errors="replace").strip()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            ticks = os.sysconf("SC_CLK_TCK")
+            found[pid] = sum(int(v) for v in stat[11:15]) / ticks
+        return found
+
+    def poll(self) -> None:
+        own, reaped = self._own_and_reaped()
+        current = self._children()
+        gone = [pid for pid in self._last if pid not in current]
+        residual = max(0.0, (reaped - self._reaped) - sum(self._last[p] for p in gone))
+        for pid in gone:
+            final = self._last.pop(pid) + residual / len(gone)
+            self.used[pid] = final - self._base.get(pid, 0.0)
+        if not gone:
+            self.unseen += residual
+        for pid, cpu in current.items():
+            self._last[pid] = cpu
+            self.used[pid] = cpu - self._base.get(pid, 0.0)
+        self._reaped = reaped
+        self.postmaster_s = own - self._postmaster_own
+
+    def __enter__(self) -> ClusterCpu:
+        self._postmaster_own, self._reaped = self._own_and_reaped()
+        self._base = self._children()
+        self._last = dict(self._base)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.poll()
+
+    def title(self, pid: int) -> str:
+        return self._kind.get(pid, "")
+
+    def of(self, pid: int) -> float:
+        return self.used.get(pid, 0.0)
+
+    def walsenders(self) -> float:
+        """CPU of every walsender (replication connection) in the window."""
+        return sum(cpu for pid, cpu in self.used.items() if "walsender" in self.title(pid))
+
+    @property
+    def total(self) -> float:
+        return sum(self.used.values()) + self.unseen + self.postmaster_s

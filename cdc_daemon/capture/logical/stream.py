@@ -72,6 +72,7 @@ class ReplicationStream:
         self.wal_end = 0  # the server's walEnd, from its latest message
         self._last_status = 0.0
         self.status_interval_s = STATUS_INTERVAL_S
+        self.ended = threading.Event()  # set by close(): the keepalive thread stops at once
 
     @property
     def closed(self) -> bool:
@@ -138,6 +139,7 @@ class ReplicationStream:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+        self.ended.set()
 
     @staticmethod
     def _wait(pgconn: pq.abc.PGconn, timeout: float) -> None:
@@ -224,6 +226,7 @@ class ReplicationStream:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        self.ended.set()
         return TransientError(
             f"the replication stream of slot {self.slot} broke: {_first_line(why)}"
         ).at("postgres")
