@@ -23,7 +23,7 @@ from cdc_daemon.capture.logical.pgoutput import Begin, Commit, decode, parse_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.capture.logical.stream import XLOG_HEADER, Keepalive, ReplicationStream
 from cdc_daemon.cli import init
-from cdc_daemon.errors import SourceError
+from cdc_daemon.errors import SourceError, TransientError
 from cdc_daemon.local.services import LocalS3
 from tests.helpers import (
     assert_rebuilt_equals_source,
@@ -511,3 +511,32 @@ async def test_a_long_read_reports_progress_while_it_lasts(
     finally:
         source.close()
     assert len(beats) >= 2
+
+
+async def test_a_cancellation_before_a_read_begins_is_not_lost(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A cancellation (a shutdown past its grace) that arrives before the read's thread takes
+    its first step stops that read at once; the flag is cleared only when the next read is
+    started through ``run``, which then reads normally."""
+    sales(pg_dsn, 2)
+    settings = logical_settings(pg_dsn, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    source = LogicalSource(settings)
+    source.connect()
+
+    def new_spool(header: list[str]) -> DaySpool:
+        return DaySpool(tmp_path, "gzip", 1, header_line(header), None)
+
+    lsn = slot_confirmed(pg_dsn)
+    try:
+        source.cancel()
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="cancelled"):
+            source.read(lsn, new_spool, wait_s=30)
+        assert time.monotonic() - started < 5
+        result = await source.run(lambda: source.read(lsn, new_spool, wait_s=0.3))
+        assert result.rows == 0
+    finally:
+        source.close()
