@@ -44,7 +44,6 @@ from cdc_daemon.source.session import ENCODING_OPTIONS
 # server's is shorter (it is 60 s by default).
 STATUS_INTERVAL_S = 10.0
 
-_XLOG = struct.Struct(">QQq").unpack_from  # dataStart, walEnd, sendTime
 _KEEPALIVE = struct.Struct(">QqB").unpack_from  # walEnd, sendTime, reply requested
 _STATUS = struct.Struct(">cQQQqB").pack  # 'r', written, flushed, applied, clock, reply
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -69,7 +68,7 @@ class ReplicationStream:
         self.lock = threading.Lock()
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self.confirmed = 0  # the flushed LSN reported to the server: the ledger's position
-        self.wal_end = 0  # the server's walEnd, from its latest message
+        self.wal_end = 0  # the server's walEnd, from its latest keepalive
         self._last_status = 0.0
         self.status_interval_s = STATUS_INTERVAL_S
         self.ended = threading.Event()  # set by close(): the keepalive thread stops at once
@@ -171,8 +170,7 @@ class ReplicationStream:
                 raise self._ended(pgconn)
             message = bytes(data)
             kind = message[0]
-            if kind == 0x77:  # 'w'
-                self.wal_end = max(self.wal_end, _XLOG(message, 1)[1])
+            if kind == 0x77:  # 'w': the reader takes dataStart; walEnd is the keepalives' job
                 return message
             if kind == 0x6B:  # 'k'
                 wal_end, _, reply = _KEEPALIVE(message, 1)
