@@ -292,7 +292,7 @@ async def init(settings: Settings) -> int:
         schema=settings.state.schema_,
         table=table.qualified,
         watermark_column=table.watermark.name,
-        partition_column=table.partition.name,
+        partition_column=table.partition_name,
     )
     return 0
 

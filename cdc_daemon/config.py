@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -75,8 +83,17 @@ class CaptureSettings(_Section):
     )
     partition_column: str = Field(
         default="invoice_date",
-        description="A `date`, `timestamp` or `timestamptz` column: its UTC day names the "
-        "object's `dt=` folder.",
+        description="`postgres.table`: a `date`, `timestamp` or `timestamptz` column whose UTC "
+        "day names the object's `dt=` folder. Left at its default, a table without "
+        "`invoice_date` has none: its rows go to the UTC day of the change's commit (logical) "
+        "or of the read (watermark).",
+    )
+    group: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9_]{1,40}$",
+        description="The name of the group of tables one daemon captures (its lock, ledger "
+        "position, and in logical mode its slot `cdc_<group>` and publication); required with "
+        "several `[[tables]]`, default for one table: the table's name.",
     )
     poll_interval_s: float = Field(
         default=1.0, gt=0, description="Pause between passes while there is nothing new."
@@ -119,6 +136,54 @@ class CaptureSettings(_Section):
         description="Logical mode: a dropped or retyped column stops the daemon (`stop`) or "
         "is followed with a new column list (`follow`).",
     )
+
+
+class TableSettings(_Section):
+    """One table of the group (`[[tables]]`); `postgres.table` is the one-table shorthand."""
+
+    name: str = Field(description="`schema.table` (resolved as an identifier).")
+    key: tuple[str, ...] | None = Field(
+        default=None,
+        description="Logical mode: the key columns (the warehouse merges by them); default: "
+        "the primary key.",
+    )
+    watermark_column: str | None = Field(
+        default=None,
+        description="Watermark mode: an integer column filled by a sequence; default: the "
+        "primary key.",
+    )
+    partition_column: str | None = Field(
+        default=None,
+        description="A `date`, `timestamp` or `timestamptz` column whose UTC day names the "
+        "`dt=` folder; none: the UTC day of the change's commit (logical) or of the read "
+        "(watermark).",
+    )
+    max_rows: int | None = Field(
+        default=None, gt=0, description="Watermark mode: this table's `batch.max_rows`."
+    )
+    max_bytes: int | None = Field(
+        default=None, gt=0, description="Watermark mode: this table's `batch.max_bytes`."
+    )
+    max_age_s: float | None = Field(
+        default=None, ge=0, description="Watermark mode: this table's `batch.max_age_s`."
+    )
+    warehouse_table: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$",
+        description="The current-state table in Snowflake; default: the table's name in upper "
+        "case.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _has_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a table, e.g. public.orders")
+        return value
+
+    @property
+    def qualified(self) -> str:
+        return qualified_name(self.name)
 
 
 class BatchSettings(_Section):
@@ -407,6 +472,10 @@ class Settings(BaseSettings):
     )
 
     postgres: PostgresSettings = PostgresSettings()
+    tables: tuple[TableSettings, ...] = Field(
+        default=(),
+        description="The group's tables; empty: `postgres.table` alone.",
+    )
     capture: CaptureSettings = CaptureSettings()
     batch: BatchSettings = BatchSettings()
     s3: S3Settings = S3Settings()
@@ -420,21 +489,91 @@ class Settings(BaseSettings):
     def state_dsn(self) -> SecretStr:
         return self.state.dsn or self.postgres.dsn
 
+    @model_validator(mode="after")
+    def _one_group(self) -> Settings:
+        names = [t.qualified for t in self.tables]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tables: {', '.join(twice)} listed twice")
+        if len(names) > 1 and self.capture.group is None:
+            raise ValueError(
+                "several [[tables]] need capture.group, the name of their group (its lock, "
+                "ledger position, slot and publication are named after it)"
+            )
+        return self
+
+    @property
+    def table_specs(self) -> tuple[TableSettings, ...]:
+        """The group's tables: ``[[tables]]``, or ``postgres.table`` with ``capture``'s
+        watermark and partition columns."""
+        if self.tables:
+            return self.tables
+        capture = self.capture
+        explicit = "partition_column" in capture.model_fields_set
+        return (
+            TableSettings(
+                name=self.postgres.table,
+                watermark_column=capture.watermark_column,
+                partition_column=capture.partition_column if explicit else None,
+            ),
+        )
+
+    @property
+    def default_partition(self) -> str | None:
+        """``invoice_date`` when ``postgres.table`` is used and ``capture.partition_column`` is
+        left at its default: the column partitions the table when the table has it."""
+        if self.tables or "partition_column" in self.capture.model_fields_set:
+            return None
+        return self.capture.partition_column
+
     @property
     def table(self) -> str:
-        """The captured table, ``schema.table``, before connecting: the name its objects,
-        ledger records and warehouse stage use (``TableInfo.qualified`` is the catalog's)."""
-        return qualified_name(self.postgres.table)
+        """The group's first table, ``schema.table``, before connecting: the name its
+        objects and warehouse stage use (``TableInfo.qualified`` is the catalog's)."""
+        return self.table_specs[0].qualified
+
+    @property
+    def group(self) -> str:
+        """The group's name: its lock and its ledger records (positions, batches). One table
+        without ``capture.group``: the table's name, as before groups existed."""
+        if self.capture.group is not None:
+            return self.capture.group
+        return self.table
 
     @property
     def slot_name(self) -> str:
         """Logical mode: the replication slot."""
-        return self.capture.slot_name or default_name(*self.table.split(".", 1))
+        return self.capture.slot_name or self._default_name()
 
     @property
     def publication_name(self) -> str:
         """Logical mode: the publication."""
-        return self.capture.publication_name or default_name(*self.table.split(".", 1))
+        return self.capture.publication_name or self._default_name()
+
+    def _default_name(self) -> str:
+        if self.capture.group is not None:
+            return default_name(self.capture.group)
+        return default_name(*self.table.split(".", 1))
+
+    def for_table(self, spec: TableSettings) -> Settings:
+        """These settings narrowed to one table of the group (watermark mode runs one
+        pipeline per table): ``postgres.table``, its columns and its batch limits."""
+        batch = {
+            k: v
+            for k, v in (
+                ("max_rows", spec.max_rows),
+                ("max_bytes", spec.max_bytes),
+                ("max_age_s", spec.max_age_s),
+            )
+            if v is not None
+        }
+        return self.model_copy(
+            update={
+                "postgres": self.postgres.model_copy(update={"table": spec.name}),
+                "tables": (spec,),
+                "batch": self.batch.model_copy(update=batch),
+            }
+        )
 
 
 def qualified_name(table: str) -> str:
@@ -447,9 +586,10 @@ def qualified_name(table: str) -> str:
     return ".".join(parts) if len(parts) > 1 else f"public.{parts[0]}"
 
 
-def default_name(schema: str, table: str) -> str:
-    """cdc_<schema>_<table>, as a valid slot name (lower case, digits, underscores, 63 max)."""
-    return ("cdc_" + re.sub(r"[^a-z0-9_]", "_", f"{schema}_{table}".lower()))[:63]
+def default_name(*parts: str) -> str:
+    """cdc_<schema>_<table> (or cdc_<group>), as a valid slot name (lower case, digits,
+    underscores, 63 max)."""
+    return ("cdc_" + re.sub(r"[^a-z0-9_]", "_", "_".join(parts).lower()))[:63]
 
 
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
@@ -552,15 +692,17 @@ def reference_markdown() -> str:
     ]
     for section, field in Settings.model_fields.items():
         model = field.annotation
+        heading = f"## `[{section}]`"
+        if section == "tables":
+            model, heading = TableSettings, "## `[[tables]]`"
         assert isinstance(model, type)
         assert issubclass(model, BaseModel)
         doc = " ".join((model.__doc__ or "").split())
-        out += [f"## `[{section}]`", "", doc, "", "| key | default | meaning |", "|---|---|---|"]
+        out += [heading, "", doc, "", "| key | default | meaning |", "|---|---|---|"]
         for name, info in model.model_fields.items():
             key = info.alias or name
-            out.append(
-                f"| `{section}.{key}` | {_default_text(info.default)} | {info.description} |"
-            )
+            default = "required" if info.is_required() else _default_text(info.default)
+            out.append(f"| `{section}.{key}` | {default} | {info.description} |")
         out.append("")
     return "\n".join(out)
 

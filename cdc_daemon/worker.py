@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from cdc_daemon.capture import Pipeline
 from cdc_daemon.capture.logical.pipeline import LogicalPipeline
 from cdc_daemon.capture.logical.source import LogicalSource
+from cdc_daemon.capture.watermark.group import WatermarkGroup
 from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline
 from cdc_daemon.capture.watermark.source import WatermarkSource
 from cdc_daemon.config import Settings, redact_dsn
@@ -139,25 +140,36 @@ class Worker:
         source: WatermarkSource | LogicalSource = (
             LogicalSource(settings)
             if settings.capture.mode == "logical"
-            else WatermarkSource(settings)
+            else WatermarkSource(settings.for_table(settings.table_specs[0]))
         )
         stack.callback(source.close)
         table = await asyncio.to_thread(source.connect)
-        self.metrics = Metrics(self.registry, table.qualified)
-        self._probe.table = table.qualified
+        # Watermark mode: a source session per further table of the group.
+        others: list[WatermarkSource] = []
+        if isinstance(source, WatermarkSource):
+            for spec in settings.table_specs[1:]:
+                other = WatermarkSource(settings.for_table(spec))
+                stack.callback(other.close)
+                await asyncio.to_thread(other.connect)
+                others.append(other)
+        group = settings.group
+        self.metrics = Metrics(self.registry, group)
+        self._probe.table = group
         self._probe.lock_session = self._lock_session
         if settings.http.address:
             await HealthServer(settings, self.metrics, self.heartbeats, self._probe).start(stack)
-        if not await self._take_lock(store, table.qualified):
+        if not await self._take_lock(store, group):
             return None
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
         await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
         log.info(
             "daemon_started",
+            group=group,
+            tables=[t.qualified for t in settings.table_specs],
             table=table.qualified,
             watermark_column=table.watermark.name,
-            partition_column=table.partition.name,
+            partition_column=table.partition_name,
             pid=os.getpid(),
         )
         unit = UnitOfWork(settings, sink, self.metrics)
@@ -171,7 +183,13 @@ class Worker:
 
             source.on_progress = beat
             return LogicalPipeline(settings, source, unit, store, self.metrics)
-        return WatermarkPipeline(settings, source, unit, store, self.metrics)
+        first = WatermarkPipeline(source.settings, source, unit, store, self.metrics)
+        if not others:
+            return first
+        pipelines = [first] + [
+            WatermarkPipeline(o.settings, o, unit, store, self.metrics) for o in others
+        ]
+        return WatermarkGroup(group, pipelines)
 
     def _lock_session(self) -> int | None:
         store = self._store
@@ -256,7 +274,8 @@ class Worker:
         failed: list[str] = []
         if store is not None and not store.broken:
             with contextlib.suppress(CdcError):
-                failed = await store.mark_failed(pipeline.table, str(exc))
+                for name in pipeline.ledger_names:
+                    failed += await store.mark_failed(name, str(exc))
         log.error("batch_failed", table=pipeline.table, batches=failed, error=str(exc))
 
     async def _note_failure(self, pipeline: Pipeline, exc: CdcError) -> None:
@@ -264,7 +283,8 @@ class Worker:
         if store is None or store.broken:
             return  # the ledger itself is what failed; the retry reconnects first
         with contextlib.suppress(CdcError):
-            await store.note_failure(pipeline.table, str(exc))
+            for name in pipeline.ledger_names:
+                await store.note_failure(name, str(exc))
 
     async def _last_step(self, pipeline: Pipeline) -> None:
         await pipeline.step(draining=True)

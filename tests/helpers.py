@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import gzip
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,50 +136,101 @@ def object_bodies(s3_client: Any, bucket: str, prefix: str = "") -> dict[str, by
     return out
 
 
-def rebuild(dsn: str, bodies: dict[str, bytes], table: str = "ecommerce_sales") -> str:
-    """Load every object into ``<table>_rebuilt`` with COPY (which, like Snowflake's file
-    format, reads an unquoted empty field as NULL and ``""`` as an empty string), keep the row
-    with the highest ``_cdc_seq`` per id unless it is a delete (``_cdc_op = 'D'``), and return
-    the name of that view."""
+def rebuild(
+    dsn: str,
+    bodies: dict[str, bytes],
+    table: str = "ecommerce_sales",
+    key: Sequence[str] = ("id",),
+) -> str:
+    """Load every object into ``<table>_raw`` with COPY (which, like Snowflake's file format,
+    reads an unquoted empty field as NULL and ``""`` as an empty string), by the column names
+    of each object's header; keep the row with the highest ``_cdc_seq`` per key unless it is a
+    delete (``_cdc_op = 'D'``), a column that row names in ``_cdc_unchanged`` taken from the
+    latest row of that key that has it (the warehouse merge's rule); return the view's name.
+    ``table`` may be ``schema.table``; the raw table and the view go to the source's schema."""
+    schema, _, name = table.rpartition(".")
+    schema = schema or "public"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
-        t = sql.Identifier(table)
-        raw = sql.Identifier(f"{table}_raw")
+        t = sql.Identifier(schema, name)
+        raw = sql.Identifier(schema, f"{name}_raw")
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(raw))
         conn.execute(
             sql.SQL(
                 "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::bigint AS _cdc_seq,"
-                " now() AS _cdc_ts FROM {t} WITH NO DATA"
+                " now() AS _cdc_ts, ''::text AS _cdc_unchanged FROM {t} WITH NO DATA"
             ).format(raw=raw, t=t)
         )
         for body in bodies.values():
+            header = next(csv.reader([body.split(b"\n", 1)[0].decode()]))
+            columns = sql.SQL(", ").join(map(sql.Identifier, header))
             with conn.cursor().copy(
-                sql.SQL("COPY {} FROM STDIN (FORMAT csv, HEADER match)").format(raw)
+                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(raw, columns)
             ) as copy:
                 copy.write(body)
+        names = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+                " AND NOT attisdropped ORDER BY attnum",
+                (f"{schema}.{name}",),
+            )
+        ]
+        lacking = {
+            str(c)
+            for (c,) in conn.execute(
+                sql.SQL(
+                    "SELECT DISTINCT unnest(string_to_array(_cdc_unchanged, ',')) FROM {}"
+                ).format(raw)
+            )
+        }
+        keys = sql.SQL(", ").join(map(sql.Identifier, key))
+        same_key = sql.SQL(" AND ").join(
+            sql.SQL("r.{k} = w.{k}").format(k=sql.Identifier(k)) for k in key
+        )
+        picked = []
+        for column in names:
+            c = sql.Identifier(column)
+            if column not in lacking:
+                picked.append(sql.SQL("w.{}").format(c))
+                continue
+            picked.append(
+                sql.SQL(
+                    "(SELECT r.{c} FROM {raw} r WHERE {same} AND NOT ({name} = ANY("
+                    "coalesce(string_to_array(r._cdc_unchanged, ','), '{{}}')))"
+                    " ORDER BY r._cdc_seq DESC LIMIT 1) AS {c}"
+                ).format(c=c, raw=raw, same=same_key, name=sql.Literal(column))
+            )
         conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE VIEW {v} AS SELECT * FROM (SELECT DISTINCT ON (id) *"
-                " FROM {raw} ORDER BY id, _cdc_seq DESC) w WHERE _cdc_op <> 'D'"
-            ).format(v=sql.Identifier(f"{table}_rebuilt"), raw=raw)
+                "CREATE OR REPLACE VIEW {v} AS SELECT {picked} FROM (SELECT DISTINCT ON ({k}) *"
+                " FROM {raw} ORDER BY {k}, _cdc_seq DESC) w WHERE _cdc_op <> 'D'"
+            ).format(
+                v=sql.Identifier(schema, f"{name}_rebuilt"),
+                raw=raw,
+                k=keys,
+                picked=sql.SQL(", ").join(picked),
+            )
         )
-    return f"{table}_rebuilt"
+    return f"{name}_rebuilt"
 
 
 def differences(dsn: str, table: str = "ecommerce_sales") -> tuple[int, int, int, int]:
     """(source rows, rebuilt rows, rows only in source, rows only in rebuilt): every column of
     every row compared by value (numeric, timestamptz, NULL vs empty)."""
+    schema, _, name = table.rpartition(".")
+    schema = schema or "public"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        t = sql.Identifier(table)
+        t = sql.Identifier(schema, name)
         cols = sql.SQL(", ").join(
             sql.Identifier(r[0])
             for r in conn.execute(
                 "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
                 " AND NOT attisdropped ORDER BY attnum",
-                (table,),
+                (f"{schema}.{name}",),
             )
         )
-        rebuilt = sql.Identifier(f"{table}_rebuilt")
+        rebuilt = sql.Identifier(schema, f"{name}_rebuilt")
         row = conn.execute(
             sql.SQL(
                 "SELECT (SELECT count(*) FROM {t}), (SELECT count(*) FROM {r}),"

@@ -18,6 +18,12 @@ class Pipeline(Protocol):
         ...
 
     @property
+    def ledger_names(self) -> tuple[str, ...]:
+        """The names its batches are recorded under: the table, or the group (logical mode
+        records a group's batches under its name), or each table of a watermark group."""
+        ...
+
+    @property
     def position(self) -> int | None:
         """Where the ledger stands (a watermark id or an LSN); None before the first batch."""
         ...

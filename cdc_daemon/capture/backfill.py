@@ -53,7 +53,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error, from_psycopg
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.session import SourceSession, read_snapshot, translated
-from cdc_daemon.source.table import TableInfo, describe_table
+from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run
 from cdc_daemon.unit import Retry, UnitOfWork, utc_now_iso
 
@@ -162,7 +162,7 @@ def fingerprint(
     config = {
         "table": table.qualified,
         "mode": settings.capture.mode,
-        "partition_column": table.partition.name,
+        "partition_column": table.partitioned.name,
         "watermark_column": table.watermark.name,
         "columns": table.header,
         "compression": settings.batch.compression,
@@ -186,14 +186,8 @@ class ChunkReader(SourceSession):
         super().__init__(settings, APPLICATION_NAME)
 
     def describe(self) -> TableInfo:
-        capture = self._settings.capture
         try:
-            return describe_table(
-                self._session(),
-                self._settings.postgres.table,
-                capture.watermark_column,
-                capture.partition_column,
-            )
+            return describe_configured(self._session(), self._settings)
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
 
@@ -219,7 +213,7 @@ class ChunkReader(SourceSession):
                 "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a"
                 " ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
                 " WHERE i.indrelid = to_regclass(%s) AND a.attname = %s)",
-                (table.ident().as_string(conn), table.partition.name),
+                (table.ident().as_string(conn), table.partitioned.name),
             ).fetchone()
         except psycopg.Error as exc:
             raise from_psycopg(exc, f"planning the backfill of {table.qualified}") from None
@@ -494,7 +488,7 @@ def print_plan(
     rows = sum(n for _, n in days)
     ext = EXTENSIONS[settings.batch.compression]
     print(
-        f"Backfill plan for {table.qualified}: UTC days of {table.partition.name} from "
+        f"Backfill plan for {table.qualified}: UTC days of {table.partitioned.name} from "
         f"{request.day_from} to {request.day_to} (the --to day excluded)",
         file=out,
     )
@@ -571,7 +565,7 @@ async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
         log.warning(
             "backfill_without_index",
             table=table.qualified,
-            partition_column=table.partition.name,
+            partition_column=table.partitioned.name,
             hint="each day's chunk scans the whole table; an index on the column avoids it",
         )
     digest, config = fingerprint(settings, table, request)

@@ -19,7 +19,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, from_psycopg
 from cdc_daemon.source.session import connect as connect_source
-from cdc_daemon.source.table import describe_table
+from cdc_daemon.source.table import describe_configured
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.report import LedgerReader
@@ -46,9 +46,7 @@ def _source_figures(
     conn = connect_source(settings)
     try:
         capture = settings.capture
-        table = describe_table(
-            conn, settings.postgres.table, capture.watermark_column, capture.partition_column
-        )
+        table = describe_configured(conn, settings)
         rows = None
         if table.qualified in highs and capture.mode == "watermark":
             # (In logical mode the position is an LSN: the slot's lag says how far behind.)

@@ -70,6 +70,10 @@ class SourceSession:
         self._application_name = application_name
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     def connect(self) -> object:
         """(Re)open the session; a capture mode also reads its table's catalog here."""
         self.close()

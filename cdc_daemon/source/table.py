@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, time
 import psycopg
 from psycopg import sql
 
+from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError
 
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
@@ -122,7 +123,7 @@ class TableInfo:
     name: str
     columns: tuple[Column, ...]
     watermark: Column
-    partition: Column
+    partition: Column | None  # None: the day of the read (watermark) or commit (logical)
 
     @property
     def qualified(self) -> str:
@@ -137,16 +138,16 @@ class TableInfo:
 
     def utc_day_expr(self) -> sql.Composable:
         """The UTC day of the partition column, as the objects' ``dt=`` folders name it."""
-        col = self.partition.ident()
-        if self.partition.base_type == "timestamp with time zone":
+        col = self.partitioned.ident()
+        if self.partitioned.base_type == "timestamp with time zone":
             return sql.SQL("({} AT TIME ZONE 'UTC')::date").format(col)
         return sql.SQL("{}::date").format(col)
 
     def days_between(self, first: date, end: date) -> sql.Composable:
         """Rows whose ``utc_day_expr`` is in ``[first, end)``, as a range on the bare column
         (an index on it can serve it; an expression on the column could not)."""
-        col = self.partition.ident()
-        base = self.partition.base_type
+        col = self.partitioned.ident()
+        base = self.partitioned.base_type
         lo: date | datetime = first
         hi: date | datetime = end
         if base == "timestamp with time zone":
@@ -157,11 +158,30 @@ class TableInfo:
             c=col, lo=sql.Literal(lo), hi=sql.Literal(hi)
         )
 
-    def day_expr(self) -> sql.Composable:
+    @property
+    def partition_name(self) -> str | None:
+        return None if self.partition is None else self.partition.name
+
+    @property
+    def partitioned(self) -> Column:
+        """The partition column, for what needs one (backfill by day, completeness)."""
+        if self.partition is None:
+            raise SourceError(
+                f"{self.qualified} has no partition column (its objects are named by the day of "
+                "the read or commit): set partition_column for this table"
+            )
+        return self.partition
+
+    def day_expr(self, read_ts: str | None = None) -> sql.Composable:
         """The UTC day of the partition column as a date (``YYYY-MM-DD`` in ISO DateStyle;
         empty for NULL, which ``batch.spool`` names ``unknown``). A cast, not to_char: it costs
-        the server a third as much. A row to quarantine gets ``!<reason>`` instead."""
-        day = self.utc_day_expr()
+        the server a third as much. A row to quarantine gets ``!<reason>`` instead. Without a
+        partition column: the UTC day of ``read_ts`` (the batch's read time)."""
+        if self.partition is None:
+            assert read_ts is not None, "a table without a partition column needs the read time"
+            day: sql.Composable = sql.Literal(read_ts[:10])
+        else:
+            day = self.utc_day_expr()
         checks = [check for column in self.columns for check in column.quarantine_checks()]
         if not checks:
             return day
@@ -175,7 +195,8 @@ def describe_table(
     conn: psycopg.Connection[tuple[object, ...]],
     table: str,
     watermark_column: str | None,
-    partition_column: str,
+    partition_column: str | None,
+    default_partition: str | None = None,
 ) -> TableInfo:
     row = conn.execute(
         "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c "
@@ -232,6 +253,24 @@ def describe_table(
             f"sequence {cached[0]} of the watermark column has CACHE {cached[1]}, so ids are not "
             f"assigned in order: ALTER SEQUENCE {cached[0]} CACHE 1"
         )
+    partition = partition_of(str(schema), str(name), by_name, partition_column, default_partition)
+    return TableInfo(str(schema), str(name), cols, watermark, partition)
+
+
+def partition_of(
+    schema: str,
+    name: str,
+    by_name: dict[str, Column],
+    partition_column: str | None,
+    default_partition: str | None,
+) -> Column | None:
+    """The configured partition column, checked; else ``default_partition`` when the table
+    has it (``invoice_date``, the one-table default); else none."""
+    if partition_column is None:
+        if default_partition is not None and default_partition in by_name:
+            partition_column = default_partition
+        else:
+            return None
     if partition_column not in by_name:
         raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
     partition = by_name[partition_column]
@@ -240,4 +279,16 @@ def describe_table(
             f"partition column {partition_column!r} is {partition.type_name}; "
             "it must be a date or a timestamp"
         )
-    return TableInfo(str(schema), str(name), cols, watermark, partition)
+    return partition
+
+
+def describe_configured(
+    conn: psycopg.Connection[tuple[object, ...]],
+    settings: Settings,
+    spec: TableSettings | None = None,
+) -> TableInfo:
+    """``spec`` (default: the first table of the group) as configured."""
+    spec = spec or settings.table_specs[0]
+    return describe_table(
+        conn, spec.name, spec.watermark_column, spec.partition_column, settings.default_partition
+    )

@@ -187,13 +187,16 @@ class RowEncoder:
     same bytes for every row (tests/unit/test_encode.py checks it on arbitrary rows).
     """
 
-    def __init__(self, columns: Sequence[ColumnType], partition_column: str) -> None:
+    def __init__(self, columns: Sequence[ColumnType], partition_column: str | None) -> None:
         names = [c.name for c in columns]
-        if partition_column not in names:
-            raise ValueError(f"no column {partition_column!r}")
-        self._partition = names.index(partition_column)
-        if columns[self._partition].type_oid not in _PARTITION_TYPES:
-            raise ValueError(f"partition column {partition_column!r} is not a date/timestamp")
+        # No partition column: the day is b"" (the caller names it: the commit's day).
+        self._partition: int | None = None
+        if partition_column is not None:
+            if partition_column not in names:
+                raise ValueError(f"no column {partition_column!r}")
+            self._partition = names.index(partition_column)
+            if columns[self._partition].type_oid not in _PARTITION_TYPES:
+                raise ValueError(f"partition column {partition_column!r} is not a date/timestamp")
         self._convert = [_CONVERT.get(c.type_oid, quote) for c in columns]
         self._fast = [
             (i, fast) for i, c in enumerate(columns) if (fast := _FAST.get(c.type_oid)) is not None
@@ -231,6 +234,8 @@ class RowEncoder:
             return self.encode_reference(values)
         if len(row) > _MAX_TEXT:
             return self.encode_reference(values)
+        if self._partition is None:
+            return b"", row
         day = values[self._partition]
         return (b"" if day is None else day[:10]), row  # type: ignore[index]
 
@@ -251,5 +256,7 @@ class RowEncoder:
                 value = values[i]
                 if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]
                     return b"!" + label.format(reason).encode(), row
+        if self._partition is None:
+            return b"", row
         day = values[self._partition]
         return (b"" if day is None else day[:10]), row  # type: ignore[index]

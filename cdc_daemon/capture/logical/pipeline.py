@@ -68,7 +68,12 @@ class LogicalPipeline:
 
     @property
     def table(self) -> str:
-        return self._logical.table.qualified
+        """The group (its ledger records: one position, the batches of every table)."""
+        return self._settings.group
+
+    @property
+    def ledger_names(self) -> tuple[str, ...]:
+        return (self.table,)
 
     @property
     def position(self) -> int | None:
@@ -108,10 +113,13 @@ class LogicalPipeline:
             raise SourceError("; ".join(problems))
         # The column list exported last, before any redo: a redo compares against it, not
         # against what a failed attempt of this process read.
-        saved = await store.relation_columns(self.table)
-        self._logical.accepted = (
-            None if saved is None else tuple((str(n), int(o), int(m)) for n, o, m in saved)
-        )
+        source.accepted = {}
+        for table in source.tables:
+            saved = await store.relation_columns(table.qualified)
+            if saved is not None:
+                source.accepted[table.qualified] = tuple(
+                    (str(n), int(o), int(m)) for n, o, m in saved
+                )
         await redo_pending(await store.pending(self.table), self._redo)
         state = (await store.position(self.table, "logical")).state
         if state.high == INT64_MIN:
@@ -137,37 +145,40 @@ class LogicalPipeline:
         if not self._settings.capture.initial_snapshot:
             lsn = await source.run(source.create_slot)
             await self._store.commit_position(self.table, CaptureState(), CaptureState(lsn, lsn))
-            await self._store.save_relation_columns(self.table, source.logical_table.columns)
-            source.accepted = source.logical_table.columns
+            await self._save_catalog_columns()
             self._pos = lsn
             log.info("slot_created", table=self.table, slot=source.slot, lsn=format_lsn(lsn))
             return
         started = time.monotonic()
         read_ts = utc_now_iso()
-        spool = self._new_spool([*source.table.header])
+        consistent, seq, spools = await source.run(
+            lambda: source.snapshot(self._new_spool, read_ts)
+        )
+        generations: list[tuple[str, int, list[DayObject]]] = []
         try:
-            consistent, seq = await source.run(lambda: source.snapshot(spool, read_ts))
-            days = await asyncio.to_thread(spool.finish)
             keep = self._snapshot_dir(consistent)
             keep.mkdir(parents=True, exist_ok=True)
-            kept = []
-            for day in days:
-                target = keep / day.sha256
-                shutil.move(day.path, target)
-                kept.append(replace(day, path=target))
+            for table, spool in spools:
+                kept = []
+                for day in await asyncio.to_thread(spool.finish):
+                    target = keep / day.sha256
+                    shutil.move(day.path, target)
+                    kept.append(replace(day, path=target))
+                generations.append((table.qualified, 0, kept))
         finally:
-            await asyncio.to_thread(spool.discard)
+            for _, spool in spools:
+                await asyncio.to_thread(spool.discard)
         log.info(
             "snapshot_taken",
             table=self.table,
+            tables=[t.qualified for t in source.tables],
             slot=source.slot,
             consistent_point=format_lsn(consistent),
             seq=seq,
         )
-        batch = self._record(INT64_MIN, consistent, read_ts, [kept])
+        batch = self._record(INT64_MIN, consistent, read_ts, generations)
         timings = await self._unit.deliver(batch, self._store)
-        await self._store.save_relation_columns(self.table, source.logical_table.columns)
-        source.accepted = source.logical_table.columns
+        await self._save_catalog_columns()
         shutil.rmtree(keep, ignore_errors=True)
         self._pos = consistent
         self._log_batch(batch, started, timings, "snapshot")
@@ -195,7 +206,7 @@ class LogicalPipeline:
                 objects.append(replace(obj, path=str(path)))
             batch = replace(pending, objects=tuple(objects))
             timings = await self._unit.deliver(batch, self._store)
-            await self._store.save_relation_columns(self.table, source.logical_table.columns)
+            await self._save_catalog_columns()
             shutil.rmtree(keep, ignore_errors=True)
             self._log_batch(batch, started, timings, "redo")
             return
@@ -303,8 +314,8 @@ class LogicalPipeline:
     async def _commit_batch(self, batch: BatchRecord) -> dict[str, float]:
         """Upload, commit in the ledger, then (only then) advance the slot."""
         timings = await self._unit.upload_and_commit(batch, self._store)
-        if self._logical.accepted is not None:
-            await self._store.save_relation_columns(self.table, self._logical.accepted)
+        for name, columns in self._logical.accepted.items():
+            await self._store.save_relation_columns(name, columns)
         await self._logical.run(lambda: self._logical.advance(batch.hi))
         self._last_move = time.monotonic()
         return timings
@@ -346,21 +357,33 @@ class LogicalPipeline:
         for generation in result.generations:
             await asyncio.to_thread(generation.spool.discard)
 
+    async def _save_catalog_columns(self) -> None:
+        """After the snapshot (or a slot without one): the catalog's column lists are the
+        accepted ones."""
+        source = self._logical
+        for table in source.tables:
+            await self._store.save_relation_columns(table.qualified, table.columns)
+            source.accepted[table.qualified] = table.columns
+
     async def _batch_of(self, result: ReadResult, read_ts: str) -> BatchRecord:
-        days = [await asyncio.to_thread(g.spool.finish) for g in result.generations]
+        days = [
+            (g.table.qualified, g.number, await asyncio.to_thread(g.spool.finish))
+            for g in result.generations
+        ]
         assert result.hi is not None
         return self._record(result.lo, result.hi, read_ts, days)
 
     def _record(
-        self, lo: int, hi: int, read_ts: str, generations: list[list[DayObject]]
+        self, lo: int, hi: int, read_ts: str, generations: list[tuple[str, int, list[DayObject]]]
     ) -> BatchRecord:
-        """A batch of whole transactions committing in ``[lo, hi)``; its objects are named
-        ``<batch_id>`` (first column list) and ``<batch_id>-s<n>`` (later ones)."""
+        """A batch of whole transactions committing in ``[lo, hi)``, of any tables of the
+        group; each table's objects are named ``<batch_id>`` (its first column list) and
+        ``<batch_id>-s<n>`` (later ones), under the table's folder."""
         bid = batch_id(lo, hi)
         objects = tuple(
             record
-            for n, days in enumerate(generations)
-            for record in self._unit.objects(self.table, bid if n == 0 else f"{bid}-s{n}", days)
+            for table, n, days in generations
+            for record in self._unit.objects(table, bid if n == 0 else f"{bid}-s{n}", days)
         )
         return BatchRecord(
             table=self.table,

@@ -30,26 +30,30 @@ log = structlog.get_logger()
 
 async def init_logical(settings: Settings) -> int:
     source = LogicalSource(settings)
+    group = settings.group
     try:
-        table = await asyncio.to_thread(source.connect)
+        await asyncio.to_thread(source.connect)
         problems = await asyncio.to_thread(source.check_prerequisites)
+        # Tables missing from the publication are what init is for: it adds them below.
+        problems = [p for p in problems if "does not include" not in p]
         if problems:
             raise SourceError(
-                f"{table.qualified} cannot be captured in logical mode yet: " + "; ".join(problems)
+                f"{group} cannot be captured in logical mode yet: " + "; ".join(problems)
             )
-        created = await asyncio.to_thread(source.ensure_publication)
+        changes = await asyncio.to_thread(source.sync_publication)
+        for line in changes + await asyncio.to_thread(source.identity_notes):
+            print(line)
         slot = None
         if not settings.capture.initial_snapshot:
             store = await Store.from_settings(settings)
             try:
-                position = await store.position(table.qualified, "logical")
+                position = await store.position(group, "logical")
                 status = await asyncio.to_thread(source.slot_status)
                 if position.state.high == CaptureState().high and not status.exists:
                     lsn = await asyncio.to_thread(source.create_slot)
-                    await store.commit_position(
-                        table.qualified, CaptureState(), CaptureState(lsn, lsn)
-                    )
-                    await store.save_relation_columns(table.qualified, source.logical_table.columns)
+                    await store.commit_position(group, CaptureState(), CaptureState(lsn, lsn))
+                    for table in source.tables:
+                        await store.save_relation_columns(table.qualified, table.columns)
                     slot = format_lsn(lsn)
             finally:
                 await store.close()
@@ -58,12 +62,12 @@ async def init_logical(settings: Settings) -> int:
     log.info(
         "logical_ready",
         schema=settings.state.schema_,
-        table=table.qualified,
+        group=group,
+        tables=[t.qualified for t in source.tables],
         publication=source.publication,
-        publication_created=created,
+        publication_changes=changes,
         slot=source.slot,
         slot_created_at=slot,
-        partition_column=table.partition.name,
     )
     return 0
 
@@ -73,7 +77,7 @@ async def teardown(settings: Settings, confirmed: bool) -> int:
         raise ConfigError("teardown is for capture.mode = 'logical' only")
     source = LogicalSource(settings)
     try:
-        table = await asyncio.to_thread(source.connect)
+        await asyncio.to_thread(source.connect)
         if not confirmed:
             raise ConfigError(
                 f"teardown drops slot {source.slot} and publication {source.publication}; the "
@@ -85,8 +89,8 @@ async def teardown(settings: Settings, confirmed: bool) -> int:
     store = await Store.from_settings(settings)
     try:
         await store.check_schema()
-        await store.forget_position(table.qualified)
+        await store.forget_position(settings.group)
     finally:
         await store.close()
-    log.info("logical_torn_down", table=table.qualified, dropped=dropped)
+    log.info("logical_torn_down", group=settings.group, dropped=dropped)
     return 0

@@ -85,7 +85,7 @@ from psycopg import sql
 
 from cdc_daemon.batch.policy import Limits
 from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
-from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder
+from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder, quote
 from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
@@ -105,11 +105,11 @@ from cdc_daemon.capture.logical.stream import (
     Keepalive,
     ReplicationStream,
 )
-from cdc_daemon.config import Settings
+from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.session import SourceSession, connect, translated
-from cdc_daemon.source.table import Column, TableInfo
+from cdc_daemon.source.table import Column, TableInfo, partition_of
 
 log = structlog.get_logger()
 
@@ -141,6 +141,24 @@ class LogicalTable:
     replica_identity: str
     toastable: tuple[str, ...]
     columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod), as Relation sends
+    has_primary_key: bool = True
+
+    @property
+    def qualified(self) -> str:
+        return self.info.qualified
+
+    @property
+    def header(self) -> list[str]:
+        return logical_header([c[0] for c in self.columns])
+
+
+# The daemon's own columns of a logical object, after the table's: the operation, the change's
+# LSN, its commit time, and the columns whose unchanged TOASTed values the change lacks.
+CDC_COLUMNS = ("_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged")
+
+
+def logical_header(columns: list[str]) -> list[str]:
+    return [*columns, *CDC_COLUMNS]
 
 
 @dataclass
@@ -165,6 +183,8 @@ class Generation:
     spool: DaySpool
     encoder: RowEncoder
     key_index: tuple[int, ...]
+    table: LogicalTable
+    number: int = 0  # the table's n-th column list within the batch (0: its first)
     # The key columns of a tuple, compared as one value (None: no key).
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
 
@@ -173,15 +193,22 @@ class Generation:
 
     @property
     def header(self) -> list[str]:
-        return [c[0] for c in self.columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
+        return logical_header([c[0] for c in self.columns])
+
+    @property
+    def partitioned(self) -> bool:
+        return self.table.info.partition is not None
 
 
 SpoolFactory = Callable[[list[str]], DaySpool]
 
 
 def describe(
-    conn: psycopg.Connection[tuple[object, ...]], table: str, partition_column: str
+    conn: psycopg.Connection[tuple[object, ...]],
+    spec: TableSettings,
+    default_partition: str | None = None,
 ) -> LogicalTable:
+    table = spec.name
     row = conn.execute(
         "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text, c.relreplident::text"
         " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -206,7 +233,7 @@ def describe(
         (int(oid),),
     ).fetchall()
     columns = tuple(Column(str(n), str(t)) for n, t, *_ in cols)
-    key = tuple(
+    primary = tuple(
         str(r[0])
         for r in conn.execute(
             "SELECT a.attname FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o)"
@@ -216,49 +243,53 @@ def describe(
         )
     )
     by_name = {c.name: c for c in columns}
-    if partition_column not in by_name:
-        raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
-    partition = by_name[partition_column]
-    if partition.base_type not in (
-        "date",
-        "timestamp with time zone",
-        "timestamp without time zone",
-    ):
-        raise SourceError(
-            f"partition column {partition_column!r} is {partition.type_name}; "
-            "it must be a date or a timestamp"
-        )
+    key = primary if spec.key is None else spec.key
+    missing = [k for k in key if k not in by_name]
+    if missing:
+        raise SourceError(f"{schema}.{name} has no column {missing[0]!r} (key)")
+    partition = partition_of(schema, name, by_name, spec.partition_column, default_partition)
     # TableInfo's watermark is meaningless here; the first key column stands in.
-    info = TableInfo(schema, name, columns, by_name[key[0]] if key else partition, partition)
+    info = TableInfo(schema, name, columns, by_name[key[0]] if key else columns[0], partition)
     toastable = tuple(str(n) for n, _, t, *_ in cols if t)
     catalog = tuple((str(n), int(str(o)), int(str(m))) for n, _, _, o, m in cols)
-    return LogicalTable(info, int(oid), key, identity, toastable, catalog)
+    return LogicalTable(info, int(oid), key, identity, toastable, catalog, bool(primary))
 
 
 class LogicalSource(SourceSession):
-    """The source side of logical capture. Synchronous; the pipeline runs it in a thread."""
+    """The source side of logical capture of a group of tables through one slot and one
+    publication. Synchronous; the pipeline runs it in a thread."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self._table: LogicalTable | None = None
+        self._tables: list[LogicalTable] = []
+        self._by_oid: dict[int, LogicalTable] = {}
         self._stream: ReplicationStream | None = None
         self._stream_next = 0  # the stream delivered every transaction committing before this
         # pgoutput sends a table's Relation message once per stream (and after DDL), not once
-        # per batch: the latest one is kept for the next batch read from the same stream.
-        self.stream_relation: Relation | None = None
+        # per batch: the latest one of each table is kept for the next batch of the stream.
+        self.stream_relations: dict[int, Relation] = {}
         self._keepalive: threading.Thread | None = None
         self._cancelled = False
         # Called (from the reading thread) about every second while a read goes on.
         self.on_progress: Callable[[], None] | None = None
-        # The column list accepted so far (from the ledger, then from Relation messages).
-        self.accepted: tuple[tuple[str, int, int], ...] | None = None
+        # The column list of each table accepted so far (from the ledger, then from Relation
+        # messages), by qualified name.
+        self.accepted: dict[str, tuple[tuple[str, int, int], ...]] = {}
 
     # -- names and connection -----------------------------------------------------------------
 
     @property
+    def tables(self) -> list[LogicalTable]:
+        assert self._tables, "connect() first"
+        return self._tables
+
+    def by_oid(self, oid: int) -> LogicalTable | None:
+        return self._by_oid.get(oid)
+
+    @property
     def logical_table(self) -> LogicalTable:
-        assert self._table is not None, "connect() first"
-        return self._table
+        """The group's first table."""
+        return self.tables[0]
 
     @property
     def table(self) -> TableInfo:
@@ -275,13 +306,16 @@ class LogicalSource(SourceSession):
     def connect(self) -> TableInfo:
         self.close()
         self._conn = connect(self._settings)
-        try:
-            self._table = describe(
-                self._conn, self._settings.postgres.table, self._settings.capture.partition_column
-            )
-            self._conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(self.table.ident()))
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
+        tables = []
+        for spec in self._settings.table_specs:
+            try:
+                table = describe(self._conn, spec, self._settings.default_partition)
+                self._conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(table.info.ident()))
+            except psycopg.Error as exc:
+                raise from_psycopg(exc, f"cannot read {spec.name}") from None
+            tables.append(table)
+        self._tables = tables
+        self._by_oid = {t.oid: t for t in tables}
         return self.table
 
     def _guard(
@@ -301,22 +335,24 @@ class LogicalSource(SourceSession):
 
     def check_prerequisites(self) -> list[str]:
         """Each missing prerequisite as one actionable sentence (empty: all good)."""
-        t = self.logical_table
-        q = t.info.qualified
+
+        def check(conn: psycopg.Connection[tuple[object, ...]]) -> list[tuple[Any, ...]]:
+            return [
+                tuple(row)
+                for row in conn.execute(
+                    "SELECT current_setting('wal_level'), r.rolsuper OR r.rolreplication,"
+                    " has_database_privilege(current_database(), 'CREATE'),"
+                    " pg_has_role(c.relowner, 'USAGE'), current_user, c.oid::int8"
+                    " FROM pg_roles r, pg_class c WHERE r.rolname = current_user"
+                    " AND c.oid = ANY(%s)",
+                    ([t.oid for t in self.tables],),
+                ).fetchall()
+            ]
+
+        rows = self._guard("checking the source", check)
+        wal_level, replication, can_create, _, user, _ = rows[0]
+        owns_all = all(row[3] for row in rows)
         problems = []
-
-        def check(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[Any, ...]:
-            row = conn.execute(
-                "SELECT current_setting('wal_level'), r.rolsuper OR r.rolreplication,"
-                " has_database_privilege(current_database(), 'CREATE'),"
-                " pg_has_role(c.relowner, 'USAGE'), current_user"
-                " FROM pg_roles r, pg_class c WHERE r.rolname = current_user AND c.oid = %s",
-                (t.oid,),
-            ).fetchone()
-            assert row is not None
-            return tuple(row)
-
-        wal_level, replication, can_create, owns, user = self._guard("checking the source", check)
         if wal_level != "logical":
             problems.append(
                 f"wal_level is {wal_level!r}: set wal_level = logical in postgresql.conf and "
@@ -326,75 +362,137 @@ class LogicalSource(SourceSession):
             problems.append(
                 f"role {user} may not use replication slots: ALTER ROLE {user} REPLICATION"
             )
-        if not t.key:
+        for t in self.tables:
+            q = t.qualified
+            if not t.key:
+                problems.append(
+                    f"{q} has no primary key: the warehouse merge needs one (ALTER TABLE {q} "
+                    "ADD PRIMARY KEY (...), or name its key columns in [[tables]] key and set "
+                    f"ALTER TABLE {q} REPLICA IDENTITY FULL)"
+                )
+            elif t.replica_identity == "n":
+                problems.append(
+                    f"{q} has REPLICA IDENTITY NOTHING: its updates and deletes carry no key "
+                    f"(ALTER TABLE {q} REPLICA IDENTITY DEFAULT)"
+                )
+            elif t.replica_identity == "d" and not t.has_primary_key:
+                problems.append(
+                    f"{q} has no primary key, so its default replica identity logs no key for "
+                    f"deletes: ALTER TABLE {q} REPLICA IDENTITY FULL"
+                )
+        if not self.publication_exists() and not (owns_all and can_create):
+            names = ", ".join(t.qualified for t in self.tables)
             problems.append(
-                f"{q} has no primary key: the warehouse merge needs one (ALTER TABLE {q} ADD "
-                "PRIMARY KEY (...))"
-            )
-        if t.replica_identity == "n":
-            problems.append(
-                f"{q} has REPLICA IDENTITY NOTHING: ALTER TABLE {q} REPLICA IDENTITY FULL"
-            )
-        elif t.toastable and t.replica_identity != "f":
-            problems.append(
-                f"{q} has TOASTable columns ({', '.join(t.toastable)}) whose unchanged values "
-                f"an update does not log: ALTER TABLE {q} REPLICA IDENTITY FULL"
-            )
-        if not self.publication_exists() and not (owns and can_create):
-            problems.append(
-                f"role {user} cannot create publication {self.publication} (it must own {q} "
-                f"and may CREATE in the database): have the owner run CREATE PUBLICATION "
-                f"{self.publication} FOR TABLE {q}"
+                f"role {user} cannot create publication {self.publication} (it must own every "
+                f"table and may CREATE in the database): have the owner run CREATE PUBLICATION "
+                f"{self.publication} FOR TABLE {names}"
             )
         return problems + self.check_publication()
 
+    def identity_notes(self) -> list[str]:
+        """What each table's replica identity means for its updates (``init`` prints it)."""
+        notes = []
+        for t in self.tables:
+            if t.replica_identity == "f":
+                notes.append(
+                    f"{t.qualified}: REPLICA IDENTITY FULL: every update and delete logs the "
+                    "whole old row (more WAL on the source), so no value is ever unchanged"
+                )
+            elif t.toastable:
+                notes.append(
+                    f"{t.qualified}: default replica identity: an update that leaves a large "
+                    f"(TOASTed) value of {', '.join(t.toastable)} unchanged does not log it; "
+                    "the change names it in _cdc_unchanged and the warehouse merge keeps the "
+                    "current value (REPLICA IDENTITY FULL avoids this at the cost of WAL)"
+                )
+        return notes
+
+    def publication_tables(self) -> set[str] | None:
+        """The tables of the publication, ``schema.table``; None when it does not exist."""
+
+        def read(conn: psycopg.Connection[tuple[object, ...]]) -> set[str] | None:
+            if not conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
+            ).fetchone():
+                return None
+            rows = conn.execute(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables"
+                " WHERE pubname = %s",
+                (self.publication,),
+            ).fetchall()
+            return {str(r[0]) for r in rows}
+
+        found: set[str] | None = self._guard("reading the publication", read)
+        return found
+
     def check_publication(self) -> list[str]:
-        """An existing publication must publish every kind of change of the table: one made
-        by hand with ``publish = 'insert'`` would silently drop updates and deletes."""
+        """An existing publication must publish every kind of change of every table: one
+        made by hand with ``publish = 'insert'`` would silently drop updates and deletes."""
 
         def read(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[Any, ...] | None:
             return conn.execute(
-                "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate,"
-                " EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname"
-                " AND t.schemaname = %s AND t.tablename = %s)"
+                "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate"
                 " FROM pg_publication p WHERE p.pubname = %s",
-                (self.table.schema, self.table.name, self.publication),
+                (self.publication,),
             ).fetchone()
 
         row = self._guard("reading the publication", read)
         if row is None:
             return []
-        every_kind, has_table = row
-        q, pub = self.table.qualified, self.publication
+        pub = self.publication
         problems = []
-        if not every_kind:
+        if not row[0]:
             problems.append(
                 f"publication {pub} does not publish every change: ALTER PUBLICATION {pub} "
                 "SET (publish = 'insert, update, delete, truncate')"
             )
-        if not has_table:
+        published = self.publication_tables() or set()
+        missing = [t.qualified for t in self.tables if t.qualified not in published]
+        if missing:
             problems.append(
-                f"publication {pub} does not include {q}: ALTER PUBLICATION {pub} ADD TABLE {q}"
+                f"publication {pub} does not include {', '.join(missing)}: run `cdc-daemon "
+                f"init` (or ALTER PUBLICATION {pub} ADD TABLE {', '.join(missing)})"
             )
         return problems
 
     def publication_exists(self) -> bool:
-        def find(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
-            ).fetchone()
-            return row is not None
+        return self.publication_tables() is not None
 
-        return bool(self._guard("reading publications", find))
+    def sync_publication(self) -> list[str]:
+        """Create the publication for the group's tables, or bring its table list in line
+        with the configuration; returns what changed, one line each."""
+        published = self.publication_tables()
+        idents = {t.qualified: t.info.ident() for t in self.tables}
+        pub = sql.Identifier(self.publication)
+        if published is None:
+            statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                pub, sql.SQL(", ").join(idents.values())
+            )
+            self._guard("creating the publication", lambda c: c.execute(statement))
+            return [f"created publication {self.publication} for {', '.join(idents)}"]
+        changes = []
+        for name, ident in idents.items():
+            if name not in published:
+                add = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, ident)
+                self._execute(f"adding {name} to the publication", add)
+                changes.append(f"added {name} to publication {self.publication}")
+        for name in sorted(published - set(idents)):
+            schema, _, table = name.partition(".")
+            drop = sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                pub, sql.Identifier(schema, table)
+            )
+            self._execute(f"dropping {name} from the publication", drop)
+            changes.append(f"dropped {name} from publication {self.publication}")
+        return changes
+
+    def _execute(self, doing: str, statement: sql.Composed) -> None:
+        self._guard(doing, lambda c: c.execute(statement))
 
     def ensure_publication(self) -> bool:
-        """Create the publication for the table if missing; True when created."""
+        """Create the publication if missing; True when created."""
         if self.publication_exists():
             return False
-        statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-            sql.Identifier(self.publication), self.table.ident()
-        )
-        self._guard("creating the publication", lambda c: c.execute(statement))
+        self.sync_publication()
         return True
 
     def slot_status(self) -> SlotStatus:
@@ -480,12 +578,16 @@ class LogicalSource(SourceSession):
 
     # -- the initial snapshot -----------------------------------------------------------------
 
-    def snapshot(self, spool: DaySpool, read_ts: str) -> tuple[int, int]:
-        """Create the slot with an exported snapshot and copy the table as of that snapshot
-        into ``spool``. Returns (consistent point, _cdc_seq of the rows). See the module
-        docstring for why the rows carry the slot's restart_lsn."""
+    def snapshot(
+        self, new_spool: SpoolFactory, read_ts: str
+    ) -> tuple[int, int, list[tuple[LogicalTable, DaySpool]]]:
+        """Create the slot with an exported snapshot and copy every table of the group as of
+        that snapshot, each into its own spool (from ``new_spool``). Returns (consistent
+        point, _cdc_seq of the rows, the spools). See the module docstring for why the rows
+        carry the slot's restart_lsn."""
         conn = self._session()
-        with translated(f"taking the initial snapshot of {self.table.qualified}"):
+        spools: list[tuple[LogicalTable, DaySpool]] = []
+        with translated("taking the initial snapshot"):
             with self._replication() as repl:
                 row = repl.execute(
                     sql.SQL(
@@ -507,26 +609,18 @@ class LogicalSource(SourceSession):
                 ).fetchone()
                 assert found is not None
                 seq = parse_lsn(str(found[0]))
-                t = self.table
-                query = sql.SQL(
-                    "COPY (SELECT {day}, {cols}, 'I', {seq}::bigint, {ts} FROM {tbl} t)"
-                    " TO STDOUT (FORMAT csv)"
-                ).format(
-                    day=t.day_expr(),
-                    cols=sql.SQL(", ").join(c.csv_expr() for c in t.columns),
-                    seq=sql.Literal(seq),
-                    ts=sql.Literal(read_ts),
-                    tbl=t.ident(),
-                )
-                with conn.cursor() as cur, cur.copy(query) as copy:
-                    rows = CopyRows(copy).batch
-                    while batch := rows():
-                        for data in map(bytes, batch):
-                            spool.add(data)
+                for table in self.tables:
+                    spool = new_spool(table.header)
+                    spools.append((table, spool))
+                    copy_snapshot(conn, table.info, spool, seq, read_ts)
+            except BaseException:
+                for _, spool in spools:
+                    spool.discard()
+                raise
             finally:
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
-        return consistent, seq
+        return consistent, seq, spools
 
     # -- streaming ----------------------------------------------------------------------------
 
@@ -541,7 +635,7 @@ class LogicalSource(SourceSession):
         stream.open(lo, min(confirmed, lo))
         self._stream = stream
         self._stream_next = lo
-        self.stream_relation = None
+        self.stream_relations = {}
         # Status updates go out while nobody reads (an upload, a retry's backoff), or the
         # walsender drops the connection after wal_sender_timeout.
         self._keepalive = threading.Thread(
@@ -594,8 +688,8 @@ class LogicalSource(SourceSession):
         stream = self._stream_at(lo, lo if confirmed is None else confirmed)
         result = ReadResult(lo, None, 0)
         reader = _Reader(self, result, new_spool, lo, redo_end)
-        if self.stream_relation is not None:
-            reader.relation(self.stream_relation)
+        for relation in self.stream_relations.values():
+            reader.relation(relation)
         # Ask for the server's position at once: an idle stream is known idle in one trip.
         stream.confirm(stream.confirmed, reply=True)
         asked = started = progressed = beaten = time.monotonic()
@@ -689,6 +783,39 @@ class LogicalSource(SourceSession):
         return result
 
 
+def snapshot_query(
+    table: TableInfo, seq: int, read_ts: str, where: sql.Composable | None = None
+) -> sql.Composed:
+    """``COPY`` of a table's rows as ``I`` changes with ``_cdc_seq`` ``seq``: each as
+    ``day,<csv row>`` (the source columns and the four ``_cdc_*`` columns)."""
+    return sql.SQL(
+        "COPY (SELECT {day}, {cols}, 'I', {seq}::bigint, {ts}, NULL FROM {tbl} t{where})"
+        " TO STDOUT (FORMAT csv)"
+    ).format(
+        day=table.day_expr(read_ts),
+        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
+        seq=sql.Literal(seq),
+        ts=sql.Literal(read_ts),
+        tbl=table.ident(),
+        where=sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
+    )
+
+
+def copy_snapshot(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: TableInfo,
+    spool: DaySpool,
+    seq: int,
+    read_ts: str,
+    where: sql.Composable | None = None,
+) -> None:
+    with conn.cursor() as cur, cur.copy(snapshot_query(table, seq, read_ts, where)) as copy:
+        rows = CopyRows(copy).batch
+        while batch := rows():
+            for data in map(bytes, batch):
+                spool.add(data)
+
+
 def _keep_alive(stream: ReplicationStream) -> None:
     """Status updates for ``stream`` until it closes (see ``LogicalSource._stream_at``)."""
     while not stream.closed:
@@ -701,7 +828,8 @@ def _keep_alive(stream: ReplicationStream) -> None:
 
 
 class _Reader:
-    """Turns the messages of one read into spooled CSV rows (one instance per batch)."""
+    """Turns the messages of one read into spooled CSV rows (one instance per batch): one
+    generation (spool) per table and column list."""
 
     def __init__(
         self,
@@ -712,18 +840,22 @@ class _Reader:
         redo_end: int | None,
     ) -> None:
         self._source = source
-        self._table = source.logical_table
-        self._oid = self._table.oid
         self._result = result
         self._new_spool = new_spool
         self._lo = lo
         self._redo_end = redo_end
-        self._generation: Generation | None = None
-        self._tail = b"\n"
+        self._current: dict[int, Generation] = {}  # by relation oid: its column list now
+        self._counts: dict[int, int] = {}  # generations per relation in this batch
+        self._ts = b","
+        self._day = b""
         self.in_transaction = False
         self.after_commit = False
         self.last_end: int | None = None
-        self._txn_rows = 0
+
+    @property
+    def _generation(self) -> Generation | None:
+        """The latest generation (tests of one table look at it)."""
+        return self._result.generations[-1] if self._result.generations else None
 
     def raw_bytes(self) -> int:
         return sum(g.spool.raw_bytes for g in self._result.generations)
@@ -762,39 +894,48 @@ class _Reader:
             if self._redo_end is not None and message.final_lsn >= self._redo_end:
                 return True
             self.in_transaction = True
-            self._tail = b"," + iso_utc(message.commit_ts).encode() + b"\n"
+            commit_ts = iso_utc(message.commit_ts).encode()
+            self._ts = b"," + commit_ts + b","
+            self._day = commit_ts[:10]
         elif isinstance(message, Commit):
             self.in_transaction = False
             self.after_commit = True
             self.last_end = message.end_lsn
             self._result.transactions += 1
         elif isinstance(message, Relation):
-            if message.oid == self._table.oid:
+            if self._source.by_oid(message.oid) is not None:
                 self.relation(message)
-        elif isinstance(message, Truncate) and self._table.oid in message.relations:
-            raise SourceError(
-                f"{self._table.info.qualified} was truncated (commit before LSN {format_lsn(lsn)}):"
-                " a TRUNCATE cannot be exported as row changes; re-initialise the pipeline "
-                "(cdc-daemon teardown --yes, empty the warehouse table, cdc-daemon init, run)"
-            )
+        elif isinstance(message, Truncate):
+            for oid in message.relations:
+                table = self._source.by_oid(oid)
+                if table is not None:
+                    raise SourceError(
+                        f"{table.qualified} was truncated (commit before LSN "
+                        f"{format_lsn(lsn)}): a TRUNCATE cannot be exported as row changes; "
+                        "re-initialise the pipeline (cdc-daemon teardown --yes, empty the "
+                        "warehouse table, cdc-daemon init, run)"
+                    )
         return False
 
-    def _unlogged(self, lsn: int) -> None:
-        q = self._table.info.qualified
+    def _unlogged(self, table: LogicalTable, lsn: int) -> None:
+        q = table.qualified
         raise SourceError(
-            f"a change of {q} at LSN {format_lsn(lsn)} did not log an unchanged TOASTed value, "
-            f"which would be lost: ALTER TABLE {q} REPLICA IDENTITY FULL, then re-initialise"
+            f"a delete of {q} at LSN {format_lsn(lsn)} did not log its old row's key: "
+            f"ALTER TABLE {q} REPLICA IDENTITY FULL, then re-initialise"
         )
 
     def _change(self, kind: int, lsn: int, data: bytes, start: int) -> None:
         """Insert, Update or Delete at ``start`` (layouts as in ``pgoutput.decode``)."""
         (rel,) = _U32(data, start + 1)
-        if rel != self._oid:
-            return  # another table of the publication (one made by hand may have more)
+        gen = self._current.get(rel)
+        if gen is None:
+            if self._source.by_oid(rel) is None:
+                return  # a table outside the group (a publication made by hand may have more)
+            raise CdcError(f"a change for relation {rel} came without its Relation message")
         if kind == 73:  # 'I'
             if data[start + 5] != 78:
                 raise DecodeError("insert without a new tuple")
-            self._row(rel, decode_tuple(data, start + 6)[0], b"I", lsn)
+            self._row(gen, decode_tuple(data, start + 6)[0], b"I", lsn)
             return
         pos = start + 5
         old_kind = data[pos]
@@ -803,8 +944,8 @@ class _Reader:
                 raise DecodeError("delete without an old tuple")
             old = decode_tuple(data, pos + 1)[0]
             if UNCHANGED in old:
-                self._unlogged(lsn)
-            self._row(rel, old, b"D", lsn)
+                self._unlogged(gen.table, lsn)
+            self._row(gen, old, b"D", lsn)
             return
         old_values: TupleData | None = None
         if old_kind in (75, 79):  # 'K', 'O'
@@ -812,57 +953,71 @@ class _Reader:
         if data[pos] != 78:
             raise DecodeError("update without a new tuple")
         new = decode_tuple(data, pos + 1)[0]
-        if UNCHANGED in new:
-            if old_kind != 79 or old_values is None:
-                self._unlogged(lsn)
-            assert old_values is not None
-            new = [o if v is UNCHANGED else v for v, o in zip(new, old_values, strict=True)]
-        gen = self._generation
-        key_of = None if gen is None else gen.key_of
+        key_of = gen.key_of
         if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
             # The key changed: the old key is deleted (same LSN, another key).
-            self._row(rel, old_values, b"D", lsn)
-        self._row(rel, new, b"U", lsn)
+            self._row(gen, old_values, b"D", lsn)
+        if UNCHANGED in new:
+            if old_kind == 79 and old_values is not None:  # the whole old row: take them
+                new = [o if v is UNCHANGED else v for v, o in zip(new, old_values, strict=True)]
+            else:
+                # Not logged: the fields stay empty and _cdc_unchanged names them; the merge
+                # keeps the warehouse's current value for them.
+                names = [gen.columns[i][0] for i, v in enumerate(new) if v is UNCHANGED]
+                new = [None if v is UNCHANGED else v for v in new]
+                self._row(gen, new, b"U", lsn, quote(",".join(names).encode()))
+                return
+        self._row(gen, new, b"U", lsn)
 
-    def _row(self, rel: int, values: list[Any], op: bytes, lsn: int) -> None:
-        gen = self._generation
-        if gen is None or rel != self._oid:
-            raise CdcError(f"a change for relation {rel} came without its Relation message")
+    def _row(
+        self, gen: Generation, values: list[Any], op: bytes, lsn: int, unchanged: bytes = b""
+    ) -> None:
         day, fields = gen.encoder.encode(values)
+        if not day and not gen.partitioned:
+            day = self._day  # no partition column: the commit's UTC day
         target = gen.spool.day(day)
         pending = target.pending
-        pending.append(b"%s,%s,%d%s" % (fields, op, lsn, self._tail))
+        pending.append(b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
         if len(pending) >= BLOCK_ROWS:
             target.drain()
         self._result.rows += 1
 
     def relation(self, message: Relation) -> None:
-        """The table's column list from now on (a Relation message)."""
-        self._source.stream_relation = message
+        """A table's column list from now on (a Relation message)."""
+        table = self._source.by_oid(message.oid)
+        assert table is not None
+        self._source.stream_relations[message.oid] = message
         columns = tuple((c.name, c.type_oid, c.typmod) for c in message.columns)
-        accepted = self._source.accepted
+        accepted = self._source.accepted.get(table.qualified)
         if accepted is not None and columns != accepted:
-            self._changed(accepted, columns)
-        self._source.accepted = columns
-        if self._generation is not None and self._generation.columns == columns:
+            self._changed(table, accepted, columns)
+        self._source.accepted[table.qualified] = columns
+        current = self._current.get(message.oid)
+        if current is not None and current.columns == columns:
             return
+        partition = table.info.partition_name
         try:
             encoder = RowEncoder(
-                [ColumnType(c.name, c.type_oid) for c in message.columns],
-                self._source._settings.capture.partition_column,
+                [ColumnType(c.name, c.type_oid) for c in message.columns], partition
             )
         except ValueError as exc:
-            raise SourceError(f"{self._table.info.qualified}: {exc}") from None
-        header = [c[0] for c in columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
-        # The primary key (under REPLICA IDENTITY FULL pgoutput flags every column as key).
-        key_index = tuple(i for i, c in enumerate(message.columns) if c.name in self._table.key)
-        self._generation = Generation(columns, self._new_spool(header), encoder, key_index)
-        self._result.generations.append(self._generation)
+            raise SourceError(f"{table.qualified}: {exc}") from None
+        # The key (under REPLICA IDENTITY FULL pgoutput flags every column as key).
+        key_index = tuple(i for i, c in enumerate(message.columns) if c.name in table.key)
+        number = self._counts.get(message.oid, 0)
+        self._counts[message.oid] = number + 1
+        header = logical_header([c[0] for c in columns])
+        generation = Generation(columns, self._new_spool(header), encoder, key_index, table, number)
+        self._current[message.oid] = generation
+        self._result.generations.append(generation)
 
     def _changed(
-        self, old: tuple[tuple[str, int, int], ...], new: tuple[tuple[str, int, int], ...]
+        self,
+        table: LogicalTable,
+        old: tuple[tuple[str, int, int], ...],
+        new: tuple[tuple[str, int, int], ...],
     ) -> None:
-        q = self._table.info.qualified
+        q = table.qualified
         old_names = {c[0]: c for c in old}
         new_names = {c[0]: c for c in new}
         dropped = [n for n in old_names if n not in new_names]

@@ -64,6 +64,10 @@ class WatermarkPipeline:
     def table(self) -> str:
         return self._source.table.qualified
 
+    @property
+    def ledger_names(self) -> tuple[str, ...]:
+        return (self.table,)
+
     def replace_store(self, store: Store) -> None:
         self._store = store
 

@@ -24,7 +24,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError, from_psycopg
 from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
-from cdc_daemon.source.table import TableInfo, describe_table
+from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.state.position import INT64_MIN, CaptureState, Range
 
 # Transactions that can insert rows: not the daemon's own sessions (they only read), and not
@@ -91,14 +91,8 @@ class WatermarkSource(SourceSession):
     def connect(self) -> TableInfo:
         self.close()
         self._conn = connect(self._settings)
-        capture = self._settings.capture
         try:
-            self._table = describe_table(
-                self._conn,
-                self._settings.postgres.table,
-                capture.watermark_column,
-                capture.partition_column,
-            )
+            self._table = describe_configured(self._conn, self._settings)
             # Fail now, not on the first batch, if this user may not read the table.
             self._conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(self._table.ident()))
         except psycopg.Error as exc:
@@ -392,7 +386,7 @@ def copy_query(
         "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts} FROM {tbl} t WHERE {where}"
         " ORDER BY {id}) TO STDOUT (FORMAT csv)"
     ).format(
-        day=table.day_expr(),
+        day=table.day_expr(read_ts),
         cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
         seq=sql.SQL("{}::bigint").format(ident) if seq is None else seq,
         id=ident,
