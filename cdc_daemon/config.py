@@ -567,13 +567,11 @@ class Settings(BaseSettings):
             )
             if v is not None
         }
-        return self.model_copy(
-            update={
-                "postgres": self.postgres.model_copy(update={"table": spec.name}),
-                "tables": (spec,),
-                "batch": self.batch.model_copy(update=batch),
-            }
-        )
+        update: dict[str, Any] = {"batch": self.batch.model_copy(update=batch)}
+        if self.tables:  # (the shorthand postgres.table keeps its capture.* columns)
+            update["postgres"] = self.postgres.model_copy(update={"table": spec.name})
+            update["tables"] = (spec,)
+        return self.model_copy(update=update)
 
 
 def qualified_name(table: str) -> str:

@@ -35,6 +35,9 @@ unquoted one; ``_LOADED_AT`` is the time of the emulated COPY, not METADATA$STAR
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import re
 import shutil
@@ -177,21 +180,40 @@ class _PipeCopy:
     def columns(self) -> str:
         return ", ".join(c for _, c in self.positional)
 
-    def holding_ddl(self) -> list[str]:
+    def holding(self, width: int) -> str:
+        """The holding table for files of ``width`` columns. A COPY with a transformation
+        reads only the file columns it names ("There is no requirement for your data files to
+        have the same number and ordering of columns as your target table"; the
+        ERROR_ON_COLUMN_COUNT_MISMATCH option is ignored then:
+        https://docs.snowflake.com/user-guide/data-load-transform), so a file with more
+        columns than the pipe selects (a logical object's ``_cdc_unchanged``) lands in a table
+        with room for them."""
+        extra = max(0, width - len(self.positional))
+        return "_EMU_PIPE_IN" if not extra else f"_EMU_PIPE_IN_{width}"
+
+    def holding_ddl(self, width: int | None = None) -> list[str]:
         # DuckDB adds the hive partition folder (dt=...) as a last column: _EMU_DT takes it.
+        width = len(self.positional) if width is None else width
+        name = self.holding(width)
+        extra = [
+            f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS _EMU_X{n} VARCHAR"
+            for n in range(len(self.positional) + 1, width + 1)
+        ]
         return [
-            f"CREATE TABLE IF NOT EXISTS _EMU_PIPE_IN AS SELECT {self.columns}"
+            f"CREATE TABLE IF NOT EXISTS {name} AS SELECT {self.columns}"
             f" FROM {self.table} WHERE 1 = 0",
-            "ALTER TABLE _EMU_PIPE_IN ADD COLUMN IF NOT EXISTS _EMU_DT VARCHAR",
+            *extra,
+            f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS _EMU_DT VARCHAR",
         ]
 
-    def copy_file(self, relative: str) -> str:
+    def copy_file(self, relative: str, width: int | None = None) -> str:
         # No column list: fakesnow 0.12 names read_csv's columns column0..columnN, which DuckDB
         # zero-pads from ten columns on; without a list it inserts them by position.
         quoted = relative.replace("'", "''")
-        return f"COPY INTO _EMU_PIPE_IN FROM @{self.stage} FILES = ('{quoted}') {self.file_format}"
+        name = self.holding(len(self.positional) if width is None else width)
+        return f"COPY INTO {name} FROM @{self.stage} FILES = ('{quoted}') {self.file_format}"
 
-    def insert_target(self, relative: str) -> tuple[str, dict[str, Any]]:
+    def insert_target(self, relative: str, width: int | None = None) -> tuple[str, dict[str, Any]]:
         meta_values = {
             "METADATA$FILENAME": "%(file)s",
             "METADATA$FILE_ROW_NUMBER": "ROW_NUMBER() OVER ()",
@@ -201,7 +223,8 @@ class _PipeCopy:
         extra_vals = [meta_values[m] for m in self.metadata]
         text = (
             f"INSERT INTO {self.table} ({self.columns}, {', '.join(extra_cols)})"
-            f" SELECT {self.columns}, {', '.join(extra_vals)} FROM _EMU_PIPE_IN"
+            f" SELECT {self.columns}, {', '.join(extra_vals)}"
+            f" FROM {self.holding(len(self.positional) if width is None else width)}"
         )
         return text, {"file": relative, "now": datetime.now(UTC).isoformat()}
 
@@ -495,9 +518,13 @@ class LocalWarehouse:
         with target.open("wb") as out:
             shutil.copyfileobj(body, out)
         now = datetime.now(UTC).isoformat()
+        width = _header_width(target)
+        holding = self._copy.holding(width)
         with self._lock:
             try:
-                result = self.wh.query(self._copy.copy_file(relative))
+                for ddl in self._copy.holding_ddl(width):
+                    self.wh.execute(ddl)
+                result = self.wh.query(self._copy.copy_file(relative, width))
             except CdcError as exc:
                 self._history(relative, "LOAD_FAILED", 0, 0, str(exc), now)
                 self._set_pipe_status("RUNNING", pending=0, error=str(exc))
@@ -507,11 +534,11 @@ class LocalWarehouse:
             values = list(result[0].values()) if result else []
             status = str(values[1]) if len(values) > 1 else "LOAD_SKIPPED"
             if status.upper() != "LOADED":
-                self.wh.execute("DELETE FROM _EMU_PIPE_IN")
+                self.wh.execute(f"DELETE FROM {holding}")
                 return 0  # already loaded: Snowpipe skips it and records nothing new
-            text, params = self._copy.insert_target(relative)
+            text, params = self._copy.insert_target(relative, width)
             self.wh.execute(text, params)
-            self.wh.execute("DELETE FROM _EMU_PIPE_IN")
+            self.wh.execute(f"DELETE FROM {holding}")
             self._history(relative, "Loaded", int(values[3]), int(values[2]), None, now)
             self._last_ingested = now
         return 1
@@ -596,3 +623,22 @@ class LocalWarehouse:
             quiet = 0 if files or merged else quiet + 1
             if quiet:
                 time.sleep(0.2)
+
+
+def _header_width(path: Path) -> int:
+    """The number of columns in a staged object's header line."""
+    opener: Any = open
+    if path.suffix == ".gz":
+        opener = gzip.open
+    elif path.suffix == ".zst":
+        return len(_zstd_first_line(path))
+    with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        return len(next(csv.reader(handle), []))
+
+
+def _zstd_first_line(path: Path) -> list[str]:
+    import zstandard
+
+    with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+        text = io.TextIOWrapper(reader, encoding="utf-8", newline="")
+        return next(csv.reader(text), [])
