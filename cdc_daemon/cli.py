@@ -282,18 +282,20 @@ async def init(settings: Settings) -> int:
         from cdc_daemon.capture.logical.setup import init_logical
 
         return await init_logical(settings)
-    source = WatermarkSource(settings)
-    try:
-        table = await asyncio.to_thread(source.connect)
-    finally:
-        source.close()
-    structlog.get_logger().info(
-        "ledger_ready",
-        schema=settings.state.schema_,
-        table=table.qualified,
-        watermark_column=table.watermark.name,
-        partition_column=table.partition_name,
-    )
+    for spec in settings.table_specs:
+        source = WatermarkSource(settings.for_table(spec))
+        try:
+            table = await asyncio.to_thread(source.connect)
+        finally:
+            source.close()
+        structlog.get_logger().info(
+            "ledger_ready",
+            schema=settings.state.schema_,
+            group=settings.group,
+            table=table.qualified,
+            watermark_column=table.watermark.name,
+            partition_column=table.partition_name,
+        )
     return 0
 
 

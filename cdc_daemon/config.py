@@ -109,6 +109,12 @@ class CaptureSettings(_Section):
         max_length=63,
         description="Logical mode: the publication; default `cdc_<schema>_<table>`.",
     )
+    snapshot_chunk_rows: int = Field(
+        default=100_000,
+        gt=0,
+        description="Logical mode: a table that joins a running group is exported in chunks "
+        "of this many rows by key, between the stream's batches (see docs/logical.md).",
+    )
     initial_snapshot: bool = Field(
         default=True,
         description="Logical mode: export the rows present when the slot is created (from the "

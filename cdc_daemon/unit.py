@@ -45,9 +45,12 @@ from cdc_daemon.state.ledger import BatchRecord, ObjectRecord
 log = structlog.get_logger()
 
 # Where a test may make the process die (os._exit, like SIGKILL: no cleanup, no flush): after
-# the intent record, after the uploads, after the commit. A backfill's are prefixed.
+# the intent record, after the uploads, after the commit. A backfill's and a join chunk's are
+# prefixed (backfill_, join_).
 STEPS = ("after_pending", "after_upload", "after_commit")
-CRASH_POINTS = frozenset(STEPS) | frozenset(f"backfill_{step}" for step in STEPS)
+CRASH_POINTS = frozenset(STEPS) | frozenset(
+    f"{p}_{step}" for p in ("backfill", "join") for step in STEPS
+)
 
 T = TypeVar("T")
 
@@ -107,6 +110,11 @@ class UnitOfWork:
         self._crash_at = crash_point_from_env()
         if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
             raise ValueError(f"unknown crash point {self._crash_at!r}")
+
+    def for_producer(self, crash_prefix: str) -> UnitOfWork:
+        """A unit for another producer of the same daemon (same sink and metrics), whose
+        crash points carry ``crash_prefix``."""
+        return UnitOfWork(self._settings, self._sink, self._metrics, crash_prefix)
 
     def crash_point(self, step: str) -> None:
         if self._crash_at == self._crash_prefix + step:

@@ -25,7 +25,7 @@ from cdc_daemon.worker import Worker
 
 
 def make_settings(
-    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, **sections: dict[str, Any]
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, **sections: Any
 ) -> Settings:
     batch = {"spool_dir": str(tmp_path), "max_age_s": 0, **sections.pop("batch", {})}
     capture = {"poll_interval_s": 0.05, **sections.pop("capture", {})}
@@ -161,6 +161,21 @@ def rebuild(
                 " now() AS _cdc_ts, ''::text AS _cdc_unchanged FROM {t} WITH NO DATA"
             ).format(raw=raw, t=t)
         )
+        # bytea is written as hex without PostgreSQL's \x (what BINARY_FORMAT = HEX reads).
+        binary = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+                " AND NOT attisdropped AND atttypid = 'bytea'::regtype",
+                (f"{schema}.{name}",),
+            )
+        ]
+        for column in binary:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE text").format(
+                    raw, sql.Identifier(column)
+                )
+            )
         for body in bodies.values():
             header = next(csv.reader([body.split(b"\n", 1)[0].decode()]))
             columns = sql.SQL(", ").join(map(sql.Identifier, header))
@@ -191,16 +206,16 @@ def rebuild(
         picked = []
         for column in names:
             c = sql.Identifier(column)
-            if column not in lacking:
-                picked.append(sql.SQL("w.{}").format(c))
-                continue
-            picked.append(
-                sql.SQL(
+            value: sql.Composable = sql.SQL("w.{}").format(c)
+            if column in lacking:
+                value = sql.SQL(
                     "(SELECT r.{c} FROM {raw} r WHERE {same} AND NOT ({name} = ANY("
                     "coalesce(string_to_array(r._cdc_unchanged, ','), '{{}}')))"
-                    " ORDER BY r._cdc_seq DESC LIMIT 1) AS {c}"
+                    " ORDER BY r._cdc_seq DESC LIMIT 1)"
                 ).format(c=c, raw=raw, same=same_key, name=sql.Literal(column))
-            )
+            if column in binary:
+                value = sql.SQL("decode({}, 'hex')").format(value)
+            picked.append(sql.SQL("{} AS {}").format(value, c))
         conn.execute(
             sql.SQL(
                 "CREATE OR REPLACE VIEW {v} AS SELECT {picked} FROM (SELECT DISTINCT ON ({k}) *"

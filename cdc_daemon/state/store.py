@@ -21,12 +21,13 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.state.backfill import BACKFILL_DDL
+from cdc_daemon.state.joins import JOINS_DDL, GroupTable, JoinChunk
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
 from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.session import LedgerSession, advisory_key
 
-# 2: backfill_runs, backfill_chunks (state.backfill).
-SCHEMA_VERSION = 2
+# 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
+SCHEMA_VERSION = 3
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.meta (
@@ -131,6 +132,7 @@ class Store(LedgerSession):
                     await self._conn.execute(self._q("CREATE SCHEMA {schema}"))
                 await self._conn.execute(self._q(_DDL))
                 await self._conn.execute(self._q(BACKFILL_DDL))
+                await self._conn.execute(self._q(JOINS_DDL))
                 await self._conn.execute(
                     self._q(
                         "UPDATE {schema}.meta SET value = %s WHERE key = 'schema_version' "
@@ -295,6 +297,131 @@ class Store(LedgerSession):
             raise StateError(
                 f"the position of {table} is no longer {high_before}: another process moved it"
             )
+
+    # -- the tables of a logical group (state.joins) ------------------------------------------
+
+    async def group_tables(self, group: str) -> list[GroupTable]:
+        rows = await self._fetch(
+            "reading the group's tables",
+            self._q(
+                "SELECT * FROM {schema}.group_tables WHERE group_name = %s ORDER BY table_name"
+            ),
+            (group,),
+        )
+        return [
+            GroupTable(
+                r["table_name"],
+                r["status"],
+                r["since"],
+                r["seq"],
+                r["floor"],
+                None if r["after_key"] is None else tuple(r["after_key"]),
+                r["chunks"],
+                r["rows"],
+            )
+            for r in rows
+        ]
+
+    async def set_group_table(self, group: str, table: GroupTable) -> None:
+        """Record a table's state (joining with its ``since``/``seq``, streaming, left)."""
+        await self._fetch(
+            "recording a table of the group",
+            self._q(
+                "INSERT INTO {schema}.group_tables (group_name, table_name, status, since, seq,"
+                " floor, after_key, chunks, rows) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (group_name, table_name) DO UPDATE SET status = EXCLUDED.status,"
+                " since = EXCLUDED.since, seq = EXCLUDED.seq, floor = EXCLUDED.floor,"
+                " after_key = EXCLUDED.after_key,"
+                " chunks = EXCLUDED.chunks, rows = EXCLUDED.rows, updated_at = now()"
+            ),
+            (
+                group,
+                table.table,
+                table.status,
+                table.since,
+                table.seq,
+                table.floor,
+                None if table.after_key is None else json.dumps(list(table.after_key)),
+                table.chunks,
+                table.rows,
+            ),
+        )
+
+    async def chunk_attempts(self, group: str, table: str, chunk: int) -> int:
+        rows = await self._fetch(
+            "reading a join chunk",
+            self._q(
+                "SELECT attempt FROM {schema}.join_chunks WHERE group_name = %s"
+                " AND table_name = %s AND chunk = %s"
+            ),
+            (group, table, chunk),
+        )
+        return int(rows[0]["attempt"]) if rows else 0
+
+    async def record_join_pending(self, chunk: JoinChunk) -> None:
+        """The intent record of a join chunk (which keys, which objects)."""
+        await self._fetch(
+            "recording a join chunk",
+            self._q(
+                "INSERT INTO {schema}.join_chunks (group_name, table_name, chunk, attempt,"
+                " status, after_key, last_key, rows, raw_bytes, size, objects, checksum, read_ts)"
+                " VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (group_name, table_name, chunk) DO UPDATE SET"
+                " attempt = EXCLUDED.attempt, last_key = EXCLUDED.last_key, rows = EXCLUDED.rows,"
+                " raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size,"
+                " objects = EXCLUDED.objects, checksum = EXCLUDED.checksum,"
+                " read_ts = EXCLUDED.read_ts WHERE {schema}.join_chunks.status = 'pending'"
+            ),
+            (
+                chunk.group,
+                chunk.table,
+                chunk.chunk,
+                chunk.attempt,
+                None if chunk.after_key is None else json.dumps(list(chunk.after_key)),
+                None if chunk.last_key is None else json.dumps(list(chunk.last_key)),
+                chunk.rows,
+                chunk.raw_bytes,
+                chunk.size,
+                json.dumps([o.as_json() for o in chunk.objects]),
+                chunk.checksum,
+                chunk.read_ts,
+            ),
+        )
+
+    async def commit_join_uploaded(self, chunk: JoinChunk) -> None:
+        """Mark the chunk uploaded and move the table's resume key past it (streaming after
+        the last chunk), atomically; refused when the table's snapshot stands elsewhere."""
+        after = None if chunk.after_key is None else json.dumps(list(chunk.after_key))
+        last = None if chunk.last_key is None else json.dumps(list(chunk.last_key))
+        try:
+            async with self._conn.transaction():
+                cur = await self._conn.execute(
+                    self._q(
+                        "UPDATE {schema}.join_chunks SET status = 'uploaded', uploaded_at = now()"
+                        " WHERE group_name = %s AND table_name = %s AND chunk = %s"
+                        " AND status = 'pending'"
+                    ),
+                    (chunk.group, chunk.table, chunk.chunk),
+                )
+                if cur.rowcount != 1:
+                    raise StateError(f"join chunk {chunk.batch_id} is not pending any more")
+                cur = await self._conn.execute(
+                    self._q(
+                        "UPDATE {schema}.group_tables SET after_key = %s::jsonb,"
+                        " status = CASE WHEN %s THEN 'streaming' ELSE status END,"
+                        " chunks = chunks + 1, rows = rows + %s, updated_at = now()"
+                        " WHERE group_name = %s AND table_name = %s AND status = 'joining'"
+                        " AND after_key IS NOT DISTINCT FROM %s::jsonb"
+                    ),
+                    (last, chunk.done, chunk.rows, chunk.group, chunk.table, after),
+                )
+                if cur.rowcount != 1:
+                    raise StateError(
+                        f"the snapshot of {chunk.table} no longer stands where chunk "
+                        f"{chunk.chunk} began: another process moved it"
+                    )
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "committing a join chunk") from None
 
     async def relation_columns(self, table: str) -> list[list[Any]] | None:
         """Logical capture: the column list of the last exported batch, if any."""

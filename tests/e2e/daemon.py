@@ -18,8 +18,14 @@ from cdc_daemon.local.services import LocalS3
 
 
 def write_config(
-    tmp_path: Path, pg_dsn: str, s3_server: LocalS3, bucket: str, **extra: dict[str, Any]
+    tmp_path: Path,
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    **extra: Any,
 ) -> Path:
+    """A TOML configuration with ``extra`` sections; ``tables=[...]`` adds ``[[tables]]``."""
+    tables: list[dict[str, Any]] = extra.pop("tables", [])
     sections: dict[str, dict[str, Any]] = {
         "postgres": {"dsn": pg_dsn},
         "capture": {"poll_interval_s": 0.1},
@@ -34,6 +40,9 @@ def write_config(
     for name, values in sections.items():
         lines.append(f"[{name}]")
         lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+    for table in tables:
+        lines.append("[[tables]]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
     path = tmp_path / "cdc.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

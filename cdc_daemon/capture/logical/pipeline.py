@@ -28,6 +28,7 @@ import structlog
 
 from cdc_daemon.batch.policy import BatchPolicy, Limits
 from cdc_daemon.batch.spool import DayObject, DaySpool
+from cdc_daemon.capture.logical.join import Joiner
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotStatus
 from cdc_daemon.config import Settings
@@ -61,6 +62,7 @@ class LogicalPipeline:
         self._store = store
         self._metrics = metrics
         self.policy = BatchPolicy.of(settings.batch)
+        self._joiner = Joiner(settings, source, unit.for_producer("join_"), store)
         self._pos: int | None = None  # the ledger's position (an LSN); INT64_MIN: none yet
         self._read_pos = 0  # where the stream stands (at or past the ledger's position)
         self._last_move = -float("inf")  # the first idle pass of a start moves the slot
@@ -81,6 +83,7 @@ class LogicalPipeline:
 
     def replace_store(self, store: Store) -> None:
         self._store = store
+        self._joiner.replace_store(store)
 
     async def drain(self) -> None:
         """Batches run one after another (see the module docstring): nothing is in flight."""
@@ -89,7 +92,9 @@ class LogicalPipeline:
         try:
             if self._pos is None:
                 await self._start()
-            return await self._pass(draining)
+            worked = await self._pass(draining)
+            # A joining table's next chunk, between two batches of the stream.
+            return await self._joiner.step() or worked
         except BaseException:
             self._pos = None  # start over from the ledger
             self._read_pos = 0
@@ -120,13 +125,19 @@ class LogicalPipeline:
                 source.accepted[table.qualified] = tuple(
                     (str(n), int(o), int(m)) for n, o, m in saved
                 )
+        # A redo holds the changes of the tables that were in the group when it was recorded.
+        known = await self._joiner.load(set(source.accepted))
+        source.active = {t.oid for t in source.tables if t.qualified in known}
         await redo_pending(await store.pending(self.table), self._redo)
         state = (await store.position(self.table, "logical")).state
+        source.active = None
         if state.high == INT64_MIN:
             await self._begin()
+            await self._joiner.start_all()
         else:
             self._pos = state.high
-            await source.run(lambda: self._sync_slot(state.high))
+            status = await source.run(lambda: self._sync_slot(state.high))
+            await self._joiner.reconcile(state.high, status.restart_lsn)
 
     async def _begin(self) -> None:
         """No position yet: create the slot, with the initial snapshot unless disabled."""
@@ -207,6 +218,7 @@ class LogicalPipeline:
             batch = replace(pending, objects=tuple(objects))
             timings = await self._unit.deliver(batch, self._store)
             await self._save_catalog_columns()
+            await self._joiner.start_all()
             shutil.rmtree(keep, ignore_errors=True)
             self._log_batch(batch, started, timings, "redo")
             return

@@ -108,7 +108,7 @@ from cdc_daemon.capture.logical.stream import (
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 from cdc_daemon.source.copyread import CopyRows
-from cdc_daemon.source.session import SourceSession, connect, translated
+from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
 from cdc_daemon.source.table import Column, TableInfo, partition_of
 
 log = structlog.get_logger()
@@ -275,6 +275,9 @@ class LogicalSource(SourceSession):
         # The column list of each table accepted so far (from the ledger, then from Relation
         # messages), by qualified name.
         self.accepted: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        # The oids whose changes are kept (None: every table of the group). A redo of a batch
+        # recorded before a table joined must not pick up that table's changes.
+        self.active: set[int] | None = None
 
     # -- names and connection -----------------------------------------------------------------
 
@@ -284,6 +287,9 @@ class LogicalSource(SourceSession):
         return self._tables
 
     def by_oid(self, oid: int) -> LogicalTable | None:
+        """A table of the group whose changes are kept (``active``), else None."""
+        if self.active is not None and oid not in self.active:
+            return None
         return self._by_oid.get(oid)
 
     @property
@@ -621,6 +627,50 @@ class LogicalSource(SourceSession):
                 if not conn.closed and not conn.broken:
                     conn.execute("ROLLBACK")
         return consistent, seq, spools
+
+    def copy_chunk(
+        self,
+        table: LogicalTable,
+        after: tuple[str | None, ...] | None,
+        limit: int,
+        seq: int,
+        read_ts: str,
+        spool: DaySpool,
+    ) -> tuple[str | None, ...] | None:
+        """Copy the next ``limit`` rows of ``table`` by key, those after ``after`` (None: from
+        the first), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``; one transaction.
+        Returns the chunk's last key, or None when it reached the end of the table."""
+        info = table.info
+        types = {c.name: c.type_name for c in info.columns}
+        key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+
+        def bound(values: tuple[str | None, ...]) -> sql.Composable:
+            return sql.SQL(", ").join(
+                sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[k]))
+                for k, v in zip(table.key, values, strict=True)
+            )
+
+        where: sql.Composable = sql.SQL("true")
+        if after is not None:
+            where = sql.SQL("({}) > ({})").format(key, bound(after))
+        conn = self._session()
+        with translated(f"copying the snapshot of {info.qualified}"), read_snapshot(conn):
+            row = conn.execute(
+                sql.SQL("SELECT {texts} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                    texts=sql.SQL(", ").join(
+                        sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key
+                    ),
+                    t=info.ident(),
+                    w=where,
+                    k=key,
+                ),
+                (limit - 1,),
+            ).fetchone()
+            last = None if row is None else tuple(None if v is None else str(v) for v in row)
+            if last is not None:
+                where = sql.SQL("{} AND ({}) <= ({})").format(where, key, bound(last))
+            copy_snapshot(conn, info, spool, seq, read_ts, where)
+        return last
 
     # -- streaming ----------------------------------------------------------------------------
 

@@ -384,7 +384,7 @@ def copy_query(
     ident = table.watermark.ident()
     return sql.SQL(
         "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts} FROM {tbl} t WHERE {where}"
-        " ORDER BY {id}) TO STDOUT (FORMAT csv)"
+        " ORDER BY t.{id}) TO STDOUT (FORMAT csv)"
     ).format(
         day=table.day_expr(read_ts),
         cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),

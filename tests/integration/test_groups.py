@@ -1,0 +1,296 @@
+"""Groups of tables: one daemon, one lock, in logical mode one slot and one publication, on
+schemas nobody wrote for this project (pgbench's tables, a table of many types, default
+replica identity); a table that joins a running group; watermark groups served fairly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_daemon.cli import init
+from cdc_daemon.config import Settings
+from cdc_daemon.local.services import LocalS3
+from tests.helpers import (
+    differences,
+    export_until_idle,
+    make_settings,
+    object_bodies,
+    rebuild,
+    running_daemon,
+    wait_until,
+)
+from tests.schemas import (
+    MANY_TYPES,
+    PGBENCH_KEYS,
+    create_many_types,
+    pgbench_init,
+    random_group_changes,
+)
+
+pytestmark = pytest.mark.usefixtures("drop_slots")
+
+SYNC = "-c synchronous_commit=on"
+GROUP_TABLES = {**PGBENCH_KEYS, MANY_TYPES: "id"}
+
+
+def group_settings(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    tmp_path: Path,
+    tables: list[str],
+    **capture: Any,
+) -> Settings:
+    return make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{"name": t} for t in tables],
+        capture={"mode": "logical", "group": "shop", **capture},
+        batch={"max_rows": 2000},
+    )
+
+
+def assert_tables_rebuilt(pg_dsn: str, s3_client: Any, bucket: str, tables: dict[str, str]) -> None:
+    """Every table rebuilt from its own objects equals its source, column by column."""
+    bodies = object_bodies(s3_client, bucket)
+    for table, key in tables.items():
+        mine = {k: v for k, v in bodies.items() if k.startswith(f"public.{table}/")}
+        rebuild(pg_dsn, mine, table, (key,))
+        source, rebuilt, missing, extra = differences(pg_dsn, table)
+        assert (missing, extra) == (0, 0), f"{table}: {missing} missing, {extra} extra"
+        assert source == rebuilt, table
+
+
+def slots(pg_dsn: str) -> list[str]:
+    with psycopg.connect(pg_dsn) as conn:
+        return [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+            )
+        ]
+
+
+async def test_a_group_streams_through_one_slot(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """pgbench's three keyed tables and the many-types table, default replica identity, in one
+    group: init creates one publication for the four (and explains TOAST under the default
+    identity), the run takes one snapshot and one slot; random inserts, updates (some leaving
+    a TOASTed value unchanged) and deletes on all of them; every table rebuilt from its own
+    folder equals its source, and a table without a partition column has its snapshot under
+    the read's day."""
+    pgbench_init(pg_dsn)
+    create_many_types(pg_dsn, 300)
+    settings = group_settings(pg_dsn, s3_server, bucket, tmp_path, list(GROUP_TABLES))
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    assert slots(pg_dsn) == ["cdc_shop"]
+    random_group_changes(pg_dsn, random.Random(7), 120)
+    assert await export_until_idle(settings) == 0
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, GROUP_TABLES)
+    keys = list(object_bodies(s3_client, bucket))
+    folders = {k.split("/")[0] for k in keys}
+    assert folders == {f"public.{t}" for t in GROUP_TABLES}
+    unchanged = [k for k, body in object_bodies(s3_client, bucket).items() if b",body\n" in body]
+    assert unchanged, "no change named an unchanged TOASTed value"
+
+
+async def test_init_brings_the_publication_in_line(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """init creates the group's publication, then adds a table added to the configuration and
+    drops one removed from it, printing each change; a second init changes nothing."""
+    pgbench_init(pg_dsn)
+    two = group_settings(
+        pg_dsn, s3_server, bucket, tmp_path, ["pgbench_accounts", "pgbench_tellers"]
+    )
+    assert await init(two) == 0
+    assert "created publication cdc_shop for public.pgbench_accounts, public.pgbench_tellers" in (
+        capsys.readouterr().out
+    )
+    other = group_settings(
+        pg_dsn, s3_server, bucket, tmp_path, ["pgbench_accounts", "pgbench_branches"]
+    )
+    assert await init(other) == 0
+    out = capsys.readouterr().out
+    assert "added public.pgbench_branches to publication cdc_shop" in out
+    assert "dropped public.pgbench_tellers from publication cdc_shop" in out
+    assert await init(other) == 0
+    again = capsys.readouterr().out
+    assert "to publication" not in again
+    assert "from publication" not in again
+    with psycopg.connect(pg_dsn) as conn:
+        published = {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT tablename FROM pg_publication_tables WHERE pubname = 'cdc_shop'"
+            )
+        }
+    assert published == {"pgbench_accounts", "pgbench_branches"}
+
+
+async def test_a_table_joins_a_running_group(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A table joins a group that already streams (a configuration change, init, a restart):
+    its rows are exported in chunks by key while a writer keeps changing the other tables, and
+    a transaction on the joining table that began before the join commits after its first
+    chunk was exported (updates, inserts and deletes over the whole key range). Both tables
+    rebuilt from their objects equal their sources; the ledger records the table streaming."""
+    pgbench_init(pg_dsn)
+    first = group_settings(pg_dsn, s3_server, bucket, tmp_path, ["pgbench_accounts"])
+    assert await init(first) == 0
+    assert await export_until_idle(first) == 0
+    create_many_types(pg_dsn, 400)
+    both = group_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        ["pgbench_accounts", MANY_TYPES],
+        snapshot_chunk_rows=50,
+    )
+    assert await init(both) == 0
+    spanning = psycopg.connect(pg_dsn, options=SYNC)
+    spanning.execute(f"UPDATE {MANY_TYPES} SET amount = -1, flag = NULL")  # every key
+    spanning.execute(f"DELETE FROM {MANY_TYPES} WHERE day < '2011-01-20'")
+    spanning.execute(
+        f"INSERT INTO {MANY_TYPES} (id, body) VALUES ('ffffffff-ffff-ffff-ffff-ffffffffffff', 'z')"
+    )
+    stop = threading.Event()
+
+    def writer() -> None:
+        rng = random.Random(3)
+        while not stop.is_set():
+            with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+                conn.execute(
+                    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s",
+                    (rng.randint(1, 100_000),),
+                )
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        async with running_daemon(both):
+
+            def chunks() -> int:
+                with psycopg.connect(pg_dsn) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FROM cdc.join_chunks WHERE status = 'uploaded'"
+                    ).fetchone()
+                return int(row[0]) if row else 0
+
+            await wait_until(lambda: chunks() >= 2)
+            spanning.commit()
+            spanning.close()
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert await export_until_idle(both) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        state = conn.execute(
+            "SELECT status, chunks, rows FROM cdc.group_tables WHERE table_name = %s",
+            (f"public.{MANY_TYPES}",),
+        ).fetchone()
+    assert state is not None
+    assert state[0] == "streaming"
+    assert state[1] >= 8, state
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid", MANY_TYPES: "id"})
+
+
+async def test_a_table_that_leaves_keeps_its_objects(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A table removed from the configuration leaves the group: the ledger marks it left,
+    its later changes are not exported, its objects stay. Configured again, it joins anew:
+    its snapshot waits until the slot's restart_lsn is past the position where it left, so
+    that its new rows beat every object of its earlier membership, and the table is complete
+    again (rows updated while it was out included)."""
+    pgbench_init(pg_dsn)
+    both = group_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        ["pgbench_accounts", "pgbench_tellers"],
+        heartbeat_s=0.2,
+    )
+    assert await init(both) == 0
+    assert await export_until_idle(both) == 0
+    one = group_settings(pg_dsn, s3_server, bucket, tmp_path, ["pgbench_accounts"])
+    assert await init(one) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("UPDATE pgbench_tellers SET tbalance = 42")
+        conn.execute("UPDATE pgbench_accounts SET abalance = 7 WHERE aid < 10")
+    before = set(object_bodies(s3_client, bucket, "public.pgbench_tellers/"))
+    assert await export_until_idle(one) == 0
+    assert set(object_bodies(s3_client, bucket, "public.pgbench_tellers/")) == before
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT status FROM cdc.group_tables WHERE table_name = 'public.pgbench_tellers'"
+        ).fetchone()
+    assert row == ("left",)
+    assert await init(both) == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")  # a running-transactions record for the slot to pass
+    assert await export_until_idle(both) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT status, seq > floor FROM cdc.group_tables"
+            " WHERE table_name = 'public.pgbench_tellers'"
+        ).fetchone()
+    assert row == ("streaming", True)
+    assert_tables_rebuilt(
+        pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid", "pgbench_tellers": "tid"}
+    )
+
+
+async def test_watermark_group_serves_every_table(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """Watermark mode, two tables, one position each: a table with a large backlog does not
+    starve a small one (the small one's rows are in S3 after the big one's first batch, long
+    before its backlog is done); a table without a date column goes to the read's day."""
+    pgbench_init(pg_dsn)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE small (id bigserial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO small (note) SELECT 'n' || g FROM generate_series(1, 10) g")
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{"name": "pgbench_accounts", "max_rows": 5000}, {"name": "small"}],
+        capture={"group": "wm"},
+    )
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        order = [
+            str(r[0])
+            for r in conn.execute("SELECT table_name FROM cdc.batches ORDER BY created_at")
+        ]
+        positions: dict[Any, Any] = dict(
+            conn.execute("SELECT table_name, high FROM cdc.positions").fetchall()
+        )
+    assert order.index("public.small") <= 1, order
+    assert order.count("public.pgbench_accounts") >= 20
+    assert positions == {"public.pgbench_accounts": 100_000, "public.small": 10}
+    keys = list(object_bodies(s3_client, bucket, "public.small/"))
+    assert len(keys) == 1
+    assert "/dt=20" in keys[0]
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid", "small": "id"})
