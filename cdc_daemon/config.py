@@ -547,6 +547,12 @@ class Settings(BaseSettings):
         return self.table
 
     @property
+    def ledger_name(self) -> str:
+        """The name the first table's batches are recorded under: in logical mode the
+        group's (one position for the group), in watermark mode the table's own."""
+        return self.group if self.capture.mode == "logical" else self.table
+
+    @property
     def slot_name(self) -> str:
         """Logical mode: the replication slot."""
         return self.capture.slot_name or self._default_name()

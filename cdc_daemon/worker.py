@@ -228,8 +228,12 @@ class Worker:
     async def _connect_store(self) -> Store:
         settings = self._settings
         store = await Store.from_settings(settings)
+        try:
+            await store.check_schema(logical=settings.capture.mode == "logical")
+        except BaseException:
+            await store.close()
+            raise
         self._store = store
-        await store.check_schema()
         return store
 
     async def _close_store(self) -> None:

@@ -41,15 +41,18 @@ def slot_lag_bytes(conn: psycopg.Connection[Any], slot: str) -> int | None:
 
 def _source_figures(
     settings: Settings, highs: dict[str, int | None], slot: str | None
-) -> tuple[str, int | None, int | None]:
-    """(qualified table, rows above its exported high, slot lag bytes), in a thread."""
+) -> dict[str, tuple[int | None, int | None]]:
+    """By ledger name: (rows above its exported high, slot lag bytes), in a thread. Watermark
+    mode: each configured table; logical mode: the group (the slot's lag)."""
     conn = connect_source(settings)
     try:
-        capture = settings.capture
-        table = describe_configured(conn, settings)
-        rows = None
-        if table.qualified in highs and capture.mode == "watermark":
-            # (In logical mode the position is an LSN: the slot's lag says how far behind.)
+        if settings.capture.mode == "logical":
+            return {settings.group: (None, slot_lag_bytes(conn, slot) if slot else None)}
+        out: dict[str, tuple[int | None, int | None]] = {}
+        for spec in settings.table_specs:
+            table = describe_configured(conn, settings.for_table(spec), spec)
+            if table.qualified not in highs:
+                continue
             high = highs[table.qualified]
             cur = conn.execute(
                 sql.SQL("SELECT count(*) FROM {t} WHERE {c} > %s").format(
@@ -59,8 +62,8 @@ def _source_figures(
             )
             found = cur.fetchone()
             rows = int(found[0]) if found is not None else 0  # type: ignore[call-overload]
-        lag = slot_lag_bytes(conn, slot) if slot else None
-        return table.qualified, rows, lag
+            out[table.qualified] = (rows, None)
+        return out
     except psycopg.Error as exc:
         raise from_psycopg(exc, f"reading {settings.postgres.table}") from None
     finally:
@@ -81,32 +84,36 @@ async def collect(
         positions = [p for p in await reader.positions() if table in (None, p["table_name"])]
         highs = {p["table_name"]: p["high"] for p in positions}
         source_error = None
-        source: tuple[str, int | None, int | None] | None = None
+        source: dict[str, tuple[int | None, int | None]] = {}
         try:
             source = await asyncio.to_thread(_source_figures, settings, highs, slot)
         except CdcError as exc:
             source_error = str(exc)
         now = datetime.now(UTC)
+        configured = {settings.group, *(t.qualified for t in settings.table_specs)}
         report: dict[str, Any] = {}
         for position in positions:
             name = position["table_name"]
             counts = await reader.counts(name)
             troubled = await reader.troubled(name)
             behind: dict[str, Any] = {"rows": None, "seconds": None, "slot_lag_bytes": None}
-            if source is not None and source[0] == name:
-                rows = source[1]
+            if name in source:
+                rows, lag = source[name]
                 behind["rows"] = rows
                 behind["seconds"] = (
                     round((now - position["updated_at"]).total_seconds(), 3) if rows != 0 else 0.0
                 )
-                behind["slot_lag_bytes"] = source[2]
+                behind["slot_lag_bytes"] = lag
             elif source_error is not None:
                 behind["error"] = source_error
             totals = await reader.totals(name)
             last_uploaded = await reader.last(name, "uploaded_at")
             report[name] = {
                 "mode": position["mode"],
-                "running": await reader.lock_holder(name),
+                # The tables of this configuration's group share the group's lock.
+                "running": await reader.lock_holder(settings.group if name in configured else name),
+                "group": settings.group if name in configured else None,
+                "tables": await reader.group_tables(name),
                 "watermark": None if position["low"] in (None, INT64_MIN) else position["low"],
                 "exported_high": (
                     None if position["high"] in (None, INT64_MIN) else position["high"]
@@ -228,6 +235,11 @@ def render(report: dict[str, Any]) -> str:
                 " ago)",
             )
         )
+        for member in t.get("tables", []):
+            text = member["status"]
+            if member["status"] != "streaming" or member["chunks"]:
+                text += f", snapshot {member['chunks']} chunk(s), {_count(member['rows'])} rows"
+            rows.append((f"  table {member['table']}", text))
         rows += _warehouse_rows(t.get("warehouse"))
         width = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -195,6 +195,8 @@ class Reconciler:
         self._metrics = metrics
         self._heartbeats = heartbeats
         self._table = settings.table
+        # Where its batches are in the ledger (the group's name in logical mode).
+        self._ledger_name = settings.ledger_name
         self._wh = warehouse
         self._store: Store | None = None
         self.last: Outcome | None = None
@@ -254,7 +256,7 @@ class Reconciler:
         """The pipe, tasks and stream as seen this round, for ``status``. A ledger made before
         this table existed (``init`` not run since) only loses that line, once logged."""
         try:
-            await store.save_warehouse_health(self._table, outcome.health_json())
+            await store.save_warehouse_health(self._ledger_name, outcome.health_json())
         except CdcError as exc:
             if not self._health_unsaved:
                 self._health_unsaved = True
@@ -298,7 +300,7 @@ class Reconciler:
         now = now or datetime.now(UTC)
         sf = self._settings.snowflake
         store = await self._ledger()
-        items = await store.unreconciled(self._table)
+        items = await store.unreconciled(self._ledger_name)
         items += await store.unreconciled_chunks(self._table)
         wh = await self._warehouse()
         outcome = Outcome()
@@ -345,7 +347,7 @@ class Reconciler:
                     if item.chunk is not None:
                         await store.mark_chunk_refreshed(item.chunk)
                     else:
-                        await store.mark_refreshed(self._table, batch.batch_id)
+                        await store.mark_refreshed(self._ledger_name, batch.batch_id)
                     outcome.refreshed.append(batch.batch_id)
                     log.warning("pipe_refresh_requested", batch_id=batch.batch_id, files=unseen)
                     continue
@@ -391,7 +393,7 @@ class Reconciler:
         if item.chunk is not None:
             return await store.reconcile_chunk(item.chunk, item.batch.status, new, reason)
         return await store.reconcile(
-            self._table, item.batch.batch_id, item.batch.status, new, reason
+            self._ledger_name, item.batch.batch_id, item.batch.status, new, reason
         )
 
     async def completeness(self) -> list[DayDifference]:
@@ -402,8 +404,8 @@ class Reconciler:
         none is not exported yet, nothing can be said of it)."""
         settings = self._settings
         store = await self._ledger()
-        exported, waiting = await store.export_days(self._table)
-        position = await store.position(self._table, settings.capture.mode)
+        exported, waiting = await store.export_days(self._ledger_name)
+        position = await store.position(self._ledger_name, settings.capture.mode)
         low = position.state.low if settings.capture.mode == "watermark" else None
         if low == INT64_MIN:
             return []

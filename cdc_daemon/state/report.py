@@ -158,6 +158,28 @@ class LedgerReader(LedgerSession):
             for r in rows
         ]
 
+    async def group_tables(self, group: str) -> list[dict[str, Any]]:
+        """A logical group's tables (``state.joins``): streaming, joining (with its snapshot's
+        progress) or left; empty for a ledger from before groups (or watermark mode)."""
+        try:
+            rows = await self._read(
+                "SELECT table_name, status, chunks, rows, updated_at FROM {schema}.group_tables"
+                " WHERE group_name = %s ORDER BY table_name",
+                (group,),
+            )
+        except CdcError:
+            return []
+        return [
+            {
+                "table": r["table_name"],
+                "status": r["status"],
+                "chunks": r["chunks"],
+                "rows": r["rows"],
+                "updated_at": _iso(r["updated_at"]),
+            }
+            for r in rows
+        ]
+
     async def lock_holder(self, table: str) -> dict[str, Any] | None:
         """The session holding the table's lock (a running daemon), if any. pg_locks shows
         only this database's locks: the lock is taken on the ledger's session, as here."""

@@ -144,11 +144,17 @@ class Store(LedgerSession):
             doing = f"cannot create the ledger schema {self._schema_name}"
             raise from_psycopg(exc, doing) from None
 
-    async def check_schema(self) -> None:
+    async def check_schema(self, logical: bool = False) -> None:
         await self._require_tables(
             ("positions", "batches"),
             f"the ledger schema {self._schema_name!r} does not exist: run `cdc-daemon init`",
         )
+        if logical:
+            await self._require_tables(
+                ("group_tables", "join_chunks"),
+                f"the ledger schema {self._schema_name!r} predates table groups: run "
+                "`cdc-daemon init` (it adds their tables)",
+            )
 
     async def try_lock(self, table: str) -> None:
         """Session-level: held as long as this connection lives, released if the process dies."""

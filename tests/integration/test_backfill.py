@@ -21,6 +21,7 @@ from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.ops.status import collect, render
 from cdc_daemon.state.backfill import BackfillLedger
+from cdc_daemon.state.store import SCHEMA_VERSION
 from tests.e2e.daemon import write_config
 from tests.fix_faults import FaultyProxy
 from tests.helpers import (
@@ -329,7 +330,7 @@ async def test_a_ledger_without_backfill_tables_asks_for_init(
     assert "run `cdc-daemon init`" in capsys.readouterr().err
     await init_ledger(settings)
     with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT value FROM cdc.meta").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM cdc.meta").fetchone() == (str(SCHEMA_VERSION),)
     assert await _main_in_thread(args) == 0
 
 

@@ -15,7 +15,10 @@ import pytest
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
+from cdc_daemon.errors import StateError
 from cdc_daemon.local.services import LocalS3
+from cdc_daemon.ops.status import collect, render
+from cdc_daemon.worker import Worker
 from tests.helpers import (
     differences,
     export_until_idle,
@@ -209,6 +212,12 @@ async def test_a_table_joins_a_running_group(
     assert state is not None
     assert state[0] == "streaming"
     assert state[1] >= 8, state
+    report = await collect(both, slot=both.slot_name)
+    assert list(report) == ["shop"]
+    members = {m["table"]: m for m in report["shop"]["tables"]}
+    assert members["public.pgbench_accounts"]["status"] == "streaming"
+    assert members[f"public.{MANY_TYPES}"]["rows"] == state[2]
+    assert f"table public.{MANY_TYPES}" in render(report)
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid", MANY_TYPES: "id"})
 
 
@@ -294,3 +303,35 @@ async def test_watermark_group_serves_every_table(
     assert len(keys) == 1
     assert "/dt=20" in keys[0]
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid", "small": "id"})
+
+
+async def test_a_ledger_from_before_groups_asks_for_init_then_upgrades(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A logical ledger made before groups existed (no group_tables): the daemon stops with a
+    sentence saying to run init; after init the table that was exported before is taken as
+    part of the group (no second snapshot) and the rebuilt table is exact."""
+    pgbench_init(pg_dsn)
+    one = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        postgres={"table": "pgbench_tellers"},
+        capture={"mode": "logical"},
+    )
+    assert await init(one) == 0
+    assert await export_until_idle(one) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("DROP TABLE cdc.group_tables, cdc.join_chunks")
+        conn.execute("UPDATE pgbench_tellers SET tbalance = 5")
+    # (export_until_idle runs init first: the daemon itself is started here.)
+    never = asyncio.Event()
+    with pytest.raises(StateError, match="predates table groups: run `cdc-daemon init`"):
+        await Worker(one, exit_when_idle=True).serve(shutdown_trigger=never.wait)
+    assert await init(one) == 0
+    assert await export_until_idle(one) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT table_name, status, chunks FROM cdc.group_tables").fetchall()
+    assert rows == [("public.pgbench_tellers", "streaming", 0)]
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_tellers": "tid"})
