@@ -21,6 +21,11 @@ _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 _TIMESTAMP_TYPES = frozenset({"timestamp with time zone", "timestamp without time zone"})
 _PARTITION_TYPES = _TIMESTAMP_TYPES | {"date"}
 _MAX_TEXT = 16 * 1024 * 1024  # Snowflake's VARCHAR limit, in bytes
+# Arrays of these become JSON arrays of numbers or booleans; of any other element type, JSON
+# arrays of the elements' text (capture.logical.encode.array_json mirrors this).
+_JSON_ELEMENTS = frozenset(
+    {"smallint", "integer", "bigint", "oid", "numeric", "real", "double precision", "boolean"}
+)
 
 # Timestamps in years 1-9999 (the ones Snowflake can hold; others are quarantined).
 _IN_RANGE = "{c} >= '0001-01-01' AND {c} < '10000-01-01'"
@@ -60,6 +65,12 @@ class Column:
         if base == "bytea":
             # Hex without Postgres's \x prefix: what BINARY_FORMAT = HEX reads.
             return sql.SQL("encode({}, 'hex')").format(self.ident())
+        if base.endswith("[]"):
+            # A JSON array (nested for more dimensions; bounds dropped), what Snowflake's
+            # PARSE_JSON reads into an ARRAY.
+            if base.removesuffix("[]") in _JSON_ELEMENTS:
+                return sql.SQL("array_to_json({})::text").format(self.ident())
+            return sql.SQL("array_to_json({}::text[])::text").format(self.ident())
         return self.ident()
 
     def quarantine_checks(self) -> list[tuple[sql.Composable, sql.Composable]]:

@@ -44,7 +44,18 @@ def test_arrays_get_no_scalar_checks() -> None:
     """octet_length() or = 'NaN' on an array would fail the COPY: arrays get none."""
     assert checks("character varying(10)[]") == []
     assert checks("numeric(12,3)[]") == []
-    assert Column("x", "timestamp(3) with time zone[]").csv_expr().as_string(None) == '"x"'
+    assert Column("x", "timestamp(3) with time zone[]").csv_expr().as_string(None) == (
+        'array_to_json("x"::text[])::text'
+    )
+
+
+def test_arrays_are_json_arrays() -> None:
+    """An array of numbers or booleans is array_to_json's JSON (numbers with every digit);
+    an array of any other element type a JSON array of the elements' text."""
+    assert Column("x", "numeric(12,3)[]").csv_expr().as_string(None) == ('array_to_json("x")::text')
+    assert Column("x", "integer[]").csv_expr().as_string(None) == 'array_to_json("x")::text'
+    assert Column("x", "boolean[]").csv_expr().as_string(None) == 'array_to_json("x")::text'
+    assert Column("x", "uuid[]").csv_expr().as_string(None) == ('array_to_json("x"::text[])::text')
 
 
 def test_timestamps_with_a_precision_are_converted() -> None:

@@ -14,12 +14,15 @@ mirrors what ``source.table`` asks PostgreSQL's COPY to produce (``Column.csv_ex
 - A row holding a value Snowflake cannot read back goes to the day ``!<reason>-<column>``
   (the first reason in column order, as the SQL ``CASE`` picks it).
 
-Types are recognised by OID (the built-in types ``csv_expr`` treats specially); any other type
-(arrays, json, enums, domains) is its text form, quoted as needed, exactly as COPY writes it.
+Types are recognised by OID (the built-in types ``csv_expr`` treats specially); an array is
+written as a JSON array (``array_json``, what ``array_to_json`` gives in SQL); any other type
+(json, enums, domains, uuid, inet, interval, ...) is its text form, quoted as needed, exactly
+as COPY writes it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +41,62 @@ TIMESTAMP, TIMESTAMPTZ, NUMERIC, UUID = 1114, 1184, 1700, 2950
 _BARE = frozenset({BOOL, INT8, INT2, INT4, OID, UUID})
 
 _MAX_TEXT = 16 * 1024 * 1024
+
+# Arrays of these element types become JSON arrays of numbers / booleans (``array_to_json``);
+# of any other element type, JSON arrays of the elements' text (``array_to_json(c::text[])``).
+NUMBER_ELEMENTS = frozenset({INT2, INT4, INT8, OID, NUMERIC, FLOAT4, FLOAT8})
+BOOL_ELEMENTS = frozenset({BOOL})
+_JSON_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?").fullmatch
+
+
+def array_json(value: bytes, element: int) -> bytes:
+    """PostgreSQL's array text output (``{a,"b c",NULL}``, ``{{1,2},{3,4}}``, optionally after
+    ``[0:1]=`` bounds) -> the JSON array ``array_to_json`` writes (no spaces, ``null``, every
+    digit kept; numbers that are not JSON numbers, like NaN, as strings, as PostgreSQL does).
+    Element type ``element`` decides: numbers, booleans (``t``/``f``), else strings."""
+    text = value.decode()
+    if text.startswith("["):
+        text = text[text.index("=") + 1 :]
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "{":
+            out.append("[")
+            i += 1
+        elif c == "}":
+            out.append("]")
+            i += 1
+        elif c == ",":
+            out.append(",")
+            i += 1
+        elif c == '"':
+            i += 1
+            chars = []
+            while text[i] != '"':
+                if text[i] == "\\":
+                    i += 1
+                chars.append(text[i])
+                i += 1
+            i += 1
+            out.append(_element("".join(chars), element, quoted=True))
+        else:
+            end = i
+            while text[end] not in ",}":
+                end += 1
+            out.append(_element(text[i:end], element, quoted=False))
+            i = end
+    return "".join(out).encode()
+
+
+def _element(item: str, element: int, quoted: bool) -> str:
+    if not quoted and item.upper() == "NULL":
+        return "null"
+    if element in NUMBER_ELEMENTS and _JSON_NUMBER(item.encode()):
+        return item
+    if element in BOOL_ELEMENTS:
+        return "true" if item == "t" else "false"
+    return json.dumps(item, ensure_ascii=False)
 
 
 def quote(value: bytes) -> bytes:
@@ -171,10 +230,26 @@ _FAST: dict[int, Callable[[bytes], bytes | None]] = {
 }
 
 
+def _array(element: int) -> Callable[[bytes], bytes]:
+    def convert(value: bytes) -> bytes:
+        return quote(array_json(value, element))
+
+    return convert
+
+
+def _array_fast(element: int) -> Callable[[bytes], bytes | None]:
+    def fast(value: bytes) -> bytes | None:
+        # JSON arrays hold commas (and strings quotes): always the careful path's quoting.
+        return None
+
+    return fast
+
+
 @dataclass(frozen=True)
 class ColumnType:
     name: str
     type_oid: int
+    element: int | None = None  # an array's element type
 
 
 class RowEncoder:
@@ -197,9 +272,15 @@ class RowEncoder:
             self._partition = names.index(partition_column)
             if columns[self._partition].type_oid not in _PARTITION_TYPES:
                 raise ValueError(f"partition column {partition_column!r} is not a date/timestamp")
-        self._convert = [_CONVERT.get(c.type_oid, quote) for c in columns]
+        self._convert = [
+            _CONVERT.get(c.type_oid, quote) if c.element is None else _array(c.element)
+            for c in columns
+        ]
         self._fast = [
-            (i, fast) for i, c in enumerate(columns) if (fast := _FAST.get(c.type_oid)) is not None
+            (i, fast)
+            for i, c in enumerate(columns)
+            if (fast := _FAST.get(c.type_oid) if c.element is None else _array_fast(c.element))
+            is not None
         ]
         checks = [
             (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")

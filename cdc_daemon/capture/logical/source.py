@@ -278,6 +278,8 @@ class LogicalSource(SourceSession):
         # The oids whose changes are kept (None: every table of the group). A redo of a batch
         # recorded before a table joined must not pick up that table's changes.
         self.active: set[int] | None = None
+        # Array type oid -> element type oid (arrays are written as JSON arrays).
+        self.array_elements: dict[int, int] = {}
 
     # -- names and connection -----------------------------------------------------------------
 
@@ -322,6 +324,16 @@ class LogicalSource(SourceSession):
             tables.append(table)
         self._tables = tables
         self._by_oid = {t.oid: t for t in tables}
+        try:
+            self.array_elements = {
+                int(str(oid)): int(str(elem))
+                for oid, elem in self._conn.execute(
+                    "SELECT oid::int8, typelem::int8 FROM pg_type"
+                    " WHERE typinput = 'array_in'::regproc"
+                )
+            }
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "reading the catalog's array types") from None
         return self.table
 
     def _guard(
@@ -1048,7 +1060,11 @@ class _Reader:
         partition = table.info.partition_name
         try:
             encoder = RowEncoder(
-                [ColumnType(c.name, c.type_oid) for c in message.columns], partition
+                [
+                    ColumnType(c.name, c.type_oid, self._source.array_elements.get(c.type_oid))
+                    for c in message.columns
+                ],
+                partition,
             )
         except ValueError as exc:
             raise SourceError(f"{table.qualified}: {exc}") from None
