@@ -22,7 +22,7 @@ from cdc_daemon.ops.health import CHECK_TIMEOUT_S, HEALTHZ_PATH, METRICS_PATH, R
 from cdc_daemon.ops.metrics import Metrics, metric_names
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-K8S = DEPLOY / "kubernetes"
+K8S = DEPLOY / "kubernetes" / "base"
 SYSTEMD = DEPLOY / "systemd"
 
 
@@ -108,7 +108,9 @@ def test_ports_paths_and_grace_periods_agree_with_the_daemon(tmp_path: Path) -> 
     assert service["port"] == port
     assert service["targetPort"] in ("http", port)
     assert one("ServiceMonitor")["spec"]["endpoints"][0]["path"] == METRICS_PATH
-    exposed = re.findall(r"^EXPOSE\s+(\d+)", (K8S / "Dockerfile").read_text(), re.M)
+    exposed = re.findall(
+        r"^EXPOSE\s+(\d+)", (DEPLOY / "kubernetes" / "Dockerfile").read_text(), re.M
+    )
     assert exposed == [str(port)]
 
     grace = pod["spec"]["terminationGracePeriodSeconds"]
@@ -126,7 +128,7 @@ def test_pod_is_non_root_read_only_with_writable_spool(tmp_path: Path) -> None:
     settings = configmap_settings(tmp_path)
     pod = one("Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    user = re.findall(r"^USER\s+(\d+)", (K8S / "Dockerfile").read_text(), re.M)
+    user = re.findall(r"^USER\s+(\d+)", (DEPLOY / "kubernetes" / "Dockerfile").read_text(), re.M)
     assert user == [str(pod["securityContext"]["runAsUser"])]
     assert int(user[0]) != 0
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -143,11 +145,11 @@ def test_pod_is_non_root_read_only_with_writable_spool(tmp_path: Path) -> None:
     assert "dsn" not in one("ConfigMap")["data"]["cdc.toml"].lower()
 
 
-def unit_file() -> dict[str, dict[str, list[str]]]:
+def unit_file(name: str = "cdc-daemon.service") -> dict[str, dict[str, list[str]]]:
     """The unit's keys per section (a key may repeat, as systemd allows)."""
     sections: dict[str, dict[str, list[str]]] = {}
     current: dict[str, list[str]] = {}
-    for line in (SYSTEMD / "cdc-daemon.service").read_text().splitlines():
+    for line in (SYSTEMD / name).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -251,3 +253,54 @@ def test_dashboard_is_grafana_json() -> None:
         if p["type"] != "row":
             assert p["datasource"]["type"] == "prometheus"
             assert p["targets"]
+
+
+OVERLAYS = DEPLOY / "kubernetes" / "overlays"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl")
+def test_each_group_overlay_renders_its_own_deployment(tmp_path: Path) -> None:
+    """``kubectl kustomize`` renders every overlay of deploy/kubernetes/overlays from the one
+    base: one Deployment per group, its own names and selector label, its own configuration
+    (a loading cdc.toml with its own group, so its own lock, slot and publication), and
+    every reference inside it renamed with it; no two groups share a name or a slot."""
+    seen: dict[str, str] = {}
+    for overlay in sorted(p for p in OVERLAYS.iterdir() if p.is_dir()):
+        group = overlay.name
+        done = subprocess.run(
+            ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        docs = {d["kind"]: d for d in yaml.safe_load_all(done.stdout)}
+        deployment = docs["Deployment"]
+        assert deployment["metadata"]["name"] == f"cdc-daemon-{group}"
+        labels = deployment["spec"]["selector"]["matchLabels"]
+        assert labels["cdc-daemon/group"] == group
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == f"cdc-daemon-{group}"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == f"cdc-daemon-{group}"
+        config = tmp_path / f"{group}.toml"
+        config.write_text(docs["ConfigMap"]["data"]["cdc.toml"])
+        settings = load_settings(config)
+        assert settings.group == group
+        assert settings.slot_name not in seen, (group, seen)
+        seen[settings.slot_name] = group
+    assert len(seen) >= 2
+
+
+def test_systemd_template_is_the_unit_per_group() -> None:
+    """cdc-daemon@.service is cdc-daemon.service with the configuration, secrets and state
+    directory named after the instance (%i: the group), nothing else changed."""
+    plain = unit_file()
+    template = unit_file("cdc-daemon@.service")
+    per_instance = {"ExecStartPre", "ExecStart", "EnvironmentFile", "StateDirectory", "Environment"}
+    for section, keys in plain.items():
+        for key, values in keys.items():
+            if section == "Service" and key in per_instance:
+                assert all("%i" in v for v in template[section][key]), key
+            elif key != "Description":
+                assert template[section][key] == values, (section, key)
+    assert template["Service"]["ExecStart"] == [
+        "/opt/cdc-daemon/venv/bin/cdc-daemon --config /etc/cdc-daemon/%i.toml run"
+    ]
