@@ -115,6 +115,13 @@ class CaptureSettings(_Section):
         description="Logical mode: a table that joins a running group is exported in chunks "
         "of this many rows by key, between the stream's batches (see docs/logical.md).",
     )
+    snapshot_jobs: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Logical mode: chunks of the snapshot copied at once, each on its own "
+        "source session (a table's keys are cut into this many ranges).",
+    )
     initial_snapshot: bool = Field(
         default=True,
         description="Logical mode: export the rows present when the slot is created (from the "

@@ -182,7 +182,9 @@ class Worker:
                 loop.call_soon_threadsafe(self.heartbeats.beat, "capture")
 
             source.on_progress = beat
-            return LogicalPipeline(settings, source, unit, store, self.metrics)
+            logical = LogicalPipeline(settings, source, unit, store, self.metrics)
+            stack.push_async_callback(logical.close)
+            return logical
         first = WatermarkPipeline(source.settings, source, unit, store, self.metrics)
         if not others:
             return first

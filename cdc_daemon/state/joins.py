@@ -1,12 +1,13 @@
-"""The tables of a logical group, and the snapshot of a table that joins a running group.
+"""The tables of a logical group, and the snapshot of each table as it joins the group (all
+of them when the group starts, one added later while it runs).
 
-    table: joining --every chunk uploaded--> streaming;  joining|streaming --left the
+    table: joining --every range done--> streaming;  joining|streaming --left the
            configuration--> left --configured again--> joining
-    chunk: pending --every object in S3, the table's resume key moved (one transaction)--> uploaded
+    chunk: pending --every object in S3, its range's resume key moved (one transaction)--> uploaded
 
-A joining table's rows are exported in chunks by key, each ``(after, last]`` read in its own
-transaction, interleaved with the group's stream (see ``capture.logical.join``). Pure records
-here; the statements are ``Store``'s.
+A joining table's key space is cut into ``capture.snapshot_jobs`` ranges, copied at once; each
+range is exported in chunks by key, each ``(after, last]`` read in its own transaction
+(see ``capture.logical.join``). Pure records here; the statements are ``Store``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CREATE TABLE IF NOT EXISTS {schema}.group_tables (
     since bigint,
     seq bigint,
     floor bigint,
-    after_key jsonb,
+    ranges jsonb NOT NULL DEFAULT '[]',
     chunks integer NOT NULL DEFAULT 0,
     rows bigint NOT NULL DEFAULT 0,
     joined_at timestamptz NOT NULL DEFAULT now(),
@@ -34,6 +35,8 @@ CREATE TABLE IF NOT EXISTS {schema}.group_tables (
 CREATE TABLE IF NOT EXISTS {schema}.join_chunks (
     group_name text NOT NULL,
     table_name text NOT NULL,
+    seq bigint NOT NULL,
+    part integer NOT NULL,
     chunk integer NOT NULL,
     attempt integer NOT NULL,
     status text NOT NULL CHECK (status IN ('pending', 'uploaded')),
@@ -47,9 +50,58 @@ CREATE TABLE IF NOT EXISTS {schema}.join_chunks (
     read_ts text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     uploaded_at timestamptz,
-    PRIMARY KEY (group_name, table_name, chunk)
+    PRIMARY KEY (group_name, table_name, seq, part, chunk)
 );
 """
+
+
+Key = tuple[str | None, ...]  # a key's values, as text
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Keys in ``(lower, upper]`` (None: unbounded), exported up to ``after``."""
+
+    lower: Key | None = None
+    upper: Key | None = None
+    after: Key | None = None
+    chunks: int = 0
+    done: bool = False
+
+    @property
+    def start(self) -> Key | None:
+        """The next chunk's keys are above this."""
+        return self.after if self.after is not None else self.lower
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "lower": _listed(self.lower),
+            "upper": _listed(self.upper),
+            "after": _listed(self.after),
+            "chunks": self.chunks,
+            "done": self.done,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> KeyRange:
+        return cls(
+            _key(data.get("lower")),
+            _key(data.get("upper")),
+            _key(data.get("after")),
+            int(str(data.get("chunks", 0))),
+            bool(data.get("done", False)),
+        )
+
+
+def _listed(key: Key | None) -> list[str | None] | None:
+    return None if key is None else list(key)
+
+
+def _key(value: object) -> Key | None:
+    if value is None:
+        return None
+    assert isinstance(value, list)
+    return tuple(None if v is None else str(v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -63,20 +115,20 @@ class GroupTable:
     # Rejoining: every object of its earlier membership has a lower _cdc_seq than this (the
     # group's position when it left); its snapshot's seq must be higher.
     floor: int | None = None
-    after_key: tuple[str | None, ...] | None = None  # the snapshot's resume point (None: start)
+    ranges: tuple[KeyRange, ...] = ()  # the snapshot's ranges (empty: not split yet)
     chunks: int = 0
     rows: int = 0
 
 
-def join_chunk_name(seq: int, chunk: int, attempt: int) -> str:
+def join_chunk_name(seq: int, part: int, chunk: int, attempt: int) -> str:
     """The object name of a join chunk: never a live batch id (digits or ``start``), never a
     backfill chunk (``backfill-``). Each attempt has its own name (see ``JoinChunk``)."""
-    return f"join-{seq:020d}-{chunk:06d}-{attempt}"
+    return f"join-{seq:020d}-{part:03d}-{chunk:06d}-{attempt}"
 
 
 @dataclass(frozen=True)
 class JoinChunk(ObjectTotals):
-    """The rows of a joining table with keys in ``(after_key, last_key]``, read at
+    """The rows of a joining table with keys in ``(after_key, last_key]`` (range ``part``), read at
     ``read_ts``, all with ``_cdc_seq`` = the table's ``seq``. A chunk interrupted before its
     commit is read again, under the next attempt's name: its rows may differ from the first
     attempt's only where a change with a higher ``_cdc_seq`` was streamed since, so either
@@ -84,15 +136,16 @@ class JoinChunk(ObjectTotals):
 
     group: str
     table: str
+    part: int
     chunk: int
     attempt: int
     seq: int
-    after_key: tuple[str | None, ...] | None
-    last_key: tuple[str | None, ...] | None
+    after_key: Key | None  # where the range stood (its ``start``)
+    last_key: Key | None
     read_ts: str
     objects: tuple[ObjectRecord, ...] = ()
-    done: bool = False  # the last chunk: the table streams from now on
+    done: bool = False  # the range's last chunk
 
     @property
     def batch_id(self) -> str:
-        return join_chunk_name(self.seq, self.chunk, self.attempt)
+        return join_chunk_name(self.seq, self.part, self.chunk, self.attempt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.state.backfill import BACKFILL_DDL
-from cdc_daemon.state.joins import JOINS_DDL, GroupTable, JoinChunk
+from cdc_daemon.state.joins import JOINS_DDL, GroupTable, JoinChunk, KeyRange
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
 from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.session import LedgerSession, advisory_key
@@ -86,6 +86,19 @@ INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
 
 # A batch whose objects are not all in S3 yet.
 _UNFINISHED = "(status = 'pending' OR (status = 'failed' AND uploaded_at IS NULL))"
+
+
+def _group_table(r: dict[str, Any]) -> GroupTable:
+    return GroupTable(
+        r["table_name"],
+        r["status"],
+        r["since"],
+        r["seq"],
+        r["floor"],
+        tuple(KeyRange.from_json(x) for x in r["ranges"]),
+        r["chunks"],
+        r["rows"],
+    )
 
 
 def lock_key(table: str) -> int:
@@ -314,31 +327,20 @@ class Store(LedgerSession):
             ),
             (group,),
         )
-        return [
-            GroupTable(
-                r["table_name"],
-                r["status"],
-                r["since"],
-                r["seq"],
-                r["floor"],
-                None if r["after_key"] is None else tuple(r["after_key"]),
-                r["chunks"],
-                r["rows"],
-            )
-            for r in rows
-        ]
+        return [_group_table(r) for r in rows]
 
     async def set_group_table(self, group: str, table: GroupTable) -> None:
-        """Record a table's state (joining with its ``since``/``seq``, streaming, left)."""
+        """Record a table's state (joining with its ``since``/``seq``/ranges, streaming,
+        left)."""
         await self._fetch(
             "recording a table of the group",
             self._q(
                 "INSERT INTO {schema}.group_tables (group_name, table_name, status, since, seq,"
-                " floor, after_key, chunks, rows) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " floor, ranges, chunks, rows) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (group_name, table_name) DO UPDATE SET status = EXCLUDED.status,"
                 " since = EXCLUDED.since, seq = EXCLUDED.seq, floor = EXCLUDED.floor,"
-                " after_key = EXCLUDED.after_key,"
-                " chunks = EXCLUDED.chunks, rows = EXCLUDED.rows, updated_at = now()"
+                " ranges = EXCLUDED.ranges, chunks = EXCLUDED.chunks, rows = EXCLUDED.rows,"
+                " updated_at = now()"
             ),
             (
                 group,
@@ -347,20 +349,20 @@ class Store(LedgerSession):
                 table.since,
                 table.seq,
                 table.floor,
-                None if table.after_key is None else json.dumps(list(table.after_key)),
+                json.dumps([r.as_json() for r in table.ranges]),
                 table.chunks,
                 table.rows,
             ),
         )
 
-    async def chunk_attempts(self, group: str, table: str, chunk: int) -> int:
+    async def chunk_attempts(self, group: str, table: str, seq: int, part: int, chunk: int) -> int:
         rows = await self._fetch(
             "reading a join chunk",
             self._q(
                 "SELECT attempt FROM {schema}.join_chunks WHERE group_name = %s"
-                " AND table_name = %s AND chunk = %s"
+                " AND table_name = %s AND seq = %s AND part = %s AND chunk = %s"
             ),
-            (group, table, chunk),
+            (group, table, seq, part, chunk),
         )
         return int(rows[0]["attempt"]) if rows else 0
 
@@ -369,10 +371,10 @@ class Store(LedgerSession):
         await self._fetch(
             "recording a join chunk",
             self._q(
-                "INSERT INTO {schema}.join_chunks (group_name, table_name, chunk, attempt,"
-                " status, after_key, last_key, rows, raw_bytes, size, objects, checksum, read_ts)"
-                " VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (group_name, table_name, chunk) DO UPDATE SET"
+                "INSERT INTO {schema}.join_chunks (group_name, table_name, seq, part, chunk,"
+                " attempt, status, after_key, last_key, rows, raw_bytes, size, objects, checksum,"
+                " read_ts) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s,"
+                " %s) ON CONFLICT (group_name, table_name, seq, part, chunk) DO UPDATE SET"
                 " attempt = EXCLUDED.attempt, last_key = EXCLUDED.last_key, rows = EXCLUDED.rows,"
                 " raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size,"
                 " objects = EXCLUDED.objects, checksum = EXCLUDED.checksum,"
@@ -381,6 +383,8 @@ class Store(LedgerSession):
             (
                 chunk.group,
                 chunk.table,
+                chunk.seq,
+                chunk.part,
                 chunk.chunk,
                 chunk.attempt,
                 None if chunk.after_key is None else json.dumps(list(chunk.after_key)),
@@ -394,38 +398,72 @@ class Store(LedgerSession):
             ),
         )
 
-    async def commit_join_uploaded(self, chunk: JoinChunk) -> None:
-        """Mark the chunk uploaded and move the table's resume key past it (streaming after
-        the last chunk), atomically; refused when the table's snapshot stands elsewhere."""
-        after = None if chunk.after_key is None else json.dumps(list(chunk.after_key))
-        last = None if chunk.last_key is None else json.dumps(list(chunk.last_key))
+    async def commit_join_uploaded(self, chunk: JoinChunk) -> GroupTable:
+        """Mark the chunk uploaded and move its range's resume key past it (the range done
+        after its last chunk; the table streaming once every range is), atomically; refused
+        when the range stands elsewhere (another process moved it). Returns the table."""
         try:
             async with self._conn.transaction():
                 cur = await self._conn.execute(
                     self._q(
                         "UPDATE {schema}.join_chunks SET status = 'uploaded', uploaded_at = now()"
-                        " WHERE group_name = %s AND table_name = %s AND chunk = %s"
-                        " AND status = 'pending'"
+                        " WHERE group_name = %s AND table_name = %s AND seq = %s AND part = %s"
+                        " AND chunk = %s AND status = 'pending'"
                     ),
-                    (chunk.group, chunk.table, chunk.chunk),
+                    (chunk.group, chunk.table, chunk.seq, chunk.part, chunk.chunk),
                 )
                 if cur.rowcount != 1:
                     raise StateError(f"join chunk {chunk.batch_id} is not pending any more")
                 cur = await self._conn.execute(
                     self._q(
-                        "UPDATE {schema}.group_tables SET after_key = %s::jsonb,"
-                        " status = CASE WHEN %s THEN 'streaming' ELSE status END,"
-                        " chunks = chunks + 1, rows = rows + %s, updated_at = now()"
-                        " WHERE group_name = %s AND table_name = %s AND status = 'joining'"
-                        " AND after_key IS NOT DISTINCT FROM %s::jsonb"
+                        "SELECT * FROM {schema}.group_tables WHERE group_name = %s"
+                        " AND table_name = %s AND status = 'joining' FOR UPDATE"
                     ),
-                    (last, chunk.done, chunk.rows, chunk.group, chunk.table, after),
+                    (chunk.group, chunk.table),
                 )
-                if cur.rowcount != 1:
+                row = await cur.fetchone()
+                table = None if row is None else _group_table(row)
+                ranges = () if table is None else table.ranges
+                if table is None or not (
+                    0 <= chunk.part < len(ranges)
+                    and ranges[chunk.part].start == chunk.after_key
+                    and ranges[chunk.part].chunks == chunk.chunk
+                ):
                     raise StateError(
                         f"the snapshot of {chunk.table} no longer stands where chunk "
-                        f"{chunk.chunk} began: another process moved it"
+                        f"{chunk.part}/{chunk.chunk} began: another process moved it"
                     )
+                moved = replace(
+                    ranges[chunk.part],
+                    after=chunk.last_key
+                    if chunk.last_key is not None
+                    else ranges[chunk.part].after,
+                    chunks=chunk.chunk + 1,
+                    done=chunk.done,
+                )
+                new_ranges = (*ranges[: chunk.part], moved, *ranges[chunk.part + 1 :])
+                table = replace(
+                    table,
+                    ranges=new_ranges,
+                    status="streaming" if all(r.done for r in new_ranges) else "joining",
+                    chunks=table.chunks + 1,
+                    rows=table.rows + chunk.rows,
+                )
+                await self._conn.execute(
+                    self._q(
+                        "UPDATE {schema}.group_tables SET ranges = %s, status = %s, chunks = %s,"
+                        " rows = %s, updated_at = now() WHERE group_name = %s AND table_name = %s"
+                    ),
+                    (
+                        json.dumps([r.as_json() for r in table.ranges]),
+                        table.status,
+                        table.chunks,
+                        table.rows,
+                        chunk.group,
+                        chunk.table,
+                    ),
+                )
+                return table
         except psycopg.Error as exc:
             raise from_psycopg(exc, "committing a join chunk") from None
 

@@ -41,7 +41,7 @@ def config_for(tmp_path: Path, pg_dsn: str, s3: LocalS3, bucket: str, tables: li
             "mode": "logical",
             "group": "shop",
             "poll_interval_s": 0.05,
-            "snapshot_chunk_rows": 2,
+            "snapshot_chunk_rows": 20_000,
         },
         batch={"max_rows": 300},
     )

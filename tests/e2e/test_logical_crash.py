@@ -71,10 +71,11 @@ def test_crash_points_redo_without_loss(
     point: str, pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
     """The daemon dies (exit 70) right after the intent record, the upload, or the ledger
-    commit (before the slot advance), first during the snapshot, then during streaming; the
-    next start redoes the batch (or catches the slot up) and the rebuilt table is exact."""
+    commit (before the slot advance), first during the snapshot (a chunk: ``join_`` points),
+    then during streaming; the next start redoes the chunk or the batch (or catches the slot
+    up) and the rebuilt table is exact."""
     config = setup(pg_dsn, s3_server, bucket, tmp_path)
-    died = cli(config, "run", "--exit-when-idle", CDCTEST_CRASH_AT=point)
+    died = cli(config, "run", "--exit-when-idle", CDCTEST_CRASH_AT=f"join_{point}")
     assert died.returncode == 70, died.stderr
     random_changes(pg_dsn, random.Random(1), 30)
     died = cli(config, "run", "--exit-when-idle", CDCTEST_CRASH_AT=point)
@@ -127,7 +128,7 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
     flight, exits 0, and nothing is left pending; a later run exports the rest."""
     config = setup(pg_dsn, s3_server, bucket, tmp_path)
     with daemon_process(config) as daemon:
-        wait_for_event(daemon, "batch_uploaded")  # the snapshot
+        wait_for_event(daemon, "table_snapshot_done")
         random_changes(pg_dsn, random.Random(5), 20)
         time.sleep(0.5)  # let the daemon take those changes in: any moment will do
         out, err = stop_daemon(daemon, timeout=60)

@@ -20,9 +20,16 @@ incremental snapshots, which deduplicate chunk rows against the stream in memory
 So "highest ``_cdc_seq`` per key wins, then drop ``D``" rebuilds the table whatever the
 interleaving, also when a transaction on the table spans the snapshot, and a chunk may be
 read again at any later time: after a crash the interrupted chunk is read again under its
-next attempt's name (``state.joins.JoinChunk``). Chunks run one at a time between the
-stream's batches (``capture.snapshot_chunk_rows`` rows each), so the other tables wait at
-most one chunk.
+next attempt's name (``state.joins.JoinChunk``).
+
+The same holds for a new group: its slot is created without an exported snapshot, and every
+table joins at the slot's consistent point with the slot's first restart_lsn. So the initial
+snapshot is resumable chunk by chunk after a crash (an exported snapshot dies with its
+connection: it could only be taken again whole), and parallel: a table's keys are cut into
+``capture.snapshot_jobs`` ranges (``source.split_keys``), and up to that many chunks (of one
+table's ranges, or of several tables) are copied at once, each on its own source session and
+ledger session. Chunks run between the stream's batches (``capture.snapshot_chunk_rows`` rows
+each), so the other tables wait at most one round of chunks.
 
 A table that leaves the configuration is marked ``left``: its changes stop (``init`` drops
 it from the publication), its objects and warehouse tables stay. Configured again, it joins
@@ -33,14 +40,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import suppress
 from dataclasses import replace
 
+import psycopg
 import structlog
 
 from cdc_daemon.capture.logical.pgoutput import format_lsn
-from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable
+from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, copy_chunk, split_keys
 from cdc_daemon.config import Settings
-from cdc_daemon.state.joins import GroupTable, JoinChunk, join_chunk_name
+from cdc_daemon.errors import CdcError, first_error
+from cdc_daemon.source.session import SourceSession
+from cdc_daemon.state.joins import GroupTable, JoinChunk, KeyRange, join_chunk_name
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import UnitOfWork, utc_now_iso
 
@@ -52,12 +63,40 @@ class JoinLedger:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.table: GroupTable | None = None  # as the last commit left it
 
     async def record_pending(self, chunk: JoinChunk, /) -> None:
         await self.store.record_join_pending(chunk)
 
     async def commit_uploaded(self, chunk: JoinChunk, /) -> None:
-        await self.store.commit_join_uploaded(chunk)
+        self.table = await self.store.commit_join_uploaded(chunk)
+
+
+class _Job:
+    """One of ``capture.snapshot_jobs``: its own source session and ledger session."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.source = SourceSession(settings, "cdc-daemon-snapshot")
+        self.store: Store | None = None
+        self._settings = settings
+
+    async def ledger(self) -> Store:
+        if self.store is None or self.store.broken:
+            if self.store is not None:
+                with suppress(CdcError):
+                    await self.store.close()
+            self.store = await Store.from_settings(self._settings)
+        return self.store
+
+    def session(self) -> psycopg.Connection[tuple[object, ...]]:
+        return self.source._session()
+
+    async def close(self) -> None:
+        self.source.close()
+        if self.store is not None:
+            with suppress(CdcError):
+                await self.store.close()
+            self.store = None
 
 
 class Joiner:
@@ -69,27 +108,31 @@ class Joiner:
         self._settings = settings
         self._source = source
         self._unit = unit
-        self._ledger = JoinLedger(store)
+        self._store = store
         self._tables: dict[str, GroupTable] = {}
         self._waiting: set[str] = set()
+        self._jobs = [_Job(settings) for _ in range(settings.capture.snapshot_jobs)]
 
     @property
     def group(self) -> str:
         return self._settings.group
 
     def replace_store(self, store: Store) -> None:
-        self._ledger = JoinLedger(store)
+        self._store = store
 
     @property
     def joining(self) -> list[GroupTable]:
         return [t for t in self._tables.values() if t.status == "joining"]
 
+    async def close(self) -> None:
+        for job in self._jobs:
+            await job.close()
+
     async def load(self, legacy: set[str]) -> set[str]:
         """Read the group's tables; returns the configured ones already in the group (their
         changes are the ones a redo of an earlier batch holds). ``legacy``: the tables a
         ledger from before groups existed exported (no group rows yet)."""
-        store = self._ledger.store
-        self._tables = {t.table: t for t in await store.group_tables(self.group)}
+        self._tables = {t.table: t for t in await self._store.group_tables(self.group)}
         if not self._tables:
             for name in sorted(legacy):
                 await self._set(GroupTable(name, "streaming"))
@@ -97,9 +140,16 @@ class Joiner:
         return {n for n, t in self._tables.items() if t.status != "left" and n in configured}
 
     async def start_all(self) -> None:
-        """A new group: every table is in its initial snapshot (or none was asked for)."""
+        """Every table streams (a group without an initial snapshot, or an old ledger's
+        group whose exported snapshot was redone)."""
         for table in self._source.tables:
             await self._set(GroupTable(table.qualified, "streaming"))
+
+    async def begin(self, position: int, restart_lsn: int) -> None:
+        """A new group, its slot just created at ``position``: every table joins there (or
+        streams, without an initial snapshot), whatever an unfinished first start left."""
+        self._tables = {}
+        await self.reconcile(position, restart_lsn)
 
     async def reconcile(self, position: int, restart_lsn: int) -> list[str]:
         """Bring the ledger's tables in line with the configuration at the group's position:
@@ -117,7 +167,7 @@ class Joiner:
             floor = None if known is None else known.since
             seq = restart_lsn if floor is None or restart_lsn > floor else None
             await self._set(GroupTable(name, status, position, seq, floor))
-            await self._ledger.store.save_relation_columns(name, table.columns)
+            await self._store.save_relation_columns(name, table.columns)
             self._source.accepted[name] = table.columns
             joined.append(name)
             log.info(
@@ -136,22 +186,54 @@ class Joiner:
         return joined
 
     async def _set(self, table: GroupTable) -> None:
-        await self._ledger.store.set_group_table(self.group, table)
+        await self._store.set_group_table(self.group, table)
         self._tables[table.table] = table
 
+    # -- the snapshot's chunks ----------------------------------------------------------------
+
     async def step(self) -> bool:
-        """One chunk of the first joining table; False when none is joining."""
-        joining = self.joining
-        if not joining:
+        """One round of chunks: up to ``snapshot_jobs`` at once, over the ranges of the
+        joining tables in order; False when no table is joining."""
+        if not self.joining:
             return False
-        state = joining[0]
-        if state.seq is None:
-            state = await self._choose_seq(state)
+        work: list[tuple[GroupTable, int]] = []
+        for state in self.joining:
             if state.seq is None:
-                return True  # still waiting (see _choose_seq)
-        table = next(t for t in self._source.tables if t.qualified == state.table)
-        await self._chunk(table, state)
+                state = await self._choose_seq(state)
+                if state.seq is None:
+                    continue
+            if not state.ranges:
+                state = await self._split(state)
+            work += [(state, i) for i, r in enumerate(state.ranges) if not r.done]
+        if not work:
+            return True  # a table waits for its seq (see _choose_seq)
+        work = work[: len(self._jobs)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for job, (state, part) in zip(self._jobs, work, strict=False):
+                    group.create_task(self._chunk(job, state, part))
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
+        finally:
+            # As the commits left them (concurrent chunks of one table commit in turn).
+            with suppress(CdcError):
+                self._tables = {t.table: t for t in await self._store.group_tables(self.group)}
         return True
+
+    async def _split(self, state: GroupTable) -> GroupTable:
+        table = self._table(state.table)
+        source = self._source
+        cuts = await source.run(
+            lambda: split_keys(source._session(), table, self._settings.capture.snapshot_jobs)
+        )
+        bounds = [None, *cuts, None]
+        ranges = tuple(KeyRange(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1))
+        split = replace(state, ranges=ranges)
+        await self._set(split)
+        return split
+
+    def _table(self, name: str) -> LogicalTable:
+        return next(t for t in self._source.tables if t.qualified == name)
 
     async def _choose_seq(self, state: GroupTable) -> GroupTable:
         """A rejoining table's snapshot seq: the slot's restart_lsn once it is past the
@@ -178,60 +260,67 @@ class Joiner:
         await self._set(chosen)
         return chosen
 
-    async def _chunk(self, table: LogicalTable, state: GroupTable) -> None:
-        assert state.seq is not None
-        store = self._ledger.store
+    async def _chunk(self, job: _Job, state: GroupTable, part: int) -> None:
         seq = state.seq
-        number = state.chunks
-        attempt = await store.chunk_attempts(self.group, state.table, number) + 1
+        assert seq is not None
+        key_range = state.ranges[part]
+        ledger = JoinLedger(await job.ledger())
+        number = key_range.chunks
+        attempts = await ledger.store.chunk_attempts(self.group, state.table, seq, part, number)
+        attempt = attempts + 1
+        table = self._table(state.table)
         limit = self._settings.capture.snapshot_chunk_rows
         started = time.monotonic()
         read_ts = utc_now_iso()
         spool = self._unit.new_spool(table.header)
-        source = self._source
         try:
-            last = await source.run(
-                lambda: source.copy_chunk(table, state.after_key, limit, seq, read_ts, spool)
+            last = await job.source.run(
+                lambda: copy_chunk(
+                    job.session(),
+                    table,
+                    key_range.start,
+                    key_range.upper,
+                    limit,
+                    seq,
+                    read_ts,
+                    spool,
+                )
             )
             days = await asyncio.to_thread(spool.finish)
             chunk = JoinChunk(
                 group=self.group,
                 table=state.table,
+                part=part,
                 chunk=number,
                 attempt=attempt,
                 seq=seq,
-                after_key=state.after_key,
+                after_key=key_range.start,
                 last_key=last,
                 read_ts=read_ts,
                 objects=self._unit.objects(
-                    state.table, join_chunk_name(seq, number, attempt), days
+                    state.table, join_chunk_name(seq, part, number, attempt), days
                 ),
                 done=last is None,
             )
-            timings = await self._unit.deliver(chunk, self._ledger)
+            timings = await self._unit.deliver(chunk, ledger)
         finally:
             await asyncio.to_thread(spool.discard)
-        self._tables[state.table] = replace(
-            state,
-            status="streaming" if chunk.done else "joining",
-            after_key=last,
-            chunks=number + 1,
-            rows=state.rows + chunk.rows,
-        )
+        assert ledger.table is not None
         self._unit.log_batch(
             chunk,
             started,
             timings,
             event="join_chunk_uploaded",
+            part=part,
             chunk=number,
             attempt=attempt,
             done=chunk.done,
         )
-        if chunk.done:
+        if ledger.table.status == "streaming":
             log.info(
                 "table_snapshot_done",
                 group=self.group,
                 table=state.table,
-                rows=state.rows + chunk.rows,
-                chunks=number + 1,
+                rows=ledger.table.rows,
+                chunks=ledger.table.chunks,
             )

@@ -85,6 +85,10 @@ class LogicalPipeline:
         self._store = store
         self._joiner.replace_store(store)
 
+    async def close(self) -> None:
+        """The snapshot jobs' sessions."""
+        await self._joiner.close()
+
     async def drain(self) -> None:
         """Batches run one after another (see the module docstring): nothing is in flight."""
 
@@ -133,19 +137,20 @@ class LogicalPipeline:
         source.active = None
         if state.high == INT64_MIN:
             await self._begin()
-            await self._joiner.start_all()
         else:
             self._pos = state.high
             status = await source.run(lambda: self._sync_slot(state.high))
             await self._joiner.reconcile(state.high, status.restart_lsn)
 
     async def _begin(self) -> None:
-        """No position yet: create the slot, with the initial snapshot unless disabled."""
+        """No position yet: create the slot; every table joins at its consistent point (its
+        rows are then exported in chunks, see ``capture.logical.join``), or streams from
+        there without an initial snapshot."""
         source = self._logical
         status = await source.run(source.slot_status)
         if status.exists:
-            # Left by a first start that died before its snapshot's intent record: nothing of
-            # it reached S3, so it is dropped and the snapshot taken again.
+            # Left by a first start that died before it recorded its position: nothing of it
+            # reached S3, so it is dropped and made again.
             log.warning("slot_recreated", table=self.table, slot=source.slot)
             await source.run(
                 lambda: source._guard(
@@ -153,46 +158,22 @@ class LogicalPipeline:
                     lambda c: c.execute("SELECT pg_drop_replication_slot(%s)", (source.slot,)),
                 )
             )
-        if not self._settings.capture.initial_snapshot:
-            lsn = await source.run(source.create_slot)
-            await self._store.commit_position(self.table, CaptureState(), CaptureState(lsn, lsn))
-            await self._save_catalog_columns()
-            self._pos = lsn
-            log.info("slot_created", table=self.table, slot=source.slot, lsn=format_lsn(lsn))
-            return
-        started = time.monotonic()
-        read_ts = utc_now_iso()
-        consistent, seq, spools = await source.run(
-            lambda: source.snapshot(self._new_spool, read_ts)
-        )
-        generations: list[tuple[str, int, list[DayObject]]] = []
-        try:
-            keep = self._snapshot_dir(consistent)
-            keep.mkdir(parents=True, exist_ok=True)
-            for table, spool in spools:
-                kept = []
-                for day in await asyncio.to_thread(spool.finish):
-                    target = keep / day.sha256
-                    shutil.move(day.path, target)
-                    kept.append(replace(day, path=target))
-                generations.append((table.qualified, 0, kept))
-        finally:
-            for _, spool in spools:
-                await asyncio.to_thread(spool.discard)
+        lsn = await source.run(source.create_slot)
+        restart = (await source.run(source.slot_status)).restart_lsn
+        # The tables first: a crash before the position is recorded starts over from here.
+        await self._joiner.begin(lsn, restart)
+        await self._store.commit_position(self.table, CaptureState(), CaptureState(lsn, lsn))
+        await self._save_catalog_columns()
+        self._pos = lsn
         log.info(
-            "snapshot_taken",
+            "slot_created",
             table=self.table,
             tables=[t.qualified for t in source.tables],
             slot=source.slot,
-            consistent_point=format_lsn(consistent),
-            seq=seq,
+            lsn=format_lsn(lsn),
+            seq=restart,
+            snapshot=self._settings.capture.initial_snapshot,
         )
-        batch = self._record(INT64_MIN, consistent, read_ts, generations)
-        timings = await self._unit.deliver(batch, self._store)
-        await self._save_catalog_columns()
-        shutil.rmtree(keep, ignore_errors=True)
-        self._pos = consistent
-        self._log_batch(batch, started, timings, "snapshot")
 
     def _snapshot_dir(self, lsn: int) -> Path:
         base = self._settings.batch.spool_dir or Path(tempfile.gettempdir())
@@ -285,7 +266,8 @@ class LogicalPipeline:
                 self._new_spool,
                 limits,
                 batch.max_age_s,
-                settings.capture.poll_interval_s,
+                # A snapshot in progress: its next chunks wait for no idle stream.
+                0.0 if self._joiner.joining else settings.capture.poll_interval_s,
                 status.flush_lsn if draining else None,
                 confirmed=pos,
             )

@@ -41,13 +41,16 @@ no ``pg_logical_emit_message`` heartbeat is needed). Slot lag
 (``pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)``) is logged with every batch
 (``slot_lag_bytes``) and a warning passes ``capture.max_lag_bytes``.
 
-TOAST. PostgreSQL does not log an unchanged TOASTed value of an updated row ('u'). Writing it
-as empty would overwrite real data downstream, so ``init`` requires REPLICA IDENTITY FULL for
-a table with TOASTable columns: then every update carries the whole old row, and an unchanged
-value is taken from it. A 'u' without an old row (the identity was changed later) stops the
-daemon with a clear message. FULL also makes deletes carry the whole old row (so a ``D`` row
-lands in its day's object); under a key-only identity a ``D`` row has only the key columns and
-goes to ``dt=unknown``.
+TOAST. PostgreSQL does not log an unchanged TOASTed value of an updated row ('u') under the
+default replica identity. Such a change is written with that field empty and the column's
+name in the last column, ``_cdc_unchanged`` (names separated by commas; empty when none): the
+warehouse merge keeps the current value of a column it names, never overwriting it with an
+empty one. Under REPLICA IDENTITY FULL every update carries the whole old row and an unchanged
+value is taken from it (nothing is ever unchanged then), at the cost of WAL on the source;
+``init`` says which applies to each table. FULL also makes deletes carry the whole old row (so
+a ``D`` row lands in its day's object); under a key-only identity a ``D`` row has only the key
+columns and goes to ``dt=unknown`` (or, for a table without a partition column, the commit's
+day).
 
 Schema changes. pgoutput sends a Relation message (the column list) before a table's first
 change in every call and after each DDL. A column added at the end starts a new object
@@ -57,16 +60,19 @@ with a clear message unless ``capture.schema_change = "follow"``. The accepted c
 kept in the ledger (``relations``) so a restart compares against it too. TRUNCATE of the table
 stops the daemon: it cannot be expressed as row changes (re-initialise the pipeline).
 
-Initial snapshot and hand-over (see ``LogicalSource.snapshot``): the slot is created on a
-``replication=database`` connection with ``CREATE_REPLICATION_SLOT ... LOGICAL pgoutput
-(SNAPSHOT 'export')``. PostgreSQL guarantees that the exported snapshot sees exactly the
-transactions that commit before the slot's consistent point, and the slot emits exactly those
-that commit after it: no gap, no overlap. The rows are copied in a REPEATABLE READ transaction
-that imports that snapshot (``SET TRANSACTION SNAPSHOT``), through the watermark mode's COPY
-(same bytes), as ``I`` rows. Their ``_cdc_seq`` is the slot's ``restart_lsn`` at creation,
-not its consistent point: a transaction that began before the consistent point but commits
-after it is streamed with change LSNs *below* the consistent point, and must still win over
-the snapshot's older version of the row; every streamed change lies after ``restart_lsn``.
+Initial snapshot and hand-over (``capture.logical.join``): the slot is created without an
+exported snapshot; every table of the group then joins at the slot's consistent point, its
+rows copied in chunks by key (``copy_chunk``, through the watermark mode's COPY: same bytes)
+as ``I`` rows while the stream goes on. Their ``_cdc_seq`` is the slot's ``restart_lsn`` at
+creation, not its consistent point: a transaction that began before the consistent point but
+commits after it is streamed with change LSNs *below* the consistent point, and must still win
+over a chunk's older version of the row; every streamed change lies at or after
+``restart_lsn``. Why chunks read at different times still rebuild the table exactly is in
+``capture.logical.join``.
+
+Tables: a group's tables share the slot, the publication and the stream; each table's rows go
+to its own objects (``<schema>.<table>/dt=.../``), a batch holds whole transactions over any
+of them, and changes of tables outside the group (a publication made by hand) are skipped.
 """
 
 from __future__ import annotations
@@ -110,6 +116,7 @@ from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycop
 from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
 from cdc_daemon.source.table import Column, TableInfo, partition_of
+from cdc_daemon.state.joins import Key
 
 log = structlog.get_logger()
 
@@ -596,94 +603,6 @@ class LogicalSource(SourceSession):
 
     # -- the initial snapshot -----------------------------------------------------------------
 
-    def snapshot(
-        self, new_spool: SpoolFactory, read_ts: str
-    ) -> tuple[int, int, list[tuple[LogicalTable, DaySpool]]]:
-        """Create the slot with an exported snapshot and copy every table of the group as of
-        that snapshot, each into its own spool (from ``new_spool``). Returns (consistent
-        point, _cdc_seq of the rows, the spools). See the module docstring for why the rows
-        carry the slot's restart_lsn."""
-        conn = self._session()
-        spools: list[tuple[LogicalTable, DaySpool]] = []
-        with translated("taking the initial snapshot"):
-            with self._replication() as repl:
-                row = repl.execute(
-                    sql.SQL(
-                        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')"
-                    ).format(sql.Identifier(self.slot))
-                ).fetchone()
-                assert row is not None
-                consistent, snapshot_name = parse_lsn(str(row[1])), str(row[2])
-                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                # The exported snapshot lives as long as the replication connection stays idle;
-                # once imported, this transaction holds it on its own.
-                conn.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
-                )
-            try:
-                found = conn.execute(
-                    "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                    (self.slot,),
-                ).fetchone()
-                assert found is not None
-                seq = parse_lsn(str(found[0]))
-                for table in self.tables:
-                    spool = new_spool(table.header)
-                    spools.append((table, spool))
-                    copy_snapshot(conn, table.info, spool, seq, read_ts)
-            except BaseException:
-                for _, spool in spools:
-                    spool.discard()
-                raise
-            finally:
-                if not conn.closed and not conn.broken:
-                    conn.execute("ROLLBACK")
-        return consistent, seq, spools
-
-    def copy_chunk(
-        self,
-        table: LogicalTable,
-        after: tuple[str | None, ...] | None,
-        limit: int,
-        seq: int,
-        read_ts: str,
-        spool: DaySpool,
-    ) -> tuple[str | None, ...] | None:
-        """Copy the next ``limit`` rows of ``table`` by key, those after ``after`` (None: from
-        the first), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``; one transaction.
-        Returns the chunk's last key, or None when it reached the end of the table."""
-        info = table.info
-        types = {c.name: c.type_name for c in info.columns}
-        key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
-
-        def bound(values: tuple[str | None, ...]) -> sql.Composable:
-            return sql.SQL(", ").join(
-                sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[k]))
-                for k, v in zip(table.key, values, strict=True)
-            )
-
-        where: sql.Composable = sql.SQL("true")
-        if after is not None:
-            where = sql.SQL("({}) > ({})").format(key, bound(after))
-        conn = self._session()
-        with translated(f"copying the snapshot of {info.qualified}"), read_snapshot(conn):
-            row = conn.execute(
-                sql.SQL("SELECT {texts} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
-                    texts=sql.SQL(", ").join(
-                        sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key
-                    ),
-                    t=info.ident(),
-                    w=where,
-                    k=key,
-                ),
-                (limit - 1,),
-            ).fetchone()
-            last = None if row is None else tuple(None if v is None else str(v) for v in row)
-            if last is not None:
-                where = sql.SQL("{} AND ({}) <= ({})").format(where, key, bound(last))
-            copy_snapshot(conn, info, spool, seq, read_ts, where)
-        return last
-
     # -- streaming ----------------------------------------------------------------------------
 
     def _stream_at(self, lo: int, confirmed: int) -> ReplicationStream:
@@ -876,6 +795,90 @@ def copy_snapshot(
         while batch := rows():
             for data in map(bytes, batch):
                 spool.add(data)
+
+
+def _key_sql(table: LogicalTable) -> tuple[sql.Composable, Callable[[Key], sql.Composable]]:
+    """The key as a row expression, and a key's values as one (cast to the key's types)."""
+    types = {c.name: c.type_name for c in table.info.columns}
+    key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+
+    def bound(values: Key) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[k]))
+            for k, v in zip(table.key, values, strict=True)
+        )
+
+    return key, bound
+
+
+def _key_texts(table: LogicalTable) -> sql.Composable:
+    return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
+
+
+def split_keys(
+    conn: psycopg.Connection[tuple[object, ...]], table: LogicalTable, parts: int
+) -> list[Key]:
+    """Up to ``parts - 1`` keys that cut the table into parts of about equal rows (from the
+    planner's row estimate; exact cuts are not needed, only disjoint ranges)."""
+    if parts <= 1:
+        return []
+    info = table.info
+    row = conn.execute(
+        "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %s", (table.oid,)
+    ).fetchone()
+    estimate = int(str(row[0])) if row else 0
+    if estimate < parts * 2:
+        return []
+    key, _ = _key_sql(table)
+    cuts: list[Key] = []
+    for n in range(1, parts):
+        found = conn.execute(
+            sql.SQL("SELECT {texts} FROM {t} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                texts=_key_texts(table), t=info.ident(), k=key
+            ),
+            (estimate * n // parts,),
+        ).fetchone()
+        if found is None:
+            break
+        cut = tuple(None if v is None else str(v) for v in found)
+        if not cuts or cut != cuts[-1]:
+            cuts.append(cut)
+    return cuts
+
+
+def copy_chunk(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: LogicalTable,
+    start: Key | None,
+    upper: Key | None,
+    limit: int,
+    seq: int,
+    read_ts: str,
+    spool: DaySpool,
+) -> Key | None:
+    """Copy the next ``limit`` rows of ``table`` by key, those above ``start`` and at most
+    ``upper`` (None: unbounded), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``, in
+    one transaction. Returns the chunk's last key, or None when it reached ``upper``."""
+    info = table.info
+    key, bound = _key_sql(table)
+    conditions: list[sql.Composable] = []
+    if start is not None:
+        conditions.append(sql.SQL("({}) > ({})").format(key, bound(start)))
+    if upper is not None:
+        conditions.append(sql.SQL("({}) <= ({})").format(key, bound(upper)))
+    where: sql.Composable = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
+    with translated(f"copying the snapshot of {info.qualified}"), read_snapshot(conn):
+        row = conn.execute(
+            sql.SQL("SELECT {texts} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                texts=_key_texts(table), t=info.ident(), w=where, k=key
+            ),
+            (limit - 1,),
+        ).fetchone()
+        last = None if row is None else tuple(None if v is None else str(v) for v in row)
+        if last is not None:
+            where = sql.SQL("{} AND ({}) <= ({})").format(where, key, bound(last))
+        copy_snapshot(conn, info, spool, seq, read_ts, where)
+    return None if last == upper else last
 
 
 def _keep_alive(stream: ReplicationStream) -> None:
