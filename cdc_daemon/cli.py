@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from cdc_daemon import __version__, extensions
-from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.config import Settings, load_settings, qualified_name
 from cdc_daemon.errors import CdcError, ConfigError
 from cdc_daemon.logging import configure_logging
 from cdc_daemon.state.store import Store
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--from", dest="day_from", required=True, metavar="YYYY-MM-DD")
     backfill.add_argument(
+        "--table", help="schema.table: which table of the group (default: the first)"
+    )
+    backfill.add_argument(
         "--to", dest="day_to", required=True, metavar="YYYY-MM-DD", help="first day not exported"
     )
     backfill.add_argument("--jobs", default="4", metavar="N", help="days read at once (4)")
@@ -69,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between progress log lines when not on a terminal (10)",
     )
+    resync = sub.add_parser(
+        "resync",
+        help="logical mode: export one table of the group again from a new snapshot "
+        "(after it failed); takes effect at the daemon's next start",
+    )
+    resync.add_argument("--table", required=True, help="schema.table, as configured")
     teardown = sub.add_parser(
         "teardown", help="logical mode: drop the replication slot and the publication"
     )
@@ -166,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.dry_run,
                 args.progress_interval,
             )
-            return asyncio.run(run_backfill(settings, request))
+            return asyncio.run(run_backfill(table_settings(settings, args.table), request))
+        if args.command == "resync":
+            from cdc_daemon.capture.logical.setup import resync
+
+            return asyncio.run(resync(settings, args.table))
         if args.command == "teardown":
             from cdc_daemon.capture.logical.setup import teardown
 
@@ -185,6 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def table_settings(settings: Settings, table: str | None) -> Settings:
+    """The settings narrowed to one configured table of the group (``--table``)."""
+    if table is None:
+        return settings.for_table(settings.table_specs[0])
+    name = qualified_name(table)
+    for spec in settings.table_specs:
+        if spec.qualified == name:
+            return settings.for_table(spec)
+    names = ", ".join(t.qualified for t in settings.table_specs)
+    raise ConfigError(f"{name} is not a configured table (the group has {names})")
 
 
 def snowflake_command(settings: Settings, action: str, grants: bool = False) -> int:

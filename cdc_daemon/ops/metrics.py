@@ -153,6 +153,13 @@ class Metrics:
             ["table", "task"],
             registry=registry,
         )
+        self.member_state = Gauge(
+            "cdc_group_table_state",
+            "Logical groups: 1 for each table's current state (joining, streaming, failed, "
+            "left), 0 for the others; the group is the `table` label.",
+            ["table", "member", "state"],
+            registry=registry,
+        )
         self.stream_stale_in_gauge = Gauge(
             "cdc_stream_stale_in_seconds",
             "Seconds until the stream goes stale if nothing reads it (negative: stale).",
@@ -241,6 +248,11 @@ class Metrics:
         """For the reconciler: a task's state and failed runs in a row."""
         self.task_running.labels(self.table, task).set(1 if running else 0)
         self.task_failures.labels(self.table, task).set(failures)
+
+    def member(self, member: str, state: str) -> None:
+        """A table of a logical group changed state."""
+        for name in ("joining", "streaming", "failed", "left"):
+            self.member_state.labels(self.table, member, name).set(1 if name == state else 0)
 
     def stream_stale_in(self, stream: str, seconds: float) -> None:
         """For the reconciler: how long until the stream goes stale."""

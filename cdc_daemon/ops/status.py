@@ -239,6 +239,8 @@ def render(report: dict[str, Any]) -> str:
             text = member["status"]
             if member["status"] != "streaming" or member["chunks"]:
                 text += f", snapshot {member['chunks']} chunk(s), {_count(member['rows'])} rows"
+            if member.get("error"):
+                text += f": {member['error']} (cdc-daemon resync --table {member['table']})"
             rows.append((f"  table {member['table']}", text))
         rows += _warehouse_rows(t.get("warehouse"))
         width = max(len(k) for k, _ in rows)

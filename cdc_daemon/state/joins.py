@@ -3,6 +3,8 @@ of them when the group starts, one added later while it runs).
 
     table: joining --every range done--> streaming;  joining|streaming --left the
            configuration--> left --configured again--> joining
+           joining|streaming --the table failed (dropped, no privilege, TRUNCATE, a schema
+           change to stop at)--> failed --``resync --table`` and a restart--> joining
     chunk: pending --every object in S3, its range's resume key moved (one transaction)--> uploaded
 
 A joining table's key space is cut into ``capture.snapshot_jobs`` ranges, copied at once; each
@@ -21,7 +23,8 @@ JOINS_DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.group_tables (
     group_name text NOT NULL,
     table_name text NOT NULL,
-    status text NOT NULL CHECK (status IN ('joining', 'streaming', 'left')),
+    status text NOT NULL CHECK (status IN ('joining', 'streaming', 'left', 'failed')),
+    error text,
     since bigint,
     seq bigint,
     floor bigint,
@@ -109,7 +112,7 @@ class GroupTable:
     """A table of the group as the ledger has it."""
 
     table: str
-    status: str  # joining, streaming, left
+    status: str  # joining, streaming, left, failed
     since: int | None = None  # the group position from which the stream keeps its changes
     seq: int | None = None  # the _cdc_seq of its snapshot rows (None: not chosen yet)
     # Rejoining: every object of its earlier membership has a lower _cdc_seq than this (the
@@ -118,6 +121,7 @@ class GroupTable:
     ranges: tuple[KeyRange, ...] = ()  # the snapshot's ranges (empty: not split yet)
     chunks: int = 0
     rows: int = 0
+    error: str | None = None  # why it failed
 
 
 def join_chunk_name(seq: int, part: int, chunk: int, attempt: int) -> str:

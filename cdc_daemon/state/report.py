@@ -163,7 +163,8 @@ class LedgerReader(LedgerSession):
         progress) or left; empty for a ledger from before groups (or watermark mode)."""
         try:
             rows = await self._read(
-                "SELECT table_name, status, chunks, rows, updated_at FROM {schema}.group_tables"
+                "SELECT table_name, status, chunks, rows, error, updated_at"
+                " FROM {schema}.group_tables"
                 " WHERE group_name = %s ORDER BY table_name",
                 (group,),
             )
@@ -175,6 +176,7 @@ class LedgerReader(LedgerSession):
                 "status": r["status"],
                 "chunks": r["chunks"],
                 "rows": r["rows"],
+                "error": r["error"],
                 "updated_at": _iso(r["updated_at"]),
             }
             for r in rows

@@ -98,6 +98,7 @@ def _group_table(r: dict[str, Any]) -> GroupTable:
         tuple(KeyRange.from_json(x) for x in r["ranges"]),
         r["chunks"],
         r["rows"],
+        r["error"],
     )
 
 
@@ -336,11 +337,12 @@ class Store(LedgerSession):
             "recording a table of the group",
             self._q(
                 "INSERT INTO {schema}.group_tables (group_name, table_name, status, since, seq,"
-                " floor, ranges, chunks, rows) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " floor, ranges, chunks, rows, error)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (group_name, table_name) DO UPDATE SET status = EXCLUDED.status,"
                 " since = EXCLUDED.since, seq = EXCLUDED.seq, floor = EXCLUDED.floor,"
                 " ranges = EXCLUDED.ranges, chunks = EXCLUDED.chunks, rows = EXCLUDED.rows,"
-                " updated_at = now()"
+                " error = EXCLUDED.error, updated_at = now()"
             ),
             (
                 group,
@@ -352,6 +354,7 @@ class Store(LedgerSession):
                 json.dumps([r.as_json() for r in table.ranges]),
                 table.chunks,
                 table.rows,
+                table.error,
             ),
         )
 

@@ -5,6 +5,8 @@ replica identity); a table that joins a running group; watermark groups served f
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import threading
 from pathlib import Path
@@ -335,3 +337,102 @@ async def test_a_ledger_from_before_groups_asks_for_init_then_upgrades(
         rows = conn.execute("SELECT table_name, status, chunks FROM cdc.group_tables").fetchall()
     assert rows == [("public.pgbench_tellers", "streaming", 0)]
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_tellers": "tid"})
+
+
+async def test_one_table_failing_leaves_the_others_streaming(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A TRUNCATE of one table of the group marks that table failed (ledger, status, with
+    the reason and the fix) and the others go on streaming; ``resync --table`` and a restart
+    export it again from a new snapshot, which rebuilds it exactly. A configured table that
+    does not exist at start is failed the same way, and the others still stream."""
+    pgbench_init(pg_dsn)
+    settings = group_settings(
+        pg_dsn, s3_server, bucket, tmp_path, ["pgbench_accounts", "pgbench_tellers"]
+    )
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("TRUNCATE pgbench_tellers")
+        conn.execute("INSERT INTO pgbench_tellers (tid, bid, tbalance) VALUES (1, 1, 5)")
+        conn.execute("UPDATE pgbench_accounts SET abalance = 9 WHERE aid <= 5")
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT status, error FROM cdc.group_tables WHERE table_name = 'public.pgbench_tellers'"
+        ).fetchone()
+    assert row is not None
+    assert row[0] == "failed"
+    assert "truncated" in row[1]
+    assert "resync --table public.pgbench_tellers" in row[1]
+    report = await collect(settings, slot=settings.slot_name)
+    assert "failed" in render(report)
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid"})
+    capsys.readouterr()
+    assert await main_in_thread(["resync", "--table", "pgbench_tellers"], settings) == 0
+    assert "exported again from a new snapshot" in capsys.readouterr().out
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        found = conn.execute(
+            "SELECT status, seq FROM cdc.group_tables WHERE table_name = 'public.pgbench_tellers'"
+        ).fetchone()
+    assert found is not None
+    assert found[0] == "streaming"
+    # The warehouse table is emptied before a resync: its rows are those of the new snapshot.
+    fresh = {
+        k: v
+        for k, v in object_bodies(s3_client, bucket, "public.pgbench_tellers/").items()
+        if f"/join-{found[1]:020d}-" in k
+    }
+    rebuild(pg_dsn, fresh, "pgbench_tellers", ("tid",))
+    assert differences(pg_dsn, "pgbench_tellers") == (1, 1, 0, 0)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE pgbench_branches")
+    three = group_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        ["pgbench_accounts", "pgbench_tellers", "pgbench_branches"],
+    )
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("UPDATE pgbench_accounts SET abalance = 10 WHERE aid <= 5")
+    assert await export_until_idle(three) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        gone = conn.execute(
+            "SELECT status, error FROM cdc.group_tables"
+            " WHERE table_name = 'public.pgbench_branches'"
+        ).fetchone()
+    assert gone is not None
+    assert gone[0] == "failed"
+    assert "does not exist" in gone[1]
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid"})
+
+
+async def main_in_thread(args: list[str], settings: Settings) -> int:
+    """``cdc-daemon <args>`` with ``settings`` (their environment form), in a thread."""
+    from cdc_daemon.cli import main
+
+    env = {
+        "CDC_POSTGRES__DSN": settings.postgres.dsn.get_secret_value(),
+        "CDC_CAPTURE__MODE": settings.capture.mode,
+        "CDC_CAPTURE__GROUP": settings.group,
+        "CDC_TABLES": json.dumps([{"name": t.name} for t in settings.table_specs]),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return await asyncio.to_thread(main, args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -50,6 +50,7 @@ from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, copy_chunk, split_keys
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, first_error
+from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.source.session import SourceSession
 from cdc_daemon.state.joins import GroupTable, JoinChunk, KeyRange, join_chunk_name
 from cdc_daemon.state.store import Store
@@ -103,14 +104,21 @@ class Joiner:
     """The tables of the group as the ledger has them, and the snapshots of joining ones."""
 
     def __init__(
-        self, settings: Settings, source: LogicalSource, unit: UnitOfWork, store: Store
+        self,
+        settings: Settings,
+        source: LogicalSource,
+        unit: UnitOfWork,
+        store: Store,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._source = source
         self._unit = unit
         self._store = store
         self._tables: dict[str, GroupTable] = {}
         self._waiting: set[str] = set()
+        self._position = 0
         self._jobs = [_Job(settings) for _ in range(settings.capture.snapshot_jobs)]
 
     @property
@@ -133,6 +141,8 @@ class Joiner:
         changes are the ones a redo of an earlier batch holds). ``legacy``: the tables a
         ledger from before groups existed exported (no group rows yet)."""
         self._tables = {t.table: t for t in await self._store.group_tables(self.group)}
+        for member in self._tables.values():
+            self._show(member)
         if not self._tables:
             for name in sorted(legacy):
                 await self._set(GroupTable(name, "streaming"))
@@ -156,6 +166,8 @@ class Joiner:
         a new table joins (``since`` = ``position``, ``seq`` = ``restart_lsn``), a table no
         longer configured leaves. Returns the tables that joined now."""
         configured = {t.qualified: t for t in self._source.tables}
+        for name, reason in self._source.unavailable.items():
+            await self.fail(name, reason, position)
         joined = []
         for name, table in configured.items():
             known = self._tables.get(name)
@@ -179,23 +191,50 @@ class Joiner:
                 snapshot=snapshot,
             )
         for name, known in list(self._tables.items()):
+            if name in self._source.unavailable:
+                continue
             if name not in configured and known.status != "left":
                 # ``since`` now: the position when it left (every object of it lies below).
                 await self._set(replace(known, status="left", since=position))
                 log.info("table_left", group=self.group, table=name)
         return joined
 
+    def active_oids(self) -> set[int]:
+        """The tables whose changes the stream keeps: joining or streaming (not failed)."""
+        keep = {n for n, t in self._tables.items() if t.status in ("joining", "streaming")}
+        return {t.oid for t in self._source.tables if t.qualified in keep}
+
+    async def fail(self, name: str, reason: str, position: int) -> None:
+        """One table of the group fails: its changes from ``position`` on are not exported
+        (the others go on) until ``resync --table`` and a restart export it again."""
+        known = self._tables.get(name) or GroupTable(name, "streaming")
+        if known.status == "failed" and known.error == reason:
+            return
+        # ``since``: every object of it lies below (the floor of its next snapshot).
+        await self._set(replace(known, status="failed", since=position, error=reason))
+        log.error("table_failed", group=self.group, table=name, error=reason)
+        for table in self._source.tables:
+            if table.qualified == name:
+                self._source.deactivate(table.oid)
+
     async def _set(self, table: GroupTable) -> None:
         await self._store.set_group_table(self.group, table)
         self._tables[table.table] = table
+        self._show(table)
+
+    def _show(self, table: GroupTable) -> None:
+        if self._metrics is not None:
+            self._metrics.member(table.table, table.status)
 
     # -- the snapshot's chunks ----------------------------------------------------------------
 
-    async def step(self) -> bool:
+    async def step(self, position: int) -> bool:
         """One round of chunks: up to ``snapshot_jobs`` at once, over the ranges of the
-        joining tables in order; False when no table is joining."""
+        joining tables in order; False when no table is joining. ``position``: the group's
+        (every object of a table that fails now lies below it)."""
         if not self.joining:
             return False
+        self._position = position
         work: list[tuple[GroupTable, int]] = []
         for state in self.joining:
             if state.seq is None:
@@ -218,6 +257,8 @@ class Joiner:
             # As the commits left them (concurrent chunks of one table commit in turn).
             with suppress(CdcError):
                 self._tables = {t.table: t for t in await self._store.group_tables(self.group)}
+                for member in self._tables.values():
+                    self._show(member)
         return True
 
     async def _split(self, state: GroupTable) -> GroupTable:
@@ -303,6 +344,12 @@ class Joiner:
                 done=last is None,
             )
             timings = await self._unit.deliver(chunk, ledger)
+        except CdcError as exc:
+            if exc.retriable:
+                raise
+            # This table cannot be read (dropped, privilege revoked): the others go on.
+            await self.fail(state.table, str(exc), self._position)
+            return
         finally:
             await asyncio.to_thread(spool.discard)
         assert ledger.table is not None

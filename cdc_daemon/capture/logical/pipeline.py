@@ -62,7 +62,7 @@ class LogicalPipeline:
         self._store = store
         self._metrics = metrics
         self.policy = BatchPolicy.of(settings.batch)
-        self._joiner = Joiner(settings, source, unit.for_producer("join_"), store)
+        self._joiner = Joiner(settings, source, unit.for_producer("join_"), store, metrics)
         self._pos: int | None = None  # the ledger's position (an LSN); INT64_MIN: none yet
         self._read_pos = 0  # where the stream stands (at or past the ledger's position)
         self._last_move = -float("inf")  # the first idle pass of a start moves the slot
@@ -98,7 +98,8 @@ class LogicalPipeline:
                 await self._start()
             worked = await self._pass(draining)
             # A joining table's next chunk, between two batches of the stream.
-            return await self._joiner.step() or worked
+            assert self._pos is not None
+            return await self._joiner.step(self._pos) or worked
         except BaseException:
             self._pos = None  # start over from the ledger
             self._read_pos = 0
@@ -132,6 +133,7 @@ class LogicalPipeline:
         # A redo holds the changes of the tables that were in the group when it was recorded.
         known = await self._joiner.load(set(source.accepted))
         source.active = {t.oid for t in source.tables if t.qualified in known}
+        source.active &= self._joiner.active_oids()
         await redo_pending(await store.pending(self.table), self._redo)
         state = (await store.position(self.table, "logical")).state
         source.active = None
@@ -141,6 +143,7 @@ class LogicalPipeline:
             self._pos = state.high
             status = await source.run(lambda: self._sync_slot(state.high))
             await self._joiner.reconcile(state.high, status.restart_lsn)
+        source.active = self._joiner.active_oids()
 
     async def _begin(self) -> None:
         """No position yet: create the slot; every table joins at its consistent point (its
@@ -274,8 +277,10 @@ class LogicalPipeline:
         )
         try:
             if result.hi is None or result.hi <= pos:
+                await self._failed(result, pos)
                 return False
             if result.rows == 0:
+                await self._failed(result, result.hi)
                 # Nothing of the table commits before hi: the position moves there every
                 # heartbeat_s (ledger, then slot), so that the slot holds no WAL back.
                 self._read_pos = result.hi
@@ -300,10 +305,16 @@ class LogicalPipeline:
         finally:
             await self._discard(result)
         self._pos = self._read_pos = record.hi
+        await self._failed(result, record.hi)
         self.policy.learn(record.rows, record.raw_bytes)
         reason = "max_bytes_or_days" if result.cut else "max_age_or_drain"
         self._log_batch(record, started, timings, reason)
         return True
+
+    async def _failed(self, result: ReadResult, position: int) -> None:
+        """Tables that failed during a read, once what was read before is committed."""
+        for name, reason in result.failed.items():
+            await self._joiner.fail(name, reason, position)
 
     async def _commit_batch(self, batch: BatchRecord) -> dict[str, float]:
         """Upload, commit in the ledger, then (only then) advance the slot."""

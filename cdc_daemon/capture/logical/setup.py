@@ -15,12 +15,13 @@ WAL forever) and forgets the table's position, so the next ``run`` starts with a
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import structlog
 
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
-from cdc_daemon.config import Settings
+from cdc_daemon.config import Settings, qualified_name
 from cdc_daemon.errors import ConfigError, SourceError
 from cdc_daemon.state.position import CaptureState
 from cdc_daemon.state.store import Store
@@ -69,6 +70,37 @@ async def init_logical(settings: Settings) -> int:
         slot=source.slot,
         slot_created_at=slot,
     )
+    return 0
+
+
+async def resync(settings: Settings, table: str) -> int:
+    """Mark a configured table of a logical group to be exported again from a new snapshot:
+    it leaves the group now (at the ledger's position, every object of it below) and rejoins
+    at the daemon's next start (``capture.logical.join``)."""
+    if settings.capture.mode != "logical":
+        raise ConfigError("resync is for capture.mode = 'logical' only")
+    names = {t.qualified for t in settings.table_specs}
+    name = qualified_name(table)
+    if name not in names:
+        raise ConfigError(f"{name} is not a table of group {settings.group}: {', '.join(names)}")
+    store = await Store.from_settings(settings)
+    try:
+        await store.check_schema(logical=True)
+        position = (await store.position(settings.group, "logical")).state.high
+        known = {t.table: t for t in await store.group_tables(settings.group)}
+        current = known.get(name)
+        if current is None or position == CaptureState().high:
+            raise ConfigError(f"{name} has not been captured yet: nothing to resync")
+        await store.set_group_table(
+            settings.group, replace(current, status="left", since=position, error=None)
+        )
+    finally:
+        await store.close()
+    print(
+        f"{name} will be exported again from a new snapshot when the daemon of group "
+        f"{settings.group} next starts (restart it if it runs); empty its warehouse table first"
+    )
+    log.info("table_resync_requested", group=settings.group, table=name)
     return 0
 
 

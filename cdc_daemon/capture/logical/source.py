@@ -180,6 +180,8 @@ class ReadResult:
     cut: bool = False  # closed early by max_bytes/max_days: more is waiting
     more: bool = False  # the window or the change count bounded the call
     generations: list[Generation] = field(default_factory=list)
+    # Tables that failed during the read (their later changes were skipped): name -> reason.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,6 +289,8 @@ class LogicalSource(SourceSession):
         self.active: set[int] | None = None
         # Array type oid -> element type oid (arrays are written as JSON arrays).
         self.array_elements: dict[int, int] = {}
+        # Configured tables that could not be read at connect(), with the reason.
+        self.unavailable: dict[str, str] = {}
 
     # -- names and connection -----------------------------------------------------------------
 
@@ -294,6 +298,12 @@ class LogicalSource(SourceSession):
     def tables(self) -> list[LogicalTable]:
         assert self._tables, "connect() first"
         return self._tables
+
+    def deactivate(self, oid: int) -> None:
+        """Stop keeping a table's changes (it failed)."""
+        if self.active is None:
+            self.active = set(self._by_oid)
+        self.active.discard(oid)
 
     def by_oid(self, oid: int) -> LogicalTable | None:
         """A table of the group whose changes are kept (``active``), else None."""
@@ -319,16 +329,33 @@ class LogicalSource(SourceSession):
         return self._settings.publication_name
 
     def connect(self) -> TableInfo:
+        """Open the session and read every configured table's catalog. A table that cannot
+        be read (dropped, no privilege) is left out and named in ``unavailable`` (the group
+        goes on without it); when none can be, the first one's error is raised."""
         self.close()
         self._conn = connect(self._settings)
         tables = []
+        self.unavailable = {}
+        first: CdcError | None = None
         for spec in self._settings.table_specs:
             try:
-                table = describe(self._conn, spec, self._settings.default_partition)
-                self._conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(table.info.ident()))
-            except psycopg.Error as exc:
-                raise from_psycopg(exc, f"cannot read {spec.name}") from None
+                try:
+                    table = describe(self._conn, spec, self._settings.default_partition)
+                    self._conn.execute(
+                        sql.SQL("SELECT 1 FROM {} LIMIT 0").format(table.info.ident())
+                    )
+                except psycopg.Error as exc:
+                    raise from_psycopg(exc, f"cannot read {spec.name}") from None
+            except CdcError as exc:
+                if exc.retriable:
+                    raise
+                first = first or exc
+                self.unavailable[spec.qualified] = str(exc)
+                continue
             tables.append(table)
+        if not tables:
+            assert first is not None
+            raise first
         self._tables = tables
         self._by_oid = {t.oid: t for t in tables}
         try:
@@ -974,19 +1001,36 @@ class _Reader:
             for oid in message.relations:
                 table = self._source.by_oid(oid)
                 if table is not None:
-                    raise SourceError(
-                        f"{table.qualified} was truncated (commit before LSN "
-                        f"{format_lsn(lsn)}): a TRUNCATE cannot be exported as row changes; "
+                    fix = (
                         "re-initialise the pipeline (cdc-daemon teardown --yes, empty the "
                         "warehouse table, cdc-daemon init, run)"
+                        if len(self._source.tables) == 1
+                        else "empty its warehouse table, then export it again (cdc-daemon "
+                        f"resync --table {table.qualified})"
+                    )
+                    self._fail(
+                        table,
+                        f"{table.qualified} was truncated (commit before LSN "
+                        f"{format_lsn(lsn)}): a TRUNCATE cannot be exported as row changes; " + fix,
                     )
         return False
 
+    def _fail(self, table: LogicalTable, reason: str) -> None:
+        """One table of the group fails: its later changes are skipped (the others go on);
+        the pipeline records it ``failed`` once this batch is committed."""
+        if len(self._source.tables) == 1:
+            raise SourceError(reason)  # a group of one: the daemon stops, as it always did
+        log.error("table_failed", table=table.qualified, error=reason)
+        self._result.failed[table.qualified] = reason
+        self._current.pop(table.oid, None)
+        self._source.deactivate(table.oid)
+
     def _unlogged(self, table: LogicalTable, lsn: int) -> None:
         q = table.qualified
-        raise SourceError(
+        self._fail(
+            table,
             f"a delete of {q} at LSN {format_lsn(lsn)} did not log its old row's key: "
-            f"ALTER TABLE {q} REPLICA IDENTITY FULL, then re-initialise"
+            f"ALTER TABLE {q} REPLICA IDENTITY FULL, then cdc-daemon resync --table {q}",
         )
 
     def _change(self, kind: int, lsn: int, data: bytes, start: int) -> None:
@@ -1010,6 +1054,7 @@ class _Reader:
             old = decode_tuple(data, pos + 1)[0]
             if UNCHANGED in old:
                 self._unlogged(gen.table, lsn)
+                return
             self._row(gen, old, b"D", lsn)
             return
         old_values: TupleData | None = None
@@ -1050,12 +1095,16 @@ class _Reader:
     def relation(self, message: Relation) -> None:
         """A table's column list from now on (a Relation message)."""
         table = self._source.by_oid(message.oid)
-        assert table is not None
+        if table is None:
+            return  # a table that failed during this stream
         self._source.stream_relations[message.oid] = message
         columns = tuple((c.name, c.type_oid, c.typmod) for c in message.columns)
         accepted = self._source.accepted.get(table.qualified)
         if accepted is not None and columns != accepted:
-            self._changed(table, accepted, columns)
+            problem = self._changed(table, accepted, columns)
+            if problem is not None:
+                self._fail(table, problem)
+                return
         self._source.accepted[table.qualified] = columns
         current = self._current.get(message.oid)
         if current is not None and current.columns == columns:
@@ -1070,7 +1119,8 @@ class _Reader:
                 partition,
             )
         except ValueError as exc:
-            raise SourceError(f"{table.qualified}: {exc}") from None
+            self._fail(table, f"{table.qualified}: {exc}")
+            return
         # The key (under REPLICA IDENTITY FULL pgoutput flags every column as key).
         key_index = tuple(i for i, c in enumerate(message.columns) if c.name in table.key)
         number = self._counts.get(message.oid, 0)
@@ -1085,7 +1135,8 @@ class _Reader:
         table: LogicalTable,
         old: tuple[tuple[str, int, int], ...],
         new: tuple[tuple[str, int, int], ...],
-    ) -> None:
+    ) -> str | None:
+        """Log a column-list change; the reason to stop at it, if any."""
         q = table.qualified
         old_names = {c[0]: c for c in old}
         new_names = {c[0]: c for c in new}
@@ -1096,10 +1147,12 @@ class _Reader:
         if (dropped or retyped) and self._source._settings.capture.schema_change == "stop":
             what = "dropped" if dropped else "changed type"
             names = ", ".join(dropped or retyped)
-            raise SourceError(
+            return (
                 f"columns of {q} {what} ({names}): the warehouse table must be changed first; "
                 'then set capture.schema_change = "follow" for one run'
+                + ("" if len(self._source.tables) == 1 else f" and cdc-daemon resync --table {q}")
             )
+        return None
 
 
 def _translate(exc: psycopg.Error, doing: str) -> CdcError:
