@@ -21,6 +21,7 @@ class WatermarkGroup:
         self._group = group
         self._pipelines = pipelines
         self._next = 0
+        self._last: WatermarkPipeline | None = None
 
     @property
     def table(self) -> str:
@@ -39,11 +40,17 @@ class WatermarkGroup:
             pipeline.replace_store(store)
 
     async def step(self, draining: bool) -> bool:
-        """One batch of the next table with something to do, in turn; False when none has."""
+        """One batch of the next table with something to do, in turn; False when none has.
+        The tables share one ledger session: a table's batch still uploading in the
+        background (``WatermarkPipeline``'s overlap) is committed before another table's
+        pass uses the session."""
         count = len(self._pipelines)
         for _ in range(count):
             pipeline = self._pipelines[self._next]
             self._next = (self._next + 1) % count
+            if self._last is not None and self._last is not pipeline:
+                await self._last.drain()
+            self._last = pipeline
             if await pipeline.step(draining):
                 return True
         return False
