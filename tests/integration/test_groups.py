@@ -17,7 +17,7 @@ import pytest
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import StateError
+from cdc_daemon.errors import SourceError, StateError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.ops.status import collect, render
 from cdc_daemon.worker import Worker
@@ -350,7 +350,8 @@ async def test_one_table_failing_leaves_the_others_streaming(
     """A TRUNCATE of one table of the group marks that table failed (ledger, status, with
     the reason and the fix) and the others go on streaming; ``resync --table`` and a restart
     export it again from a new snapshot, which rebuilds it exactly. A configured table that
-    does not exist at start is failed the same way, and the others still stream."""
+    does not exist at start is refused by init and, in a running daemon, failed the same way
+    while the others still stream."""
     pgbench_init(pg_dsn)
     settings = group_settings(
         pg_dsn, s3_server, bucket, tmp_path, ["pgbench_accounts", "pgbench_tellers"]
@@ -402,6 +403,8 @@ async def test_one_table_failing_leaves_the_others_streaming(
         tmp_path,
         ["pgbench_accounts", "pgbench_tellers", "pgbench_branches"],
     )
+    with pytest.raises(SourceError, match="does not exist"):
+        await init(three)  # init checks every configured name
     with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
         conn.execute("UPDATE pgbench_accounts SET abalance = 10 WHERE aid <= 5")
     assert await export_until_idle(three) == 0

@@ -34,6 +34,9 @@ async def init_logical(settings: Settings) -> int:
     group = settings.group
     try:
         await asyncio.to_thread(source.connect)
+        if source.unavailable:
+            # (A running daemon goes on without such a table; init is where a name is checked.)
+            raise SourceError("; ".join(source.unavailable.values()))
         problems = await asyncio.to_thread(source.check_prerequisites)
         # Tables missing from the publication are what init is for: it adds them below.
         problems = [p for p in problems if "does not include" not in p]
