@@ -548,3 +548,25 @@ async def test_truncate_stops_with_a_clear_message(
         conn.execute("TRUNCATE ecommerce_sales")
     with pytest.raises(SourceError, match=r"truncated.*teardown"):
         await export_until_idle(settings)
+
+
+async def test_init_keeps_full_identity_for_the_hand_written_warehouse(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """With the warehouse configured, the table snowflake/ is written for must keep REPLICA
+    IDENTITY FULL: its merge does not read _cdc_unchanged yet, so an unchanged TOASTed value
+    would reach SALES as NULL. Without the warehouse the default identity is accepted."""
+    sales(pg_dsn, 5)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY DEFAULT")
+    warehouse = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        capture={"mode": "logical"},
+        snowflake={"account": "acme-x1"},
+    )
+    with pytest.raises(SourceError, match="does not keep unchanged TOASTed values yet"):
+        await init(warehouse)
+    assert await init(logical_settings(pg_dsn, s3_server, bucket, tmp_path)) == 0
