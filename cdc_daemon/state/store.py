@@ -358,6 +358,14 @@ class Store(LedgerSession):
             ),
         )
 
+    async def forget_group(self, group: str) -> None:
+        """A new slot for the group (first start, teardown): its tables start over."""
+        await self._fetch(
+            "forgetting the group's tables",
+            self._q("DELETE FROM {schema}.group_tables WHERE group_name = %s RETURNING 1"),
+            (group,),
+        )
+
     async def chunk_attempts(self, group: str, table: str, seq: int, part: int, chunk: int) -> int:
         rows = await self._fetch(
             "reading a join chunk",

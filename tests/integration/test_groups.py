@@ -14,10 +14,12 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
+from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import SourceError, StateError
+from cdc_daemon.errors import AlreadyRunningError, SourceError, StateError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.ops.status import collect, render
 from cdc_daemon.worker import Worker
@@ -256,9 +258,7 @@ async def test_a_table_that_leaves_keeps_its_objects(
         ).fetchone()
     assert row == ("left",)
     assert await init(both) == 0
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")  # a running-transactions record for the slot to pass
-    assert await export_until_idle(both) == 0
+    await until_streaming(pg_dsn, both, "public.pgbench_tellers")
     with psycopg.connect(pg_dsn) as conn:
         row = conn.execute(
             "SELECT status, seq > floor FROM cdc.group_tables"
@@ -377,9 +377,7 @@ async def test_one_table_failing_leaves_the_others_streaming(
     capsys.readouterr()
     assert await main_in_thread(["resync", "--table", "pgbench_tellers"], settings) == 0
     assert "exported again from a new snapshot" in capsys.readouterr().out
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-    assert await export_until_idle(settings) == 0
+    await until_streaming(pg_dsn, settings, "public.pgbench_tellers")
     with psycopg.connect(pg_dsn) as conn:
         found = conn.execute(
             "SELECT status, seq FROM cdc.group_tables WHERE table_name = 'public.pgbench_tellers'"
@@ -419,6 +417,24 @@ async def test_one_table_failing_leaves_the_others_streaming(
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid"})
 
 
+async def until_streaming(pg_dsn: str, settings: Settings, table: str) -> None:
+    """Run until idle until ``table`` streams: a rejoining table's snapshot waits for the
+    slot's restart_lsn to pass where it left, which a checkpoint's running-transactions
+    record and the next confirmed position move (a drain does not wait for it)."""
+    for _ in range(20):
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        assert await export_until_idle(settings) == 0
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute(
+                "SELECT status FROM cdc.group_tables WHERE table_name = %s", (table,)
+            ).fetchone()
+        if row == ("streaming",):
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{table} did not stream again: {row}")
+
+
 async def main_in_thread(args: list[str], settings: Settings) -> int:
     """``cdc-daemon <args>`` with ``settings`` (their environment form), in a thread."""
     from cdc_daemon.cli import main
@@ -434,8 +450,52 @@ async def main_in_thread(args: list[str], settings: Settings) -> int:
     try:
         return await asyncio.to_thread(main, args)
     finally:
+        # main() points structlog at this test's captured stdout: not at later tests'.
+        structlog.reset_defaults()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+async def test_a_key_change_leaving_a_toasted_value_fails_only_that_table(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """Under the default replica identity an update that changes the key and leaves a TOASTed
+    value unchanged cannot be exported (the new key has no earlier row to keep the value
+    from): that table is failed with the fix (REPLICA IDENTITY FULL, resync), never written
+    with an empty value; the other table goes on. resync refuses while the daemon runs."""
+    pgbench_init(pg_dsn)
+    create_many_types(pg_dsn, 20)
+    settings = group_settings(pg_dsn, s3_server, bucket, tmp_path, ["pgbench_tellers", MANY_TYPES])
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute(
+            f"UPDATE {MANY_TYPES} SET id = gen_random_uuid()"
+            f" WHERE id = (SELECT id FROM {MANY_TYPES} WHERE length(body) > 5000 LIMIT 1)"
+        )
+        conn.execute("UPDATE pgbench_tellers SET tbalance = 3")
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT status, error FROM cdc.group_tables WHERE table_name = %s",
+            (f"public.{MANY_TYPES}",),
+        ).fetchone()
+    assert row is not None
+    assert row[0] == "failed"
+    assert "changed the key" in row[1]
+    assert "REPLICA IDENTITY FULL" in row[1]
+    assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_tellers": "tid"})
+    async with running_daemon(settings):
+
+        async def locked() -> bool:
+            return bool((await collect(settings))["shop"]["running"])
+
+        for _ in range(100):
+            if await locked():
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(AlreadyRunningError, match="is running: stop it"):
+            await resync(settings, MANY_TYPES)

@@ -49,7 +49,7 @@ import structlog
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, copy_chunk, split_keys
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import CdcError, first_error
+from cdc_daemon.errors import CdcError, SourceError, first_error
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.source.session import SourceSession
 from cdc_daemon.state.joins import GroupTable, JoinChunk, KeyRange, join_chunk_name
@@ -130,7 +130,9 @@ class Joiner:
 
     @property
     def joining(self) -> list[GroupTable]:
-        return [t for t in self._tables.values() if t.status == "joining"]
+        """Configured tables in their snapshot."""
+        configured = {t.qualified for t in self._source.tables}
+        return [t for t in self._tables.values() if t.status == "joining" and t.table in configured]
 
     async def close(self) -> None:
         for job in self._jobs:
@@ -158,6 +160,7 @@ class Joiner:
     async def begin(self, position: int, restart_lsn: int) -> None:
         """A new group, its slot just created at ``position``: every table joins there (or
         streams, without an initial snapshot), whatever an unfinished first start left."""
+        await self._store.forget_group(self.group)
         self._tables = {}
         await self.reconcile(position, restart_lsn)
 
@@ -228,9 +231,11 @@ class Joiner:
 
     # -- the snapshot's chunks ----------------------------------------------------------------
 
-    async def step(self, position: int) -> bool:
+    async def step(self, position: int, draining: bool = False) -> bool:
         """One round of chunks: up to ``snapshot_jobs`` at once, over the ranges of the
-        joining tables in order; False when no table is joining. ``position``: the group's
+        joining tables in order; False when no table is joining (or, ``draining``, when the
+        only ones left wait for their seq: an idle server may log nothing that moves the
+        slot's restart_lsn, and ``--exit-when-idle`` must end). ``position``: the group's
         (every object of a table that fails now lies below it)."""
         if not self.joining:
             return False
@@ -245,7 +250,7 @@ class Joiner:
                 state = await self._split(state)
             work += [(state, i) for i, r in enumerate(state.ranges) if not r.done]
         if not work:
-            return True  # a table waits for its seq (see _choose_seq)
+            return not draining  # a table waits for its seq (see _choose_seq)
         work = work[: len(self._jobs)]
         try:
             async with asyncio.TaskGroup() as group:
@@ -315,18 +320,25 @@ class Joiner:
         read_ts = utc_now_iso()
         spool = self._unit.new_spool(table.header)
         try:
-            last = await job.source.run(
-                lambda: copy_chunk(
-                    job.session(),
-                    table,
-                    key_range.start,
-                    key_range.upper,
-                    limit,
-                    seq,
-                    read_ts,
-                    spool,
+            try:
+                last = await job.source.run(
+                    lambda: copy_chunk(
+                        job.session(),
+                        table,
+                        key_range.start,
+                        key_range.upper,
+                        limit,
+                        seq,
+                        read_ts,
+                        spool,
+                    )
                 )
-            )
+            except SourceError as exc:
+                if len(self._source.tables) == 1:
+                    raise  # a group of one: the daemon stops, as it always did
+                # This table cannot be read (dropped, privilege revoked): the others go on.
+                await self.fail(state.table, str(exc), self._position)
+                return
             days = await asyncio.to_thread(spool.finish)
             chunk = JoinChunk(
                 group=self.group,
@@ -344,12 +356,6 @@ class Joiner:
                 done=last is None,
             )
             timings = await self._unit.deliver(chunk, ledger)
-        except CdcError as exc:
-            if exc.retriable:
-                raise
-            # This table cannot be read (dropped, privilege revoked): the others go on.
-            await self.fail(state.table, str(exc), self._position)
-            return
         finally:
             await asyncio.to_thread(spool.discard)
         assert ledger.table is not None

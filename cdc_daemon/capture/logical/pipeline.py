@@ -99,7 +99,7 @@ class LogicalPipeline:
             worked = await self._pass(draining)
             # A joining table's next chunk, between two batches of the stream.
             assert self._pos is not None
-            return await self._joiner.step(self._pos) or worked
+            return await self._joiner.step(self._pos, draining) or worked
         except BaseException:
             self._pos = None  # start over from the ledger
             self._read_pos = 0
@@ -211,6 +211,7 @@ class LogicalPipeline:
             lambda: source.read(pending.lo, self._new_spool, redo_end=pending.hi)
         )
         try:
+            await self._failed(result, pending.hi)
             batch = await self._batch_of(result, pending.read_ts)
             self._unit.check_redo(batch, pending.checksum, pending.rows)
             await self._unit.record(batch, self._store)
@@ -276,11 +277,12 @@ class LogicalPipeline:
             )
         )
         try:
+            # Before the intent record: a crash after it redoes the batch without the failed
+            # table, whose objects then all lie below this position (its next snapshot's floor).
+            await self._failed(result, max(pos, result.hi or pos))
             if result.hi is None or result.hi <= pos:
-                await self._failed(result, pos)
                 return False
             if result.rows == 0:
-                await self._failed(result, result.hi)
                 # Nothing of the table commits before hi: the position moves there every
                 # heartbeat_s (ledger, then slot), so that the slot holds no WAL back.
                 self._read_pos = result.hi
@@ -305,7 +307,6 @@ class LogicalPipeline:
         finally:
             await self._discard(result)
         self._pos = self._read_pos = record.hi
-        await self._failed(result, record.hi)
         self.policy.learn(record.rows, record.raw_bytes)
         reason = "max_bytes_or_days" if result.cut else "max_age_or_drain"
         self._log_batch(record, started, timings, reason)

@@ -22,7 +22,7 @@ import structlog
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.config import Settings, qualified_name
-from cdc_daemon.errors import ConfigError, SourceError
+from cdc_daemon.errors import AlreadyRunningError, ConfigError, SourceError
 from cdc_daemon.state.position import CaptureState
 from cdc_daemon.state.store import Store
 
@@ -89,19 +89,29 @@ async def resync(settings: Settings, table: str) -> int:
     store = await Store.from_settings(settings)
     try:
         await store.check_schema(logical=True)
+        try:
+            # The daemon must be stopped: it would go on streaming the table meanwhile.
+            await store.try_lock(settings.group)
+        except AlreadyRunningError:
+            raise AlreadyRunningError(
+                f"the daemon of group {settings.group} is running: stop it, resync, start it"
+            ) from None
         position = (await store.position(settings.group, "logical")).state.high
         known = {t.table: t for t in await store.group_tables(settings.group)}
         current = known.get(name)
         if current is None or position == CaptureState().high:
             raise ConfigError(f"{name} has not been captured yet: nothing to resync")
+        # Every object of it lies below this (an interrupted batch's too): its next
+        # snapshot's floor.
+        floor = max([position] + [p.hi for p in await store.pending(settings.group)])
         await store.set_group_table(
-            settings.group, replace(current, status="left", since=position, error=None)
+            settings.group, replace(current, status="left", since=floor, error=None)
         )
     finally:
         await store.close()
     print(
         f"{name} will be exported again from a new snapshot when the daemon of group "
-        f"{settings.group} next starts (restart it if it runs); empty its warehouse table first"
+        f"{settings.group} next starts; empty its warehouse table first"
     )
     log.info("table_resync_requested", group=settings.group, table=name)
     return 0
@@ -123,8 +133,9 @@ async def teardown(settings: Settings, confirmed: bool) -> int:
         source.close()
     store = await Store.from_settings(settings)
     try:
-        await store.check_schema()
+        await store.check_schema(logical=True)
         await store.forget_position(settings.group)
+        await store.forget_group(settings.group)
     finally:
         await store.close()
     log.info("logical_torn_down", group=settings.group, dropped=dropped)

@@ -1078,6 +1078,16 @@ class _Reader:
         new = decode_tuple(data, pos + 1)[0]
         key_of = gen.key_of
         if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
+            if UNCHANGED in new and old_kind != 79:
+                # The new key has no earlier row to keep the unlogged value from.
+                q = gen.table.qualified
+                self._fail(
+                    gen.table,
+                    f"an update of {q} at LSN {format_lsn(lsn)} changed the key and left a "
+                    "TOASTed value unchanged, which the default replica identity does not log: "
+                    f"ALTER TABLE {q} REPLICA IDENTITY FULL, then cdc-daemon resync --table {q}",
+                )
+                return
             # The key changed: the old key is deleted (same LSN, another key).
             self._row(gen, old_values, b"D", lsn)
         if UNCHANGED in new:
