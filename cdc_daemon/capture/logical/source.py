@@ -779,7 +779,9 @@ class LogicalSource(SourceSession):
                 ):
                     result.hi = reader.last_end
                     break
-                if now - asked >= min(wait_s, 0.5):
+                # At most every 50 ms: with wait_s 0 (a snapshot's chunks wait) it would ask
+                # on every message, and the walsender would answer as often.
+                if now - asked >= min(max(wait_s, 0.05), 0.5):
                     stream.confirm(stream.confirmed, reply=True)
                     asked = now
         except CdcError:
@@ -852,7 +854,13 @@ def _key_sql(table: LogicalTable) -> tuple[sql.Composable, Callable[[Key], sql.C
 
 
 def _key_texts(table: LogicalTable) -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.key)
+    """The key's values as text, under names of their own: an output column named like the
+    key column would make ``ORDER BY`` sort by the text (PostgreSQL matches output names
+    first), not by the key's type and index."""
+    return sql.SQL(", ").join(
+        sql.SQL("{}::text AS {}").format(sql.Identifier(k), sql.Identifier(f"_cdc_key_{n}"))
+        for n, k in enumerate(table.key)
+    )
 
 
 def split_keys(
