@@ -103,9 +103,15 @@ def test_a_group_loses_nothing_under_sigkills_and_a_join(
             "SELECT table_name, status FROM cdc.group_tables ORDER BY table_name"
         ).fetchall()
         attempts = conn.execute(
-            "SELECT max(attempt) FROM cdc.join_chunks WHERE chunk = 0"
+            "SELECT max(attempt), bool_and(status = 'uploaded') FROM cdc.join_chunks"
+            " WHERE table_name = %s",
+            (f"public.{JOINING}",),
         ).fetchone()
     assert {r[1] for r in rows} == {"streaming"}, rows
+    # The joining table's chunks were read again after the crashes (its two ranges run at
+    # once, so which one each crash interrupted varies), and all of them are in S3.
     assert attempts is not None
-    assert attempts[0] >= 3
+    most, all_uploaded = attempts
+    assert all_uploaded
+    assert most >= 2
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {**PGBENCH_KEYS, MANY_TYPES: "id"})
