@@ -161,26 +161,24 @@ def rebuild(
                 " now() AS _cdc_ts, ''::text AS _cdc_unchanged FROM {t} WITH NO DATA"
             ).format(raw=raw, t=t)
         )
-        # bytea is written as hex without PostgreSQL's \x (what BINARY_FORMAT = HEX reads).
-        binary = [
-            str(r[0])
-            for r in conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
-                " AND NOT attisdropped AND atttypid = 'bytea'::regtype",
+        # The source's columns, in order: (name, type, is bytea, is an array).
+        catalog = [
+            (str(n), str(t), bool(b), bool(a))
+            for n, t, b, a in conn.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod),"
+                " a.atttypid = 'bytea'::regtype, t.typinput = 'array_in'::regproc"
+                " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+                " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped"
+                " ORDER BY a.attnum",
                 (f"{schema}.{name}",),
             )
         ]
+        names = [c[0] for c in catalog]
+        # bytea is written as hex without PostgreSQL's \x (what BINARY_FORMAT = HEX reads).
+        binary = [c[0] for c in catalog if c[2]]
         # Arrays are written as JSON arrays (read back below, for the values these tests use:
         # no brackets or JSON escapes inside strings).
-        arrays = {
-            str(r[0]): str(r[1])
-            for r in conn.execute(
-                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
-                " JOIN pg_type t ON t.oid = a.atttypid WHERE a.attrelid = %s::regclass"
-                " AND a.attnum > 0 AND NOT a.attisdropped AND t.typinput = 'array_in'::regproc",
-                (f"{schema}.{name}",),
-            )
-        }
+        arrays = {c[0]: c[1] for c in catalog if c[3]}
         for column in [*binary, *arrays]:
             conn.execute(
                 sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE text").format(
@@ -194,14 +192,6 @@ def rebuild(
                 sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(raw, columns)
             ) as copy:
                 copy.write(body)
-        names = [
-            str(r[0])
-            for r in conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
-                " AND NOT attisdropped ORDER BY attnum",
-                (f"{schema}.{name}",),
-            )
-        ]
         lacking = {
             str(c)
             for (c,) in conn.execute(
