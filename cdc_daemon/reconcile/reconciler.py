@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -51,6 +51,7 @@ from cdc_daemon.warehouse.client import (
     Warehouse,
     stage_relative,
 )
+from cdc_daemon.warehouse.sql import table_folder
 
 log = structlog.get_logger()
 
@@ -302,6 +303,21 @@ class Reconciler:
         store = await self._ledger()
         items = await store.unreconciled(self._ledger_name)
         items += await store.unreconciled_chunks(self._table)
+        if self._settings.capture.mode == "logical":
+            # The snapshot's chunks of the table the warehouse is written for.
+            items += await store.unreconciled_join_chunks(self._ledger_name, self._table)
+            # A group's batch may hold other tables' objects, which no pipe loads (yet): the
+            # objects of the warehouse's table are judged; a batch with none of them waits.
+            folder = table_folder(self._settings)
+            items = [
+                replace(i, batch=replace(i.batch, objects=mine))
+                for i in items
+                if (
+                    mine := tuple(
+                        o for o in i.batch.objects if o.quarantine or o.key.startswith(folder)
+                    )
+                )
+            ]
         wh = await self._warehouse()
         outcome = Outcome()
         outcome.pipe = await asyncio.to_thread(wh.pipe_status)
@@ -344,7 +360,9 @@ class Reconciler:
                 if now - item.uploaded_at < timedelta(days=REFRESH_DAYS):
                     for name in unseen:
                         await asyncio.to_thread(wh.refresh, name)
-                    if item.chunk is not None:
+                    if item.join_chunk is not None:
+                        await store.mark_join_chunk_refreshed(item.join_chunk)
+                    elif item.chunk is not None:
                         await store.mark_chunk_refreshed(item.chunk)
                     else:
                         await store.mark_refreshed(self._ledger_name, batch.batch_id)
@@ -390,6 +408,8 @@ class Reconciler:
         self, store: Store, item: Unreconciled, new: Status, reason: str | None
     ) -> bool:
         """Record a batch's (or a backfill chunk's) new status; False if it moved meanwhile."""
+        if item.join_chunk is not None:
+            return await store.reconcile_join_chunk(item.join_chunk, item.batch.status, new, reason)
         if item.chunk is not None:
             return await store.reconcile_chunk(item.chunk, item.batch.status, new, reason)
         return await store.reconcile(
@@ -404,7 +424,7 @@ class Reconciler:
         none is not exported yet, nothing can be said of it)."""
         settings = self._settings
         store = await self._ledger()
-        exported, waiting = await store.export_days(self._ledger_name)
+        exported, waiting = await store.export_days(self._ledger_name, self._table)
         position = await store.position(self._ledger_name, settings.capture.mode)
         low = position.state.low if settings.capture.mode == "watermark" else None
         if low == INT64_MIN:

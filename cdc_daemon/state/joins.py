@@ -55,6 +55,11 @@ CREATE TABLE IF NOT EXISTS {schema}.join_chunks (
     uploaded_at timestamptz,
     PRIMARY KEY (group_name, table_name, seq, part, chunk)
 );
+-- The reconciler's view of a chunk in S3: NULL (not confirmed yet), loaded, failed, missing.
+ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS load_status text;
+ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS load_error text;
+ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS loaded_at timestamptz;
+ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
 """
 
 

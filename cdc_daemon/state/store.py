@@ -21,7 +21,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 from cdc_daemon.state.backfill import BACKFILL_DDL
-from cdc_daemon.state.joins import JOINS_DDL, GroupTable, JoinChunk, KeyRange
+from cdc_daemon.state.joins import JOINS_DDL, GroupTable, JoinChunk, KeyRange, join_chunk_name
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
 from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.session import LedgerSession, advisory_key
@@ -508,9 +508,12 @@ class Store(LedgerSession):
                 (table,),
             )
 
-    async def export_days(self, table: str) -> tuple[set[str], set[str]]:
-        """(days with an object of a batch or backfill chunk, days with one not yet confirmed
-        loaded): what the completeness check may judge. Quarantined objects do not count."""
+    async def export_days(self, ledger: str, table: str | None = None) -> tuple[set[str], set[str]]:
+        """(days with an object of a batch, backfill chunk or snapshot chunk of ``table``, days
+        with one not yet confirmed loaded): what the completeness check may judge. ``ledger``:
+        where the batches are recorded (a logical group's name; default the table's).
+        Quarantined objects do not count."""
+        table = table or ledger
         rows = await self._fetch(
             "reading the days of the exported objects",
             self._q(
@@ -521,10 +524,13 @@ class Store(LedgerSession):
                 " AND coalesce(c.load_status, '') = 'loaded'"
                 " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
                 " WHERE r.table_name = %s AND c.objects IS NOT NULL"
+                " UNION ALL SELECT j.objects, j.status = 'uploaded'"
+                " AND coalesce(j.load_status, '') = 'loaded'"
+                " FROM {schema}.join_chunks j WHERE j.group_name = %s AND j.table_name = %s"
                 ") x, jsonb_array_elements(x.objects) o"
                 " WHERE o->>'quarantine' IS NULL GROUP BY 1"
             ),
-            (table, table),
+            (ledger, table, ledger, table),
         )
         days = {str(r["day"]) for r in rows}
         return days, {str(r["day"]) for r in rows if not r["loaded"]}
@@ -631,6 +637,63 @@ class Store(LedgerSession):
             for r in rows
         ]
 
+    async def unreconciled_join_chunks(self, group: str, table: str) -> list[Unreconciled]:
+        """A logical group's snapshot chunks of ``table`` in S3 whose load Snowflake has not
+        confirmed yet."""
+        rows = await self._fetch(
+            "reading unreconciled snapshot chunks",
+            self._q(
+                "SELECT *, coalesce(load_status, 'uploaded') AS load FROM {schema}.join_chunks"
+                " WHERE group_name = %s AND table_name = %s AND status = 'uploaded'"
+                " AND coalesce(load_status, 'uploaded') IN ('uploaded', 'missing')"
+                " ORDER BY uploaded_at"
+            ),
+            (group, table),
+        )
+        return [
+            Unreconciled(
+                BatchRecord(
+                    table=table,
+                    batch_id=join_chunk_name(r["seq"], r["part"], r["chunk"], r["attempt"]),
+                    lo=0,
+                    hi=0,
+                    read_ts=r["read_ts"],
+                    objects=tuple(ObjectRecord(**o) for o in r["objects"]),
+                    status=Status(r["load"]),
+                ),
+                r["uploaded_at"],
+                r["refreshed_at"],
+                join_chunk=(group, table, r["seq"], r["part"], r["chunk"]),
+            )
+            for r in rows
+        ]
+
+    async def reconcile_join_chunk(
+        self, key: tuple[str, str, int, int, int], old: Status, new: Status, error: str | None
+    ) -> bool:
+        rows = await self._fetch(
+            "recording a snapshot chunk's reconciliation",
+            self._q(
+                "UPDATE {schema}.join_chunks SET load_status = %s, load_error = %s,"
+                " loaded_at = CASE WHEN %s = 'loaded' THEN now() ELSE loaded_at END"
+                " WHERE group_name = %s AND table_name = %s AND seq = %s AND part = %s"
+                " AND chunk = %s AND status = 'uploaded'"
+                " AND coalesce(load_status, 'uploaded') = %s RETURNING chunk"
+            ),
+            (new.value, error, new.value, *key, old.value),
+        )
+        return bool(rows)
+
+    async def mark_join_chunk_refreshed(self, key: tuple[str, str, int, int, int]) -> None:
+        await self._fetch(
+            "recording a pipe refresh",
+            self._q(
+                "UPDATE {schema}.join_chunks SET refreshed_at = now() WHERE group_name = %s"
+                " AND table_name = %s AND seq = %s AND part = %s AND chunk = %s RETURNING chunk"
+            ),
+            key,
+        )
+
     async def reconcile_chunk(
         self, chunk: tuple[str, str], old: Status, new: Status, error: str | None = None
     ) -> bool:
@@ -664,6 +727,8 @@ class Unreconciled:
     refreshed_at: datetime | None
     # A backfill chunk (run id, day) rather than a batch of the daemon's.
     chunk: tuple[str, str] | None = None
+    # A logical group's snapshot chunk (group, table, seq, part, chunk).
+    join_chunk: tuple[str, str, int, int, int] | None = None
 
 
 def _record(row: dict[str, Any]) -> BatchRecord:

@@ -386,6 +386,15 @@ async def test_logical_inserts_updates_deletes_arrive_in_sales(
         finally:
             await reconciler.close()
         assert set((await statuses(wh.settings)).values()) == {Status.LOADED}
+        with psycopg.connect(pg_dsn) as conn:
+            chunks = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE load_status = 'loaded')"
+                " FROM cdc.join_chunks"
+            ).fetchone()
+        # The snapshot's chunks are reconciled too.
+        assert chunks is not None
+        assert chunks[0] > 0
+        assert chunks[0] == chunks[1]
         # `status` in logical mode: the slot's lag, the batches as the ledger has them.
         capsys.readouterr()
         assert await status_command(wh.settings, as_json=True) == 0
