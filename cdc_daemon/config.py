@@ -180,12 +180,6 @@ class TableSettings(_Section):
     max_age_s: float | None = Field(
         default=None, ge=0, description="Watermark mode: this table's `batch.max_age_s`."
     )
-    warehouse_table: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$",
-        description="The current-state table in Snowflake; default: the table's name in upper "
-        "case.",
-    )
 
     @field_validator("name")
     @classmethod

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import csv
 import gzip
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import structlog
 import zstandard
 from psycopg import sql
 from psycopg.rows import TupleRow
@@ -269,3 +271,22 @@ def assert_rebuilt_equals_source(dsn: str, s3_client: Any, bucket: str) -> dict[
     assert (missing, extra) == (0, 0), f"{missing} rows missing, {extra} rows different/extra"
     assert source == rebuilt
     return bodies
+
+
+async def main_in_thread(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """``cdc-daemon <argv>`` (``cli.main``, which runs its own event loop) in a thread, with
+    ``env`` set for it. main() also points structlog at the stdout of the moment (this test's
+    capture): the defaults are restored after it, for the tests that follow."""
+    from cdc_daemon.cli import main
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return await asyncio.to_thread(main, argv)
+    finally:
+        structlog.reset_defaults()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

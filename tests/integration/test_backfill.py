@@ -12,11 +12,9 @@ from typing import Any
 
 import psycopg
 import pytest
-import structlog
 from psycopg import sql
 
 from cdc_daemon.capture.backfill import parse_request, run_backfill
-from cdc_daemon.cli import main
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.ops.status import collect, render
@@ -28,6 +26,7 @@ from tests.helpers import (
     differences,
     export_until_idle,
     init_ledger,
+    main_in_thread,
     make_settings,
     object_bodies,
     rebuild,
@@ -300,7 +299,7 @@ async def test_bad_input_is_one_sentence(
         generate_sales(conn, 100, days=10)
     await init_ledger(make_settings(pg_dsn, s3_server, bucket, tmp_path))
     config = write_config(tmp_path, pg_dsn, s3_server, bucket, capture=env)
-    assert await _main_in_thread(["--config", str(config), "backfill", *args]) == code
+    assert await main_in_thread(["--config", str(config), "backfill", *args]) == code
     err = capsys.readouterr().err
     assert err.startswith("cdc-daemon: ")
     assert err.count("\n") == 1
@@ -326,21 +325,12 @@ async def test_a_ledger_without_backfill_tables_asks_for_init(
         conn.execute("UPDATE cdc.meta SET value = '1' WHERE key = 'schema_version'")
     config = write_config(tmp_path, pg_dsn, s3_server, bucket)
     args = ["--config", str(config), "backfill", "--from", "2010-12-01", "--to", "2010-12-02"]
-    assert await _main_in_thread(args) == 4
+    assert await main_in_thread(args) == 4
     assert "run `cdc-daemon init`" in capsys.readouterr().err
     await init_ledger(settings)
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT value FROM cdc.meta").fetchone() == (str(SCHEMA_VERSION),)
-    assert await _main_in_thread(args) == 0
-
-
-async def _main_in_thread(argv: list[str]) -> int:
-    """cli.main runs its own event loop: call it from a thread. It also configures structlog
-    for the stdout of the moment (this test's capture): restore the defaults after it."""
-    try:
-        return await asyncio.to_thread(main, argv)
-    finally:
-        structlog.reset_defaults()
+    assert await main_in_thread(args) == 0
 
 
 def test_parse_request_defaults() -> None:

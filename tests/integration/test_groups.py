@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import random
 import threading
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import structlog
 
 from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
@@ -27,6 +25,7 @@ from cdc_daemon.worker import Worker
 from tests.helpers import (
     differences,
     export_until_idle,
+    main_in_thread,
     make_settings,
     object_bodies,
     rebuild,
@@ -376,7 +375,13 @@ async def test_one_table_failing_leaves_the_others_streaming(
     assert "failed" in render(report)
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_accounts": "aid"})
     capsys.readouterr()
-    assert await main_in_thread(["resync", "--table", "pgbench_tellers"], settings) == 0
+    env = {
+        "CDC_POSTGRES__DSN": settings.postgres.dsn.get_secret_value(),
+        "CDC_CAPTURE__MODE": settings.capture.mode,
+        "CDC_CAPTURE__GROUP": settings.group,
+        "CDC_TABLES": json.dumps([{"name": t.name} for t in settings.table_specs]),
+    }
+    assert await main_in_thread(["resync", "--table", "pgbench_tellers"], env) == 0
     assert "exported again from a new snapshot" in capsys.readouterr().out
     await until_streaming(pg_dsn, settings, "public.pgbench_tellers")
     with psycopg.connect(pg_dsn) as conn:
@@ -434,30 +439,6 @@ async def until_streaming(pg_dsn: str, settings: Settings, table: str) -> None:
             return
         await asyncio.sleep(0.5)
     raise AssertionError(f"{table} did not stream again: {row}")
-
-
-async def main_in_thread(args: list[str], settings: Settings) -> int:
-    """``cdc-daemon <args>`` with ``settings`` (their environment form), in a thread."""
-    from cdc_daemon.cli import main
-
-    env = {
-        "CDC_POSTGRES__DSN": settings.postgres.dsn.get_secret_value(),
-        "CDC_CAPTURE__MODE": settings.capture.mode,
-        "CDC_CAPTURE__GROUP": settings.group,
-        "CDC_TABLES": json.dumps([{"name": t.name} for t in settings.table_specs]),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return await asyncio.to_thread(main, args)
-    finally:
-        # main() points structlog at this test's captured stdout: not at later tests'.
-        structlog.reset_defaults()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 async def test_a_key_change_leaving_a_toasted_value_fails_only_that_table(

@@ -237,12 +237,9 @@ def _array(element: int) -> Callable[[bytes], bytes]:
     return convert
 
 
-def _array_fast(element: int) -> Callable[[bytes], bytes | None]:
-    def fast(value: bytes) -> bytes | None:
-        # JSON arrays hold commas (and strings quotes): always the careful path's quoting.
-        return None
-
-    return fast
+def _array_fast(value: bytes) -> bytes | None:
+    """JSON arrays hold commas (and strings quotes): always the careful path's quoting."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -279,8 +276,7 @@ class RowEncoder:
         self._fast = [
             (i, fast)
             for i, c in enumerate(columns)
-            if (fast := _FAST.get(c.type_oid) if c.element is None else _array_fast(c.element))
-            is not None
+            if (fast := _FAST.get(c.type_oid) if c.element is None else _array_fast) is not None
         ]
         checks = [
             (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")

@@ -196,17 +196,16 @@ class Generation:
     number: int = 0  # the table's n-th column list within the batch (0: its first)
     # The key columns of a tuple, compared as one value (None: no key).
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
+    # The table has a partition column (else a row goes to its commit's day); read per row.
+    partitioned: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
+        self.partitioned = self.table.info.partition is not None
 
     @property
     def header(self) -> list[str]:
         return logical_header([c[0] for c in self.columns])
-
-    @property
-    def partitioned(self) -> bool:
-        return self.table.info.partition is not None
 
 
 SpoolFactory = Callable[[list[str]], DaySpool]
@@ -552,13 +551,6 @@ class LogicalSource(SourceSession):
 
     def _execute(self, doing: str, statement: sql.Composed) -> None:
         self._guard(doing, lambda c: c.execute(statement))
-
-    def ensure_publication(self) -> bool:
-        """Create the publication if missing; True when created."""
-        if self.publication_exists():
-            return False
-        self.sync_publication()
-        return True
 
     def slot_status(self) -> SlotStatus:
         def read(conn: psycopg.Connection[tuple[object, ...]]) -> SlotStatus:
