@@ -215,15 +215,18 @@ def table_settings(settings: Settings, table: str | None) -> Settings:
 def snowflake_command(settings: Settings, action: str, grants: bool = False) -> int:
     from cdc_daemon.warehouse import sql
     from cdc_daemon.warehouse.client import Warehouse
+    from cdc_daemon.warehouse.model import read_catalog
 
+    tables = read_catalog(settings)
     if action == "render":
-        print(sql.render_grants(settings) if grants else sql.render(settings), end="")
+        text = sql.render_grants(settings, tables) if grants else sql.render(settings, tables)
+        print(text, end="")
         return 0
     if settings.snowflake.emulator:
         raise ConfigError(
             "snowflake.emulator is set: the local warehouse is set up by the demo and the tests"
         )
-    statements = sql.statements(settings)
+    statements = sql.statements(settings, tables)
     wh = Warehouse(settings).connect()
     try:
         for stmt in statements:
@@ -268,11 +271,11 @@ async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) 
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        pipe = outcome.pipe
-        print(
-            f"pipe        {pipe.execution_state if pipe else '?'}"
-            f" (pending files: {pipe.pending_file_count if pipe else '?'})"
-        )
+        for pipe in outcome.pipes:
+            print(
+                f"pipe        {pipe.name} {pipe.execution_state}"
+                f" (pending files: {pipe.pending_file_count})"
+            )
         print(
             f"this round  loaded {len(outcome.loaded)}, failed {len(outcome.failed)},"
             f" missing {len(outcome.missing)}, refreshed {len(outcome.refreshed)},"

@@ -36,6 +36,11 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # The port of /healthz, /readyz and /metrics when ``http.address`` names only a host; the
 # manifests in deploy/ use it (9187: next to postgres_exporter's 9187-9188 range, unassigned).
 DEFAULT_HTTP_PORT = 9187
+_SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
+# snowflake/models/ of this checkout.
+MODELS_DIR = Path(__file__).resolve().parents[1] / "snowflake" / "models"
+# The design table's warehouse name: the seed's model (INVOICES, PRODUCTS) is written on SALES.
+SEED_NAMES = {"public.ecommerce_sales": "SALES"}
 
 
 class _Section(BaseModel):
@@ -146,8 +151,8 @@ class CaptureSettings(_Section):
     )
     schema_change: Literal["stop", "follow"] = Field(
         default="stop",
-        description="Logical mode: a dropped or retyped column stops the daemon (`stop`) or "
-        "is followed with a new column list (`follow`).",
+        description="Logical mode: a retyped column stops its table (`stop`) or is followed "
+        "with a new column list (`follow`); added and dropped columns are always followed.",
     )
 
 
@@ -171,6 +176,13 @@ class TableSettings(_Section):
         "`dt=` folder; none: the UTC day of the change's commit (logical) or of the read "
         "(watermark).",
     )
+    warehouse_table: str | None = Field(
+        default=None,
+        pattern=_SF_IDENT,
+        description="The current-state table in Snowflake (its landing table, pipe, stream "
+        "and tasks are named after it); default: the table's name in upper case "
+        "(`ecommerce_sales`: `SALES`, the seed's model is written on it).",
+    )
     max_rows: int | None = Field(
         default=None, gt=0, description="Watermark mode: this table's `batch.max_rows`."
     )
@@ -191,6 +203,12 @@ class TableSettings(_Section):
     @property
     def qualified(self) -> str:
         return qualified_name(self.name)
+
+    @property
+    def warehouse_name(self) -> str:
+        if self.warehouse_table is not None:
+            return self.warehouse_table
+        return SEED_NAMES.get(self.qualified, self.qualified.split(".", 1)[1].upper())
 
 
 class BatchSettings(_Section):
@@ -331,9 +349,6 @@ class HttpSettings(_Section):
         return split_address(self.address)[1]
 
 
-_SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
-
-
 def _ident(default: str, what: str) -> Any:
     return Field(default=default, pattern=_SF_IDENT, description=what)
 
@@ -388,12 +403,15 @@ class SnowflakeSettings(_Section):
         pattern=r"^arn:aws[-a-z]*:iam::",
         description="The IAM role the storage integration assumes.",
     )
-    stage: str = _ident("CDC_SALES_STAGE", "The external stage.")
+    stage: str = _ident(
+        "CDC_STAGE", "The external stage (the bucket's prefix: every table's folder under it)."
+    )
     file_format: str = _ident("CDC_CSV", "The file format.")
-    pipe: str = _ident("RAW_SALES_PIPE", "The Snowpipe.")
-    stream: str = _ident("RAW_SALES_STREAM", "The stream on the landing table.")
-    merge_task: str = _ident("MERGE_SALES", "The task merging into the current-state table.")
-    cleanup_task: str = _ident("CLEANUP_RAW_SALES", "The task trimming the landing table.")
+    models_dir: Path = Field(
+        default=MODELS_DIR,
+        description="The models: `<dir>/<TABLE>/NN_*.sql` are refreshed for the touched keys "
+        "inside `<TABLE>`'s merge (default: the seed's `INVOICES` and `PRODUCTS` on `SALES`).",
+    )
     merge_schedule: str = Field(
         default="1 MINUTE",
         pattern=r"^[0-9]{1,5} (MINUTE|MINUTES)$",

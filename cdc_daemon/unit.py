@@ -41,6 +41,7 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord
+from cdc_daemon.warehouse.evolve import SchemaGuard
 
 log = structlog.get_logger()
 
@@ -101,11 +102,16 @@ class UnitOfWork:
         sink: S3Sink,
         metrics: Metrics | None = None,
         crash_prefix: str = "",
+        guard: SchemaGuard | None = None,
     ) -> None:
         self._settings = settings
         self._sink = sink
         self._metrics = metrics
         self._crash_prefix = crash_prefix
+        # With a warehouse: a column an object names exists in Snowflake before its upload.
+        if guard is None and settings.snowflake.enabled:
+            guard = SchemaGuard(settings)
+        self._guard = guard
         self._zstd_pool = ZstdPool(settings.batch.compression_level)
         self._crash_at = crash_point_from_env()
         if self._crash_at is not None and self._crash_at not in CRASH_POINTS:
@@ -114,7 +120,7 @@ class UnitOfWork:
     def for_producer(self, crash_prefix: str) -> UnitOfWork:
         """A unit for another producer of the same daemon (same sink and metrics), whose
         crash points carry ``crash_prefix``."""
-        return UnitOfWork(self._settings, self._sink, self._metrics, crash_prefix)
+        return UnitOfWork(self._settings, self._sink, self._metrics, crash_prefix, self._guard)
 
     def crash_point(self, step: str) -> None:
         if self._crash_at == self._crash_prefix + step:
@@ -191,6 +197,8 @@ class UnitOfWork:
         """Every object from its spool file, ``s3.max_concurrency`` at a time; S3 checks each
         one's SHA-256. The first failure is raised (the others are cancelled)."""
         settings = self._settings
+        if self._guard is not None:
+            await self._guard(objects)
         limit = asyncio.Semaphore(settings.s3.max_concurrency)
 
         async def upload(obj: ObjectRecord) -> None:

@@ -1,5 +1,5 @@
--- The table's folder in the staging bucket: s3://<bucket>/<prefix><table>/dt=YYYY-MM-DD/...
--- (the _quarantine/ prefix beside it is never loaded).
+-- The staging bucket's prefix: s3://<bucket>/<prefix>; each table's objects are in its folder
+-- <schema>.<table>/dt=YYYY-MM-DD/... (the _quarantine/ folder beside them is never loaded).
 CREATE STAGE IF NOT EXISTS {{ stage }}
   URL = '{{ stage_url }}'
 {%- if integration %}

@@ -1,20 +1,31 @@
+-- One AUTO_INGEST pipe per table: S3 event notifications (SQS, see the pipe's
+-- notification_channel in SHOW PIPES) load each new object of the table's folder once.
+-- By column name, never by position: MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE maps the
+-- header's lower-case names onto the landing table's columns, so no change of the column list
+-- can shift a value into another column; a column the file lacks is NULL, a file column the
+-- table lacks is not loaded (which is why the daemon adds a new source column to the landing
+-- table before the first object holding it is uploaded). Snowpipe takes every COPY option but
+-- FILES, ON_ERROR = ABORT_STATEMENT, SIZE_LIMIT, PURGE, FORCE, RETURN_FAILED_ONLY and
+-- VALIDATION_MODE (https://docs.snowflake.com/en/sql-reference/sql/create-pipe);
+-- MATCH_BY_COLUMN_NAME takes no SELECT transformation, so the file name, row number and scan
+-- time come through INCLUDE_METADATA.
 -- dt=unknown/ holds deletes whose day is not known (logical mode, key-only replica identity).
--- Snowpipe: S3 event notifications (SQS, see the pipe's notification_channel in SHOW PIPES) load
--- each new object once. IF NOT EXISTS, never OR REPLACE: recreating a pipe drops its load
--- history, and Snowpipe would load every object in the stage again. Names inside the COPY are
--- fully qualified: the pipe runs them outside any session's current schema.
-CREATE PIPE IF NOT EXISTS {{ pipe }}
+-- IF NOT EXISTS, never OR REPLACE: recreating a pipe drops its load history, and Snowpipe would
+-- load every object in the stage again. Names inside the COPY are fully qualified: the pipe
+-- runs them outside any session's current schema.
+{%- for t in tables %}
+{%- set n = t.names %}
+CREATE PIPE IF NOT EXISTS {{ n.pipe }}
   AUTO_INGEST = TRUE
-  COMMENT = 'cdc-daemon: {{ table }} objects into RAW_SALES'
+  COMMENT = 'cdc-daemon: {{ n.source | replace("'", "") }} objects into {{ n.landing }}'
   AS
-COPY INTO {{ database }}.{{ schema }}.RAW_SALES (
-  ID, INVOICE_NO, STOCK_CODE, DESCRIPTION, QUANTITY, INVOICE_DATE, UNIT_PRICE, CUSTOMER_ID,
-  COUNTRY, _CDC_OP, _CDC_SEQ, _CDC_TS, _FILE, _FILE_ROW, _LOADED_AT
-)
-FROM (
-  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-    METADATA$FILENAME, METADATA$FILE_ROW_NUMBER, METADATA$START_SCAN_TIME
-  FROM @{{ database }}.{{ schema }}.{{ stage }}
-)
+COPY INTO {{ database }}.{{ schema }}.{{ n.landing }}
+FROM @{{ database }}.{{ schema }}.{{ stage }}/{{ n.folder }}
 FILE_FORMAT = (FORMAT_NAME = '{{ database }}.{{ schema }}.{{ file_format }}')
+MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE
+INCLUDE_METADATA = (
+  _FILE = METADATA$FILENAME, _FILE_ROW = METADATA$FILE_ROW_NUMBER,
+  _LOADED_AT = METADATA$START_SCAN_TIME
+)
 PATTERN = '.*dt=([0-9]{4}-[0-9]{2}-[0-9]{2}|unknown)/[^/]+[.]csv([.](gz|zst))?';
+{%- endfor %}

@@ -1,105 +1,140 @@
--- MERGE_SALES: every {{ merge_schedule }}, when the stream holds changes, one transaction:
+{#- Key equality between two aliases, the key's columns, and "the change carries column c". -#}
+{%- macro on(t, a, b) -%}
+{%- for c in t.key %}{{ a }}.{{ c.q }} = {{ b }}.{{ c.q }}{{ " AND " if not loop.last }}{% endfor -%}
+{%- endmacro -%}
+{%- macro keys(t) -%}
+{%- for c in t.key %}{{ c.q }}{{ ", " if not loop.last }}{% endfor -%}
+{%- endmacro -%}
+{%- macro carried(c) -%}
+IFF(POSITION('{{ c.needle }}' IN ',' || COALESCE(_CDC_UNCHANGED, '') || ',') = 0, 1, 0)
+{%- endmacro -%}
+-- One merge task per table, every {{ merge_schedule }}, when its stream holds changes; one
+-- transaction:
 --   1. the stream's changes, one per key (highest _CDC_SEQ, then the latest read _CDC_TS: a
 --      backfill re-reads a row at the same _CDC_SEQ in watermark mode; a duplicate of a change
---      is the same change), into SALES_CHANGES: reading the stream in a committed DML moves
---      its offset;
---   2. the invoices and stock codes those keys had before (from SALES) and have now;
---   3. MERGE into SALES: a newer change wins, D deletes, a change older than the row or than
---      the key's tombstone is ignored; one source row per key, so never "Duplicate row
---      detected during DML action";
+--      is the same change), converted to the current-state types, into <T>_CHANGES. A value an
+--      update left unchanged (TOASTed, named in _cdc_unchanged) is taken from the latest change
+--      that carries it; a column no change carries is named in the work row's _CDC_UNCHANGED
+--      and keeps its current value. Reading the stream in a committed DML moves its offset;
+--   2. the rows the changes touch, as they were (for the models);
+--   3. MERGE into <T>: a newer change wins, D deletes, a change older than the row or than the
+--      key's tombstone is ignored; one source row per key, so never "Duplicate row detected
+--      during DML action";
 --   4. tombstones for deletes;
---   5. INVOICES and PRODUCTS recomputed from SALES for the touched keys only.
+--   5. the rows as they are now, and the models on <T> (snowflake/models/<T>/) recomputed for
+--      the touched keys only.
 -- snowflake.serverless_tasks: the tasks run on Snowflake-managed compute (no WAREHOUSE; the
 -- owner needs EXECUTE MANAGED TASK), billed per second of work, not per warehouse minute.
 -- The statements between BEGIN TRANSACTION and COMMIT are what the local task runner runs. A
 -- failure rolls the transaction back and re-raises (Snowflake Scripting: "EXCEPTION", "RAISE"
 -- without a name raises the same exception again), so the run fails as a whole.
-ALTER TASK IF EXISTS {{ merge_task }} SUSPEND;
-CREATE OR ALTER TASK {{ merge_task }}
+{%- for t in tables %}
+{%- set n = t.names %}
+
+-- ---- {{ n.merge_task }}: {{ n.stream }} -> {{ n.name }}{% for m in model_names[n.name] %}, {{ m }}{% endfor %} ----
+ALTER TASK IF EXISTS {{ n.merge_task }} SUSPEND;
+CREATE OR ALTER TASK {{ n.merge_task }}
 {%- if serverless_tasks %}
   USER_TASK_MANAGED_INITIAL_WAREHOUSE_SIZE = 'XSMALL'
 {%- else %}
   WAREHOUSE = {{ warehouse }}
 {%- endif %}
   SCHEDULE = '{{ merge_schedule }}'
-  WHEN SYSTEM$STREAM_HAS_DATA('{{ database }}.{{ schema }}.{{ stream }}')
+  WHEN SYSTEM$STREAM_HAS_DATA('{{ database }}.{{ schema }}.{{ n.stream }}')
 AS
 EXECUTE IMMEDIATE $$
 BEGIN
 BEGIN TRANSACTION;
-DELETE FROM SALES_CHANGES;
-INSERT INTO SALES_CHANGES
-SELECT ID, INVOICE_NO, STOCK_CODE, DESCRIPTION, QUANTITY, INVOICE_DATE, UNIT_PRICE, CUSTOMER_ID,
-  COUNTRY, _CDC_OP, _CDC_SEQ, _CDC_TS, _FILE, _FILE_ROW, _LOADED_AT
-FROM {{ stream }}
-QUALIFY ROW_NUMBER() OVER (
-  PARTITION BY ID ORDER BY _CDC_SEQ DESC, _CDC_TS DESC, _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
-) = 1;
-DELETE FROM SALES_TOUCHED;
-INSERT INTO SALES_TOUCHED (INVOICE_NO, STOCK_CODE)
-SELECT s.INVOICE_NO, s.STOCK_CODE FROM SALES AS s INNER JOIN SALES_CHANGES AS c ON s.ID = c.ID
-UNION
-SELECT c.INVOICE_NO, c.STOCK_CODE FROM SALES_CHANGES AS c WHERE c._CDC_OP <> 'D';
-MERGE INTO SALES AS t
+DELETE FROM {{ n.changes }};
+INSERT INTO {{ n.changes }} (
+{%- for c in t.columns %}
+  {{ c.q }},
+{%- endfor %}
+  _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_UNCHANGED, _FILE, _FILE_ROW, _LOADED_AT
+)
+SELECT
+{%- for c in t.columns %}
+{%- if c.toastable and not c.key %}
+  FIRST_VALUE({{ c.type.converted(c.q) }}) OVER (
+    PARTITION BY {{ keys(t) }} ORDER BY {{ carried(c) }} DESC, _RN
+    ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING
+  ),
+{%- else %}
+  {{ c.type.converted(c.q) }},
+{%- endif %}
+{%- endfor %}
+  _CDC_OP, _CDC_SEQ, _CDC_TS,
+  ','
+{%- for c in t.values if c.toastable %}
+    || IFF(MAX({{ carried(c) }}) OVER (PARTITION BY {{ keys(t) }}) = 0, '{{ c.needle[1:] }}', '')
+{%- endfor %},
+  _FILE, _FILE_ROW, _LOADED_AT
+FROM (
+  SELECT *, ROW_NUMBER() OVER (
+    PARTITION BY {{ keys(t) }}
+    ORDER BY _CDC_SEQ DESC, _CDC_TS DESC, _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
+  ) AS _RN
+  FROM {{ n.stream }}
+)
+QUALIFY _RN = 1;
+{%- if t.models %}
+DELETE FROM {{ n.touched }};
+INSERT INTO {{ n.touched }}
+SELECT t.* FROM {{ n.name }} AS t INNER JOIN {{ n.changes }} AS c ON {{ on(t, "t", "c") }};
+{%- endif %}
+MERGE INTO {{ n.name }} AS t
 USING (
-  SELECT c.* FROM SALES_CHANGES AS c
-  LEFT JOIN SALES_TOMBSTONES AS d ON d.ID = c.ID
-  WHERE d.ID IS NULL OR c._CDC_SEQ > d._CDC_SEQ
+  -- A column the changes left unchanged keeps the row's current value.
+  SELECT
+{%- for c in t.columns %}
+{%- if c.toastable and not c.key %}
+    IFF(POSITION('{{ c.needle }}' IN c._CDC_UNCHANGED) > 0, o.{{ c.q }}, c.{{ c.q }}) AS {{ c.q }},
+{%- else %}
+    c.{{ c.q }},
+{%- endif %}
+{%- endfor %}
+    c._CDC_OP, c._CDC_SEQ, c._CDC_TS
+  FROM {{ n.changes }} AS c
+  LEFT JOIN {{ n.name }} AS o ON {{ on(t, "o", "c") }}
+  LEFT JOIN {{ n.tombstones }} AS d ON {{ on(t, "d", "c") }}
+  WHERE d.{{ t.key[0].q }} IS NULL OR c._CDC_SEQ > d._CDC_SEQ
 ) AS s
-ON t.ID = s.ID
+ON {{ on(t, "t", "s") }}
 WHEN MATCHED AND s._CDC_OP = 'D' AND s._CDC_SEQ >= t._CDC_SEQ THEN DELETE
 WHEN MATCHED AND s._CDC_OP <> 'D'
   AND (s._CDC_SEQ > t._CDC_SEQ OR (s._CDC_SEQ = t._CDC_SEQ AND s._CDC_TS > t._CDC_TS))
   THEN UPDATE SET
-  INVOICE_NO = s.INVOICE_NO, STOCK_CODE = s.STOCK_CODE, DESCRIPTION = s.DESCRIPTION,
-  QUANTITY = s.QUANTITY, INVOICE_DATE = s.INVOICE_DATE, UNIT_PRICE = s.UNIT_PRICE,
-  CUSTOMER_ID = s.CUSTOMER_ID, COUNTRY = s.COUNTRY, _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS,
-  _MERGED_AT = CURRENT_TIMESTAMP()
+{%- for c in t.values %}
+  {{ c.q }} = s.{{ c.q }},
+{%- endfor %}
+  _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS, _MERGED_AT = CURRENT_TIMESTAMP()
 WHEN NOT MATCHED AND s._CDC_OP <> 'D' THEN INSERT (
-  ID, INVOICE_NO, STOCK_CODE, DESCRIPTION, QUANTITY, INVOICE_DATE, UNIT_PRICE, CUSTOMER_ID,
-  COUNTRY, _CDC_SEQ, _CDC_TS, _MERGED_AT
+{%- for c in t.columns %}
+  {{ c.q }},
+{%- endfor %}
+  _CDC_SEQ, _CDC_TS, _MERGED_AT
 ) VALUES (
-  s.ID, s.INVOICE_NO, s.STOCK_CODE, s.DESCRIPTION, s.QUANTITY, s.INVOICE_DATE, s.UNIT_PRICE,
-  s.CUSTOMER_ID, s.COUNTRY, s._CDC_SEQ, s._CDC_TS, CURRENT_TIMESTAMP()
+{%- for c in t.columns %}
+  s.{{ c.q }},
+{%- endfor %}
+  s._CDC_SEQ, s._CDC_TS, CURRENT_TIMESTAMP()
 );
-MERGE INTO SALES_TOMBSTONES AS t
-USING (SELECT ID, _CDC_SEQ FROM SALES_CHANGES WHERE _CDC_OP = 'D') AS s
-ON t.ID = s.ID
+MERGE INTO {{ n.tombstones }} AS t
+USING (SELECT {{ keys(t) }}, _CDC_SEQ FROM {{ n.changes }} WHERE _CDC_OP = 'D') AS s
+ON {{ on(t, "t", "s") }}
 WHEN MATCHED AND s._CDC_SEQ > t._CDC_SEQ THEN UPDATE SET
   _CDC_SEQ = s._CDC_SEQ, _DELETED_AT = CURRENT_TIMESTAMP()
-WHEN NOT MATCHED THEN INSERT (ID, _CDC_SEQ, _DELETED_AT)
-  VALUES (s.ID, s._CDC_SEQ, CURRENT_TIMESTAMP());
-DELETE FROM INVOICES WHERE INVOICE_NO IN (SELECT INVOICE_NO FROM SALES_TOUCHED);
-INSERT INTO INVOICES (
-  INVOICE_NO, INVOICE_DATE, CUSTOMER_ID, COUNTRY, LINES, QUANTITY, AMOUNT, IS_CANCELLATION,
-  _UPDATED_AT
-)
-SELECT INVOICE_NO, MIN(INVOICE_DATE), MAX(CUSTOMER_ID), MAX(COUNTRY), COUNT(*), SUM(QUANTITY),
-  SUM(QUANTITY * UNIT_PRICE), STARTSWITH(INVOICE_NO, 'C'), CURRENT_TIMESTAMP()
-FROM SALES
-WHERE INVOICE_NO IN (SELECT INVOICE_NO FROM SALES_TOUCHED)
-GROUP BY INVOICE_NO;
-DELETE FROM PRODUCTS WHERE STOCK_CODE IN (SELECT STOCK_CODE FROM SALES_TOUCHED);
-INSERT INTO PRODUCTS (
-  STOCK_CODE, DESCRIPTION, UNIT_PRICE, FIRST_SOLD, LAST_SOLD, QUANTITY, INVOICES, _UPDATED_AT
-)
-SELECT a.STOCK_CODE, l.DESCRIPTION, l.UNIT_PRICE, a.FIRST_SOLD, a.LAST_SOLD, a.QUANTITY,
-  a.INVOICES, CURRENT_TIMESTAMP()
-FROM (
-  SELECT STOCK_CODE, MIN(INVOICE_DATE) AS FIRST_SOLD, MAX(INVOICE_DATE) AS LAST_SOLD,
-    SUM(QUANTITY) AS QUANTITY, COUNT(DISTINCT INVOICE_NO) AS INVOICES
-  FROM SALES
-  WHERE STOCK_CODE IN (SELECT STOCK_CODE FROM SALES_TOUCHED)
-  GROUP BY STOCK_CODE
-) AS a
-INNER JOIN (
-  SELECT STOCK_CODE, DESCRIPTION, UNIT_PRICE
-  FROM SALES
-  WHERE STOCK_CODE IN (SELECT STOCK_CODE FROM SALES_TOUCHED)
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY STOCK_CODE ORDER BY INVOICE_DATE DESC, ID DESC) = 1
-) AS l ON l.STOCK_CODE = a.STOCK_CODE;
-INSERT INTO SALES_MERGE_LOG (MERGED_AT, CHANGES)
-SELECT CURRENT_TIMESTAMP(), COUNT(*) FROM SALES_CHANGES;
+WHEN NOT MATCHED THEN INSERT ({{ keys(t) }}, _CDC_SEQ, _DELETED_AT)
+  VALUES ({% for c in t.key %}s.{{ c.q }}, {% endfor %}s._CDC_SEQ, CURRENT_TIMESTAMP());
+{%- if t.models %}
+INSERT INTO {{ n.touched }}
+SELECT t.* FROM {{ n.name }} AS t INNER JOIN {{ n.changes }} AS c ON {{ on(t, "t", "c") }};
+{%- for refresh in model_refresh[n.name] %}
+{{ refresh }}
+{%- endfor %}
+{%- endif %}
+INSERT INTO {{ n.merge_log }} (MERGED_AT, CHANGES)
+SELECT CURRENT_TIMESTAMP(), COUNT(*) FROM {{ n.changes }};
 COMMIT;
 EXCEPTION
   -- Any failure: undo the whole transaction and fail the task run (TASK_HISTORY shows it).
@@ -108,14 +143,14 @@ EXCEPTION
     RAISE;
 END;
 $$;
-ALTER TASK {{ merge_task }} RESUME;
+ALTER TASK {{ n.merge_task }} RESUME;
 
--- CLEANUP_RAW_SALES: daily, landing rows older than {{ retention_days }} days and loaded at
+-- {{ n.cleanup_task }}: daily, landing rows older than {{ retention_days }} days and loaded at
 -- least a day before the last merge (so merged: the stream hands a row to the next merge after
 -- its load commits), and tombstones older than {{ tombstone_days }} days. It never reads the
 -- stream (that would move its offset).
-ALTER TASK IF EXISTS {{ cleanup_task }} SUSPEND;
-CREATE OR ALTER TASK {{ cleanup_task }}
+ALTER TASK IF EXISTS {{ n.cleanup_task }} SUSPEND;
+CREATE OR ALTER TASK {{ n.cleanup_task }}
 {%- if serverless_tasks %}
   USER_TASK_MANAGED_INITIAL_WAREHOUSE_SIZE = 'XSMALL'
 {%- else %}
@@ -126,14 +161,14 @@ AS
 EXECUTE IMMEDIATE $$
 BEGIN
 BEGIN TRANSACTION;
-DELETE FROM RAW_SALES
+DELETE FROM {{ n.landing }}
 WHERE _LOADED_AT < DATEADD(DAY, -{{ retention_days }}, CURRENT_TIMESTAMP())
-  AND _LOADED_AT < (SELECT DATEADD(DAY, -1, MAX(MERGED_AT)) FROM SALES_MERGE_LOG);
-DELETE FROM SALES_TOMBSTONES
+  AND _LOADED_AT < (SELECT DATEADD(DAY, -1, MAX(MERGED_AT)) FROM {{ n.merge_log }});
+DELETE FROM {{ n.tombstones }}
 WHERE _DELETED_AT < DATEADD(DAY, -{{ tombstone_days }}, CURRENT_TIMESTAMP());
-DELETE FROM SALES_MERGE_LOG
+DELETE FROM {{ n.merge_log }}
 WHERE MERGED_AT < DATEADD(DAY, -{{ retention_days }}, CURRENT_TIMESTAMP())
-  AND MERGED_AT < (SELECT MAX(MERGED_AT) FROM SALES_MERGE_LOG);
+  AND MERGED_AT < (SELECT MAX(MERGED_AT) FROM {{ n.merge_log }});
 COMMIT;
 EXCEPTION
   -- Any failure: undo the whole transaction and fail the task run (TASK_HISTORY shows it).
@@ -142,4 +177,5 @@ EXCEPTION
     RAISE;
 END;
 $$;
-ALTER TASK {{ cleanup_task }} RESUME;
+ALTER TASK {{ n.cleanup_task }} RESUME;
+{%- endfor %}

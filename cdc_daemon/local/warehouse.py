@@ -4,27 +4,32 @@ Snowflake's HTTP API), fed by moto's S3 event notifications through SQS.
 fakesnow runs the ``snowflake/`` SQL as written -- the database, file format, stage, tables,
 MERGE, QUALIFY -- except four features it does not have. Each is emulated here, and only here:
 
-- **PIPE** (``CREATE PIPE ... AS COPY``): ``LocalWarehouse.ingest()`` is the Snowpipe
-  stand-in. It reads the S3 event notifications from SQS (decoding URL-encoded keys, dropping
-  moto's test event and its duplicate event per multipart object), copies each new object
-  into a local folder that the stage points at (``file://``, as fakesnow cannot read S3
-  offline), and runs the pipe's own COPY for that one file. fakesnow's COPY cannot take a
-  transformation (``SELECT $1, ..., METADATA$FILENAME ...``), so the pipe's COPY is split
-  where it names stage columns: the ``$n`` columns are copied into a holding table with the
-  same column list, file format and FILES, then inserted into the target with the metadata
-  columns (file name, row number, load time). A file already loaded is skipped, as Snowpipe
-  does: that is fakesnow's own COPY load metadata.
+- **PIPE** (``CREATE PIPE ... AS COPY``, one per table): ``LocalWarehouse.ingest()`` is the
+  Snowpipe stand-in. It reads the S3 event notifications from SQS (decoding URL-encoded keys,
+  dropping moto's test event and its duplicate event per multipart object), copies each new
+  object into a local folder that the stage points at (``file://``, as fakesnow cannot read S3
+  offline), and loads it as the pipe of its folder would. fakesnow's CSV COPY has neither
+  PARSE_HEADER nor MATCH_BY_COLUMN_NAME nor INCLUDE_METADATA, so the stand-in does what
+  Snowflake documents for them: it reads the file's header and matches each name to a landing
+  column without regard to case; the file's columns go into a holding table typed as their
+  landing columns (by position, fakesnow's COPY with the same FILES and the file format's other
+  options, the header skipped), then into the landing table by name, with the INCLUDE_METADATA
+  columns (file name, row number, load time). A landing column the file lacks is NULL; a file
+  column the table lacks is not loaded ("If additional non-matching columns are present in the
+  data files, the values in these columns are not loaded":
+  https://docs.snowflake.com/en/sql-reference/sql/copy-into-table). A file already loaded is
+  skipped, as Snowpipe does: that is fakesnow's own COPY load metadata.
 - **COPY_HISTORY / SYSTEM$PIPE_STATUS / ALTER PIPE ... REFRESH**: the stand-in writes each
   file's outcome (status, rows parsed and loaded, first error) to ``_EMU_COPY_HISTORY`` and
   its state as SYSTEM$PIPE_STATUS's JSON to ``_EMU_PIPE_STATUS``; a refresh is a row in
   ``_EMU_PIPE_REFRESH`` that the stand-in serves by listing the prefix in S3.
   ``EmulatorDialect`` reads and writes those tables (``warehouse/client.py`` has the real one).
-- **STREAM** (append-only, on ``RAW_SALES``): a view of the landing rows whose (file, row)
-  is not in ``_EMU_STREAM_CONSUMED``; the task runner adds the rows it merged, in the task's
-  own transaction, which is what moves a real stream's offset.
+- **STREAM** (append-only, one per landing table): a view of the landing rows whose (file,
+  row) is not in ``_EMU_STREAM_CONSUMED`` for that stream; the task runner adds the rows it
+  merged, which is what moves a real stream's offset.
 - **TASK**: ``run_tasks()`` runs the statements between ``BEGIN TRANSACTION`` and ``COMMIT`` of
   each task's body, read from the rendered ``snowflake/70_tasks.sql`` (no second copy of the
-  merge), the merge only when the stream has data (``SYSTEM$STREAM_HAS_DATA``). One by one,
+  merge), a table's merge only when its stream has data (``SYSTEM$STREAM_HAS_DATA``). One by one,
   not in one transaction: fakesnow's MERGE writes to its catalog database, which DuckDB does
   not allow in a transaction on another database. The body is idempotent, so a run cut short
   is redone whole by the next one (the stream rows are marked consumed last).
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -49,9 +55,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import sqlglot
 import structlog
-from sqlglot import exp
 
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError
@@ -67,20 +71,24 @@ from cdc_daemon.warehouse.client import (
     load_record,
     parse_pipe_status,
 )
+from cdc_daemon.warehouse.evolve import evolve_table
+from cdc_daemon.warehouse.model import Names, WarehouseTable, names, quote, read_catalog
 
 log = structlog.get_logger()
 
 _EMULATION_DDL = [
     """CREATE TABLE IF NOT EXISTS _EMU_COPY_HISTORY (
-        FILE_NAME VARCHAR, STATUS VARCHAR, ROW_COUNT NUMBER, ROW_PARSED NUMBER,
+        TABLE_NAME VARCHAR, FILE_NAME VARCHAR, STATUS VARCHAR, ROW_COUNT NUMBER, ROW_PARSED NUMBER,
         FIRST_ERROR_MESSAGE VARCHAR, LAST_LOAD_TIME TIMESTAMP_TZ)""",
     "CREATE TABLE IF NOT EXISTS _EMU_PIPE_STATUS (PIPE VARCHAR, STATUS VARCHAR)",
     """CREATE TABLE IF NOT EXISTS _EMU_PIPE_REFRESH (
-        PREFIX VARCHAR, REQUESTED_AT TIMESTAMP_TZ, DONE_AT TIMESTAMP_TZ)""",
-    "CREATE TABLE IF NOT EXISTS _EMU_STREAM_CONSUMED (_FILE VARCHAR, _FILE_ROW NUMBER)",
+        PIPE VARCHAR, PREFIX VARCHAR, REQUESTED_AT TIMESTAMP_TZ, DONE_AT TIMESTAMP_TZ)""",
+    """CREATE TABLE IF NOT EXISTS _EMU_STREAM_CONSUMED (
+        STREAM VARCHAR, _FILE VARCHAR, _FILE_ROW NUMBER)""",
     """CREATE TABLE IF NOT EXISTS _EMU_TASK_HISTORY (
         NAME VARCHAR, STATE VARCHAR, ERROR_MESSAGE VARCHAR, SCHEDULED_TIME TIMESTAMP_TZ)""",
     "CREATE TABLE IF NOT EXISTS _EMU_TASK_STATE (NAME VARCHAR, STATE VARCHAR)",
+    "CREATE TABLE IF NOT EXISTS _EMU_TASKS (NAME VARCHAR, DEFINITION VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_STREAM_STATE (STREAM VARCHAR, STALE_AFTER TIMESTAMP_TZ)",
 ]
 # Snowflake's defaults: a task is suspended after this many failed runs in a row
@@ -91,39 +99,37 @@ STREAM_EXTENSION = timedelta(days=14)
 
 
 class EmulatorDialect:
-    """COPY_HISTORY, SYSTEM$PIPE_STATUS and ALTER PIPE ... REFRESH of the local warehouse."""
+    """COPY_HISTORY, SYSTEM$PIPE_STATUS, ALTER PIPE ... REFRESH, TASK_HISTORY and SHOW STREAMS
+    of the local warehouse."""
 
-    def load_history(self, wh: Warehouse, since: datetime) -> list[LoadRecord]:
+    def load_history(self, wh: Warehouse, n: Names, since: datetime) -> list[LoadRecord]:
         rows = wh.query(
             "SELECT FILE_NAME, STATUS, ROW_COUNT, ROW_PARSED, FIRST_ERROR_MESSAGE, LAST_LOAD_TIME"
-            " FROM _EMU_COPY_HISTORY WHERE LAST_LOAD_TIME >= %(since)s",
-            {"since": since.isoformat()},
+            " FROM _EMU_COPY_HISTORY WHERE TABLE_NAME = %(t)s AND LAST_LOAD_TIME >= %(since)s",
+            {"t": n.landing, "since": since.isoformat()},
         )
-        return [load_record(r) for r in rows]
+        return [load_record(n, r) for r in rows]
 
-    def pipe_status(self, wh: Warehouse) -> PipeStatus:
-        rows = wh.query(
-            "SELECT STATUS FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s",
-            {"p": wh.settings.snowflake.pipe},
-        )
+    def pipe_status(self, wh: Warehouse, n: Names) -> PipeStatus:
+        rows = wh.query("SELECT STATUS FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": n.pipe})
         if not rows:
-            return PipeStatus("STOPPED_NO_STAND_IN", 0, None, "the pipe stand-in never ran")
-        return parse_pipe_status(str(rows[0]["STATUS"]))
+            return PipeStatus(n.pipe, "STOPPED_NO_STAND_IN", 0, None, "the pipe stand-in never ran")
+        return parse_pipe_status(n.pipe, str(rows[0]["STATUS"]))
 
-    def refresh(self, wh: Warehouse, prefix: str) -> None:
+    def refresh(self, wh: Warehouse, n: Names, prefix: str) -> None:
         wh.execute(
-            "INSERT INTO _EMU_PIPE_REFRESH (PREFIX, REQUESTED_AT) VALUES (%(p)s, %(t)s)",
-            {"p": prefix, "t": datetime.now(UTC).isoformat()},
+            "INSERT INTO _EMU_PIPE_REFRESH (PIPE, PREFIX, REQUESTED_AT)"
+            " VALUES (%(n)s, %(p)s, %(t)s)",
+            {"n": n.pipe, "p": prefix, "t": datetime.now(UTC).isoformat()},
         )
 
-    def tasks(self, wh: Warehouse) -> list[TaskStatus]:
-        sf = wh.settings.snowflake
+    def tasks(self, wh: Warehouse, n: Names) -> list[TaskStatus]:
         states = {
             str(r["NAME"]): str(r["STATE"])
             for r in wh.query("SELECT NAME, STATE FROM _EMU_TASK_STATE")
         }
         out = []
-        for name in (sf.merge_task, sf.cleanup_task):
+        for name in n.tasks:
             runs = wh.query(
                 "SELECT STATE, ERROR_MESSAGE FROM _EMU_TASK_HISTORY WHERE NAME = %(t)s"
                 " ORDER BY SCHEDULED_TIME DESC LIMIT 20",
@@ -135,98 +141,113 @@ class EmulatorDialect:
             out.append(TaskStatus(name, states.get(name, "missing"), failures, error))
         return out
 
-    def stream(self, wh: Warehouse) -> StreamStatus | None:
-        sf = wh.settings.snowflake
+    def stream(self, wh: Warehouse, n: Names) -> StreamStatus | None:
         rows = wh.query(
-            "SELECT STALE_AFTER FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": sf.stream}
+            "SELECT STALE_AFTER FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": n.stream}
         )
         if not rows:
             return None
         stale_after = rows[0]["STALE_AFTER"]
-        return StreamStatus(sf.stream, stale_after <= datetime.now(UTC), stale_after)
+        return StreamStatus(n.stream, stale_after <= datetime.now(UTC), stale_after)
+
+    def task_ddl(self, wh: Warehouse, stmt: sql.Statement) -> None:
+        """ALTER TASK ... SUSPEND / RESUME set the task's state; CREATE OR ALTER TASK keeps its
+        definition, which ``run_tasks`` runs."""
+        text = stmt.text
+        alter = re.match(r"ALTER TASK (?:IF EXISTS )?(\w+) (SUSPEND|RESUME)$", text, re.I)
+        if alter is not None:
+            name, action = alter.group(1), alter.group(2).upper()
+            state = "started" if action == "RESUME" else "suspended"
+            known = wh.query("SELECT 1 FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
+            if known:
+                wh.execute(
+                    "UPDATE _EMU_TASK_STATE SET STATE = %(s)s WHERE NAME = %(n)s",
+                    {"s": state, "n": name},
+                )
+            elif action == "RESUME" or "IF EXISTS" not in text.upper():
+                wh.execute(
+                    "INSERT INTO _EMU_TASK_STATE VALUES (%(n)s, %(s)s)", {"n": name, "s": state}
+                )
+            return
+        name = sql.task_name(stmt)
+        sql.task_body(stmt)  # refuses a body the runner could not run
+        wh.execute("DELETE FROM _EMU_TASKS WHERE NAME = %(n)s", {"n": name})
+        wh.execute("INSERT INTO _EMU_TASKS VALUES (%(n)s, %(d)s)", {"n": name, "d": text})
 
 
 class _PipeCopy:
-    """The pipe's COPY statement, split where fakesnow needs it split."""
+    """A pipe's COPY statement (``COPY INTO <landing> FROM @<stage>/<folder>
+    FILE_FORMAT = (...) MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE INCLUDE_METADATA = (...)
+    PATTERN = '...'``), read into what the stand-in needs."""
 
-    def __init__(self, copy_sql: str) -> None:
-        tree = sqlglot.parse_one(copy_sql, read="snowflake")
-        assert isinstance(tree, exp.Copy)
-        target = tree.this
-        assert isinstance(target, exp.Schema)
-        self.table = target.this.sql("snowflake")
-        columns = [c.name for c in target.expressions]
-        (source,) = tree.args["files"]
-        select = source.this if isinstance(source, exp.Subquery) else source
-        assert isinstance(select, exp.Select)
-        self.positional: list[tuple[int, str]] = []  # ($n, column)
-        self.metadata: dict[str, str] = {}  # METADATA$... -> column
-        for column, expr in zip(columns, select.expressions, strict=True):
-            if isinstance(expr, exp.Parameter):
-                self.positional.append((int(expr.this.name), column))
-            else:
-                self.metadata[expr.sql("snowflake").upper()] = column
-        self.positional.sort()
-        from_ = select.find(exp.From)
-        assert from_ is not None
-        stage = from_.this
-        self.stage = stage.sql("snowflake").lstrip("@")
-        fmt = copy_sql[copy_sql.upper().index("FILE_FORMAT") :].split(")")[0] + ")"
-        self.file_format = fmt
-        match = re.search(r"PATTERN\s*=\s*'([^']*)'", copy_sql, re.I)
-        self.pattern = match.group(1) if match else ".*"
+    def __init__(self, name: str, copy_sql: str) -> None:
+        self.name = name
+        text = " ".join(copy_sql.split())
 
-    @property
-    def columns(self) -> str:
-        return ", ".join(c for _, c in self.positional)
+        def find(pattern: str) -> str:
+            match = re.search(pattern, text, re.I)
+            if match is None:
+                raise ValueError(f"pipe {name}: its COPY has no {pattern!r}")
+            return match.group(1)
 
-    def holding(self, width: int) -> str:
-        """The holding table for files of ``width`` columns. A COPY with a transformation
-        reads only the file columns it names ("There is no requirement for your data files to
-        have the same number and ordering of columns as your target table"; the
-        ERROR_ON_COLUMN_COUNT_MISMATCH option is ignored then:
-        https://docs.snowflake.com/user-guide/data-load-transform), so a file with more
-        columns than the pipe selects (a logical object's ``_cdc_unchanged``) lands in a table
-        with room for them."""
-        extra = max(0, width - len(self.positional))
-        return "_EMU_PIPE_IN" if not extra else f"_EMU_PIPE_IN_{width}"
+        self.table = find(r"COPY INTO (\S+)")
+        stage_path = find(r"FROM @(\S+)")
+        self.stage, _, self.folder = stage_path.partition("/")
+        self.file_format = find(r"FILE_FORMAT = \(FORMAT_NAME = '([^']+)'\)")
+        if find(r"MATCH_BY_COLUMN_NAME = (\w+)").upper() != "CASE_INSENSITIVE":
+            raise ValueError(f"pipe {name}: the stand-in loads by case-insensitive name only")
+        self.metadata = {
+            field.upper(): column
+            for column, field in re.findall(
+                r"(\w+) = (METADATA\$\w+)", find(r"INCLUDE_METADATA = \(([^)]*)\)")
+            )
+        }
+        self.pattern = find(r"PATTERN = '([^']*)'")
+        self.landing = self.table.split(".")[-1]
 
-    def holding_ddl(self, width: int | None = None) -> list[str]:
-        # DuckDB adds the hive partition folder (dt=...) as a last column: _EMU_DT takes it.
-        width = len(self.positional) if width is None else width
-        name = self.holding(width)
-        extra = [
-            f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS _EMU_X{n} VARCHAR"
-            for n in range(len(self.positional) + 1, width + 1)
+    def emulated_format(self) -> str:
+        """The file format as fakesnow's COPY reads it: the header skipped (the stand-in maps
+        its names), no ERROR_ON_COLUMN_COUNT_MISMATCH (it has none)."""
+        return "_EMU_" + self.file_format.split(".")[-1]
+
+    def holding(self, header: list[str], columns: list[str]) -> tuple[str, list[str], str]:
+        """(name, DDL, insert) of the holding table for a file with ``header``: its columns
+        by position, each typed as the landing column of its name (ignoring case), VARCHAR
+        when the table has none (not loaded); DuckDB's hive partition column (dt=) last."""
+        upper = {c.upper(): c for c in columns}
+        matched = [upper.get(h.upper()) for h in header]
+        digest = hashlib.sha256(repr((self.landing, header, matched)).encode()).hexdigest()[:12]
+        name = f"_EMU_IN_{digest}"
+        select = ", ".join(
+            f"{quote(m)} AS _C{i}" if m is not None else f"CAST(NULL AS VARCHAR) AS _C{i}"
+            for i, m in enumerate(matched)
+        )
+        ddl = [
+            f"CREATE TABLE IF NOT EXISTS {name} AS SELECT {select}, CAST(NULL AS VARCHAR)"
+            f" AS _EMU_DT FROM {self.landing} WHERE 1 = 0",
         ]
-        return [
-            f"CREATE TABLE IF NOT EXISTS {name} AS SELECT {self.columns}"
-            f" FROM {self.table} WHERE 1 = 0",
-            *extra,
-            f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS _EMU_DT VARCHAR",
-        ]
-
-    def copy_file(self, relative: str, width: int | None = None) -> str:
-        # No column list: fakesnow 0.12 names read_csv's columns column0..columnN, which DuckDB
-        # zero-pads from ten columns on; without a list it inserts them by position.
-        quoted = relative.replace("'", "''")
-        name = self.holding(len(self.positional) if width is None else width)
-        return f"COPY INTO {name} FROM @{self.stage} FILES = ('{quoted}') {self.file_format}"
-
-    def insert_target(self, relative: str, width: int | None = None) -> tuple[str, dict[str, Any]]:
+        loaded = [(i, m) for i, m in enumerate(matched) if m is not None]
         meta_values = {
             "METADATA$FILENAME": "%(file)s",
             "METADATA$FILE_ROW_NUMBER": "ROW_NUMBER() OVER ()",
             "METADATA$START_SCAN_TIME": "%(now)s",
         }
-        extra_cols = list(self.metadata.values())
-        extra_vals = [meta_values[m] for m in self.metadata]
-        text = (
-            f"INSERT INTO {self.table} ({self.columns}, {', '.join(extra_cols)})"
-            f" SELECT {self.columns}, {', '.join(extra_vals)}"
-            f" FROM {self.holding(len(self.positional) if width is None else width)}"
+        targets = [quote(m) for _, m in loaded] + list(self.metadata.values())
+        values = [f"_C{i}" for i, _ in loaded] + [meta_values[f] for f in self.metadata]
+        insert = (
+            f"INSERT INTO {self.landing} ({', '.join(targets)})"
+            f" SELECT {', '.join(values)} FROM {name}"
         )
-        return text, {"file": relative, "now": datetime.now(UTC).isoformat()}
+        return name, ddl, insert
+
+    def copy_file(self, holding: str, relative: str) -> str:
+        # No column list: fakesnow 0.12 names read_csv's columns column0..columnN, which DuckDB
+        # zero-pads from ten columns on; without a list it inserts them by position.
+        quoted = relative.replace("'", "''")
+        return (
+            f"COPY INTO {holding} FROM @{self.stage} FILES = ('{quoted}')"
+            f" FILE_FORMAT = (FORMAT_NAME = '{self.emulated_format()}')"
+        )
 
 
 class LocalWarehouse:
@@ -242,9 +263,10 @@ class LocalWarehouse:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._wh: Warehouse | None = None
-        self._copy: _PipeCopy | None = None
+        self._pipes: dict[str, _PipeCopy] = {}  # by folder, relative to the stage
+        self._streams: dict[str, str] = {}  # stream -> its table
+        self.tables: list[WarehouseTable] = []
         self._queue_url: str | None = None
-        self._last_ingested: str | None = None
         self._lock = threading.Lock()
         self.settings = settings
 
@@ -325,56 +347,89 @@ class LocalWarehouse:
             return self.wh.query(text, params)
 
     # -- setup ------------------------------------------------------------------------------
-    def apply(self) -> None:
-        """The ``snowflake/`` statements, with the stage on the local folder; PIPE, STREAM
-        and TASK statements are taken by the emulation instead."""
+    def apply(self, tables: list[WarehouseTable] | None = None) -> None:
+        """The ``snowflake/`` statements for the group's tables (read from the catalog unless
+        given), with the stage on the local folder; PIPE, STREAM and TASK statements are taken
+        by the emulation instead. Applying again adds what is new (a table's new columns)."""
+        self.tables = read_catalog(self.settings) if tables is None else tables
         stage_url = self.stage_dir.resolve().as_uri() + "/"
+        task_ddl: list[sql.Statement] = []
         with self._lock:
-            for stmt in sql.statements(self.settings, stage_url_override=stage_url):
-                head = stmt.head
-                if head.startswith("CREATE PIPE"):
-                    self._copy = _PipeCopy(sql.pipe_copy(stmt))
-                    continue
-                if head.startswith(("CREATE STREAM", "CREATE WAREHOUSE")):
-                    continue  # a view stands in for the stream; fakesnow has no warehouses
-                if "TASK" in head.split()[:4]:
-                    continue
-                self.wh.execute(stmt.text)
             for ddl in _EMULATION_DDL:
                 self.wh.execute(ddl)
-            assert self._copy is not None, "snowflake/ has no CREATE PIPE"
-            for ddl in self._copy.holding_ddl():
-                self.wh.execute(ddl)
-            sf = self.settings.snowflake
-            self.wh.execute(
-                f"CREATE VIEW IF NOT EXISTS {sf.stream} AS SELECT r.* FROM RAW_SALES AS r"
-                " WHERE NOT EXISTS (SELECT 1 FROM _EMU_STREAM_CONSUMED AS c"
-                " WHERE c._FILE = r._FILE AND c._FILE_ROW = r._FILE_ROW)"
-            )
-            self._set_pipe_status("RUNNING", pending=0)
-            for name in (sf.merge_task, sf.cleanup_task):
-                self.wh.execute("DELETE FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
-                self.wh.execute(
-                    "INSERT INTO _EMU_TASK_STATE VALUES (%(n)s, 'started')", {"n": name}
-                )
-            self._stream_read()
+            for stmt in sql.statements(self.settings, self.tables, stage_url_override=stage_url):
+                head = stmt.head
+                if head.startswith("CREATE PIPE"):
+                    name = stmt.text.split()[5]  # CREATE PIPE IF NOT EXISTS <name>
+                    copy = _PipeCopy(name, sql.pipe_copy(stmt))
+                    self._pipes[copy.folder] = copy
+                    continue
+                if head.startswith("CREATE STREAM"):
+                    self._create_stream(stmt.text)
+                    continue
+                if head.startswith("CREATE WAREHOUSE"):
+                    continue  # fakesnow has no warehouses
+                if "TASK" in head.split()[:4]:
+                    task_ddl.append(stmt)
+                    continue
+                if head.startswith("CREATE FILE FORMAT"):
+                    self._create_formats(stmt.text)
+                    continue
+                self.wh.execute(stmt.text)
+            for t in self.tables:
+                evolve_table(self.wh, t)
+            for stmt in task_ddl:
+                self.wh.dialect.task_ddl(self.wh, stmt)
+            for copy in self._pipes.values():
+                if not self.query_pipe_status(copy.name):
+                    self._set_pipe_status(copy.name, "RUNNING", pending=0)
+            for t in self.tables:
+                self._stream_read(t.names.stream)
 
-    def _stream_read(self) -> None:
+    def query_pipe_status(self, pipe: str) -> list[dict[str, Any]]:
+        return self.wh.query("SELECT STATUS FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe})
+
+    def _create_formats(self, text: str) -> None:
+        """The file format, and the one fakesnow's COPY reads for it (``_PipeCopy``): the
+        header skipped instead of parsed, no ERROR_ON_COLUMN_COUNT_MISMATCH."""
+        emulated = re.sub(r"\bPARSE_HEADER\s*=\s*TRUE\b", "SKIP_HEADER = 1", text, flags=re.I)
+        emulated = re.sub(
+            r"\s*ERROR_ON_COLUMN_COUNT_MISMATCH\s*=\s*FALSE", "", emulated, flags=re.I
+        )
+        emulated = re.sub(
+            r"(FILE FORMAT IF NOT EXISTS )(\w+)", r"\1_EMU_\2", emulated, count=1, flags=re.I
+        )
+        self.wh.execute(emulated)
+
+    def _create_stream(self, text: str) -> None:
+        """An append-only stream: the landing rows it has not handed to a merge yet."""
+        match = re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I)
+        assert match is not None, text
+        stream, table = match.group(1), match.group(2).split(".")[-1]
+        self._streams[stream] = table
+        self.wh.execute(
+            f"CREATE OR REPLACE VIEW {stream} AS SELECT r.* FROM {table} AS r"
+            " WHERE NOT EXISTS (SELECT 1 FROM _EMU_STREAM_CONSUMED AS c"
+            f" WHERE c.STREAM = '{stream}' AND c._FILE = r._FILE AND c._FILE_ROW = r._FILE_ROW)"
+        )
+
+    def _stream_read(self, stream: str) -> None:
         """The stream was read (consumed, or found empty by SYSTEM$STREAM_HAS_DATA, which also
         keeps it from going stale): it goes stale STREAM_EXTENSION from now."""
-        stream = self.settings.snowflake.stream
         self.wh.execute("DELETE FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream})
         self.wh.execute(
             "INSERT INTO _EMU_STREAM_STATE VALUES (%(s)s, %(t)s)",
             {"s": stream, "t": (datetime.now(UTC) + STREAM_EXTENSION).isoformat()},
         )
 
-    def age_stream(self, stale_after: datetime) -> None:
-        """For tests: the stream goes (or went) stale at ``stale_after``."""
+    def age_stream(self, stale_after: datetime, stream: str | None = None) -> None:
+        """For tests: the stream (default: the first table's) goes (or went) stale at
+        ``stale_after``."""
+        stream = stream or self.tables[0].names.stream
         with self._lock:
             self.wh.execute(
                 "UPDATE _EMU_STREAM_STATE SET STALE_AFTER = %(t)s WHERE STREAM = %(s)s",
-                {"t": stale_after.isoformat(), "s": self.settings.snowflake.stream},
+                {"t": stale_after.isoformat(), "s": stream},
             )
 
     def resume_task(self, name: str) -> None:
@@ -412,30 +467,21 @@ class LocalWarehouse:
         )
 
     def connect_notifications(self) -> None:
-        """An SQS queue for the bucket's ObjectCreated events under the table's folder (what
-        the pipe's notification_channel is in Snowflake)."""
+        """An SQS queue for the bucket's ObjectCreated events under the prefix (what the
+        pipes' notification_channel is in Snowflake: one queue per account and region)."""
         sqs, s3 = self._clients()
         self._queue_url = sqs.create_queue(QueueName=self.queue_name)["QueueUrl"]
         arn = sqs.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=["QueueArn"])[
             "Attributes"
         ]["QueueArn"]
+        queue: dict[str, Any] = {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}
+        if self.settings.s3.prefix:  # (an empty prefix filters nothing, and S3 refuses it)
+            queue["Filter"] = {
+                "Key": {"FilterRules": [{"Name": "prefix", "Value": self.settings.s3.prefix}]}
+            }
         s3.put_bucket_notification_configuration(
             Bucket=self.settings.s3.bucket,
-            NotificationConfiguration={
-                "QueueConfigurations": [
-                    {
-                        "QueueArn": arn,
-                        "Events": ["s3:ObjectCreated:*"],
-                        "Filter": {
-                            "Key": {
-                                "FilterRules": [
-                                    {"Name": "prefix", "Value": sql.table_folder(self.settings)}
-                                ]
-                            }
-                        },
-                    }
-                ]
-            },
+            NotificationConfiguration={"QueueConfigurations": [queue]},
         )
 
     def _clients(self) -> tuple[Any, Any]:
@@ -471,42 +517,52 @@ class LocalWarehouse:
     def ingest(self) -> int:
         """Load every newly notified object, then serve refresh requests. Returns the number
         of files loaded."""
-        folder = sql.table_folder(self.settings)
         loaded = 0
-        keys = [k for k in self._notified_keys() if k.startswith(folder)]
-        for key in dict.fromkeys(keys):  # moto may notify twice for one object
+        for key in dict.fromkeys(self._notified_keys()):  # moto may notify twice for one object
             loaded += self._load(key)
         loaded += self._serve_refreshes()
-        if loaded:
-            with self._lock:
-                self._set_pipe_status("RUNNING", pending=0, last=self._last_ingested)
         return loaded
 
     def _serve_refreshes(self) -> int:
-        requests = self.query("SELECT PREFIX FROM _EMU_PIPE_REFRESH WHERE DONE_AT IS NULL")
+        requests = self.query("SELECT PIPE, PREFIX FROM _EMU_PIPE_REFRESH WHERE DONE_AT IS NULL")
         if not requests:
             return 0
         _, s3 = self._clients()
-        folder = sql.table_folder(self.settings)
+        by_name = {c.name: c for c in self._pipes.values()}
         loaded = 0
         for request in requests:
-            prefix = str(request["PREFIX"])
-            paginator = s3.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.settings.s3.bucket, Prefix=folder + prefix):
-                for item in page.get("Contents", []):
-                    loaded += self._load(item["Key"])
+            pipe, prefix = str(request["PIPE"]), str(request["PREFIX"])
+            copy = by_name.get(pipe)
+            if copy is not None:
+                paginator = s3.get_paginator("list_objects_v2")
+                for page in paginator.paginate(
+                    Bucket=self.settings.s3.bucket,
+                    Prefix=self.settings.s3.prefix + copy.folder + prefix,
+                ):
+                    for item in page.get("Contents", []):
+                        loaded += self._load(item["Key"])
             self.query(
-                "UPDATE _EMU_PIPE_REFRESH SET DONE_AT = %(t)s WHERE PREFIX = %(p)s",
-                {"t": datetime.now(UTC).isoformat(), "p": prefix},
+                "UPDATE _EMU_PIPE_REFRESH SET DONE_AT = %(t)s"
+                " WHERE PIPE = %(n)s AND PREFIX = %(p)s",
+                {"t": datetime.now(UTC).isoformat(), "n": pipe, "p": prefix},
             )
-            log.info("pipe_refreshed", prefix=prefix)
+            log.info("pipe_refreshed", pipe=pipe, prefix=prefix)
         return loaded
 
+    def _pipe_of(self, relative: str) -> _PipeCopy | None:
+        for folder, copy in self._pipes.items():
+            if relative.startswith(folder):
+                return copy
+        return None
+
     def _load(self, key: str) -> int:
-        """One object through the pipe's COPY. 1 if it loaded, 0 if skipped or failed."""
-        assert self._copy is not None, "apply() was not called"
-        relative = key.removeprefix(sql.table_folder(self.settings))
-        if not re.fullmatch(self._copy.pattern, relative):
+        """One object through its table's pipe. 1 if it loaded, 0 if skipped or failed."""
+        relative = key.removeprefix(self.settings.s3.prefix)  # to the stage
+        copy = self._pipe_of(relative)
+        if copy is None:
+            return 0  # no pipe reads this folder (the quarantine, another table's)
+        in_folder = relative.removeprefix(copy.folder)
+        if not re.fullmatch(copy.pattern, in_folder):
             return 0  # not matched by the pipe's PATTERN
         _, s3 = self._clients()
         target = self.stage_dir / relative
@@ -518,16 +574,17 @@ class LocalWarehouse:
         with target.open("wb") as out:
             shutil.copyfileobj(body, out)
         now = datetime.now(UTC).isoformat()
-        width = _header_width(target)
-        holding = self._copy.holding(width)
+        header = _header(target)
         with self._lock:
+            columns = self._columns(copy.landing)
+            holding, ddl, insert = copy.holding(header, columns)
             try:
-                for ddl in self._copy.holding_ddl(width):
-                    self.wh.execute(ddl)
-                result = self.wh.query(self._copy.copy_file(relative, width))
+                for statement in ddl:
+                    self.wh.execute(statement)
+                result = self.wh.query(copy.copy_file(holding, relative))
             except CdcError as exc:
-                self._history(relative, "LOAD_FAILED", 0, 0, str(exc), now)
-                self._set_pipe_status("RUNNING", pending=0, error=str(exc))
+                self._history(copy, in_folder, "LOAD_FAILED", 0, 0, str(exc), now)
+                self._set_pipe_status(copy.name, "RUNNING", pending=0, error=str(exc))
                 log.warning("pipe_load_failed", file=relative, error=str(exc))
                 return 0
             # fakesnow answers like Snowflake: file, status, rows_parsed, rows_loaded, ...
@@ -536,30 +593,50 @@ class LocalWarehouse:
             if status.upper() != "LOADED":
                 self.wh.execute(f"DELETE FROM {holding}")
                 return 0  # already loaded: Snowpipe skips it and records nothing new
-            text, params = self._copy.insert_target(relative, width)
-            self.wh.execute(text, params)
+            self.wh.execute(insert, {"file": in_folder, "now": now})
             self.wh.execute(f"DELETE FROM {holding}")
-            self._history(relative, "Loaded", int(values[3]), int(values[2]), None, now)
-            self._last_ingested = now
+            self._history(copy, in_folder, "Loaded", int(values[3]), int(values[2]), None, now)
+            self._set_pipe_status(copy.name, "RUNNING", pending=0, last=now)
         return 1
 
+    def _columns(self, table: str) -> list[str]:
+        """The table's columns as they are now (a column added by schema evolution too)."""
+        with self.wh.conn.cursor() as cur:
+            cur.execute(f"SELECT * FROM {table} LIMIT 0")
+            return [d[0] for d in cur.description]
+
     def _history(
-        self, file: str, status: str, loaded: int, parsed: int, error: str | None, at: str
+        self,
+        copy: _PipeCopy,
+        file: str,
+        status: str,
+        loaded: int,
+        parsed: int,
+        error: str | None,
+        at: str,
     ) -> None:
         self.wh.execute(
-            "INSERT INTO _EMU_COPY_HISTORY VALUES (%(f)s, %(s)s, %(l)s, %(p)s, %(e)s, %(t)s)",
-            {"f": file, "s": status, "l": loaded, "p": parsed, "e": error, "t": at},
+            "INSERT INTO _EMU_COPY_HISTORY"
+            " VALUES (%(n)s, %(f)s, %(s)s, %(l)s, %(p)s, %(e)s, %(t)s)",
+            {
+                "n": copy.landing,
+                "f": file,
+                "s": status,
+                "l": loaded,
+                "p": parsed,
+                "e": error,
+                "t": at,
+            },
         )
 
     def _set_pipe_status(
-        self, state: str, pending: int, last: str | None = None, error: str | None = None
+        self, pipe: str, state: str, pending: int, last: str | None = None, error: str | None = None
     ) -> None:
         status: dict[str, Any] = {"executionState": state, "pendingFileCount": pending}
         if last:
             status["lastIngestedTimestamp"] = last
         if error:
             status["error"] = error
-        pipe = self.settings.snowflake.pipe
         self.wh.execute("DELETE FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe})
         self.wh.execute(
             "INSERT INTO _EMU_PIPE_STATUS VALUES (%(p)s, %(s)s)",
@@ -568,46 +645,49 @@ class LocalWarehouse:
 
     # -- the task runner --------------------------------------------------------------------
     def run_tasks(self, *, cleanup: bool = False) -> int:
-        """The merge task's statements in one transaction when the stream has data (and the
-        cleanup task's when asked). Returns the number of changes merged."""
-        sf = self.settings.snowflake
-        tasks = {
-            sql.task_name(s): sql.task_body(s)
-            for s in sql.statements(self.settings, stage_url_override="file:///unused/")
-            if s.head.startswith("CREATE OR ALTER TASK")
-        }
+        """Each table's merge task's statements when its stream has data (and the cleanup
+        tasks' when asked). Returns the number of changes merged."""
         merged = 0
         with self._lock:
-            if not self._task_started(sf.merge_task):
-                return 0  # suspended: Snowflake schedules no run
-            pending = self.wh.query(f"SELECT COUNT(*) AS N FROM {sf.stream}")[0]["N"]
-            if pending:
-                # Statement by statement: fakesnow's MERGE writes to its own catalog database,
-                # which DuckDB refuses inside a transaction on another one. The body is
-                # idempotent (the stream keeps its rows until they are marked consumed, and
-                # a change is applied only over an older one), so a run cut short is redone
-                # whole by the next run.
-                try:
-                    for statement in tasks[sf.merge_task]:
-                        self.wh.execute(statement)
-                except CdcError as exc:
-                    self._record_run(sf.merge_task, str(exc))
-                    return 0
-                self.wh.execute(
-                    f"INSERT INTO _EMU_STREAM_CONSUMED SELECT _FILE, _FILE_ROW FROM {sf.stream}"
-                )
-                self._record_run(sf.merge_task, None)
-                merged = int(pending)
-            self._stream_read()
-            if cleanup and self._task_started(sf.cleanup_task):
-                try:
-                    for statement in tasks[sf.cleanup_task]:
-                        self.wh.execute(statement)
-                except CdcError as exc:
-                    self._record_run(sf.cleanup_task, str(exc))
-                else:
-                    self._record_run(sf.cleanup_task, None)
+            tasks = {
+                str(r["NAME"]): sql.task_body(sql.Statement("70_tasks.sql", str(r["DEFINITION"])))
+                for r in self.wh.query("SELECT NAME, DEFINITION FROM _EMU_TASKS")
+            }
+            for n in names(self.settings):
+                merged += self._merge(n.merge_task, n.stream, tasks[n.merge_task])
+                if cleanup and self._task_started(n.cleanup_task):
+                    try:
+                        for statement in tasks[n.cleanup_task]:
+                            self.wh.execute(statement)
+                    except CdcError as exc:
+                        self._record_run(n.cleanup_task, str(exc))
+                    else:
+                        self._record_run(n.cleanup_task, None)
         return merged
+
+    def _merge(self, task: str, stream: str, body: list[str]) -> int:
+        if not self._task_started(task):
+            return 0  # suspended: Snowflake schedules no run
+        pending = int(self.wh.query(f"SELECT COUNT(*) AS N FROM {stream}")[0]["N"])
+        if pending:
+            # Statement by statement: fakesnow's MERGE writes to its own catalog database,
+            # which DuckDB refuses inside a transaction on another one. The body is
+            # idempotent (the stream keeps its rows until they are marked consumed, and
+            # a change is applied only over an older one), so a run cut short is redone
+            # whole by the next run.
+            try:
+                for statement in body:
+                    self.wh.execute(statement)
+            except CdcError as exc:
+                self._record_run(task, str(exc))
+                return 0
+            self.wh.execute(
+                f"INSERT INTO _EMU_STREAM_CONSUMED SELECT '{stream}', _FILE, _FILE_ROW"
+                f" FROM {stream}"
+            )
+            self._record_run(task, None)
+        self._stream_read(stream)
+        return pending
 
     def pump(self) -> tuple[int, int]:
         """One round: the pipe stand-in, then the tasks. (files loaded, changes merged)"""
@@ -625,15 +705,15 @@ class LocalWarehouse:
                 time.sleep(0.2)
 
 
-def _header_width(path: Path) -> int:
-    """The number of columns in a staged object's header line."""
+def _header(path: Path) -> list[str]:
+    """A staged object's header line: its column names."""
     opener: Any = open
     if path.suffix == ".gz":
         opener = gzip.open
     elif path.suffix == ".zst":
-        return len(_zstd_first_line(path))
+        return _zstd_first_line(path)
     with opener(path, "rt", encoding="utf-8", newline="") as handle:
-        return len(next(csv.reader(handle), []))
+        return next(csv.reader(handle), [])
 
 
 def _zstd_first_line(path: Path) -> list[str]:

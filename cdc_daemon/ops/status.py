@@ -158,23 +158,23 @@ def _batch(b: dict[str, Any] | None) -> str:
 
 
 def _warehouse_rows(health: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """The pipe, the tasks and the stream, as the reconciler last saw them."""
+    """The pipes, the tasks and the streams, as the reconciler last saw them."""
     if health is None:
         return [
             ("warehouse", "not checked yet (the reconciler runs when snowflake.account is set)")
         ]
     rows = [("warehouse", f"checked at {health['checked_at']}")]
-    pipe = health.get("pipe")
-    if pipe:
+    for pipe in health.get("pipes", []):
         text = f"{pipe['state']}, {pipe['pending_files']} file(s) pending"
-        rows.append(("  pipe", text + (f": {pipe['error']}" if pipe["error"] else "")))
+        rows.append(
+            (f"  pipe {pipe['name']}", text + (f": {pipe['error']}" if pipe["error"] else ""))
+        )
     for task in health.get("tasks", []):
         text = task["state"]
         if task["consecutive_failures"]:
             text += f", {task['consecutive_failures']} failed run(s) in a row: {task['last_error']}"
         rows.append((f"  task {task['name']}", text))
-    stream = health.get("stream")
-    if stream:
+    for stream in health.get("streams", []):
         text = "STALE" if stream["stale"] else f"goes stale after {stream['stale_after']}"
         rows.append((f"  stream {stream['name']}", text))
     return rows

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -49,9 +49,7 @@ from cdc_daemon.warehouse.client import (
     StreamStatus,
     TaskStatus,
     Warehouse,
-    stage_relative,
 )
-from cdc_daemon.warehouse.sql import table_folder
 
 log = structlog.get_logger()
 
@@ -74,21 +72,29 @@ class Outcome:
     missing: list[tuple[str, str]] = field(default_factory=list)
     refreshed: list[str] = field(default_factory=list)
     waiting: int = 0
-    pipe: PipeStatus | None = None
+    pipes: list[PipeStatus] = field(default_factory=list)
     tasks: list[TaskStatus] = field(default_factory=list)
-    stream: StreamStatus | None = None
+    streams: list[StreamStatus] = field(default_factory=list)
+
+    @property
+    def pipe(self) -> PipeStatus | None:
+        """The first unhealthy pipe, else the first (one line for ``reconcile``)."""
+        sick = [p for p in self.pipes if not p.healthy]
+        pipes = sick or self.pipes
+        return pipes[0] if pipes else None
 
     def health_json(self) -> dict[str, Any]:
-        """The warehouse's side of this round: pipe, tasks, stream."""
-        pipe, stream = self.pipe, self.stream
+        """The warehouse's side of this round: pipes, tasks, streams."""
         return {
-            "pipe": None
-            if pipe is None
-            else {
-                "state": pipe.execution_state,
-                "pending_files": pipe.pending_file_count,
-                "error": pipe.error,
-            },
+            "pipes": [
+                {
+                    "name": pipe.name,
+                    "state": pipe.execution_state,
+                    "pending_files": pipe.pending_file_count,
+                    "error": pipe.error,
+                }
+                for pipe in self.pipes
+            ],
             "tasks": [
                 {
                     "name": t.name,
@@ -98,13 +104,14 @@ class Outcome:
                 }
                 for t in self.tasks
             ],
-            "stream": None
-            if stream is None
-            else {
-                "name": stream.name,
-                "stale": stream.stale,
-                "stale_after": stream.stale_after.isoformat() if stream.stale_after else None,
-            },
+            "streams": [
+                {
+                    "name": stream.name,
+                    "stale": stream.stale,
+                    "stale_after": stream.stale_after.isoformat() if stream.stale_after else None,
+                }
+                for stream in self.streams
+            ],
         }
 
     def as_json(self) -> dict[str, Any]:
@@ -114,14 +121,16 @@ class Outcome:
             "missing": [{"batch_id": b, "reason": r} for b, r in self.missing],
             "refreshed": self.refreshed,
             "waiting": self.waiting,
-            "pipe": None
-            if self.pipe is None
-            else {
-                "execution_state": self.pipe.execution_state,
-                "pending_file_count": self.pipe.pending_file_count,
-                "last_ingested_at": self.pipe.last_ingested_at,
-                "error": self.pipe.error,
-            },
+            "pipes": [
+                {
+                    "name": pipe.name,
+                    "execution_state": pipe.execution_state,
+                    "pending_file_count": pipe.pending_file_count,
+                    "last_ingested_at": pipe.last_ingested_at,
+                    "error": pipe.error,
+                }
+                for pipe in self.pipes
+            ],
         }
 
 
@@ -144,15 +153,16 @@ SALES_DAYS = (
 
 
 def judge(
-    item: Unreconciled, history: dict[str, LoadRecord]
+    item: Unreconciled, history: dict[str, LoadRecord], prefix: str = ""
 ) -> tuple[Status | None, str | None, list[str]]:
-    """(new status or None to keep waiting, the reason, the objects not seen yet)."""
+    """(new status or None to keep waiting, the reason, the objects not seen yet, named
+    relative to the bucket's ``prefix`` as the history names them)."""
     unseen: list[str] = []
     problems: list[str] = []
     for obj in item.batch.objects:
         if obj.quarantine:
             continue
-        name = stage_relative(obj.key)
+        name = obj.key.removeprefix(prefix)
         record = history.get(name)
         if record is None or record.status not in _HISTORY_FINAL or record.rows_parsed is None:
             unseen.append(name)
@@ -198,6 +208,7 @@ class Reconciler:
         self._table = settings.table
         # Where its batches are in the ledger (the group's name in logical mode).
         self._ledger_name = settings.ledger_name
+        self._prefix = settings.s3.prefix
         self._wh = warehouse
         self._store: Store | None = None
         self.last: Outcome | None = None
@@ -210,9 +221,8 @@ class Reconciler:
         """The merge and cleanup tasks and the stream, every round: a suspended or failing
         task, or a stale stream, means loaded batches stop reaching SALES even though the load
         history says ``Loaded``. Logged every round while it lasts, and kept for the metrics."""
-        sf = self._settings.snowflake
         outcome.tasks = await asyncio.to_thread(wh.tasks)
-        outcome.stream = await asyncio.to_thread(wh.stream)
+        streams = await asyncio.to_thread(wh.streams)
         for task in outcome.tasks:
             if self._metrics is not None:
                 self._metrics.task(task.name, task.state == "started", task.consecutive_failures)
@@ -232,10 +242,15 @@ class Reconciler:
                     failures=task.consecutive_failures,
                     error=task.last_error,
                 )
-        stream = outcome.stream
-        if stream is None:
-            log.error("stream_missing", stream=sf.stream)
-            return
+        for name, stream in streams:
+            if stream is None:
+                log.error("stream_missing", stream=name)
+                continue
+            outcome.streams.append(stream)
+            self._watch_stream(stream, now)
+
+    def _watch_stream(self, stream: StreamStatus, now: datetime) -> None:
+        sf = self._settings.snowflake
         left = None if stream.stale_after is None else stream.stale_after - now
         if self._metrics is not None and left is not None:
             self._metrics.stream_stale_in(stream.name, left.total_seconds())
@@ -304,33 +319,23 @@ class Reconciler:
         items = await store.unreconciled(self._ledger_name)
         items += await store.unreconciled_chunks(self._table)
         if self._settings.capture.mode == "logical":
-            # The snapshot's chunks of the table the warehouse is written for.
-            items += await store.unreconciled_join_chunks(self._ledger_name, self._table)
-            # A group's batch may hold other tables' objects, which no pipe loads (yet): the
-            # objects of the warehouse's table are judged; a batch with none of them waits.
-            folder = table_folder(self._settings)
-            items = [
-                replace(i, batch=replace(i.batch, objects=mine))
-                for i in items
-                if (
-                    mine := tuple(
-                        o for o in i.batch.objects if o.quarantine or o.key.startswith(folder)
-                    )
-                )
-            ]
+            # The snapshot's chunks of every table of the group.
+            for spec in self._settings.table_specs:
+                items += await store.unreconciled_join_chunks(self._ledger_name, spec.qualified)
         wh = await self._warehouse()
         outcome = Outcome()
-        outcome.pipe = await asyncio.to_thread(wh.pipe_status)
-        if self._metrics is not None:
-            self._metrics.pipe(sf.pipe, outcome.pipe.healthy, outcome.pipe.pending_file_count)
-        if not outcome.pipe.healthy:
-            log.warning(
-                "pipe_not_running",
-                pipe=sf.pipe,
-                state=outcome.pipe.execution_state,
-                pending_files=outcome.pipe.pending_file_count,
-                error=outcome.pipe.error,
-            )
+        outcome.pipes = await asyncio.to_thread(wh.pipe_statuses)
+        for pipe in outcome.pipes:
+            if self._metrics is not None:
+                self._metrics.pipe(pipe.name, pipe.healthy, pipe.pending_file_count)
+            if not pipe.healthy:
+                log.warning(
+                    "pipe_not_running",
+                    pipe=pipe.name,
+                    state=pipe.execution_state,
+                    pending_files=pipe.pending_file_count,
+                    error=pipe.error,
+                )
         await self._watch_tasks_and_stream(wh, outcome, now)
         await self._save_health(store, outcome)
         if items:
@@ -344,7 +349,7 @@ class Reconciler:
         wait = timedelta(seconds=sf.missing_after_s)
         for item in items:
             batch = item.batch
-            new, reason, unseen = judge(item, history)
+            new, reason, unseen = judge(item, history, self._prefix)
             if new is not None:
                 if await self._settle(store, item, new, reason):
                     if new is Status.LOADED:

@@ -23,18 +23,22 @@ import structlog
 from cdc_daemon import extensions
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, from_snowflake
+from cdc_daemon.warehouse.model import Names, names
 
 if TYPE_CHECKING:
     # Imported where used: the connector costs ~40 MB of RSS, which a daemon without a
     # warehouse (or before its first reconcile) should not pay.
     from snowflake.connector import SnowflakeConnection
 
+    from cdc_daemon.warehouse.sql import Statement
+
 log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
 class LoadRecord:
-    """One file in the load history. ``file`` is relative to the stage: ``dt=.../name``."""
+    """One file in the load history. ``file`` is relative to the bucket's prefix (the stage):
+    ``<schema>.<table>/dt=.../name``."""
 
     file: str
     status: str  # loaded | load_failed | partially_loaded | load_skipped
@@ -46,6 +50,7 @@ class LoadRecord:
 
 @dataclass(frozen=True)
 class PipeStatus:
+    name: str
     execution_state: str  # RUNNING, PAUSED, STOPPED_*, ...
     pending_file_count: int
     last_ingested_at: str | None
@@ -102,8 +107,14 @@ def consecutive_failures(states: Sequence[tuple[str, str | None]]) -> tuple[int,
 
 def stage_relative(file_name: str) -> str:
     """``dt=2011-01-04/x.csv.gz`` from whatever form the history gives (a full URL, a path
-    under the stage): the partition folder and the object name."""
+    under the stage or under the pipe's folder): the partition folder and the object name."""
     return "/".join(posixpath.normpath(file_name).split("/")[-2:])
+
+
+def object_name(n: Names, file_name: str) -> str:
+    """A load-history file of table ``n`` as the ledger names it, relative to the bucket's
+    prefix: ``<schema>.<table>/dt=.../name`` (COPY_HISTORY is read per landing table)."""
+    return n.folder + stage_relative(file_name)
 
 
 def normalize_status(status: str) -> str:
@@ -111,45 +122,58 @@ def normalize_status(status: str) -> str:
 
 
 class Dialect(Protocol):
-    def load_history(self, wh: Warehouse, since: datetime) -> list[LoadRecord]: ...
-    def pipe_status(self, wh: Warehouse) -> PipeStatus: ...
-    def refresh(self, wh: Warehouse, prefix: str) -> None: ...
-    def tasks(self, wh: Warehouse) -> list[TaskStatus]: ...
-    def stream(self, wh: Warehouse) -> StreamStatus | None: ...
+    def load_history(self, wh: Warehouse, n: Names, since: datetime) -> list[LoadRecord]: ...
+    def pipe_status(self, wh: Warehouse, n: Names) -> PipeStatus: ...
+    def refresh(self, wh: Warehouse, n: Names, prefix: str) -> None: ...
+    def tasks(self, wh: Warehouse, n: Names) -> list[TaskStatus]: ...
+    def stream(self, wh: Warehouse, n: Names) -> StreamStatus | None: ...
+    def task_ddl(self, wh: Warehouse, stmt: Statement) -> None: ...
 
 
 class SnowflakeDialect:
-    def load_history(self, wh: Warehouse, since: datetime) -> list[LoadRecord]:
+    def task_ddl(self, wh: Warehouse, stmt: Statement) -> None:
+        """A statement of 70_tasks.sql (ALTER TASK ... SUSPEND, CREATE OR ALTER TASK, ALTER
+        TASK ... RESUME)."""
+        wh.execute(stmt.text)
+
+    def load_history(self, wh: Warehouse, n: Names, since: datetime) -> list[LoadRecord]:
         sf = wh.settings.snowflake
         rows = wh.query(
             f"SELECT FILE_NAME, STATUS, ROW_COUNT, ROW_PARSED, FIRST_ERROR_MESSAGE,"
             f" LAST_LOAD_TIME FROM TABLE({sf.database}.INFORMATION_SCHEMA.COPY_HISTORY("
             f"TABLE_NAME => %(table)s, START_TIME => %(since)s::TIMESTAMP_LTZ))",
-            {"table": f"{sf.database}.{sf.schema_}.RAW_SALES", "since": since.isoformat()},
+            {"table": f"{sf.database}.{sf.schema_}.{n.landing}", "since": since.isoformat()},
         )
-        return [load_record(row) for row in rows]
+        return [load_record(n, row) for row in rows]
 
-    def pipe_status(self, wh: Warehouse) -> PipeStatus:
+    def pipe_status(self, wh: Warehouse, n: Names) -> PipeStatus:
         sf = wh.settings.snowflake
         rows = wh.query(
             "SELECT SYSTEM$PIPE_STATUS(%(pipe)s) AS S",
-            {"pipe": f"{sf.database}.{sf.schema_}.{sf.pipe}"},
+            {"pipe": f"{sf.database}.{sf.schema_}.{n.pipe}"},
         )
-        return parse_pipe_status(str(rows[0]["S"]))
+        return parse_pipe_status(n.pipe, str(rows[0]["S"]))
 
-    def refresh(self, wh: Warehouse, prefix: str) -> None:
-        # PREFIX is relative to the stage; Snowflake only queues files staged in the last
-        # 7 days that the pipe has not loaded.
-        wh.query(f"ALTER PIPE {wh.settings.snowflake.pipe} REFRESH PREFIX = %(p)s", {"p": prefix})
+    def refresh(self, wh: Warehouse, n: Names, prefix: str) -> None:
+        # PREFIX is appended to the pipe's stage path (the table's folder); Snowflake only
+        # queues files staged in the last 7 days that the pipe has not loaded.
+        sf = wh.settings.snowflake
+        wh.query(
+            f"ALTER PIPE {sf.database}.{sf.schema_}.{n.pipe} REFRESH PREFIX = %(p)s",
+            {"p": prefix},
+        )
 
-    def tasks(self, wh: Warehouse) -> list[TaskStatus]:
+    def tasks(self, wh: Warehouse, n: Names) -> list[TaskStatus]:
         sf = wh.settings.snowflake
         shown = {
             str(r["name"]).upper(): str(r["state"]).lower()
-            for r in wh.query(f"SHOW TASKS IN SCHEMA {sf.database}.{sf.schema_}")
+            for r in wh.query(
+                f"SHOW TASKS LIKE %(t)s IN SCHEMA {sf.database}.{sf.schema_}",
+                {"t": f"%{n.name}"},
+            )
         }
         out = []
-        for name in (sf.merge_task, sf.cleanup_task):
+        for name in n.tasks:
             runs = wh.query(
                 f"SELECT STATE, ERROR_MESSAGE FROM TABLE({sf.database}.INFORMATION_SCHEMA"
                 ".TASK_HISTORY(TASK_NAME => %(t)s, RESULT_LIMIT => 20))"
@@ -162,25 +186,26 @@ class SnowflakeDialect:
             out.append(TaskStatus(name, shown.get(name.upper(), "missing"), failures, error))
         return out
 
-    def stream(self, wh: Warehouse) -> StreamStatus | None:
+    def stream(self, wh: Warehouse, n: Names) -> StreamStatus | None:
         sf = wh.settings.snowflake
         rows = wh.query(
-            f"SHOW STREAMS LIKE %(s)s IN SCHEMA {sf.database}.{sf.schema_}", {"s": sf.stream}
+            f"SHOW STREAMS LIKE %(s)s IN SCHEMA {sf.database}.{sf.schema_}", {"s": n.stream}
         )
         if not rows:
             return None
         row = rows[0]
         return StreamStatus(
-            sf.stream, str(row["stale"]).lower() == "true", row.get("stale_after") or None
+            n.stream, str(row["stale"]).lower() == "true", row.get("stale_after") or None
         )
 
 
-def parse_pipe_status(text: str) -> PipeStatus:
+def parse_pipe_status(name: str, text: str) -> PipeStatus:
     """SYSTEM$PIPE_STATUS's JSON. Its documented problem fields are ``error`` and ``fault``
     (Snowflake: "SYSTEM$PIPE_STATUS", Output); there is no ``lastForwardedMessage``."""
     data: dict[str, Any] = json.loads(text)
     problems = [str(data[k]) for k in ("error", "fault") if data.get(k)]
     return PipeStatus(
+        name=name,
         execution_state=str(data.get("executionState", "UNKNOWN")),
         pending_file_count=int(data.get("pendingFileCount", 0)),
         last_ingested_at=data.get("lastIngestedTimestamp"),
@@ -188,11 +213,11 @@ def parse_pipe_status(text: str) -> PipeStatus:
     )
 
 
-def load_record(row: dict[str, Any]) -> LoadRecord:
+def load_record(n: Names, row: dict[str, Any]) -> LoadRecord:
     """One row of COPY_HISTORY (FILE_NAME, STATUS, ROW_COUNT, ROW_PARSED, FIRST_ERROR_MESSAGE,
-    LAST_LOAD_TIME)."""
+    LAST_LOAD_TIME) of table ``n``'s landing table."""
     return LoadRecord(
-        file=stage_relative(str(row["FILE_NAME"])),
+        file=object_name(n, str(row["FILE_NAME"])),
         status=normalize_status(str(row["STATUS"])),
         rows_loaded=int(row["ROW_COUNT"] or 0),
         rows_parsed=None if row["ROW_PARSED"] is None else int(row["ROW_PARSED"]),
@@ -213,6 +238,7 @@ class Warehouse:
             else:
                 dialect = SnowflakeDialect()
         self.dialect = dialect
+        self.names = names(settings)
         self._conn: SnowflakeConnection | None = None
 
     def __repr__(self) -> str:
@@ -282,19 +308,27 @@ class Warehouse:
         self.query(text, params)
 
     def load_history(self, since: datetime) -> list[LoadRecord]:
-        return self.dialect.load_history(self, since)
+        """Every table's load history."""
+        return [r for n in self.names for r in self.dialect.load_history(self, n, since)]
 
-    def pipe_status(self) -> PipeStatus:
-        return self.dialect.pipe_status(self)
+    def pipe_statuses(self) -> list[PipeStatus]:
+        return [self.dialect.pipe_status(self, n) for n in self.names]
 
-    def refresh(self, prefix: str) -> None:
-        self.dialect.refresh(self, prefix)
+    def refresh(self, name: str) -> None:
+        """Ask the pipe of the object's table to look again: ``name`` is relative to the
+        bucket's prefix (``<schema>.<table>/dt=.../x.csv.gz``)."""
+        for n in self.names:
+            if name.startswith(n.folder):
+                self.dialect.refresh(self, n, name.removeprefix(n.folder))
+                return
+        raise ValueError(f"{name}: no table of the group has this folder")
 
     def tasks(self) -> list[TaskStatus]:
-        return self.dialect.tasks(self)
+        return [task for n in self.names for task in self.dialect.tasks(self, n)]
 
-    def stream(self) -> StreamStatus | None:
-        return self.dialect.stream(self)
+    def streams(self) -> list[tuple[str, StreamStatus | None]]:
+        """(stream name, its status or None when it does not exist) per table."""
+        return [(n.stream, self.dialect.stream(self, n)) for n in self.names]
 
     def close(self) -> None:
         if self._conn is not None:

@@ -18,6 +18,7 @@ import jinja2
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError
+from cdc_daemon.warehouse.model import WarehouseTable
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "snowflake"
 
@@ -43,20 +44,52 @@ def table_folder(settings: Settings) -> str:
 
 
 def stage_url(settings: Settings) -> str:
-    url = f"s3://{settings.s3.bucket}/{table_folder(settings)}"
-    if not _SAFE_URL_PART.match(url.removeprefix("s3://")):
-        raise ConfigError(
-            "the S3 bucket, prefix and table name must be plain "
-            "(letters, digits, . _ - / =) to be named in Snowflake's stage URL"
-        )
+    """The stage: the bucket's prefix (each table's folder is a path under it)."""
+    url = f"s3://{settings.s3.bucket}/{settings.s3.prefix}"
+    for part in [url.removeprefix("s3://"), *(s.qualified for s in settings.table_specs)]:
+        if not _SAFE_URL_PART.match(part):
+            raise ConfigError(
+                "the S3 bucket, prefix and table names must be plain "
+                "(letters, digits, . _ - / =) to be named in Snowflake's stage URL"
+            )
     return url
 
 
+def _model_parts(
+    settings: Settings, tables: list[WarehouseTable]
+) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]:
+    """Each table's models: their DDL, their refresh statements, their names."""
+    ddl: dict[str, list[str]] = {}
+    refresh: dict[str, list[str]] = {}
+    named: dict[str, list[str]] = {}
+    sf = settings.snowflake
+    for t in tables:
+        n = t.names
+        common = {
+            "source": n.name,
+            "touched": n.touched,
+            "database": sf.database,
+            "schema": sf.schema_,
+        }
+        ddl[n.name] = [render_file(m, common | {"ddl": True}).strip() for m in t.models]
+        refresh[n.name] = [render_file(m, common | {"ddl": False}).strip() for m in t.models]
+        named[n.name] = [re.sub(r"^[0-9]+_", "", m.stem).upper() for m in t.models]
+    return ddl, refresh, named
+
+
 def template_vars(
-    settings: Settings, *, stage_url_override: str | None = None
+    settings: Settings,
+    tables: list[WarehouseTable],
+    *,
+    stage_url_override: str | None = None,
 ) -> dict[str, object]:
     sf = settings.snowflake
+    model_ddl, model_refresh, model_names = _model_parts(settings, tables)
     return {
+        "tables": tables,
+        "model_ddl": model_ddl,
+        "model_refresh": model_refresh,
+        "model_names": model_names,
         "database": sf.database,
         "schema": sf.schema_,
         "warehouse": sf.warehouse,
@@ -67,15 +100,10 @@ def template_vars(
         "stage": sf.stage,
         "stage_url": stage_url_override or stage_url(settings),
         "file_format": sf.file_format,
-        "pipe": sf.pipe,
-        "stream": sf.stream,
-        "merge_task": sf.merge_task,
-        "cleanup_task": sf.cleanup_task,
         "merge_schedule": sf.merge_schedule,
         "cleanup_schedule": sf.cleanup_schedule,
         "retention_days": sf.retention_days,
         "tombstone_days": sf.tombstone_days,
-        "table": settings.postgres.table.replace("'", ""),
     }
 
 
@@ -97,12 +125,16 @@ def render_file(path: Path, variables: dict[str, object]) -> str:
 
 
 def statements(
-    settings: Settings, *, stage_url_override: str | None = None, sql_dir: Path = SQL_DIR
+    settings: Settings,
+    tables: list[WarehouseTable],
+    *,
+    stage_url_override: str | None = None,
+    sql_dir: Path = SQL_DIR,
 ) -> list[Statement]:
     """Every statement of every file, in order."""
     from snowflake.connector.util_text import split_statements  # ~40 MB: only when used
 
-    variables = template_vars(settings, stage_url_override=stage_url_override)
+    variables = template_vars(settings, tables, stage_url_override=stage_url_override)
     out: list[Statement] = []
     for path in sql_files(sql_dir):
         text = render_file(path, variables)
@@ -113,9 +145,9 @@ def statements(
     return out
 
 
-def render(settings: Settings, *, sql_dir: Path = SQL_DIR) -> str:
+def render(settings: Settings, tables: list[WarehouseTable], *, sql_dir: Path = SQL_DIR) -> str:
     """The whole script for the current configuration, with each file's comments kept."""
-    variables = template_vars(settings)
+    variables = template_vars(settings, tables)
     parts = []
     for path in sql_files(sql_dir):
         body = re.sub(r"\n{3,}", "\n\n", render_file(path, variables)).strip()
@@ -126,10 +158,10 @@ def render(settings: Settings, *, sql_dir: Path = SQL_DIR) -> str:
 GRANTS = SQL_DIR / "grants" / "grants.sql"
 
 
-def render_grants(settings: Settings) -> str:
+def render_grants(settings: Settings, tables: list[WarehouseTable]) -> str:
     """The least-privilege roles and grants for the configuration (``snowflake/grants/``)."""
     sf = settings.snowflake
-    variables = template_vars(settings) | {
+    variables = template_vars(settings, tables) | {
         "deployer_role": sf.deployer_role,
         "tasks_role": sf.tasks_role,
         "reconciler_role": sf.reconciler_role,

@@ -48,41 +48,49 @@ GRANT USAGE ON WAREHOUSE {{ warehouse }} TO ROLE {{ reconciler_role }};
 GRANT OWNERSHIP ON FUTURE TASKS IN SCHEMA {{ database }}.{{ schema }} TO ROLE {{ tasks_role }};
 GRANT OWNERSHIP ON ALL TASKS IN SCHEMA {{ database }}.{{ schema }} TO ROLE {{ tasks_role }}
   COPY CURRENT GRANTS;
--- MERGE_SALES: SELECT ... FROM {{ stream }} (reading a stream needs the stream and its table)
-GRANT SELECT ON STREAM {{ database }}.{{ schema }}.{{ stream }} TO ROLE {{ tasks_role }};
--- MERGE_SALES: the stream's table; CLEANUP_RAW_SALES: DELETE FROM RAW_SALES
-GRANT SELECT, DELETE ON TABLE {{ database }}.{{ schema }}.RAW_SALES TO ROLE {{ tasks_role }};
--- MERGE_SALES: MERGE INTO SALES (update, delete, insert branches), SELECT ... FROM SALES
-GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {{ database }}.{{ schema }}.SALES
+{%- for t in tables %}
+{%- set n = t.names %}
+{%- set at = database ~ "." ~ schema ~ "." %}
+-- ---- {{ n.source }} -> {{ n.name }} ----
+-- {{ n.merge_task }}: SELECT ... FROM {{ n.stream }} (reading a stream needs the stream and its
+-- table)
+GRANT SELECT ON STREAM {{ at }}{{ n.stream }} TO ROLE {{ tasks_role }};
+-- {{ n.merge_task }}: the stream's table; {{ n.cleanup_task }}: DELETE FROM {{ n.landing }}
+GRANT SELECT, DELETE ON TABLE {{ at }}{{ n.landing }} TO ROLE {{ tasks_role }};
+-- {{ n.merge_task }}: MERGE INTO {{ n.name }} (update, delete, insert branches), SELECT ... FROM
+-- {{ n.name }}
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {{ at }}{{ n.name }} TO ROLE {{ tasks_role }};
+-- {{ n.merge_task }}: MERGE INTO {{ n.tombstones }}; {{ n.cleanup_task }}: DELETE FROM it
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {{ at }}{{ n.tombstones }}
   TO ROLE {{ tasks_role }};
--- MERGE_SALES: MERGE INTO SALES_TOMBSTONES; CLEANUP_RAW_SALES: DELETE FROM SALES_TOMBSTONES
-GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {{ database }}.{{ schema }}.SALES_TOMBSTONES
-  TO ROLE {{ tasks_role }};
--- MERGE_SALES: DELETE FROM / INSERT INTO the work tables, and reads them
-GRANT SELECT, INSERT, DELETE ON TABLE {{ database }}.{{ schema }}.SALES_CHANGES
-  TO ROLE {{ tasks_role }};
-GRANT SELECT, INSERT, DELETE ON TABLE {{ database }}.{{ schema }}.SALES_TOUCHED
-  TO ROLE {{ tasks_role }};
--- MERGE_SALES: INVOICES and PRODUCTS recomputed (DELETE, then INSERT)
-GRANT INSERT, DELETE ON TABLE {{ database }}.{{ schema }}.INVOICES TO ROLE {{ tasks_role }};
-GRANT INSERT, DELETE ON TABLE {{ database }}.{{ schema }}.PRODUCTS TO ROLE {{ tasks_role }};
--- MERGE_SALES: INSERT INTO SALES_MERGE_LOG; CLEANUP_RAW_SALES: reads and trims it
-GRANT SELECT, INSERT, DELETE ON TABLE {{ database }}.{{ schema }}.SALES_MERGE_LOG
-  TO ROLE {{ tasks_role }};
--- the reconciler: COPY_HISTORY(TABLE_NAME => RAW_SALES) needs USAGE on the database and the
--- schema of the pipe and any privilege on the table (Snowflake: "COPY_HISTORY", usage notes)
-GRANT SELECT ON TABLE {{ database }}.{{ schema }}.RAW_SALES TO ROLE {{ reconciler_role }};
--- the reconciler: SYSTEM$PIPE_STATUS('{{ pipe }}') (the pipe's owner or MONITOR on it)
-GRANT MONITOR ON PIPE {{ database }}.{{ schema }}.{{ pipe }} TO ROLE {{ reconciler_role }};
--- the reconciler: ALTER PIPE {{ pipe }} REFRESH PREFIX = ... (OPERATE on the pipe)
-GRANT OPERATE ON PIPE {{ database }}.{{ schema }}.{{ pipe }} TO ROLE {{ reconciler_role }};
--- the reconciler's completeness check: SELECT ... FROM SALES
-GRANT SELECT ON TABLE {{ database }}.{{ schema }}.SALES TO ROLE {{ reconciler_role }};
+-- {{ n.merge_task }}: DELETE FROM / INSERT INTO the work tables, and reads them
+GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.changes }} TO ROLE {{ tasks_role }};
+{%- if t.models %}
+GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.touched }} TO ROLE {{ tasks_role }};
+{%- endif %}
+{%- for m in model_names[n.name] %}
+-- {{ n.merge_task }}: the model {{ m }} recomputed (DELETE, then INSERT)
+GRANT INSERT, DELETE ON TABLE {{ at }}{{ m }} TO ROLE {{ tasks_role }};
+{%- endfor %}
+-- {{ n.merge_task }}: INSERT INTO {{ n.merge_log }}; {{ n.cleanup_task }}: reads and trims it
+GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.merge_log }} TO ROLE {{ tasks_role }};
+-- the reconciler: COPY_HISTORY(TABLE_NAME => {{ n.landing }}) needs USAGE on the database and
+-- the schema of the pipe and any privilege on the table (Snowflake: "COPY_HISTORY", usage notes)
+GRANT SELECT ON TABLE {{ at }}{{ n.landing }} TO ROLE {{ reconciler_role }};
+-- the reconciler: SYSTEM$PIPE_STATUS('{{ n.pipe }}') (the pipe's owner or MONITOR on it)
+GRANT MONITOR ON PIPE {{ at }}{{ n.pipe }} TO ROLE {{ reconciler_role }};
+-- the reconciler: ALTER PIPE {{ n.pipe }} REFRESH PREFIX = ... (OPERATE on the pipe)
+GRANT OPERATE ON PIPE {{ at }}{{ n.pipe }} TO ROLE {{ reconciler_role }};
 -- the reconciler: SHOW TASKS and TASK_HISTORY(TASK_NAME => ...) show a task to a role with
 -- MONITOR on it (Snowflake: "TASK_HISTORY", usage notes)
-GRANT MONITOR ON TASK {{ database }}.{{ schema }}.{{ merge_task }} TO ROLE {{ reconciler_role }};
-GRANT MONITOR ON TASK {{ database }}.{{ schema }}.{{ cleanup_task }}
-  TO ROLE {{ reconciler_role }};
+GRANT MONITOR ON TASK {{ at }}{{ n.merge_task }} TO ROLE {{ reconciler_role }};
+GRANT MONITOR ON TASK {{ at }}{{ n.cleanup_task }} TO ROLE {{ reconciler_role }};
 -- the reconciler: SHOW STREAMS shows a stream to a role with a privilege on it (SELECT is the
 -- only one a stream has; reading it outside DML does not move its offset)
-GRANT SELECT ON STREAM {{ database }}.{{ schema }}.{{ stream }} TO ROLE {{ reconciler_role }};
+GRANT SELECT ON STREAM {{ at }}{{ n.stream }} TO ROLE {{ reconciler_role }};
+{%- endfor %}
+-- the reconciler: the rows of each current-state table (counts), and the completeness
+-- check's SELECT ... FROM SALES
+{%- for t in tables %}
+GRANT SELECT ON TABLE {{ database }}.{{ schema }}.{{ t.names.name }} TO ROLE {{ reconciler_role }};
+{%- endfor %}

@@ -55,8 +55,11 @@ day).
 Schema changes. pgoutput sends a Relation message (the column list) before a table's first
 change in every call and after each DDL. A column added at the end starts a new object
 "generation" within the batch (keys ``<batch_id>-s<n>``) whose header has the new column;
-it is logged (``columns_changed``). A dropped, renamed or retyped column stops the daemon
-with a clear message unless ``capture.schema_change = "follow"``. The accepted column list is
+it is logged (``columns_changed``), and the warehouse gets the column before the first
+object naming it is uploaded (``warehouse.evolve``). A dropped column is followed too (the
+pipes load by name: Snowflake's column gets NULL from then on; a rename is a drop and an add).
+A retyped column stops that table (a group of one: the daemon) with a clear message unless
+``capture.schema_change = "follow"``. The accepted column list is
 kept in the ledger (``relations``) so a restart compares against it too. TRUNCATE of the table
 stops the daemon: it cannot be expressed as row changes (re-initialise the pipeline).
 
@@ -1167,12 +1170,13 @@ class _Reader:
         retyped = [n for n in old_names if n in new_names and old_names[n] != new_names[n]]
         added = [n for n in new_names if n not in old_names]
         log.warning("columns_changed", table=q, added=added, dropped=dropped, retyped=retyped)
-        if (dropped or retyped) and self._source._settings.capture.schema_change == "stop":
-            what = "dropped" if dropped else "changed type"
-            names = ", ".join(dropped or retyped)
+        if retyped and self._source._settings.capture.schema_change == "stop":
+            names = ", ".join(retyped)
             return (
-                f"columns of {q} {what} ({names}): the warehouse table must be changed first; "
-                'then set capture.schema_change = "follow" for one run'
+                f"columns of {q} changed type ({names}): Snowflake's columns keep their type. "
+                "Change them in Snowflake (or drop the table's warehouse tables for "
+                "`snowflake apply` to create them again), then set "
+                'capture.schema_change = "follow" for one run'
                 + ("" if len(self._source.tables) == 1 else f" and cdc-daemon resync --table {q}")
             )
         return None

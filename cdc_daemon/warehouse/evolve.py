@@ -1,0 +1,156 @@
+"""Schema evolution: a column added in the source reaches Snowflake before the first object
+holding it can load.
+
+The pipes load by column name and a file column the landing table lacks is not loaded
+(Snowflake: "COPY INTO <table>", MATCH_BY_COLUMN_NAME), so an object whose header names a new
+column must not be uploaded before the column exists. The daemon applies the change itself
+(``SchemaGuard``, called by the unit of work before every upload): adding a column is additive
+and idempotent (``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``) and needs no judgement, while
+holding the uploads for an operator would stop the whole group's export for a routine change.
+For each table whose objects name a column its landing table lacks, it reads the table's
+columns from the catalog, adds every missing one to the landing, current-state and work
+tables (types from ``model.sf_type``), and re-creates the table's merge task so that it
+merges the new column (``CREATE OR ALTER TASK``, between ``SUSPEND`` and ``RESUME``). A
+failure (Snowflake unreachable, no privilege) fails the upload, which is retried; nothing is
+uploaded meanwhile, so nothing loads without its column.
+
+A dropped column stays in Snowflake: new objects do not name it, and the by-name load gives
+NULL (its old values stay in the rows that had them). A changed type stops that table
+(``capture.logical.source``): Snowflake's column keeps its type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import io
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, TransientError
+from cdc_daemon.state.ledger import ObjectRecord
+from cdc_daemon.warehouse import sql
+from cdc_daemon.warehouse.client import Warehouse
+from cdc_daemon.warehouse.model import Names, WarehouseTable, names, read_catalog
+
+log = structlog.get_logger()
+
+
+def columns_of(wh: Warehouse, table: str) -> list[str]:
+    """A table's columns as Snowflake has them now."""
+    from snowflake.connector.cursor import SnowflakeCursor
+
+    try:
+        with wh.conn.cursor(SnowflakeCursor) as cur:
+            cur.execute(f"SELECT * FROM {table} LIMIT 0")
+            return [str(d[0]) for d in cur.description]
+    except CdcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated at the boundary
+        from cdc_daemon.errors import from_snowflake
+
+        raise from_snowflake(exc, f"reading the columns of {table}") from None
+
+
+def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
+    """Add the table's columns Snowflake lacks to its landing, current-state and work tables.
+    Returns the columns added (upper case)."""
+    n = t.names
+    targets: list[tuple[str, bool]] = [(n.landing, True), (n.name, False), (n.changes, False)]
+    if t.models:
+        targets.append((n.touched, False))
+    added: list[str] = []
+    for table, landing in targets:
+        have = set(columns_of(wh, table))
+        for c in t.columns:
+            if c.name not in have:
+                kind = c.type.landing if landing else c.type.final
+                wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {c.q} {kind}")
+                if landing:
+                    added.append(c.name)
+    if added:
+        log.warning("warehouse_columns_added", table=n.name, columns=added)
+    return added
+
+
+def apply_tasks(wh: Warehouse, settings: Settings, t: WarehouseTable) -> None:
+    """The table's task statements again (the merge names every column)."""
+    for stmt in sql.statements(settings, [t]):
+        if stmt.file == "70_tasks.sql":
+            wh.dialect.task_ddl(wh, stmt)
+
+
+def header_of(path: Path) -> list[str]:
+    """An object's header line (its column names), from its spool file."""
+    raw = path.open("rb")
+    try:
+        stream: Any = raw
+        if path.name.endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=raw)
+        elif path.name.endswith(".zst"):
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        return next(csv.reader(text), [])
+    finally:
+        raw.close()
+
+
+class SchemaGuard:
+    """Before an upload: every column the objects' headers name exists in their table's
+    landing table. Its own warehouse session, opened when first needed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._names = {n.folder: n for n in names(settings)}
+        self._known: dict[str, set[str]] = {}  # landing table -> its columns (upper case)
+        self._wh: Warehouse | None = None
+
+    async def __call__(self, objects: tuple[ObjectRecord, ...]) -> None:
+        prefix = self._settings.s3.prefix
+        for obj in objects:
+            if obj.quarantine or not obj.path:
+                continue
+            folder = obj.key.removeprefix(prefix).split("/", 1)[0] + "/"
+            n = self._names.get(folder)
+            if n is None:
+                continue
+            header = {h.upper() for h in await asyncio.to_thread(header_of, Path(obj.path))}
+            known = self._known.get(n.landing)
+            if known is not None and header <= known:
+                continue
+            await asyncio.to_thread(self._ensure, n, header)
+
+    def _ensure(self, n: Names, header: set[str]) -> None:
+        try:
+            if self._wh is None:
+                self._wh = Warehouse(self._settings).connect()
+            wh = self._wh
+            have = set(columns_of(wh, n.landing))
+            if not header <= have:
+                (t,) = [x for x in read_catalog(self._settings) if x.names == n]
+                evolve_table(wh, t)
+                apply_tasks(wh, self._settings, t)
+                have = set(columns_of(wh, n.landing))
+                lost = sorted(header - have)
+                if lost:
+                    # Dropped from the source between the read and now: its values in this
+                    # object are not loaded (the by-name load skips a column the table lacks).
+                    log.warning("columns_not_in_catalog", table=n.name, columns=lost)
+            self._known[n.landing] = have
+        except CdcError as exc:
+            self.close()
+            raise TransientError(
+                f"{n.source}: its objects name a column {n.landing} lacks, and it could not be "
+                f"added ({exc}); nothing of this table is uploaded until it is"
+            ) from None
+
+    def close(self) -> None:
+        if self._wh is not None:
+            self._wh.close()
+            self._wh = None

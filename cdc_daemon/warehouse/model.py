@@ -1,0 +1,365 @@
+"""The warehouse side of each table of the group, generated from the PostgreSQL catalog: its
+Snowflake objects' names (from the settings alone: the reconciler needs no catalog) and its
+columns with their Snowflake types (from the catalog: ``snowflake render`` / ``apply`` and the
+daemon's schema evolution).
+
+The type mapping (docs/snowflake.md, "Type mapping", shows the same table):
+
+=============================  ==================  ==================  ========================
+PostgreSQL                     landing (RAW_<T>)   current state (<T>) loaded as
+=============================  ==================  ==================  ========================
+smallint / integer / bigint    NUMBER(5/10/19, 0)  same                the text
+numeric(p, s), p <= 38         NUMBER(p, s)        same                the text
+numeric(p, s), p > 38          NUMBER(38, s)       same                (larger values quarantined)
+numeric                        NUMBER(38, 9)       same                (values it cannot hold
+                                                                       exactly quarantined)
+real / double precision        FLOAT               same                the text
+text / varchar(n) / char(n)    VARCHAR             same                the text
+boolean                        BOOLEAN             same                t / f
+date                           DATE                same                ISO-8601
+timestamp                      TIMESTAMP_NTZ       same                ISO-8601
+timestamptz                    TIMESTAMP_TZ        same                ISO-8601 with +00:00
+time                           TIME                same                the text
+uuid                           VARCHAR(36)         same                the text
+json / jsonb                   VARCHAR             VARIANT             PARSE_JSON in the merge
+arrays                         VARCHAR             ARRAY               PARSE_JSON in the merge
+bytea                          VARCHAR             BINARY              TO_BINARY(hex) in merge
+anything else (enum, inet,     VARCHAR             VARCHAR             the text
+interval, timetz, domains...)
+=============================  ==================  ==================  ========================
+
+JSON, arrays and bytea land as text and are converted by the merge: what a CSV field holding
+JSON becomes in a VARIANT column is not documented for COPY, while PARSE_JSON and TO_BINARY are.
+Numbers are never rounded: Snowflake rounds a value with more fractional digits than the
+column's scale ("the scale is reduced by rounding", TO_DECIMAL:
+https://docs.snowflake.com/en/sql-reference/functions/to_decimal), so a value that a column
+cannot hold exactly goes to the quarantine prefix with its reason (``source.table``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from cdc_daemon.config import Settings, TableSettings
+from cdc_daemon.errors import ConfigError, SourceError
+
+# The scale an unconstrained numeric gets (BigQuery's NUMERIC has the same: 29 digits before
+# the point, 9 after).
+UNCONSTRAINED_SCALE = 9
+MAX_PRECISION = 38
+
+_SF_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+# Columns the daemon adds to every object, and the landing table's own.
+DAEMON_COLUMNS = ("_CDC_OP", "_CDC_SEQ", "_CDC_TS", "_CDC_UNCHANGED")
+LOAD_COLUMNS = ("_FILE", "_FILE_ROW", "_LOADED_AT")
+
+# Types whose values are never TOASTed (fixed length): only other columns can be named in a
+# change's _cdc_unchanged.
+_FIXED = frozenset(
+    {
+        "smallint",
+        "integer",
+        "bigint",
+        "oid",
+        "real",
+        "double precision",
+        "boolean",
+        "date",
+        "timestamp without time zone",
+        "timestamp with time zone",
+        "time without time zone",
+        "time with time zone",
+        "uuid",
+        "money",
+        "interval",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SfType:
+    landing: str
+    final: str
+    convert: str = "{}"  # landing value -> final value, in the merge
+
+    def converted(self, value: str) -> str:
+        return self.convert.format(value)
+
+
+def _modifiers(type_name: str) -> tuple[int, ...]:
+    found = re.fullmatch(r"[^(]*\(([-0-9, ]+)\)", type_name)
+    return () if found is None else tuple(int(v) for v in found.group(1).split(","))
+
+
+def base_type(type_name: str) -> str:
+    return re.sub(r"\([^)]*\)", "", type_name).strip()
+
+
+def sf_type(type_name: str) -> SfType:
+    """The Snowflake types of a PostgreSQL column (``format_type`` text)."""
+    base = base_type(type_name)
+    if base.endswith("[]"):
+        return SfType("VARCHAR", "ARRAY", "PARSE_JSON({})::ARRAY")
+    fixed = {
+        "smallint": "NUMBER(5, 0)",
+        "integer": "NUMBER(10, 0)",
+        "bigint": "NUMBER(19, 0)",
+        "oid": "NUMBER(10, 0)",
+        "real": "FLOAT",
+        "double precision": "FLOAT",
+        "boolean": "BOOLEAN",
+        "date": "DATE",
+        "timestamp without time zone": "TIMESTAMP_NTZ",
+        "timestamp with time zone": "TIMESTAMP_TZ",
+        "time without time zone": "TIME",
+        "uuid": "VARCHAR(36)",
+    }
+    if base in fixed:
+        return SfType(fixed[base], fixed[base])
+    if base == "numeric":
+        precision, scale = numeric_number(type_name)
+        number = f"NUMBER({precision}, {scale})"
+        return SfType(number, number)
+    if base in ("json", "jsonb"):
+        return SfType("VARCHAR", "VARIANT", "PARSE_JSON({})")
+    if base == "bytea":
+        return SfType("VARCHAR", "BINARY", "TO_BINARY({}, 'HEX')")
+    return SfType("VARCHAR", "VARCHAR")
+
+
+def numeric_number(type_name: str) -> tuple[int, int]:
+    """(precision, scale) of the NUMBER a ``numeric`` column maps to."""
+    mods = _modifiers(type_name)
+    if not mods:
+        return MAX_PRECISION, UNCONSTRAINED_SCALE
+    precision, scale = mods[0], (mods[1] if len(mods) > 1 else 0)
+    scale = max(0, min(scale, MAX_PRECISION - 1))
+    return min(precision, MAX_PRECISION), scale
+
+
+def quote(name: str) -> str:
+    """A Snowflake identifier, quoted (``"INVOICE_NO"`` is the unquoted INVOICE_NO)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class Names:
+    """A table's Snowflake objects, from the settings alone."""
+
+    source: str  # schema.table
+    name: str  # the current-state table, e.g. SALES
+    folder: str  # relative to the stage (the bucket's prefix): ``public.ecommerce_sales/``
+
+    @property
+    def landing(self) -> str:
+        return f"RAW_{self.name}"
+
+    @property
+    def pipe(self) -> str:
+        return f"RAW_{self.name}_PIPE"
+
+    @property
+    def stream(self) -> str:
+        return f"RAW_{self.name}_STREAM"
+
+    @property
+    def merge_task(self) -> str:
+        return f"MERGE_{self.name}"
+
+    @property
+    def cleanup_task(self) -> str:
+        return f"CLEANUP_RAW_{self.name}"
+
+    @property
+    def tombstones(self) -> str:
+        return f"{self.name}_TOMBSTONES"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.name}_CHANGES"
+
+    @property
+    def touched(self) -> str:
+        return f"{self.name}_TOUCHED"
+
+    @property
+    def merge_log(self) -> str:
+        return f"{self.name}_MERGE_LOG"
+
+    @property
+    def tasks(self) -> tuple[str, str]:
+        return self.merge_task, self.cleanup_task
+
+
+def warehouse_name(spec: TableSettings) -> str:
+    name = spec.warehouse_name
+    if not _SF_IDENT.match(name):
+        raise ConfigError(
+            f"{spec.qualified}: {name!r} cannot name a Snowflake table: set warehouse_table "
+            "for it in [[tables]] (letters, digits, _ and $)"
+        )
+    return name
+
+
+def names(settings: Settings) -> list[Names]:
+    """Every table of the group, in the configured order."""
+    out = [Names(s.qualified, warehouse_name(s), f"{s.qualified}/") for s in settings.table_specs]
+    seen: dict[str, str] = {}
+    for n in out:
+        if n.name in seen:
+            raise ConfigError(
+                f"{seen[n.name]} and {n.source} would both be {n.name} in Snowflake: set "
+                "warehouse_table for one of them"
+            )
+        seen[n.name] = n.source
+    return out
+
+
+@dataclass(frozen=True)
+class SfColumn:
+    source: str  # the PostgreSQL name (the objects' header)
+    name: str  # upper case
+    pg_type: str
+    type: SfType
+    key: bool
+    toastable: bool
+
+    @property
+    def q(self) -> str:
+        return quote(self.name)
+
+    @property
+    def needle(self) -> str:
+        """``,name,`` as a SQL string's content: how the merge finds the column in a change's
+        ``_cdc_unchanged`` (names separated by commas)."""
+        return f",{self.source},".replace("'", "''")
+
+
+@dataclass(frozen=True)
+class WarehouseTable:
+    names: Names
+    columns: tuple[SfColumn, ...]
+    models: tuple[Path, ...] = ()
+
+    @property
+    def key(self) -> tuple[SfColumn, ...]:
+        return tuple(c for c in self.columns if c.key)
+
+    @property
+    def values(self) -> tuple[SfColumn, ...]:
+        return tuple(c for c in self.columns if not c.key)
+
+    def column(self, name: str) -> SfColumn:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+def column_of(source: str, pg_type: str, *, key: bool = False) -> SfColumn:
+    name = source.upper()
+    if "," in source:
+        raise SourceError(
+            f"column {source!r}: a name with a comma cannot be named in _cdc_unchanged"
+        )
+    if name in DAEMON_COLUMNS or name in LOAD_COLUMNS or name == "_MERGED_AT":
+        raise SourceError(
+            f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
+        )
+    return SfColumn(source, name, pg_type, sf_type(pg_type), key, base_type(pg_type) not in _FIXED)
+
+
+def from_catalog(
+    conn: psycopg.Connection[tuple[object, ...]],
+    n: Names,
+    key: tuple[str, ...] | None,
+    models: tuple[Path, ...] = (),
+) -> WarehouseTable:
+    """The table's columns and key, read from the catalog (the configured key, else the
+    primary key)."""
+    found = conn.execute("SELECT to_regclass(%s)::oid::int8", (n.source,)).fetchone()
+    if found is None or found[0] is None:
+        raise SourceError(f"table {n.source!r} does not exist (or is not visible to this user)")
+    oid = found[0]
+    cols = [
+        (str(a), str(t))
+        for a, t in conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (oid,),
+        )
+    ]
+    if key is None:
+        key = tuple(
+            str(r[0])
+            for r in conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey)"
+                " WITH ORDINALITY AS k(attnum, ord) ON true JOIN pg_attribute a"
+                " ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+                " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
+                (oid,),
+            )
+        )
+    if not key:
+        raise SourceError(
+            f"{n.source} has no primary key: the warehouse merge needs one (name its key "
+            "columns in [[tables]] key)"
+        )
+    return from_columns(n, cols, key, models)
+
+
+def from_columns(
+    n: Names,
+    cols: list[tuple[str, str]],
+    key: tuple[str, ...],
+    models: tuple[Path, ...] = (),
+) -> WarehouseTable:
+    """The table from its (name, ``format_type``) columns and key columns."""
+    missing = [k for k in key if k not in dict(cols)]
+    if missing:
+        raise SourceError(f"{n.source} has no column {missing[0]!r} (key)")
+    columns = tuple(column_of(a, t, key=a in key) for a, t in cols)
+    upper = [c.name for c in columns]
+    twice = sorted({u for u in upper if upper.count(u) > 1})
+    if twice:
+        raise SourceError(
+            f"{n.source}: columns differing only in case would be one Snowflake column: "
+            f"{', '.join(twice)}"
+        )
+    return WarehouseTable(n, columns, models)
+
+
+def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
+    """The models on the table (``<models dir>/<TABLE>/NN_*.sql``), in order."""
+    folder = settings.snowflake.models_dir / n.name
+    return tuple(sorted(folder.glob("[0-9][0-9]_*.sql"))) if folder.is_dir() else ()
+
+
+def describe(
+    settings: Settings, conn: psycopg.Connection[tuple[object, ...]]
+) -> list[WarehouseTable]:
+    """Every table of the group as the warehouse sees it, from the catalog."""
+    specs = {s.qualified: s for s in settings.table_specs}
+    return [
+        from_catalog(conn, n, specs[n.source].key, model_files(settings, n))
+        for n in names(settings)
+    ]
+
+
+def read_catalog(settings: Settings) -> list[WarehouseTable]:
+    """``describe`` on a session of its own."""
+    try:
+        with psycopg.connect(
+            settings.postgres.dsn.get_secret_value(),
+            connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+        ) as conn:
+            return describe(settings, conn)
+    except psycopg.Error as exc:
+        from cdc_daemon.errors import from_psycopg
+
+        raise from_psycopg(exc, "reading the tables' columns for the warehouse") from None
