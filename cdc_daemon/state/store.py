@@ -71,6 +71,13 @@ CREATE TABLE IF NOT EXISTS {schema}.warehouse_health (
     checked_at timestamptz NOT NULL,
     health jsonb NOT NULL
 );
+-- The columns each landing table in Snowflake is known to have (warehouse.evolve): an object
+-- naming only these is uploaded without asking Snowflake (which may be unreachable).
+CREATE TABLE IF NOT EXISTS {schema}.warehouse_columns (
+    table_name text PRIMARY KEY,
+    columns text[] NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS {schema}.relations (
     table_name text PRIMARY KEY,
     columns jsonb NOT NULL,

@@ -126,7 +126,43 @@ class SchemaGuard:
                 continue
             await asyncio.to_thread(self._ensure, n, header)
 
+    def _ledger(self, n: Names, columns: set[str] | None = None) -> set[str]:
+        """The landing table's known columns from the ledger (saving ``columns`` first)."""
+        import psycopg
+        from psycopg import sql as pgsql
+
+        table = pgsql.Identifier(self._settings.state.schema_, "warehouse_columns")
+        try:
+            with psycopg.connect(
+                self._settings.state_dsn.get_secret_value(),
+                connect_timeout=max(1, int(self._settings.postgres.connect_timeout_s)),
+                autocommit=True,
+            ) as conn:
+                if columns is not None:
+                    conn.execute(
+                        pgsql.SQL(
+                            "INSERT INTO {} (table_name, columns) VALUES (%s, %s)"
+                            " ON CONFLICT (table_name) DO UPDATE SET columns = excluded.columns,"
+                            " applied_at = now()"
+                        ).format(table),
+                        (n.landing, sorted(columns)),
+                    )
+                    return columns
+                row = conn.execute(
+                    pgsql.SQL("SELECT columns FROM {} WHERE table_name = %s").format(table),
+                    (n.landing,),
+                ).fetchone()
+                return set(row[0]) if row else set()
+        except psycopg.Error as exc:
+            # A ledger made before this table existed: ask Snowflake (``init`` creates it).
+            log.warning("warehouse_columns_unknown", table=n.landing, error=str(exc).strip())
+            return set()
+
     def _ensure(self, n: Names, header: set[str]) -> None:
+        recorded = self._ledger(n)
+        if header <= recorded:
+            self._known[n.landing] = recorded
+            return
         try:
             if self._wh is None:
                 self._wh = Warehouse(self._settings).connect()
@@ -142,9 +178,21 @@ class SchemaGuard:
                     # Dropped from the source between the read and now: its values in this
                     # object are not loaded (the by-name load skips a column the table lacks).
                     log.warning("columns_not_in_catalog", table=n.name, columns=lost)
-            self._known[n.landing] = have
+            self._known[n.landing] = self._ledger(n, have)
         except CdcError as exc:
             self.close()
+            if not recorded and n.landing not in self._known:
+                # Never verified, and Snowflake cannot say now: the first objects' columns
+                # are taken as what `snowflake apply` created (logged); a column added later
+                # is held for Snowflake as above. A restart verifies again.
+                log.warning(
+                    "warehouse_columns_assumed",
+                    table=n.landing,
+                    columns=sorted(header),
+                    error=str(exc),
+                )
+                self._known[n.landing] = header
+                return
             raise TransientError(
                 f"{n.source}: its objects name a column {n.landing} lacks, and it could not be "
                 f"added ({exc}); nothing of this table is uploaded until it is"
