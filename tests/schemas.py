@@ -13,6 +13,10 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from cdc_daemon.config import Settings
+from cdc_daemon.warehouse import model
+from cdc_daemon.warehouse.model import WarehouseTable
+
 # pgbench_history has no key: a table the warehouse cannot merge (logical mode refuses it).
 PGBENCH_KEYS = {"pgbench_accounts": "aid", "pgbench_branches": "bid", "pgbench_tellers": "tid"}
 MANY_TYPES = "many_types"
@@ -128,3 +132,24 @@ def _one_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
         )
     else:
         insert_many_types(conn, rng.randint(1, 3))
+
+
+# ecommerce_sales's columns as format_type() gives them (cdc_daemon.local.sample.SALES_DDL).
+SALES_PG_COLUMNS = [
+    ("id", "bigint"),
+    ("invoice_no", "text"),
+    ("stock_code", "text"),
+    ("description", "text"),
+    ("quantity", "integer"),
+    ("invoice_date", "timestamp with time zone"),
+    ("unit_price", "numeric(12,3)"),
+    ("customer_id", "integer"),
+    ("country", "text"),
+]
+
+
+def sales_tables(settings: Settings) -> list[WarehouseTable]:
+    """The warehouse of the one-table configuration, without a catalog to read: what
+    ``model.read_catalog`` gives for ``ecommerce_sales`` (for tests of the rendered SQL)."""
+    (n,) = model.names(settings)
+    return [model.from_columns(n, SALES_PG_COLUMNS, ("id",), model.model_files(settings, n))]

@@ -125,7 +125,9 @@ async def test_more_rows_and_a_second_merge_keep_aggregates_right(
         )
     assert await export_until_idle(warehouse.settings) == 0
     warehouse.pump_until_quiet()
-    warehouse.wh.refresh("public.ecommerce_sales/dt=")  # every object again: all skipped as already loaded
+    warehouse.wh.refresh(
+        "public.ecommerce_sales/dt="
+    )  # every object again: all skipped as already loaded
     warehouse.pump_until_quiet()
     assert_warehouse_equals_source(pg_dsn, warehouse)
 

@@ -15,6 +15,8 @@ from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.reconcile.reconciler import SALES_DAYS
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import SnowflakeDialect
+from cdc_daemon.warehouse.model import names
+from tests.schemas import sales_tables
 
 Grant = tuple[str, str, str, str]  # role, privilege, object kind, object name
 
@@ -67,7 +69,7 @@ def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings)
     table (or stream) a task reads has SELECT, and the role may use the warehouse and execute
     tasks."""
     sf = settings.snowflake
-    grants = granted(sql.render_grants(settings))
+    grants = granted(sql.render_grants(settings, sales_tables(settings)))
     role, prefix = sf.tasks_role, f"{sf.database}.{sf.schema_}."
     needed: set[Grant] = {
         (role, "EXECUTE TASK", "ACCOUNT", ""),
@@ -75,7 +77,11 @@ def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings)
         (role, "USAGE", "DATABASE", sf.database),
         (role, "USAGE", "SCHEMA", f"{sf.database}.{sf.schema_}"),
     }
-    tasks = [s for s in sql.statements(settings) if s.head.startswith("CREATE OR ALTER TASK")]
+    tasks = [
+        s
+        for s in sql.statements(settings, sales_tables(settings))
+        if s.head.startswith("CREATE OR ALTER TASK")
+    ]
     for task in tasks:
         for statement in sql.task_body(task):
             tree = sqlglot.parse_one(statement, read="snowflake")
@@ -94,7 +100,7 @@ def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings)
                 )
             for table in tables(statement):
                 if table.name != target.name:
-                    kind = "STREAM" if table.name == sf.stream else "TABLE"
+                    kind = "STREAM" if table.name == "RAW_SALES_STREAM" else "TABLE"
                     needed.add((role, "SELECT", kind, prefix + table.name))
                     if kind == "STREAM":
                         needed.add((role, "SELECT", "TABLE", prefix + "RAW_SALES"))
@@ -108,14 +114,15 @@ def test_the_reconciler_gets_what_it_runs_and_nothing_else(settings: Settings) -
     sf = settings.snowflake
     recorder = Recorder(settings)
     dialect = SnowflakeDialect()
-    dialect.load_history(recorder, datetime.now(UTC))  # type: ignore[arg-type]
-    dialect.pipe_status(recorder)  # type: ignore[arg-type]
-    dialect.refresh(recorder, "dt=2011-01-04/")  # type: ignore[arg-type]
-    dialect.tasks(recorder)  # type: ignore[arg-type]
-    dialect.stream(recorder)  # type: ignore[arg-type]
+    (n,) = names(settings)
+    dialect.load_history(recorder, n, datetime.now(UTC))  # type: ignore[arg-type]
+    dialect.pipe_status(recorder, n)  # type: ignore[arg-type]
+    dialect.refresh(recorder, n, "dt=2011-01-04/")  # type: ignore[arg-type]
+    dialect.tasks(recorder, n)  # type: ignore[arg-type]
+    dialect.stream(recorder, n)  # type: ignore[arg-type]
     seen = [*recorder.seen, SALES_DAYS.format(where="")]
     role, schema = sf.reconciler_role, f"{sf.database}.{sf.schema_}"
-    pipe = f"{schema}.{sf.pipe}"
+    pipe = f"{schema}.{n.pipe}"
     needed: set[Grant] = {
         (role, "USAGE", "DATABASE", sf.database),
         (role, "USAGE", "SCHEMA", schema),
@@ -134,13 +141,13 @@ def test_the_reconciler_gets_what_it_runs_and_nothing_else(settings: Settings) -
         elif re.match(r"ALTER PIPE \S+ REFRESH", statement):
             needed.add((role, "OPERATE", "PIPE", pipe))
         elif statement.startswith("SHOW TASKS") or "TASK_HISTORY" in statement:
-            for task in (sf.merge_task, sf.cleanup_task):
+            for task in n.tasks:
                 needed.add((role, "MONITOR", "TASK", f"{schema}.{task}"))
         elif statement.startswith("SHOW STREAMS"):
-            needed.add((role, "SELECT", "STREAM", f"{schema}.{sf.stream}"))
+            needed.add((role, "SELECT", "STREAM", f"{schema}.{n.stream}"))
         else:
             for table in tables(statement):
                 needed.add((role, "SELECT", "TABLE", f"{schema}.{table.name}"))
     assert len(seen) == 8  # history, pipe status, refresh, SHOW TASKS, 2 x TASK_HISTORY, ...
-    held = {g for g in granted(sql.render_grants(settings)) if g[0] == role}
+    held = {g for g in granted(sql.render_grants(settings, sales_tables(settings))) if g[0] == role}
     assert held == needed

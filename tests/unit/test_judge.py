@@ -39,8 +39,9 @@ def obj(day: str, rows: int, *, quarantine: str | None = None) -> ObjectRecord:
 
 
 def name(day: str) -> str:
-    """The object's name as the load history gives it (relative to the stage)."""
-    return f"dt={day}/{BATCH}.csv.gz"
+    """The object's name as the warehouse client gives the load history's files (relative to
+    the bucket's prefix: the table's folder, the day, the object)."""
+    return f"{TABLE}/dt={day}/{BATCH}.csv.gz"
 
 
 def item(*objects: ObjectRecord, status: Status = Status.UPLOADED) -> Unreconciled:
@@ -67,7 +68,7 @@ def test_every_object_loaded_with_its_row_count_is_loaded() -> None:
     batch is ``loaded``, with no reason and nothing left unseen."""
     batch = item(obj("2011-01-04", 10), obj("2011-01-05", 3))
     seen = history(record("2011-01-04", rows=10), record("2011-01-05", rows=3))
-    assert judge(batch, seen) == (Status.LOADED, None, [])
+    assert judge(batch, seen, PREFIX) == (Status.LOADED, None, [])
 
 
 @pytest.mark.parametrize("loaded", [9, 11, 0])
@@ -75,10 +76,10 @@ def test_a_row_count_mismatch_fails_the_batch_with_both_counts(loaded: int) -> N
     """``loaded`` with another row count than the ledger's (fewer or more) -> ``failed``, the
     reason giving the object and both counts."""
     batch = item(obj("2011-01-04", 10))
-    new, reason, unseen = judge(batch, history(record("2011-01-04", rows=loaded)))
+    new, reason, unseen = judge(batch, history(record("2011-01-04", rows=loaded)), PREFIX)
     assert new is Status.FAILED
     assert reason == (
-        f"dt=2011-01-04/{BATCH}.csv.gz: Snowflake loaded {loaded} rows, the ledger says 10"
+        f"{TABLE}/dt=2011-01-04/{BATCH}.csv.gz: Snowflake loaded {loaded} rows, the ledger says 10"
     )
     assert unseen == []
 
@@ -91,9 +92,9 @@ def test_a_failed_load_fails_the_batch_with_snowflakes_first_error(status: str) 
     seen = history(
         record("2011-01-04", status, rows=4, error="Numeric value 'x' is not recognized")
     )
-    assert judge(batch, seen) == (
+    assert judge(batch, seen, PREFIX) == (
         Status.FAILED,
-        f"dt=2011-01-04/{BATCH}.csv.gz: {status}: Numeric value 'x' is not recognized",
+        f"{TABLE}/dt=2011-01-04/{BATCH}.csv.gz: {status}: Numeric value 'x' is not recognized",
         [],
     )
 
@@ -101,9 +102,9 @@ def test_a_failed_load_fails_the_batch_with_snowflakes_first_error(status: str) 
 def test_a_failed_load_without_error_text_says_so() -> None:
     """A failed load whose history row has no first error still explains itself."""
     batch = item(obj("2011-01-04", 10))
-    new, reason, _ = judge(batch, history(record("2011-01-04", "load_failed", rows=0)))
+    new, reason, _ = judge(batch, history(record("2011-01-04", "load_failed", rows=0)), PREFIX)
     assert new is Status.FAILED
-    assert reason == f"dt=2011-01-04/{BATCH}.csv.gz: load_failed: no error given"
+    assert reason == f"{TABLE}/dt=2011-01-04/{BATCH}.csv.gz: load_failed: no error given"
 
 
 def test_a_partial_load_fails_even_with_the_ledgers_row_count() -> None:
@@ -111,9 +112,9 @@ def test_a_partial_load_fails_even_with_the_ledgers_row_count() -> None:
     when the rows loaded equal the ledger's."""
     batch = item(obj("2011-01-04", 10))
     seen = history(record("2011-01-04", "partially_loaded", rows=10, error="row 3: bad date"))
-    assert judge(batch, seen) == (
+    assert judge(batch, seen, PREFIX) == (
         Status.FAILED,
-        f"dt=2011-01-04/{BATCH}.csv.gz: partially_loaded: row 3: bad date",
+        f"{TABLE}/dt=2011-01-04/{BATCH}.csv.gz: partially_loaded: row 3: bad date",
         [],
     )
 
@@ -127,10 +128,10 @@ def test_problems_of_several_objects_are_all_given_in_object_order() -> None:
         record("2011-01-05", rows=5),
         record("2011-01-04", rows=8),
     )
-    assert judge(batch, seen) == (
+    assert judge(batch, seen, PREFIX) == (
         Status.FAILED,
-        f"dt=2011-01-04/{BATCH}.csv.gz: Snowflake loaded 8 rows, the ledger says 10; "
-        f"dt=2011-01-06/{BATCH}.csv.gz: load_failed: bad",
+        f"{TABLE}/dt=2011-01-04/{BATCH}.csv.gz: Snowflake loaded 8 rows, the ledger says 10; "
+        f"{TABLE}/dt=2011-01-06/{BATCH}.csv.gz: load_failed: bad",
         [],
     )
 
@@ -140,13 +141,13 @@ def test_objects_not_in_the_history_keep_the_batch_waiting() -> None:
     unseen objects' stage-relative names, in object order."""
     batch = item(obj("2011-01-04", 10), obj("2011-01-05", 5), obj("2011-01-06", 7))
     seen = history(record("2011-01-05", rows=5))
-    assert judge(batch, seen) == (None, None, [name("2011-01-04"), name("2011-01-06")])
+    assert judge(batch, seen, PREFIX) == (None, None, [name("2011-01-04"), name("2011-01-06")])
 
 
 def test_nothing_in_the_history_keeps_the_batch_waiting() -> None:
     """An empty history -> keep waiting, every object unseen."""
     batch = item(obj("2011-01-04", 10), obj("2011-01-05", 5))
-    assert judge(batch, {}) == (None, None, [name("2011-01-04"), name("2011-01-05")])
+    assert judge(batch, {}, PREFIX) == (None, None, [name("2011-01-04"), name("2011-01-05")])
 
 
 def test_a_problem_fails_the_batch_without_waiting_for_unseen_objects() -> None:
@@ -154,9 +155,9 @@ def test_a_problem_fails_the_batch_without_waiting_for_unseen_objects() -> None:
     loaded), still listing the unseen object."""
     batch = item(obj("2011-01-04", 10), obj("2011-01-05", 5))
     seen = history(record("2011-01-04", "load_failed", rows=0, error="bad"))
-    assert judge(batch, seen) == (
+    assert judge(batch, seen, PREFIX) == (
         Status.FAILED,
-        f"dt=2011-01-04/{BATCH}.csv.gz: load_failed: bad",
+        f"{TABLE}/dt=2011-01-04/{BATCH}.csv.gz: load_failed: bad",
         [name("2011-01-05")],
     )
 
@@ -167,29 +168,29 @@ def test_quarantined_objects_are_not_expected_in_the_history() -> None:
     quarantined = obj("2011-01-04", 2, quarantine="unreadable")
     batch = item(obj("2011-01-04", 10), quarantined)
     seen = history(record("2011-01-04", rows=10))
-    assert judge(batch, seen) == (Status.LOADED, None, [])
+    assert judge(batch, seen, PREFIX) == (Status.LOADED, None, [])
     # Even a history row under the quarantined object's name does not count against it.
-    odd = LoadRecord(stage_relative(quarantined.key), "load_failed", 0, 2, "bad", UPLOADED_AT)
+    odd = LoadRecord(quarantined.key.removeprefix(PREFIX), "load_failed", 0, 2, "bad", UPLOADED_AT)
     assert odd.file != name("2011-01-04")
-    assert judge(batch, {**seen, odd.file: odd}) == (Status.LOADED, None, [])
+    assert judge(batch, {**seen, odd.file: odd}, PREFIX) == (Status.LOADED, None, [])
 
 
 def test_a_batch_of_quarantined_objects_only_is_loaded_at_once() -> None:
     """A batch whose every object is quarantined has nothing to wait for: ``loaded``."""
     batch = item(obj("2011-01-04", 2, quarantine="unreadable"))
-    assert judge(batch, {}) == (Status.LOADED, None, [])
+    assert judge(batch, {}, PREFIX) == (Status.LOADED, None, [])
 
 
 def test_a_batch_without_objects_is_loaded_at_once() -> None:
     """A batch with no objects has nothing to wait for: ``loaded``."""
-    assert judge(item(), {}) == (Status.LOADED, None, [])
+    assert judge(item(), {}, PREFIX) == (Status.LOADED, None, [])
 
 
 def test_history_is_matched_by_day_folder_and_name() -> None:
     """An object is found under its day folder and name: the same batch's object of another
     day does not stand in for it."""
     batch = item(obj("2011-01-04", 10))
-    assert judge(batch, history(record("2011-01-05", rows=10))) == (
+    assert judge(batch, history(record("2011-01-05", rows=10)), PREFIX) == (
         None,
         None,
         [name("2011-01-04")],
@@ -200,7 +201,7 @@ def test_a_missing_batch_that_shows_up_is_loaded() -> None:
     """A batch already ``missing`` is judged like an uploaded one: it becomes ``loaded`` when
     its objects show up with their counts."""
     batch = item(obj("2011-01-04", 10), status=Status.MISSING)
-    assert judge(batch, history(record("2011-01-04", rows=10))) == (Status.LOADED, None, [])
+    assert judge(batch, history(record("2011-01-04", rows=10)), PREFIX) == (Status.LOADED, None, [])
 
 
 def test_a_status_that_is_no_verdict_keeps_the_batch_waiting() -> None:
@@ -209,7 +210,7 @@ def test_a_status_that_is_no_verdict_keeps_the_batch_waiting() -> None:
     batch = item(obj("2011-01-04", 10))
     for rows in (10, 3):
         found = history(record("2011-01-04", "some_new_status", rows=rows))
-        assert judge(batch, found) == (None, None, [name("2011-01-04")])
+        assert judge(batch, found, PREFIX) == (None, None, [name("2011-01-04")])
 
 
 def test_a_load_in_progress_keeps_the_batch_waiting() -> None:
@@ -218,7 +219,7 @@ def test_a_load_in_progress_keeps_the_batch_waiting() -> None:
     in_progress = LoadRecord(
         name("2011-01-04"), normalize_status("Load in progress"), 0, 0, None, None
     )
-    new, _, _ = judge(batch, history(in_progress))
+    new, _, _ = judge(batch, history(in_progress), PREFIX)
     assert new is None
 
 
@@ -289,7 +290,7 @@ def test_snowflakes_spellings_of_a_status_reach_the_same_verdict(
     loaded with the ledger's count, so only the status can fail the batch.)"""
     batch = item(obj("2011-01-04", 10))
     row = LoadRecord(name("2011-01-04"), normalize_status(raw), 10, 10, None, UPLOADED_AT)
-    assert judge(batch, _best([row]))[0] is new
+    assert judge(batch, _best([row]), PREFIX)[0] is new
 
 
 # -- reading Snowflake's answers ------------------------------------------------------------
@@ -347,7 +348,7 @@ def test_parse_pipe_status_reads_snowflakes_json() -> None:
             "notificationChannelName": "arn:aws:sqs:eu-west-1:1:sf-snowpipe",
         }
     )
-    status = parse_pipe_status(text)
+    status = parse_pipe_status("P", text)
     assert status.execution_state == "RUNNING"
     assert status.pending_file_count == 3
     assert status.last_ingested_at == "2011-01-04T12:00:00.000Z"
@@ -358,13 +359,13 @@ def test_parse_pipe_status_reads_snowflakes_json() -> None:
 @pytest.mark.parametrize("state", ["PAUSED", "STOPPED_STAGE_DROPPED", "running", "UNKNOWN"])
 def test_only_a_running_pipe_is_healthy(state: str) -> None:
     """Any state but ``RUNNING`` (exactly: Snowflake's spelling) is unhealthy."""
-    assert not parse_pipe_status(json.dumps({"executionState": state})).healthy
+    assert not parse_pipe_status("P", json.dumps({"executionState": state})).healthy
 
 
 def test_parse_pipe_status_defaults() -> None:
     """Missing fields read as an unknown (unhealthy) state, no pending files, no ingestion and
     no error."""
-    status = parse_pipe_status("{}")
+    status = parse_pipe_status("P", "{}")
     assert (status.execution_state, status.pending_file_count) == ("UNKNOWN", 0)
     assert (status.last_ingested_at, status.error) == (None, None)
     assert not status.healthy
@@ -374,12 +375,12 @@ def test_parse_pipe_status_reports_error_and_fault() -> None:
     """The pipe's problems come from the documented ``error`` and ``fault`` fields, both kept;
     ``lastForwardedMessage`` (not a field of SYSTEM$PIPE_STATUS) is not read."""
     both = parse_pipe_status(
-        json.dumps({"executionState": "RUNNING", "error": "bad file", "fault": "queue gone"})
+        "P", json.dumps({"executionState": "RUNNING", "error": "bad file", "fault": "queue gone"})
     )
     assert both.error == "bad file; queue gone"
-    fault = parse_pipe_status(json.dumps({"executionState": "RUNNING", "fault": "queue gone"}))
+    fault = parse_pipe_status("P", json.dumps({"executionState": "RUNNING", "fault": "queue gone"}))
     assert fault.error == "queue gone"
-    other = parse_pipe_status(json.dumps({"lastForwardedMessage": "x"}))
+    other = parse_pipe_status("P", json.dumps({"lastForwardedMessage": "x"}))
     assert other.error is None
 
 
@@ -388,7 +389,7 @@ def test_a_null_row_parsed_keeps_the_batch_waiting() -> None:
     is no verdict yet: the file stays unseen."""
     batch = item(obj("2011-01-04", 10))
     running = LoadRecord(name("2011-01-04"), "loaded", 4, None, None, UPLOADED_AT)
-    assert judge(batch, history(running)) == (None, None, [name("2011-01-04")])
+    assert judge(batch, history(running), PREFIX) == (None, None, [name("2011-01-04")])
 
 
 def test_an_unknown_history_status_is_logged_once() -> None:

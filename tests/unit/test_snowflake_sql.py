@@ -12,7 +12,8 @@ from sqlglot import exp
 from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import SALES_DDL
-from cdc_daemon.warehouse import sql
+from cdc_daemon.warehouse import model, sql
+from tests.schemas import sales_tables
 
 # Statement kinds sqlglot's Snowflake dialect does not model (it keeps them as a Command).
 UNMODELLED = ("CREATE PIPE", "CREATE STREAM", "CREATE OR ALTER TASK", "ALTER TASK")
@@ -31,7 +32,7 @@ def test_every_statement_parses_with_sqlglot(settings: Settings) -> None:
     """Every rendered statement parses as Snowflake SQL (only the kinds sqlglot keeps as a bare
     Command are exempt), the pipe's COPY parses as a COPY, and every task body is made of INSERT,
     DELETE and MERGE statements."""
-    statements = sql.statements(settings)
+    statements = sql.statements(settings, sales_tables(settings))
     assert len(statements) >= 15
     for stmt in statements:
         tree = sqlglot.parse_one(stmt.text, read="snowflake")
@@ -52,7 +53,11 @@ def test_every_task_rolls_back_and_reraises_on_failure(settings: Settings) -> No
     """Each task's transaction has an exception handler that rolls it back and raises the same
     exception again (a failed run fails as a whole and shows in TASK_HISTORY); a body without
     one is refused when rendered into the task runner."""
-    tasks = [s for s in sql.statements(settings) if s.head.startswith("CREATE OR ALTER TASK")]
+    tasks = [
+        s
+        for s in sql.statements(settings, sales_tables(settings))
+        if s.head.startswith("CREATE OR ALTER TASK")
+    ]
     assert len(tasks) == 2
     for task in tasks:
         assert sql.task_body(task)
@@ -66,14 +71,14 @@ def test_the_warehouse_is_created_small_and_suspending_unless_managed_elsewhere(
 ) -> None:
     """``apply`` creates the configured warehouse if missing, at the smallest size and
     suspended after 60 s idle; with ``snowflake.create_warehouse = false`` it is not touched."""
-    text = sql.render(settings)
+    text = sql.render(settings, sales_tables(settings))
     assert "CREATE WAREHOUSE IF NOT EXISTS LOAD_WH" in text
     assert "AUTO_SUSPEND = 60" in text
     assert "WAREHOUSE_SIZE = XSMALL" in text
     managed = settings.model_copy(
         update={"snowflake": settings.snowflake.model_copy(update={"create_warehouse": False})}
     )
-    assert "CREATE WAREHOUSE" not in sql.render(managed)
+    assert "CREATE WAREHOUSE" not in sql.render(managed, sales_tables(managed))
 
 
 def test_serverless_tasks_name_no_warehouse(settings: Settings) -> None:
@@ -82,7 +87,11 @@ def test_serverless_tasks_name_no_warehouse(settings: Settings) -> None:
     size."""
 
     def tasks(s: Settings) -> list[str]:
-        return [t.text for t in sql.statements(s) if t.head.startswith("CREATE OR ALTER TASK")]
+        return [
+            t.text
+            for t in sql.statements(s, sales_tables(s))
+            if t.head.startswith("CREATE OR ALTER TASK")
+        ]
 
     assert all("WAREHOUSE = LOAD_WH" in t for t in tasks(settings))
     serverless = settings.model_copy(
@@ -97,28 +106,28 @@ def test_the_pipe_names_every_object_fully_qualified(settings: Settings) -> None
     """The pipe's COPY names its table, stage and file format as database.schema.name (a pipe
     runs outside any session's current schema), and so do the stream and the merge task's
     condition."""
-    statements = sql.statements(settings)
+    statements = sql.statements(settings, sales_tables(settings))
     pipe = next(s for s in statements if s.head.startswith("CREATE PIPE"))
     copy = sql.pipe_copy(pipe)
     tree = sqlglot.parse_one(copy, read="snowflake")
     assert isinstance(tree, exp.Copy)
-    target = tree.this.this
+    target = tree.this if isinstance(tree.this, exp.Table) else tree.this.this
     assert (target.catalog, target.db, target.name) == ("ANALYTICS", "CDC", "RAW_SALES")
-    assert "FROM @ANALYTICS.CDC.CDC_SALES_STAGE" in copy
+    assert "FROM @ANALYTICS.CDC.CDC_STAGE/public.ecommerce_sales/" in copy
     assert "FORMAT_NAME = 'ANALYTICS.CDC.CDC_CSV'" in copy
-    text = sql.render(settings)
+    text = sql.render(settings, sales_tables(settings))
     assert "ON TABLE ANALYTICS.CDC.RAW_SALES" in text
     assert "SYSTEM$STREAM_HAS_DATA('ANALYTICS.CDC.RAW_SALES_STREAM')" in text
 
 
 def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
     """The rendered SQL uses the configured database, schema and warehouse, points the stage and
-    the storage integration's allowed location at s3://<bucket>/<prefix>/<table>/, and keeps no
-    template syntax."""
-    text = sql.render(settings)
+    the storage integration's allowed location at s3://<bucket>/<prefix>/ (each table's pipe
+    reads its folder under it), and keeps no template syntax."""
+    text = sql.render(settings, sales_tables(settings))
     assert "USE SCHEMA ANALYTICS.CDC" in text
-    assert "URL = 's3://acme-cdc/raw/sales/public.ecommerce_sales/'" in text
-    assert "STORAGE_ALLOWED_LOCATIONS = ('s3://acme-cdc/raw/sales/public.ecommerce_sales/')" in text
+    assert "URL = 's3://acme-cdc/raw/sales/'" in text
+    assert "STORAGE_ALLOWED_LOCATIONS = ('s3://acme-cdc/raw/sales/')" in text
     assert "STORAGE_INTEGRATION = CDC_S3" in text
     assert "WAREHOUSE = LOAD_WH" in text
     assert "{{" not in text
@@ -128,40 +137,53 @@ def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
 def test_applying_twice_recreates_nothing_that_keeps_state(settings: Settings) -> None:
     """The pipe (its load history), the stream (its offset) and the tables are created only
     if missing; nothing is ever replaced."""
-    for stmt in sql.statements(settings):
+    for stmt in sql.statements(settings, sales_tables(settings)):
         assert "OR REPLACE" not in stmt.text.upper(), stmt.head
-    for stmt in sql.statements(settings):
+    for stmt in sql.statements(settings, sales_tables(settings)):
         if stmt.head.startswith("CREATE") and "OR ALTER TASK" not in stmt.head:
             assert "IF NOT EXISTS" in " ".join(stmt.text.split()[:6]).upper(), stmt.head
-    pipe = next(s for s in sql.statements(settings) if s.head.startswith("CREATE PIPE"))
+    pipe = next(
+        s
+        for s in sql.statements(settings, sales_tables(settings))
+        if s.head.startswith("CREATE PIPE")
+    )
     assert "AUTO_INGEST = TRUE" in pipe.text
 
 
-def test_the_pipe_reads_the_columns_the_daemon_writes(settings: Settings) -> None:
-    """The pipe's $1..$n are the objects' columns in order: the source table's columns, then
-    _cdc_op, _cdc_seq, _cdc_ts; each lands in the RAW_SALES column of the same name."""
+def test_the_pipe_loads_by_column_name_into_the_columns_the_daemon_writes(
+    settings: Settings,
+) -> None:
+    """The pipe maps the objects' header onto the landing table by name (never by position:
+    no SELECT transformation, MATCH_BY_COLUMN_NAME with the header parsed), takes file name,
+    row number and scan time through INCLUDE_METADATA, and the landing table has a column for
+    every name the daemon writes: the source's columns, _cdc_op, _cdc_seq, _cdc_ts and
+    _cdc_unchanged."""
     source = re.findall(r"^    (\w+) ", SALES_DDL, re.M)
-    header = [*source, "_cdc_op", "_cdc_seq", "_cdc_ts"]
-    pipe = next(s for s in sql.statements(settings) if s.head.startswith("CREATE PIPE"))
-    tree = sqlglot.parse_one(sql.pipe_copy(pipe), read="snowflake")
-    assert isinstance(tree, exp.Copy)
-    targets = [c.name.lower() for c in tree.this.expressions]
-    select = tree.args["files"][0].this
-    positional = [
-        (int(e.this.name), t)
-        for t, e in zip(targets, select.expressions, strict=True)
-        if isinstance(e, exp.Parameter)
-    ]
-    assert [n for n, _ in positional] == list(range(1, len(header) + 1))
-    assert [t for _, t in positional] == header
-    assert targets[len(header) :] == ["_file", "_file_row", "_loaded_at"]
+    header = [*source, "_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged"]
+    statements = sql.statements(settings, sales_tables(settings))
+    pipe = next(s for s in statements if s.head.startswith("CREATE PIPE"))
+    copy = " ".join(sql.pipe_copy(pipe).split())
+    assert "MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE" in copy
+    assert "SELECT" not in copy.upper()
+    assert "INCLUDE_METADATA = ( _FILE = METADATA$FILENAME, _FILE_ROW = METADATA$FILE_ROW_NUMBER,"
+    assert "_LOADED_AT = METADATA$START_SCAN_TIME" in copy
+    fmt = next(s for s in statements if s.head.startswith("CREATE FILE FORMAT"))
+    assert "PARSE_HEADER = TRUE" in fmt.text
+    assert "SKIP_HEADER" not in fmt.text
+    landing = next(
+        s for s in statements if s.text.startswith("CREATE TABLE IF NOT EXISTS RAW_SALES ")
+    )
+    tree = sqlglot.parse_one(landing.text, read="snowflake")
+    columns = [c.name for c in tree.find_all(exp.ColumnDef)]
+    assert columns == [h.upper() for h in header] + ["_FILE", "_FILE_ROW", "_LOADED_AT"]
 
 
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
         ("snowflake", "database", "X; DROP TABLE SALES"),
-        ("snowflake", "pipe", 'P"'),
+        ("snowflake", "stage", 'P"'),
+        ("tables", "warehouse_table", "X Y"),
         ("snowflake", "merge_schedule", "1 MINUTE'; DROP"),
         ("snowflake", "aws_role_arn", "x' OR '1"),
     ],
@@ -171,7 +193,10 @@ def test_names_that_could_splice_sql_are_refused(section: str, key: str, value: 
     with a quote, a schedule or role ARN breaking out of its quotes) is refused when the settings
     load."""
     with pytest.raises(ConfigError):
-        load_settings(None, **{section: {key: value}})
+        if section == "tables":
+            load_settings(None, tables=[{"name": "t", key: value}])
+        else:
+            load_settings(None, **{section: {key: value}})
 
 
 def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
@@ -179,25 +204,41 @@ def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
     rendered, with a message about the stage URL."""
     settings = load_settings(None, s3={"bucket": "b'); DROP", "prefix": ""})
     with pytest.raises(ConfigError, match="stage URL"):
-        sql.render(settings)
+        sql.render(settings, sales_tables(settings))
+    odd = load_settings(None, tables=[{"name": 'public."a b"'}])
+    with pytest.raises(ConfigError, match="warehouse_table"):
+        model.names(odd)
 
 
 def test_cli_renders_and_refuses_what_it_cannot_do(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, pg_dsn: str
 ) -> None:
-    """`snowflake render` prints the SQL for the configured bucket; `snowflake apply` with the
-    emulator configured, and `reconcile --once` without snowflake.account, exit 2 with one line
-    on stderr (naming the missing key), never a traceback."""
+    """`snowflake render` prints the SQL for the configured bucket, generated from the source
+    table's catalog; with a table that does not exist, `snowflake apply` with the emulator
+    configured, and `reconcile --once` without snowflake.account, it exits 2 with one line on
+    stderr, never a traceback."""
+    import psycopg
     import structlog
 
     from cdc_daemon.cli import main
+    from cdc_daemon.local.sample import create_sales_table
 
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        create_sales_table(conn)
     monkeypatch.setenv("CDC_S3__BUCKET", "acme-cdc")
+    monkeypatch.setenv("CDC_POSTGRES__DSN", pg_dsn)
     try:
         assert main(["snowflake", "render"]) == 0
         out = capsys.readouterr().out
         assert "CREATE PIPE IF NOT EXISTS RAW_SALES_PIPE" in out
-        assert "s3://acme-cdc/public.ecommerce_sales/" in out
+        assert "URL = 's3://acme-cdc/'" in out
+        assert "FROM @CDC.SALES.CDC_STAGE/public.ecommerce_sales/" in out
+        assert '"UNIT_PRICE" NUMBER(12, 3)' in out
+        monkeypatch.setenv("CDC_POSTGRES__TABLE", "public.no_such_table")
+        assert main(["snowflake", "render"]) == 3  # a source error
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no_such_table" in err
+        monkeypatch.delenv("CDC_POSTGRES__TABLE")
         monkeypatch.setenv("CDC_SNOWFLAKE__ACCOUNT", "fakesnow")
         monkeypatch.setenv("CDC_SNOWFLAKE__EMULATOR", "true")
         assert main(["snowflake", "apply"]) == 2
