@@ -64,7 +64,7 @@ def insert_many_types(conn: psycopg.Connection[Any], rows: int, name: str = MANY
         f"INSERT INTO {name} (doc, tags, grid, amount, at, day, flag, raw, feeling, body)"
         " SELECT jsonb_build_object('n', g, 's', 'a,\"b\"', 'nested', jsonb_build_array(g, null)),"
         " ARRAY['x', NULL, 'y,z', '\"q\"'], ARRAY[[g, 2], [3, NULL]],"
-        " (g * 1.000000000000000000001)::numeric, '2011-01-01'::timestamp + g * interval '1 h',"
+        " (g * 1.000000001)::numeric, '2011-01-01'::timestamp + g * interval '1 h',"
         " '2011-01-01'::date + g, g %% 2 = 0, decode(md5(g::text), 'hex'),"
         " (ARRAY['sad', 'ok', 'happy'])[1 + g %% 3]::mood,"
         f" CASE WHEN g %% 5 = 0 THEN {BIG_TEXT} ELSE 'short ' || g END"

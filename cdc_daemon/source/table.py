@@ -90,7 +90,15 @@ class Column:
             return sql.Literal(f"!{name}-{safe}")
 
         checks: list[tuple[str, sql.Composable]] = []
-        if base == "numeric":
+        if base == "numeric" and self.type_name == "numeric":
+            # Unconstrained: NUMBER(38, 9) in Snowflake (warehouse.model), which would round
+            # a value with more digits after the point; infinity is out of range.
+            checks = [
+                ("{c} = 'NaN'::numeric", reason("nan")),
+                ("abs({c}) >= 1e29", reason("numeric_out_of_range")),
+                ("{c} <> round({c}, 9)", reason("numeric_inexact")),
+            ]
+        elif base == "numeric":
             checks = [("{c} = 'NaN'::numeric", reason("nan"))]
             precision, scale = self._modifiers((0, 0))
             # NUMBER(38, s): at most 38 digits, at most 37 after the point. A numeric(p, s)

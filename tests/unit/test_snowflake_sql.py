@@ -192,11 +192,11 @@ def test_names_that_could_splice_sql_are_refused(section: str, key: str, value: 
     """A Snowflake setting that would splice SQL (a database name with a statement, a pipe name
     with a quote, a schedule or role ARN breaking out of its quotes) is refused when the settings
     load."""
+    given: dict[str, object] = (
+        {"tables": [{"name": "t", key: value}]} if section == "tables" else {section: {key: value}}
+    )
     with pytest.raises(ConfigError):
-        if section == "tables":
-            load_settings(None, tables=[{"name": "t", key: value}])
-        else:
-            load_settings(None, **{section: {key: value}})
+        load_settings(None, **given)
 
 
 def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
@@ -237,7 +237,8 @@ def test_cli_renders_and_refuses_what_it_cannot_do(
         monkeypatch.setenv("CDC_POSTGRES__TABLE", "public.no_such_table")
         assert main(["snowflake", "render"]) == 3  # a source error
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "no_such_table" in err
+        assert err.count("\n") == 1
+        assert "no_such_table" in err
         monkeypatch.delenv("CDC_POSTGRES__TABLE")
         monkeypatch.setenv("CDC_SNOWFLAKE__ACCOUNT", "fakesnow")
         monkeypatch.setenv("CDC_SNOWFLAKE__EMULATOR", "true")

@@ -30,10 +30,12 @@ def test_base_type_drops_modifiers(type_name: str, base: str) -> None:
 
 def test_checks_the_type_rules_out_are_left_out() -> None:
     """Only the quarantine checks a column's type can fail are emitted: numeric(12,3) only the
-    NaN check, unconstrained numeric or one with more than 38 integer digits the range check too,
+    NaN check, unconstrained numeric the range and scale checks of NUMBER(38, 9), one with more
+    than 38 integer digits the range check,
     and varchar the 16 MiB length check only when its declared length could exceed it."""
     assert checks("numeric(12,3)") == ["\"x\" = 'NaN'::numeric"]
-    assert len(checks("numeric")) == 2  # unconstrained: may be out of Snowflake's range
+    # Unconstrained (NUMBER(38, 9) in Snowflake): NaN, out of range, more than 9 decimals.
+    assert len(checks("numeric")) == 3
     assert len(checks("numeric(38,-5)")) == 2  # 43 digits before the point
     assert checks("character varying(100)") == []
     assert checks("character varying") == ['octet_length("x") > 16777216']

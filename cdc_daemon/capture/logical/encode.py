@@ -145,6 +145,21 @@ def _check_numeric(value: bytes) -> str | None:
     return None
 
 
+def _check_unconstrained(value: bytes) -> str | None:
+    """An unconstrained numeric goes to NUMBER(38, 9) (``warehouse.model``): at most 29 digits
+    before the point and 9 after it (trailing zeros aside), else quarantined, never rounded."""
+    if value == b"NaN":
+        return "nan"
+    if value.endswith(b"Infinity"):
+        return "numeric_out_of_range"
+    whole, _, frac = value.lstrip(b"-").partition(b".")
+    if len(whole.lstrip(b"0")) > 29:
+        return "numeric_out_of_range"
+    if len(frac.rstrip(b"0")) > 9:
+        return "numeric_inexact"
+    return None
+
+
 def _check_float(value: bytes) -> str | None:
     return "not_finite" if value in (b"NaN", b"Infinity", b"-Infinity") else None
 
@@ -212,6 +227,16 @@ def _number_fast(value: bytes) -> bytes | None:
     return value if len(value) <= 38 and 48 <= value[-1] <= 57 else None
 
 
+def _unconstrained_fast(value: bytes) -> bytes | None:
+    # Fits NUMBER(38, 9) for sure: at most 29 characters before the point, 9 after it.
+    if not 48 <= value[-1] <= 57:
+        return None
+    dot = value.find(b".")
+    if dot < 0:
+        return value if len(value) <= 29 else None
+    return value if dot <= 29 and len(value) - dot <= 10 else None
+
+
 def _bytea_fast(value: bytes) -> bytes | None:
     return value[2:] if len(value) > 2 else None
 
@@ -247,6 +272,19 @@ class ColumnType:
     name: str
     type_oid: int
     element: int | None = None  # an array's element type
+    typmod: int = -1  # -1: none (an unconstrained numeric)
+
+    def check(self) -> Callable[[bytes], str | None] | None:
+        if self.type_oid == NUMERIC and self.typmod == -1:
+            return _check_unconstrained
+        return _CHECKS.get(self.type_oid)
+
+    def fast(self) -> Callable[[bytes], bytes | None] | None:
+        if self.element is not None:
+            return _array_fast
+        if self.type_oid == NUMERIC and self.typmod == -1:
+            return _unconstrained_fast
+        return _FAST.get(self.type_oid)
 
 
 class RowEncoder:
@@ -273,15 +311,11 @@ class RowEncoder:
             _CONVERT.get(c.type_oid, quote) if c.element is None else _array(c.element)
             for c in columns
         ]
-        self._fast = [
-            (i, fast)
-            for i, c in enumerate(columns)
-            if (fast := _FAST.get(c.type_oid) if c.element is None else _array_fast) is not None
-        ]
+        self._fast = [(i, fast) for i, c in enumerate(columns) if (fast := c.fast()) is not None]
         checks = [
             (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")
             for i, c in enumerate(columns)
-            if (check := _CHECKS.get(c.type_oid)) is not None
+            if (check := c.check()) is not None
         ]
         self._checks = [c for c in checks if c[1] is not _check_text]
         self._text_checks = [c for c in checks if c[1] is _check_text]

@@ -1139,7 +1139,9 @@ class _Reader:
         try:
             encoder = RowEncoder(
                 [
-                    ColumnType(c.name, c.type_oid, self._source.array_elements.get(c.type_oid))
+                    ColumnType(
+                        c.name, c.type_oid, self._source.array_elements.get(c.type_oid), c.typmod
+                    )
                     for c in message.columns
                 ],
                 partition,
