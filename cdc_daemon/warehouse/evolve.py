@@ -25,6 +25,7 @@ import asyncio
 import csv
 import gzip
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,28 @@ class SchemaGuard:
         if header <= recorded:
             self._known[n.landing] = recorded
             return
+        for attempt in range(3):
+            try:
+                self._verify(n, header)
+                return
+            except TransientError as exc:
+                if n.landing in self._known or recorded:
+                    raise
+                if attempt == 2:
+                    # Never verified, and Snowflake cannot say now: the first objects' columns
+                    # are taken as what `snowflake apply` created (logged); a column added
+                    # later is held for Snowflake as above. A restart verifies again.
+                    log.warning(
+                        "warehouse_columns_assumed",
+                        table=n.landing,
+                        columns=sorted(header),
+                        error=str(exc),
+                    )
+                    self._known[n.landing] = header
+                    return
+                time.sleep(1.0)
+
+    def _verify(self, n: Names, header: set[str]) -> None:
         try:
             if self._wh is None:
                 self._wh = Warehouse(self._settings).connect()
@@ -181,18 +204,6 @@ class SchemaGuard:
             self._known[n.landing] = self._ledger(n, have)
         except CdcError as exc:
             self.close()
-            if not recorded and n.landing not in self._known:
-                # Never verified, and Snowflake cannot say now: the first objects' columns
-                # are taken as what `snowflake apply` created (logged); a column added later
-                # is held for Snowflake as above. A restart verifies again.
-                log.warning(
-                    "warehouse_columns_assumed",
-                    table=n.landing,
-                    columns=sorted(header),
-                    error=str(exc),
-                )
-                self._known[n.landing] = header
-                return
             raise TransientError(
                 f"{n.source}: its objects name a column {n.landing} lacks, and it could not be "
                 f"added ({exc}); nothing of this table is uploaded until it is"

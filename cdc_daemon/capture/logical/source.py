@@ -429,19 +429,6 @@ class LogicalSource(SourceSession):
                     f"{q} has REPLICA IDENTITY NOTHING: its updates and deletes carry no key "
                     f"(ALTER TABLE {q} REPLICA IDENTITY DEFAULT)"
                 )
-            elif (
-                t.replica_identity != "f"
-                and t.toastable
-                and self._settings.snowflake.enabled
-                and t.qualified == self._settings.table
-            ):
-                # snowflake/ is written for this table and its merge does not read
-                # _cdc_unchanged yet: an unchanged TOASTed value would reach SALES as NULL.
-                problems.append(
-                    f"{q} has TOASTable columns ({', '.join(t.toastable)}) and its warehouse "
-                    "merge (snowflake/) does not keep unchanged TOASTed values yet: ALTER "
-                    f"TABLE {q} REPLICA IDENTITY FULL"
-                )
             elif t.replica_identity == "d" and not t.has_primary_key:
                 problems.append(
                     f"{q} has no primary key, so its default replica identity logs no key for "
