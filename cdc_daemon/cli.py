@@ -215,6 +215,7 @@ def table_settings(settings: Settings, table: str | None) -> Settings:
 def snowflake_command(settings: Settings, action: str, grants: bool = False) -> int:
     from cdc_daemon.warehouse import sql
     from cdc_daemon.warehouse.client import Warehouse
+    from cdc_daemon.warehouse.evolve import record_columns
     from cdc_daemon.warehouse.model import read_catalog
 
     tables = read_catalog(settings)
@@ -222,18 +223,21 @@ def snowflake_command(settings: Settings, action: str, grants: bool = False) -> 
         text = sql.render_grants(settings, tables) if grants else sql.render(settings, tables)
         print(text, end="")
         return 0
+    stage_url = None
     if settings.snowflake.emulator:
-        raise ConfigError(
-            "snowflake.emulator is set: the local warehouse is set up by the demo and the tests"
-        )
-    statements = sql.statements(settings, tables)
+        if settings.snowflake.emulator_stage_dir is None:
+            raise ConfigError(
+                "snowflake.emulator is set without snowflake.emulator_stage_dir: use the "
+                "configuration `cdc-daemon local up` wrote"
+            )
+        stage_url = settings.snowflake.emulator_stage_dir.resolve().as_uri() + "/"
     wh = Warehouse(settings).connect()
     try:
-        for stmt in statements:
-            wh.execute(stmt.text)
-            structlog.get_logger().info("snowflake_applied", file=stmt.file, statement=stmt.head)
+        wh.apply(tables, stage_url_override=stage_url)
     finally:
         wh.close()
+    for t in tables:
+        record_columns(settings, t)
     return 0
 
 

@@ -438,6 +438,11 @@ class SnowflakeSettings(_Section):
         description="Talk to the local warehouse (fakesnow behind the same connector), whose "
         "missing PIPE/STREAM/TASK/COPY_HISTORY are emulated by `cdc_daemon.local.warehouse`.",
     )
+    emulator_stage_dir: Path | None = Field(
+        default=None,
+        description="The local warehouse's stage folder (`local up` writes it): where "
+        "`snowflake apply` points the stage when `emulator` is set.",
+    )
     login_timeout_s: float = Field(default=30.0, gt=0, description="Login timeout.")
     query_timeout_s: float = Field(default=120.0, gt=0, description="Statement timeout.")
     socket_timeout_s: int = Field(

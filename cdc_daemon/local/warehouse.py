@@ -71,8 +71,7 @@ from cdc_daemon.warehouse.client import (
     load_record,
     parse_pipe_status,
 )
-from cdc_daemon.warehouse.evolve import evolve_table
-from cdc_daemon.warehouse.model import Names, WarehouseTable, names, quote, read_catalog
+from cdc_daemon.warehouse.model import Names, WarehouseTable, quote, read_catalog
 
 log = structlog.get_logger()
 
@@ -89,6 +88,7 @@ _EMULATION_DDL = [
         NAME VARCHAR, STATE VARCHAR, ERROR_MESSAGE VARCHAR, SCHEDULED_TIME TIMESTAMP_TZ)""",
     "CREATE TABLE IF NOT EXISTS _EMU_TASK_STATE (NAME VARCHAR, STATE VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_TASKS (NAME VARCHAR, DEFINITION VARCHAR)",
+    "CREATE TABLE IF NOT EXISTS _EMU_PIPES (NAME VARCHAR, DEFINITION VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_STREAM_STATE (STREAM VARCHAR, STALE_AFTER TIMESTAMP_TZ)",
 ]
 # Snowflake's defaults: a task is suspended after this many failed runs in a row
@@ -96,6 +96,36 @@ _EMULATION_DDL = [
 # to this long goes stale (MAX_DATA_EXTENSION_TIME_IN_DAYS).
 SUSPEND_AFTER_FAILURES = 10
 STREAM_EXTENSION = timedelta(days=14)
+
+
+def stream_read(wh: Warehouse, stream: str) -> None:
+    """The stream was read (consumed, or found empty by SYSTEM$STREAM_HAS_DATA, which also
+    keeps it from going stale): it goes stale STREAM_EXTENSION from now."""
+    wh.execute("DELETE FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream})
+    wh.execute(
+        "INSERT INTO _EMU_STREAM_STATE VALUES (%(s)s, %(t)s)",
+        {"s": stream, "t": (datetime.now(UTC) + STREAM_EXTENSION).isoformat()},
+    )
+
+
+def set_pipe_status(
+    wh: Warehouse,
+    pipe: str,
+    state: str,
+    pending: int,
+    last: str | None = None,
+    error: str | None = None,
+) -> None:
+    status: dict[str, Any] = {"executionState": state, "pendingFileCount": pending}
+    if last:
+        status["lastIngestedTimestamp"] = last
+    if error:
+        status["error"] = error
+    wh.execute("DELETE FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe})
+    wh.execute(
+        "INSERT INTO _EMU_PIPE_STATUS VALUES (%(p)s, %(s)s)",
+        {"p": pipe, "s": json.dumps(status)},
+    )
 
 
 class EmulatorDialect:
@@ -149,6 +179,55 @@ class EmulatorDialect:
             return None
         stale_after = rows[0]["STALE_AFTER"]
         return StreamStatus(n.stream, stale_after <= datetime.now(UTC), stale_after)
+
+    def execute_ddl(self, wh: Warehouse, stmt: sql.Statement) -> None:
+        """One statement of ``snowflake/``: what fakesnow has is run; PIPE, STREAM, TASK, the
+        warehouse and the file format's header parsing are taken by the emulation, whose
+        state is kept in the database (so ``cdc-daemon snowflake apply`` from another process
+        sets up the stand-ins of ``cdc-daemon local up``)."""
+        head, text = stmt.head, stmt.text
+        if head.startswith("CREATE WAREHOUSE"):
+            return  # fakesnow has no warehouses
+        if head.startswith("CREATE PIPE"):
+            name = text.split()[5]  # CREATE PIPE IF NOT EXISTS <name>
+            _PipeCopy(name, sql.pipe_copy(stmt))  # refuses a COPY the stand-in cannot load
+            if not wh.query("SELECT 1 FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name}):
+                wh.execute("INSERT INTO _EMU_PIPES VALUES (%(n)s, %(d)s)", {"n": name, "d": text})
+            if not wh.query("SELECT 1 FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": name}):
+                set_pipe_status(wh, name, "RUNNING", pending=0)
+            return
+        if head.startswith("CREATE STREAM"):
+            match = re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I)
+            assert match is not None, text
+            stream, table = match.group(1), match.group(2).split(".")[-1]
+            wh.execute(
+                f"CREATE OR REPLACE VIEW {stream} AS SELECT r.* FROM {table} AS r"
+                " WHERE NOT EXISTS (SELECT 1 FROM _EMU_STREAM_CONSUMED AS c"
+                f" WHERE c.STREAM = '{stream}' AND c._FILE = r._FILE AND c._FILE_ROW = r._FILE_ROW)"
+            )
+            if not wh.query("SELECT 1 FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream}):
+                stream_read(wh, stream)
+            return
+        if "TASK" in head.split()[:4]:
+            self.task_ddl(wh, stmt)
+            return
+        if head.startswith("CREATE FILE FORMAT"):
+            # And the one fakesnow's COPY reads for it (``_PipeCopy``): the header skipped
+            # instead of parsed, no ERROR_ON_COLUMN_COUNT_MISMATCH.
+            wh.execute(text)
+            emulated = re.sub(r"\bPARSE_HEADER\s*=\s*TRUE\b", "SKIP_HEADER = 1", text, flags=re.I)
+            emulated = re.sub(
+                r"\s*ERROR_ON_COLUMN_COUNT_MISMATCH\s*=\s*FALSE", "", emulated, flags=re.I
+            )
+            emulated = re.sub(
+                r"(FILE FORMAT IF NOT EXISTS )(\w+)", r"\1_EMU_\2", emulated, count=1, flags=re.I
+            )
+            wh.execute(emulated)
+            return
+        wh.execute(text)
+        if head.startswith("USE SCHEMA"):
+            for ddl in _EMULATION_DDL:
+                wh.execute(ddl)
 
     def task_ddl(self, wh: Warehouse, stmt: sql.Statement) -> None:
         """ALTER TASK ... SUSPEND / RESUME set the task's state; CREATE OR ALTER TASK keeps its
@@ -264,7 +343,6 @@ class LocalWarehouse:
         self._thread: threading.Thread | None = None
         self._wh: Warehouse | None = None
         self._pipes: dict[str, _PipeCopy] = {}  # by folder, relative to the stage
-        self._streams: dict[str, str] = {}  # stream -> its table
         self.tables: list[WarehouseTable] = []
         self._queue_url: str | None = None
         self._lock = threading.Lock()
@@ -349,78 +427,16 @@ class LocalWarehouse:
     # -- setup ------------------------------------------------------------------------------
     def apply(self, tables: list[WarehouseTable] | None = None) -> None:
         """The ``snowflake/`` statements for the group's tables (read from the catalog unless
-        given), with the stage on the local folder; PIPE, STREAM and TASK statements are taken
-        by the emulation instead. Applying again adds what is new (a table's new columns)."""
+        given), with the stage on the local folder, as ``cdc-daemon snowflake apply`` runs
+        them (``EmulatorDialect.execute_ddl`` takes what fakesnow lacks). Applying again adds
+        what is new (a table's new columns)."""
         self.tables = read_catalog(self.settings) if tables is None else tables
-        stage_url = self.stage_dir.resolve().as_uri() + "/"
-        task_ddl: list[sql.Statement] = []
         with self._lock:
-            for ddl in _EMULATION_DDL:
-                self.wh.execute(ddl)
-            for stmt in sql.statements(self.settings, self.tables, stage_url_override=stage_url):
-                head = stmt.head
-                if head.startswith("CREATE PIPE"):
-                    name = stmt.text.split()[5]  # CREATE PIPE IF NOT EXISTS <name>
-                    copy = _PipeCopy(name, sql.pipe_copy(stmt))
-                    self._pipes[copy.folder] = copy
-                    continue
-                if head.startswith("CREATE STREAM"):
-                    self._create_stream(stmt.text)
-                    continue
-                if head.startswith("CREATE WAREHOUSE"):
-                    continue  # fakesnow has no warehouses
-                if "TASK" in head.split()[:4]:
-                    task_ddl.append(stmt)
-                    continue
-                if head.startswith("CREATE FILE FORMAT"):
-                    self._create_formats(stmt.text)
-                    continue
-                self.wh.execute(stmt.text)
-            for t in self.tables:
-                evolve_table(self.wh, t)
-            for stmt in task_ddl:
-                self.wh.dialect.task_ddl(self.wh, stmt)
-            for copy in self._pipes.values():
-                if not self.query_pipe_status(copy.name):
-                    self._set_pipe_status(copy.name, "RUNNING", pending=0)
-            for t in self.tables:
-                self._stream_read(t.names.stream)
+            self.wh.apply(self.tables, stage_url_override=self.stage_url)
 
-    def query_pipe_status(self, pipe: str) -> list[dict[str, Any]]:
-        return self.wh.query("SELECT STATUS FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe})
-
-    def _create_formats(self, text: str) -> None:
-        """The file format, and the one fakesnow's COPY reads for it (``_PipeCopy``): the
-        header skipped instead of parsed, no ERROR_ON_COLUMN_COUNT_MISMATCH."""
-        emulated = re.sub(r"\bPARSE_HEADER\s*=\s*TRUE\b", "SKIP_HEADER = 1", text, flags=re.I)
-        emulated = re.sub(
-            r"\s*ERROR_ON_COLUMN_COUNT_MISMATCH\s*=\s*FALSE", "", emulated, flags=re.I
-        )
-        emulated = re.sub(
-            r"(FILE FORMAT IF NOT EXISTS )(\w+)", r"\1_EMU_\2", emulated, count=1, flags=re.I
-        )
-        self.wh.execute(emulated)
-
-    def _create_stream(self, text: str) -> None:
-        """An append-only stream: the landing rows it has not handed to a merge yet."""
-        match = re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I)
-        assert match is not None, text
-        stream, table = match.group(1), match.group(2).split(".")[-1]
-        self._streams[stream] = table
-        self.wh.execute(
-            f"CREATE OR REPLACE VIEW {stream} AS SELECT r.* FROM {table} AS r"
-            " WHERE NOT EXISTS (SELECT 1 FROM _EMU_STREAM_CONSUMED AS c"
-            f" WHERE c.STREAM = '{stream}' AND c._FILE = r._FILE AND c._FILE_ROW = r._FILE_ROW)"
-        )
-
-    def _stream_read(self, stream: str) -> None:
-        """The stream was read (consumed, or found empty by SYSTEM$STREAM_HAS_DATA, which also
-        keeps it from going stale): it goes stale STREAM_EXTENSION from now."""
-        self.wh.execute("DELETE FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream})
-        self.wh.execute(
-            "INSERT INTO _EMU_STREAM_STATE VALUES (%(s)s, %(t)s)",
-            {"s": stream, "t": (datetime.now(UTC) + STREAM_EXTENSION).isoformat()},
-        )
+    @property
+    def stage_url(self) -> str:
+        return self.stage_dir.resolve().as_uri() + "/"
 
     def age_stream(self, stale_after: datetime, stream: str | None = None) -> None:
         """For tests: the stream (default: the first table's) goes (or went) stale at
@@ -518,6 +534,7 @@ class LocalWarehouse:
         """Load every newly notified object, then serve refresh requests. Returns the number
         of files loaded."""
         loaded = 0
+        self._load_pipes()
         for key in dict.fromkeys(self._notified_keys()):  # moto may notify twice for one object
             loaded += self._load(key)
         loaded += self._serve_refreshes()
@@ -548,6 +565,16 @@ class LocalWarehouse:
             )
             log.info("pipe_refreshed", pipe=pipe, prefix=prefix)
         return loaded
+
+    def _load_pipes(self) -> None:
+        """The pipes as applied (by this process or by ``snowflake apply``)."""
+        rows = self.query("SELECT NAME, DEFINITION FROM _EMU_PIPES")
+        for row in rows:
+            name = str(row["NAME"])
+            if all(c.name != name for c in self._pipes.values()):
+                stmt = sql.Statement("50_pipe.sql", str(row["DEFINITION"]))
+                copy = _PipeCopy(name, sql.pipe_copy(stmt))
+                self._pipes[copy.folder] = copy
 
     def _pipe_of(self, relative: str) -> _PipeCopy | None:
         for folder, copy in self._pipes.items():
@@ -584,7 +611,7 @@ class LocalWarehouse:
                 result = self.wh.query(copy.copy_file(holding, relative))
             except CdcError as exc:
                 self._history(copy, in_folder, "LOAD_FAILED", 0, 0, str(exc), now)
-                self._set_pipe_status(copy.name, "RUNNING", pending=0, error=str(exc))
+                set_pipe_status(self.wh, copy.name, "RUNNING", pending=0, error=str(exc))
                 log.warning("pipe_load_failed", file=relative, error=str(exc))
                 return 0
             # fakesnow answers like Snowflake: file, status, rows_parsed, rows_loaded, ...
@@ -596,7 +623,7 @@ class LocalWarehouse:
             self.wh.execute(insert, {"file": in_folder, "now": now})
             self.wh.execute(f"DELETE FROM {holding}")
             self._history(copy, in_folder, "Loaded", int(values[3]), int(values[2]), None, now)
-            self._set_pipe_status(copy.name, "RUNNING", pending=0, last=now)
+            set_pipe_status(self.wh, copy.name, "RUNNING", pending=0, last=now)
         return 1
 
     def _columns(self, table: str) -> list[str]:
@@ -629,40 +656,28 @@ class LocalWarehouse:
             },
         )
 
-    def _set_pipe_status(
-        self, pipe: str, state: str, pending: int, last: str | None = None, error: str | None = None
-    ) -> None:
-        status: dict[str, Any] = {"executionState": state, "pendingFileCount": pending}
-        if last:
-            status["lastIngestedTimestamp"] = last
-        if error:
-            status["error"] = error
-        self.wh.execute("DELETE FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe})
-        self.wh.execute(
-            "INSERT INTO _EMU_PIPE_STATUS VALUES (%(p)s, %(s)s)",
-            {"p": pipe, "s": json.dumps(status)},
-        )
-
     # -- the task runner --------------------------------------------------------------------
     def run_tasks(self, *, cleanup: bool = False) -> int:
-        """Each table's merge task's statements when its stream has data (and the cleanup
-        tasks' when asked). Returns the number of changes merged."""
+        """Each merge task's statements when its stream has data (the stream its WHEN
+        SYSTEM$STREAM_HAS_DATA names), and the other tasks' when ``cleanup`` is asked.
+        Returns the number of changes merged."""
         merged = 0
         with self._lock:
-            tasks = {
-                str(r["NAME"]): sql.task_body(sql.Statement("70_tasks.sql", str(r["DEFINITION"])))
-                for r in self.wh.query("SELECT NAME, DEFINITION FROM _EMU_TASKS")
-            }
-            for n in names(self.settings):
-                merged += self._merge(n.merge_task, n.stream, tasks[n.merge_task])
-                if cleanup and self._task_started(n.cleanup_task):
+            defined = self.wh.query("SELECT NAME, DEFINITION FROM _EMU_TASKS ORDER BY NAME")
+            for row in defined:
+                name, text = str(row["NAME"]), str(row["DEFINITION"])
+                body = sql.task_body(sql.Statement("70_tasks.sql", text))
+                when = re.search(r"SYSTEM\$STREAM_HAS_DATA\('([^']+)'\)", text)
+                if when is not None:
+                    merged += self._merge(name, when.group(1).split(".")[-1], body)
+                elif cleanup and self._task_started(name):
                     try:
-                        for statement in tasks[n.cleanup_task]:
+                        for statement in body:
                             self.wh.execute(statement)
                     except CdcError as exc:
-                        self._record_run(n.cleanup_task, str(exc))
+                        self._record_run(name, str(exc))
                     else:
-                        self._record_run(n.cleanup_task, None)
+                        self._record_run(name, None)
         return merged
 
     def _merge(self, task: str, stream: str, body: list[str]) -> int:
@@ -686,7 +701,7 @@ class LocalWarehouse:
                 f" FROM {stream}"
             )
             self._record_run(task, None)
-        self._stream_read(stream)
+        stream_read(self.wh, stream)
         return pending
 
     def pump(self) -> tuple[int, int]:

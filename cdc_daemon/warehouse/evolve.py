@@ -36,7 +36,13 @@ from cdc_daemon.errors import CdcError, TransientError
 from cdc_daemon.state.ledger import ObjectRecord
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import Warehouse
-from cdc_daemon.warehouse.model import Names, WarehouseTable, names, read_catalog
+from cdc_daemon.warehouse.model import (
+    DAEMON_COLUMNS,
+    Names,
+    WarehouseTable,
+    names,
+    read_catalog,
+)
 
 log = structlog.get_logger()
 
@@ -102,6 +108,45 @@ def header_of(path: Path) -> list[str]:
         raw.close()
 
 
+def ledger_columns(settings: Settings, n: Names, columns: set[str] | None = None) -> set[str]:
+    """The landing table's known columns from the ledger (saving ``columns`` instead)."""
+    import psycopg
+    from psycopg import sql as pgsql
+
+    table = pgsql.Identifier(settings.state.schema_, "warehouse_columns")
+    try:
+        with psycopg.connect(
+            settings.state_dsn.get_secret_value(),
+            connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+            autocommit=True,
+        ) as conn:
+            if columns is not None:
+                conn.execute(
+                    pgsql.SQL(
+                        "INSERT INTO {} (table_name, columns) VALUES (%s, %s)"
+                        " ON CONFLICT (table_name) DO UPDATE SET columns = excluded.columns,"
+                        " applied_at = now()"
+                    ).format(table),
+                    (n.landing, sorted(columns)),
+                )
+                return columns
+            row = conn.execute(
+                pgsql.SQL("SELECT columns FROM {} WHERE table_name = %s").format(table),
+                (n.landing,),
+            ).fetchone()
+            return set(row[0]) if row else set()
+    except psycopg.Error as exc:
+        # A ledger made before this table existed: ask Snowflake (``init`` creates it).
+        log.warning("warehouse_columns_unknown", table=n.landing, error=str(exc).strip())
+        return set()
+
+
+def record_columns(settings: Settings, t: WarehouseTable) -> None:
+    """After ``snowflake apply``: the landing table has every column of the catalog."""
+    names_ = {c.name for c in t.columns} | set(DAEMON_COLUMNS)
+    ledger_columns(settings, t.names, ledger_columns(settings, t.names) | names_)
+
+
 class SchemaGuard:
     """Before an upload: every column the objects' headers name exists in their table's
     landing table. Its own warehouse session, opened when first needed."""
@@ -128,36 +173,7 @@ class SchemaGuard:
             await asyncio.to_thread(self._ensure, n, header)
 
     def _ledger(self, n: Names, columns: set[str] | None = None) -> set[str]:
-        """The landing table's known columns from the ledger (saving ``columns`` first)."""
-        import psycopg
-        from psycopg import sql as pgsql
-
-        table = pgsql.Identifier(self._settings.state.schema_, "warehouse_columns")
-        try:
-            with psycopg.connect(
-                self._settings.state_dsn.get_secret_value(),
-                connect_timeout=max(1, int(self._settings.postgres.connect_timeout_s)),
-                autocommit=True,
-            ) as conn:
-                if columns is not None:
-                    conn.execute(
-                        pgsql.SQL(
-                            "INSERT INTO {} (table_name, columns) VALUES (%s, %s)"
-                            " ON CONFLICT (table_name) DO UPDATE SET columns = excluded.columns,"
-                            " applied_at = now()"
-                        ).format(table),
-                        (n.landing, sorted(columns)),
-                    )
-                    return columns
-                row = conn.execute(
-                    pgsql.SQL("SELECT columns FROM {} WHERE table_name = %s").format(table),
-                    (n.landing,),
-                ).fetchone()
-                return set(row[0]) if row else set()
-        except psycopg.Error as exc:
-            # A ledger made before this table existed: ask Snowflake (``init`` creates it).
-            log.warning("warehouse_columns_unknown", table=n.landing, error=str(exc).strip())
-            return set()
+        return ledger_columns(self._settings, n, columns)
 
     def _ensure(self, n: Names, header: set[str]) -> None:
         recorded = self._ledger(n)

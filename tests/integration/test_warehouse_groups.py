@@ -114,9 +114,7 @@ def assert_table_equals_source(pg_dsn: str, wh: LocalWarehouse, t: WarehouseTabl
         source_rows = conn.execute(
             f"SELECT {', '.join(source_cols)} FROM {t.names.source}"
         ).fetchall()
-    got_rows = wh.query(
-        f"SELECT {', '.join(c.q for c in t.columns)} FROM {t.names.name}"
-    )
+    got_rows = wh.query(f"SELECT {', '.join(c.q for c in t.columns)} FROM {t.names.name}")
     types = [c.type.final for c in t.columns]
     keys = [i for i, c in enumerate(t.columns) if c.key]
 
