@@ -132,6 +132,18 @@ def _parser() -> argparse.ArgumentParser:
         choices=["gzip", "zstd", "none"],
         default="gzip",
     )
+    local = sub.add_parser(
+        "local",
+        help="the local services (PostgreSQL, S3, the local warehouse) left running in DIR",
+    )
+    local.add_argument(
+        "local_command", choices=["up", "down", "serve"], metavar="up|down", help="up or down"
+    )
+    local.add_argument("--dir", dest="local_dir", type=Path, required=True, metavar="DIR")
+    report = sub.add_parser(
+        "report", help="write the one-page HTML report from the configured warehouse"
+    )
+    report.add_argument("--out", type=Path, required=True, metavar="FILE")
     return parser
 
 
@@ -158,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo = extensions.load("demo", "the demo")
             configure_logging("info", "auto")
             return int(run_demo(args.data, args.compression, args.report))
+        if args.command == "local":
+            local = extensions.load("local", "the local services")
+            configure_logging("info", "auto")
+            return int(local(args.local_command, args.local_dir))
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.format)
         if args.command == "run":
@@ -192,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "reconcile":
             return asyncio.run(reconcile_once(settings, args.completeness, args.json))
+        if args.command == "report":
+            return write_report(settings, args.out)
     except CdcError as exc:
         print(f"cdc-daemon: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -238,6 +256,21 @@ def snowflake_command(settings: Settings, action: str, grants: bool = False) -> 
         wh.close()
     for t in tables:
         record_columns(settings, t)
+    return 0
+
+
+def write_report(settings: Settings, out: Path) -> int:
+    from cdc_daemon.ops.report import write_report as write
+    from cdc_daemon.warehouse.client import Warehouse
+
+    if not settings.snowflake.enabled:
+        raise ConfigError("snowflake.account is not set: there is no warehouse to report on")
+    wh = Warehouse(settings).connect()
+    try:
+        write(out, wh.query, settings, [])
+    finally:
+        wh.close()
+    print(f"report: {out}")
     return 0
 
 

@@ -240,9 +240,9 @@ async def _report(
     print()
     print("\n".join(lines))
     if report is not None:
-        from cdc_daemon.local.report import write_report
+        from cdc_daemon.ops.report import write_report
 
-        write_report(report, warehouse, dsn, lines)
+        write_report(report, warehouse.query, settings, lines)
         print(f"  report: {report}")
 
 
