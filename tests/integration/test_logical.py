@@ -557,12 +557,16 @@ async def test_truncate_stops_with_a_clear_message(
         await export_until_idle(settings)
 
 
-async def test_init_keeps_full_identity_for_the_hand_written_warehouse(
-    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+async def test_init_accepts_the_default_identity_with_the_warehouse(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """With the warehouse configured, the table snowflake/ is written for must keep REPLICA
-    IDENTITY FULL: its merge does not read _cdc_unchanged yet, so an unchanged TOASTed value
-    would reach SALES as NULL. Without the warehouse the default identity is accepted."""
+    """With the warehouse configured, a table with TOASTable columns under the default replica
+    identity is accepted (the generated merge keeps a value named in _cdc_unchanged:
+    tests/integration/test_warehouse_groups.py), and init says what the identity means."""
     sales(pg_dsn, 5)
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY DEFAULT")
@@ -574,6 +578,6 @@ async def test_init_keeps_full_identity_for_the_hand_written_warehouse(
         capture={"mode": "logical"},
         snowflake={"account": "acme-x1"},
     )
-    with pytest.raises(SourceError, match="does not keep unchanged TOASTed values yet"):
-        await init(warehouse)
-    assert await init(logical_settings(pg_dsn, s3_server, bucket, tmp_path)) == 0
+    assert await init(warehouse) == 0
+    out = capsys.readouterr().out
+    assert "the warehouse merge keeps the current value" in out
