@@ -1,3 +1,13 @@
+{#- The daemon's columns of a change and where it was loaded from (landing and work tables). -#}
+{%- macro change_columns() %}
+  _CDC_OP VARCHAR(1),
+  _CDC_SEQ NUMBER(38, 0),
+  _CDC_TS TIMESTAMP_TZ,
+  _CDC_UNCHANGED VARCHAR,
+  _FILE VARCHAR,
+  _FILE_ROW NUMBER(19, 0),
+  _LOADED_AT TIMESTAMP_LTZ
+{%- endmacro -%}
 {%- for t in tables %}
 {%- set n = t.names %}
 -- ---- {{ n.source }} -> {{ n.name }} ----
@@ -8,13 +18,7 @@ CREATE TABLE IF NOT EXISTS {{ n.landing }} (
 {%- for c in t.columns %}
   {{ c.q }} {{ c.type.landing }},
 {%- endfor %}
-  _CDC_OP VARCHAR(1),
-  _CDC_SEQ NUMBER(38, 0),
-  _CDC_TS TIMESTAMP_TZ,
-  _CDC_UNCHANGED VARCHAR,
-  _FILE VARCHAR,
-  _FILE_ROW NUMBER(19, 0),
-  _LOADED_AT TIMESTAMP_LTZ
+{{- change_columns() }}
 );
 
 -- {{ n.name }}: one row per source key, the change with the highest _CDC_SEQ.
@@ -45,13 +49,7 @@ CREATE TABLE IF NOT EXISTS {{ n.changes }} (
 {%- for c in t.columns %}
   {{ c.q }} {{ c.type.final }},
 {%- endfor %}
-  _CDC_OP VARCHAR(1),
-  _CDC_SEQ NUMBER(38, 0),
-  _CDC_TS TIMESTAMP_TZ,
-  _CDC_UNCHANGED VARCHAR,
-  _FILE VARCHAR,
-  _FILE_ROW NUMBER(19, 0),
-  _LOADED_AT TIMESTAMP_LTZ
+{{- change_columns() }}
 );
 {%- if t.models %}
 CREATE TABLE IF NOT EXISTS {{ n.touched }} LIKE {{ n.name }};

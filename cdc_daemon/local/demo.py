@@ -128,7 +128,7 @@ async def _run(
     await init(settings)  # the ledger, the publication (the first run makes the slot)
     done = asyncio.Event()
     stop_pump = threading.Event()
-    pump = threading.Thread(target=_pump, args=(warehouse, stop_pump), daemon=True)
+    pump = threading.Thread(target=warehouse.pump_forever, args=(stop_pump,), daemon=True)
     pump.start()
     started = time.monotonic()
     daemon = asyncio.create_task(Worker(settings).serve(shutdown_trigger=done.wait))
@@ -156,15 +156,6 @@ async def _run(
             print("Not every batch was confirmed loaded in time: see the batch states above.")
             return 1
     return code
-
-
-def _pump(warehouse: LocalWarehouse, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            warehouse.pump()
-        except Exception as exc:  # noqa: BLE001 - the stand-in keeps going, like Snowpipe
-            log.warning("demo_warehouse_pump_failed", error=str(exc))
-        stop.wait(0.5)
 
 
 async def _all_loaded(settings: Settings, dsn: str, lsn: str) -> bool:

@@ -205,12 +205,7 @@ def serve(folder: Path) -> int:
         partial.write_text(json.dumps(info, indent=2) + "\n")
         partial.replace(folder / STATE)  # `up` waits for it: all three answered
         log.info("local_services_started", **{k: v for k, v in info.items() if k != "snowflake"})
-        while not stop.is_set():
-            try:
-                warehouse.pump()
-            except Exception as exc:  # noqa: BLE001 - the stand-in keeps going, like Snowpipe
-                log.warning("local_warehouse_pump_failed", error=str(exc))
-            stop.wait(1.0)
+        warehouse.pump_forever(stop, 1.0)
         return 0
     finally:
         (folder / STATE).unlink(missing_ok=True)

@@ -708,6 +708,16 @@ class LocalWarehouse:
         """One round: the pipe stand-in, then the tasks. (files loaded, changes merged)"""
         return self.ingest(), self.run_tasks()
 
+    def pump_forever(self, stop: threading.Event, interval_s: float = 0.5) -> None:
+        """Rounds until ``stop`` is set (the demo's and ``local up``'s feeder); a failed round
+        is logged and the next one goes on, as Snowpipe and the task scheduler do."""
+        while not stop.is_set():
+            try:
+                self.pump()
+            except Exception as exc:  # noqa: BLE001 - the stand-in keeps going, like Snowpipe
+                log.warning("local_warehouse_pump_failed", error=str(exc))
+            stop.wait(interval_s)
+
     def pump_until_quiet(self, timeout_s: float = 600, idle_rounds: int = 2) -> None:
         deadline = time.monotonic() + timeout_s
         quiet = 0
