@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import stamina
 import structlog
@@ -41,7 +41,9 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.state.ledger import BatchRecord, ObjectRecord
-from cdc_daemon.warehouse.evolve import SchemaGuard
+
+if TYPE_CHECKING:
+    from cdc_daemon.warehouse.evolve import SchemaGuard
 
 log = structlog.get_logger()
 
@@ -108,8 +110,11 @@ class UnitOfWork:
         self._sink = sink
         self._metrics = metrics
         self._crash_prefix = crash_prefix
-        # With a warehouse: a column an object names exists in Snowflake before its upload.
+        # With a warehouse: a column an object names exists in Snowflake before its upload
+        # (imported only then: the templates and the client cost start-up time).
         if guard is None and settings.snowflake.enabled:
+            from cdc_daemon.warehouse.evolve import SchemaGuard
+
             guard = SchemaGuard(settings)
         self._guard = guard
         self._zstd_pool = ZstdPool(settings.batch.compression_level)

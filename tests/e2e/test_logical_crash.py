@@ -118,7 +118,10 @@ def test_random_sigkills_lose_nothing(
     final = cli(config, "run", "--exit-when-idle")
     assert final.returncode == 0, final.stderr
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
-    assert statuses(pg_dsn) == [("uploaded",)]
+    # Every batch uploaded (none, when no round got past the slot's creation: a kill during
+    # it leaves a walsender that holds the slot until its snapshot is built, and the final
+    # run's snapshot then holds every change).
+    assert set(statuses(pg_dsn)) <= {("uploaded",)}
 
 
 def test_sigterm_finishes_the_batch_and_exits_zero(
