@@ -233,7 +233,7 @@ def table_settings(settings: Settings, table: str | None) -> Settings:
 def snowflake_command(settings: Settings, action: str, grants: bool = False) -> int:
     from cdc_daemon.warehouse import sql
     from cdc_daemon.warehouse.client import Warehouse
-    from cdc_daemon.warehouse.evolve import record_columns
+    from cdc_daemon.warehouse.evolve import apply_sql, record_columns
     from cdc_daemon.warehouse.model import read_catalog
 
     tables = read_catalog(settings)
@@ -251,7 +251,7 @@ def snowflake_command(settings: Settings, action: str, grants: bool = False) -> 
         stage_url = settings.snowflake.emulator_stage_dir.resolve().as_uri() + "/"
     wh = Warehouse(settings).connect()
     try:
-        wh.apply(tables, stage_url_override=stage_url)
+        apply_sql(wh, tables, stage_url_override=stage_url)
     finally:
         wh.close()
     for t in tables:
@@ -260,8 +260,8 @@ def snowflake_command(settings: Settings, action: str, grants: bool = False) -> 
 
 
 def write_report(settings: Settings, out: Path) -> int:
-    from cdc_daemon.ops.report import write_report as write
     from cdc_daemon.warehouse.client import Warehouse
+    from cdc_daemon.warehouse.report import write_report as write
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to report on")

@@ -37,8 +37,6 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # manifests in deploy/ use it (9187: next to postgres_exporter's 9187-9188 range, unassigned).
 DEFAULT_HTTP_PORT = 9187
 _SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
-# snowflake/models/ of this checkout.
-MODELS_DIR = Path(__file__).resolve().parents[1] / "snowflake" / "models"
 # The design table's warehouse name: the seed's model (INVOICES, PRODUCTS) is written on SALES.
 SEED_NAMES = {"public.ecommerce_sales": "SALES"}
 
@@ -407,10 +405,11 @@ class SnowflakeSettings(_Section):
         "CDC_STAGE", "The external stage (the bucket's prefix: every table's folder under it)."
     )
     file_format: str = _ident("CDC_CSV", "The file format.")
-    models_dir: Path = Field(
-        default=MODELS_DIR,
+    models_dir: Path | None = Field(
+        default=None,
         description="The models: `<dir>/<TABLE>/NN_*.sql` are refreshed for the touched keys "
-        "inside `<TABLE>`'s merge (default: the seed's `INVOICES` and `PRODUCTS` on `SALES`).",
+        "inside `<TABLE>`'s merge; none: `snowflake/models/` (the seed's `INVOICES` and "
+        "`PRODUCTS` on `SALES`).",
     )
     merge_schedule: str = Field(
         default="1 MINUTE",

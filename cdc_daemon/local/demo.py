@@ -231,7 +231,7 @@ async def _report(
     print()
     print("\n".join(lines))
     if report is not None:
-        from cdc_daemon.ops.report import write_report
+        from cdc_daemon.warehouse.report import write_report
 
         write_report(report, warehouse.query, settings, lines)
         print(f"  report: {report}")

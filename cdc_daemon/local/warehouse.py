@@ -71,6 +71,7 @@ from cdc_daemon.warehouse.client import (
     load_record,
     parse_pipe_status,
 )
+from cdc_daemon.warehouse.evolve import apply_sql
 from cdc_daemon.warehouse.model import Names, WarehouseTable, quote, read_catalog
 
 log = structlog.get_logger()
@@ -432,7 +433,7 @@ class LocalWarehouse:
         what is new (a table's new columns)."""
         self.tables = read_catalog(self.settings) if tables is None else tables
         with self._lock:
-            self.wh.apply(self.tables, stage_url_override=self.stage_url)
+            apply_sql(self.wh, self.tables, stage_url_override=self.stage_url)
 
     @property
     def stage_url(self) -> str:

@@ -23,7 +23,7 @@ import structlog
 from cdc_daemon import extensions
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, from_snowflake
-from cdc_daemon.warehouse.model import Names, WarehouseTable, names
+from cdc_daemon.warehouse.model import Names, names
 
 if TYPE_CHECKING:
     # Imported where used: the connector costs ~40 MB of RSS, which a daemon without a
@@ -330,22 +330,6 @@ class Warehouse:
 
     def tasks(self) -> list[TaskStatus]:
         return [task for n in self.names for task in self.dialect.tasks(self, n)]
-
-    def apply(self, tables: list[WarehouseTable], *, stage_url_override: str | None = None) -> None:
-        """``snowflake/`` for ``tables``: every statement in order; after the tables, the
-        columns each table gained since it was created (``warehouse.evolve``)."""
-        from cdc_daemon.warehouse import sql
-        from cdc_daemon.warehouse.evolve import evolve_table
-
-        statements = sql.statements(self.settings, tables, stage_url_override=stage_url_override)
-        evolved = False
-        for stmt in statements:
-            if stmt.file > "40_tables.sql" and not evolved:
-                for t in tables:
-                    evolve_table(self, t)
-                evolved = True
-            self.dialect.execute_ddl(self, stmt)
-            log.info("snowflake_applied", file=stmt.file, statement=stmt.head)
 
     def streams(self) -> list[tuple[str, StreamStatus | None]]:
         """(stream name, its status or None when it does not exist) per table."""

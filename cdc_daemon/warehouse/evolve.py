@@ -84,6 +84,23 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
     return added
 
 
+def apply_sql(
+    wh: Warehouse, tables: list[WarehouseTable], *, stage_url_override: str | None = None
+) -> None:
+    """``snowflake/`` for ``tables`` (``snowflake apply``, the local warehouse): every
+    statement in order, through the dialect; after the tables, the columns each table gained
+    since it was created."""
+    statements = sql.statements(wh.settings, tables, stage_url_override=stage_url_override)
+    evolved = False
+    for stmt in statements:
+        if stmt.file > "40_tables.sql" and not evolved:
+            for t in tables:
+                evolve_table(wh, t)
+            evolved = True
+        wh.dialect.execute_ddl(wh, stmt)
+        log.info("snowflake_applied", file=stmt.file, statement=stmt.head)
+
+
 def apply_tasks(wh: Warehouse, settings: Settings, t: WarehouseTable) -> None:
     """The table's task statements again (the merge names every column)."""
     for stmt in sql.statements(settings, [t]):

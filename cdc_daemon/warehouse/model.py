@@ -52,6 +52,9 @@ from cdc_daemon.errors import ConfigError, SourceError
 UNCONSTRAINED_SCALE = 9
 MAX_PRECISION = 38
 
+# snowflake/models/ of this checkout: the seed's models.
+MODELS_DIR = Path(__file__).resolve().parents[2] / "snowflake" / "models"
+
 _SF_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 # Columns the daemon adds to every object, and the landing table's own.
@@ -336,7 +339,8 @@ def from_columns(
 
 def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
     """The models on the table (``<models dir>/<TABLE>/NN_*.sql``), in order."""
-    folder = settings.snowflake.models_dir / n.name
+    base = settings.snowflake.models_dir or MODELS_DIR
+    folder = base / n.name
     return tuple(sorted(folder.glob("[0-9][0-9]_*.sql"))) if folder.is_dir() else ()
 
 
