@@ -122,11 +122,12 @@ def set_pipe_status(
         status["lastIngestedTimestamp"] = last
     if error:
         status["error"] = error
-    wh.execute("DELETE FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe})
-    wh.execute(
-        "INSERT INTO _EMU_PIPE_STATUS VALUES (%(p)s, %(s)s)",
-        {"p": pipe, "s": json.dumps(status)},
-    )
+    # One statement when the row exists: a reader never sees the pipe without a status.
+    params = {"p": pipe, "s": json.dumps(status)}
+    if wh.query("SELECT 1 FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": pipe}):
+        wh.execute("UPDATE _EMU_PIPE_STATUS SET STATUS = %(s)s WHERE PIPE = %(p)s", params)
+    else:
+        wh.execute("INSERT INTO _EMU_PIPE_STATUS VALUES (%(p)s, %(s)s)", params)
 
 
 class EmulatorDialect:
@@ -344,6 +345,7 @@ class LocalWarehouse:
         self._thread: threading.Thread | None = None
         self._wh: Warehouse | None = None
         self._pipes: dict[str, _PipeCopy] = {}  # by folder, relative to the stage
+        self._ingested: dict[str, str] = {}  # pipe -> its last load this round
         self.tables: list[WarehouseTable] = []
         self._queue_url: str | None = None
         self._lock = threading.Lock()
@@ -539,6 +541,11 @@ class LocalWarehouse:
         for key in dict.fromkeys(self._notified_keys()):  # moto may notify twice for one object
             loaded += self._load(key)
         loaded += self._serve_refreshes()
+        if self._ingested:  # once per round, for each pipe that loaded
+            with self._lock:
+                for pipe, at in self._ingested.items():
+                    set_pipe_status(self.wh, pipe, "RUNNING", pending=0, last=at)
+            self._ingested.clear()
         return loaded
 
     def _serve_refreshes(self) -> int:
@@ -624,7 +631,7 @@ class LocalWarehouse:
             self.wh.execute(insert, {"file": in_folder, "now": now})
             self.wh.execute(f"DELETE FROM {holding}")
             self._history(copy, in_folder, "Loaded", int(values[3]), int(values[2]), None, now)
-            set_pipe_status(self.wh, copy.name, "RUNNING", pending=0, last=now)
+            self._ingested[copy.name] = now
         return 1
 
     def _columns(self, table: str) -> list[str]:
