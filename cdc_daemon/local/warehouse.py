@@ -611,7 +611,7 @@ class LocalWarehouse:
         now = datetime.now(UTC).isoformat()
         header = _header(target)
         with self._lock:
-            columns = self._columns(copy.landing)
+            columns = self.wh.columns(copy.landing)
             holding, ddl, insert = copy.holding(header, columns)
             try:
                 for statement in ddl:
@@ -633,12 +633,6 @@ class LocalWarehouse:
             self._history(copy, in_folder, "Loaded", int(values[3]), int(values[2]), None, now)
             self._ingested[copy.name] = now
         return 1
-
-    def _columns(self, table: str) -> list[str]:
-        """The table's columns as they are now (a column added by schema evolution too)."""
-        with self.wh.conn.cursor() as cur:
-            cur.execute(f"SELECT * FROM {table} LIMIT 0")
-            return [d[0] for d in cur.description]
 
     def _history(
         self,

@@ -100,7 +100,7 @@ class Column:
             ]
         elif base == "numeric":
             checks = [("{c} = 'NaN'::numeric", reason("nan"))]
-            precision, scale = self._modifiers((0, 0))
+            precision, scale = self.modifiers((0, 0))
             # NUMBER(38, s): at most 38 digits, at most 37 after the point. A numeric(p, s)
             # holds neither infinity nor more than p - s digits before the point.
             if not (precision and precision - scale <= 38 and scale <= 37):
@@ -121,14 +121,15 @@ class Column:
             )
             checks = [("NOT (" + _IN_RANGE + ")", which)]
         elif base in ("text", "character varying", "character"):
-            (length,) = self._modifiers((0,))
+            (length,) = self.modifiers((0,))
             # A character takes at most 4 bytes in UTF-8.
             if not (length and length * 4 <= _MAX_TEXT):
                 checks = [("octet_length({c}) > 16777216", reason("longer_than_16mb"))]
         return [(sql.SQL(cond).format(c=c), why) for cond, why in checks]
 
-    def _modifiers(self, default: tuple[int, ...]) -> tuple[int, ...]:
-        """The type's modifiers (``numeric(12,3)`` -> (12, 3)), or ``default`` without."""
+    def modifiers(self, default: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """The type's modifiers (``numeric(12,3)`` -> (12, 3)), ``default`` filling the
+        missing ones."""
         found = re.fullmatch(r"[^(]*\(([-0-9, ]+)\)", self.type_name)
         if found is None:
             return default

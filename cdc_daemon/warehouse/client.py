@@ -312,6 +312,17 @@ class Warehouse:
     def execute(self, text: str, params: dict[str, Any] | Sequence[Any] | None = None) -> None:
         self.query(text, params)
 
+    def columns(self, table: str) -> list[str]:
+        """A table's columns as Snowflake has them now (a column just added too)."""
+        from snowflake.connector.cursor import SnowflakeCursor
+
+        try:
+            with self.conn.cursor(SnowflakeCursor) as cur:
+                cur.execute(f"SELECT * FROM {table} LIMIT 0")
+                return [str(d[0]) for d in cur.description]
+        except Exception as exc:  # noqa: BLE001 - translated at the boundary
+            raise from_snowflake(exc, f"Snowflake failed reading the columns of {table}") from None
+
     def load_history(self, since: datetime) -> list[LoadRecord]:
         """Every table's load history."""
         return [r for n in self.names for r in self.dialect.load_history(self, n, since)]

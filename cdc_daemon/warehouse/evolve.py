@@ -47,22 +47,6 @@ from cdc_daemon.warehouse.model import (
 log = structlog.get_logger()
 
 
-def columns_of(wh: Warehouse, table: str) -> list[str]:
-    """A table's columns as Snowflake has them now."""
-    from snowflake.connector.cursor import SnowflakeCursor
-
-    try:
-        with wh.conn.cursor(SnowflakeCursor) as cur:
-            cur.execute(f"SELECT * FROM {table} LIMIT 0")
-            return [str(d[0]) for d in cur.description]
-    except CdcError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated at the boundary
-        from cdc_daemon.errors import from_snowflake
-
-        raise from_snowflake(exc, f"reading the columns of {table}") from None
-
-
 def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
     """Add the table's columns Snowflake lacks to its landing, current-state and work tables.
     Returns the columns added (upper case)."""
@@ -72,7 +56,7 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
         targets.append((n.touched, False))
     added: list[str] = []
     for table, landing in targets:
-        have = set(columns_of(wh, table))
+        have = set(wh.columns(table))
         for c in t.columns:
             if c.name not in have:
                 kind = c.type.landing if landing else c.type.final
@@ -223,12 +207,12 @@ class SchemaGuard:
             if self._wh is None:
                 self._wh = Warehouse(self._settings).connect()
             wh = self._wh
-            have = set(columns_of(wh, n.landing))
+            have = set(wh.columns(n.landing))
             if not header <= have:
                 (t,) = [x for x in read_catalog(self._settings) if x.names == n]
                 evolve_table(wh, t)
                 apply_tasks(wh, self._settings, t)
-                have = set(columns_of(wh, n.landing))
+                have = set(wh.columns(n.landing))
                 lost = sorted(header - have)
                 if lost:
                     # Dropped from the source between the read and now: its values in this

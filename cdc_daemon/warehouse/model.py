@@ -46,6 +46,7 @@ import psycopg
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
+from cdc_daemon.source.table import Column
 
 # The scale an unconstrained numeric gets (BigQuery's NUMERIC has the same: 29 digits before
 # the point, 9 after).
@@ -94,13 +95,8 @@ class SfType:
         return self.convert.format(value)
 
 
-def _modifiers(type_name: str) -> tuple[int, ...]:
-    found = re.fullmatch(r"[^(]*\(([-0-9, ]+)\)", type_name)
-    return () if found is None else tuple(int(v) for v in found.group(1).split(","))
-
-
 def base_type(type_name: str) -> str:
-    return re.sub(r"\([^)]*\)", "", type_name).strip()
+    return Column("", type_name).base_type
 
 
 def sf_type(type_name: str) -> SfType:
@@ -137,7 +133,7 @@ def sf_type(type_name: str) -> SfType:
 
 def numeric_number(type_name: str) -> tuple[int, int]:
     """(precision, scale) of the NUMBER a ``numeric`` column maps to."""
-    mods = _modifiers(type_name)
+    mods = Column("", type_name).modifiers()
     if not mods:
         return MAX_PRECISION, UNCONSTRAINED_SCALE
     precision, scale = mods[0], (mods[1] if len(mods) > 1 else 0)

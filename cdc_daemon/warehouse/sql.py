@@ -36,13 +36,6 @@ class Statement:
         return " ".join(self.text.split()[:4]).upper()
 
 
-def table_folder(settings: Settings) -> str:
-    """The S3 folder of the table's objects, relative to the bucket (what the stage points at):
-    the daemon names objects by the table's schema-qualified name (``public`` when the
-    configured name has no schema)."""
-    return f"{settings.s3.prefix}{settings.table}/"
-
-
 def stage_url(settings: Settings) -> str:
     """The stage: the bucket's prefix (each table's folder is a path under it)."""
     url = f"s3://{settings.s3.bucket}/{settings.s3.prefix}"
