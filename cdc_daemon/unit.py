@@ -161,6 +161,7 @@ class UnitOfWork:
                 size=d.size,
                 sha256=d.sha256,
                 path=str(d.path),
+                columns=d.columns,
             )
             for d in days
         )

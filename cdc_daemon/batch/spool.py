@@ -10,6 +10,7 @@ waits for it.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import queue
 import shutil
@@ -42,6 +43,7 @@ class DayObject:
     size: int
     sha256: str
     quarantined: bool = False
+    columns: tuple[str, ...] = ()  # the header's column names
 
 
 class DayFile:
@@ -160,6 +162,7 @@ class DaySpool:
         self._codec: Codec = codec
         self._level = level
         self._header = header
+        self.columns = tuple(next(csv.reader([header.decode("utf-8")]), []))
         self._days: dict[bytes, DayFile] = {}
         self.raw_bytes = 0  # uncompressed bytes drained so far, all days
         self.rows = 0  # rows drained so far, all days (read by progress reports)
@@ -227,6 +230,7 @@ class DaySpool:
                     f.size,
                     f.digest.hexdigest(),
                     quarantined,
+                    self.columns,
                 )
             )
         return out

@@ -153,10 +153,15 @@ SALES_DAYS = (
 
 
 def judge(
-    item: Unreconciled, history: dict[str, LoadRecord], prefix: str = ""
+    item: Unreconciled,
+    history: dict[str, LoadRecord],
+    prefix: str = "",
+    landing: dict[str, tuple[str, frozenset[str]]] | None = None,
 ) -> tuple[Status | None, str | None, list[str]]:
     """(new status or None to keep waiting, the reason, the objects not seen yet, named
-    relative to the bucket's ``prefix`` as the history names them)."""
+    relative to the bucket's ``prefix`` as the history names them). ``landing`` gives, per
+    table folder, the landing table and its columns: an object loaded with a header column
+    the table lacks is failed, since the by-name load skipped that column's values."""
     unseen: list[str] = []
     problems: list[str] = []
     for obj in item.batch.objects:
@@ -172,11 +177,34 @@ def judge(
             problems.append(
                 f"{name}: Snowflake loaded {record.rows_loaded} rows, the ledger says {obj.rows}"
             )
+        elif (mismatch := header_mismatch(name, obj.columns, landing or {})) is not None:
+            problems.append(mismatch)
     if problems:
         return Status.FAILED, "; ".join(problems), unseen
     if unseen:
         return None, None, unseen
     return Status.LOADED, None, []
+
+
+def header_mismatch(
+    name: str, columns: tuple[str, ...], landing: dict[str, tuple[str, frozenset[str]]]
+) -> str | None:
+    """Why a loaded object's values did not all land, or None: its header names columns its
+    landing table lacks. Snowflake loads by name (MATCH_BY_COLUMN_NAME) and does not load
+    "additional non-matching columns" of a file, with status Loaded and the full row count
+    (https://docs.snowflake.com/en/sql-reference/sql/copy-into-table)."""
+    folder = name.split("/", 1)[0] + "/"
+    if not columns or folder not in landing:
+        return None
+    table, have = landing[folder]
+    extra = [c for c in columns if c.upper() not in have]
+    if not extra:
+        return None
+    return (
+        f"{name}: header_mismatch: {table} has no column {', '.join(extra)}, so Snowflake's "
+        "by-name load left those values out; add the column (cdc-daemon snowflake apply) "
+        'and export the rows again (docs/operations.md, "A batch is failed")'
+    )
 
 
 def _best(records: list[LoadRecord]) -> dict[str, LoadRecord]:
@@ -287,6 +315,24 @@ class Reconciler:
                 self._unknown_statuses.add(status)
                 log.warning("load_status_unknown", status=status, file=record.file)
 
+    async def _landing_columns(
+        self, wh: Warehouse, items: list[Unreconciled], history: dict[str, LoadRecord]
+    ) -> dict[str, tuple[str, frozenset[str]]]:
+        """The landing tables' columns (folder -> (table, columns)), read only for the tables
+        with an object this round may confirm."""
+        folders = {
+            name.split("/", 1)[0] + "/"
+            for item in items
+            for obj in item.batch.objects
+            if obj.columns and (name := obj.key.removeprefix(self._prefix)) in history
+        }
+        out: dict[str, tuple[str, frozenset[str]]] = {}
+        for n in wh.names:
+            if n.folder in folders:
+                have = await asyncio.to_thread(wh.columns, n.landing)
+                out[n.folder] = (n.landing, frozenset(c.upper() for c in have))
+        return out
+
     async def _warehouse(self) -> Warehouse:
         if self._wh is None:
             self._wh = await asyncio.to_thread(Warehouse(self._settings).connect)
@@ -346,10 +392,11 @@ class Reconciler:
             history = _best(records)
         else:
             history = {}
+        landing = await self._landing_columns(wh, items, history)
         wait = timedelta(seconds=sf.missing_after_s)
         for item in items:
             batch = item.batch
-            new, reason, unseen = judge(item, history, self._prefix)
+            new, reason, unseen = judge(item, history, self._prefix, landing)
             if new is not None:
                 if await self._settle(store, item, new, reason):
                     if new is Status.LOADED:

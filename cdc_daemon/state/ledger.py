@@ -68,10 +68,19 @@ class ObjectRecord:
     sha256: str
     path: str = field(default="", compare=False)  # the local spool file, while it exists
     quarantine: str | None = None  # the reason, for rows Snowflake could not read back
+    # The object's header (its column names): the reconciler checks that the landing table
+    # has each one (a by-name load silently skips a column the table lacks). Empty in objects
+    # recorded before it was kept.
+    columns: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.columns, tuple):  # read back from the ledger's JSON
+            object.__setattr__(self, "columns", tuple(self.columns))
 
     def as_json(self) -> dict[str, object]:
         return {
             "quarantine": self.quarantine,
+            "columns": list(self.columns),
             "key": self.key,
             "day": self.day,
             "rows": self.rows,

@@ -26,6 +26,7 @@ import csv
 import gzip
 import io
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,10 @@ class SchemaGuard:
             n = self._names.get(folder)
             if n is None:
                 continue
-            header = {h.upper() for h in await asyncio.to_thread(header_of, Path(obj.path))}
+            columns: Sequence[str] = obj.columns or await asyncio.to_thread(
+                header_of, Path(obj.path)
+            )
+            header = {h.upper() for h in columns}
             known = self._known.get(n.landing)
             if known is not None and header <= known:
                 continue

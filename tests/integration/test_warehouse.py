@@ -26,6 +26,7 @@ from cdc_daemon.ops.status import collect, render
 from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.store import Store
+from cdc_daemon.warehouse.evolve import record_columns
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import (
     export_until_idle,
@@ -162,6 +163,42 @@ async def test_an_object_loaded_short_is_failed(
     after = await statuses(settings)
     assert after[failed[0]] is Status.FAILED
     assert sum(s is Status.LOADED for s in after.values()) == len(after) - 1
+
+
+async def test_an_object_naming_a_column_the_landing_table_lacks_is_failed_with_why(
+    pg_dsn: str, warehouse: LocalWarehouse
+) -> None:
+    """A column dropped from RAW_SALES by hand while the ledger still records it: the pipe
+    loads the next objects by name, leaving that column out with status Loaded and the full
+    row count (as Snowflake does). The reconciler does not confirm them: each such batch is
+    failed with a header_mismatch naming the table and the column, while the batches loaded
+    before the drop stay loaded."""
+    settings = warehouse.settings
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1_000, days=2)
+    assert await export_until_idle(settings) == 0
+    warehouse.pump_until_quiet()
+    reconciler = Reconciler(settings)
+    try:
+        first = await reconciler.run_once()
+        assert first.loaded
+        assert not first.failed
+        record_columns(settings, warehouse.tables[0])  # the ledger: every column applied
+        warehouse.query("ALTER TABLE RAW_SALES DROP COLUMN DESCRIPTION")
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            generate_sales(conn, 1_000, days=2, seed=0.7)
+        assert await export_until_idle(settings) == 0
+        warehouse.pump_until_quiet()
+        second = await reconciler.run_once()
+    finally:
+        await reconciler.close()
+    assert second.failed
+    assert not second.loaded
+    for _, reason in second.failed:
+        assert "header_mismatch: RAW_SALES has no column description" in reason
+    after = await statuses(settings)
+    assert {after[b] for b in first.loaded} == {Status.LOADED}
+    assert {after[b] for b, _ in second.failed} == {Status.FAILED}
 
 
 async def test_lost_notifications_are_refreshed_once_then_missing(

@@ -6,7 +6,9 @@ and the helpers of ``warehouse/client.py`` that read Snowflake's answers (``stag
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -406,3 +408,35 @@ def test_an_unknown_history_status_is_logged_once() -> None:
         reconciler._note_unknown_statuses(records)
         reconciler._note_unknown_statuses(records)
     assert [(e["event"], e["status"]) for e in logs] == [("load_status_unknown", "some_new_status")]
+
+
+def test_a_loaded_object_naming_a_column_the_landing_table_lacks_is_failed() -> None:
+    """Snowflake's by-name load leaves a file column the landing table lacks out, and still
+    says ``Loaded`` with the full row count: the batch is ``failed`` with a
+    ``header_mismatch`` naming the table and the column, not confirmed."""
+    columns = ("id", "invoice", "gift_note", "_cdc_op")
+    batch = item(replace(obj("2011-01-04", 10), columns=columns))
+    landing = {f"{TABLE}/": ("RAW_SALES", frozenset({"ID", "INVOICE", "_CDC_OP"}))}
+    new, reason, unseen = judge(batch, history(record("2011-01-04", rows=10)), PREFIX, landing)
+    assert new is Status.FAILED
+    assert reason is not None
+    assert "header_mismatch: RAW_SALES has no column gift_note" in reason
+    assert unseen == []
+    # The same object against a landing table that has every column is confirmed, whatever
+    # the case of the names (CASE_INSENSITIVE).
+    full = {f"{TABLE}/": ("RAW_SALES", frozenset({"ID", "INVOICE", "GIFT_NOTE", "_CDC_OP"}))}
+    assert judge(batch, history(record("2011-01-04", rows=10)), PREFIX, full)[0] is Status.LOADED
+
+
+def test_an_object_header_survives_the_ledger_round_trip() -> None:
+    """The header kept with an object is written to the ledger's JSON and read back as the
+    same tuple; an object recorded before headers were kept reads back with none (and is
+    judged on its row count alone)."""
+    record_ = ObjectRecord(
+        **json.loads(json.dumps({**obj("2011-01-04", 3).as_json(), "columns": ["a", "b"]}))
+    )
+    assert record_.columns == ("a", "b")
+    again = ObjectRecord(**json.loads(json.dumps(record_.as_json())))
+    assert again.columns == ("a", "b")
+    old: dict[str, Any] = {k: v for k, v in record_.as_json().items() if k != "columns"}
+    assert ObjectRecord(**old).columns == ()
