@@ -12,6 +12,7 @@ import ctypes
 import json
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the least-privilege roles and grants instead (run by an administrator)",
     )
-    sf_sub.add_parser(
-        "apply", help="run the SQL in Snowflake (idempotent; never recreates the pipe)"
+    sf_apply = sf_sub.add_parser(
+        "apply",
+        help="bring Snowflake in line with the SQL: only what differs is changed (a pipe whose "
+        "COPY changed is recreated without losing or reloading a file)",
+    )
+    sf_apply.add_argument(
+        "--plan", action="store_true", help="print each difference and change nothing"
     )
     reconcile = sub.add_parser(
         "reconcile", help="check Snowflake's load history against the ledger"
@@ -204,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(status(settings, as_json=args.json))
         if args.command == "snowflake":
             return snowflake_command(
-                settings, args.snowflake_command, getattr(args, "grants", False)
+                settings,
+                args.snowflake_command,
+                getattr(args, "grants", False),
+                getattr(args, "plan", False),
             )
         if args.command == "reconcile":
             return asyncio.run(reconcile_once(settings, args.completeness, args.json))
@@ -230,7 +239,9 @@ def table_settings(settings: Settings, table: str | None) -> Settings:
     raise ConfigError(f"{name} is not a configured table (the group has {names})")
 
 
-def snowflake_command(settings: Settings, action: str, grants: bool = False) -> int:
+def snowflake_command(
+    settings: Settings, action: str, grants: bool = False, plan_only: bool = False
+) -> int:
     from cdc_daemon.warehouse import sql
     from cdc_daemon.warehouse.client import Warehouse
     from cdc_daemon.warehouse.evolve import apply_sql, record_columns
@@ -251,12 +262,39 @@ def snowflake_command(settings: Settings, action: str, grants: bool = False) -> 
         stage_url = settings.snowflake.emulator_stage_dir.resolve().as_uri() + "/"
     wh = Warehouse(settings).connect()
     try:
-        apply_sql(wh, tables, stage_url_override=stage_url)
+        plan = apply_sql(
+            wh,
+            tables,
+            stage_url_override=stage_url,
+            staged=lambda folder, since: staged_objects(settings, folder, since),
+            plan_only=plan_only,
+        )
     finally:
         wh.close()
+    print(plan.render(), end="")
+    if plan_only:
+        return 0
     for t in tables:
         record_columns(settings, t)
+    manual = [c for c in plan.changes if c.action == "manual"]
+    if manual:
+        print(f"cdc-daemon: {len(manual)} difference(s) left for you (see above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def staged_objects(settings: Settings, folder: str, since: datetime) -> list[str]:
+    """A table folder's objects modified since ``since``, relative to the bucket's prefix."""
+    from contextlib import AsyncExitStack
+
+    from cdc_daemon.sink.s3 import S3Sink
+
+    async def keys() -> list[str]:
+        async with AsyncExitStack() as stack:
+            sink = await S3Sink.open(settings.s3, stack)
+            return await sink.keys_modified_since(settings.s3.prefix + folder, since)
+
+    return [k.removeprefix(settings.s3.prefix) for k in asyncio.run(keys())]
 
 
 def write_report(settings: Settings, out: Path) -> int:

@@ -9,7 +9,10 @@
 -- (LF line ends), ESCAPE = NONE (a quote inside a quoted field is doubled), TRIM_SPACE = FALSE,
 -- TIMESTAMP_FORMAT = AUTO (ISO-8601: timestamptz as 2011-03-27T00:30:00+00:00 or with a fraction
 -- as .25+00:00, timestamp without the offset; _CDC_TS in UTC with a Z), ENCODING = UTF8.
-CREATE FILE FORMAT IF NOT EXISTS {{ file_format }}
+-- CREATE OR ALTER: applied again, an older definition is brought to this one (an option not
+-- named here goes back to its default); TYPE cannot change (Snowflake, "CREATE FILE FORMAT",
+-- CREATE OR ALTER FILE FORMAT: https://docs.snowflake.com/en/sql-reference/sql/create-file-format).
+CREATE OR ALTER FILE FORMAT {{ file_format }}
   TYPE = CSV
   FIELD_DELIMITER = ','
   PARSE_HEADER = TRUE

@@ -10,9 +10,15 @@
 -- MATCH_BY_COLUMN_NAME takes no SELECT transformation, so the file name, row number and scan
 -- time come through INCLUDE_METADATA.
 -- dt=unknown/ holds deletes whose day is not known (logical mode, key-only replica identity).
--- IF NOT EXISTS, never OR REPLACE: recreating a pipe drops its load history, and Snowpipe would
--- load every object in the stage again. Names inside the COPY are fully qualified: the pipe
--- runs them outside any session's current schema.
+-- IF NOT EXISTS here: a pipe's COPY cannot be altered (CREATE OR ALTER PIPE does not change
+-- it), and recreating a pipe loses the files queued for it. `cdc-daemon snowflake apply`
+-- compares the pipe with this definition and, when its COPY differs, follows Snowflake's
+-- procedure for recreating a pipe ("Manage Snowpipe", Recreating pipes:
+-- https://docs.snowflake.com/en/user-guide/data-load-snowpipe-manage): pause, wait until
+-- PAUSED and no load is in progress, CREATE OR REPLACE, pause, resume, then ALTER PIPE ...
+-- REFRESH each object staged within 7 days that COPY_HISTORY does not show loaded (so none is
+-- lost, and none loaded twice). Names inside the COPY are fully qualified: the pipe runs them
+-- outside any session's current schema.
 {%- for t in tables %}
 {%- set n = t.names %}
 CREATE PIPE IF NOT EXISTS {{ n.pipe }}

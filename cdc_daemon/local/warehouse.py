@@ -17,8 +17,11 @@ MERGE, QUALIFY -- except four features it does not have. Each is emulated here, 
   columns (file name, row number, load time). A landing column the file lacks is NULL; a file
   column the table lacks is not loaded ("If additional non-matching columns are present in the
   data files, the values in these columns are not loaded":
-  https://docs.snowflake.com/en/sql-reference/sql/copy-into-table). A file already loaded is
-  skipped, as Snowpipe does: that is fakesnow's own COPY load metadata.
+  https://docs.snowflake.com/en/sql-reference/sql/copy-into-table). A file the pipe already
+  loaded is skipped, as Snowpipe does; a recreated pipe (CREATE OR REPLACE) has a load history
+  of its own and has lost the files queued for the old one, the worst case the recreation
+  procedure in ``warehouse/plan.py`` is built for. A paused pipe (ALTER PIPE ... SET
+  PIPE_EXECUTION_PAUSED) queues the files it is notified of and loads them once resumed.
 - **COPY_HISTORY / SYSTEM$PIPE_STATUS / ALTER PIPE ... REFRESH**: the stand-in writes each
   file's outcome (status, rows parsed and loaded, first error) to ``_EMU_COPY_HISTORY`` and
   its state as SYSTEM$PIPE_STATUS's JSON to ``_EMU_PIPE_STATUS``; a refresh is a row in
@@ -62,6 +65,7 @@ from cdc_daemon.errors import CdcError
 from cdc_daemon.local.services import free_port
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import (
+    Described,
     LoadRecord,
     PipeStatus,
     StreamStatus,
@@ -73,6 +77,7 @@ from cdc_daemon.warehouse.client import (
 )
 from cdc_daemon.warehouse.evolve import apply_sql
 from cdc_daemon.warehouse.model import Names, WarehouseTable, quote, read_catalog
+from cdc_daemon.warehouse.plan import Plan, desired
 
 log = structlog.get_logger()
 
@@ -89,7 +94,10 @@ _EMULATION_DDL = [
         NAME VARCHAR, STATE VARCHAR, ERROR_MESSAGE VARCHAR, SCHEDULED_TIME TIMESTAMP_TZ)""",
     "CREATE TABLE IF NOT EXISTS _EMU_TASK_STATE (NAME VARCHAR, STATE VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_TASKS (NAME VARCHAR, DEFINITION VARCHAR)",
-    "CREATE TABLE IF NOT EXISTS _EMU_PIPES (NAME VARCHAR, DEFINITION VARCHAR)",
+    """CREATE TABLE IF NOT EXISTS _EMU_PIPES (
+        NAME VARCHAR, DEFINITION VARCHAR, CREATED_AT TIMESTAMP_TZ, PAUSED BOOLEAN)""",
+    "CREATE TABLE IF NOT EXISTS _EMU_PIPE_QUEUE (PIPE VARCHAR, KEY VARCHAR)",
+    "CREATE TABLE IF NOT EXISTS _EMU_OBJECTS (KIND VARCHAR, NAME VARCHAR, DEFINITION VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_STREAM_STATE (STREAM VARCHAR, STALE_AFTER TIMESTAMP_TZ)",
 ]
 # Snowflake's defaults: a task is suspended after this many failed runs in a row
@@ -182,6 +190,34 @@ class EmulatorDialect:
         stale_after = rows[0]["STALE_AFTER"]
         return StreamStatus(n.stream, stale_after <= datetime.now(UTC), stale_after)
 
+    def describe(self, wh: Warehouse, kind: str, name: str) -> Described | None:
+        """What the emulation recorded of an object (the statement that made it, read as the
+        plan reads a rendered one); a table's columns (fakesnow gives no Snowflake types)."""
+        if kind == "TABLE":
+            try:
+                return {c: ("", False) for c in wh.columns(name)}
+            except CdcError:
+                return None
+        if kind == "PIPE":
+            rows = wh.query("SELECT DEFINITION FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name})
+        elif kind == "TASK":
+            rows = wh.query("SELECT DEFINITION FROM _EMU_TASKS WHERE NAME = %(n)s", {"n": name})
+        else:
+            rows = wh.query(
+                "SELECT DEFINITION FROM _EMU_OBJECTS WHERE KIND = %(k)s AND NAME = %(n)s",
+                {"k": kind, "n": name},
+            )
+        if not rows:
+            return None
+        found = desired(sql.Statement("", str(rows[0]["DEFINITION"])))
+        if found is None:
+            return None
+        out = {k: (v, False) for k, v in found[2].items()}
+        if kind == "TASK":
+            state = wh.query("SELECT STATE FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
+            out["STATE"] = (str(state[0]["STATE"]) if state else "suspended", False)
+        return out
+
     def execute_ddl(self, wh: Warehouse, stmt: sql.Statement) -> None:
         """One statement of ``snowflake/``: what fakesnow has is run; PIPE, STREAM, TASK, the
         warehouse and the file format's header parsing are taken by the emulation, whose
@@ -190,13 +226,39 @@ class EmulatorDialect:
         head, text = stmt.head, stmt.text
         if head.startswith("CREATE WAREHOUSE"):
             return  # fakesnow has no warehouses
-        if head.startswith("CREATE PIPE"):
-            name = text.split()[5]  # CREATE PIPE IF NOT EXISTS <name>
+        if head.startswith(("CREATE PIPE", "CREATE OR REPLACE PIPE")):
+            replace = head.startswith("CREATE OR REPLACE")
+            name = text.split()[4 if replace else 5]  # CREATE [OR REPLACE] PIPE [IF NOT EXISTS]
             _PipeCopy(name, sql.pipe_copy(stmt))  # refuses a COPY the stand-in cannot load
-            if not wh.query("SELECT 1 FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name}):
-                wh.execute("INSERT INTO _EMU_PIPES VALUES (%(n)s, %(d)s)", {"n": name, "d": text})
-            if not wh.query("SELECT 1 FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": name}):
+            exists = wh.query("SELECT 1 FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name})
+            if replace:
+                # A new pipe: a load history of its own, an empty queue (the files the old one
+                # held are dropped), running.
+                wh.execute("DELETE FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name})
+                wh.execute("DELETE FROM _EMU_PIPE_QUEUE WHERE PIPE = %(n)s", {"n": name})
+            if replace or not exists:
+                wh.execute(
+                    "INSERT INTO _EMU_PIPES VALUES (%(n)s, %(d)s, %(t)s, FALSE)",
+                    {"n": name, "d": text, "t": datetime.now(UTC).isoformat()},
+                )
+            if replace or not wh.query(
+                "SELECT 1 FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": name}
+            ):
                 set_pipe_status(wh, name, "RUNNING", pending=0)
+            return
+        if alter := re.match(
+            r"ALTER PIPE (\w+) SET PIPE_EXECUTION_PAUSED = (TRUE|FALSE)$", text, re.I
+        ):
+            name, paused = alter.group(1), alter.group(2).upper() == "TRUE"
+            wh.execute(
+                "UPDATE _EMU_PIPES SET PAUSED = %(p)s WHERE NAME = %(n)s", {"p": paused, "n": name}
+            )
+            pending = wh.query(
+                "SELECT COUNT(*) AS N FROM _EMU_PIPE_QUEUE WHERE PIPE = %(n)s", {"n": name}
+            )
+            set_pipe_status(
+                wh, name, "PAUSED" if paused else "RUNNING", pending=int(pending[0]["N"])
+            )
             return
         if head.startswith("CREATE STREAM"):
             match = re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I)
@@ -209,22 +271,30 @@ class EmulatorDialect:
             )
             if not wh.query("SELECT 1 FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream}):
                 stream_read(wh, stream)
+            _record_object(wh, "STREAM", stream, text)
             return
         if "TASK" in head.split()[:4]:
             self.task_ddl(wh, stmt)
             return
-        if head.startswith("CREATE FILE FORMAT"):
-            # And the one fakesnow's COPY reads for it (``_PipeCopy``): the header skipped
-            # instead of parsed, no ERROR_ON_COLUMN_COUNT_MISMATCH.
-            wh.execute(text)
-            emulated = re.sub(r"\bPARSE_HEADER\s*=\s*TRUE\b", "SKIP_HEADER = 1", text, flags=re.I)
+        if head.startswith("CREATE OR ALTER FILE"):
+            # fakesnow has no CREATE OR ALTER: the format is replaced, and so is the one
+            # fakesnow's COPY reads for it (``_PipeCopy``): the header skipped instead of
+            # parsed, no ERROR_ON_COLUMN_COUNT_MISMATCH.
+            replaced = re.sub(r"^CREATE OR ALTER", "CREATE OR REPLACE", text, count=1)
+            wh.execute(replaced)
+            emulated = re.sub(
+                r"\bPARSE_HEADER\s*=\s*TRUE\b", "SKIP_HEADER = 1", replaced, flags=re.I
+            )
             emulated = re.sub(
                 r"\s*ERROR_ON_COLUMN_COUNT_MISMATCH\s*=\s*FALSE", "", emulated, flags=re.I
             )
-            emulated = re.sub(
-                r"(FILE FORMAT IF NOT EXISTS )(\w+)", r"\1_EMU_\2", emulated, count=1, flags=re.I
-            )
+            emulated = re.sub(r"(FILE FORMAT )(\w+)", r"\1_EMU_\2", emulated, count=1, flags=re.I)
             wh.execute(emulated)
+            _record_object(wh, "FILE FORMAT", text.split()[5], text)
+            return
+        if head.startswith("CREATE OR ALTER STAGE"):
+            wh.execute(re.sub(r"^CREATE OR ALTER", "CREATE OR REPLACE", text, count=1))
+            _record_object(wh, "STAGE", text.split()[4], text)
             return
         wh.execute(text)
         if head.startswith("USE SCHEMA"):
@@ -254,6 +324,16 @@ class EmulatorDialect:
         sql.task_body(stmt)  # refuses a body the runner could not run
         wh.execute("DELETE FROM _EMU_TASKS WHERE NAME = %(n)s", {"n": name})
         wh.execute("INSERT INTO _EMU_TASKS VALUES (%(n)s, %(d)s)", {"n": name, "d": text})
+
+
+def _record_object(wh: Warehouse, kind: str, name: str, text: str) -> None:
+    """The statement an object was made with, for ``describe``."""
+    wh.execute(
+        "DELETE FROM _EMU_OBJECTS WHERE KIND = %(k)s AND NAME = %(n)s", {"k": kind, "n": name}
+    )
+    wh.execute(
+        "INSERT INTO _EMU_OBJECTS VALUES (%(k)s, %(n)s, %(d)s)", {"k": kind, "n": name, "d": text}
+    )
 
 
 class _PipeCopy:
@@ -327,7 +407,7 @@ class _PipeCopy:
         quoted = relative.replace("'", "''")
         return (
             f"COPY INTO {holding} FROM @{self.stage} FILES = ('{quoted}')"
-            f" FILE_FORMAT = (FORMAT_NAME = '{self.emulated_format()}')"
+            f" FILE_FORMAT = (FORMAT_NAME = '{self.emulated_format()}') FORCE = TRUE"
         )
 
 
@@ -345,6 +425,7 @@ class LocalWarehouse:
         self._thread: threading.Thread | None = None
         self._wh: Warehouse | None = None
         self._pipes: dict[str, _PipeCopy] = {}  # by folder, relative to the stage
+        self._pipe_state: dict[str, tuple[datetime, bool]] = {}  # name -> (created, paused)
         self._ingested: dict[str, str] = {}  # pipe -> its last load this round
         self.tables: list[WarehouseTable] = []
         self._queue_url: str | None = None
@@ -428,14 +509,34 @@ class LocalWarehouse:
             return self.wh.query(text, params)
 
     # -- setup ------------------------------------------------------------------------------
-    def apply(self, tables: list[WarehouseTable] | None = None) -> None:
-        """The ``snowflake/`` statements for the group's tables (read from the catalog unless
-        given), with the stage on the local folder, as ``cdc-daemon snowflake apply`` runs
-        them (``EmulatorDialect.execute_ddl`` takes what fakesnow lacks). Applying again adds
-        what is new (a table's new columns)."""
+    def apply(self, tables: list[WarehouseTable] | None = None, *, plan_only: bool = False) -> Plan:
+        """``snowflake/`` for the group's tables (read from the catalog unless given), with
+        the stage on the local folder, as ``cdc-daemon snowflake apply`` runs it: what
+        differs from what exists, made so (``EmulatorDialect`` takes what fakesnow lacks).
+        Returns the plan."""
         self.tables = read_catalog(self.settings) if tables is None else tables
         with self._lock:
-            apply_sql(self.wh, self.tables, stage_url_override=self.stage_url)
+            return apply_sql(
+                self.wh,
+                self.tables,
+                stage_url_override=self.stage_url,
+                staged=self.staged,
+                plan_only=plan_only,
+            )
+
+    def staged(self, folder: str, since: datetime) -> list[str]:
+        """The bucket's objects under a table's folder modified since ``since``, relative to
+        the prefix (what a recreated pipe's refresh looks at)."""
+        _, s3 = self._clients()
+        prefix = self.settings.s3.prefix
+        out = []
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.settings.s3.bucket, Prefix=prefix + folder
+        ):
+            for item in page.get("Contents", []):
+                if item["LastModified"] >= since:
+                    out.append(str(item["Key"]).removeprefix(prefix))
+        return out
 
     @property
     def stage_url(self) -> str:
@@ -540,6 +641,7 @@ class LocalWarehouse:
         self._load_pipes()
         for key in dict.fromkeys(self._notified_keys()):  # moto may notify twice for one object
             loaded += self._load(key)
+        loaded += self._drain_queues()
         loaded += self._serve_refreshes()
         if self._ingested:  # once per round, for each pipe that loaded
             with self._lock:
@@ -575,14 +677,28 @@ class LocalWarehouse:
         return loaded
 
     def _load_pipes(self) -> None:
-        """The pipes as applied (by this process or by ``snowflake apply``)."""
-        rows = self.query("SELECT NAME, DEFINITION FROM _EMU_PIPES")
-        for row in rows:
+        """The pipes as they are now (applied by this process or by ``snowflake apply``,
+        recreated, paused)."""
+        pipes: dict[str, _PipeCopy] = {}
+        state: dict[str, tuple[datetime, bool]] = {}
+        for row in self.query("SELECT NAME, DEFINITION, CREATED_AT, PAUSED FROM _EMU_PIPES"):
             name = str(row["NAME"])
-            if all(c.name != name for c in self._pipes.values()):
-                stmt = sql.Statement("50_pipe.sql", str(row["DEFINITION"]))
-                copy = _PipeCopy(name, sql.pipe_copy(stmt))
-                self._pipes[copy.folder] = copy
+            copy = _PipeCopy(name, sql.pipe_copy(sql.Statement("50_pipe.sql", row["DEFINITION"])))
+            pipes[copy.folder] = copy
+            state[name] = (row["CREATED_AT"], bool(row["PAUSED"]))
+        self._pipes, self._pipe_state = pipes, state
+
+    def _drain_queues(self) -> int:
+        """The files a paused pipe was notified of, once it runs again."""
+        loaded = 0
+        for name, (_, paused) in self._pipe_state.items():
+            if paused:
+                continue
+            rows = self.query("SELECT KEY FROM _EMU_PIPE_QUEUE WHERE PIPE = %(n)s", {"n": name})
+            if rows:
+                self.query("DELETE FROM _EMU_PIPE_QUEUE WHERE PIPE = %(n)s", {"n": name})
+                loaded += sum(self._load(str(r["KEY"])) for r in rows)
+        return loaded
 
     def _pipe_of(self, relative: str) -> _PipeCopy | None:
         for folder, copy in self._pipes.items():
@@ -599,6 +715,27 @@ class LocalWarehouse:
         in_folder = relative.removeprefix(copy.folder)
         if not re.fullmatch(copy.pattern, in_folder):
             return 0  # not matched by the pipe's PATTERN
+        created, paused = self._pipe_state[copy.name]
+        with self._lock:
+            if paused:
+                # Queued until the pipe is resumed (dropped if it is recreated first).
+                self.wh.execute(
+                    "INSERT INTO _EMU_PIPE_QUEUE VALUES (%(p)s, %(k)s)", {"p": copy.name, "k": key}
+                )
+                pending = self.wh.query(
+                    "SELECT COUNT(*) AS N FROM _EMU_PIPE_QUEUE WHERE PIPE = %(p)s",
+                    {"p": copy.name},
+                )
+                set_pipe_status(self.wh, copy.name, "PAUSED", pending=int(pending[0]["N"]))
+                return 0
+            # Snowpipe loads a file once per pipe: its own load history, which a recreated
+            # pipe starts anew.
+            if self.wh.query(
+                "SELECT 1 FROM _EMU_COPY_HISTORY WHERE TABLE_NAME = %(t)s AND FILE_NAME = %(f)s"
+                " AND STATUS = 'Loaded' AND LAST_LOAD_TIME >= %(c)s",
+                {"t": copy.landing, "f": in_folder, "c": created.isoformat()},
+            ):
+                return 0
         _, s3 = self._clients()
         target = self.stage_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)

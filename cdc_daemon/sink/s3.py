@@ -8,6 +8,7 @@ import base64
 import contextlib
 import hashlib
 from contextlib import AsyncExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,21 @@ class S3Sink:
             )
         )
         return cls(client, settings)
+
+    async def keys_modified_since(self, prefix: str, since: datetime) -> list[str]:
+        """The bucket's keys under ``prefix`` last modified at or after ``since``."""
+        out: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                out += [
+                    item["Key"]
+                    for item in page.get("Contents", [])
+                    if item["LastModified"] >= since
+                ]
+        except (BotoCoreError, ClientError) as exc:
+            raise from_botocore(exc, f"listing s3://{self.bucket}/{prefix}") from None
+        return out
 
     @property
     def bucket(self) -> str:

@@ -22,7 +22,7 @@ import structlog
 
 from cdc_daemon import extensions
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import ConfigError, from_snowflake
+from cdc_daemon.errors import CdcError, ConfigError, from_snowflake
 from cdc_daemon.warehouse.model import Names, names
 
 if TYPE_CHECKING:
@@ -129,9 +129,58 @@ class Dialect(Protocol):
     def stream(self, wh: Warehouse, n: Names) -> StreamStatus | None: ...
     def task_ddl(self, wh: Warehouse, stmt: Statement) -> None: ...
     def execute_ddl(self, wh: Warehouse, stmt: Statement) -> None: ...
+    def describe(self, wh: Warehouse, kind: str, name: str) -> Described | None: ...
+
+
+# (value, is the property's default) per property of an existing object.
+Described = dict[str, tuple[str, bool]]
 
 
 class SnowflakeDialect:
+    def describe(self, wh: Warehouse, kind: str, name: str) -> Described | None:
+        """An existing object's properties, None when it does not exist: DESC FILE FORMAT,
+        DESC STAGE and DESC TABLE (property, value, default), SHOW PIPES (``definition``: the
+        COPY), SHOW STREAMS (``table_name``), SHOW TASKS (warehouse, schedule, condition,
+        definition, state)."""
+        sf = wh.settings.snowflake
+        where = f"{sf.database}.{sf.schema_}"
+        if kind in ("PIPE", "STREAM", "TASK"):
+            rows = wh.query(f"SHOW {kind}S LIKE %(n)s IN SCHEMA {where}", {"n": name})
+            if not rows:
+                return None
+            row = {str(k).lower(): v for k, v in rows[0].items()}
+            if kind == "PIPE":
+                return {"COPY": (str(row.get("definition") or ""), False)}
+            if kind == "STREAM":
+                return {"TABLE": (str(row.get("table_name") or "").split(".")[-1], False)}
+            return {
+                key.upper(): (str(row.get(key) or ""), False)
+                for key in ("warehouse", "schedule", "condition", "definition", "state")
+            }
+        try:
+            rows = wh.query(f"DESC {kind} {where}.{name}")
+        except CdcError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise
+        out: Described = {}
+        for raw in rows:
+            row = {str(k).lower(): v for k, v in raw.items()}
+            if kind == "TABLE":
+                out[str(row["name"])] = (str(row["type"]), False)
+                continue
+            prop = str(row.get("property", "")).upper()
+            value = str(row.get("property_value", ""))
+            default = str(row.get("property_default", ""))
+            if kind == "STAGE":
+                if prop == "URL":
+                    out["URL"] = (value.strip('[]"'), False)
+                elif prop in ("STORAGE_INTEGRATION", "FORMAT_NAME"):
+                    out[prop] = (value.split(".")[-1], False)
+                continue
+            out[prop] = (value, value == default)
+        return out
+
     def execute_ddl(self, wh: Warehouse, stmt: Statement) -> None:
         """A statement of ``snowflake/``."""
         wh.execute(stmt.text)

@@ -44,6 +44,7 @@ from cdc_daemon.warehouse.model import (
     names,
     read_catalog,
 )
+from cdc_daemon.warehouse.plan import Plan, Staged, apply_plan, make_plan
 
 log = structlog.get_logger()
 
@@ -70,20 +71,20 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
 
 
 def apply_sql(
-    wh: Warehouse, tables: list[WarehouseTable], *, stage_url_override: str | None = None
-) -> None:
-    """``snowflake/`` for ``tables`` (``snowflake apply``, the local warehouse): every
-    statement in order, through the dialect; after the tables, the columns each table gained
-    since it was created."""
-    statements = sql.statements(wh.settings, tables, stage_url_override=stage_url_override)
-    evolved = False
-    for stmt in statements:
-        if stmt.file > "40_tables.sql" and not evolved:
-            for t in tables:
-                evolve_table(wh, t)
-            evolved = True
-        wh.dialect.execute_ddl(wh, stmt)
-        log.info("snowflake_applied", file=stmt.file, statement=stmt.head)
+    wh: Warehouse,
+    tables: list[WarehouseTable],
+    *,
+    stage_url_override: str | None = None,
+    staged: Staged | None = None,
+    plan_only: bool = False,
+) -> Plan:
+    """``snowflake/`` for ``tables`` (``snowflake apply``, the local warehouse): what differs
+    from what exists (``warehouse.plan``), made so unless ``plan_only``. ``staged`` lists the
+    bucket, for refreshing a recreated pipe."""
+    plan = make_plan(wh, tables, stage_url_override=stage_url_override)
+    if not plan_only:
+        apply_plan(wh, plan, staged)
+    return plan
 
 
 def apply_tasks(wh: Warehouse, settings: Settings, t: WarehouseTable) -> None:

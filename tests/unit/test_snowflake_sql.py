@@ -136,11 +136,13 @@ def test_rendered_sql_names_the_configuration(settings: Settings) -> None:
 
 def test_applying_twice_recreates_nothing_that_keeps_state(settings: Settings) -> None:
     """The pipe (its load history), the stream (its offset) and the tables are created only
-    if missing; nothing is ever replaced."""
+    if missing; nothing is ever replaced: what holds no state (file format, stage, tasks) is
+    altered in place (CREATE OR ALTER)."""
     for stmt in sql.statements(settings, sales_tables(settings)):
         assert "OR REPLACE" not in stmt.text.upper(), stmt.head
+    in_place = ("CREATE OR ALTER TASK", "CREATE OR ALTER FILE", "CREATE OR ALTER STAGE")
     for stmt in sql.statements(settings, sales_tables(settings)):
-        if stmt.head.startswith("CREATE") and "OR ALTER TASK" not in stmt.head:
+        if stmt.head.startswith("CREATE") and not stmt.head.startswith(in_place):
             assert "IF NOT EXISTS" in " ".join(stmt.text.split()[:6]).upper(), stmt.head
     pipe = next(
         s
@@ -167,7 +169,7 @@ def test_the_pipe_loads_by_column_name_into_the_columns_the_daemon_writes(
     assert "SELECT" not in copy.upper()
     assert "INCLUDE_METADATA = ( _FILE = METADATA$FILENAME, _FILE_ROW = METADATA$FILE_ROW_NUMBER,"
     assert "_LOADED_AT = METADATA$START_SCAN_TIME" in copy
-    fmt = next(s for s in statements if s.head.startswith("CREATE FILE FORMAT"))
+    fmt = next(s for s in statements if s.head.startswith("CREATE OR ALTER FILE"))
     assert "PARSE_HEADER = TRUE" in fmt.text
     assert "SKIP_HEADER" not in fmt.text
     landing = next(

@@ -1,0 +1,401 @@
+"""``cdc-daemon snowflake apply [--plan]``: what exists in Snowflake against what ``snowflake/``
+renders, and the changes that bring the first to the second.
+
+Each rendered statement is one object. What exists is read through the dialect's
+``describe`` (SHOW / DESC in Snowflake, the emulation's records locally) and compared
+property by property; only a difference becomes a change, so applying twice changes nothing:
+
+- database, schema, warehouse, integration: ``IF NOT EXISTS``, run every time (no-ops once
+  they exist; their properties are not compared);
+- file format and stage: ``CREATE OR ALTER`` when they differ (Snowflake brings the object to
+  the definition in place: https://docs.snowflake.com/en/sql-reference/sql/create-or-alter);
+- tables: created when missing; a column the catalog has and the table lacks is added
+  (``ADD COLUMN IF NOT EXISTS``); a column of another type is reported, never changed
+  (``CREATE OR ALTER TABLE`` would drop the columns a definition omits);
+- pipe: created when missing; when its COPY differs, recreated by Snowflake's documented
+  procedure (``recreate_pipe``) so that no staged file is lost or loaded twice;
+- stream: created when missing; on another table it is reported (recreating a stream loses
+  its offset: the changes not merged yet);
+- tasks: ``SUSPEND``, ``CREATE OR ALTER TASK``, ``RESUME`` when the schedule, warehouse,
+  condition or body differs (https://docs.snowflake.com/en/sql-reference/sql/create-task:
+  a task must be suspended to be altered); a suspended task is resumed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from cdc_daemon.errors import CdcError, TransientError
+from cdc_daemon.warehouse import sql
+from cdc_daemon.warehouse.client import Described, Warehouse
+from cdc_daemon.warehouse.model import Names, WarehouseTable
+
+log = structlog.get_logger()
+
+# The objects staged under a prefix (keys relative to the bucket's prefix) and modified since
+# a time: what the stage holds, for refreshing a recreated pipe.
+Staged = Callable[[str, datetime], list[str]]
+
+REFRESH_WINDOW = timedelta(days=7)  # ALTER PIPE ... REFRESH: files staged in the last 7 days
+HISTORY_WINDOW = timedelta(days=14)  # COPY_HISTORY
+
+
+@dataclass(frozen=True)
+class Change:
+    """One object brought in line: ``action`` is create, alter, recreate, resume or manual (a
+    difference apply will not make: the reason says what to do)."""
+
+    action: str
+    kind: str
+    name: str
+    why: str
+    statements: tuple[sql.Statement, ...] = ()
+    pipe: Names | None = None  # recreate: the table whose pipe it is
+
+    def line(self) -> str:
+        return f"{self.action:8} {self.kind} {self.name}: {self.why}"
+
+
+@dataclass
+class Plan:
+    changes: list[Change] = field(default_factory=list)
+    always: list[sql.Statement] = field(default_factory=list)  # IF NOT EXISTS, USE
+    tables: list[WarehouseTable] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+    def render(self) -> str:
+        if self.empty:
+            return "Snowflake matches snowflake/: nothing to change\n"
+        return "".join(c.line() + "\n" for c in self.changes)
+
+
+# -- reading definitions ----------------------------------------------------------------------
+
+_OPTION = re.compile(r"(\w+)\s*=\s*('(?:[^'\\]|''|\\.)*'|\([^)]*\)|[^\s,()]+)", re.S)
+
+
+def norm(value: str) -> str:
+    """A property's value as compared: upper case, no quotes or brackets around it, no blanks
+    (DESC shows ``["s3://b/p/"]`` for a URL, ``[]`` for an empty NULL_IF, ``\\"`` for a quote)."""
+    v = value.strip().replace('\\"', '"')
+    if v[:1] in "([" and v[-1:] in ")]":
+        v = v[1:-1]
+    v = v.strip().strip('"') if v.startswith('"') and len(v) > 2 else v
+    if len(v) >= 2 and v[0] == v[-1] == "'":
+        v = v[1:-1].replace("''", "'")
+    return re.sub(r"\s+", "", v).upper()
+
+
+def options(text: str) -> dict[str, str]:
+    """``KEY = value`` options of a CREATE statement (after its name), as written."""
+    return {k.upper(): v for k, v in _OPTION.findall(text)}
+
+
+def desired(stmt: sql.Statement) -> tuple[str, str, dict[str, str]] | None:
+    """(kind, name, properties) of a rendered statement that defines a compared object."""
+    text = stmt.text
+    if m := re.match(r"CREATE OR ALTER FILE FORMAT (\w+)(.*)$", text, re.S | re.I):
+        return "FILE FORMAT", m.group(1), options(m.group(2))
+    if m := re.match(r"CREATE OR ALTER STAGE (\w+)(.*)$", text, re.S | re.I):
+        opts = options(m.group(2))
+        fmt = re.search(r"FORMAT_NAME\s*=\s*'([^']+)'", m.group(2))
+        props = {"URL": opts.get("URL", "")}
+        if "STORAGE_INTEGRATION" in opts:
+            props["STORAGE_INTEGRATION"] = opts["STORAGE_INTEGRATION"]
+        if fmt:
+            props["FORMAT_NAME"] = fmt.group(1).split(".")[-1]
+        return "STAGE", m.group(1), props
+    if m := re.match(r"CREATE PIPE IF NOT EXISTS (\w+)", text, re.I):
+        return "PIPE", m.group(1), {"COPY": sql.pipe_copy(stmt)}
+    if m := re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I):
+        return "STREAM", m.group(1), {"TABLE": m.group(2).split(".")[-1]}
+    if m := re.match(r"CREATE OR ALTER TASK (\w+)(.*?)\bAS\s+(EXECUTE\s.*)$", text, re.S | re.I):
+        return "TASK", m.group(1), task_properties(m.group(2), m.group(3))
+    if m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", text, re.I):
+        return "TABLE", m.group(1), {}
+    return None
+
+
+def task_properties(head: str, body: str) -> dict[str, str]:
+    """What SHOW TASKS shows of a task: warehouse (none when serverless), schedule,
+    condition (its WHEN) and definition (the body after AS)."""
+    when = re.search(r"\bWHEN\s+(.*)$", head, re.S | re.I)
+    schedule = re.search(r"SCHEDULE\s*=\s*'([^']*)'", head, re.I)
+    warehouse = re.search(r"\bWAREHOUSE\s*=\s*(\w+)", head, re.I)
+    return {
+        "WAREHOUSE": warehouse.group(1) if warehouse else "",
+        "SCHEDULE": schedule.group(1) if schedule else "",
+        "CONDITION": when.group(1).strip() if when else "",
+        "DEFINITION": body.strip(),
+    }
+
+
+def differences(kind: str, want: dict[str, str], have: Described) -> list[str]:
+    """The properties that differ, each as ``NAME: have -> want``."""
+    out = []
+    for key, value in want.items():
+        if key in ("COPY", "DEFINITION", "CONDITION"):
+            same = _text(have.get(key, ("", False))[0]) == _text(value)
+        else:
+            same = key in have and norm(have[key][0]) == norm(value)
+        if not same:
+            shown = "(long)" if key in ("COPY", "DEFINITION") else have.get(key, ("unset",))[0]
+            out.append(
+                f"{key}: {shown} -> {'(as rendered)' if key in ('COPY', 'DEFINITION') else value}"
+            )
+    if kind == "FILE FORMAT":
+        for key, (value, is_default) in have.items():
+            if key not in want and not is_default:
+                out.append(f"{key}: {value} -> its default")
+    return out
+
+
+def _text(value: str) -> str:
+    """SQL text as compared: blanks collapsed, case ignored, no trailing semicolon."""
+    return re.sub(r"\s+", " ", value).strip().rstrip(";").strip().upper()
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def make_plan(
+    wh: Warehouse, tables: list[WarehouseTable], *, stage_url_override: str | None = None
+) -> Plan:
+    """Compare every rendered object with what exists. The ``always`` statements (IF NOT
+    EXISTS, USE SCHEMA) are run first, so that the objects can be described in the schema."""
+    statements = sql.statements(wh.settings, tables, stage_url_override=stage_url_override)
+    plan = Plan(tables=tables)
+    by_table = {t.names.pipe: t.names for t in tables}
+    fresh = columns_done = False
+    i = 0
+    while i < len(statements):
+        stmt = statements[i]
+        i += 1
+        if stmt.file > "40_tables.sql" and not columns_done:
+            # The columns before the pipe, stream and tasks that name them.
+            columns_done = True
+            if not fresh:
+                _column_changes(wh, plan)
+        if stmt.head.startswith("ALTER TASK"):
+            continue  # part of its task's change
+        found = desired(stmt)
+        if found is None:
+            plan.always.append(stmt)
+            if stmt.head.startswith("USE "):
+                try:
+                    wh.dialect.execute_ddl(wh, stmt)
+                except CdcError:
+                    fresh = True  # no schema yet: everything is created
+            continue
+        kind, name, want = found
+        have = None if fresh else wh.dialect.describe(wh, kind, name)
+        if kind == "TABLE":
+            if have is None:
+                plan.changes.append(Change("create", kind, name, "missing", (stmt,)))
+            continue
+        if kind == "TASK":
+            resume = next(
+                s for s in statements[i:] if re.match(rf"ALTER TASK {name} RESUME$", s.text)
+            )
+            suspend = sql.Statement(stmt.file, f"ALTER TASK IF EXISTS {name} SUSPEND")
+            if have is None:
+                plan.changes.append(Change("create", kind, name, "missing", (stmt, resume)))
+            elif diff := differences(kind, want, have):
+                plan.changes.append(
+                    Change("alter", kind, name, "; ".join(diff), (suspend, stmt, resume))
+                )
+            elif have.get("STATE", ("started", False))[0].lower() != "started":
+                plan.changes.append(
+                    Change("resume", kind, name, f"{have['STATE'][0]} -> started", (resume,))
+                )
+            continue
+        if have is None:
+            plan.changes.append(Change("create", kind, name, "missing", (stmt,)))
+            continue
+        diff = differences(kind, want, have)
+        if not diff:
+            continue
+        why = "; ".join(diff)
+        if kind == "PIPE":
+            plan.changes.append(Change("recreate", kind, name, why, (stmt,), by_table[name]))
+        elif kind == "STREAM":
+            plan.changes.append(
+                Change(
+                    "manual",
+                    kind,
+                    name,
+                    f"{why}: recreating it loses the changes not merged yet; merge them, then "
+                    f"DROP STREAM {name} and apply again",
+                )
+            )
+        else:
+            plan.changes.append(Change("alter", kind, name, why, (stmt,)))
+    if not fresh and not columns_done:
+        _column_changes(wh, plan)
+    return plan
+
+
+def _column_changes(wh: Warehouse, plan: Plan) -> None:
+    """Columns the catalog has and an existing table lacks (added), or has with another type
+    (reported)."""
+    created = {c.name for c in plan.changes if c.kind == "TABLE"}
+    for t in plan.tables:
+        n = t.names
+        targets = [(n.landing, True), (n.name, False), (n.changes, False)]
+        if t.models:
+            targets.append((n.touched, False))
+        for table, landing in targets:
+            if table in created:
+                continue
+            have = wh.dialect.describe(wh, "TABLE", table) or {}
+            adds = []
+            for c in t.columns:
+                kind = c.type.landing if landing else c.type.final
+                if c.name not in have:
+                    adds.append(
+                        sql.Statement(
+                            "40_tables.sql",
+                            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {c.q} {kind}",
+                        )
+                    )
+                elif have[c.name][0] and not _same_type(have[c.name][0], kind):
+                    plan.changes.append(
+                        Change(
+                            "manual",
+                            "COLUMN",
+                            f"{table}.{c.name}",
+                            f"{have[c.name][0]} in Snowflake, {kind} from the catalog: a "
+                            "retyped column is not changed (docs/operations.md)",
+                        )
+                    )
+            if adds:
+                names_ = ", ".join(a.text.split()[-2] for a in adds)
+                plan.changes.append(
+                    Change("alter", "TABLE", table, f"add column {names_}", tuple(adds))
+                )
+
+
+def _same_type(have: str, want: str) -> bool:
+    """Snowflake's DESC type against the rendered one: VARCHAR(16777216) is VARCHAR, NUMBER(38,0)
+    is NUMBER(38, 0); the emulator gives no type (never compared)."""
+    a, b = norm(have), norm(want)
+    return a == b or a.split("(")[0] == b.split("(")[0] == "VARCHAR"
+
+
+# -- applying it ------------------------------------------------------------------------------
+
+
+def apply_plan(wh: Warehouse, plan: Plan, staged: Staged | None) -> list[Change]:
+    """Run the plan: the ``always`` statements, then each change in order. Returns the changes
+    left for an operator (``manual``)."""
+    for stmt in plan.always:
+        wh.dialect.execute_ddl(wh, stmt)
+    manual = []
+    for change in plan.changes:
+        if change.action == "manual":
+            log.warning(
+                "snowflake_not_applied", object=f"{change.kind} {change.name}", why=change.why
+            )
+            manual.append(change)
+            continue
+        if change.action == "recreate":
+            assert change.pipe is not None
+            recreate_pipe(wh, change.pipe, change.statements[0], staged)
+        else:
+            for stmt in change.statements:
+                wh.dialect.execute_ddl(wh, stmt)
+        log.info("snowflake_applied", action=change.action, object=f"{change.kind} {change.name}")
+    return manual
+
+
+def _wait(what: str, check: Callable[[], bool], timeout_s: float, poll_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TransientError(f"gave up waiting for {what} after {int(timeout_s)} s")
+        time.sleep(poll_s)
+
+
+def recreate_pipe(
+    wh: Warehouse,
+    n: Names,
+    create: sql.Statement,
+    staged: Staged | None,
+    *,
+    timeout_s: float = 300,
+    poll_s: float = 2.0,
+) -> list[str]:
+    """A pipe whose COPY changed, by Snowflake's procedure for recreating a pipe that loads
+    from event notifications ("Manage Snowpipe": pause, check PAUSED, CREATE OR REPLACE,
+    pause again, resume, check RUNNING), with what keeps every file loaded exactly once:
+
+    1. paused, and PAUSED confirmed: the old pipe starts no more loads; files notified
+       meanwhile wait in its queue, which the recreation drops;
+    2. no load of the table in progress (COPY_HISTORY), so the loaded set is final;
+    3. recreated, paused, resumed, RUNNING confirmed;
+    4. every object staged within the last 7 days (REFRESH's window) that COPY_HISTORY does not
+       show loaded is refreshed by name: the files the old queue held, and those staged while
+       it was paused. A file already loaded is never refreshed: the recreated pipe's own load
+       history is new, so the design does not count on it to skip one.
+
+    Returns the objects refreshed (relative to the bucket's prefix)."""
+    pipe = n.pipe
+    started = datetime.now(UTC)
+
+    def ddl(text: str) -> None:
+        wh.dialect.execute_ddl(wh, sql.Statement("50_pipe.sql", text))
+
+    def state(expected: str) -> Callable[[], bool]:
+        return lambda: wh.dialect.pipe_status(wh, n).execution_state == expected
+
+    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
+    _wait(f"pipe {pipe} to be PAUSED", state("PAUSED"), timeout_s, poll_s)
+
+    def settled() -> bool:
+        records = wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
+        return not any(r.status == "load_in_progress" for r in records)
+
+    _wait(f"the loads in progress into {n.landing} to end", settled, timeout_s, poll_s)
+    loaded = {
+        r.file
+        for r in wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
+        if r.status == "loaded"
+    }
+    replace = re.sub(r"^CREATE PIPE IF NOT EXISTS", "CREATE OR REPLACE PIPE", create.text, count=1)
+    ddl(replace)
+    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
+    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = FALSE")
+    _wait(f"pipe {pipe} to be RUNNING", state("RUNNING"), timeout_s, poll_s)
+    refreshed: list[str] = []
+    if staged is None:
+        log.warning("pipe_recreated_without_refresh", pipe=pipe, hint="the reconciler refreshes")
+        return refreshed
+    pattern = re.compile(_pattern(create))
+    for key in staged(n.folder, started - REFRESH_WINDOW):
+        relative = key.removeprefix(n.folder)
+        if key in loaded or not pattern.fullmatch(relative):
+            continue
+        try:
+            wh.dialect.refresh(wh, n, relative)
+        except CdcError as exc:
+            raise TransientError(
+                f"pipe {pipe} was recreated, but refreshing {key} failed ({exc}): the "
+                "reconciler refreshes objects not loaded after snowflake.missing_after_s"
+            ) from None
+        refreshed.append(key)
+    log.warning("pipe_recreated", pipe=pipe, refreshed=len(refreshed), loaded_before=len(loaded))
+    return refreshed
+
+
+def _pattern(create: sql.Statement) -> str:
+    match = re.search(r"PATTERN\s*=\s*'([^']*)'", create.text)
+    return match.group(1) if match else ".*"
