@@ -114,7 +114,7 @@ def desired(stmt: sql.Statement) -> tuple[str, str, dict[str, str]] | None:
         if fmt:
             props["FORMAT_NAME"] = fmt.group(1).split(".")[-1]
         return "STAGE", m.group(1), props
-    if m := re.match(r"CREATE PIPE IF NOT EXISTS (\w+)", text, re.I):
+    if m := re.match(r"CREATE (?:OR REPLACE )?PIPE (?:IF NOT EXISTS )?(\w+)", text, re.I):
         return "PIPE", m.group(1), {"COPY": sql.pipe_copy(stmt)}
     if m := re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I):
         return "STREAM", m.group(1), {"TABLE": m.group(2).split(".")[-1]}
@@ -147,16 +147,22 @@ def differences(kind: str, want: dict[str, str], have: Described) -> list[str]:
             same = _text(have.get(key, ("", False))[0]) == _text(value)
         else:
             same = key in have and norm(have[key][0]) == norm(value)
-        if not same:
-            shown = "(long)" if key in ("COPY", "DEFINITION") else have.get(key, ("unset",))[0]
-            out.append(
-                f"{key}: {shown} -> {'(as rendered)' if key in ('COPY', 'DEFINITION') else value}"
-            )
+        if not same and key in ("COPY", "DEFINITION"):
+            out.append(f"{key}: differs from the rendered one")
+        elif not same:
+            was = _shown(have[key][0]) if key in have else "unset"
+            out.append(f"{key}: {was} -> {_shown(value)}")
     if kind == "FILE FORMAT":
         for key, (value, is_default) in have.items():
             if key not in want and not is_default:
                 out.append(f"{key}: {value} -> its default")
     return out
+
+
+def _shown(value: str) -> str:
+    """A value as printed: without the quotes around it."""
+    v = value.strip()
+    return v[1:-1] if len(v) >= 2 and v[0] == v[-1] == "'" else v
 
 
 def _text(value: str) -> str:
@@ -278,7 +284,7 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                         )
                     )
             if adds:
-                names_ = ", ".join(a.text.split()[-2] for a in adds)
+                names_ = ", ".join(a.text.split()[-2].strip('"') for a in adds)
                 plan.changes.append(
                     Change("alter", "TABLE", table, f"add column {names_}", tuple(adds))
                 )
