@@ -5,11 +5,8 @@ per table -> current-state tables, compared with the source value by value."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
-from datetime import date, datetime, time
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,6 @@ from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.reconcile.reconciler import Reconciler
-from cdc_daemon.warehouse.model import WarehouseTable
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import (
     export_until_idle,
@@ -38,7 +34,7 @@ from tests.schemas import (
     pgbench_init,
     random_group_changes,
 )
-from tests.warehouse_checks import assert_warehouse_equals_source
+from tests.warehouse_checks import assert_table_equals_source, assert_warehouse_equals_source
 
 pytestmark = pytest.mark.usefixtures("drop_slots")
 
@@ -92,62 +88,6 @@ def group(
     wh = start_warehouse(settings, warehouse_dir)
     yield wh
     wh.stop()
-
-
-def _normal(value: Any, sf_type: str) -> Any:
-    """A value as the comparison sees it: JSON parsed, numbers as Decimal, floats as float."""
-    if value is None or value == "":
-        # The local warehouse's known difference: DuckDB reads a quoted empty field as NULL
-        # (docs/snowflake.md, the local warehouse); Snowflake keeps it an empty string.
-        return None
-    if sf_type in ("VARIANT", "ARRAY") and isinstance(value, str):
-        return json.loads(value)
-    if sf_type == "FLOAT":
-        return float(value)
-    if sf_type.startswith("NUMBER"):
-        return Decimal(value)
-    if sf_type == "BINARY":
-        return bytes(value)
-    if isinstance(value, (datetime, date, time, bool, list, dict)):
-        return value
-    return str(value)
-
-
-def assert_table_equals_source(pg_dsn: str, wh: LocalWarehouse, t: WarehouseTable) -> int:
-    """The current-state table holds every source row, each column equal to the source's value
-    under the documented mapping. Returns the number of rows."""
-    source_cols = []
-    for c in t.columns:
-        q = f'"{c.source}"'
-        # Floats and the rest of VARCHAR's types in their output form (what the daemon writes;
-        # format() uses the output function, where inet's ::text would add a /32).
-        if c.type.final == "FLOAT" or (c.type.final == "VARCHAR" and "char" not in c.pg_type):
-            q = f"format('%s', {q})"
-        source_cols.append(q)
-    with psycopg.connect(pg_dsn, options="-c TimeZone=UTC -c extra_float_digits=1") as conn:
-        source_rows = conn.execute(
-            f"SELECT {', '.join(source_cols)} FROM {t.names.source}"
-        ).fetchall()
-    got_rows = wh.query(f"SELECT {', '.join(c.q for c in t.columns)} FROM {t.names.name}")
-    types = [c.type.final for c in t.columns]
-    keys = [i for i, c in enumerate(t.columns) if c.key]
-
-    def keyed(rows: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-        out = {}
-        for row in rows:
-            values = tuple(_normal(v, kind) for v, kind in zip(row, types, strict=True))
-            out[tuple(str(values[i]) for i in keys)] = values
-        return out
-
-    source = keyed([tuple(r) for r in source_rows])
-    got = keyed([tuple(r[c.name] for c in t.columns) for r in got_rows])
-    assert got.keys() == source.keys(), (
-        f"{t.names.name}: {len(source.keys() - got.keys())} missing,"
-        f" {len(got.keys() - source.keys())} extra"
-    )
-    wrong = [(k, source[k], got[k]) for k in source if source[k] != got[k]]
-    assert not wrong, f"{t.names.name}: {len(wrong)} rows differ, e.g. {wrong[:2]}"
-    return len(source)
 
 
 async def test_every_table_of_a_group_reaches_its_generated_warehouse(
