@@ -1,0 +1,77 @@
+"""How `snowflake apply --plan` reads definitions (pure): a rendered statement's properties, the
+values Snowflake's DESC and SHOW give in their own forms, and what counts as a difference."""
+
+from __future__ import annotations
+
+from cdc_daemon.config import load_settings
+from cdc_daemon.warehouse import sql
+from cdc_daemon.warehouse.plan import desired, differences, norm
+from tests.schemas import sales_tables
+
+
+def _rendered() -> list[sql.Statement]:
+    settings = load_settings(None, s3={"bucket": "acme-cdc", "prefix": "raw/"})
+    return sql.statements(settings, sales_tables(settings))
+
+
+def test_desc_forms_of_a_value_equal_the_rendered_ones() -> None:
+    """DESC shows a URL as a JSON list, an empty NULL_IF as [], a quote as \\", and its own
+    case: each compares equal to the rendered value; other values do not."""
+    assert norm('["s3://acme-cdc/raw/"]') == norm("'s3://acme-cdc/raw/'")
+    assert norm("[]") == norm("()")
+    assert norm('\\"') == norm("'\"'")
+    assert norm("true") == norm("TRUE")
+    assert norm("1") != norm("0")
+
+
+def test_the_rendered_file_format_against_its_desc_output_differs_in_nothing() -> None:
+    """The rendered file format against DESC FILE FORMAT's rows for the same format (values in
+    DESC's forms, defaults flagged): no difference. The positional loads' format (SKIP_HEADER
+    = 1, PARSE_HEADER false) differs in both, each named."""
+    fmt = next(s for s in _rendered() if s.head.startswith("CREATE OR ALTER FILE"))
+    found = desired(fmt)
+    assert found is not None
+    kind, name, want = found
+    assert (kind, name) == ("FILE FORMAT", "CDC_CSV")
+    desc = {
+        "TYPE": ("CSV", False),
+        "FIELD_DELIMITER": (",", True),
+        "PARSE_HEADER": ("true", False),
+        "ERROR_ON_COLUMN_COUNT_MISMATCH": ("false", False),
+        "FIELD_OPTIONALLY_ENCLOSED_BY": ('\\"', False),
+        "ESCAPE_UNENCLOSED_FIELD": ("NONE", False),
+        "NULL_IF": ("[]", False),
+        "EMPTY_FIELD_AS_NULL": ("true", True),
+        "COMPRESSION": ("AUTO", True),
+        "SKIP_HEADER": ("0", True),
+        "TRIM_SPACE": ("false", True),
+    }
+    assert differences(kind, want, desc) == []
+    old = {**desc, "PARSE_HEADER": ("false", True), "SKIP_HEADER": ("1", False)}
+    assert differences(kind, want, old) == [
+        "PARSE_HEADER: false -> TRUE",
+        "SKIP_HEADER: 1 -> its default",
+    ]
+
+
+def test_a_task_and_a_pipe_compare_on_their_text_not_its_layout() -> None:
+    """SHOW TASKS and SHOW PIPES give the definition as Snowflake keeps it: other line breaks
+    and case are no difference; another schedule or another COPY is."""
+    statements = _rendered()
+    task = next(s for s in statements if s.head.startswith("CREATE OR ALTER TASK"))
+    found = desired(task)
+    assert found is not None
+    kind, _, want = found
+    shown = {k: (" ".join(v.split()).lower(), False) for k, v in want.items()}
+    assert differences(kind, want, shown) == []
+    later = {**shown, "SCHEDULE": ("60 MINUTE", False)}
+    assert differences(kind, want, later) == [f"SCHEDULE: 60 MINUTE -> {want['SCHEDULE']}"]
+    pipe = next(s for s in statements if s.head.startswith("CREATE PIPE"))
+    found = desired(pipe)
+    assert found is not None
+    kind, _, want = found
+    assert differences(kind, want, {"COPY": (want["COPY"].replace("\n", " "), False)}) == []
+    other = want["COPY"].replace("CASE_INSENSITIVE", "NONE")
+    assert differences(kind, want, {"COPY": (other, False)}) == [
+        "COPY: differs from the rendered one"
+    ]
