@@ -449,13 +449,22 @@ async def test_completeness_judges_only_days_whose_objects_are_confirmed_loaded(
     pg_dsn: str, warehouse: LocalWarehouse
 ) -> None:
     """A day whose objects Snowflake has not confirmed yet is not judged (no ``day_incomplete``
-    for a load still on its way); once the reconciler has marked them loaded, a row missing
-    from SALES on that day is reported."""
+    for a load still on its way); once the reconciler has marked them loaded, each day with
+    rows missing from SALES is reported, one day_incomplete line per day."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 2_000, days=5)
     assert await export_until_idle(warehouse.settings) == 0
     warehouse.pump_until_quiet()
-    warehouse.query("DELETE FROM SALES WHERE ID = 100")
+    # Rows removed from SALES on two days (three rows of one day, one of the other).
+    days = warehouse.query(
+        "SELECT TO_DATE(INVOICE_DATE) AS D, MIN(ID) AS LO, MAX(ID) AS HI FROM SALES"
+        " GROUP BY 1 ORDER BY 1 LIMIT 2"
+    )
+    first, second = days
+    warehouse.query(
+        f"DELETE FROM SALES WHERE ID IN (SELECT ID FROM SALES WHERE TO_DATE(INVOICE_DATE) ="
+        f" '{first['D']}' ORDER BY ID LIMIT 3) OR ID = {int(second['HI'])}"
+    )
     reconciler = Reconciler(warehouse.settings)
     try:
         with capture_logs() as logs:
@@ -466,8 +475,15 @@ async def test_completeness_judges_only_days_whose_objects_are_confirmed_loaded(
         assert checked["not_judged_yet"] > 0
         await reconciler.run_once()
         assert set((await statuses(warehouse.settings)).values()) == {Status.LOADED}
-        (day,) = await reconciler.completeness()
-        assert day.source_rows == day.sales_rows + 1
+        with capture_logs() as logs:
+            found = await reconciler.completeness()
+        assert [(d.day, d.source_rows - d.sales_rows) for d in found] == [
+            (str(first["D"]), 3),
+            (str(second["D"]), 1),
+        ]
+        # One line per day.
+        lines = [e["day"] for e in logs if e["event"] == "day_incomplete"]
+        assert lines == [str(first["D"]), str(second["D"])]
     finally:
         await reconciler.close()
 
