@@ -157,8 +157,9 @@ class SnowflakeDialect:
                 key.upper(): (str(row.get(key) or ""), False)
                 for key in ("warehouse", "schedule", "condition", "definition", "state")
             }
+        qualified = name if kind == "INTEGRATION" else f"{where}.{name}"  # account-level
         try:
-            rows = wh.query(f"DESC {kind} {where}.{name}")
+            rows = wh.query(f"DESC {kind} {qualified}")
         except CdcError as exc:
             if "does not exist" in str(exc):
                 return None

@@ -5,8 +5,10 @@ Each rendered statement is one object. What exists is read through the dialect's
 ``describe`` (SHOW / DESC in Snowflake, the emulation's records locally) and compared
 property by property; only a difference becomes a change, so applying twice changes nothing:
 
-- database, schema, warehouse, integration: ``IF NOT EXISTS``, run every time (no-ops once
-  they exist; their properties are not compared);
+- database, schema, warehouse: ``IF NOT EXISTS``, run every time (no-ops once they exist;
+  their properties are not compared);
+- storage integration: created when missing; a changed role ARN or allowed location is set
+  with ``ALTER STORAGE INTEGRATION ... SET`` (which keeps its external ID);
 - file format and stage: ``CREATE OR ALTER`` when they differ (Snowflake brings the object to
   the definition in place: https://docs.snowflake.com/en/sql-reference/sql/create-or-alter);
 - tables: created when missing; a column the catalog has and the table lacks is added
@@ -103,6 +105,10 @@ def options(text: str) -> dict[str, str]:
 def desired(stmt: sql.Statement) -> tuple[str, str, dict[str, str]] | None:
     """(kind, name, properties) of a rendered statement that defines a compared object."""
     text = stmt.text
+    if m := re.match(r"CREATE STORAGE INTEGRATION IF NOT EXISTS (\w+)(.*)$", text, re.S | re.I):
+        opts = options(m.group(2))
+        keys = ("ENABLED", "STORAGE_AWS_ROLE_ARN", "STORAGE_ALLOWED_LOCATIONS")
+        return "INTEGRATION", m.group(1), {k: opts[k] for k in keys if k in opts}
     if m := re.match(r"CREATE OR ALTER FILE FORMAT (\w+)(.*)$", text, re.S | re.I):
         return "FILE FORMAT", m.group(1), options(m.group(2))
     if m := re.match(r"CREATE OR ALTER STAGE (\w+)(.*)$", text, re.S | re.I):
@@ -243,6 +249,12 @@ def make_plan(
                     f"DROP STREAM {name} and apply again",
                 )
             )
+        elif kind == "INTEGRATION":
+            # No CREATE OR ALTER for integrations: ALTER ... SET keeps the external ID that the
+            # IAM role's trust policy names (recreating it would make a new one).
+            sets = " ".join(f"{k} = {v}" for k, v in want.items())
+            alter = sql.Statement(stmt.file, f"ALTER STORAGE INTEGRATION {name} SET {sets}")
+            plan.changes.append(Change("alter", kind, name, why, (alter,)))
         else:
             plan.changes.append(Change("alter", kind, name, why, (stmt,)))
     if not fresh and not columns_done:

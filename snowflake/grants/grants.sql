@@ -22,7 +22,8 @@ GRANT CREATE WAREHOUSE ON ACCOUNT TO ROLE {{ deployer_role }};
 -- 00_database.sql: CREATE DATABASE IF NOT EXISTS {{ database }}
 GRANT CREATE DATABASE ON ACCOUNT TO ROLE {{ deployer_role }};
 {%- if integration %}
--- 10_integration.sql: CREATE STORAGE INTEGRATION IF NOT EXISTS {{ integration }}
+-- 10_integration.sql: CREATE STORAGE INTEGRATION IF NOT EXISTS {{ integration }}; as its owner,
+-- snowflake apply also runs DESC INTEGRATION and ALTER STORAGE INTEGRATION ... SET on it
 GRANT CREATE INTEGRATION ON ACCOUNT TO ROLE {{ deployer_role }};
 {%- endif %}
 -- 70_tasks.sql: ALTER TASK ... RESUME, and every scheduled run of a task it owns

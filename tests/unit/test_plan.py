@@ -75,3 +75,24 @@ def test_a_task_and_a_pipe_compare_on_their_text_not_its_layout() -> None:
     assert differences(kind, want, {"COPY": (other, False)}) == [
         "COPY: differs from the rendered one"
     ]
+
+
+def test_a_storage_integration_is_altered_in_place_when_its_location_changed() -> None:
+    """The integration as DESC INTEGRATION shows it (a list of locations, true in lower case)
+    matches the rendered one; another allowed location is a difference, made with ALTER
+    STORAGE INTEGRATION ... SET (which keeps the external ID), never by recreating it."""
+    integration = next(s for s in _rendered() if s.head.startswith("CREATE STORAGE"))
+    found = desired(integration)
+    assert found is not None
+    kind, name, want = found
+    assert (kind, name) == ("INTEGRATION", "CDC_S3")
+    desc = {
+        "ENABLED": ("true", False),
+        "STORAGE_AWS_ROLE_ARN": (want["STORAGE_AWS_ROLE_ARN"].strip("'"), False),
+        "STORAGE_ALLOWED_LOCATIONS": ("s3://acme-cdc/raw/", False),
+    }
+    assert differences(kind, want, desc) == []
+    moved = {**desc, "STORAGE_ALLOWED_LOCATIONS": ("s3://acme-cdc/old/", False)}
+    assert differences(kind, want, moved) == [
+        "STORAGE_ALLOWED_LOCATIONS: s3://acme-cdc/old/ -> ('s3://acme-cdc/raw/')"
+    ]
