@@ -303,10 +303,12 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
 
 
 def _same_type(have: str, want: str) -> bool:
-    """Snowflake's DESC type against the rendered one: VARCHAR(16777216) is VARCHAR, NUMBER(38,0)
-    is NUMBER(38, 0); the emulator gives no type (never compared)."""
+    """Snowflake's DESC type against the rendered one. DESC gives every type its size or
+    precision (VARCHAR(16777216), TIMESTAMP_TZ(9), BINARY(8388608)); a rendered type without
+    one is that type at any size. NUMBER(38,0) is NUMBER(38, 0). The emulator gives no type
+    (never compared)."""
     a, b = norm(have), norm(want)
-    return a == b or a.split("(")[0] == b.split("(")[0] == "VARCHAR"
+    return a == b if "(" in b else a.split("(")[0] == b
 
 
 # -- applying it ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cdc_daemon.config import load_settings
 from cdc_daemon.warehouse import sql
-from cdc_daemon.warehouse.plan import desired, differences, norm
+from cdc_daemon.warehouse.plan import _same_type, desired, differences, norm
 from tests.schemas import sales_tables
 
 
@@ -96,3 +96,13 @@ def test_a_storage_integration_is_altered_in_place_when_its_location_changed() -
     assert differences(kind, want, moved) == [
         "STORAGE_ALLOWED_LOCATIONS: s3://acme-cdc/old/ -> ('s3://acme-cdc/raw/')"
     ]
+
+
+def test_desc_table_types_with_their_sizes_are_the_rendered_types() -> None:
+    """DESC TABLE gives each type its size or precision: those are the same type as the
+    rendered one without it; another precision or another type is not."""
+    assert _same_type("VARCHAR(16777216)", "VARCHAR")
+    assert _same_type("TIMESTAMP_TZ(9)", "TIMESTAMP_TZ")
+    assert _same_type("NUMBER(38,0)", "NUMBER(38, 0)")
+    assert not _same_type("NUMBER(38,2)", "NUMBER(38, 9)")
+    assert not _same_type("VARCHAR(16777216)", "NUMBER(19, 0)")
