@@ -377,19 +377,23 @@ def recreate_pipe(
     def state(expected: str) -> Callable[[], bool]:
         return lambda: wh.dialect.pipe_status(wh, n).execution_state == expected
 
-    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
-    _wait(f"pipe {pipe} to be PAUSED", state("PAUSED"), timeout_s, poll_s)
-
     def settled() -> bool:
         records = wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
         return not any(r.status == "load_in_progress" for r in records)
 
-    _wait(f"the loads in progress into {n.landing} to end", settled, timeout_s, poll_s)
-    loaded = {
-        r.file
-        for r in wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
-        if r.status == "loaded"
-    }
+    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
+    try:
+        _wait(f"pipe {pipe} to be PAUSED", state("PAUSED"), timeout_s, poll_s)
+        _wait(f"the loads in progress into {n.landing} to end", settled, timeout_s, poll_s)
+        loaded = {
+            r.file
+            for r in wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
+            if r.status == "loaded"
+        }
+    except BaseException:
+        # Not recreated: the old pipe loads again (its queue kept), and apply can be rerun.
+        ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = FALSE")
+        raise
     replace = re.sub(r"^CREATE PIPE IF NOT EXISTS", "CREATE OR REPLACE PIPE", create.text, count=1)
     ddl(replace)
     ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")

@@ -13,10 +13,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_daemon.errors import TransientError
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.reconcile.reconciler import Reconciler
+from cdc_daemon.warehouse.plan import recreate_pipe
 from cdc_daemon.warehouse.sql import Statement
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, make_settings
@@ -166,3 +168,26 @@ async def test_a_pipe_whose_copy_changed_is_recreated_losing_and_doubling_nothin
     assert outcome.waiting == 0
     assert warehouse.apply(plan_only=True).empty
     assert_warehouse_equals_source(pg_dsn, warehouse)
+
+
+def test_a_pipe_with_a_load_in_progress_is_not_recreated_and_runs_again(
+    warehouse: LocalWarehouse,
+) -> None:
+    """While COPY_HISTORY shows a load of the table in progress, the recreation waits for it
+    to end; when it does not end in time, the pipe is not recreated, it is resumed (its queue
+    kept), and the error says what it waited for."""
+    _drift_pipe(warehouse)
+    warehouse.query(
+        "INSERT INTO _EMU_COPY_HISTORY VALUES ('RAW_SALES', 'dt=2011-01-04/x.csv.gz',"
+        " 'Load in progress', 3, NULL, NULL, CURRENT_TIMESTAMP())"
+    )
+    (change,) = warehouse.apply(plan_only=True).changes
+    assert change.pipe is not None
+    before = warehouse.query("SELECT DEFINITION FROM _EMU_PIPES")
+    with pytest.raises(TransientError, match="loads in progress into RAW_SALES"):
+        recreate_pipe(
+            warehouse.wh, change.pipe, change.statements[0], None, timeout_s=0.2, poll_s=0.05
+        )
+    assert warehouse.query("SELECT DEFINITION FROM _EMU_PIPES") == before
+    status = warehouse.wh.dialect.pipe_status(warehouse.wh, change.pipe)
+    assert status.execution_state == "RUNNING"
