@@ -27,6 +27,8 @@ MERGE, QUALIFY -- except four features it does not have. Each is emulated here, 
   its state as SYSTEM$PIPE_STATUS's JSON to ``_EMU_PIPE_STATUS``; a refresh is a row in
   ``_EMU_PIPE_REFRESH`` that the stand-in serves by listing the prefix in S3.
   ``EmulatorDialect`` reads and writes those tables (``warehouse/client.py`` has the real one).
+  With ``load_rounds`` set (tests), a file's row first reads "Load in progress" with a partial
+  ROW_COUNT and ROW_PARSED NULL, as Snowflake's does while a load is under way.
 - **STREAM** (append-only, one per landing table): a view of the landing rows whose (file,
   row) is not in ``_EMU_STREAM_CONSUMED`` for that stream; the task runner adds the rows it
   merged, which is what moves a real stream's offset.
@@ -427,6 +429,11 @@ class LocalWarehouse:
         self._pipes: dict[str, _PipeCopy] = {}  # by folder, relative to the stage
         self._pipe_state: dict[str, tuple[datetime, bool]] = {}  # name -> (created, paused)
         self._ingested: dict[str, str] = {}  # pipe -> its last load this round
+        # For tests: a load's history row reads "Load in progress" (a partial ROW_COUNT,
+        # ROW_PARSED NULL, as COPY_HISTORY shows a load under way) for this many more rounds
+        # before it reads "Loaded".
+        self.load_rounds = 0
+        self._in_progress: list[list[Any]] = []  # [landing, file, loaded, parsed, rounds left]
         self.tables: list[WarehouseTable] = []
         self._queue_url: str | None = None
         self._lock = threading.Lock()
@@ -643,12 +650,28 @@ class LocalWarehouse:
             loaded += self._load(key)
         loaded += self._drain_queues()
         loaded += self._serve_refreshes()
+        self._finish_loads()
         if self._ingested:  # once per round, for each pipe that loaded
             with self._lock:
                 for pipe, at in self._ingested.items():
                     set_pipe_status(self.wh, pipe, "RUNNING", pending=0, last=at)
             self._ingested.clear()
         return loaded
+
+    def _finish_loads(self) -> None:
+        """Loads under way a round older: their history row reads "Loaded" when done."""
+        for load in list(self._in_progress):
+            load[4] -= 1
+            if load[4] > 0:
+                continue
+            self._in_progress.remove(load)
+            landing, file, loaded, parsed, _ = load
+            self.query(
+                "UPDATE _EMU_COPY_HISTORY SET STATUS = 'Loaded', ROW_COUNT = %(l)s,"
+                " ROW_PARSED = %(p)s WHERE TABLE_NAME = %(t)s AND FILE_NAME = %(f)s"
+                " AND STATUS = 'Load in progress'",
+                {"l": loaded, "p": parsed, "t": landing, "f": file},
+            )
 
     def _serve_refreshes(self) -> int:
         requests = self.query("SELECT PIPE, PREFIX FROM _EMU_PIPE_REFRESH WHERE DONE_AT IS NULL")
@@ -732,7 +755,7 @@ class LocalWarehouse:
             # pipe starts anew.
             if self.wh.query(
                 "SELECT 1 FROM _EMU_COPY_HISTORY WHERE TABLE_NAME = %(t)s AND FILE_NAME = %(f)s"
-                " AND STATUS = 'Loaded' AND LAST_LOAD_TIME >= %(c)s",
+                " AND STATUS IN ('Loaded', 'Load in progress') AND LAST_LOAD_TIME >= %(c)s",
                 {"t": copy.landing, "f": in_folder, "c": created.isoformat()},
             ):
                 return 0
@@ -767,7 +790,14 @@ class LocalWarehouse:
                 return 0  # already loaded: Snowpipe skips it and records nothing new
             self.wh.execute(insert, {"file": in_folder, "now": now})
             self.wh.execute(f"DELETE FROM {holding}")
-            self._history(copy, in_folder, "Loaded", int(values[3]), int(values[2]), None, now)
+            loaded, parsed = int(values[3]), int(values[2])
+            if self.load_rounds:
+                self._history(copy, in_folder, "Load in progress", loaded // 2, None, None, now)
+                self._in_progress.append(
+                    [copy.landing, in_folder, loaded, parsed, self.load_rounds]
+                )
+            else:
+                self._history(copy, in_folder, "Loaded", loaded, parsed, None, now)
             self._ingested[copy.name] = now
         return 1
 
@@ -777,7 +807,7 @@ class LocalWarehouse:
         file: str,
         status: str,
         loaded: int,
-        parsed: int,
+        parsed: int | None,
         error: str | None,
         at: str,
     ) -> None:

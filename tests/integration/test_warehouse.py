@@ -201,6 +201,34 @@ async def test_an_object_naming_a_column_the_landing_table_lacks_is_failed_with_
     assert {after[b] for b, _ in second.failed} == {Status.FAILED}
 
 
+async def test_a_load_in_progress_keeps_its_batch_waiting_until_loaded(
+    pg_dsn: str, warehouse: LocalWarehouse
+) -> None:
+    """COPY_HISTORY shows each file as "Load in progress" (a partial ROW_COUNT, ROW_PARSED
+    NULL) before "Loaded": the real reconciler fails no batch for the partial count and keeps
+    them waiting, then marks every batch loaded once the history says Loaded."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2_000, days=3)
+    settings = warehouse.settings
+    assert await export_until_idle(settings) == 0
+    warehouse.load_rounds = 2
+    assert warehouse.ingest() > 0
+    history = warehouse.query("SELECT DISTINCT STATUS FROM _EMU_COPY_HISTORY")
+    assert [r["STATUS"] for r in history] == ["Load in progress"]
+    reconciler = Reconciler(settings)
+    try:
+        during = await reconciler.run_once()
+        assert during.failed == []
+        assert during.loaded == []
+        assert during.waiting == len(await statuses(settings))
+        warehouse.pump_until_quiet()
+        after = await reconciler.run_once()
+    finally:
+        await reconciler.close()
+    assert after.failed == []
+    assert set((await statuses(settings)).values()) == {Status.LOADED}
+
+
 async def test_lost_notifications_are_refreshed_once_then_missing(
     pg_dsn: str, warehouse: LocalWarehouse, s3_client: Any
 ) -> None:
