@@ -14,8 +14,10 @@ property by property; only a difference becomes a change, so applying twice chan
 - tables: created when missing; a column the catalog has and the table lacks is added
   (``ADD COLUMN IF NOT EXISTS``); a column of another type is reported, never changed
   (``CREATE OR ALTER TABLE`` would drop the columns a definition omits);
-- pipe: created when missing; when its COPY differs, recreated by Snowflake's documented
-  procedure (``recreate_pipe``) so that no staged file is lost or loaded twice;
+- pipe: created when missing; when its COPY differs, or its stage's URL or integration
+  changes ("you must recreate the pipe": https://docs.snowflake.com/en/user-guide/
+  data-load-snowpipe-manage), recreated by Snowflake's documented procedure
+  (``recreate_pipe``) so that no staged file is lost or loaded twice;
 - stream: created when missing; on another table it is reported (recreating a stream loses
   its offset: the changes not merged yet);
 - tasks: ``SUSPEND``, ``CREATE OR ALTER TASK``, ``RESUME`` when the schedule, warehouse,
@@ -188,6 +190,7 @@ def make_plan(
     plan = Plan(tables=tables)
     by_table = {t.names.pipe: t.names for t in tables}
     fresh = columns_done = False
+    stage_moved = ""  # the stage's URL or integration changes: the pipes are recreated
     i = 0
     while i < len(statements):
         stmt = statements[i]
@@ -234,9 +237,16 @@ def make_plan(
             plan.changes.append(Change("create", kind, name, "missing", (stmt,)))
             continue
         diff = differences(kind, want, have)
+        if kind == "PIPE" and stage_moved and not diff:
+            # "If you change the stage's cloud parameters (URL, STORAGE_INTEGRATION,
+            # ENCRYPTION), you must recreate the pipe" (Manage Snowpipe).
+            diff = [f"its stage's {stage_moved} changed"]
         if not diff:
             continue
         why = "; ".join(diff)
+        if kind == "STAGE":
+            moved = [d.split(":")[0] for d in diff if d.startswith(("URL", "STORAGE_INTEGRATION"))]
+            stage_moved = " and ".join(moved)
         if kind == "PIPE":
             plan.changes.append(Change("recreate", kind, name, why, (stmt,), by_table[name]))
         elif kind == "STREAM":

@@ -68,8 +68,9 @@ def test_a_changed_file_format_stage_and_task_are_planned_then_altered_in_place(
 ) -> None:
     """A file format made with the positional loads' options (SKIP_HEADER, no PARSE_HEADER), a
     stage on another URL and a merge task on another schedule: --plan names each property that
-    differs and changes nothing; apply alters them (CREATE OR ALTER, the task suspended and
-    resumed) and the next plan is empty."""
+    differs and changes nothing, and the pipe on the moved stage is to be recreated; apply
+    alters them (CREATE OR ALTER, the task suspended and resumed, the pipe recreated) and the
+    next plan is empty."""
     fmt = warehouse.query("SELECT DEFINITION FROM _EMU_OBJECTS WHERE KIND = 'FILE FORMAT'")
     old_fmt = str(fmt[0]["DEFINITION"]).replace("PARSE_HEADER = TRUE", "SKIP_HEADER = 1")
     warehouse.query(
@@ -90,10 +91,12 @@ def test_a_changed_file_format_stage_and_task_are_planned_then_altered_in_place(
     assert "SKIP_HEADER: 1 -> its default" in text
     assert "alter    STAGE CDC_STAGE: URL: s3://elsewhere/ ->" in text
     assert "alter    TASK MERGE_SALES: SCHEDULE: 60 MINUTE -> 1 MINUTE" in text
-    assert len(text.splitlines()) == 3, text
+    # A stage whose URL changes needs its pipes recreated (Snowflake, "Manage Snowpipe").
+    assert "recreate PIPE RAW_SALES_PIPE: its stage's URL changed" in text
+    assert len(text.splitlines()) == 4, text
     assert warehouse.apply(plan_only=True).render() == text  # --plan changed nothing
     applied = warehouse.apply()
-    assert [c.kind for c in applied.changes] == ["FILE FORMAT", "STAGE", "TASK"]
+    assert [c.kind for c in applied.changes] == ["FILE FORMAT", "STAGE", "PIPE", "TASK"]
     assert warehouse.apply(plan_only=True).empty
     state = warehouse.query("SELECT STATE FROM _EMU_TASK_STATE WHERE NAME = 'MERGE_SALES'")
     assert state[0]["STATE"] == "started"
