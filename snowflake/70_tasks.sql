@@ -30,6 +30,8 @@ IFF(POSITION('{{ c.needle }}' IN ',' || COALESCE(_CDC_UNCHANGED, '') || ',') = 0
 -- without a name raises the same exception again), so the run fails as a whole.
 {%- for t in tables %}
 {%- set n = t.names %}
+{#- Names in a task body are fully qualified: nothing depends on the session's schema. #}
+{%- set p = database ~ "." ~ schema ~ "." %}
 
 -- ---- {{ n.merge_task }}: {{ n.stream }} -> {{ n.name }}{% for m in model_names[n.name] %}, {{ m }}{% endfor %} ----
 ALTER TASK IF EXISTS {{ n.merge_task }} SUSPEND;
@@ -45,8 +47,8 @@ AS
 EXECUTE IMMEDIATE $$
 BEGIN
 BEGIN TRANSACTION;
-DELETE FROM {{ n.changes }};
-INSERT INTO {{ n.changes }} (
+DELETE FROM {{ p }}{{ n.changes }};
+INSERT INTO {{ p }}{{ n.changes }} (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
@@ -74,15 +76,15 @@ FROM (
     PARTITION BY {{ keys(t) }}
     ORDER BY _CDC_SEQ DESC, _CDC_TS DESC, _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
   ) AS _RN
-  FROM {{ n.stream }}
+  FROM {{ p }}{{ n.stream }}
 )
 QUALIFY _RN = 1;
 {%- if t.models %}
-DELETE FROM {{ n.touched }};
-INSERT INTO {{ n.touched }}
-SELECT t.* FROM {{ n.name }} AS t INNER JOIN {{ n.changes }} AS c ON {{ on(t, "t", "c") }};
+DELETE FROM {{ p }}{{ n.touched }};
+INSERT INTO {{ p }}{{ n.touched }}
+SELECT t.* FROM {{ p }}{{ n.name }} AS t INNER JOIN {{ p }}{{ n.changes }} AS c ON {{ on(t, "t", "c") }};
 {%- endif %}
-MERGE INTO {{ n.name }} AS t
+MERGE INTO {{ p }}{{ n.name }} AS t
 USING (
   -- A column the changes left unchanged keeps the row's current value.
   SELECT
@@ -94,9 +96,9 @@ USING (
 {%- endif %}
 {%- endfor %}
     c._CDC_OP, c._CDC_SEQ, c._CDC_TS
-  FROM {{ n.changes }} AS c
-  LEFT JOIN {{ n.name }} AS o ON {{ on(t, "o", "c") }}
-  LEFT JOIN {{ n.tombstones }} AS d ON {{ on(t, "d", "c") }}
+  FROM {{ p }}{{ n.changes }} AS c
+  LEFT JOIN {{ p }}{{ n.name }} AS o ON {{ on(t, "o", "c") }}
+  LEFT JOIN {{ p }}{{ n.tombstones }} AS d ON {{ on(t, "d", "c") }}
   WHERE d.{{ t.key[0].q }} IS NULL OR c._CDC_SEQ > d._CDC_SEQ
 ) AS s
 ON {{ on(t, "t", "s") }}
@@ -119,22 +121,22 @@ WHEN NOT MATCHED AND s._CDC_OP <> 'D' THEN INSERT (
 {%- endfor %}
   s._CDC_SEQ, s._CDC_TS, CURRENT_TIMESTAMP()
 );
-MERGE INTO {{ n.tombstones }} AS t
-USING (SELECT {{ keys(t) }}, _CDC_SEQ FROM {{ n.changes }} WHERE _CDC_OP = 'D') AS s
+MERGE INTO {{ p }}{{ n.tombstones }} AS t
+USING (SELECT {{ keys(t) }}, _CDC_SEQ FROM {{ p }}{{ n.changes }} WHERE _CDC_OP = 'D') AS s
 ON {{ on(t, "t", "s") }}
 WHEN MATCHED AND s._CDC_SEQ > t._CDC_SEQ THEN UPDATE SET
   _CDC_SEQ = s._CDC_SEQ, _DELETED_AT = CURRENT_TIMESTAMP()
 WHEN NOT MATCHED THEN INSERT ({{ keys(t) }}, _CDC_SEQ, _DELETED_AT)
   VALUES ({% for c in t.key %}s.{{ c.q }}, {% endfor %}s._CDC_SEQ, CURRENT_TIMESTAMP());
 {%- if t.models %}
-INSERT INTO {{ n.touched }}
-SELECT t.* FROM {{ n.name }} AS t INNER JOIN {{ n.changes }} AS c ON {{ on(t, "t", "c") }};
+INSERT INTO {{ p }}{{ n.touched }}
+SELECT t.* FROM {{ p }}{{ n.name }} AS t INNER JOIN {{ p }}{{ n.changes }} AS c ON {{ on(t, "t", "c") }};
 {%- for refresh in model_refresh[n.name] %}
 {{ refresh }}
 {%- endfor %}
 {%- endif %}
-INSERT INTO {{ n.merge_log }} (MERGED_AT, CHANGES)
-SELECT CURRENT_TIMESTAMP(), COUNT(*) FROM {{ n.changes }};
+INSERT INTO {{ p }}{{ n.merge_log }} (MERGED_AT, CHANGES)
+SELECT CURRENT_TIMESTAMP(), COUNT(*) FROM {{ p }}{{ n.changes }};
 COMMIT;
 EXCEPTION
   -- Any failure: undo the whole transaction and fail the task run (TASK_HISTORY shows it).
@@ -161,14 +163,14 @@ AS
 EXECUTE IMMEDIATE $$
 BEGIN
 BEGIN TRANSACTION;
-DELETE FROM {{ n.landing }}
+DELETE FROM {{ p }}{{ n.landing }}
 WHERE _LOADED_AT < DATEADD(DAY, -{{ retention_days }}, CURRENT_TIMESTAMP())
-  AND _LOADED_AT < (SELECT DATEADD(DAY, -1, MAX(MERGED_AT)) FROM {{ n.merge_log }});
-DELETE FROM {{ n.tombstones }}
+  AND _LOADED_AT < (SELECT DATEADD(DAY, -1, MAX(MERGED_AT)) FROM {{ p }}{{ n.merge_log }});
+DELETE FROM {{ p }}{{ n.tombstones }}
 WHERE _DELETED_AT < DATEADD(DAY, -{{ tombstone_days }}, CURRENT_TIMESTAMP());
-DELETE FROM {{ n.merge_log }}
+DELETE FROM {{ p }}{{ n.merge_log }}
 WHERE MERGED_AT < DATEADD(DAY, -{{ retention_days }}, CURRENT_TIMESTAMP())
-  AND MERGED_AT < (SELECT MAX(MERGED_AT) FROM {{ n.merge_log }});
+  AND MERGED_AT < (SELECT MAX(MERGED_AT) FROM {{ p }}{{ n.merge_log }});
 COMMIT;
 EXCEPTION
   -- Any failure: undo the whole transaction and fail the task run (TASK_HISTORY shows it).

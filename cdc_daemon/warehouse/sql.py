@@ -65,7 +65,14 @@ def _model_parts(
             "schema": sf.schema_,
         }
         ddl[n.name] = [render_file(m, common | {"ddl": True}).strip() for m in t.models]
-        refresh[n.name] = [render_file(m, common | {"ddl": False}).strip() for m in t.models]
+        # Inside the merge task, names are fully qualified.
+        qualified = {
+            "source": f"{sf.database}.{sf.schema_}.{n.name}",
+            "touched": f"{sf.database}.{sf.schema_}.{n.touched}",
+        }
+        refresh[n.name] = [
+            render_file(m, common | qualified | {"ddl": False}).strip() for m in t.models
+        ]
         named[n.name] = [re.sub(r"^[0-9]+_", "", m.stem).upper() for m in t.models]
     return ddl, refresh, named
 

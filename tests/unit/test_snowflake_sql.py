@@ -49,6 +49,21 @@ def test_every_statement_parses_with_sqlglot(settings: Settings) -> None:
             assert isinstance(tree, (exp.Insert, exp.Delete, exp.Merge)), statement
 
 
+def test_every_name_in_a_task_body_is_fully_qualified(settings: Settings) -> None:
+    """Each table, stream and model a task's statements name is database.schema.name: what a
+    task reads and writes never depends on the session's current schema."""
+    for task in (
+        s
+        for s in sql.statements(settings, sales_tables(settings))
+        if s.head.startswith("CREATE OR ALTER TASK")
+    ):
+        for statement in sql.task_body(task):
+            for table in sqlglot.parse_one(statement, read="snowflake").find_all(exp.Table):
+                if not table.name:
+                    continue  # a subquery's alias
+                assert (table.catalog, table.db) == ("ANALYTICS", "CDC"), (task.head, table.sql())
+
+
 def test_every_task_rolls_back_and_reraises_on_failure(settings: Settings) -> None:
     """Each task's transaction has an exception handler that rolls it back and raises the same
     exception again (a failed run fails as a whole and shows in TASK_HISTORY); a body without
