@@ -29,7 +29,8 @@ def test_local_up_serves_a_users_own_table_until_down(tmp_path: Path) -> None:
     """`local up` returns once PostgreSQL, S3 and the local warehouse answer, with local.json
     (DSN, endpoint, bucket, the connector's keyword arguments) and a working cdc.toml; a second
     `up` on the same folder refuses in one sentence; with a [[tables]] entry added, init,
-    snowflake apply and run export the table and the warehouse's ORDERS equals it; `report`
+    snowflake apply (printing what it created; `apply --plan` then finds nothing to change) and
+    run export the table and the warehouse's ORDERS equals it; `report`
     writes the page from the same warehouse; `down` stops every service."""
     folder = tmp_path / "local"
     started = cli("local", "up", "--dir", str(folder))
@@ -59,6 +60,11 @@ def test_local_up_serves_a_users_own_table_until_down(tmp_path: Path) -> None:
         for step in (["init"], ["snowflake", "apply"], ["run", "--exit-when-idle"]):
             done = cli("--config", str(config), *step, env=env)
             assert done.returncode == 0, (step, done.stderr[-2000:])
+            if step[0] == "snowflake":
+                assert "create   PIPE RAW_ORDERS_PIPE: missing" in done.stdout
+        planned = cli("--config", str(config), "snowflake", "apply", "--plan", env=env)
+        assert planned.returncode == 0, planned.stderr[-2000:]
+        assert planned.stdout == "Snowflake matches snowflake/: nothing to change\n"
         import snowflake.connector
 
         conn_sf = snowflake.connector.connect(**info["snowflake"])
