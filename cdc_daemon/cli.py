@@ -283,18 +283,19 @@ def snowflake_command(
     return 0
 
 
-def staged_objects(settings: Settings, folder: str, since: datetime) -> list[str]:
-    """A table folder's objects modified since ``since``, relative to the bucket's prefix."""
+def staged_objects(settings: Settings, folder: str, since: datetime) -> list[tuple[str, datetime]]:
+    """A table folder's objects modified since ``since`` (relative to the bucket's prefix, with
+    their last modification)."""
     from contextlib import AsyncExitStack
 
     from cdc_daemon.sink.s3 import S3Sink
 
-    async def keys() -> list[str]:
+    async def keys() -> list[tuple[str, datetime]]:
         async with AsyncExitStack() as stack:
             sink = await S3Sink.open(settings.s3, stack)
             return await sink.keys_modified_since(settings.s3.prefix + folder, since)
 
-    return [k.removeprefix(settings.s3.prefix) for k in asyncio.run(keys())]
+    return [(k.removeprefix(settings.s3.prefix), at) for k, at in asyncio.run(keys())]
 
 
 def write_report(settings: Settings, out: Path) -> int:

@@ -98,6 +98,9 @@ _EMULATION_DDL = [
     "CREATE TABLE IF NOT EXISTS _EMU_TASKS (NAME VARCHAR, DEFINITION VARCHAR)",
     """CREATE TABLE IF NOT EXISTS _EMU_PIPES (
         NAME VARCHAR, DEFINITION VARCHAR, CREATED_AT TIMESTAMP_TZ, PAUSED BOOLEAN)""",
+    # A local warehouse made by an earlier version has the first two columns only.
+    "ALTER TABLE _EMU_PIPES ADD COLUMN IF NOT EXISTS CREATED_AT TIMESTAMP_TZ",
+    "ALTER TABLE _EMU_PIPES ADD COLUMN IF NOT EXISTS PAUSED BOOLEAN",
     "CREATE TABLE IF NOT EXISTS _EMU_PIPE_QUEUE (PIPE VARCHAR, KEY VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_OBJECTS (KIND VARCHAR, NAME VARCHAR, DEFINITION VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_STREAM_STATE (STREAM VARCHAR, STALE_AFTER TIMESTAMP_TZ)",
@@ -215,9 +218,14 @@ class EmulatorDialect:
         if found is None:
             return None
         out = {k: (v, False) for k, v in found[2].items()}
+        if kind == "PIPE":
+            status = wh.query("SELECT STATUS FROM _EMU_PIPE_STATUS WHERE PIPE = %(p)s", {"p": name})
+            if status:
+                shown = parse_pipe_status(name, str(status[0]["STATUS"]))
+                out["STATE"] = (shown.execution_state, False)
         if kind == "TASK":
-            state = wh.query("SELECT STATE FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
-            out["STATE"] = (str(state[0]["STATE"]) if state else "suspended", False)
+            task = wh.query("SELECT STATE FROM _EMU_TASK_STATE WHERE NAME = %(n)s", {"n": name})
+            out["STATE"] = (str(task[0]["STATE"]) if task else "suspended", False)
         return out
 
     def execute_ddl(self, wh: Warehouse, stmt: sql.Statement) -> None:
@@ -255,11 +263,14 @@ class EmulatorDialect:
             wh.execute(
                 "UPDATE _EMU_PIPES SET PAUSED = %(p)s WHERE NAME = %(n)s", {"p": paused, "n": name}
             )
-            pending = wh.query(
+            count = wh.query(
                 "SELECT COUNT(*) AS N FROM _EMU_PIPE_QUEUE WHERE PIPE = %(n)s", {"n": name}
             )
+            held = int(count[0]["N"])
+            # Paused, it has no file pending: those notified from now on are held for it
+            # (dropped if it is recreated) and pending again once it is resumed.
             set_pipe_status(
-                wh, name, "PAUSED" if paused else "RUNNING", pending=int(pending[0]["N"])
+                wh, name, "PAUSED" if paused else "RUNNING", pending=0 if paused else held
             )
             return
         if head.startswith("CREATE STREAM"):
@@ -531,9 +542,9 @@ class LocalWarehouse:
                 plan_only=plan_only,
             )
 
-    def staged(self, folder: str, since: datetime) -> list[str]:
+    def staged(self, folder: str, since: datetime) -> list[tuple[str, datetime]]:
         """The bucket's objects under a table's folder modified since ``since``, relative to
-        the prefix (what a recreated pipe's refresh looks at)."""
+        the prefix, with their last modification (what a recreated pipe's refresh looks at)."""
         _, s3 = self._clients()
         prefix = self.settings.s3.prefix
         out = []
@@ -542,7 +553,7 @@ class LocalWarehouse:
         ):
             for item in page.get("Contents", []):
                 if item["LastModified"] >= since:
-                    out.append(str(item["Key"]).removeprefix(prefix))
+                    out.append((str(item["Key"]).removeprefix(prefix), item["LastModified"]))
         return out
 
     @property
@@ -645,16 +656,16 @@ class LocalWarehouse:
         """Load every newly notified object, then serve refresh requests. Returns the number
         of files loaded."""
         loaded = 0
+        self._finish_loads()  # those under way since an earlier round
         self._load_pipes()
         for key in dict.fromkeys(self._notified_keys()):  # moto may notify twice for one object
             loaded += self._load(key)
         loaded += self._drain_queues()
         loaded += self._serve_refreshes()
-        self._finish_loads()
         if self._ingested:  # once per round, for each pipe that loaded
             with self._lock:
                 for pipe, at in self._ingested.items():
-                    set_pipe_status(self.wh, pipe, "RUNNING", pending=0, last=at)
+                    set_pipe_status(self.wh, pipe, self._state(pipe), pending=0, last=at)
             self._ingested.clear()
         return loaded
 
@@ -738,27 +749,6 @@ class LocalWarehouse:
         in_folder = relative.removeprefix(copy.folder)
         if not re.fullmatch(copy.pattern, in_folder):
             return 0  # not matched by the pipe's PATTERN
-        created, paused = self._pipe_state[copy.name]
-        with self._lock:
-            if paused:
-                # Queued until the pipe is resumed (dropped if it is recreated first).
-                self.wh.execute(
-                    "INSERT INTO _EMU_PIPE_QUEUE VALUES (%(p)s, %(k)s)", {"p": copy.name, "k": key}
-                )
-                pending = self.wh.query(
-                    "SELECT COUNT(*) AS N FROM _EMU_PIPE_QUEUE WHERE PIPE = %(p)s",
-                    {"p": copy.name},
-                )
-                set_pipe_status(self.wh, copy.name, "PAUSED", pending=int(pending[0]["N"]))
-                return 0
-            # Snowpipe loads a file once per pipe: its own load history, which a recreated
-            # pipe starts anew.
-            if self.wh.query(
-                "SELECT 1 FROM _EMU_COPY_HISTORY WHERE TABLE_NAME = %(t)s AND FILE_NAME = %(f)s"
-                " AND STATUS IN ('Loaded', 'Load in progress') AND LAST_LOAD_TIME >= %(c)s",
-                {"t": copy.landing, "f": in_folder, "c": created.isoformat()},
-            ):
-                return 0
         _, s3 = self._clients()
         target = self.stage_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -771,6 +761,8 @@ class LocalWarehouse:
         now = datetime.now(UTC).isoformat()
         header = _header(target)
         with self._lock:
+            if self._held_or_loaded(copy, key, in_folder):
+                return 0
             columns = self.wh.columns(copy.landing)
             holding, ddl, insert = copy.holding(header, columns)
             try:
@@ -779,7 +771,8 @@ class LocalWarehouse:
                 result = self.wh.query(copy.copy_file(holding, relative))
             except CdcError as exc:
                 self._history(copy, in_folder, "LOAD_FAILED", 0, 0, str(exc), now)
-                set_pipe_status(self.wh, copy.name, "RUNNING", pending=0, error=str(exc))
+                state = self._state(copy.name)
+                set_pipe_status(self.wh, copy.name, state, pending=0, error=str(exc))
                 log.warning("pipe_load_failed", file=relative, error=str(exc))
                 return 0
             # fakesnow answers like Snowflake: file, status, rows_parsed, rows_loaded, ...
@@ -800,6 +793,34 @@ class LocalWarehouse:
                 self._history(copy, in_folder, "Loaded", loaded, parsed, None, now)
             self._ingested[copy.name] = now
         return 1
+
+    def _held_or_loaded(self, copy: _PipeCopy, key: str, in_folder: str) -> bool:
+        """Under the lock, just before a load, with the pipe as it is now: a paused pipe holds
+        the file for when it is resumed (dropped if it is recreated first); a file this pipe
+        already loaded is skipped (Snowpipe's load history is the pipe's own, and a recreated
+        pipe starts it anew)."""
+        rows = self.wh.query(
+            "SELECT CREATED_AT, PAUSED FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": copy.name}
+        )
+        if not rows:
+            return True  # dropped meanwhile
+        created = rows[0]["CREATED_AT"] or datetime.min.replace(tzinfo=UTC)
+        if rows[0]["PAUSED"]:
+            self.wh.execute(
+                "INSERT INTO _EMU_PIPE_QUEUE VALUES (%(p)s, %(k)s)", {"p": copy.name, "k": key}
+            )
+            return True
+        return bool(
+            self.wh.query(
+                "SELECT 1 FROM _EMU_COPY_HISTORY WHERE TABLE_NAME = %(t)s AND FILE_NAME = %(f)s"
+                " AND STATUS IN ('Loaded', 'Load in progress') AND LAST_LOAD_TIME >= %(c)s",
+                {"t": copy.landing, "f": in_folder, "c": created.isoformat()},
+            )
+        )
+
+    def _state(self, pipe: str) -> str:
+        rows = self.wh.query("SELECT PAUSED FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": pipe})
+        return "PAUSED" if rows and rows[0]["PAUSED"] else "RUNNING"
 
     def _history(
         self,

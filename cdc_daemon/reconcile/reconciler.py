@@ -329,8 +329,10 @@ class Reconciler:
         out: dict[str, tuple[str, frozenset[str]]] = {}
         for n in wh.names:
             if n.folder in folders:
-                have = await asyncio.to_thread(wh.columns, n.landing)
-                out[n.folder] = (n.landing, frozenset(c.upper() for c in have))
+                # DESC TABLE: metadata, no warehouse needed.
+                have = await asyncio.to_thread(wh.dialect.describe, wh, "TABLE", n.landing)
+                if have is not None:
+                    out[n.folder] = (n.landing, frozenset(c.upper() for c in have))
         return out
 
     async def _warehouse(self) -> Warehouse:

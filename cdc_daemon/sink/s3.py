@@ -57,14 +57,15 @@ class S3Sink:
         )
         return cls(client, settings)
 
-    async def keys_modified_since(self, prefix: str, since: datetime) -> list[str]:
-        """The bucket's keys under ``prefix`` last modified at or after ``since``."""
-        out: list[str] = []
+    async def keys_modified_since(self, prefix: str, since: datetime) -> list[tuple[str, datetime]]:
+        """The bucket's keys under ``prefix`` last modified at or after ``since``, with that
+        time."""
+        out: list[tuple[str, datetime]] = []
         try:
             paginator = self._client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 out += [
-                    item["Key"]
+                    (item["Key"], item["LastModified"])
                     for item in page.get("Contents", [])
                     if item["LastModified"] >= since
                 ]

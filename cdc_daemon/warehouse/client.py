@@ -145,12 +145,23 @@ class SnowflakeDialect:
         sf = wh.settings.snowflake
         where = f"{sf.database}.{sf.schema_}"
         if kind in ("PIPE", "STREAM", "TASK"):
-            rows = wh.query(f"SHOW {kind}S LIKE %(n)s IN SCHEMA {where}", {"n": name})
+            shown = wh.query(f"SHOW {kind}S LIKE %(n)s IN SCHEMA {where}", {"n": name})
+            # LIKE ignores case and takes _ for any character: the row of that very name.
+            rows = [
+                {str(k).lower(): v for k, v in r.items()}
+                for r in shown
+                if str(r.get("name", r.get("NAME", ""))).upper() == name.upper()
+            ]
             if not rows:
                 return None
-            row = {str(k).lower(): v for k, v in rows[0].items()}
+            row = rows[0]
             if kind == "PIPE":
-                return {"COPY": (str(row.get("definition") or ""), False)}
+                status = wh.query("SELECT SYSTEM$PIPE_STATUS(%(p)s) AS S", {"p": f"{where}.{name}"})
+                state = parse_pipe_status(name, str(status[0]["S"])).execution_state
+                return {
+                    "COPY": (str(row.get("definition") or ""), False),
+                    "STATE": (state, False),
+                }
             if kind == "STREAM":
                 return {"TABLE": (str(row.get("table_name") or "").split(".")[-1], False)}
             return {

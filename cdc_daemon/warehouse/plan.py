@@ -42,9 +42,9 @@ from cdc_daemon.warehouse.model import Names, WarehouseTable
 
 log = structlog.get_logger()
 
-# The objects staged under a prefix (keys relative to the bucket's prefix) and modified since
-# a time: what the stage holds, for refreshing a recreated pipe.
-Staged = Callable[[str, datetime], list[str]]
+# The objects staged under a prefix (keys relative to the bucket's prefix, with their last
+# modification) modified since a time: what the stage holds, for refreshing a recreated pipe.
+Staged = Callable[[str, datetime], list[tuple[str, datetime]]]
 
 REFRESH_WINDOW = timedelta(days=7)  # ALTER PIPE ... REFRESH: files staged in the last 7 days
 HISTORY_WINDOW = timedelta(days=14)  # COPY_HISTORY
@@ -61,6 +61,7 @@ class Change:
     why: str
     statements: tuple[sql.Statement, ...] = ()
     pipe: Names | None = None  # recreate: the table whose pipe it is
+    moves_pipes: bool = False  # a stage change that its pipes must be paused for
 
     def line(self) -> str:
         return f"{self.action:8} {self.kind} {self.name}: {self.why}"
@@ -84,10 +85,11 @@ class Plan:
 
 # -- reading definitions ----------------------------------------------------------------------
 
-_OPTION = re.compile(r"(\w+)\s*=\s*('(?:[^'\\]|''|\\.)*'|\([^)]*\)|[^\s,()]+)", re.S)
+ID = "([A-Za-z0-9_$]+)"  # an identifier as the settings allow it (captured)
+_OPTION = re.compile(ID + r"\s*=\s*('(?:[^'\\]|''|\\.)*'|\([^)]*\)|[^\s,()]+)", re.S)
 
 
-def norm(value: str) -> str:
+def norm(value: str, keep_case: bool = False) -> str:
     """A property's value as compared: upper case, no quotes or brackets around it, no blanks
     (DESC shows ``["s3://b/p/"]`` for a URL, ``[]`` for an empty NULL_IF, ``\\"`` for a quote)."""
     v = value.strip().replace('\\"', '"')
@@ -96,7 +98,8 @@ def norm(value: str) -> str:
     v = v.strip().strip('"') if v.startswith('"') and len(v) > 2 else v
     if len(v) >= 2 and v[0] == v[-1] == "'":
         v = v[1:-1].replace("''", "'")
-    return re.sub(r"\s+", "", v).upper()
+    v = re.sub(r"\s+", "", v)
+    return v if keep_case else v.upper()
 
 
 def options(text: str) -> dict[str, str]:
@@ -107,13 +110,14 @@ def options(text: str) -> dict[str, str]:
 def desired(stmt: sql.Statement) -> tuple[str, str, dict[str, str]] | None:
     """(kind, name, properties) of a rendered statement that defines a compared object."""
     text = stmt.text
-    if m := re.match(r"CREATE STORAGE INTEGRATION IF NOT EXISTS (\w+)(.*)$", text, re.S | re.I):
+    integration = r"CREATE STORAGE INTEGRATION IF NOT EXISTS " + ID + r"(.*)$"
+    if m := re.match(integration, text, re.S | re.I):
         opts = options(m.group(2))
         keys = ("ENABLED", "STORAGE_AWS_ROLE_ARN", "STORAGE_ALLOWED_LOCATIONS")
         return "INTEGRATION", m.group(1), {k: opts[k] for k in keys if k in opts}
-    if m := re.match(r"CREATE OR ALTER FILE FORMAT (\w+)(.*)$", text, re.S | re.I):
+    if m := re.match(r"CREATE OR ALTER FILE FORMAT " + ID + r"(.*)$", text, re.S | re.I):
         return "FILE FORMAT", m.group(1), options(m.group(2))
-    if m := re.match(r"CREATE OR ALTER STAGE (\w+)(.*)$", text, re.S | re.I):
+    if m := re.match(r"CREATE OR ALTER STAGE " + ID + r"(.*)$", text, re.S | re.I):
         opts = options(m.group(2))
         fmt = re.search(r"FORMAT_NAME\s*=\s*'([^']+)'", m.group(2))
         props = {"URL": opts.get("URL", "")}
@@ -122,13 +126,14 @@ def desired(stmt: sql.Statement) -> tuple[str, str, dict[str, str]] | None:
         if fmt:
             props["FORMAT_NAME"] = fmt.group(1).split(".")[-1]
         return "STAGE", m.group(1), props
-    if m := re.match(r"CREATE (?:OR REPLACE )?PIPE (?:IF NOT EXISTS )?(\w+)", text, re.I):
+    if m := re.match(r"CREATE (?:OR REPLACE )?PIPE (?:IF NOT EXISTS )?" + ID, text, re.I):
         return "PIPE", m.group(1), {"COPY": sql.pipe_copy(stmt)}
-    if m := re.match(r"CREATE STREAM IF NOT EXISTS (\w+)\s+ON TABLE (\S+)", text, re.I):
+    if m := re.match(r"CREATE STREAM IF NOT EXISTS " + ID + r"\s+ON TABLE (\S+)", text, re.I):
         return "STREAM", m.group(1), {"TABLE": m.group(2).split(".")[-1]}
-    if m := re.match(r"CREATE OR ALTER TASK (\w+)(.*?)\bAS\s+(EXECUTE\s.*)$", text, re.S | re.I):
+    task = r"CREATE OR ALTER TASK " + ID + r"(.*?)\bAS\s+(EXECUTE\s.*)$"
+    if m := re.match(task, text, re.S | re.I):
         return "TASK", m.group(1), task_properties(m.group(2), m.group(3))
-    if m := re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", text, re.I):
+    if m := re.match(r"CREATE TABLE IF NOT EXISTS " + ID, text, re.I):
         return "TABLE", m.group(1), {}
     return None
 
@@ -138,13 +143,17 @@ def task_properties(head: str, body: str) -> dict[str, str]:
     condition (its WHEN) and definition (the body after AS)."""
     when = re.search(r"\bWHEN\s+(.*)$", head, re.S | re.I)
     schedule = re.search(r"SCHEDULE\s*=\s*'([^']*)'", head, re.I)
-    warehouse = re.search(r"\bWAREHOUSE\s*=\s*(\w+)", head, re.I)
+    warehouse = re.search(r"\bWAREHOUSE\s*=\s*" + ID, head, re.I)
     return {
         "WAREHOUSE": warehouse.group(1) if warehouse else "",
         "SCHEDULE": schedule.group(1) if schedule else "",
         "CONDITION": when.group(1).strip() if when else "",
         "DEFINITION": body.strip(),
     }
+
+
+# Values compared with their case: S3 keys are case-sensitive.
+CASED = frozenset({"URL", "STORAGE_ALLOWED_LOCATIONS"})
 
 
 def differences(kind: str, want: dict[str, str], have: Described) -> list[str]:
@@ -154,7 +163,8 @@ def differences(kind: str, want: dict[str, str], have: Described) -> list[str]:
         if key in ("COPY", "DEFINITION", "CONDITION"):
             same = _text(have.get(key, ("", False))[0]) == _text(value)
         else:
-            same = key in have and norm(have[key][0]) == norm(value)
+            cased = key in CASED
+            same = key in have and norm(have[key][0], cased) == norm(value, cased)
         if not same and key in ("COPY", "DEFINITION"):
             out.append(f"{key}: differs from the rendered one")
         elif not same:
@@ -208,7 +218,9 @@ def make_plan(
             if stmt.head.startswith("USE "):
                 try:
                     wh.dialect.execute_ddl(wh, stmt)
-                except CdcError:
+                except CdcError as exc:
+                    if "does not exist" not in str(exc):
+                        raise
                     fresh = True  # no schema yet: everything is created
             continue
         kind, name, want = found
@@ -219,7 +231,9 @@ def make_plan(
             continue
         if kind == "TASK":
             resume = next(
-                s for s in statements[i:] if re.match(rf"ALTER TASK {name} RESUME$", s.text)
+                s
+                for s in statements[i:]
+                if re.fullmatch(rf"ALTER TASK {re.escape(name)} RESUME", s.text)
             )
             suspend = sql.Statement(stmt.file, f"ALTER TASK IF EXISTS {name} SUSPEND")
             if have is None:
@@ -237,10 +251,16 @@ def make_plan(
             plan.changes.append(Change("create", kind, name, "missing", (stmt,)))
             continue
         diff = differences(kind, want, have)
-        if kind == "PIPE" and stage_moved and not diff:
-            # "If you change the stage's cloud parameters (URL, STORAGE_INTEGRATION,
-            # ENCRYPTION), you must recreate the pipe" (Manage Snowpipe).
-            diff = [f"its stage's {stage_moved} changed"]
+        if kind == "PIPE" and not diff:
+            state = have.get("STATE", ("RUNNING", False))[0].upper()
+            if stage_moved:
+                # "If you change the stage's cloud parameters (URL, STORAGE_INTEGRATION,
+                # ENCRYPTION), you must recreate the pipe" (Manage Snowpipe).
+                diff = [f"its stage's {stage_moved} changes"]
+            elif state != "RUNNING":
+                # Paused by an apply that did not finish (or by hand): recreating it again
+                # refreshes what its dropped queue held, then it runs.
+                diff = [f"{state} -> RUNNING, the objects it has not loaded refreshed"]
         if not diff:
             continue
         why = "; ".join(diff)
@@ -266,7 +286,8 @@ def make_plan(
             alter = sql.Statement(stmt.file, f"ALTER STORAGE INTEGRATION {name} SET {sets}")
             plan.changes.append(Change("alter", kind, name, why, (alter,)))
         else:
-            plan.changes.append(Change("alter", kind, name, why, (stmt,)))
+            moves = kind == "STAGE" and bool(stage_moved)
+            plan.changes.append(Change("alter", kind, name, why, (stmt,), moves_pipes=moves))
     if not fresh and not columns_done:
         _column_changes(wh, plan)
     return plan
@@ -285,7 +306,8 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
             if table in created:
                 continue
             have = wh.dialect.describe(wh, "TABLE", table) or {}
-            adds = []
+            adds: list[sql.Statement] = []
+            added: list[str] = []
             for c in t.columns:
                 kind = c.type.landing if landing else c.type.final
                 if c.name not in have:
@@ -295,6 +317,7 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                             f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {c.q} {kind}",
                         )
                     )
+                    added.append(c.name)
                 elif have[c.name][0] and not _same_type(have[c.name][0], kind):
                     plan.changes.append(
                         Change(
@@ -306,9 +329,8 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                         )
                     )
             if adds:
-                names_ = ", ".join(a.text.split()[-2].strip('"') for a in adds)
                 plan.changes.append(
-                    Change("alter", "TABLE", table, f"add column {names_}", tuple(adds))
+                    Change("alter", "TABLE", table, f"add column {', '.join(added)}", tuple(adds))
                 )
 
 
@@ -326,24 +348,40 @@ def _same_type(have: str, want: str) -> bool:
 
 def apply_plan(wh: Warehouse, plan: Plan, staged: Staged | None) -> list[Change]:
     """Run the plan: the ``always`` statements, then each change in order. Returns the changes
-    left for an operator (``manual``)."""
+    left for an operator (``manual``). A stage whose URL or integration changes is altered
+    only once every pipe to recreate is paused and drained ("Manage Snowpipe")."""
     for stmt in plan.always:
         wh.dialect.execute_ddl(wh, stmt)
     manual = []
-    for change in plan.changes:
-        if change.action == "manual":
-            log.warning(
-                "snowflake_not_applied", object=f"{change.kind} {change.name}", why=change.why
+    paused: dict[str, PausedPipe] = {}
+    try:
+        for change in plan.changes:
+            if change.action == "manual":
+                log.warning(
+                    "snowflake_not_applied", object=f"{change.kind} {change.name}", why=change.why
+                )
+                manual.append(change)
+                continue
+            if change.moves_pipes:
+                for other in plan.changes:
+                    if other.action == "recreate" and other.pipe and other.name not in paused:
+                        paused[other.name] = pause_pipe(wh, other.pipe)
+            if change.action == "recreate":
+                assert change.pipe is not None
+                held = paused.get(change.name) or pause_pipe(wh, change.pipe)
+                paused[change.name] = held
+                replace_pipe(wh, held, change.statements[0], staged)
+                del paused[change.name]
+            else:
+                for stmt in change.statements:
+                    wh.dialect.execute_ddl(wh, stmt)
+            log.info(
+                "snowflake_applied", action=change.action, object=f"{change.kind} {change.name}"
             )
-            manual.append(change)
-            continue
-        if change.action == "recreate":
-            assert change.pipe is not None
-            recreate_pipe(wh, change.pipe, change.statements[0], staged)
-        else:
-            for stmt in change.statements:
-                wh.dialect.execute_ddl(wh, stmt)
-        log.info("snowflake_applied", action=change.action, object=f"{change.kind} {change.name}")
+    except BaseException:
+        for held in paused.values():
+            held.resume()  # not recreated: the old pipe loads again, its queue kept
+        raise
     return manual
 
 
@@ -353,6 +391,114 @@ def _wait(what: str, check: Callable[[], bool], timeout_s: float, poll_s: float 
         if time.monotonic() > deadline:
             raise TransientError(f"gave up waiting for {what} after {int(timeout_s)} s")
         time.sleep(poll_s)
+
+
+@dataclass
+class PausedPipe:
+    """A pipe paused and drained for recreation: what COPY_HISTORY showed loaded then."""
+
+    wh: Warehouse
+    n: Names
+    loaded: set[str]
+    paused_at: datetime
+
+    def ddl(self, text: str) -> None:
+        self.wh.dialect.execute_ddl(self.wh, sql.Statement("50_pipe.sql", text))
+
+    def resume(self) -> None:
+        """Back to running, never hiding the error that stopped the recreation."""
+        try:
+            self.ddl(f"ALTER PIPE {self.n.pipe} SET PIPE_EXECUTION_PAUSED = FALSE")
+        except CdcError as exc:
+            log.error("pipe_not_resumed", pipe=self.n.pipe, error=str(exc), hint="apply again")
+
+
+def pause_pipe(
+    wh: Warehouse, n: Names, *, timeout_s: float = 300, poll_s: float = 2.0
+) -> PausedPipe:
+    """Steps 1-2 of recreating a pipe (Snowflake, "Manage Snowpipe": pause it, then check that
+    SYSTEM$PIPE_STATUS says PAUSED with no pending file):
+
+    1. paused; PAUSED with ``pendingFileCount`` 0 confirmed: the old pipe has loaded what it had
+       queued and starts nothing more (files notified from now on are held for it, and dropped
+       with it);
+    2. no load of the table in progress in COPY_HISTORY: the loaded set taken then is final.
+
+    On a failure the pipe is resumed and the error raised."""
+    started = datetime.now(UTC)
+    held = PausedPipe(wh, n, set(), started)
+    held.ddl(f"ALTER PIPE {n.pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
+
+    def drained() -> bool:
+        status = wh.dialect.pipe_status(wh, n)
+        return status.execution_state == "PAUSED" and status.pending_file_count == 0
+
+    def settled() -> bool:
+        records = wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
+        return not any(r.status == "load_in_progress" for r in records)
+
+    try:
+        _wait(f"pipe {n.pipe} to be PAUSED with no pending file", drained, timeout_s, poll_s)
+        _wait(f"the loads in progress into {n.landing} to end", settled, timeout_s, poll_s)
+        held.loaded = {
+            r.file
+            for r in wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
+            if r.status == "loaded"
+        }
+    except BaseException:
+        held.resume()
+        raise
+    return held
+
+
+def replace_pipe(
+    wh: Warehouse,
+    held: PausedPipe,
+    create: sql.Statement,
+    staged: Staged | None,
+    *,
+    timeout_s: float = 300,
+    poll_s: float = 2.0,
+) -> list[str]:
+    """Steps 3-4: ``CREATE OR REPLACE``, paused again, resumed, RUNNING confirmed (Snowflake's
+    procedure); then every object of the table's folder staged within the last 7 days
+    (REFRESH's window) and before the replacement, that COPY_HISTORY did not show loaded at the
+    pause, is refreshed by name: the files the dropped queue held, and those staged while the
+    pipe was paused. None loaded before the pause is refreshed ("when a pipe is recreated, the
+    load history is dropped"); one the new pipe is notified of itself is staged after the
+    replacement. Returns the objects refreshed (relative to the bucket's prefix)."""
+    n, pipe = held.n, held.n.pipe
+    replace = re.sub(r"^CREATE PIPE IF NOT EXISTS", "CREATE OR REPLACE PIPE", create.text, count=1)
+    replaced_at = datetime.now(UTC)
+    held.ddl(replace)
+    held.ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
+    held.ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = FALSE")
+
+    def running() -> bool:
+        return wh.dialect.pipe_status(wh, n).execution_state == "RUNNING"
+
+    _wait(f"pipe {pipe} to be RUNNING", running, timeout_s, poll_s)
+    refreshed: list[str] = []
+    if staged is None:
+        log.warning("pipe_recreated_without_refresh", pipe=pipe, hint="the reconciler refreshes")
+        return refreshed
+    pattern = re.compile(_pattern(create))
+    for key, modified in staged(n.folder, held.paused_at - REFRESH_WINDOW):
+        relative = key.removeprefix(n.folder)
+        if key in held.loaded or modified > replaced_at or not pattern.fullmatch(relative):
+            continue
+        try:
+            wh.dialect.refresh(wh, n, relative)
+        except CdcError as exc:
+            raise TransientError(
+                f"pipe {pipe} was recreated, but refreshing {key} failed ({exc}): the "
+                "reconciler refreshes objects not loaded after snowflake.missing_after_s"
+            ) from None
+        refreshed.append(key)
+    log.warning(
+        "pipe_recreated", pipe=pipe, refreshed=len(refreshed), loaded_before=len(held.loaded)
+    )
+    return refreshed
 
 
 def recreate_pipe(
@@ -365,69 +511,9 @@ def recreate_pipe(
     poll_s: float = 2.0,
 ) -> list[str]:
     """A pipe whose COPY changed, by Snowflake's procedure for recreating a pipe that loads
-    from event notifications ("Manage Snowpipe": pause, check PAUSED, CREATE OR REPLACE,
-    pause again, resume, check RUNNING), with what keeps every file loaded exactly once:
-
-    1. paused, and PAUSED confirmed: the old pipe starts no more loads; files notified
-       meanwhile wait in its queue, which the recreation drops;
-    2. no load of the table in progress (COPY_HISTORY), so the loaded set is final;
-    3. recreated, paused, resumed, RUNNING confirmed;
-    4. every object staged within the last 7 days (REFRESH's window) that COPY_HISTORY does not
-       show loaded is refreshed by name: the files the old queue held, and those staged while
-       it was paused. A file already loaded is never refreshed: the recreated pipe's own load
-       history is new, so the design does not count on it to skip one.
-
-    Returns the objects refreshed (relative to the bucket's prefix)."""
-    pipe = n.pipe
-    started = datetime.now(UTC)
-
-    def ddl(text: str) -> None:
-        wh.dialect.execute_ddl(wh, sql.Statement("50_pipe.sql", text))
-
-    def state(expected: str) -> Callable[[], bool]:
-        return lambda: wh.dialect.pipe_status(wh, n).execution_state == expected
-
-    def settled() -> bool:
-        records = wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
-        return not any(r.status == "load_in_progress" for r in records)
-
-    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
-    try:
-        _wait(f"pipe {pipe} to be PAUSED", state("PAUSED"), timeout_s, poll_s)
-        _wait(f"the loads in progress into {n.landing} to end", settled, timeout_s, poll_s)
-        loaded = {
-            r.file
-            for r in wh.dialect.load_history(wh, n, started - HISTORY_WINDOW)
-            if r.status == "loaded"
-        }
-    except BaseException:
-        # Not recreated: the old pipe loads again (its queue kept), and apply can be rerun.
-        ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = FALSE")
-        raise
-    replace = re.sub(r"^CREATE PIPE IF NOT EXISTS", "CREATE OR REPLACE PIPE", create.text, count=1)
-    ddl(replace)
-    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = TRUE")
-    ddl(f"ALTER PIPE {pipe} SET PIPE_EXECUTION_PAUSED = FALSE")
-    _wait(f"pipe {pipe} to be RUNNING", state("RUNNING"), timeout_s, poll_s)
-    refreshed: list[str] = []
-    if staged is None:
-        log.warning("pipe_recreated_without_refresh", pipe=pipe, hint="the reconciler refreshes")
-        return refreshed
-    pattern = re.compile(_pattern(create))
-    for key in staged(n.folder, started - REFRESH_WINDOW):
-        relative = key.removeprefix(n.folder)
-        if key in loaded or not pattern.fullmatch(relative):
-            continue
-        try:
-            wh.dialect.refresh(wh, n, relative)
-        except CdcError as exc:
-            raise TransientError(
-                f"pipe {pipe} was recreated, but refreshing {key} failed ({exc}): the "
-                "reconciler refreshes objects not loaded after snowflake.missing_after_s"
-            ) from None
-        refreshed.append(key)
-    log.warning("pipe_recreated", pipe=pipe, refreshed=len(refreshed), loaded_before=len(loaded))
-    return refreshed
+    from event notifications: ``pause_pipe``, then ``replace_pipe``."""
+    held = pause_pipe(wh, n, timeout_s=timeout_s, poll_s=poll_s)
+    return replace_pipe(wh, held, create, staged, timeout_s=timeout_s, poll_s=poll_s)
 
 
 def _pattern(create: sql.Statement) -> str:

@@ -92,7 +92,7 @@ def test_a_changed_file_format_stage_and_task_are_planned_then_altered_in_place(
     assert "alter    STAGE CDC_STAGE: URL: s3://elsewhere/ ->" in text
     assert "alter    TASK MERGE_SALES: SCHEDULE: 60 MINUTE -> 1 MINUTE" in text
     # A stage whose URL changes needs its pipes recreated (Snowflake, "Manage Snowpipe").
-    assert "recreate PIPE RAW_SALES_PIPE: its stage's URL changed" in text
+    assert "recreate PIPE RAW_SALES_PIPE: its stage's URL changes" in text
     assert len(text.splitlines()) == 4, text
     assert warehouse.apply(plan_only=True).render() == text  # --plan changed nothing
     applied = warehouse.apply()
@@ -194,3 +194,35 @@ def test_a_pipe_with_a_load_in_progress_is_not_recreated_and_runs_again(
     assert warehouse.query("SELECT DEFINITION FROM _EMU_PIPES") == before
     status = warehouse.wh.dialect.pipe_status(warehouse.wh, change.pipe)
     assert status.execution_state == "RUNNING"
+
+
+async def test_a_pipe_left_paused_is_recreated_and_its_held_objects_loaded(
+    warehouse: LocalWarehouse, pg_dsn: str
+) -> None:
+    """A pipe left paused with files held for it (an apply cut short after its pause, or a
+    pause by hand): the plan says so, and apply recreates it (the held files are dropped with
+    the old pipe) and refreshes the objects it had not loaded; each loads once, and the next
+    plan is empty."""
+    settings = warehouse.settings
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1_000, days=2)
+    assert await export_until_idle(settings) == 0
+    warehouse.pump_until_quiet()
+    first = _loaded_files(warehouse)
+    warehouse.wh.dialect.execute_ddl(
+        warehouse.wh,
+        Statement("50_pipe.sql", "ALTER PIPE RAW_SALES_PIPE SET PIPE_EXECUTION_PAUSED = TRUE"),
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1_000, days=2, seed=0.8)
+    assert await export_until_idle(settings) == 0
+    warehouse.pump_until_quiet()
+    assert _loaded_files(warehouse) == first
+    (change,) = warehouse.apply(plan_only=True).changes
+    assert change.line().startswith("recreate PIPE RAW_SALES_PIPE: PAUSED -> RUNNING")
+    warehouse.apply()
+    warehouse.pump_until_quiet()
+    loaded = _loaded_files(warehouse)
+    assert len(loaded) == len(set(loaded)) > len(first)
+    assert warehouse.apply(plan_only=True).empty
+    assert_warehouse_equals_source(pg_dsn, warehouse)
