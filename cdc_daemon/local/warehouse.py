@@ -800,23 +800,21 @@ class LocalWarehouse:
         already loaded is skipped (Snowpipe's load history is the pipe's own, and a recreated
         pipe starts it anew)."""
         rows = self.wh.query(
-            "SELECT CREATED_AT, PAUSED FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": copy.name}
+            "SELECT p.PAUSED, EXISTS (SELECT 1 FROM _EMU_COPY_HISTORY AS h"
+            " WHERE h.TABLE_NAME = %(t)s AND h.FILE_NAME = %(f)s"
+            " AND h.STATUS IN ('Loaded', 'Load in progress')"
+            " AND h.LAST_LOAD_TIME >= COALESCE(p.CREATED_AT, '1970-01-01'::TIMESTAMP_TZ)) AS SEEN"
+            " FROM _EMU_PIPES AS p WHERE p.NAME = %(n)s",
+            {"n": copy.name, "t": copy.landing, "f": in_folder},
         )
         if not rows:
             return True  # dropped meanwhile
-        created = rows[0]["CREATED_AT"] or datetime.min.replace(tzinfo=UTC)
         if rows[0]["PAUSED"]:
             self.wh.execute(
                 "INSERT INTO _EMU_PIPE_QUEUE VALUES (%(p)s, %(k)s)", {"p": copy.name, "k": key}
             )
             return True
-        return bool(
-            self.wh.query(
-                "SELECT 1 FROM _EMU_COPY_HISTORY WHERE TABLE_NAME = %(t)s AND FILE_NAME = %(f)s"
-                " AND STATUS IN ('Loaded', 'Load in progress') AND LAST_LOAD_TIME >= %(c)s",
-                {"t": copy.landing, "f": in_folder, "c": created.isoformat()},
-            )
-        )
+        return bool(rows[0]["SEEN"])
 
     def _state(self, pipe: str) -> str:
         rows = self.wh.query("SELECT PAUSED FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": pipe})
