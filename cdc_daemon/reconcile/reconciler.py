@@ -50,6 +50,7 @@ from cdc_daemon.warehouse.client import (
     TaskStatus,
     Warehouse,
 )
+from cdc_daemon.warehouse.model import folder_of
 
 log = structlog.get_logger()
 
@@ -193,7 +194,7 @@ def header_mismatch(
     landing table lacks. Snowflake loads by name (MATCH_BY_COLUMN_NAME) and does not load
     "additional non-matching columns" of a file, with status Loaded and the full row count
     (https://docs.snowflake.com/en/sql-reference/sql/copy-into-table)."""
-    folder = name.split("/", 1)[0] + "/"
+    folder = folder_of(name)
     if not columns or folder not in landing:
         return None
     table, have = landing[folder]
@@ -321,7 +322,7 @@ class Reconciler:
         """The landing tables' columns (folder -> (table, columns)), read only for the tables
         with an object this round may confirm."""
         folders = {
-            name.split("/", 1)[0] + "/"
+            folder_of(name)
             for item in items
             for obj in item.batch.objects
             if obj.columns and (name := obj.key.removeprefix(self._prefix)) in history

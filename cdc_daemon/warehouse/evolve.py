@@ -41,6 +41,7 @@ from cdc_daemon.warehouse.model import (
     DAEMON_COLUMNS,
     Names,
     WarehouseTable,
+    folder_of,
     names,
     read_catalog,
 )
@@ -53,11 +54,8 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
     """Add the table's columns Snowflake lacks to its landing, current-state and work tables.
     Returns the columns added (upper case)."""
     n = t.names
-    targets: list[tuple[str, bool]] = [(n.landing, True), (n.name, False), (n.changes, False)]
-    if t.models:
-        targets.append((n.touched, False))
     added: list[str] = []
-    for table, landing in targets:
+    for table, landing in t.column_tables():
         have = set(wh.columns(table))
         for c in t.columns:
             if c.name not in have:
@@ -165,7 +163,7 @@ class SchemaGuard:
         for obj in objects:
             if obj.quarantine or not obj.path:
                 continue
-            folder = obj.key.removeprefix(prefix).split("/", 1)[0] + "/"
+            folder = folder_of(obj.key.removeprefix(prefix))
             n = self._names.get(folder)
             if n is None:
                 continue

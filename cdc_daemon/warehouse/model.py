@@ -259,6 +259,21 @@ class WarehouseTable:
                 return c
         raise KeyError(name)
 
+    def column_tables(self) -> list[tuple[str, bool]]:
+        """The Snowflake tables that hold the source's columns, each with whether it is the
+        landing table (its types are ``SfType.landing``, the others' ``final``)."""
+        n = self.names
+        out = [(n.landing, True), (n.name, False), (n.changes, False)]
+        if self.models:
+            out.append((n.touched, False))
+        return out
+
+
+def folder_of(relative: str) -> str:
+    """The table folder of an object named relative to the bucket's prefix
+    (``<schema>.<table>/dt=.../x.csv.gz`` -> ``<schema>.<table>/``), as ``Names.folder``."""
+    return relative.split("/", 1)[0] + "/"
+
 
 def column_of(source: str, pg_type: str, *, key: bool = False) -> SfColumn:
     name = source.upper()

@@ -298,11 +298,7 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
     (reported)."""
     created = {c.name for c in plan.changes if c.kind == "TABLE"}
     for t in plan.tables:
-        n = t.names
-        targets = [(n.landing, True), (n.name, False), (n.changes, False)]
-        if t.models:
-            targets.append((n.touched, False))
-        for table, landing in targets:
+        for table, landing in t.column_tables():
             if table in created:
                 continue
             have = wh.dialect.describe(wh, "TABLE", table) or {}

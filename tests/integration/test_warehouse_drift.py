@@ -47,6 +47,20 @@ def _drift_pipe(warehouse: LocalWarehouse) -> None:
     )
 
 
+async def _export_while_paused(
+    warehouse: LocalWarehouse, dsn: str, rows: int, *, days: int, seed: float
+) -> None:
+    """RAW_SALES_PIPE paused, then more rows exported and notified to it (held by it)."""
+    warehouse.wh.dialect.execute_ddl(
+        warehouse.wh,
+        Statement("50_pipe.sql", "ALTER PIPE RAW_SALES_PIPE SET PIPE_EXECUTION_PAUSED = TRUE"),
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        generate_sales(conn, rows, days=days, seed=seed)
+    assert await export_until_idle(warehouse.settings) == 0
+    warehouse.pump_until_quiet()
+
+
 def _loaded_files(warehouse: LocalWarehouse) -> list[str]:
     rows = warehouse.query(
         "SELECT FILE_NAME FROM _EMU_COPY_HISTORY WHERE STATUS = 'Loaded' ORDER BY FILE_NAME"
@@ -144,14 +158,7 @@ async def test_a_pipe_whose_copy_changed_is_recreated_losing_and_doubling_nothin
     first = _loaded_files(warehouse)
     assert first
     # More objects, notified while the pipe is paused: queued in the old pipe.
-    warehouse.wh.dialect.execute_ddl(
-        warehouse.wh,
-        Statement("50_pipe.sql", "ALTER PIPE RAW_SALES_PIPE SET PIPE_EXECUTION_PAUSED = TRUE"),
-    )
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        generate_sales(conn, 2_000, days=3, seed=0.9)
-    assert await export_until_idle(settings) == 0
-    warehouse.pump_until_quiet()
+    await _export_while_paused(warehouse, pg_dsn, 2_000, days=3, seed=0.9)
     assert _loaded_files(warehouse) == first  # paused: nothing more loaded
     plan = warehouse.apply(plan_only=True)
     (change,) = plan.changes
@@ -209,14 +216,7 @@ async def test_a_pipe_left_paused_is_recreated_and_its_held_objects_loaded(
     assert await export_until_idle(settings) == 0
     warehouse.pump_until_quiet()
     first = _loaded_files(warehouse)
-    warehouse.wh.dialect.execute_ddl(
-        warehouse.wh,
-        Statement("50_pipe.sql", "ALTER PIPE RAW_SALES_PIPE SET PIPE_EXECUTION_PAUSED = TRUE"),
-    )
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        generate_sales(conn, 1_000, days=2, seed=0.8)
-    assert await export_until_idle(settings) == 0
-    warehouse.pump_until_quiet()
+    await _export_while_paused(warehouse, pg_dsn, 1_000, days=2, seed=0.8)
     assert _loaded_files(warehouse) == first
     (change,) = warehouse.apply(plan_only=True).changes
     assert change.line().startswith("recreate PIPE RAW_SALES_PIPE: PAUSED -> RUNNING")
