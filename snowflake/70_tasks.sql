@@ -32,6 +32,8 @@ IFF(POSITION('{{ c.needle }}' IN ',' || COALESCE(_CDC_UNCHANGED, '') || ',') = 0
 {%- set n = t.names %}
 {#- Names in a task body are fully qualified: nothing depends on the session's schema. #}
 {%- set p = database ~ "." ~ schema ~ "." %}
+{#- The value columns an update can leave unchanged: each has a window in the changes' SELECT. #}
+{%- set toastable = t.values | selectattr("toastable") | list %}
 
 -- ---- {{ n.merge_task }}: {{ n.stream }} -> {{ n.name }}{% for m in model_names[n.name] %}, {{ m }}{% endfor %} ----
 ALTER TASK IF EXISTS {{ n.merge_task }} SUSPEND;
@@ -67,7 +69,7 @@ SELECT
 {%- endfor %}
   _CDC_OP, _CDC_SEQ, _CDC_TS,
   ','
-{%- for c in t.values if c.toastable %}
+{%- for c in toastable %}
     || IFF(MAX({{ carried(c) }}) OVER (PARTITION BY {{ keys(t) }}) = 0, '{{ c.needle[1:] }}', '')
 {%- endfor %},
   _FILE, _FILE_ROW, _LOADED_AT
@@ -78,7 +80,15 @@ FROM (
   ) AS _RN
   FROM {{ p }}{{ n.stream }}
 )
+{#- QUALIFY filters after the windows above, which read every change of the key; it needs a
+    window in this SELECT ("The QUALIFY clause requires at least one window function",
+    https://docs.snowflake.com/en/sql-reference/constructs/qualify), and a table whose value
+    columns are all fixed-width (or that is all key) has none: there WHERE keeps the same row. #}
+{%- if toastable %}
 QUALIFY _RN = 1;
+{%- else %}
+WHERE _RN = 1;
+{%- endif %}
 {%- if t.models %}
 DELETE FROM {{ p }}{{ n.touched }};
 INSERT INTO {{ p }}{{ n.touched }}
