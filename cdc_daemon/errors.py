@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
@@ -64,6 +65,37 @@ class WarehouseError(CdcError):
     """Snowflake refused a statement for a reason a retry will not fix (SQL, privileges)."""
 
     exit_code = 8
+
+
+class TableFailedError(CdcError):
+    """A table of a logical group is failed (TRUNCATE, a retyped column, dropped...): the group's
+    other tables went on, this one exports nothing until it is resynced. Raised when the daemon
+    stops, so that a cron job or a supervisor sees it; retrying the same run cannot fix it."""
+
+    exit_code = 9
+
+    def __init__(self, group: str, failed: Mapping[str, str]) -> None:
+        self.group = group
+        self.failed = dict(sorted(failed.items()))
+        if len(self.failed) == 1:
+            ((table, reason),) = self.failed.items()
+            text = f"table {table} of group {group} is failed: {reason}{table_fix(table, reason)}"
+        else:
+            listed = "; ".join(f"{t}: {r}{table_fix(t, r)}" for t, r in self.failed.items())
+            text = f"{len(self.failed)} tables of group {group} are failed: {listed}"
+        super().__init__(text)
+
+
+def table_fix(table: str, reason: str) -> str:
+    """What to append to a failed table's reason so that it names the fix: the capture's
+    reasons for a TRUNCATE or a retyped column already say it; a table that could not be read
+    (dropped, no privilege) does not."""
+    if "resync --table" in reason:
+        return ""
+    return (
+        f" (fix the cause; then stop the daemon, run `cdc-daemon resync --table {table}` and "
+        "start it again)"
+    )
 
 
 def from_snowflake(exc: Exception, doing: str) -> CdcError:

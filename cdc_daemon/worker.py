@@ -4,6 +4,11 @@ SIGTERM/SIGINT only set an event. The capture loop stops taking new batches, let
 one finish within ``daemon.shutdown_grace_s`` (shorter than systemd's TimeoutStopSec and the
 pod's terminationGracePeriodSeconds), then cancels it: a cancelled batch leaves at most a
 pending intent record, redone on the next start. A second signal exits at once.
+
+A failed table of a logical group does not stop the daemon: the group's other tables keep
+flowing, and health and ``status`` say the group is degraded. When the daemon stops (a signal,
+or idle with ``--exit-when-idle``) with a table of its group failed, it ends with
+``TableFailedError`` (exit 9) instead of 0, so that a cron job or a supervisor sees it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from cdc_daemon.config import Settings, redact_dsn
 from cdc_daemon.errors import (
     AlreadyRunningError,
     CdcError,
+    TableFailedError,
     TransientError,
     first_error,
 )
@@ -99,7 +105,7 @@ class Worker:
                     async with asyncio.TaskGroup() as group:
                         capture = group.create_task(self._capture_loop(pipeline))
                         supervisor = group.create_task(
-                            Supervisor(settings, self.heartbeats, self._notifier).run()
+                            Supervisor(settings, self.heartbeats, self._notifier, self._probe).run()
                         )
                         capture.add_done_callback(lambda _: supervisor.cancel())
                         if settings.snowflake.enabled:
@@ -114,7 +120,16 @@ class Worker:
                 except BaseExceptionGroup as group:
                     # One loop failed and the group cancelled the rest: report that failure.
                     raise first_error(group) from None
-            log.info("daemon_stopped", table=pipeline.table, position=pipeline.position)
+                failed = await self._failed_tables()
+            log.info(
+                "daemon_stopped",
+                table=pipeline.table,
+                position=pipeline.position,
+                failed_tables=sorted(failed),
+            )
+            if failed:
+                # Raised once everything is closed: the exit is as clean as a 0 would be.
+                raise TableFailedError(pipeline.table, failed)
             return 0
         finally:
             for signum in installed:
@@ -154,6 +169,8 @@ class Worker:
                 others.append(other)
         group = settings.group
         self.metrics = Metrics(self.registry, group)
+        # The supervisor reads the group's failed tables through it, with or without HTTP.
+        stack.push_async_callback(self._probe.close)
         self._probe.table = group
         self._probe.lock_session = self._lock_session
         if settings.http.address:
@@ -192,6 +209,18 @@ class Worker:
             WatermarkPipeline(o.settings, o, unit, store, self.metrics) for o in others
         ]
         return WatermarkGroup(group, pipelines)
+
+    async def _failed_tables(self) -> dict[str, str]:
+        """The group's failed tables as the ledger has them now (the last batch may have
+        failed one); what the supervisor read last if the ledger cannot be read."""
+        store = self._store
+        if self._settings.capture.mode != "logical" or store is None or store.broken:
+            return self._probe.failed_tables
+        try:
+            members = await store.group_tables(self._settings.group)
+        except CdcError:
+            return self._probe.failed_tables
+        return {m.table: m.error or "failed" for m in members if m.status == "failed"}
 
     def _lock_session(self) -> int | None:
         store = self._store

@@ -9,6 +9,12 @@
 - ``/metrics``: Prometheus text format from the worker's registry; ledger-fed gauges are
   refreshed from the ledger first.
 
+A failed table of a logical group (``failed_tables``, read from the ledger by the supervisor)
+makes both answers say ``degraded`` but changes neither status code: the group's other tables
+still flow, a liveness failure would restart the daemon (stopping them, fixing nothing), and a
+pod that is not ready drops out of its Service, so Prometheus would stop scraping the very
+gauge to alert on (``cdc_group_table_state{state="failed"}``).
+
 Probes use sessions of their own (``LedgerReader``), never the pipeline's ledger session.
 """
 
@@ -72,6 +78,8 @@ class Probe:
         self.lock_session: Callable[[], int | None] = lambda: None
         self.check_bucket: Callable[[], Awaitable[None]] | None = None
         self.table: str | None = None
+        # A logical group's failed tables (name -> reason), as ``check_tables`` last read them.
+        self.failed_tables: dict[str, str] = {}
         self._reader: LedgerReader | None = None
         self._source: psycopg.AsyncConnection[Any] | None = None
 
@@ -100,10 +108,13 @@ class Probe:
             raise CdcError(f"the source database does not answer: {type(exc).__name__}") from None
 
     async def close(self) -> None:
-        if self._reader is not None:
-            await self._reader.close()
-        if self._source is not None:
-            await self._source.close()
+        """Idempotent: the worker closes it, and so does the HTTP server that uses it."""
+        reader, source = self._reader, self._source
+        self._reader = self._source = None
+        if reader is not None:
+            await reader.close()
+        if source is not None:
+            await source.close()
 
     async def _check(self, name: str, check: Callable[[], Awaitable[object]]) -> str:
         try:
@@ -136,6 +147,23 @@ class Probe:
             checks["source"] = await self._check("source", self._ping_source)
         checks["s3"] = await self._check("s3", bucket)
         return all(v == "ok" for k, v in checks.items() if k != "phase"), checks
+
+    async def check_tables(self) -> dict[str, str]:
+        """Read the group's failed tables from the ledger (logical mode; watermark groups have
+        no per-table state: a table's error stops the daemon). On a failure to read, what was
+        read last stays (``/readyz`` reports the ledger)."""
+        if self._settings.capture.mode != "logical" or self.table is None:
+            return self.failed_tables
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                members = await (await self._ledger()).group_tables(self.table)
+        except (CdcError, TimeoutError) as exc:
+            log.debug("group_tables_unavailable", error=str(exc))
+            return self.failed_tables
+        self.failed_tables = {
+            m["table"]: m["error"] or "failed" for m in members if m["status"] == "failed"
+        }
+        return self.failed_tables
 
     async def refresh(self, metrics: Metrics) -> None:
         """Ledger-fed gauges; on a failure the previous figures stay (and the error is logged
@@ -192,9 +220,11 @@ class HealthServer:
     async def _healthz(self, _request: web.Request) -> web.Response:
         limit = self._settings.daemon.stall_timeout_s
         stalled = self._heartbeats.stalled(limit)
+        failed = self._probe.failed_tables
         body = {
-            "status": "stalled" if stalled else "ok",
+            "status": "stalled" if stalled else "degraded" if failed else "ok",
             "stalled": stalled,
+            "failed_tables": failed,
             "loops": {k: round(v, 3) for k, v in self._heartbeats.ages().items()},
             "stall_timeout_s": limit,
         }
@@ -202,8 +232,13 @@ class HealthServer:
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         ready, checks = await self._probe.readiness()
+        failed = self._probe.failed_tables
         return web.json_response(
-            {"status": "ready" if ready else "not_ready", "checks": checks},
+            {
+                "status": ("degraded" if failed else "ready") if ready else "not_ready",
+                "checks": checks,
+                "failed_tables": failed,
+            },
             status=200 if ready else 503,
         )
 
@@ -217,14 +252,21 @@ class HealthServer:
 
 class Supervisor:
     """The loop that feeds systemd's watchdog: a ping only while no loop is stalled, so a
-    wedged capture (a query that never returns) gets the process restarted."""
+    wedged capture (a query that never returns) gets the process restarted. With a ``probe``
+    it also reads the group's failed tables each round, for the health answers and systemd's
+    status line (``systemctl status``), which says ``degraded`` while one is failed."""
 
     def __init__(
-        self, settings: Settings, heartbeats: Heartbeats, notifier: SystemdNotifier
+        self,
+        settings: Settings,
+        heartbeats: Heartbeats,
+        notifier: SystemdNotifier,
+        probe: Probe | None = None,
     ) -> None:
         self._settings = settings
         self._heartbeats = heartbeats
         self._notifier = notifier
+        self._probe = probe
 
     @property
     def interval_s(self) -> float:
@@ -242,4 +284,21 @@ class Supervisor:
             elif stalled != warned:
                 log.error("loop_stalled", loops=stalled, stall_timeout_s=limit)
             warned = stalled
+            if self._probe is not None:
+                # After the ping: a slow ledger delays the next round, never this one's ping.
+                before = dict(self._probe.failed_tables)
+                failed = await self._probe.check_tables()
+                if failed != before:
+                    self._tell(failed)
             await asyncio.sleep(self.interval_s)
+
+    def _tell(self, failed: dict[str, str]) -> None:
+        group = self._probe.table if self._probe is not None else None
+        if failed:
+            log.error("group_degraded", group=group, failed_tables=sorted(failed))
+            self._notifier.status(
+                f"degraded: failed table(s) {', '.join(sorted(failed))}; see cdc-daemon status"
+            )
+        else:
+            log.info("group_healthy", group=group)
+            self._notifier.status(f"exporting {group}")

@@ -5,6 +5,11 @@ behind it is (rows above the exported position and seconds since the position la
 bytes of the slot in logical mode), batches by status, the last uploaded and last loaded batch,
 batches that need attention (pending with attempts, failed, missing) with their reasons, and
 the oldest batch not yet confirmed loaded. ``--json`` prints the same as one JSON object.
+
+A failed table of a logical group comes first, before anything else: its lines lead the
+output, each with the table, the reason and the fix (``failed_tables`` in the JSON). The
+daemon keeps the group's other tables flowing, so nothing else in the report looks wrong.
+``status`` exits 0 whatever it reports, as before: it reads; ``run`` exits 9 for this.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import CdcError, from_psycopg
+from cdc_daemon.errors import CdcError, from_psycopg, table_fix
 from cdc_daemon.source.session import connect as connect_source
 from cdc_daemon.source.table import describe_configured
 from cdc_daemon.state.ledger import Status
@@ -106,6 +111,7 @@ async def collect(
                 behind["slot_lag_bytes"] = lag
             elif source_error is not None:
                 behind["error"] = source_error
+            members = await reader.group_tables(name)
             totals = await reader.totals(name)
             last_uploaded = await reader.last(name, "uploaded_at")
             report[name] = {
@@ -113,7 +119,18 @@ async def collect(
                 # The tables of this configuration's group share the group's lock.
                 "running": await reader.lock_holder(settings.group if name in configured else name),
                 "group": settings.group if name in configured else None,
-                "tables": await reader.group_tables(name),
+                "tables": members,
+                "failed_tables": [
+                    # The command; the reason says what to do before it (e.g. empty the
+                    # warehouse table after a TRUNCATE).
+                    {
+                        "table": m["table"],
+                        "error": m["error"],
+                        "fix": f"cdc-daemon resync --table {m['table']}",
+                    }
+                    for m in members
+                    if m["status"] == "failed"
+                ],
                 "watermark": None if position["low"] in (None, INT64_MIN) else position["low"],
                 "exported_high": (
                     None if position["high"] in (None, INT64_MIN) else position["high"]
@@ -185,6 +202,16 @@ def render(report: dict[str, Any]) -> str:
     if not report:
         return "no table captured yet (run the daemon first)"
     lines: list[str] = []
+    for name, t in report.items():
+        # First: the rest of a degraded group looks healthy (its other tables still flow).
+        for failed in t.get("failed_tables", []):
+            lines.append(
+                f"FAILED: table {failed['table']} of group {name} exports nothing: "
+                f"{failed['error'] or 'no reason recorded'}"
+                + table_fix(failed["table"], failed["error"] or "")
+            )
+    if lines:
+        lines.append("")
     for name, t in report.items():
         lines.append(f"{name}  ({t['mode']} mode)")
         running = t["running"]
