@@ -1,12 +1,11 @@
 """``cdc-daemon init`` and ``teardown`` in logical mode.
 
-``init`` checks every prerequisite (wal_level, the role's REPLICATION attribute, a primary
-key, a replica identity that logs what the capture needs, the right to create the
-publication) and names each one missing in one actionable sentence; then it creates the
-publication if missing. The slot is created by the first ``run``, because the initial snapshot
-must be taken from the very connection that creates it (its exported snapshot dies with that
-connection); with ``capture.initial_snapshot = false`` ``init`` creates it and records its
-consistent point as the position.
+``init`` checks every prerequisite (wal_level, the role's REPLICATION attribute, every table's
+key and replica identity and column names, ``source.validate``; the right to create the
+publication) and names each one missing in one actionable sentence, for every table, before it
+creates or alters the publication. The slot is created by the first ``run`` (the tables then
+join at its consistent point, ``capture.logical.join``); with ``capture.initial_snapshot =
+false`` ``init`` creates it and records its consistent point as the position.
 
 ``teardown --yes`` drops the slot and the publication (a forgotten slot makes the server keep
 WAL forever) and forgets the table's position, so the next ``run`` starts with a new snapshot.
@@ -34,12 +33,14 @@ async def init_logical(settings: Settings) -> int:
     group = settings.group
     try:
         await asyncio.to_thread(source.connect)
-        if source.unavailable:
-            # (A running daemon goes on without such a table; init is where a name is checked.)
-            raise SourceError("; ".join(source.unavailable.values()))
-        problems = await asyncio.to_thread(source.check_prerequisites)
+        # Every table is checked before the publication is touched, and every problem of
+        # every table is reported: a table added to the publication with an unusable replica
+        # identity would make the application's own UPDATE and DELETE fail at once. (A running
+        # daemon goes on without an unavailable table; init is where a name is checked.)
+        problems = list(source.unavailable.values())
+        checked = await asyncio.to_thread(source.check_prerequisites)
         # Tables missing from the publication are what init is for: it adds them below.
-        problems = [p for p in problems if "does not include" not in p]
+        problems += [p for p in checked if "does not include" not in p]
         if problems:
             raise SourceError(
                 f"{group} cannot be captured in logical mode yet: " + "; ".join(problems)

@@ -119,6 +119,7 @@ from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycop
 from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
 from cdc_daemon.source.table import Column, TableInfo, partition_of
+from cdc_daemon.source.validate import TableFacts, generated_notes, logical_problems, read_facts
 from cdc_daemon.state.joins import Key
 
 log = structlog.get_logger()
@@ -152,6 +153,8 @@ class LogicalTable:
     toastable: tuple[str, ...]
     columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod), as Relation sends
     has_primary_key: bool = True
+    facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
+    configured_key: bool = False  # the key is [[tables]] key, not the primary key
 
     @property
     def qualified(self) -> str:
@@ -219,51 +222,53 @@ def describe(
     spec: TableSettings,
     default_partition: str | None = None,
 ) -> LogicalTable:
+    """The table as logical mode captures it, from its catalog facts (read once; ``init``
+    checks them with ``source.validate``). Generated columns are left out: pgoutput
+    (PostgreSQL < 18) does not send them, so neither the snapshot nor the objects carry them,
+    and a Relation message without them is no column change."""
     table = spec.name
-    row = conn.execute(
-        "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text, c.relreplident::text"
-        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.oid = to_regclass(%s)",
-        (table,),
-    ).fetchone()
-    if row is None:
+    facts = read_facts(conn, table)
+    if facts is None:
         raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
-    oid, schema, name, relkind, identity = (str(v) for v in row)
-    if relkind == "p":
+    schema, name = facts.schema, facts.name
+    if facts.kind == "p":
         raise SourceError(
             f"{schema}.{name} is a partitioned table: logical mode does not capture one yet "
             '(its changes arrive under each partition\'s name); use capture.mode = "watermark"'
         )
-    if relkind != "r":
+    if facts.kind != "r":
         raise SourceError(f"{schema}.{name} is not a table")
-    cols = conn.execute(
-        "SELECT attname, format_type(atttypid, atttypmod), attstorage::text <> 'p',"
-        " atttypid::int8, atttypmod"
-        " FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
-        " ORDER BY attnum",
-        (int(oid),),
-    ).fetchall()
-    columns = tuple(Column(str(n), str(t)) for n, t, *_ in cols)
-    primary = tuple(
-        str(r[0])
-        for r in conn.execute(
-            "SELECT a.attname FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, o)"
-            " JOIN pg_attribute a ON a.attnum = k.attnum"
-            " WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = i.indrelid ORDER BY k.o",
-            (int(oid),),
-        )
-    )
+    captured = facts.captured(logical=True)
+    columns = tuple(Column(c.name, c.type_name) for c in captured)
+    primary = facts.primary_key_columns()
     by_name = {c.name: c for c in columns}
     key = primary if spec.key is None else spec.key
     missing = [k for k in key if k not in by_name]
     if missing:
-        raise SourceError(f"{schema}.{name} has no column {missing[0]!r} (key)")
+        generated = facts.column(missing[0]) is not None
+        raise SourceError(
+            f"{schema}.{name}: key column {missing[0]!r} is a generated column, which logical "
+            "mode leaves out (pgoutput does not send it): name other key columns in [[tables]] "
+            'key, or use capture.mode = "watermark"'
+            if generated
+            else f"{schema}.{name} has no column {missing[0]!r} (key)"
+        )
     partition = partition_of(schema, name, by_name, spec.partition_column, default_partition)
     # TableInfo's watermark is meaningless here; the first key column stands in.
     info = TableInfo(schema, name, columns, by_name[key[0]] if key else columns[0], partition)
-    toastable = tuple(str(n) for n, _, t, *_ in cols if t)
-    catalog = tuple((str(n), int(str(o)), int(str(m))) for n, _, _, o, m in cols)
-    return LogicalTable(info, int(oid), key, identity, toastable, catalog, bool(primary))
+    toastable = tuple(c.name for c in captured if c.toastable)
+    catalog = tuple((c.name, c.type_oid, c.typmod) for c in captured)
+    return LogicalTable(
+        info,
+        facts.oid,
+        key,
+        facts.identity,
+        toastable,
+        catalog,
+        bool(primary),
+        facts,
+        spec.key is not None,
+    )
 
 
 class LogicalSource(SourceSession):
@@ -417,25 +422,10 @@ class LogicalSource(SourceSession):
                 f"role {user} may not use replication slots: ALTER ROLE {user} REPLICATION"
             )
         for t in self.tables:
-            q = t.qualified
-            if not t.key:
-                problems.append(
-                    f"{q} has no primary key: the warehouse merge needs one (ALTER TABLE {q} "
-                    "ADD PRIMARY KEY (...), or name its key columns in [[tables]] key and set "
-                    f"ALTER TABLE {q} REPLICA IDENTITY FULL)"
-                )
-            elif t.replica_identity == "n":
-                problems.append(
-                    f"{q} has REPLICA IDENTITY NOTHING: its updates and deletes carry no key "
-                    f"(ALTER TABLE {q} REPLICA IDENTITY DEFAULT)"
-                )
-            elif t.replica_identity == "d" and not t.has_primary_key:
-                problems.append(
-                    f"{q} has no primary key, so its default replica identity logs no key for "
-                    f"deletes: ALTER TABLE {q} REPLICA IDENTITY FULL"
-                )
+            assert t.facts is not None, "described from the catalog"
+            problems += logical_problems(t.facts, t.key, t.configured_key)
         if not self.publication_exists() and not (owns_all and can_create):
-            names = ", ".join(t.qualified for t in self.tables)
+            names = ", ".join(t.facts.quoted if t.facts else t.qualified for t in self.tables)
             problems.append(
                 f"role {user} cannot create publication {self.publication} (it must own every "
                 f"table and may CREATE in the database): have the owner run CREATE PUBLICATION "
@@ -444,9 +434,12 @@ class LogicalSource(SourceSession):
         return problems + self.check_publication()
 
     def identity_notes(self) -> list[str]:
-        """What each table's replica identity means for its updates (``init`` prints it)."""
+        """What each table's replica identity means for its updates, and which generated
+        columns are left out (``init`` prints them)."""
         notes = []
         for t in self.tables:
+            if t.facts is not None:
+                notes += generated_notes(t.facts)
             if t.replica_identity == "f":
                 notes.append(
                     f"{t.qualified}: REPLICA IDENTITY FULL: every update and delete logs the "

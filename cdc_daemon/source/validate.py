@@ -1,0 +1,428 @@
+"""Prerequisites of a table's capture: what ``init`` refuses because the capture would give
+wrong data, or because adding the table to the publication would break the application.
+
+The catalog is read once per table (``read_facts``); every check is a pure function over those
+facts and returns its problems, each one sentence that ends with the fix. ``init`` reports every
+problem of every table before it changes anything on the source.
+
+The rules, and why:
+
+- A key (the configured ``[[tables]] key``, else the primary key) is what the warehouse merge
+  keeps one row per. A NULL in it cannot be merged, and a key two rows share collapses them: the
+  key must be NOT NULL and have a unique, non-partial, valid, non-deferrable index on exactly its
+  columns. Deferrable is refused in logical mode: a deferred check lets one statement move a row
+  onto a key another row still holds (``UPDATE t SET id = id + 1``), and the changes, applied by
+  LSN, then delete the moved row. Watermark mode reads committed rows only, where a deferred
+  constraint holds.
+- Logical mode: a delete and a key change carry only what the replica identity sends, so the
+  key must be it (the primary key under DEFAULT, the index of USING INDEX, anything under FULL):
+  with ``key = email`` under a primary key ``id`` a deleted row stays in the warehouse.
+- Logical mode: once a table is in a publication that publishes updates and deletes,
+  PostgreSQL refuses the application's own UPDATE and DELETE unless the replica identity is
+  usable (FULL, or a valid, unique, non-partial, non-deferrable index: the primary key under
+  DEFAULT). NOTHING, DEFAULT without a primary key, a DEFERRABLE primary key, USING INDEX on an
+  index dropped since: refused before the publication is touched.
+- Logical mode: pgoutput in PostgreSQL < 18 does not send stored generated columns, so they
+  are left out of the capture (``captured``) and ``init`` says so per column.
+- Both modes: a column named like one of the daemon's own columns, or two columns whose names
+  differ only in case, would be one Snowflake column (Snowflake upper-cases unquoted names).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import cast
+
+import psycopg
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import SourceError, from_psycopg
+from cdc_daemon.source.session import connect
+
+# The daemon's own columns in objects and in Snowflake (compared upper-cased, as Snowflake
+# stores them).
+RESERVED = (
+    "_cdc_op",
+    "_cdc_seq",
+    "_cdc_ts",
+    "_cdc_unchanged",
+    "_cdc_quarantined",
+    "_file",
+    "_file_row",
+    "_loaded_at",
+    "_merged_at",
+)
+_RESERVED_UPPER = {r.upper(): r for r in RESERVED}
+_NO_RENAME = (
+    "or leave the table out of [[tables]] (the daemon has no setting to rename or leave out a "
+    "column)"
+)
+_MAX_IDENT = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names, silently but for a NOTICE
+
+
+@dataclass(frozen=True)
+class ColumnFacts:
+    name: str
+    quoted: str  # quote_ident(): the name as it goes into a statement
+    type_name: str  # format_type()
+    type_oid: int
+    typmod: int
+    not_null: bool
+    generated: bool  # GENERATED ALWAYS AS (...) STORED
+    toastable: bool  # attstorage <> 'p': a value can be kept out of line
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    name: str  # quote_ident(): unqualified, as REPLICA IDENTITY USING INDEX takes it
+    columns: tuple[str, ...]  # key columns (INCLUDE columns left out), in index order
+    primary: bool
+    unique: bool
+    valid: bool  # indisvalid, indisready and indislive
+    partial: bool
+    expressions: bool
+    deferrable: bool  # NOT indimmediate: the uniqueness check waits for the statement's end
+    replica_identity: bool  # named by REPLICA IDENTITY USING INDEX
+
+    def holds_a_key(self, deferrable_ok: bool = False) -> bool:
+        """Unique over its columns at every row change: what a merge key and a replica
+        identity need (PostgreSQL takes an index as replica identity on the same terms)."""
+        return (
+            self.unique
+            and self.valid
+            and not self.partial
+            and not self.expressions
+            and (deferrable_ok or not self.deferrable)
+        )
+
+    def flaw(self) -> str:
+        """Why ``holds_a_key`` is false, in a few words."""
+        if not self.unique:
+            return "not unique"
+        if self.deferrable:
+            return "DEFERRABLE"
+        if self.partial:
+            return "partial (it has a WHERE clause)"
+        if self.expressions:
+            return "on expressions"
+        return "not valid (a failed CREATE INDEX CONCURRENTLY or REINDEX)"
+
+
+@dataclass(frozen=True)
+class TableFacts:
+    oid: int
+    schema: str
+    name: str
+    quoted: str  # schema.table as it goes into a statement
+    kind: str  # relkind
+    identity: str  # relreplident: d default, n nothing, f full, i index
+    columns: tuple[ColumnFacts, ...]
+    indexes: tuple[IndexFacts, ...]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def primary_key(self) -> IndexFacts | None:
+        return next((i for i in self.indexes if i.primary), None)
+
+    def primary_key_columns(self) -> tuple[str, ...]:
+        pk = self.primary_key
+        return () if pk is None else pk.columns
+
+    def captured(self, logical: bool) -> tuple[ColumnFacts, ...]:
+        """The columns the capture reads: in logical mode not the generated ones, which
+        pgoutput (PostgreSQL < 18) does not send; watermark mode copies their stored value."""
+        if not logical:
+            return self.columns
+        return tuple(c for c in self.columns if not c.generated)
+
+    def column(self, name: str) -> ColumnFacts | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    def identity_index(self) -> IndexFacts | None:
+        """The index whose columns a delete or key change carries, when it is one PostgreSQL
+        accepts (else updates and deletes of a published table fail); None under FULL and
+        NOTHING."""
+        if self.identity == "d":
+            found = self.primary_key
+        elif self.identity == "i":
+            found = next((i for i in self.indexes if i.replica_identity), None)
+        else:
+            return None
+        return found if found is not None and found.holds_a_key() else None
+
+
+def read_facts(conn: psycopg.Connection[tuple[object, ...]], table: str) -> TableFacts | None:
+    """The catalog facts of ``table`` (resolved by ``to_regclass``), None when it does not exist
+    or is not visible."""
+    row = conn.execute(
+        "SELECT c.oid::int8, n.nspname, c.relname,"
+        " quote_ident(n.nspname) || '.' || quote_ident(c.relname),"
+        " c.relkind::text, c.relreplident::text"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass(%s)",
+        (table,),
+    ).fetchone()
+    if row is None:
+        return None
+    oid = int(str(row[0]))
+    columns = tuple(
+        ColumnFacts(str(n), str(q), str(t), int(str(o)), int(str(m)), bool(nn), g != "", bool(s))
+        for n, q, t, o, m, nn, g, s in conn.execute(
+            "SELECT attname, quote_ident(attname), format_type(atttypid, atttypmod),"
+            " atttypid::int8, atttypmod, attnotnull, attgenerated::text, attstorage <> 'p'"
+            " FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+            " ORDER BY attnum",
+            (oid,),
+        )
+    )
+    indexes = tuple(
+        IndexFacts(
+            str(name),
+            tuple(str(c) for c in cast("list[object]", cols)),
+            bool(primary),
+            bool(unique),
+            bool(valid),
+            bool(partial),
+            bool(expressions),
+            bool(deferrable),
+            bool(replident),
+        )
+        for name, cols, primary, unique, valid, partial, expressions, deferrable, replident in (
+            conn.execute(
+                "SELECT quote_ident(x.relname),"
+                " ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, o)"
+                "  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+                "  WHERE k.o <= i.indnkeyatts ORDER BY k.o),"
+                " i.indisprimary, i.indisunique, i.indisvalid AND i.indisready AND i.indislive,"
+                " i.indpred IS NOT NULL, i.indexprs IS NOT NULL, NOT i.indimmediate,"
+                " i.indisreplident"
+                " FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid"
+                " WHERE i.indrelid = %s ORDER BY i.indisprimary DESC, x.relname",
+                (oid,),
+            )
+        )
+    )
+    return TableFacts(
+        oid, str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), columns, indexes
+    )
+
+
+def quote_ident(name: str) -> str:
+    """A name for a statement, quoted unless it is a plain lower-case one (for names this
+    module makes up; the catalog's are quoted by PostgreSQL's own quote_ident)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _new_index_name(facts: TableFacts) -> str:
+    suffix = "_cdc_key"
+    base = facts.name.encode()[: _MAX_IDENT - len(suffix)].decode(errors="ignore")
+    return quote_ident(base + suffix)
+
+
+def _listed(facts: TableFacts, names: tuple[str, ...] | list[str]) -> str:
+    quoted = [c.quoted if (c := facts.column(n)) is not None else quote_ident(n) for n in names]
+    return ", ".join(quoted)
+
+
+def name_problems(facts: TableFacts, logical: bool) -> list[str]:
+    """Columns that would be the same Snowflake column as one of the daemon's own or as each
+    other."""
+    q = facts.quoted
+    problems = []
+    by_upper: dict[str, list[ColumnFacts]] = {}
+    for c in facts.captured(logical):
+        upper = c.name.upper()
+        by_upper.setdefault(upper, []).append(c)
+        if upper in _RESERVED_UPPER:
+            problems.append(
+                f"{q}: column {c.quoted} has the name of the daemon's own column "
+                f"{_RESERVED_UPPER[upper]} (Snowflake upper-cases names): rename it (ALTER TABLE "
+                f"{q} RENAME COLUMN {c.quoted} TO ...) " + _NO_RENAME
+            )
+    for upper, same in by_upper.items():
+        if len(same) > 1:
+            names = " and ".join(c.quoted for c in same)
+            problems.append(
+                f"{q}: columns {names} differ only in case and would be one Snowflake column "
+                f"{upper}: rename all but one (ALTER TABLE {q} RENAME COLUMN {same[-1].quoted} "
+                "TO ...) " + _NO_RENAME
+            )
+    return problems
+
+
+def _identity_text(facts: TableFacts) -> str:
+    return {
+        "d": "REPLICA IDENTITY DEFAULT",
+        "n": "REPLICA IDENTITY NOTHING",
+        "f": "REPLICA IDENTITY FULL",
+        "i": "REPLICA IDENTITY USING INDEX",
+    }.get(facts.identity, f"replica identity {facts.identity!r}")
+
+
+def _identity_breaks(facts: TableFacts) -> str | None:
+    """Why the application's UPDATE and DELETE would fail once the table is published, if
+    they would."""
+    if facts.identity == "f" or facts.identity_index() is not None:
+        return None
+    if facts.identity == "n":
+        return f"{facts.quoted} has REPLICA IDENTITY NOTHING"
+    if facts.identity == "d":
+        pk = facts.primary_key
+        if pk is None:
+            return f"{facts.quoted} has no primary key and REPLICA IDENTITY DEFAULT"
+        return f"the primary key {pk.name} of {facts.quoted} is {pk.flaw()}"
+    named = next((i for i in facts.indexes if i.replica_identity), None)
+    if named is None:
+        return f"the index of {facts.quoted}'s REPLICA IDENTITY USING INDEX was dropped"
+    return f"the index {named.name} of {facts.quoted}'s REPLICA IDENTITY is {named.flaw()}"
+
+
+def key_problems(
+    facts: TableFacts, key: tuple[str, ...], configured: bool, logical: bool
+) -> list[str]:
+    """The key (configured, or the primary key's columns) checked for the merge, and in logical
+    mode against the replica identity; the identity checked for the application's writes."""
+    q = facts.quoted
+    breaks = _identity_breaks(facts) if logical else None
+    if not key:
+        if not logical:
+            return []  # no merge key: the warehouse side refuses to render the table
+        return [
+            f"{q} has no primary key, and the warehouse merge needs a key: ALTER TABLE {q} ADD "
+            "PRIMARY KEY (...), or name NOT NULL columns with a unique index in [[tables]] key "
+            f"and ALTER TABLE {q} REPLICA IDENTITY FULL"
+        ]
+    what = "key" if configured else "primary key"
+    missing = [k for k in key if facts.column(k) is None]
+    if missing:
+        return [f"{q} has no column {quote_ident(missing[0])}, named in [[tables]] key"]
+    if logical:
+        generated = [k for k in key if (c := facts.column(k)) is not None and c.generated]
+        if generated:
+            return [
+                f"{q}: {what} column {_listed(facts, generated)} is a generated column, which "
+                "logical mode leaves out (pgoutput does not send it): name other key columns "
+                'in [[tables]] key, or use capture.mode = "watermark"'
+            ]
+    problems = []
+    nullable = [k for k in key if (c := facts.column(k)) is not None and not c.not_null]
+    if nullable:
+        alters = ", ".join(f"ALTER COLUMN {_listed(facts, [n])} SET NOT NULL" for n in nullable)
+        columns = "column" if len(nullable) == 1 else "columns"
+        problems.append(
+            f"{q}: {what} {columns} {_listed(facts, nullable)} may be NULL, and a row whose key "
+            f"is NULL cannot be merged: ALTER TABLE {q} {alters}"
+        )
+    wanted = set(key)
+    exact = [i for i in facts.indexes if set(i.columns) == wanted and not i.expressions]
+    holding = next((i for i in exact if i.holds_a_key(deferrable_ok=not logical)), None)
+    if holding is None:
+        new = _new_index_name(facts)
+        flawed = next((i for i in exact if i.unique), None)
+        cols = _listed(facts, key)
+        if flawed is None:
+            why = f"{q}: the {what} ({cols}) has no unique index on exactly its columns"
+        else:
+            why = (
+                f"{q}: the {what} ({cols}) has only the unique index {flawed.name}, which is "
+                f"{flawed.flaw()}"
+            )
+        harm = (
+            "rows sharing a key would be merged into one"
+            if flawed is None or not flawed.deferrable
+            # Two rows hold one key between a change and the deferred check: applied by LSN,
+            # the changes then delete the row that moved onto the key.
+            else "a row moved onto a key another row still held would be deleted in the warehouse"
+        )
+        # CONCURRENTLY: the application's writes go on while it is built.
+        fix = f"CREATE UNIQUE INDEX CONCURRENTLY {new} ON {q} ({cols})"
+        if logical and facts.identity != "f":
+            fix += f", then ALTER TABLE {q} REPLICA IDENTITY USING INDEX {new}"
+            if breaks is not None:
+                harm += (
+                    ", and once the table is in the publication the application's UPDATE and "
+                    "DELETE would fail"
+                )
+                if not (flawed is not None and flawed.primary and facts.identity == "d"):
+                    harm += f" ({breaks})"
+        return [*problems, f"{why}, so {harm}: {fix}"]
+    if not logical:
+        return problems
+    # The fix that makes the identity send this key, never breaking writes.
+    if holding.primary:
+        fix = f"ALTER TABLE {q} REPLICA IDENTITY DEFAULT (or REPLICA IDENTITY FULL)"
+    else:
+        fix = (
+            f"ALTER TABLE {q} REPLICA IDENTITY USING INDEX {holding.name} (or REPLICA IDENTITY "
+            "FULL)"
+        )
+    if breaks is not None:
+        return [
+            *problems,
+            f"{breaks}, so once the table is in the publication the application's UPDATE and "
+            f"DELETE would fail: {fix}",
+        ]
+    sent = facts.identity_index()
+    if sent is not None and set(sent.columns) != wanted:
+        problems.append(
+            f"{q}: its {_identity_text(facts)} sends ({_listed(facts, sent.columns)}) with a "
+            f"delete or a key change, not the {what} ({_listed(facts, key)}), so deleted rows and "
+            f"old keys would stay in the warehouse: {fix}"
+            + ("" if configured else f", or name {_listed(facts, sent.columns)} in [[tables]] key")
+        )
+    return problems
+
+
+def logical_problems(facts: TableFacts, key: tuple[str, ...], configured: bool) -> list[str]:
+    """Every reason the table cannot be captured in logical mode (empty: it can)."""
+    return name_problems(facts, logical=True) + key_problems(facts, key, configured, logical=True)
+
+
+def generated_notes(facts: TableFacts) -> list[str]:
+    """One line per generated column logical mode leaves out (``init`` prints them)."""
+    return [
+        f"{facts.qualified}: generated column {c.name} is left out of the capture (pgoutput "
+        "does not send generated columns before PostgreSQL 18, so its value would be NULL after "
+        'a change): compute it in the warehouse, or use capture.mode = "watermark", which '
+        "copies its stored value"
+        for c in facts.columns
+        if c.generated
+    ]
+
+
+def watermark_problems(facts: TableFacts, key: tuple[str, ...] | None) -> list[str]:
+    """Every reason the table cannot be captured in watermark mode that this module checks
+    (the watermark and partition columns are checked by ``source.table.describe_table``)."""
+    merge_key = key if key is not None else facts.primary_key_columns()
+    return name_problems(facts, logical=False) + key_problems(
+        facts, merge_key, key is not None, logical=False
+    )
+
+
+def check_watermark_tables(settings: Settings) -> None:
+    """``init`` in watermark mode: every configured table checked on one session, every
+    problem of every table raised in one ``SourceError``."""
+    problems: list[str] = []
+    conn = connect(settings)
+    try:
+        for spec in settings.table_specs:
+            try:
+                facts = read_facts(conn, spec.name)
+            except psycopg.Error as exc:
+                raise from_psycopg(exc, f"reading the catalog of {spec.name}") from None
+            if facts is None:
+                problems.append(
+                    f"table {spec.name!r} does not exist (or is not visible to this user)"
+                )
+                continue
+            problems += watermark_problems(facts, spec.key)
+    finally:
+        conn.close()
+    if problems:
+        raise SourceError(f"{settings.group} cannot be captured yet: " + "; ".join(problems))
