@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--exit-when-idle",
         action="store_true",
-        help="export everything committed, then exit 0 (for cron and tests)",
+        help="export everything committed, then exit 0 (9 if a table of the group is failed; "
+        "for cron and tests)",
     )
     sub.add_parser("init", help="create the ledger schema (idempotent) and check the source")
     backfill = sub.add_parser(
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser(
         "status",
-        help="is it running, how far behind, batches by status, batches that need attention",
+        help="is it running, how far behind, batches by status, batches that need attention; "
+        "a failed table of the group first",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     snowflake = sub.add_parser("snowflake", help="the warehouse side (snowflake/ SQL)")

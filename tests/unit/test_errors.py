@@ -6,6 +6,8 @@ snowflake-connector, built as the driver builds it where that needs no server.""
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,6 +30,7 @@ from cdc_daemon.errors import (
     SourceError,
     StateError,
     StorageError,
+    TableFailedError,
     TransientError,
     WarehouseError,
     first_error,
@@ -47,6 +50,7 @@ EXIT_CODES: list[tuple[type[CdcError], int, bool]] = [
     (TransientError, 6, True),
     (StorageError, 7, False),
     (WarehouseError, 8, False),
+    (TableFailedError, 9, False),
 ]
 
 
@@ -71,6 +75,36 @@ def test_exit_codes_tell_the_kinds_apart() -> None:
     """No two kinds of error share an exit code: the code alone says what went wrong."""
     codes = [cls.exit_code for cls, _, _ in EXIT_CODES]
     assert len(set(codes)) == len(codes)
+
+
+def test_every_exit_code_is_in_the_operations_table() -> None:
+    """docs/operations.md's exit-code table lists each kind's code, so a new kind cannot be
+    added without documenting what its code means."""
+    page = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    table = page.split("## Signals and exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
+    assert {cls.exit_code for cls, _, _ in EXIT_CODES} <= documented
+
+
+def test_a_failed_table_names_the_table_the_group_the_reason_and_the_fix() -> None:
+    """``TableFailedError.of``: one sentence naming the table, its group and the reason; a
+    reason that does not name the fix (a table that could not be read) gets ``resync --table``
+    appended, one that does (TRUNCATE, a retyped column) is not told twice; several tables are
+    listed in name order, each with its own fix."""
+    truncated = (
+        "bank.tellers was truncated: a TRUNCATE cannot be exported as row changes; empty its "
+        "warehouse table, then export it again (cdc-daemon resync --table bank.tellers)"
+    )
+    one = TableFailedError.of("ledgers", {"bank.tellers": truncated})
+    assert one.exit_code == 9
+    assert str(one) == f"table bank.tellers of group ledgers is failed: {truncated}"
+    gone = "reading bank.branches: relation does not exist"
+    two = TableFailedError.of("ledgers", {"bank.tellers": truncated, "bank.branches": gone})
+    text = str(two)
+    assert text.startswith("2 tables of group ledgers are failed: bank.branches: " + gone)
+    assert "`cdc-daemon resync --table bank.branches`" in text
+    assert text.count("resync --table bank.tellers") == 1
+    assert "\n" not in text
 
 
 def test_at_names_the_boundary_on_the_instance_only() -> None:

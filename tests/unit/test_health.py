@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cdc_daemon.config import DEFAULT_HTTP_PORT, load_settings, split_address
+from cdc_daemon.config import DEFAULT_HTTP_PORT, Settings, load_settings, split_address
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
@@ -251,3 +251,97 @@ async def test_endpoints_answer_from_heartbeats_and_phase() -> None:
         assert answer.status == 200
         assert answer.headers["Content-Type"].startswith("text/plain")
         assert 'cdc_loop_heartbeat_age_seconds{loop="capture"} 31.0' in await answer.text()
+
+
+class LedgerlessProbe(Probe):
+    """A probe whose ledger answers are set by the test: ready, and the failed tables a test
+    puts in ``ledger_failed``, which ``check_tables`` reads as the real one reads the ledger
+    (each read queued, so a test can wait for the supervisor's next rounds)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.phase = "running"
+        self.table = "ledgers"
+        self.ledger_failed: dict[str, str] = {}
+        self.reads: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        return True, {"phase": self.phase, "postgres": "ok", "s3": "ok"}
+
+    async def check_tables(self) -> dict[str, str]:
+        self.failed_tables = dict(self.ledger_failed)
+        self.reads.put_nowait(self.failed_tables)
+        return self.failed_tables
+
+    async def next_reads(self, count: int) -> list[dict[str, str]]:
+        async with asyncio.timeout(10):
+            return [await self.reads.get() for _ in range(count)]
+
+
+TRUNCATED = "bank.tellers was truncated: ... (cdc-daemon resync --table bank.tellers)"
+
+
+async def test_a_failed_table_makes_health_degraded_without_failing_a_probe() -> None:
+    """With a failed table in the group, /healthz and /readyz both answer 200 (a restart fixes
+    nothing and an unready pod would stop being scraped) with ``status: degraded`` and the
+    table with its reason under ``failed_tables``; a stalled loop still wins on /healthz (503,
+    ``stalled``)."""
+    settings = load_settings(None, daemon={"stall_timeout_s": 30}, capture={"mode": "logical"})
+    clock = Clock()
+    beats = Heartbeats(clock)
+    beats.beat("capture")
+    probe = LedgerlessProbe(settings)
+    server = HealthServer(settings, Metrics(CollectorRegistry(), "ledgers"), beats, probe)
+    async with TestClient(TestServer(server.app())) as client:
+        answer = await client.get("/readyz")
+        assert (answer.status, (await answer.json())["status"]) == (200, "ready")
+        probe.ledger_failed = {"bank.tellers": TRUNCATED}
+        await probe.check_tables()
+        for path, ok in (("/healthz", "ok"), ("/readyz", "ready")):
+            answer = await client.get(path)
+            body = await answer.json()
+            assert answer.status == 200, path
+            assert body["status"] == "degraded", f"{path} said {body['status']}, not {ok}"
+            assert body["failed_tables"] == {"bank.tellers": TRUNCATED}
+        clock.now += 31
+        answer = await client.get("/healthz")
+        assert (answer.status, (await answer.json())["status"]) == (503, "stalled")
+
+
+async def test_supervisor_reports_a_failed_table_to_systemd_and_the_log_once(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each round the supervisor reads the group's failed tables; when they change it logs
+    ``group_degraded`` with the tables and sets systemd's status line to ``degraded: ...``
+    (what ``systemctl status`` shows), once, not at every round; the watchdog pings go on;
+    once no table is failed the status line says it exports again."""
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    settings = load_settings(None, capture={"mode": "logical"})
+    notifier = SystemdNotifier()
+    probe = LedgerlessProbe(settings)
+    supervisor = Supervisor(settings, Heartbeats(), notifier, probe)
+    notify_socket.setblocking(False)
+    with capture_logs() as logs:
+        task = asyncio.create_task(supervisor.run())
+        try:
+            assert await probe.next_reads(2) == [{}, {}]
+            probe.ledger_failed = {"bank.tellers": TRUNCATED}
+            await probe.next_reads(4)
+            sent = drain(notify_socket)
+            statuses = [m for m in sent if m.startswith("STATUS=")]
+            assert statuses == [
+                "STATUS=degraded: failed table(s) bank.tellers; see cdc-daemon status"
+            ]
+            assert "WATCHDOG=1" in sent
+            degraded = [e for e in logs if e["event"] == "group_degraded"]
+            assert [(e["group"], e["failed_tables"]) for e in degraded] == [
+                ("ledgers", ["bank.tellers"])
+            ]
+            probe.ledger_failed = {}
+            await probe.next_reads(2)
+            assert [m for m in drain(notify_socket) if m.startswith("STATUS=")] == [
+                "STATUS=exporting ledgers"
+            ]
+        finally:
+            task.cancel()
+            notifier.close()
