@@ -74,16 +74,17 @@ class TableFailedError(CdcError):
 
     exit_code = 9
 
-    def __init__(self, group: str, failed: Mapping[str, str]) -> None:
-        self.group = group
-        self.failed = dict(sorted(failed.items()))
-        if len(self.failed) == 1:
-            ((table, reason),) = self.failed.items()
-            text = f"table {table} of group {group} is failed: {reason}{table_fix(table, reason)}"
-        else:
-            listed = "; ".join(f"{t}: {r}{table_fix(t, r)}" for t, r in self.failed.items())
-            text = f"{len(self.failed)} tables of group {group} are failed: {listed}"
-        super().__init__(text)
+    @classmethod
+    def of(cls, group: str, failed: Mapping[str, str]) -> TableFailedError:
+        """The error naming each failed table (name -> reason) with its fix."""
+        tables = sorted(failed.items())
+        if len(tables) == 1:
+            ((table, reason),) = tables
+            return cls(
+                f"table {table} of group {group} is failed: {reason}{table_fix(table, reason)}"
+            )
+        listed = "; ".join(f"{t}: {r}{table_fix(t, r)}" for t, r in tables)
+        return cls(f"{len(tables)} tables of group {group} are failed: {listed}")
 
 
 def table_fix(table: str, reason: str) -> str:

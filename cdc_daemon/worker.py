@@ -129,7 +129,7 @@ class Worker:
             )
             if failed:
                 # Raised once everything is closed: the exit is as clean as a 0 would be.
-                raise TableFailedError(pipeline.table, failed)
+                raise TableFailedError.of(pipeline.table, failed)
             return 0
         finally:
             for signum in installed:
