@@ -257,11 +257,13 @@ def name_problems(facts: TableFacts, logical: bool) -> list[str]:
 
 
 def _identity_text(facts: TableFacts) -> str:
+    if facts.identity == "i":
+        named = next((i for i in facts.indexes if i.replica_identity), None)
+        return "REPLICA IDENTITY USING INDEX" + ("" if named is None else f" {named.name}")
     return {
         "d": "REPLICA IDENTITY DEFAULT",
         "n": "REPLICA IDENTITY NOTHING",
         "f": "REPLICA IDENTITY FULL",
-        "i": "REPLICA IDENTITY USING INDEX",
     }.get(facts.identity, f"replica identity {facts.identity!r}")
 
 
