@@ -34,7 +34,7 @@ import stamina
 import structlog
 
 from cdc_daemon.batch.csv import CONTENT_ENCODINGS, ZstdPool, header_line
-from cdc_daemon.batch.spool import DayObject, DaySpool
+from cdc_daemon.batch.spool import DayObject, DaySpool, Judge
 from cdc_daemon.config import DaemonSettings, Settings, crash_point_from_env
 from cdc_daemon.errors import TransientError, first_error
 from cdc_daemon.ops.metrics import Metrics
@@ -134,9 +134,9 @@ class UnitOfWork:
 
     # -- 1. spool -------------------------------------------------------------------------
 
-    def new_spool(self, header: bytes | Sequence[str]) -> DaySpool:
+    def new_spool(self, header: bytes | Sequence[str], judge: Judge | None = None) -> DaySpool:
         """Per-day spool files, compressed as configured; ``header`` is the CSV header (a
-        line, or the column names)."""
+        line, or the column names); ``judge`` gives quarantined rows their warehouse form."""
         batch = self._settings.batch
         return DaySpool(
             batch.spool_dir,
@@ -144,15 +144,21 @@ class UnitOfWork:
             batch.compression_level,
             header if isinstance(header, bytes) else header_line(header),
             self._zstd_pool,
+            judge,
         )
 
     def objects(self, table: str, name: str, days: list[DayObject]) -> tuple[ObjectRecord, ...]:
-        """The objects of a finished spool, named ``name`` (quarantined rows apart)."""
+        """The objects of a finished spool, named ``name`` (quarantined rows apart; their
+        warehouse form in each day's ``<name>-q`` object)."""
         settings = self._settings
         return tuple(
             ObjectRecord(
                 key=(quarantine_key if d.quarantined else object_key)(
-                    settings.s3.prefix, table, d.day, name, settings.batch.compression
+                    settings.s3.prefix,
+                    table,
+                    d.day,
+                    name + "-q" if d.withheld else name,
+                    settings.batch.compression,
                 ),
                 quarantine=d.day if d.quarantined else None,
                 day=d.day,

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cdc_daemon.batch.csv import EXTENSIONS, Codec, Compressor, ZstdPool, make_compressor
 
@@ -34,6 +34,19 @@ DRAIN_ROWS = 256
 QUEUE_BLOCKS = 4
 
 
+# The column a row with withheld values carries: ``column:reason`` for each (``;``-separated).
+QUARANTINED_COLUMN = "_cdc_quarantined"
+
+
+class Judge(Protocol):
+    """Decides what the warehouse gets for a quarantined row (``source.values``)."""
+
+    def derive(self, line: bytes) -> tuple[bytes, bytes] | None:
+        """(day, the row with every value Snowflake cannot hold withheld and
+        ``_cdc_quarantined`` appended), or None: the row has no warehouse form."""
+        ...
+
+
 @dataclass(frozen=True)
 class DayObject:
     day: str  # YYYY-MM-DD, "unknown" (NULL partition value), or a quarantine reason
@@ -44,6 +57,8 @@ class DayObject:
     sha256: str
     quarantined: bool = False
     columns: tuple[str, ...] = ()  # the header's column names
+    # The day's rows that were quarantined, with the values withheld (header + _cdc_quarantined)
+    withheld: bool = False
 
 
 class DayFile:
@@ -115,6 +130,38 @@ class DayFile:
         self.file.close()
 
 
+class QuarantineFile(DayFile):
+    """A quarantine reason's object. Each row taken from it is also handed to the spool's
+    judge, and what the warehouse gets instead goes to its day's withheld object."""
+
+    __slots__ = ()
+
+    def _take(self) -> bytes:
+        rows = self.pending
+        block = super()._take()
+        judge = self.spool.judge
+        if judge is not None:
+            for row in rows:
+                derived = judge.derive(bytes(row))
+                if derived is not None:
+                    # Not drained here: the spool may be finishing (quarantined rows are few).
+                    self.spool.withheld(derived[0]).pending.append(derived[1])
+        return block
+
+
+class WithheldFile(DayFile):
+    """A day's quarantined rows in their warehouse form. Its rows are the quarantine's, so
+    they are not counted again in the spool's row totals."""
+
+    __slots__ = ()
+
+    def _take(self) -> bytes:
+        rows = self.spool.rows
+        block = super()._take()
+        self.spool.rows = rows
+        return block
+
+
 class _Compressor:
     """The thread that compresses and writes a spool's blocks, in the order they come (so each
     day's blocks stay in order). An error is kept and raised to the reader on its next block,
@@ -156,8 +203,10 @@ class DaySpool:
         level: int,
         header: bytes,
         pool: ZstdPool | None = None,
+        judge: Judge | None = None,
     ) -> None:
         self._pool = pool
+        self.judge = judge
         self._dir = Path(tempfile.mkdtemp(prefix="cdc-batch-", dir=directory))
         self._codec: Codec = codec
         self._level = level
@@ -179,7 +228,9 @@ class DaySpool:
 
     def row_total(self) -> int:
         """Rows added so far, drained or still pending, all days."""
-        return sum(d.rows + len(d.pending) for d in self._days.values())
+        return sum(
+            d.rows + len(d.pending) for d in self._days.values() if not isinstance(d, WithheldFile)
+        )
 
     def day(self, day: bytes) -> DayFile:
         found = self._days.get(day)
@@ -187,11 +238,26 @@ class DaySpool:
             # NULL partition values get a day of their own; quarantined rows arrive with
             # "!<reason>" (see TableInfo.day_expr) and get a file per reason.
             name = day.decode("ascii", "replace").replace("!", "q-") or "unknown"
-            found = self._days[day] = DayFile(
+            kind = QuarantineFile if day.startswith(b"!") else DayFile
+            found = self._days[day] = kind(
                 self,
                 self._dir / (name + EXTENSIONS[self._codec]),
                 make_compressor(self._codec, self._level, self._pool),
                 self._header,
+            )
+        return found
+
+    def withheld(self, day: bytes) -> DayFile:
+        """The day's object of quarantined rows in their warehouse form (key ``?<day>``)."""
+        key = b"?" + day
+        found = self._days.get(key)
+        if found is None:
+            header = self._header.rstrip(b"\n") + b"," + QUARANTINED_COLUMN.encode() + b"\n"
+            found = self._days[key] = WithheldFile(
+                self,
+                self._dir / ("w-" + day.decode("ascii", "replace") + EXTENSIONS[self._codec]),
+                make_compressor(self._codec, self._level, self._pool),
+                header,
             )
         return found
 
@@ -216,21 +282,27 @@ class DaySpool:
     def finish(self) -> list[DayObject]:
         if (error := self._stop_compressor()) is not None:
             raise error
+        # The quarantine's files first: closing one hands its last rows to the withheld ones.
+        for key in [k for k in self._days if k.startswith(b"!")]:
+            self._days[key].close()
         out = []
         for key in sorted(self._days):
             f = self._days[key]
-            f.close()
+            if not f.file.closed:
+                f.close()
             quarantined = key.startswith(b"!")
+            withheld = key.startswith(b"?")
             out.append(
                 DayObject(
-                    key[1:].decode() if quarantined else f.path.name.split(".")[0],
+                    key[1:].decode() if quarantined or withheld else f.path.name.split(".")[0],
                     f.path,
                     f.rows,
                     f.raw,
                     f.size,
                     f.digest.hexdigest(),
                     quarantined,
-                    self.columns,
+                    (*self.columns, QUARANTINED_COLUMN) if withheld else self.columns,
+                    withheld,
                 )
             )
         return out

@@ -432,7 +432,7 @@ class Backfill:
         chunk = self._recorded.get(chunk.day, chunk)
         redo = chunk.status == "pending"
         read_ts = chunk.read_ts if redo and chunk.read_ts else utc_now_iso()
-        spool = self._unit.new_spool(table.header)
+        spool = self._unit.new_spool(table.header, table.judge((table.watermark.name,)))
         progress.active[chunk.day] = spool
         try:
             await reader.run(lambda: reader.read(table, chunk.day, read_ts, spool, self._seq))

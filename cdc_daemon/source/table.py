@@ -8,6 +8,7 @@ quotes or SQL in it can never be spliced into a statement.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 
@@ -16,11 +17,51 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError
+from cdc_daemon.source.values import MAX_TEXT, QuarantineJudge, number_type
 
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 _TIMESTAMP_TYPES = frozenset({"timestamp with time zone", "timestamp without time zone"})
 _PARTITION_TYPES = _TIMESTAMP_TYPES | {"date"}
-_MAX_TEXT = 16 * 1024 * 1024  # Snowflake's VARCHAR limit, in bytes
+_MAX_TEXT = MAX_TEXT
+
+# A JSON number's text (``{t}``) that PARSE_JSON does not keep exactly: mirrors
+# source.values.json_number_exact. The CASE keeps the casts to float8 from values out of its
+# range (the cast would fail the COPY). The sessions run with extra_float_digits = 1, so a
+# float8's text is its shortest exact form, as Python's repr.
+_NUMBER_INEXACT = (
+    "CASE WHEN {t} !~ '[eE]'"
+    " AND length(ltrim(split_part(ltrim({t}, '-'), '.', 1), '0'))"
+    " + length(split_part({t}, '.', 2)) <= 38"
+    " AND length(split_part({t}, '.', 2)) <= 37 THEN false"
+    " WHEN {t}::numeric = 0 THEN false"
+    " WHEN NOT abs({t}::numeric) BETWEEN 2.2250738585072014e-308 AND 1.7976931348623157e308"
+    " THEN true"
+    " ELSE {t}::numeric::float8::text::numeric <> {t}::numeric END"
+)
+# Every value inside a json document (objects' values and arrays' elements, at any depth),
+# each with its own text: a json value keeps the numbers and keys as written.
+_JSON_WALK = (
+    "WITH RECURSIVE t(v) AS (SELECT {c} UNION ALL SELECT x.value FROM t CROSS JOIN LATERAL"
+    " (SELECT value FROM json_each(CASE WHEN json_typeof(t.v) = 'object' THEN t.v END)"
+    " UNION ALL SELECT value FROM json_array_elements("
+    "CASE WHEN json_typeof(t.v) = 'array' THEN t.v END)) AS x)"
+)
+_JSON_DUPLICATE_KEY = (
+    "EXISTS (" + _JSON_WALK + " SELECT 1 FROM t WHERE json_typeof(t.v) = 'object' AND"
+    " (SELECT count(*) <> count(DISTINCT k) FROM json_object_keys(t.v) AS k))"
+)
+_JSON_NUMBER_INEXACT = (
+    "EXISTS ("
+    + _JSON_WALK
+    + " SELECT 1 FROM t WHERE json_typeof(t.v) = 'number' AND "
+    + _NUMBER_INEXACT.replace("{t}", "t.v::text")
+    + ")"
+)
+# jsonb has no duplicate keys, and its numbers are written without an exponent.
+_JSONB_NUMBER_INEXACT = (
+    "EXISTS (SELECT 1 FROM jsonb_path_query({c}, 'lax $.** ? (@.type() == \"number\")')"
+    " AS n(v) WHERE " + _NUMBER_INEXACT.replace("{t}", "n.v::text") + ")"
+)
 # Arrays of these become JSON arrays of numbers or booleans; of any other element type, JSON
 # arrays of the elements' text (capture.logical.encode.array_json mirrors this).
 _JSON_ELEMENTS = frozenset(
@@ -62,6 +103,9 @@ class Column:
                 "CASE WHEN " + _IN_RANGE + " THEN replace({c}::text, ' ', 'T') || {s}"
                 " ELSE {c}::text END"
             ).format(c=self.ident(), s=sql.Literal(suffix))
+        if base in ("real", "double precision"):
+            # Snowflake's FLOAT reads NaN, inf and -inf, not PostgreSQL's Infinity.
+            return sql.SQL("replace({}::text, 'Infinity', 'inf')").format(self.ident())
         if base == "bytea":
             # Hex without Postgres's \x prefix: what BINARY_FORMAT = HEX reads.
             return sql.SQL("encode({}, 'hex')").format(self.ident())
@@ -90,25 +134,29 @@ class Column:
             return sql.Literal(f"!{name}-{safe}")
 
         checks: list[tuple[str, sql.Composable]] = []
-        if base == "numeric" and self.type_name == "numeric":
-            # Unconstrained: NUMBER(38, 9) in Snowflake (warehouse.model), which would round
-            # a value with more digits after the point; infinity is out of range.
-            checks = [
-                ("{c} = 'NaN'::numeric", reason("nan")),
-                ("abs({c}) >= 1e29", reason("numeric_out_of_range")),
-                ("{c} <> round({c}, 9)", reason("numeric_inexact")),
-            ]
-        elif base == "numeric":
+        if base == "numeric":
+            # The NUMBER it maps to (source.values.number_type); a constrained numeric holds
+            # no infinity, and its own scale unless that is past 37.
+            number = number_type(self.modifiers())
             checks = [("{c} = 'NaN'::numeric", reason("nan"))]
-            precision, scale = self.modifiers((0, 0))
-            # NUMBER(38, s): at most 38 digits, at most 37 after the point. A numeric(p, s)
-            # holds neither infinity nor more than p - s digits before the point.
-            if not (precision and precision - scale <= 38 and scale <= 37):
+            if number.whole_limit is not None:
                 checks.append(
-                    ("abs({c}) >= 1e38 OR scale({c}) > 37", reason("numeric_out_of_range"))
+                    (
+                        f"abs({{c}}) >= 1e{number.whole_limit}",
+                        reason("numeric_out_of_range"),
+                    )
                 )
-        elif base in ("real", "double precision"):
-            checks = [("{c} IN ('NaN', 'Infinity', '-Infinity')", reason("not_finite"))]
+            if number.scale_checked:
+                checks.append((f"{{c}} <> round({{c}}, {number.scale})", reason("numeric_inexact")))
+        elif base == "time without time zone":
+            checks = [("{c} = '24:00:00'", reason("time_out_of_range"))]
+        elif base == "json":
+            checks = [
+                (_JSON_DUPLICATE_KEY, reason("json_duplicate_key")),
+                (_JSON_NUMBER_INEXACT, reason("json_number_inexact")),
+            ]
+        elif base == "jsonb":
+            checks = [(_JSONB_NUMBER_INEXACT, reason("json_number_inexact"))]
         elif base in ("date", *_TIMESTAMP_TYPES):
             which = sql.SQL(
                 "CASE WHEN NOT isfinite({c}) THEN {inf} WHEN {c} < '0001-01-01' THEN {bc}"
@@ -155,6 +203,16 @@ class TableInfo:
     @property
     def header(self) -> list[str]:
         return [c.name for c in self.columns] + ["_cdc_op", "_cdc_seq", "_cdc_ts"]
+
+    def judge(self, key: Sequence[str], header: Sequence[str] | None = None) -> QuarantineJudge:
+        """What the warehouse gets for this table's quarantined rows (``header``: the
+        objects' header, by default ``self.header``)."""
+        return QuarantineJudge.for_types(
+            self.header if header is None else header,
+            [(c.name, c.type_name) for c in self.columns],
+            key,
+            self.partition_name,
+        )
 
     def utc_day_expr(self) -> sql.Composable:
         """The UTC day of the partition column, as the objects' ``dt=`` folders name it."""

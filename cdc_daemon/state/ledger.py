@@ -97,7 +97,9 @@ class ObjectTotals:
 
     @property
     def rows(self) -> int:
-        return sum(o.rows for o in self.objects)
+        """Rows exported, each once: a quarantined row counts in ``quarantined`` and here
+        through its warehouse form (the day's ``-q`` object)."""
+        return sum(o.rows for o in self.objects if not o.quarantine)
 
     @property
     def quarantined(self) -> int:

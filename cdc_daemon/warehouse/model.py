@@ -47,11 +47,7 @@ import psycopg
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
 from cdc_daemon.source.table import Column
-
-# The scale an unconstrained numeric gets (BigQuery's NUMERIC has the same: 29 digits before
-# the point, 9 after).
-UNCONSTRAINED_SCALE = 9
-MAX_PRECISION = 38
+from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the seed's models.
 MODELS_DIR = Path(__file__).resolve().parents[2] / "snowflake" / "models"
@@ -59,7 +55,7 @@ MODELS_DIR = Path(__file__).resolve().parents[2] / "snowflake" / "models"
 _SF_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 # Columns the daemon adds to every object, and the landing table's own.
-DAEMON_COLUMNS = ("_CDC_OP", "_CDC_SEQ", "_CDC_TS", "_CDC_UNCHANGED")
+DAEMON_COLUMNS = ("_CDC_OP", "_CDC_SEQ", "_CDC_TS", "_CDC_UNCHANGED", "_CDC_QUARANTINED")
 LOAD_COLUMNS = ("_FILE", "_FILE_ROW", "_LOADED_AT")
 
 # Types whose values are never TOASTed (fixed length): only other columns can be named in a
@@ -132,13 +128,10 @@ def sf_type(type_name: str) -> SfType:
 
 
 def numeric_number(type_name: str) -> tuple[int, int]:
-    """(precision, scale) of the NUMBER a ``numeric`` column maps to."""
-    mods = Column("", type_name).modifiers()
-    if not mods:
-        return MAX_PRECISION, UNCONSTRAINED_SCALE
-    precision, scale = mods[0], (mods[1] if len(mods) > 1 else 0)
-    scale = max(0, min(scale, MAX_PRECISION - 1))
-    return min(precision, MAX_PRECISION), scale
+    """(precision, scale) of the NUMBER a ``numeric`` column maps to
+    (``source.values.number_type``: the quarantine rules use the same)."""
+    number = number_type(Column("", type_name).modifiers())
+    return number.precision, number.scale
 
 
 def quote(name: str) -> str:

@@ -25,6 +25,7 @@ from cdc_daemon.capture.logical.stream import XLOG_HEADER, Keepalive, Replicatio
 from cdc_daemon.cli import init
 from cdc_daemon.errors import SourceError, TransientError
 from cdc_daemon.local.services import LocalS3
+from cdc_daemon.source.values import QuarantineJudge
 from tests.helpers import (
     assert_rebuilt_equals_source,
     export_until_idle,
@@ -44,11 +45,11 @@ STREAM_PID = (
 )
 
 
-def spools_in(folder: Path) -> Callable[[list[str]], DaySpool]:
+def spools_in(folder: Path) -> Callable[[list[str], QuarantineJudge], DaySpool]:
     """A spool factory for reading with ``LogicalSource.read`` directly (gzip, in ``folder``)."""
 
-    def new_spool(header: list[str]) -> DaySpool:
-        return DaySpool(folder, "gzip", 1, header_line(header), None)
+    def new_spool(header: list[str], judge: QuarantineJudge) -> DaySpool:
+        return DaySpool(folder, "gzip", 1, header_line(header), None, judge)
 
     return new_spool
 

@@ -25,6 +25,7 @@ from cdc_daemon.capture.logical.pgoutput import (
 from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, ReadResult, _Reader
 from cdc_daemon.config import load_settings
 from cdc_daemon.source.table import Column, TableInfo
+from cdc_daemon.source.values import QuarantineJudge
 from tests.unit.test_pgoutput import MESSAGES
 
 T_OID = next(m.oid for _, d in MESSAGES if isinstance(m := decode(d), Relation) and m.name == "t")
@@ -62,8 +63,8 @@ def _reader(tmp_path: Path) -> tuple[_Reader, list[DaySpool]]:
     source._tables, source._by_oid = [table], {T_OID: table}
     spools: list[DaySpool] = []
 
-    def new_spool(header: list[str]) -> DaySpool:
-        spools.append(DaySpool(tmp_path, "none", 0, b""))
+    def new_spool(header: list[str], judge: QuarantineJudge) -> DaySpool:
+        spools.append(DaySpool(tmp_path, "none", 0, b"", judge=judge))
         return spools[-1]
 
     return _Reader(source, ReadResult(0, None, 0), new_spool, 0, None), spools

@@ -8,7 +8,7 @@ mirrors what ``source.table`` asks PostgreSQL's COPY to produce (``Column.csv_ex
   (TimeZone=UTC, DateStyle=ISO, extra_float_digits=1, bytea_output=hex), which is what COPY
   writes for the same session, except where ``csv_expr`` converts: a timestamp in years
   1-9999 gets a ``T`` instead of the space (and timestamptz ``+00:00`` instead of ``+00``),
-  ``bytea`` is hex without ``\\x``.
+  ``bytea`` is hex without ``\\x``, a float's ``Infinity`` is ``inf``.
 - CSV quoting as COPY's: a value is quoted when it is empty (so that ``""`` is an empty string
   and an unquoted empty field is NULL) or holds a comma, a quote, CR or LF.
 - A row holding a value Snowflake cannot read back goes to the day ``!<reason>-<column>``
@@ -29,6 +29,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdc_daemon.capture.logical.pgoutput import TupleData
+from cdc_daemon.source.values import (
+    MAX_TEXT,
+    Check,
+    check_datetime,
+    check_json,
+    check_text,
+    check_time,
+    number_type,
+    numeric_check,
+    numeric_typmod,
+)
 
 _NEEDS_QUOTE = re.compile(rb'[,"\r\n]').search
 
@@ -36,11 +47,11 @@ _NEEDS_QUOTE = re.compile(rb'[,"\r\n]').search
 BOOL, BYTEA, INT8, INT2, INT4, TEXT, OID = 16, 17, 20, 21, 23, 25, 26
 FLOAT4, FLOAT8, BPCHAR, VARCHAR, DATE = 700, 701, 1042, 1043, 1082
 TIMESTAMP, TIMESTAMPTZ, NUMERIC, UUID = 1114, 1184, 1700, 2950
+JSON, TIME, JSONB = 114, 1083, 3802
 
 # Text output that never needs quoting and is never empty.
 _BARE = frozenset({BOOL, INT8, INT2, INT4, OID, UUID})
 
-_MAX_TEXT = 16 * 1024 * 1024
 
 # Arrays of these element types become JSON arrays of numbers / booleans (``array_to_json``);
 # of any other element type, JSON arrays of the elements' text (``array_to_json(c::text[])``).
@@ -111,6 +122,12 @@ def _bare(value: bytes) -> bytes:
     return value
 
 
+def _float(value: bytes) -> bytes:
+    """Snowflake's FLOAT reads ``NaN``, ``inf`` and ``-inf`` (the watermark export's
+    ``csv_expr`` writes the same)."""
+    return value.replace(b"Infinity", b"inf") if value.endswith(b"Infinity") else value
+
+
 def _bytea(value: bytes) -> bytes:
     return value[2:] or b'""'  # hex without \x; an empty bytea is an empty string
 
@@ -132,73 +149,27 @@ def _timestamp_local(value: bytes) -> bytes:
     return _timestamp(value, b"")
 
 
-def _check_numeric(value: bytes) -> str | None:
-    if value == b"NaN":
-        return "nan"
-    if value.endswith(b"Infinity"):
-        return "numeric_out_of_range"
-    if len(value) <= 38:
-        return None  # at most 38 digits: below 1e38, scale at most 36
-    whole, _, frac = value.lstrip(b"-").partition(b".")
-    if len(whole) > 38 or len(frac) > 37:
-        return "numeric_out_of_range"
-    return None
-
-
-def _check_unconstrained(value: bytes) -> str | None:
-    """An unconstrained numeric goes to NUMBER(38, 9) (``warehouse.model``): at most 29 digits
-    before the point and 9 after it (trailing zeros aside), else quarantined, never rounded."""
-    if value == b"NaN":
-        return "nan"
-    if value.endswith(b"Infinity"):
-        return "numeric_out_of_range"
-    whole, _, frac = value.lstrip(b"-").partition(b".")
-    if len(whole.lstrip(b"0")) > 29:
-        return "numeric_out_of_range"
-    if len(frac.rstrip(b"0")) > 9:
-        return "numeric_inexact"
-    return None
-
-
-def _check_float(value: bytes) -> str | None:
-    return "not_finite" if value in (b"NaN", b"Infinity", b"-Infinity") else None
-
-
-def _check_datetime(value: bytes) -> str | None:
-    if value[4:5] == b"-" and not value.endswith(b" BC"):
-        return None
-    if value in (b"infinity", b"-infinity"):
-        return "infinite"
-    if value.endswith(b" BC"):
-        return "before_year_1"
-    return "after_year_9999"
-
-
-def _check_text(value: bytes) -> str | None:
-    return "longer_than_16mb" if len(value) > _MAX_TEXT else None
-
-
 _BARE_CONVERT: dict[int, Callable[[bytes], bytes]] = dict.fromkeys(_BARE, _bare)
 _CONVERT: dict[int, Callable[[bytes], bytes]] = _BARE_CONVERT | {
     BYTEA: _bytea,
     TIMESTAMPTZ: _timestamptz,
     TIMESTAMP: _timestamp_local,
     NUMERIC: _bare,
-    FLOAT4: _bare,
-    FLOAT8: _bare,
+    FLOAT4: _float,
+    FLOAT8: _float,
     DATE: _bare,
 }
 
-_CHECKS: dict[int, Callable[[bytes], str | None]] = {
-    NUMERIC: _check_numeric,
-    FLOAT4: _check_float,
-    FLOAT8: _check_float,
-    DATE: _check_datetime,
-    TIMESTAMP: _check_datetime,
-    TIMESTAMPTZ: _check_datetime,
-    TEXT: _check_text,
-    VARCHAR: _check_text,
-    BPCHAR: _check_text,
+_CHECKS: dict[int, Check] = {
+    DATE: check_datetime,
+    TIMESTAMP: check_datetime,
+    TIMESTAMPTZ: check_datetime,
+    TIME: check_time,
+    TEXT: check_text,
+    VARCHAR: check_text,
+    BPCHAR: check_text,
+    JSON: check_json,
+    JSONB: check_json,
 }
 
 _PARTITION_TYPES = frozenset({DATE, TIMESTAMP, TIMESTAMPTZ})
@@ -223,8 +194,8 @@ def _date_fast(value: bytes) -> bytes | None:
 
 
 def _number_fast(value: bytes) -> bytes | None:
-    # NaN and [-]Infinity do not end in a digit; up to 38 characters fit NUMBER(38, 37).
-    return value if len(value) <= 38 and 48 <= value[-1] <= 57 else None
+    # NaN and [-]Infinity do not end in a digit (then the careful path converts or checks).
+    return value if 48 <= value[-1] <= 57 else None
 
 
 def _unconstrained_fast(value: bytes) -> bytes | None:
@@ -241,6 +212,15 @@ def _bytea_fast(value: bytes) -> bytes | None:
     return value[2:] if len(value) > 2 else None
 
 
+def _time_fast(value: bytes) -> bytes | None:
+    return None if value.startswith(b"24:") else value
+
+
+def _careful(value: bytes) -> bytes | None:
+    """Always the careful path: JSON is checked there (and holds commas and quotes)."""
+    return None
+
+
 # The hot path's version of _CONVERT + _CHECKS for the types that have either: the output
 # bytes when the value is in its common form and has no quarantine reason, else None (then
 # the row takes the careful path, ``RowEncoder.encode_reference``).
@@ -249,9 +229,11 @@ _FAST: dict[int, Callable[[bytes], bytes | None]] = {
     TIMESTAMPTZ: _timestamptz_fast,
     TIMESTAMP: _timestamp_fast,
     DATE: _date_fast,
-    NUMERIC: _number_fast,
     FLOAT4: _number_fast,
     FLOAT8: _number_fast,
+    TIME: _time_fast,
+    JSON: _careful,
+    JSONB: _careful,
 }
 
 
@@ -262,11 +244,6 @@ def _array(element: int) -> Callable[[bytes], bytes]:
     return convert
 
 
-def _array_fast(value: bytes) -> bytes | None:
-    """JSON arrays hold commas (and strings quotes): always the careful path's quoting."""
-    return None
-
-
 @dataclass(frozen=True)
 class ColumnType:
     name: str
@@ -274,17 +251,28 @@ class ColumnType:
     element: int | None = None  # an array's element type
     typmod: int = -1  # -1: none (an unconstrained numeric)
 
-    def check(self) -> Callable[[bytes], str | None] | None:
-        if self.type_oid == NUMERIC and self.typmod == -1:
-            return _check_unconstrained
+    def check(self) -> Check | None:
+        if self.element is not None:
+            return None
+        if self.type_oid == NUMERIC:
+            return numeric_check(number_type(numeric_typmod(self.typmod)))
         return _CHECKS.get(self.type_oid)
 
     def fast(self) -> Callable[[bytes], bytes | None] | None:
         if self.element is not None:
-            return _array_fast
-        if self.type_oid == NUMERIC and self.typmod == -1:
-            return _unconstrained_fast
-        return _FAST.get(self.type_oid)
+            return _careful
+        if self.type_oid == NUMERIC:
+            number = number_type(numeric_typmod(self.typmod))
+            if self.typmod == -1:
+                return _unconstrained_fast
+            # A numeric(p, s) NUMBER(p, s) holds whole: only NaN needs the careful path.
+            if number.whole_limit is None and not number.scale_checked:
+                return _number_fast
+            return _careful
+        fast = _FAST.get(self.type_oid)
+        if fast is None and self.check() not in (None, check_text):
+            return _careful  # a rule the hot path does not apply
+        return fast
 
 
 class RowEncoder:
@@ -317,10 +305,15 @@ class RowEncoder:
             for i, c in enumerate(columns)
             if (check := c.check()) is not None
         ]
-        self._checks = [c for c in checks if c[1] is not _check_text]
-        self._text_checks = [c for c in checks if c[1] is _check_text]
+        self._by_name = {columns[i].name: check for i, check, _ in checks}
+        self._checks = [c for c in checks if c[1] is not check_text]
+        self._text_checks = [c for c in checks if c[1] is check_text]
         self._commas = len(columns) - 1
         self.width = len(columns)
+
+    def checks(self) -> dict[str, Check]:
+        """Each column's rule (``source.values``), by name: the quarantine's judge uses them."""
+        return dict(self._by_name)
 
     def encode(self, values: TupleData) -> tuple[bytes, bytes]:
         """Values must be bytes or None (UNCHANGED resolved by the caller)."""
@@ -343,7 +336,7 @@ class RowEncoder:
         # memchr; ``b'"' in row`` costs several times more.
         if row.count(44) != self._commas or 34 in row or 10 in row or 13 in row:
             return self.encode_reference(values)
-        if len(row) > _MAX_TEXT:
+        if len(row) > MAX_TEXT:
             return self.encode_reference(values)
         if self._partition is None:
             return b"", row
@@ -362,7 +355,7 @@ class RowEncoder:
             value = values[i]
             if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]
                 return b"!" + label.format(reason).encode(), row
-        if len(row) > _MAX_TEXT:
+        if len(row) > MAX_TEXT:
             for i, check, label in self._text_checks:
                 value = values[i]
                 if value is not None and (reason := check(value)) is not None:  # type: ignore[arg-type]

@@ -318,7 +318,7 @@ class Joiner:
         limit = self._settings.capture.snapshot_chunk_rows
         started = time.monotonic()
         read_ts = utc_now_iso()
-        spool = self._unit.new_spool(table.header)
+        spool = self._unit.new_spool(table.header, table.judge())
         try:
             try:
                 last = await job.source.run(

@@ -34,6 +34,7 @@ from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotSta
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.source.values import QuarantineJudge
 from cdc_daemon.state.ledger import BatchRecord, batch_id
 from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.store import Store
@@ -356,8 +357,8 @@ class LogicalPipeline:
             reason=reason,
         )
 
-    def _new_spool(self, header: list[str]) -> DaySpool:
-        return self._unit.new_spool(header)
+    def _new_spool(self, header: list[str], judge: QuarantineJudge) -> DaySpool:
+        return self._unit.new_spool(header, judge)
 
     async def _discard(self, result: ReadResult) -> None:
         for generation in result.generations:

@@ -120,6 +120,7 @@ from cdc_daemon.source.copyread import CopyRows
 from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
 from cdc_daemon.source.table import Column, TableInfo, partition_of
 from cdc_daemon.source.validate import TableFacts, generated_notes, logical_problems, read_facts
+from cdc_daemon.source.values import QuarantineJudge
 from cdc_daemon.state.joins import Key
 
 log = structlog.get_logger()
@@ -163,6 +164,10 @@ class LogicalTable:
     @property
     def header(self) -> list[str]:
         return logical_header([c[0] for c in self.columns])
+
+    def judge(self) -> QuarantineJudge:
+        """What the warehouse gets for the snapshot's quarantined rows."""
+        return self.info.judge(self.key, self.header)
 
 
 # The daemon's own columns of a logical object, after the table's: the operation, the change's
@@ -214,7 +219,7 @@ class Generation:
         return logical_header([c[0] for c in self.columns])
 
 
-SpoolFactory = Callable[[list[str]], DaySpool]
+SpoolFactory = Callable[[list[str], QuarantineJudge], DaySpool]
 
 
 def describe(
@@ -1134,7 +1139,10 @@ class _Reader:
         number = self._counts.get(message.oid, 0)
         self._counts[message.oid] = number + 1
         header = logical_header([c[0] for c in columns])
-        generation = Generation(columns, self._new_spool(header), encoder, key_index, table, number)
+        judge = QuarantineJudge(header, encoder.checks(), table.key, partition)
+        generation = Generation(
+            columns, self._new_spool(header, judge), encoder, key_index, table, number
+        )
         self._current[message.oid] = generation
         self._result.generations.append(generation)
 

@@ -189,7 +189,8 @@ class WatermarkPipeline:
         self._log_batch(batch, started, timings, "redo")
 
     def _spool(self) -> DaySpool:
-        return self._unit.new_spool(self._source.header)
+        table = self._source.table
+        return self._unit.new_spool(self._source.header, table.judge((table.watermark.name,)))
 
     async def _finish(self, spool: DaySpool) -> list[DayObject]:
         return await asyncio.to_thread(spool.finish)
