@@ -4,6 +4,7 @@
   _CDC_SEQ NUMBER(38, 0),
   _CDC_TS TIMESTAMP_TZ,
   _CDC_UNCHANGED VARCHAR,
+  _CDC_QUARANTINED VARCHAR,
   _FILE VARCHAR,
   _FILE_ROW NUMBER(19, 0),
   _LOADED_AT TIMESTAMP_LTZ
@@ -21,13 +22,16 @@ CREATE TABLE IF NOT EXISTS {{ n.landing }} (
 {{- change_columns() }}
 );
 
--- {{ n.name }}: one row per source key, the change with the highest _CDC_SEQ.
+-- {{ n.name }}: one row per source key, the change with the highest _CDC_SEQ. A value
+-- Snowflake cannot hold exactly is NULL and named in _CDC_QUARANTINED (column:reason;...),
+-- the original in the quarantine prefix (docs/design.md, "Quarantine").
 CREATE TABLE IF NOT EXISTS {{ n.name }} (
 {%- for c in t.columns %}
   {{ c.q }} {{ c.type.final }}{% if c.key %} NOT NULL{% endif %},
 {%- endfor %}
   _CDC_SEQ NUMBER(38, 0) NOT NULL,
   _CDC_TS TIMESTAMP_TZ,
+  _CDC_QUARANTINED VARCHAR,
   _MERGED_AT TIMESTAMP_LTZ,
   PRIMARY KEY ({% for c in t.key %}{{ c.q }}{{ ", " if not loop.last }}{% endfor %})
 );
