@@ -18,7 +18,7 @@ import pytest
 from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import AlreadyRunningError, SourceError, StateError
+from cdc_daemon.errors import AlreadyRunningError, SourceError, StateError, TableFailedError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.ops.status import collect, render
 from cdc_daemon.worker import Worker
@@ -362,7 +362,8 @@ async def test_one_table_failing_leaves_the_others_streaming(
         conn.execute("TRUNCATE pgbench_tellers")
         conn.execute("INSERT INTO pgbench_tellers (tid, bid, tbalance) VALUES (1, 1, 5)")
         conn.execute("UPDATE pgbench_accounts SET abalance = 9 WHERE aid <= 5")
-    assert await export_until_idle(settings) == 0
+    with pytest.raises(TableFailedError, match="pgbench_tellers"):
+        await export_until_idle(settings)
     with psycopg.connect(pg_dsn) as conn:
         row = conn.execute(
             "SELECT status, error FROM cdc.group_tables WHERE table_name = 'public.pgbench_tellers'"
@@ -411,7 +412,8 @@ async def test_one_table_failing_leaves_the_others_streaming(
         await init(three)  # init checks every configured name
     with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
         conn.execute("UPDATE pgbench_accounts SET abalance = 10 WHERE aid <= 5")
-    assert await export_until_idle(three) == 0
+    with pytest.raises(TableFailedError, match="pgbench_branches"):
+        await export_until_idle(three)
     with psycopg.connect(pg_dsn) as conn:
         gone = conn.execute(
             "SELECT status, error FROM cdc.group_tables"
@@ -459,7 +461,8 @@ async def test_a_key_change_leaving_a_toasted_value_fails_only_that_table(
             f" WHERE id = (SELECT id FROM {MANY_TYPES} WHERE length(body) > 5000 LIMIT 1)"
         )
         conn.execute("UPDATE pgbench_tellers SET tbalance = 3")
-    assert await export_until_idle(settings) == 0
+    with pytest.raises(TableFailedError, match="changed the key"):
+        await export_until_idle(settings)
     with psycopg.connect(pg_dsn) as conn:
         row = conn.execute(
             "SELECT status, error FROM cdc.group_tables WHERE table_name = %s",
@@ -470,7 +473,7 @@ async def test_a_key_change_leaving_a_toasted_value_fails_only_that_table(
     assert "changed the key" in row[1]
     assert "REPLICA IDENTITY FULL" in row[1]
     assert_tables_rebuilt(pg_dsn, s3_client, bucket, {"pgbench_tellers": "tid"})
-    async with running_daemon(settings):
+    async with running_daemon(settings) as daemon:
 
         async def locked() -> bool:
             return bool((await collect(settings))["shop"]["running"])
@@ -481,6 +484,8 @@ async def test_a_key_change_leaving_a_toasted_value_fails_only_that_table(
             await asyncio.sleep(0.1)
         with pytest.raises(AlreadyRunningError, match="is running: stop it"):
             await resync(settings, MANY_TYPES)
+        with pytest.raises(TableFailedError):
+            await daemon.stopped()
 
 
 def test_snapshot_ranges_and_chunks_follow_the_key_order(pg_dsn: str, tmp_path: Path) -> None:
