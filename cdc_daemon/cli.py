@@ -388,6 +388,10 @@ async def init(settings: Settings) -> int:
         from cdc_daemon.capture.logical.setup import init_logical
 
         return await init_logical(settings)
+    from cdc_daemon.source.validate import check_watermark_tables
+
+    # Every problem of every table in one message, before anything else reads them.
+    await asyncio.to_thread(check_watermark_tables, settings)
     for spec in settings.table_specs:
         source = WatermarkSource(settings.for_table(spec))
         try:

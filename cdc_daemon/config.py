@@ -160,8 +160,9 @@ class TableSettings(_Section):
     name: str = Field(description="`schema.table` (resolved as an identifier).")
     key: tuple[str, ...] | None = Field(
         default=None,
-        description="Logical mode: the key columns (the warehouse merges by them); default: "
-        "the primary key.",
+        description="The key columns the warehouse merges by: NOT NULL, with a unique index on "
+        "exactly them (in logical mode also what the replica identity sends); default: the "
+        "primary key.",
     )
     watermark_column: str | None = Field(
         default=None,

@@ -286,9 +286,11 @@ def from_catalog(
     n: Names,
     key: tuple[str, ...] | None,
     models: tuple[Path, ...] = (),
+    logical: bool = False,
 ) -> WarehouseTable:
     """The table's columns and key, read from the catalog (the configured key, else the
-    primary key)."""
+    primary key). ``logical``: stored generated columns are left out, as the logical capture
+    leaves them out (pgoutput before PostgreSQL 18 does not send them)."""
     found = conn.execute("SELECT to_regclass(%s)::oid::int8", (n.source,)).fetchone()
     if found is None or found[0] is None:
         raise SourceError(f"table {n.source!r} does not exist (or is not visible to this user)")
@@ -297,8 +299,9 @@ def from_catalog(
         (str(a), str(t))
         for a, t in conn.execute(
             "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            (oid,),
+            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+            " AND (attgenerated = '' OR NOT %s) ORDER BY attnum",
+            (oid, logical),
         )
     ]
     if key is None:
@@ -354,7 +357,13 @@ def describe(
     """Every table of the group as the warehouse sees it, from the catalog."""
     specs = {s.qualified: s for s in settings.table_specs}
     return [
-        from_catalog(conn, n, specs[n.source].key, model_files(settings, n))
+        from_catalog(
+            conn,
+            n,
+            specs[n.source].key,
+            model_files(settings, n),
+            logical=settings.capture.mode == "logical",
+        )
         for n in names(settings)
     ]
 

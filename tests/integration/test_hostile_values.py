@@ -90,7 +90,7 @@ def expected_reason(conn: psycopg.Connection[Any], row_id: int) -> str | None:
         (row_id,),
     ).fetchone()
     assert values is not None
-    n, f, ts, tsl, d, n_nan, n_range, n_inexact, n12_nan = values
+    n, _, ts, tsl, d, n_nan, n_range, n_inexact, n12_nan = values
     # n is unconstrained: NUMBER(38, 9) in Snowflake.
     if n_nan:
         return "nan-n"

@@ -19,7 +19,6 @@ from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.local.services import LocalS3
-from cdc_daemon.source.validate import check_watermark_tables
 from tests.helpers import differences, export_until_idle, make_settings, object_bodies, rebuild
 
 pytestmark = pytest.mark.usefixtures("drop_slots")
@@ -144,7 +143,7 @@ async def test_nullable_and_non_unique_keys_are_refused_in_both_modes(
         await init(logical)
     watermark = settings_for(pg_dsn, s3_server, bucket, tmp_path, tables, mode="watermark")
     with pytest.raises(SourceError) as caught_watermark:
-        check_watermark_tables(watermark)
+        await init(watermark)
     for message in (str(caught.value), str(caught_watermark.value)):
         assert (
             'ALTER TABLE "Bench Mark".history ALTER COLUMN tid SET NOT NULL, ALTER COLUMN bid'
@@ -321,7 +320,7 @@ async def test_colliding_column_names_are_refused_in_both_modes(
         await init(settings_for(pg_dsn, s3_server, bucket, tmp_path, tables))
     watermark = settings_for(pg_dsn, s3_server, bucket, tmp_path, tables, mode="watermark")
     with pytest.raises(SourceError) as caught_watermark:
-        check_watermark_tables(watermark)
+        await init(watermark)
     for message in (str(caught.value), str(caught_watermark.value)):
         problems = message.split("; ")
         assert len(problems) == 4
@@ -337,7 +336,7 @@ async def test_colliding_column_names_are_refused_in_both_modes(
     assert published(pg_dsn) is None
 
 
-def test_watermark_mode_accepts_a_deferrable_primary_key(
+async def test_watermark_mode_accepts_a_deferrable_primary_key(
     pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
 ) -> None:
     """Watermark mode reads committed rows only, where a deferred uniqueness check holds: its
@@ -348,4 +347,4 @@ def test_watermark_mode_accepts_a_deferrable_primary_key(
         'CREATE TABLE "Odd Shop".deferpk (id bigserial PRIMARY KEY DEFERRABLE, v text)',
     )
     tables = [{"name": '"Odd Shop".deferpk'}]
-    check_watermark_tables(settings_for(pg_dsn, s3_server, bucket, tmp_path, tables, "watermark"))
+    assert await init(settings_for(pg_dsn, s3_server, bucket, tmp_path, tables, "watermark")) == 0
