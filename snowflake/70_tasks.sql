@@ -19,7 +19,8 @@ IFF(POSITION('{{ c.needle }}' IN ',' || COALESCE(_CDC_UNCHANGED, '') || ',') = 0
 --   2. the rows the changes touch, as they were (for the models);
 --   3. MERGE into <T>: a newer change wins, D deletes, a change older than the row or than the
 --      key's tombstone is ignored; one source row per key, so never "Duplicate row detected
---      during DML action";
+--      during DML action"; a change whose values Snowflake cannot hold carries them as NULL
+--      and names them in _CDC_QUARANTINED (a later change clears it), a delete deletes;
 --   4. tombstones for deletes;
 --   5. the rows as they are now, and the models on <T> (snowflake/models/<T>/) recomputed for
 --      the touched keys only.
@@ -54,7 +55,7 @@ INSERT INTO {{ p }}{{ n.changes }} (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
-  _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_UNCHANGED, _FILE, _FILE_ROW, _LOADED_AT
+  _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_UNCHANGED, _CDC_QUARANTINED, _FILE, _FILE_ROW, _LOADED_AT
 )
 SELECT
 {%- for c in t.columns %}
@@ -72,7 +73,7 @@ SELECT
 {%- for c in toastable %}
     || IFF(MAX({{ carried(c) }}) OVER (PARTITION BY {{ keys(t) }}) = 0, '{{ c.needle[1:] }}', '')
 {%- endfor %},
-  _FILE, _FILE_ROW, _LOADED_AT
+  _CDC_QUARANTINED, _FILE, _FILE_ROW, _LOADED_AT
 FROM (
   SELECT *, ROW_NUMBER() OVER (
     PARTITION BY {{ keys(t) }}
@@ -105,7 +106,7 @@ USING (
     c.{{ c.q }},
 {%- endif %}
 {%- endfor %}
-    c._CDC_OP, c._CDC_SEQ, c._CDC_TS
+    c._CDC_OP, c._CDC_SEQ, c._CDC_TS, c._CDC_QUARANTINED
   FROM {{ p }}{{ n.changes }} AS c
   LEFT JOIN {{ p }}{{ n.name }} AS o ON {{ on(t, "o", "c") }}
   LEFT JOIN {{ p }}{{ n.tombstones }} AS d ON {{ on(t, "d", "c") }}
@@ -119,17 +120,18 @@ WHEN MATCHED AND s._CDC_OP <> 'D'
 {%- for c in t.values %}
   {{ c.q }} = s.{{ c.q }},
 {%- endfor %}
-  _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS, _MERGED_AT = CURRENT_TIMESTAMP()
+  _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS, _CDC_QUARANTINED = s._CDC_QUARANTINED,
+  _MERGED_AT = CURRENT_TIMESTAMP()
 WHEN NOT MATCHED AND s._CDC_OP <> 'D' THEN INSERT (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
-  _CDC_SEQ, _CDC_TS, _MERGED_AT
+  _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT
 ) VALUES (
 {%- for c in t.columns %}
   s.{{ c.q }},
 {%- endfor %}
-  s._CDC_SEQ, s._CDC_TS, CURRENT_TIMESTAMP()
+  s._CDC_SEQ, s._CDC_TS, s._CDC_QUARANTINED, CURRENT_TIMESTAMP()
 );
 MERGE INTO {{ p }}{{ n.tombstones }} AS t
 USING (SELECT {{ keys(t) }}, _CDC_SEQ FROM {{ p }}{{ n.changes }} WHERE _CDC_OP = 'D') AS s

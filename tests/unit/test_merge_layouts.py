@@ -104,7 +104,7 @@ def test_the_merge_body_matches_the_tables_columns(layout: tuple[str, tuple[str,
     named = changes.this.expressions
     select = changes.expression
     assert isinstance(select, exp.Select)
-    assert len(select.expressions) == len(named) == len(t.columns) + 7
+    assert len(select.expressions) == len(named) == len(t.columns) + 8
     windowed = {
         named[i].name
         for i, e in enumerate(select.expressions)
@@ -118,7 +118,8 @@ def test_the_merge_body_matches_the_tables_columns(layout: tuple[str, tuple[str,
     whens = merge.args["whens"].expressions
     update = next(w.args["then"] for w in whens if isinstance(w.args["then"], exp.Update))
     set_columns = {e.this.name for e in update.expressions}
-    assert set_columns == {c.name for c in t.values} | {"_CDC_SEQ", "_CDC_TS", "_MERGED_AT"}
+    daemon = {"_CDC_SEQ", "_CDC_TS", "_CDC_QUARANTINED", "_MERGED_AT"}
+    assert set_columns == {c.name for c in t.values} | daemon
     insert = next(w.args["then"] for w in whens if isinstance(w.args["then"], exp.Insert))
     inserted = {c.name for c in insert.this.expressions}
-    assert inserted == {c.name for c in t.columns} | {"_CDC_SEQ", "_CDC_TS", "_MERGED_AT"}
+    assert inserted == {c.name for c in t.columns} | daemon

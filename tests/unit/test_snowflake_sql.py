@@ -173,10 +173,10 @@ def test_the_pipe_loads_by_column_name_into_the_columns_the_daemon_writes(
     """The pipe maps the objects' header onto the landing table by name (never by position:
     no SELECT transformation, MATCH_BY_COLUMN_NAME with the header parsed), takes file name,
     row number and scan time through INCLUDE_METADATA, and the landing table has a column for
-    every name the daemon writes: the source's columns, _cdc_op, _cdc_seq, _cdc_ts and
-    _cdc_unchanged."""
+    every name the daemon writes: the source's columns, _cdc_op, _cdc_seq, _cdc_ts,
+    _cdc_unchanged and (in a day's -q object) _cdc_quarantined."""
     source = re.findall(r"^    (\w+) ", SALES_DDL, re.M)
-    header = [*source, "_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged"]
+    header = [*source, "_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged", "_cdc_quarantined"]
     statements = sql.statements(settings, sales_tables(settings))
     pipe = next(s for s in statements if s.head.startswith("CREATE PIPE"))
     copy = " ".join(sql.pipe_copy(pipe).split())
