@@ -9,17 +9,17 @@ The type mapping (docs/snowflake.md, "Type mapping", shows the same table):
 PostgreSQL                     landing (RAW_<T>)   current state (<T>) loaded as
 =============================  ==================  ==================  ========================
 smallint / integer / bigint    NUMBER(5/10/19, 0)  same                the text
-numeric(p, s), p <= 38         NUMBER(p, s)        same                the text
-numeric(p, s), p > 38          NUMBER(38, s)       same                (larger values quarantined)
+numeric(p, s)                  NUMBER(P, S)        same                the text (values it
+                               (source.values.number_type)             cannot hold quarantined)
 numeric                        NUMBER(38, 9)       same                (values it cannot hold
                                                                        exactly quarantined)
-real / double precision        FLOAT               same                the text
+real / double precision        FLOAT               same                the text, inf for Infinity
 text / varchar(n) / char(n)    VARCHAR             same                the text
 boolean                        BOOLEAN             same                t / f
 date                           DATE                same                ISO-8601
 timestamp                      TIMESTAMP_NTZ       same                ISO-8601
 timestamptz                    TIMESTAMP_TZ        same                ISO-8601 with +00:00
-time                           TIME                same                the text
+time                           TIME                same                the text (24:00 quarantined)
 uuid                           VARCHAR(36)         same                the text
 json / jsonb                   VARCHAR             VARIANT             PARSE_JSON in the merge
 arrays                         VARCHAR             ARRAY               PARSE_JSON in the merge
