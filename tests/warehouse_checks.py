@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -110,11 +110,10 @@ def assert_warehouse_equals_source(
     assert len(sales) == count
 
 
-def _normal(value: Any, sf_type: str, empty_is_null: bool = True) -> Any:
-    """A value as the comparison sees it: JSON parsed, numbers as Decimal, floats as float."""
-    if value is None or (value == "" and empty_is_null):
-        # The local warehouse's known difference: DuckDB reads a quoted empty field as NULL
-        # (docs/snowflake.md, the local warehouse); Snowflake keeps it an empty string.
+def _normal(value: Any, sf_type: str) -> Any:
+    """A value as the comparison sees it: JSON parsed, numbers as Decimal, floats as float;
+    NULL stays None and an empty string stays "", never one for the other."""
+    if value is None:
         return None
     if sf_type in ("VARIANT", "ARRAY") and isinstance(value, str):
         return json.loads(value)
@@ -130,19 +129,20 @@ def _normal(value: Any, sf_type: str, empty_is_null: bool = True) -> Any:
 
 
 def assert_table_equals_source(
-    pg_dsn: str, wh: Any, t: WarehouseTable, *, empty_is_null: bool = True
+    pg_dsn: str, wh: Any, t: WarehouseTable, *, empty_is_null: Literal[False] = False
 ) -> int:
     """The current-state table holds every source row, each column equal to the source's value
-    under the documented mapping. ``wh`` answers ``query`` (the local or a real warehouse);
-    ``empty_is_null`` takes the local warehouse's known difference (an empty string read as
-    NULL) into account. Returns the number of rows."""
+    under the documented mapping (NULL and '' told apart: ``empty_is_null`` can only be False,
+    for the callers that still say so). ``wh`` answers ``query`` (the local or a real
+    warehouse). Returns the number of rows."""
     source_cols = []
     for c in t.columns:
         q = f'"{c.source}"'
         # Floats and the rest of VARCHAR's types in their output form (what the daemon writes;
-        # format() uses the output function, where inet's ::text would add a /32).
+        # format() uses the output function, where inet's ::text would add a /32). format()
+        # makes NULL an empty string: NULL stays NULL.
         if c.type.final == "FLOAT" or (c.type.final == "VARCHAR" and "char" not in c.pg_type):
-            q = f"format('%s', {q})"
+            q = f"CASE WHEN {q} IS NOT NULL THEN format('%s', {q}) END"
         source_cols.append(q)
     with psycopg.connect(pg_dsn, options="-c TimeZone=UTC -c extra_float_digits=1") as conn:
         source_rows = conn.execute(
@@ -155,9 +155,7 @@ def assert_table_equals_source(
     def keyed(rows: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
         out = {}
         for row in rows:
-            values = tuple(
-                _normal(v, kind, empty_is_null) for v, kind in zip(row, types, strict=True)
-            )
+            values = tuple(_normal(v, kind) for v, kind in zip(row, types, strict=True))
             out[tuple(str(values[i]) for i in keys)] = values
         return out
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+CLUSTER_PREFIX = "cdc-pg-"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -63,7 +65,7 @@ class LocalPostgres:
 
     def start(self) -> LocalPostgres:
         bindir = _pg_bindir()
-        self._dir = Path(tempfile.mkdtemp(prefix="cdc-pg-", dir=self.base))
+        self._dir = Path(tempfile.mkdtemp(prefix=CLUSTER_PREFIX, dir=self.base))
         data, sock = self._dir / "data", self._dir / "sock"
         sock.mkdir()
         if os.geteuid() == 0:
@@ -130,11 +132,27 @@ class LocalPostgres:
         # The log file, or the server would keep pg_ctl's output pipe open.
         self._pg_ctl("-m", "fast", "-l", str(self._dir / "server.log"), "-w", "restart")
 
+    @property
+    def folder(self) -> Path:
+        """The cluster's own folder (data, socket, log), what ``existing`` takes back."""
+        assert self._dir is not None, "start() first"
+        return self._dir
+
+    @classmethod
+    def existing(cls, folder: Path, port: int) -> LocalPostgres:
+        """A cluster another process started in ``folder`` (``local down`` stopping the cluster
+        of a serving process that could not stop it itself). Only a folder ``start`` made is
+        taken: ``stop`` removes it."""
+        if not folder.name.startswith(CLUSTER_PREFIX):
+            raise ValueError(f"{folder} is not a cluster folder of LocalPostgres")
+        return cls(port=port, _dir=folder)
+
     def stop(self) -> None:
         if self._dir is None:
             return
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self._pg_ctl("-m", "immediate", "-w", "stop")
+        if (self._dir / "data" / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._pg_ctl("-m", "immediate", "-w", "stop")
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
 

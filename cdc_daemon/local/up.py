@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 
 from cdc_daemon.errors import ConfigError
+from cdc_daemon.local.services import LocalPostgres
 
 log = structlog.get_logger()
 
@@ -58,7 +59,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:  # a zombie (killed, not yet reaped by its parent) answers signal 0 too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def up(folder: Path, timeout_s: float = 180) -> int:
@@ -116,6 +121,13 @@ def down(folder: Path, timeout_s: float = 30) -> int:
         time.sleep(0.2)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
+    # S3 and the warehouse are threads of the serving process and end with it; PostgreSQL runs
+    # on its own (pg_ctl starts it detached), so a serving process killed while stuck (in a
+    # statement, or stopped) leaves it running: stop it here, whatever the serving process did.
+    cluster = running.get("postgres_folder")
+    if cluster:
+        port = int(running.get("postgres_port") or 0)
+        LocalPostgres.existing(Path(cluster), port).stop()
     (folder / STATE).unlink(missing_ok=True)
     print(f"stopped the local services of {folder}")
     return 0
@@ -129,7 +141,7 @@ def serve(folder: Path) -> int:
     """The serving process: start the three services, write DIR/cdc.toml and DIR/local.json,
     feed the warehouse until SIGTERM."""
     from cdc_daemon.config import load_settings
-    from cdc_daemon.local.services import LocalPostgres, LocalS3
+    from cdc_daemon.local.services import LocalS3
     from cdc_daemon.local.warehouse import LocalWarehouse
     from cdc_daemon.warehouse.sql import Statement
 
@@ -190,6 +202,8 @@ def serve(folder: Path) -> int:
             "s3_endpoint_url": s3.endpoint_url,
             "bucket": BUCKET,
             "config": str(folder / CONFIG),
+            "postgres_folder": str(pg.folder),
+            "postgres_port": pg.port,
             "snowflake": {
                 "account": "fakesnow",
                 "user": "fake",
