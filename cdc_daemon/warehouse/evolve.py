@@ -51,18 +51,21 @@ log = structlog.get_logger()
 
 
 def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
-    """Add the table's columns Snowflake lacks to its landing, current-state and work tables.
-    Returns the columns added (upper case)."""
+    """Add the table's columns Snowflake lacks to its landing, current-state and work tables
+    (and the daemon's ``_CDC_QUARANTINED``). Returns the columns added (upper case)."""
     n = t.names
     added: list[str] = []
     for table, landing in t.column_tables():
         have = set(wh.columns(table))
-        for c in t.columns:
-            if c.name not in have:
-                kind = c.type.landing if landing else c.type.final
-                wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {c.q} {kind}")
+        wanted = [(c.name, c.q, c.type.landing if landing else c.type.final) for c in t.columns]
+        # The daemon's column of quarantined rows (docs/design.md, "Quarantine"), which a
+        # warehouse made before it existed lacks: the first -q object adds it.
+        wanted.append(("_CDC_QUARANTINED", "_CDC_QUARANTINED", "VARCHAR"))
+        for name, quoted, kind in wanted:
+            if name not in have:
+                wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quoted} {kind}")
                 if landing:
-                    added.append(c.name)
+                    added.append(name)
     if added:
         log.warning("warehouse_columns_added", table=n.name, columns=added)
     return added

@@ -101,3 +101,29 @@ async def test_a_quarantined_update_withholds_the_value_and_a_delete_still_delet
     assert await export_until_idle(settings) == 0
     reading, _, _, label, mark = current(gauges)[1]
     assert (float(reading), label, mark) == (7.25, "stuck", None)
+
+
+async def test_a_warehouse_made_before_the_quarantine_column_gains_it(
+    pg_dsn: str, gauges: LocalWarehouse
+) -> None:
+    """A warehouse whose tables lack _CDC_QUARANTINED (made before it existed) gets it from
+    the daemon before the first object naming it is uploaded: the withheld row loads with its
+    mark instead of the by-name load dropping the column (and the reconciler failing the
+    batch as header_mismatch)."""
+    settings = gauges.settings
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    current(gauges)
+    for table in ("RAW_GAUGE", "GAUGE", "GAUGE_CHANGES"):
+        gauges.wh.execute(f"ALTER TABLE {table} DROP COLUMN _CDC_QUARANTINED")
+    # What the ledger recorded of the landing table before the column existed.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {settings.state.schema_}.warehouse_columns"
+            " SET columns = array_remove(columns, '_CDC_QUARANTINED')"
+        )
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("UPDATE plant.gauge SET reading = 'NaN' WHERE id = 4")
+    assert await export_until_idle(settings) == 0
+    reading, _, _, _, mark = current(gauges)[4]
+    assert (reading, mark) == (None, "reading:nan")
