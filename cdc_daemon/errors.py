@@ -109,7 +109,10 @@ def from_snowflake(exc: Exception, doing: str) -> CdcError:
     lines = [s.strip() for s in (getattr(exc, "raw_msg", None) or str(exc)).splitlines()]
     detail = " ".join(s for s in lines if s) or type(exc).__name__
     message = f"{doing}: {detail}"
-    if isinstance(exc, sf.ProgrammingError) and not isinstance(exc, sf.NotSupportedError):
+    # A statement Snowflake refused: its SQL (ProgrammingError), or the data it met (a NOT
+    # NULL violation is IntegrityError 100072, a bad value DataError): no retry fixes either.
+    refused = (sf.ProgrammingError, sf.IntegrityError, sf.DataError)
+    if isinstance(exc, refused) and not isinstance(exc, sf.NotSupportedError):
         return WarehouseError(message).at("snowflake")
     if isinstance(exc, sf.DatabaseError) and str(getattr(exc, "sqlstate", "")).startswith("28"):
         # SQLSTATE class 28, invalid authorization: a wrong password or key; no retry fixes it.

@@ -148,7 +148,8 @@ def rebuild(
     reads an unquoted empty field as NULL and ``""`` as an empty string), by the column names
     of each object's header; keep the row with the highest ``_cdc_seq`` per key unless it is a
     delete (``_cdc_op = 'D'``), a column that row names in ``_cdc_unchanged`` taken from the
-    latest row of that key that has it (the warehouse merge's rule); return the view's name.
+    latest row of that key that has it (the warehouse merge's rule); a quarantined row's
+    withheld values are NULL there, as in the warehouse; return the view's name.
     ``table`` may be ``schema.table``; the raw table and the view go to the source's schema."""
     schema, _, name = table.rpartition(".")
     schema = schema or "public"
@@ -160,7 +161,8 @@ def rebuild(
         conn.execute(
             sql.SQL(
                 "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::bigint AS _cdc_seq,"
-                " now() AS _cdc_ts, ''::text AS _cdc_unchanged FROM {t} WITH NO DATA"
+                " now() AS _cdc_ts, ''::text AS _cdc_unchanged, ''::text AS _cdc_quarantined"
+                " FROM {t} WITH NO DATA"
             ).format(raw=raw, t=t)
         )
         # The source's columns, in order: (name, type, is bytea, is an array).
@@ -187,7 +189,9 @@ def rebuild(
                     raw, sql.Identifier(column)
                 )
             )
-        for body in bodies.values():
+        for object_key, body in bodies.items():
+            if "_quarantine/" in object_key:
+                continue  # never loaded: the rows' warehouse form is in their day's -q object
             header = next(csv.reader([body.split(b"\n", 1)[0].decode()]))
             columns = sql.SQL(", ").join(map(sql.Identifier, header))
             with conn.cursor().copy(

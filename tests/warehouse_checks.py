@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -128,13 +128,10 @@ def _normal(value: Any, sf_type: str) -> Any:
     return str(value)
 
 
-def assert_table_equals_source(
-    pg_dsn: str, wh: Any, t: WarehouseTable, *, empty_is_null: Literal[False] = False
-) -> int:
+def assert_table_equals_source(pg_dsn: str, wh: Any, t: WarehouseTable) -> int:
     """The current-state table holds every source row, each column equal to the source's value
-    under the documented mapping (NULL and '' told apart: ``empty_is_null`` can only be False,
-    for the callers that still say so). ``wh`` answers ``query`` (the local or a real
-    warehouse). Returns the number of rows."""
+    under the documented mapping (NULL and '' told apart). ``wh`` answers ``query`` (the local
+    or a real warehouse). Returns the number of rows."""
     source_cols = []
     for c in t.columns:
         q = f'"{c.source}"'

@@ -173,7 +173,7 @@ async def test_the_warehouse_sql_loads_and_merges_every_value_in_a_real_account(
             found = desired(merge)
             assert found is not None
             wh.execute(found[2]["DEFINITION"])
-            assert_table_equals_source(pg_dsn, wh, t, empty_is_null=False)
+            assert_table_equals_source(pg_dsn, wh, t)
     finally:
         try:
             wh.execute(f"DROP SCHEMA IF EXISTS {sf.database}.{sf.schema_} CASCADE")

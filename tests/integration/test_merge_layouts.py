@@ -139,7 +139,7 @@ def assert_merged(pg_dsn: str, wh: LocalWarehouse) -> None:
     assert not failed, failed[0]
     assert len(wh.tables) == len(LAYOUTS)
     for t in wh.tables:
-        assert assert_table_equals_source(pg_dsn, wh, t, empty_is_null=False) > 0
+        assert assert_table_equals_source(pg_dsn, wh, t) > 0
 
 
 async def test_every_column_layout_merges_to_the_source_values(

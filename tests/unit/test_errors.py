@@ -403,6 +403,19 @@ def test_snowflake_rejected_statement_is_a_warehouse_error() -> None:
     )
 
 
+def test_snowflake_refused_data_is_a_warehouse_error_not_retried() -> None:
+    """A NOT NULL violation (the connector's ``IntegrityError``, Snowflake error 100072) and a
+    value Snowflake cannot take (``DataError``) fail at once as ``WarehouseError``: a retry
+    would meet the same data."""
+    for exc in (
+        sf.IntegrityError(msg="NULL result in a non-nullable column", errno=100072),
+        sf.DataError(msg="Numeric value 'x' is not recognized", errno=100038),
+    ):
+        err = from_snowflake(exc, "merging")
+        assert type(err) is WarehouseError
+        assert not err.retriable
+
+
 def test_snowflake_compilation_error_keeps_the_reason() -> None:
     """A two-line Snowflake refusal keeps its reason (which object, which privilege)."""
     exc = sf.ProgrammingError(
