@@ -141,8 +141,13 @@ async def test_watermark_never_passes_a_late_row_still_waiting(
             await wait_until(lambda: exported_ids(s3_client, bucket) == set(range(1, 21)) - {11})
             late.commit()
         watermarks = []
-        while 11 not in exported_ids(s3_client, bucket):
-            watermarks.append(await position(pg_dsn))
+        while True:
+            # The position first, then S3: a position read before 11 is in S3 must be below
+            # it (read the other way round, the upload and commit could fall in between).
+            watermark = await position(pg_dsn)
+            if 11 in exported_ids(s3_client, bucket):
+                break
+            watermarks.append(watermark)
             await asyncio.sleep(0.05)
         assert watermarks, "the late row should have waited for max_age_s"
         assert all(w is not None and w < 11 for w in watermarks), watermarks
