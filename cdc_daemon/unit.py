@@ -15,9 +15,12 @@ A crash before 2 leaves nothing behind. A crash between 2 and 3's commit leaves 
 record: the next start redoes exactly that batch under exactly those keys, with the same
 ``_cdc_ts``, so the objects are byte-identical and one Snowpipe already loaded is harmless.
 
-Which ledger records the batch is the producer's: anything with ``record_pending`` and
-``commit_uploaded`` (``state.store.Store`` for live batches, ``state.backfill.ChunkLedger``
-for backfill chunks). Retries are ``Retry``'s, one loop for every boundary.
+Every producer's batch is a delivery of the one confirmation ledger (``state.deliveries``):
+the unit of work records and commits it there, whoever produced it, each time in one
+transaction with the producer's own part (its ``Ledger``: ``state.store.Store`` for stream
+batches, ``capture.logical.join.JoinLedger`` for snapshot chunks,
+``state.backfill.BackfillLedger`` for backfill chunks). Retries are ``Retry``'s, one loop for
+every boundary.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from cdc_daemon.errors import TransientError, first_error
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.sink.s3 import S3Sink
-from cdc_daemon.state.ledger import BatchRecord, ObjectRecord
+from cdc_daemon.state.deliveries import Deliveries
+from cdc_daemon.state.ledger import BatchRecord, Delivery, ObjectRecord
 
 if TYPE_CHECKING:
     from cdc_daemon.warehouse.evolve import SchemaGuard
@@ -59,8 +63,10 @@ T = TypeVar("T")
 
 
 class Batch(Protocol):
-    """What the unit of work delivers: a live batch or a backfill chunk."""
+    """What the unit of work delivers: a stream batch, a snapshot chunk or a backfill chunk."""
 
+    @property
+    def delivery(self) -> Delivery: ...
     @property
     def table(self) -> str: ...
     @property
@@ -83,10 +89,14 @@ B = TypeVar("B", bound=Batch, contravariant=True)
 
 
 class Ledger(Protocol[B]):
-    """Where a batch's intent record and its commit go."""
+    """A producer's part of the ledger: what it writes in the transaction that records the
+    delivery (``intent``) and in the one that commits it (``advance``: a position, a key
+    range), on the session of ``deliveries``."""
 
-    async def record_pending(self, batch: B, /) -> None: ...
-    async def commit_uploaded(self, batch: B, /) -> None: ...
+    @property
+    def deliveries(self) -> Deliveries: ...
+    async def intent(self, batch: B, /) -> None: ...
+    async def advance(self, batch: B, /) -> None: ...
 
 
 def utc_now_iso() -> str:
@@ -175,7 +185,7 @@ class UnitOfWork:
     # -- 2. intent record ---------------------------------------------------------------------
 
     async def record(self, batch: B, ledger: Ledger[B]) -> None:
-        await ledger.record_pending(batch)
+        await ledger.deliveries.record(batch.delivery, lambda: ledger.intent(batch))
         self.crash_point("after_pending")
 
     # -- 3. upload, shielded commit -------------------------------------------------------
@@ -189,7 +199,9 @@ class UnitOfWork:
         self.crash_point("after_upload")
         # Shielded: once S3 has every object, the commit must not be abandoned half-way by a
         # shutdown (it is one short transaction), nor its connection closed under it.
-        commit = asyncio.ensure_future(ledger.commit_uploaded(batch))
+        commit = asyncio.ensure_future(
+            ledger.deliveries.commit(batch.delivery, lambda: ledger.advance(batch))
+        )
         try:
             await asyncio.shield(commit)
         except asyncio.CancelledError:

@@ -54,7 +54,8 @@ from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.session import SourceSession, read_snapshot, translated
 from cdc_daemon.source.table import TableInfo, describe_configured
-from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run
+from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run, chunk_id
+from cdc_daemon.state.ledger import Producer
 from cdc_daemon.unit import Retry, UnitOfWork, utc_now_iso
 
 log = structlog.get_logger()
@@ -398,7 +399,14 @@ class Backfill:
         async def note(exc: TransientError) -> None:
             if not self._ledger.broken:
                 with contextlib.suppress(CdcError):
-                    await self._ledger.note_failure(run_id, chunk.day, str(exc))
+                    # Not counted: the next attempt records the chunk again, which counts it.
+                    await self._ledger.note_attempt_failed(
+                        self._table.qualified,
+                        Producer.BACKFILL,
+                        str(exc),
+                        chunk_id(run_id, chunk.day),
+                        counted=False,
+                    )
 
         return await self._retry.run(
             lambda: self._chunk(reader, chunk, progress),

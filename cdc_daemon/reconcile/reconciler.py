@@ -1,8 +1,9 @@
 """The reconciler: Snowflake's load history -> the ledger.
 
-Each round it reads the batches that are in S3 but not confirmed (``uploaded``, ``missing``),
-the pipe's load history (``COPY_HISTORY`` on RAW_SALES, within its 14-day window) and
-``SYSTEM$PIPE_STATUS``, and for each batch:
+Each round it reads the deliveries (``state.deliveries``: stream batches, snapshot chunks,
+backfill chunks alike) that are in S3 but not confirmed (``uploaded``, ``missing``), the pipe's
+load history (``COPY_HISTORY`` on RAW_SALES, within its 14-day window) and
+``SYSTEM$PIPE_STATUS``, and for each delivery:
 
 - every object loaded, each with exactly the ledger's row count -> ``loaded``;
 - an object failed or partially loaded, or loaded with another row count -> ``failed``, with
@@ -12,9 +13,7 @@ the pipe's load history (``COPY_HISTORY`` on RAW_SALES, within its 14-day window
   again after that -> ``missing``. A missing batch is still looked for and becomes ``loaded``
   if it shows up.
 
-Backfill chunks (``cdc.backfill_chunks``) are reconciled the same way, their outcome kept in
-the chunk (``load_status``, ``load_error``, ``loaded_at``). Quarantined objects (outside the
-pipe's folder) are not expected in the history. A paused or
+Quarantined objects (outside the pipe's folder) are not expected in the history. A paused or
 stalled pipe is logged every round and kept for ``status`` and metrics.
 
 It runs in the daemon's TaskGroup on its own ledger session and its own Snowflake session:
@@ -40,9 +39,9 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, TransientError, from_psycopg
 from cdc_daemon.ops.health import Heartbeats
 from cdc_daemon.ops.metrics import Metrics
-from cdc_daemon.state.ledger import Status
+from cdc_daemon.state.ledger import Delivery, Status
 from cdc_daemon.state.position import INT64_MIN
-from cdc_daemon.state.store import Store, Unreconciled
+from cdc_daemon.state.store import Store
 from cdc_daemon.warehouse.client import (
     LoadRecord,
     PipeStatus,
@@ -154,7 +153,7 @@ SALES_DAYS = (
 
 
 def judge(
-    item: Unreconciled,
+    item: Delivery,
     history: dict[str, LoadRecord],
     prefix: str = "",
     landing: dict[str, tuple[str, frozenset[str]]] | None = None,
@@ -165,7 +164,7 @@ def judge(
     the table lacks is failed, since the by-name load skipped that column's values."""
     unseen: list[str] = []
     problems: list[str] = []
-    for obj in item.batch.objects:
+    for obj in item.objects:
         if obj.quarantine:
             continue
         name = obj.key.removeprefix(prefix)
@@ -317,14 +316,14 @@ class Reconciler:
                 log.warning("load_status_unknown", status=status, file=record.file)
 
     async def _landing_columns(
-        self, wh: Warehouse, items: list[Unreconciled], history: dict[str, LoadRecord]
+        self, wh: Warehouse, items: list[Delivery], history: dict[str, LoadRecord]
     ) -> dict[str, tuple[str, frozenset[str]]]:
         """The landing tables' columns (folder -> (table, columns)), read only for the tables
         with an object this round may confirm."""
         folders = {
             folder_of(name)
             for item in items
-            for obj in item.batch.objects
+            for obj in item.objects
             if obj.columns and (name := obj.key.removeprefix(self._prefix)) in history
         }
         out: dict[str, tuple[str, frozenset[str]]] = {}
@@ -365,12 +364,9 @@ class Reconciler:
         now = now or datetime.now(UTC)
         sf = self._settings.snowflake
         store = await self._ledger()
-        items = await store.unreconciled(self._ledger_name)
-        items += await store.unreconciled_chunks(self._table)
-        if self._settings.capture.mode == "logical":
-            # The snapshot's chunks of every table of the group.
-            for spec in self._settings.table_specs:
-                items += await store.unreconciled_join_chunks(self._ledger_name, spec.qualified)
+        # The stream's batches and the snapshot's chunks are the ledger's (a group's in logical
+        # mode); backfill chunks are the table's.
+        items = await store.unconfirmed([self._ledger_name, self._table])
         wh = await self._warehouse()
         outcome = Outcome()
         outcome.pipes = await asyncio.to_thread(wh.pipe_statuses)
@@ -388,7 +384,7 @@ class Reconciler:
         await self._watch_tasks_and_stream(wh, outcome, now)
         await self._save_health(store, outcome)
         if items:
-            oldest = min(i.uploaded_at for i in items) - timedelta(hours=1)
+            oldest = min(i.uploaded_at or now for i in items) - timedelta(hours=1)
             since = max(oldest, now - timedelta(days=HISTORY_DAYS))
             records = await asyncio.to_thread(wh.load_history, since)
             self._note_unknown_statuses(records)
@@ -398,46 +394,41 @@ class Reconciler:
         landing = await self._landing_columns(wh, items, history)
         wait = timedelta(seconds=sf.missing_after_s)
         for item in items:
-            batch = item.batch
+            uploaded_at = item.uploaded_at or now  # set on every delivery in S3
             new, reason, unseen = judge(item, history, self._prefix, landing)
             if new is not None:
-                if await self._settle(store, item, new, reason):
+                if await store.settle(item, new, reason):
                     if new is Status.LOADED:
-                        outcome.loaded.append(batch.batch_id)
+                        outcome.loaded.append(item.name)
                     else:
-                        outcome.failed.append((batch.batch_id, reason or ""))
-                        log.error("batch_load_failed", batch_id=batch.batch_id, error=reason)
+                        outcome.failed.append((item.name, reason or ""))
+                        log.error("batch_load_failed", batch_id=item.name, error=reason)
                 continue
             if item.refreshed_at is None:
-                if now - item.uploaded_at < wait:
+                if now - uploaded_at < wait:
                     outcome.waiting += 1
                     continue
-                if now - item.uploaded_at < timedelta(days=REFRESH_DAYS):
+                if now - uploaded_at < timedelta(days=REFRESH_DAYS):
                     for name in unseen:
                         await asyncio.to_thread(wh.refresh, name)
-                    if item.join_chunk is not None:
-                        await store.mark_join_chunk_refreshed(item.join_chunk)
-                    elif item.chunk is not None:
-                        await store.mark_chunk_refreshed(item.chunk)
-                    else:
-                        await store.mark_refreshed(self._ledger_name, batch.batch_id)
-                    outcome.refreshed.append(batch.batch_id)
-                    log.warning("pipe_refresh_requested", batch_id=batch.batch_id, files=unseen)
+                    await store.mark_refreshed(item)
+                    outcome.refreshed.append(item.name)
+                    log.warning("pipe_refresh_requested", batch_id=item.name, files=unseen)
                     continue
             elif now - item.refreshed_at < wait:
                 outcome.waiting += 1
                 continue
-            if batch.status is Status.MISSING:
+            if item.status is Status.MISSING:
                 continue
             reason = (
                 f"{len(unseen)} object(s) not in Snowflake's load history"
-                f" {int((now - item.uploaded_at).total_seconds())} s after upload"
+                f" {int((now - uploaded_at).total_seconds())} s after upload"
                 + (", after a pipe refresh" if item.refreshed_at else ", too old to refresh")
                 + f": {', '.join(unseen[:3])}"
             )
-            if await self._settle(store, item, Status.MISSING, reason):
-                outcome.missing.append((batch.batch_id, reason))
-                log.error("batch_missing", batch_id=batch.batch_id, reason=reason)
+            if await store.settle(item, Status.MISSING, reason):
+                outcome.missing.append((item.name, reason))
+                log.error("batch_missing", batch_id=item.name, reason=reason)
         if self._metrics is not None:
             for name, batches in (
                 ("loaded", outcome.loaded),
@@ -458,18 +449,6 @@ class Reconciler:
             )
         self.last = outcome
         return outcome
-
-    async def _settle(
-        self, store: Store, item: Unreconciled, new: Status, reason: str | None
-    ) -> bool:
-        """Record a batch's (or a backfill chunk's) new status; False if it moved meanwhile."""
-        if item.join_chunk is not None:
-            return await store.reconcile_join_chunk(item.join_chunk, item.batch.status, new, reason)
-        if item.chunk is not None:
-            return await store.reconcile_chunk(item.chunk, item.batch.status, new, reason)
-        return await store.reconcile(
-            self._ledger_name, item.batch.batch_id, item.batch.status, new, reason
-        )
 
     async def completeness(self) -> list[DayDifference]:
         """Days whose row count or amount differs between Postgres and SALES, among the days it

@@ -1,6 +1,7 @@
 """The backfill ledger: one row per backfill run, one per chunk (a day of the partition column).
 
     chunk: planned --read, intent recorded--> pending --every object in S3--> uploaded
+           (pending and after: the states of its delivery, ``state.ledger``)
     run:   running --every chunk uploaded--> done;  running --error or signal--> failed
 
 A run is resumable while it is not ``done``: uploaded chunks are skipped, a pending chunk is
@@ -18,13 +19,11 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-import psycopg
-from psycopg import sql
-
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
-from cdc_daemon.state.ledger import ObjectRecord, ObjectTotals
-from cdc_daemon.state.session import LedgerSession, advisory_key
+from cdc_daemon.errors import StateError
+from cdc_daemon.state.deliveries import Deliveries
+from cdc_daemon.state.ledger import Delivery, ObjectRecord, ObjectTotals, Producer
+from cdc_daemon.state.session import advisory_key
 
 # Run by ``Store.init_schema`` (``cdc-daemon init``), after the base tables; idempotent.
 BACKFILL_DDL = """
@@ -44,29 +43,16 @@ CREATE TABLE IF NOT EXISTS {schema}.backfill_runs (
 );
 CREATE INDEX IF NOT EXISTS backfill_runs_range
     ON {schema}.backfill_runs (table_name, day_from, day_to, fingerprint);
+-- A chunk's own part, one per day of the run (``delivery``: its delivery's ``producer_id`` in
+-- ``state.deliveries``, which has its objects and their state once it is read).
 CREATE TABLE IF NOT EXISTS {schema}.backfill_chunks (
     run_id text NOT NULL REFERENCES {schema}.backfill_runs ON DELETE CASCADE,
     day date NOT NULL,
-    status text NOT NULL CHECK (status IN ('planned', 'pending', 'uploaded')),
+    delivery text NOT NULL,
     rows_estimate bigint NOT NULL,
-    rows bigint,
-    raw_bytes bigint,
-    size bigint,
-    objects jsonb,
-    checksum text,
-    read_ts text,
     seq_basis bigint,
-    attempts integer NOT NULL DEFAULT 0,
-    error text,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    uploaded_at timestamptz,
     PRIMARY KEY (run_id, day)
 );
--- The reconciler's view of a chunk in S3: NULL (not confirmed yet), loaded, failed, missing.
-ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS load_status text;
-ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS load_error text;
-ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS loaded_at timestamptz;
-ALTER TABLE {schema}.backfill_chunks ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
 """
 
 
@@ -86,6 +72,11 @@ class Chunk:
     rows: int | None = None
     objects: int = 0
     attempts: int = 0
+
+
+def chunk_id(run_id: str, day: date) -> str:
+    """A chunk's delivery among the backfill's (``producer_id``)."""
+    return f"{run_id}/{day.isoformat()}"
 
 
 def chunk_name(run_id: str, day: date) -> str:
@@ -108,6 +99,18 @@ class ChunkRecord(ObjectTotals):
     def batch_id(self) -> str:
         return chunk_name(self.run_id, self.day)
 
+    @property
+    def delivery(self) -> Delivery:
+        return Delivery(
+            ledger=self.table,
+            producer=Producer.BACKFILL,
+            producer_id=chunk_id(self.run_id, self.day),
+            name=self.batch_id,
+            table=self.table,
+            read_ts=self.read_ts,
+            objects=self.objects,
+        )
+
 
 @dataclass(frozen=True)
 class Run:
@@ -124,7 +127,7 @@ class Run:
         return [c for c in self.chunks if c.status == "uploaded"]
 
 
-class BackfillLedger(LedgerSession):
+class BackfillLedger(Deliveries):
     """Async access to the backfill tables, on a session of its own (which also holds the
     run's lock). ``connect()`` is the factory that does I/O."""
 
@@ -163,12 +166,19 @@ class BackfillLedger(LedgerSession):
         )
         if not runs:
             raise StateError(f"backfill run {run_id} does not exist")
+        # A chunk is planned until its intent record (a delivery), pending until in S3.
         chunks = await self._fetch(
             "reading backfill chunks",
             self._q(
-                "SELECT day, status, rows_estimate, read_ts, seq_basis, checksum, rows, "
-                "coalesce(jsonb_array_length(objects), 0) AS objects, attempts "
-                "FROM {schema}.backfill_chunks WHERE run_id = %s ORDER BY day"
+                "SELECT c.day, CASE WHEN d.status IS NULL THEN 'planned'"
+                " WHEN d.uploaded_at IS NULL THEN 'pending' ELSE 'uploaded' END AS status,"
+                " c.rows_estimate, d.read_ts, c.seq_basis, d.checksum, d.rows,"
+                " coalesce(jsonb_array_length(d.objects), 0) AS objects,"
+                " coalesce(d.attempts, 0) AS attempts"
+                " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
+                " LEFT JOIN {schema}.deliveries d ON d.ledger = r.table_name"
+                " AND d.producer = 'backfill' AND d.producer_id = c.delivery"
+                " WHERE c.run_id = %s ORDER BY c.day"
             ),
             (run_id,),
         )
@@ -195,39 +205,32 @@ class BackfillLedger(LedgerSession):
         days: list[tuple[date, int]],
     ) -> Run:
         """The run and all its chunks (``planned``), in one transaction."""
-        try:
-            async with self._conn.transaction():
-                await self._conn.execute(
+        async with self.transaction("recording a backfill run"):
+            await self._conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.backfill_runs (run_id, table_name, day_from, "
+                    "day_to, fingerprint, config, status, jobs) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, 'running', %s)"
+                ),
+                (run_id, table, day_from, day_to, fingerprint, json.dumps(config), jobs),
+            )
+            async with self._conn.cursor() as cur:
+                await cur.executemany(
                     self._q(
-                        "INSERT INTO {schema}.backfill_runs (run_id, table_name, day_from, "
-                        "day_to, fingerprint, config, status, jobs) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, 'running', %s)"
+                        "INSERT INTO {schema}.backfill_chunks (run_id, day, delivery, "
+                        "rows_estimate) VALUES (%s, %s, %s, %s)"
                     ),
-                    (run_id, table, day_from, day_to, fingerprint, json.dumps(config), jobs),
+                    [(run_id, day, chunk_id(run_id, day), rows) for day, rows in days],
                 )
-                async with self._conn.cursor() as cur:
-                    await cur.executemany(
-                        self._q(
-                            "INSERT INTO {schema}.backfill_chunks (run_id, day, status, "
-                            "rows_estimate) VALUES (%s, %s, 'planned', %s)"
-                        ),
-                        [(run_id, day, rows) for day, rows in days],
-                    )
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "recording a backfill run") from None
         return await self.run(run_id)
 
     async def try_lock(self, run_id: str) -> None:
-        """Session-level: held while this connection lives, released if the process dies."""
-        rows = await self._fetch(
+        """The run's lock, for as long as this session lives (never the daemon's)."""
+        await self._try_lock(
+            run_lock_key(run_id),
             "taking the backfill run's lock",
-            sql.SQL("SELECT pg_try_advisory_lock(%s) AS ok"),
-            (run_lock_key(run_id),),
+            f"backfill run {run_id} is already running in another process",
         )
-        if not rows[0]["ok"]:
-            raise AlreadyRunningError(
-                f"backfill run {run_id} is already running in another process"
-            )
 
     async def set_run_status(self, run_id: str, status: str, jobs: int, error: str | None) -> None:
         await self._fetch(
@@ -240,51 +243,21 @@ class BackfillLedger(LedgerSession):
             (status, error, jobs, status, run_id),
         )
 
-    async def record_pending(self, chunk: ChunkRecord) -> None:
-        """The chunk's intent record, written before any of its objects goes to S3."""
+    # -- ``unit.Ledger``: the chunk's own part of its intent record and of its commit --------
+
+    @property
+    def deliveries(self) -> Deliveries:
+        return self
+
+    async def intent(self, chunk: ChunkRecord, /) -> None:
+        """Only a planned day of the run is delivered."""
         rows = await self._fetch(
             "recording a backfill chunk",
-            self._q(
-                "UPDATE {schema}.backfill_chunks SET status = 'pending', read_ts = %s, "
-                "seq_basis = %s, objects = %s, checksum = %s, rows = %s, raw_bytes = %s, "
-                "size = %s, attempts = attempts + 1, error = NULL, updated_at = now() "
-                "WHERE run_id = %s AND day = %s AND status <> 'uploaded' RETURNING day"
-            ),
-            (
-                chunk.read_ts,
-                None,
-                json.dumps([o.as_json() for o in chunk.objects]),
-                chunk.checksum,
-                chunk.rows,
-                chunk.raw_bytes,
-                chunk.size,
-                chunk.run_id,
-                chunk.day,
-            ),
+            self._q("SELECT day FROM {schema}.backfill_chunks WHERE run_id = %s AND day = %s"),
+            (chunk.run_id, chunk.day),
         )
         if not rows:
-            raise StateError(f"backfill chunk {chunk.run_id}/{chunk.day} is already uploaded")
+            raise StateError(f"backfill run {chunk.run_id} has no chunk {chunk.day}")
 
-    async def note_failure(self, run_id: str, day: date, error: str) -> None:
-        await self._fetch(
-            "recording a failed attempt",
-            self._q(
-                "UPDATE {schema}.backfill_chunks SET error = %s, updated_at = now() "
-                "WHERE run_id = %s AND day = %s"
-            ),
-            (error, run_id, day),
-        )
-
-    async def commit_uploaded(self, chunk: ChunkRecord) -> None:
-        run_id, day = chunk.run_id, chunk.day
-        rows = await self._fetch(
-            "committing a backfill chunk",
-            self._q(
-                "UPDATE {schema}.backfill_chunks SET status = 'uploaded', uploaded_at = now(), "
-                "updated_at = now() WHERE run_id = %s AND day = %s AND status = 'pending' "
-                "RETURNING day"
-            ),
-            (run_id, day),
-        )
-        if not rows:
-            raise StateError(f"backfill chunk {run_id}/{day} is not pending any more")
+    async def advance(self, chunk: ChunkRecord, /) -> None:
+        """Nothing moves: a backfill never touches a position."""

@@ -6,6 +6,7 @@ of them when the group starts, one added later while it runs).
            joining|streaming --the table failed (dropped, no privilege, TRUNCATE, a schema
            change to stop at)--> failed --``resync --table`` and a restart--> joining
     chunk: pending --every object in S3, its range's resume key moved (one transaction)--> uploaded
+           (the states of its delivery, ``state.ledger``)
 
 A joining table's key space is cut into ``capture.snapshot_jobs`` ranges, copied at once; each
 range is exported in chunks by key, each ``(after, last]`` read in its own transaction
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cdc_daemon.state.ledger import ObjectRecord, ObjectTotals
+from cdc_daemon.state.ledger import Delivery, ObjectRecord, ObjectTotals, Producer
 
 # Run by ``Store.init_schema`` (``cdc-daemon init``), after the base tables; idempotent.
 JOINS_DDL = """
@@ -35,6 +36,8 @@ CREATE TABLE IF NOT EXISTS {schema}.group_tables (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (group_name, table_name)
 );
+-- A snapshot chunk's own part: its key range and attempt (its objects and their state are its
+-- delivery's, ``state.deliveries``).
 CREATE TABLE IF NOT EXISTS {schema}.join_chunks (
     group_name text NOT NULL,
     table_name text NOT NULL,
@@ -42,24 +45,11 @@ CREATE TABLE IF NOT EXISTS {schema}.join_chunks (
     part integer NOT NULL,
     chunk integer NOT NULL,
     attempt integer NOT NULL,
-    status text NOT NULL CHECK (status IN ('pending', 'uploaded')),
     after_key jsonb,
     last_key jsonb,
-    rows bigint NOT NULL,
-    raw_bytes bigint NOT NULL,
-    size bigint NOT NULL,
-    objects jsonb NOT NULL,
-    checksum text NOT NULL,
-    read_ts text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    uploaded_at timestamptz,
     PRIMARY KEY (group_name, table_name, seq, part, chunk)
 );
--- The reconciler's view of a chunk in S3: NULL (not confirmed yet), loaded, failed, missing.
-ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS load_status text;
-ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS load_error text;
-ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS loaded_at timestamptz;
-ALTER TABLE {schema}.join_chunks ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
 """
 
 
@@ -129,6 +119,11 @@ class GroupTable:
     error: str | None = None  # why it failed
 
 
+def join_chunk_id(table: str, seq: int, part: int, chunk: int) -> str:
+    """A join chunk's delivery among the group's: the same across its attempts."""
+    return f"{table}/{seq}/{part}/{chunk}"
+
+
 def join_chunk_name(seq: int, part: int, chunk: int, attempt: int) -> str:
     """The object name of a join chunk: never a live batch id (digits or ``start``), never a
     backfill chunk (``backfill-``). Each attempt has its own name (see ``JoinChunk``)."""
@@ -158,3 +153,16 @@ class JoinChunk(ObjectTotals):
     @property
     def batch_id(self) -> str:
         return join_chunk_name(self.seq, self.part, self.chunk, self.attempt)
+
+    @property
+    def delivery(self) -> Delivery:
+        return Delivery(
+            ledger=self.group,
+            producer=Producer.JOIN,
+            producer_id=join_chunk_id(self.table, self.seq, self.part, self.chunk),
+            name=self.batch_id,
+            table=self.table,
+            read_ts=self.read_ts,
+            objects=self.objects,
+            attempts=self.attempt,
+        )

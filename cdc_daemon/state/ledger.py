@@ -1,4 +1,9 @@
-"""Batches and their states. Pure: no I/O (the Postgres tables are in ``store``).
+"""Deliveries (objects awaiting Snowpipe's confirmation) and their states, and the stream
+batch. Pure: no I/O (the Postgres tables are in ``deliveries`` and ``store``).
+
+Every producer (a stream batch, a logical group's snapshot chunk, a backfill chunk) hands the
+unit of work a ``Delivery``: its objects and where they stand. The states are the same whoever
+produced it:
 
     pending --upload acknowledged + watermark moved (one transaction)--> uploaded
     pending --retries exhausted (S3 or Postgres kept failing)--> failed (with the error)
@@ -19,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -118,6 +124,35 @@ class ObjectTotals:
         return objects_checksum(self.objects)
 
 
+class Producer(StrEnum):
+    """Who delivered the objects: what the producer keeps of its own is in its ledger."""
+
+    BATCH = "batch"  # a stream batch (``state.store``: its range and the position to move to)
+    JOIN = "join"  # a logical group's snapshot chunk (``state.joins``: its key range)
+    BACKFILL = "backfill"  # a backfill chunk (``state.backfill``: the run's progress)
+
+
+@dataclass(frozen=True)
+class Delivery(ObjectTotals):
+    """Objects a producer uploads as one unit of work, and their state until Snowpipe confirms
+    their load. ``ledger`` is whose reconciler reads it (a table's or a group's name),
+    ``producer_id`` names it among its producer's (the same across redos), ``name`` is the
+    objects' name (which may change between attempts, as a join chunk's does)."""
+
+    ledger: str
+    producer: Producer
+    producer_id: str
+    name: str
+    table: str
+    read_ts: str
+    objects: tuple[ObjectRecord, ...] = ()
+    status: Status = Status.PENDING
+    attempts: int = 1
+    error: str | None = field(default=None, compare=False)
+    uploaded_at: datetime | None = field(default=None, compare=False)
+    refreshed_at: datetime | None = field(default=None, compare=False)
+
+
 @dataclass(frozen=True)
 class BatchRecord(ObjectTotals):
     """One batch: ids in ``(lo, hi]`` except ``gaps``, plus the late ids in ``caught``."""
@@ -134,6 +169,19 @@ class BatchRecord(ObjectTotals):
     status: Status = Status.PENDING
     attempts: int = 1
     error: str | None = field(default=None, compare=False)
+
+    @property
+    def delivery(self) -> Delivery:
+        return Delivery(
+            ledger=self.table,
+            producer=Producer.BATCH,
+            producer_id=self.batch_id,
+            name=self.batch_id,
+            table=self.table,
+            read_ts=self.read_ts,
+            objects=self.objects,
+            attempts=self.attempts,
+        )
 
     def spec_json(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,5 @@
-"""Read-only views of the ledger for ``status`` and ``/metrics``.
+"""Read-only views of the ledger for ``status`` and ``/metrics``: the stream's batches (the
+view ``batches``: each with its delivery), backfill runs, positions, the group's tables.
 
 On a session of its own, never the daemon's ledger session: that one holds the single-instance
 lock and runs the commit transactions, and a query slipped in between could land inside one.
@@ -43,10 +44,12 @@ class LedgerReader(LedgerSession):
         rows = await self._read(
             "SELECT r.run_id, r.day_from::text AS day_from, r.day_to::text AS day_to, r.status,"
             " r.error, count(c.day) AS days,"
-            " count(c.day) FILTER (WHERE c.status = 'uploaded') AS days_done,"
-            " count(c.day) FILTER (WHERE c.load_status = 'loaded') AS days_loaded,"
-            " coalesce(sum(c.rows), 0) AS rows"
+            " count(c.day) FILTER (WHERE d.uploaded_at IS NOT NULL) AS days_done,"
+            " count(c.day) FILTER (WHERE d.status = 'loaded') AS days_loaded,"
+            " coalesce(sum(d.rows), 0) AS rows"
             " FROM {schema}.backfill_runs r LEFT JOIN {schema}.backfill_chunks c USING (run_id)"
+            " LEFT JOIN {schema}.deliveries d ON d.ledger = r.table_name"
+            " AND d.producer = 'backfill' AND d.producer_id = c.delivery"
             " WHERE r.table_name = %s GROUP BY r.run_id ORDER BY r.created_at DESC LIMIT %s",
             (table, limit),
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Self
 
 import psycopg
@@ -14,7 +14,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import StateError, from_psycopg
+from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
 
 
 def advisory_key(name: str) -> int:
@@ -30,6 +30,10 @@ class LedgerSession:
         self._conn = conn
         self._schema = sql.Identifier(schema)
         self._schema_name = schema
+        # Tasks may share a session (a backfill's jobs do): a statement of one must not land
+        # inside another's transaction, nor two transactions nest.
+        self._lock = asyncio.Lock()
+        self._transaction_task: asyncio.Task[Any] | None = None
 
     @classmethod
     async def open(
@@ -76,8 +80,30 @@ class LedgerSession:
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(schema=self._schema)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self, doing: str) -> AsyncIterator[None]:
+        """One transaction, which this task's statements join and no other task's can; a
+        driver error in it is translated (and the transaction undone)."""
+        async with self._lock:
+            self._transaction_task = asyncio.current_task()
+            try:
+                async with self._conn.transaction():
+                    yield
+            except psycopg.Error as exc:
+                raise from_psycopg(exc, doing) from None
+            finally:
+                self._transaction_task = None
+
     async def _fetch(
         self, doing: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        if self._transaction_task is not None and self._transaction_task is asyncio.current_task():
+            return await self._run(doing, query, params)
+        async with self._lock:
+            return await self._run(doing, query, params)
+
+    async def _run(
+        self, doing: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None
     ) -> list[dict[str, Any]]:
         try:
             cur = await self._conn.execute(query, params)
@@ -96,3 +122,10 @@ class LedgerSession:
         )
         if rows[0]["n"] != len(tables):
             raise StateError(missing)
+
+    async def _try_lock(self, key: int, doing: str, refused: str) -> None:
+        """The session-level advisory lock ``key``: held as long as this connection lives,
+        released if the process dies. AlreadyRunningError(``refused``) when another holds it."""
+        rows = await self._fetch(doing, sql.SQL("SELECT pg_try_advisory_lock(%s) AS ok"), (key,))
+        if not rows[0]["ok"]:
+            raise AlreadyRunningError(refused)

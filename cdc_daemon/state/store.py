@@ -1,8 +1,13 @@
-"""The ledger in Postgres: schema ``cdc`` (configurable), created by ``cdc-daemon init``.
+"""The ledger in Postgres: schema ``cdc`` (configurable), created (or upgraded) by
+``cdc-daemon init``.
 
 - ``positions``: the committed watermark of each table. It only moves in the transaction that
   marks a batch ``uploaded``, after S3 acknowledged every object of that batch.
-- ``batches``: one row per batch, keyed by (table, batch_id).
+- ``deliveries`` (``state.deliveries``): the objects of every unit of work and their state.
+- ``stream_batches``: a stream batch's own part, keyed by (table, batch_id): its range and the
+  position it moves to; the view ``batches`` shows each with its delivery.
+- ``group_tables``, ``join_chunks`` (``state.joins``), ``backfill_runs``, ``backfill_chunks``
+  (``state.backfill``): the producers' own parts.
 
 The store's session also holds the single-instance advisory lock for the table.
 """
@@ -12,22 +17,29 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import AlreadyRunningError, StateError, from_psycopg
-from cdc_daemon.state.backfill import BACKFILL_DDL
-from cdc_daemon.state.joins import JOINS_DDL, GroupTable, JoinChunk, KeyRange, join_chunk_name
-from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status, can_move
+from cdc_daemon.errors import StateError
+from cdc_daemon.state.backfill import BACKFILL_DDL, chunk_id, chunk_name
+from cdc_daemon.state.deliveries import DELIVERIES_DDL, UNFINISHED, Deliveries, delivery_row
+from cdc_daemon.state.joins import (
+    JOINS_DDL,
+    GroupTable,
+    JoinChunk,
+    KeyRange,
+    join_chunk_id,
+    join_chunk_name,
+)
+from cdc_daemon.state.ledger import BatchRecord, Delivery, ObjectRecord, Producer, Status
 from cdc_daemon.state.position import INT64_MIN, CaptureState
-from cdc_daemon.state.session import LedgerSession, advisory_key
+from cdc_daemon.state.session import advisory_key
 
 # 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
-SCHEMA_VERSION = 3
+# 4: deliveries, for every producer (state.deliveries); batches became stream_batches.
+SCHEMA_VERSION = 4
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.meta (
@@ -42,26 +54,13 @@ CREATE TABLE IF NOT EXISTS {schema}.positions (
     state jsonb NOT NULL DEFAULT '{{}}',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE IF NOT EXISTS {schema}.batches (
+CREATE TABLE IF NOT EXISTS {schema}.stream_batches (
     table_name text NOT NULL,
     batch_id text NOT NULL,
     lo bigint NOT NULL,
     hi bigint NOT NULL,
-    status text NOT NULL
-        CHECK (status IN ('pending', 'uploaded', 'loaded', 'failed', 'missing')),
-    rows bigint NOT NULL,
-    raw_bytes bigint NOT NULL,
-    size bigint NOT NULL,
-    objects jsonb NOT NULL,
-    checksum text NOT NULL,
-    read_ts text NOT NULL,
     spec jsonb NOT NULL,
-    attempts integer NOT NULL DEFAULT 1,
-    error text,
     created_at timestamptz NOT NULL DEFAULT now(),
-    uploaded_at timestamptz,
-    loaded_at timestamptz,
-    updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_name, batch_id)
 );
 -- Logical capture: the column list last exported per table (to detect schema changes).
@@ -83,16 +82,19 @@ CREATE TABLE IF NOT EXISTS {schema}.relations (
     columns jsonb NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS batches_status ON {schema}.batches (table_name, status);
--- The reconciler: when it asked Snowpipe to look again (ALTER PIPE ... REFRESH), once.
-ALTER TABLE {schema}.batches ADD COLUMN IF NOT EXISTS refreshed_at timestamptz;
 INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
     ON CONFLICT (key) DO NOTHING;
 """
 
-
-# A batch whose objects are not all in S3 yet.
-_UNFINISHED = "(status = 'pending' OR (status = 'failed' AND uploaded_at IS NULL))"
+# The stream batches with their delivery, as ``status``, the metrics and the reports read them.
+_BATCHES_VIEW = """
+CREATE OR REPLACE VIEW {schema}.batches AS
+SELECT b.table_name, b.batch_id, b.lo, b.hi, d.status, d.rows, d.raw_bytes, d.size, d.objects,
+    d.checksum, d.read_ts, b.spec, d.attempts, d.error, d.created_at, d.uploaded_at,
+    d.loaded_at, d.updated_at, d.refreshed_at
+FROM {schema}.stream_batches b JOIN {schema}.deliveries d
+    ON d.ledger = b.table_name AND d.producer = 'batch' AND d.producer_id = b.batch_id;
+"""
 
 
 def _group_table(r: dict[str, Any]) -> GroupTable:
@@ -125,7 +127,7 @@ class Position:
         return None if self.state.low == INT64_MIN else self.state.low
 
 
-class Store(LedgerSession):
+class Store(Deliveries):
     """Async ledger access. ``connect()`` is the factory that does I/O."""
 
     @classmethod
@@ -142,33 +144,120 @@ class Store(LedgerSession):
         return self._conn.info.backend_pid
 
     async def init_schema(self) -> None:
-        try:
-            async with self._conn.transaction():
-                # CREATE SCHEMA IF NOT EXISTS still needs CREATE on the database: skip it when
-                # an administrator made the schema for the daemon's role (deploy/postgres/).
-                found = await self._conn.execute(
-                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema_name,)
+        async with self.transaction(f"cannot create the ledger schema {self._schema_name}"):
+            # CREATE SCHEMA IF NOT EXISTS still needs CREATE on the database: skip it when
+            # an administrator made the schema for the daemon's role (deploy/postgres/).
+            found = await self._conn.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema_name,)
+            )
+            if await found.fetchone() is None:
+                await self._conn.execute(self._q("CREATE SCHEMA {schema}"))
+            await self._conn.execute(self._q(_DDL))
+            await self._conn.execute(self._q(DELIVERIES_DDL))
+            await self._conn.execute(self._q(BACKFILL_DDL))
+            await self._conn.execute(self._q(JOINS_DDL))
+            await self._upgrade()
+            await self._conn.execute(self._q(_BATCHES_VIEW))
+            await self._conn.execute(
+                self._q(
+                    "UPDATE {schema}.meta SET value = %s WHERE key = 'schema_version' "
+                    "AND value::int < %s"
+                ),
+                (str(SCHEMA_VERSION), SCHEMA_VERSION),
+            )
+
+    async def _columns(self, table: str) -> set[str]:
+        """The columns of the ledger's table ``table`` (none for a view)."""
+        rows = await self._fetch(
+            "reading the ledger",
+            sql.SQL(
+                "SELECT c.column_name FROM information_schema.columns c"
+                " JOIN information_schema.tables t USING (table_schema, table_name)"
+                " WHERE t.table_type = 'BASE TABLE' AND c.table_schema = %s AND c.table_name = %s"
+            ),
+            (self._schema_name, table),
+        )
+        return {str(r["column_name"]) for r in rows}
+
+    async def _upgrade(self) -> None:
+        """A ledger of schema 3 or older, in ``init_schema``'s transaction: the objects and
+        states of its batches, snapshot chunks and backfill chunks move to ``deliveries``;
+        each producer's table keeps its own part (``batches`` becomes ``stream_batches``)."""
+        moved: list[tuple[Any, ...]] = []
+        if "status" in await self._columns("batches"):
+            for r in await self._fetch("reading the batches", self._q(_OLD_BATCHES)):
+                d = Delivery(
+                    ledger=r["table_name"],
+                    producer=Producer.BATCH,
+                    producer_id=r["batch_id"],
+                    name=r["batch_id"],
+                    table=r["table_name"],
+                    read_ts=r["read_ts"],
+                    objects=_objects(r["objects"]),
+                    status=Status(r["status"]),
+                    attempts=r["attempts"],
+                    error=r["error"],
                 )
-                if await found.fetchone() is None:
-                    await self._conn.execute(self._q("CREATE SCHEMA {schema}"))
-                await self._conn.execute(self._q(_DDL))
-                await self._conn.execute(self._q(BACKFILL_DDL))
-                await self._conn.execute(self._q(JOINS_DDL))
+                moved.append(delivery_row(d, **_times(r)))
+            await self._conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.stream_batches (table_name, batch_id, lo, hi, spec,"
+                    " created_at) SELECT table_name, batch_id, lo, hi, spec, created_at"
+                    " FROM {schema}.batches; DROP TABLE {schema}.batches"
+                )
+            )
+        if "status" in await self._columns("join_chunks"):
+            for r in await self._fetch("reading the join chunks", self._q(_OLD_JOIN_CHUNKS)):
+                d = Delivery(
+                    ledger=r["group_name"],
+                    producer=Producer.JOIN,
+                    producer_id=join_chunk_id(r["table_name"], r["seq"], r["part"], r["chunk"]),
+                    name=join_chunk_name(r["seq"], r["part"], r["chunk"], r["attempt"]),
+                    table=r["table_name"],
+                    read_ts=r["read_ts"],
+                    objects=_objects(r["objects"]),
+                    status=Status(r["load_status"] or r["status"]),
+                    attempts=r["attempt"],
+                    error=r["load_error"],
+                )
+                moved.append(delivery_row(d, **_times(r)))
+            await self._conn.execute(self._q(_OLD_JOIN_CHUNKS_DROP))
+        if "objects" in await self._columns("backfill_chunks"):
+            await self._conn.execute(
+                self._q("ALTER TABLE {schema}.backfill_chunks ADD COLUMN delivery text")
+            )
+            for r in await self._fetch("reading the backfill chunks", self._q(_OLD_CHUNKS)):
                 await self._conn.execute(
                     self._q(
-                        "UPDATE {schema}.meta SET value = %s WHERE key = 'schema_version' "
-                        "AND value::int < %s"
+                        "UPDATE {schema}.backfill_chunks SET delivery = %s"
+                        " WHERE run_id = %s AND day = %s"
                     ),
-                    (str(SCHEMA_VERSION), SCHEMA_VERSION),
+                    (chunk_id(r["run_id"], r["day"]), r["run_id"], r["day"]),
                 )
-        except psycopg.Error as exc:
-            doing = f"cannot create the ledger schema {self._schema_name}"
-            raise from_psycopg(exc, doing) from None
+                if r["status"] == "planned":
+                    continue
+                d = Delivery(
+                    ledger=r["table_name"],
+                    producer=Producer.BACKFILL,
+                    producer_id=chunk_id(r["run_id"], r["day"]),
+                    name=chunk_name(r["run_id"], r["day"]),
+                    table=r["table_name"],
+                    read_ts=r["read_ts"],
+                    objects=_objects(r["objects"]),
+                    status=Status(r["load_status"] or r["status"]),
+                    attempts=r["attempts"],
+                    error=r["load_error"] or r["error"],
+                )
+                moved.append(delivery_row(d, **_times(r)))
+            await self._conn.execute(self._q(_OLD_CHUNKS_DROP))
+        if moved:
+            await self.insert_rows(moved)
 
     async def check_schema(self, logical: bool = False) -> None:
         await self._require_tables(
-            ("positions", "batches"),
-            f"the ledger schema {self._schema_name!r} does not exist: run `cdc-daemon init`",
+            ("positions", "stream_batches", "deliveries"),
+            f"the ledger schema {self._schema_name!r} does not exist or predates the deliveries"
+            " table: run `cdc-daemon init` (it creates or upgrades the ledger)",
         )
         if logical:
             await self._require_tables(
@@ -178,16 +267,12 @@ class Store(LedgerSession):
             )
 
     async def try_lock(self, table: str) -> None:
-        """Session-level: held as long as this connection lives, released if the process dies."""
-        rows = await self._fetch(
+        """The single-instance lock of ``table``'s daemon, for as long as this session lives."""
+        await self._try_lock(
+            lock_key(table),
             "taking the single-instance lock",
-            sql.SQL("SELECT pg_try_advisory_lock(%s) AS ok"),
-            (lock_key(table),),
+            f"another cdc-daemon is already running for {table} (it holds the lock)",
         )
-        if not rows[0]["ok"]:
-            raise AlreadyRunningError(
-                f"another cdc-daemon is already running for {table} (it holds the lock)"
-            )
 
     async def position(self, table: str, mode: str) -> Position:
         rows = await self._fetch(
@@ -218,99 +303,49 @@ class Store(LedgerSession):
             "reading pending batches",
             self._q(
                 "SELECT * FROM {schema}.batches WHERE table_name = %s AND "
-                + _UNFINISHED
+                + UNFINISHED
                 + " ORDER BY hi, created_at"
             ),
             (table,),
         )
         return [_record(r) for r in rows]
 
-    async def record_pending(self, batch: BatchRecord) -> None:
-        """The intent record, written before any upload of this batch."""
+    # -- ``unit.Ledger`` for stream batches: their own part of the intent record and commit --
+
+    @property
+    def deliveries(self) -> Deliveries:
+        return self
+
+    async def intent(self, batch: BatchRecord, /) -> None:
+        """The batch's range, and the position it moves to (kept from its first record: a
+        redo is the same batch)."""
         await self._fetch(
             "recording a batch",
             self._q(
-                "INSERT INTO {schema}.batches (table_name, batch_id, lo, hi, status, rows, "
-                "raw_bytes, size, objects, checksum, read_ts, spec, attempts) "
-                "VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (table_name, batch_id) DO UPDATE SET "
-                "attempts = {schema}.batches.attempts + 1, updated_at = now(), "
-                "rows = EXCLUDED.rows, raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size, "
-                "objects = EXCLUDED.objects, checksum = EXCLUDED.checksum, status = 'pending' "
-                "WHERE "
-                + _UNFINISHED.replace("status", "{schema}.batches.status").replace(
-                    "uploaded_at", "{schema}.batches.uploaded_at"
-                )
+                "INSERT INTO {schema}.stream_batches (table_name, batch_id, lo, hi, spec)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name, batch_id) DO NOTHING"
             ),
-            (
-                batch.table,
-                batch.batch_id,
-                batch.lo,
-                batch.hi,
-                batch.rows,
-                batch.raw_bytes,
-                batch.size,
-                json.dumps([o.as_json() for o in batch.objects]),
-                batch.checksum,
-                batch.read_ts,
-                json.dumps(batch.spec_json()),
-                batch.attempts,
-            ),
+            (batch.table, batch.batch_id, batch.lo, batch.hi, json.dumps(batch.spec_json())),
         )
+
+    async def advance(self, batch: BatchRecord, /) -> None:
+        """Move the position to the batch's ``state_after``. The compare-and-set on the old
+        high refuses a move that another process (or a stale retry) already made."""
+        await self._move(batch.table, batch.lo, batch.state_after)
 
     async def note_failure(self, table: str, error: str) -> int:
         """Record a failed attempt (and why) on the table's pending batch, if there is one."""
-        rows = await self._fetch(
-            "recording a failed attempt",
-            self._q(
-                "UPDATE {schema}.batches SET attempts = attempts + 1, error = %s, "
-                "updated_at = now() WHERE table_name = %s AND status = 'pending' "
-                "RETURNING batch_id"
-            ),
-            (error, table),
-        )
-        return len(rows)
+        return await self.note_attempt_failed(table, Producer.BATCH, error)
 
     async def mark_failed(self, table: str, error: str) -> list[str]:
         """Retries are exhausted: the pending batch becomes ``failed``, with the reason. It is
         still redone first at the next start (its rows are not lost, only late)."""
-        rows = await self._fetch(
-            "marking a batch failed",
-            self._q(
-                "UPDATE {schema}.batches SET status = 'failed', error = %s, updated_at = now() "
-                "WHERE table_name = %s AND status = 'pending' RETURNING batch_id"
-            ),
-            (error, table),
-        )
-        return [str(r["batch_id"]) for r in rows]
-
-    async def commit_uploaded(self, batch: BatchRecord) -> None:
-        """Mark the batch uploaded and move the position to its ``state_after``, atomically.
-        The compare-and-set on the old high refuses a move that another process (or a stale
-        retry) already made."""
-        try:
-            async with self._conn.transaction():
-                await self._move(batch.table, batch.lo, batch.state_after)
-                cur = await self._conn.execute(
-                    self._q(
-                        "UPDATE {schema}.batches SET status = 'uploaded', uploaded_at = now(), "
-                        "updated_at = now(), error = NULL "
-                        "WHERE table_name = %s AND batch_id = %s AND " + _UNFINISHED
-                    ),
-                    (batch.table, batch.batch_id),
-                )
-                if cur.rowcount != 1:
-                    raise StateError(f"batch {batch.batch_id} is not pending any more")
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "committing a batch") from None
+        return await self.fail_pending(table, Producer.BATCH, error)
 
     async def commit_position(self, table: str, before: CaptureState, after: CaptureState) -> None:
         """Move the position without a batch: fences retired and empty gaps forgotten."""
-        try:
-            async with self._conn.transaction():
-                await self._move(table, before.high, after)
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "moving the position") from None
+        async with self.transaction("moving the position"):
+            await self._move(table, before.high, after)
 
     async def _move(self, table: str, high_before: int, after: CaptureState) -> None:
         cur = await self._conn.execute(
@@ -384,19 +419,15 @@ class Store(LedgerSession):
         )
         return int(rows[0]["attempt"]) if rows else 0
 
-    async def record_join_pending(self, chunk: JoinChunk) -> None:
-        """The intent record of a join chunk (which keys, which objects)."""
+    async def join_intent(self, chunk: JoinChunk) -> None:
+        """A join chunk's own part of its intent record: which keys, which attempt."""
         await self._fetch(
             "recording a join chunk",
             self._q(
                 "INSERT INTO {schema}.join_chunks (group_name, table_name, seq, part, chunk,"
-                " attempt, status, after_key, last_key, rows, raw_bytes, size, objects, checksum,"
-                " read_ts) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s,"
-                " %s) ON CONFLICT (group_name, table_name, seq, part, chunk) DO UPDATE SET"
-                " attempt = EXCLUDED.attempt, last_key = EXCLUDED.last_key, rows = EXCLUDED.rows,"
-                " raw_bytes = EXCLUDED.raw_bytes, size = EXCLUDED.size,"
-                " objects = EXCLUDED.objects, checksum = EXCLUDED.checksum,"
-                " read_ts = EXCLUDED.read_ts WHERE {schema}.join_chunks.status = 'pending'"
+                " attempt, after_key, last_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (group_name, table_name, seq, part, chunk) DO UPDATE SET"
+                " attempt = EXCLUDED.attempt, last_key = EXCLUDED.last_key"
             ),
             (
                 chunk.group,
@@ -407,83 +438,61 @@ class Store(LedgerSession):
                 chunk.attempt,
                 None if chunk.after_key is None else json.dumps(list(chunk.after_key)),
                 None if chunk.last_key is None else json.dumps(list(chunk.last_key)),
-                chunk.rows,
-                chunk.raw_bytes,
-                chunk.size,
-                json.dumps([o.as_json() for o in chunk.objects]),
-                chunk.checksum,
-                chunk.read_ts,
             ),
         )
 
-    async def commit_join_uploaded(self, chunk: JoinChunk) -> GroupTable:
-        """Mark the chunk uploaded and move its range's resume key past it (the range done
-        after its last chunk; the table streaming once every range is), atomically; refused
-        when the range stands elsewhere (another process moved it). Returns the table."""
-        try:
-            async with self._conn.transaction():
-                cur = await self._conn.execute(
-                    self._q(
-                        "UPDATE {schema}.join_chunks SET status = 'uploaded', uploaded_at = now()"
-                        " WHERE group_name = %s AND table_name = %s AND seq = %s AND part = %s"
-                        " AND chunk = %s AND status = 'pending'"
-                    ),
-                    (chunk.group, chunk.table, chunk.seq, chunk.part, chunk.chunk),
-                )
-                if cur.rowcount != 1:
-                    raise StateError(f"join chunk {chunk.batch_id} is not pending any more")
-                cur = await self._conn.execute(
-                    self._q(
-                        "SELECT * FROM {schema}.group_tables WHERE group_name = %s"
-                        " AND table_name = %s AND status = 'joining' FOR UPDATE"
-                    ),
-                    (chunk.group, chunk.table),
-                )
-                row = await cur.fetchone()
-                table = None if row is None else _group_table(row)
-                ranges = () if table is None else table.ranges
-                if table is None or not (
-                    0 <= chunk.part < len(ranges)
-                    and ranges[chunk.part].start == chunk.after_key
-                    and ranges[chunk.part].chunks == chunk.chunk
-                ):
-                    raise StateError(
-                        f"the snapshot of {chunk.table} no longer stands where chunk "
-                        f"{chunk.part}/{chunk.chunk} began: another process moved it"
-                    )
-                moved = replace(
-                    ranges[chunk.part],
-                    after=chunk.last_key
-                    if chunk.last_key is not None
-                    else ranges[chunk.part].after,
-                    chunks=chunk.chunk + 1,
-                    done=chunk.done,
-                )
-                new_ranges = (*ranges[: chunk.part], moved, *ranges[chunk.part + 1 :])
-                table = replace(
-                    table,
-                    ranges=new_ranges,
-                    status="streaming" if all(r.done for r in new_ranges) else "joining",
-                    chunks=table.chunks + 1,
-                    rows=table.rows + chunk.rows,
-                )
-                await self._conn.execute(
-                    self._q(
-                        "UPDATE {schema}.group_tables SET ranges = %s, status = %s, chunks = %s,"
-                        " rows = %s, updated_at = now() WHERE group_name = %s AND table_name = %s"
-                    ),
-                    (
-                        json.dumps([r.as_json() for r in table.ranges]),
-                        table.status,
-                        table.chunks,
-                        table.rows,
-                        chunk.group,
-                        chunk.table,
-                    ),
-                )
-                return table
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "committing a join chunk") from None
+    async def join_advance(self, chunk: JoinChunk) -> GroupTable:
+        """Move the chunk's range's resume key past it (the range done after its last chunk;
+        the table streaming once every range is); refused when the range stands elsewhere
+        (another process moved it). Returns the table. Runs in the commit's transaction."""
+        cur = await self._conn.execute(
+            self._q(
+                "SELECT * FROM {schema}.group_tables WHERE group_name = %s"
+                " AND table_name = %s AND status = 'joining' FOR UPDATE"
+            ),
+            (chunk.group, chunk.table),
+        )
+        row = await cur.fetchone()
+        table = None if row is None else _group_table(row)
+        ranges = () if table is None else table.ranges
+        if table is None or not (
+            0 <= chunk.part < len(ranges)
+            and ranges[chunk.part].start == chunk.after_key
+            and ranges[chunk.part].chunks == chunk.chunk
+        ):
+            raise StateError(
+                f"the snapshot of {chunk.table} no longer stands where chunk "
+                f"{chunk.part}/{chunk.chunk} began: another process moved it"
+            )
+        moved = replace(
+            ranges[chunk.part],
+            after=chunk.last_key if chunk.last_key is not None else ranges[chunk.part].after,
+            chunks=chunk.chunk + 1,
+            done=chunk.done,
+        )
+        new_ranges = (*ranges[: chunk.part], moved, *ranges[chunk.part + 1 :])
+        table = replace(
+            table,
+            ranges=new_ranges,
+            status="streaming" if all(r.done for r in new_ranges) else "joining",
+            chunks=table.chunks + 1,
+            rows=table.rows + chunk.rows,
+        )
+        await self._conn.execute(
+            self._q(
+                "UPDATE {schema}.group_tables SET ranges = %s, status = %s, chunks = %s,"
+                " rows = %s, updated_at = now() WHERE group_name = %s AND table_name = %s"
+            ),
+            (
+                json.dumps([r.as_json() for r in table.ranges]),
+                table.status,
+                table.chunks,
+                table.rows,
+                chunk.group,
+                chunk.table,
+            ),
+        )
+        return table
 
     async def relation_columns(self, table: str) -> list[list[Any]] | None:
         """Logical capture: the column list of the last exported batch, if any."""
@@ -515,33 +524,6 @@ class Store(LedgerSession):
                 (table,),
             )
 
-    async def export_days(self, ledger: str, table: str | None = None) -> tuple[set[str], set[str]]:
-        """(days with an object of a batch, backfill chunk or snapshot chunk of ``table``, days
-        with one not yet confirmed loaded): what the completeness check may judge. ``ledger``:
-        where the batches are recorded (a logical group's name; default the table's).
-        Quarantined objects do not count."""
-        table = table or ledger
-        rows = await self._fetch(
-            "reading the days of the exported objects",
-            self._q(
-                "SELECT o->>'day' AS day, bool_and(x.loaded) AS loaded FROM ("
-                " SELECT b.objects, b.status = 'loaded' AS loaded FROM {schema}.batches b"
-                " WHERE b.table_name = %s"
-                " UNION ALL SELECT c.objects, c.status = 'uploaded'"
-                " AND coalesce(c.load_status, '') = 'loaded'"
-                " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
-                " WHERE r.table_name = %s AND c.objects IS NOT NULL"
-                " UNION ALL SELECT j.objects, j.status = 'uploaded'"
-                " AND coalesce(j.load_status, '') = 'loaded'"
-                " FROM {schema}.join_chunks j WHERE j.group_name = %s AND j.table_name = %s"
-                ") x, jsonb_array_elements(x.objects) o"
-                " WHERE o->>'quarantine' IS NULL GROUP BY 1"
-            ),
-            (ledger, table, ledger, table),
-        )
-        days = {str(r["day"]) for r in rows}
-        return days, {str(r["day"]) for r in rows if not r["loaded"]}
-
     async def save_warehouse_health(self, table: str, health: dict[str, Any]) -> None:
         await self._fetch(
             "saving the warehouse's health",
@@ -572,170 +554,44 @@ class Store(LedgerSession):
         )
         return [_record(r) for r in rows]
 
-    # -- the reconciler's side ---------------------------------------------------------------
-    async def unreconciled(self, table: str) -> list[Unreconciled]:
-        """Batches in S3 whose load Snowflake has not confirmed yet (uploaded or missing)."""
-        rows = await self._fetch(
-            "reading unreconciled batches",
-            self._q(
-                "SELECT * FROM {schema}.batches WHERE table_name = %s"
-                " AND status IN ('uploaded', 'missing') ORDER BY uploaded_at, hi"
-            ),
-            (table,),
-        )
-        return [Unreconciled(_record(r), r["uploaded_at"], r.get("refreshed_at")) for r in rows]
 
-    async def reconcile(
-        self, table: str, batch_id: str, old: Status, new: Status, error: str | None = None
-    ) -> bool:
-        """Move one batch ``old -> new`` (compare-and-set); False if it was not ``old``."""
-        if not can_move(old, new):
-            raise StateError(f"a batch cannot move from {old} to {new}")
-        rows = await self._fetch(
-            "recording a reconciliation",
-            self._q(
-                "UPDATE {schema}.batches SET status = %s, error = %s, updated_at = now(),"
-                " loaded_at = CASE WHEN %s = 'loaded' THEN now() ELSE loaded_at END"
-                " WHERE table_name = %s AND batch_id = %s AND status = %s RETURNING batch_id"
-            ),
-            (new.value, error, new.value, table, batch_id, old.value),
-        )
-        return bool(rows)
-
-    async def mark_refreshed(self, table: str, batch_id: str) -> None:
-        await self._fetch(
-            "recording a pipe refresh",
-            self._q(
-                "UPDATE {schema}.batches SET refreshed_at = now(), updated_at = now()"
-                " WHERE table_name = %s AND batch_id = %s"
-            ),
-            (table, batch_id),
-        )
-
-    async def unreconciled_chunks(self, table: str) -> list[Unreconciled]:
-        """Backfill chunks in S3 whose load Snowflake has not confirmed yet."""
-        rows = await self._fetch(
-            "reading unreconciled backfill chunks",
-            self._q(
-                "SELECT c.run_id, c.day, c.objects, c.read_ts, c.uploaded_at, c.refreshed_at,"
-                " coalesce(c.load_status, 'uploaded') AS load_status"
-                " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
-                " WHERE r.table_name = %s AND c.status = 'uploaded'"
-                " AND coalesce(c.load_status, 'uploaded') IN ('uploaded', 'missing')"
-                " ORDER BY c.uploaded_at"
-            ),
-            (table,),
-        )
-        return [
-            Unreconciled(
-                BatchRecord(
-                    table=table,
-                    batch_id=f"backfill-{r['run_id']}-{r['day']}",
-                    lo=0,
-                    hi=0,
-                    read_ts=r["read_ts"] or "",
-                    objects=tuple(ObjectRecord(**o) for o in r["objects"] or []),
-                    status=Status(r["load_status"]),
-                ),
-                r["uploaded_at"],
-                r["refreshed_at"],
-                chunk=(str(r["run_id"]), str(r["day"])),
-            )
-            for r in rows
-        ]
-
-    async def unreconciled_join_chunks(self, group: str, table: str) -> list[Unreconciled]:
-        """A logical group's snapshot chunks of ``table`` in S3 whose load Snowflake has not
-        confirmed yet."""
-        rows = await self._fetch(
-            "reading unreconciled snapshot chunks",
-            self._q(
-                "SELECT *, coalesce(load_status, 'uploaded') AS load FROM {schema}.join_chunks"
-                " WHERE group_name = %s AND table_name = %s AND status = 'uploaded'"
-                " AND coalesce(load_status, 'uploaded') IN ('uploaded', 'missing')"
-                " ORDER BY uploaded_at"
-            ),
-            (group, table),
-        )
-        return [
-            Unreconciled(
-                BatchRecord(
-                    table=table,
-                    batch_id=join_chunk_name(r["seq"], r["part"], r["chunk"], r["attempt"]),
-                    lo=0,
-                    hi=0,
-                    read_ts=r["read_ts"],
-                    objects=tuple(ObjectRecord(**o) for o in r["objects"]),
-                    status=Status(r["load"]),
-                ),
-                r["uploaded_at"],
-                r["refreshed_at"],
-                join_chunk=(group, table, r["seq"], r["part"], r["chunk"]),
-            )
-            for r in rows
-        ]
-
-    async def reconcile_join_chunk(
-        self, key: tuple[str, str, int, int, int], old: Status, new: Status, error: str | None
-    ) -> bool:
-        rows = await self._fetch(
-            "recording a snapshot chunk's reconciliation",
-            self._q(
-                "UPDATE {schema}.join_chunks SET load_status = %s, load_error = %s,"
-                " loaded_at = CASE WHEN %s = 'loaded' THEN now() ELSE loaded_at END"
-                " WHERE group_name = %s AND table_name = %s AND seq = %s AND part = %s"
-                " AND chunk = %s AND status = 'uploaded'"
-                " AND coalesce(load_status, 'uploaded') = %s RETURNING chunk"
-            ),
-            (new.value, error, new.value, *key, old.value),
-        )
-        return bool(rows)
-
-    async def mark_join_chunk_refreshed(self, key: tuple[str, str, int, int, int]) -> None:
-        await self._fetch(
-            "recording a pipe refresh",
-            self._q(
-                "UPDATE {schema}.join_chunks SET refreshed_at = now() WHERE group_name = %s"
-                " AND table_name = %s AND seq = %s AND part = %s AND chunk = %s RETURNING chunk"
-            ),
-            key,
-        )
-
-    async def reconcile_chunk(
-        self, chunk: tuple[str, str], old: Status, new: Status, error: str | None = None
-    ) -> bool:
-        rows = await self._fetch(
-            "recording a backfill chunk's reconciliation",
-            self._q(
-                "UPDATE {schema}.backfill_chunks SET load_status = %s, load_error = %s,"
-                " loaded_at = CASE WHEN %s = 'loaded' THEN now() ELSE loaded_at END"
-                " WHERE run_id = %s AND day = %s::date AND status = 'uploaded'"
-                " AND coalesce(load_status, 'uploaded') = %s RETURNING run_id"
-            ),
-            (new.value, error, new.value, chunk[0], chunk[1], old.value),
-        )
-        return bool(rows)
-
-    async def mark_chunk_refreshed(self, chunk: tuple[str, str]) -> None:
-        await self._fetch(
-            "recording a pipe refresh",
-            self._q(
-                "UPDATE {schema}.backfill_chunks SET refreshed_at = now()"
-                " WHERE run_id = %s AND day = %s::date"
-            ),
-            chunk,
-        )
+# Schema 3 and older: what moves to ``deliveries`` (columns added by later versions of that
+# schema read as NULL where an older ledger lacks them).
+_OLD_BATCHES = "SELECT * FROM {schema}.batches"
+_OLD_JOIN_CHUNKS = (
+    "SELECT j.*, to_jsonb(j)->>'load_status' AS load_status,"
+    " to_jsonb(j)->>'load_error' AS load_error FROM {schema}.join_chunks j"
+)
+_OLD_CHUNKS = (
+    "SELECT c.*, r.table_name, to_jsonb(c)->>'load_status' AS load_status,"
+    " to_jsonb(c)->>'load_error' AS load_error"
+    " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
+)
+_OLD_JOIN_CHUNKS_DROP = (
+    "ALTER TABLE {schema}.join_chunks DROP COLUMN status, DROP COLUMN rows,"
+    " DROP COLUMN raw_bytes, DROP COLUMN size, DROP COLUMN objects, DROP COLUMN checksum,"
+    " DROP COLUMN read_ts, DROP COLUMN uploaded_at, DROP COLUMN IF EXISTS load_status,"
+    " DROP COLUMN IF EXISTS load_error, DROP COLUMN IF EXISTS loaded_at,"
+    " DROP COLUMN IF EXISTS refreshed_at"
+)
+_OLD_CHUNKS_DROP = (
+    "ALTER TABLE {schema}.backfill_chunks ALTER COLUMN delivery SET NOT NULL,"
+    " DROP COLUMN status, DROP COLUMN rows, DROP COLUMN raw_bytes, DROP COLUMN size,"
+    " DROP COLUMN objects, DROP COLUMN checksum, DROP COLUMN read_ts, DROP COLUMN attempts,"
+    " DROP COLUMN error, DROP COLUMN updated_at, DROP COLUMN uploaded_at,"
+    " DROP COLUMN IF EXISTS load_status, DROP COLUMN IF EXISTS load_error,"
+    " DROP COLUMN IF EXISTS loaded_at, DROP COLUMN IF EXISTS refreshed_at"
+)
+_TIMES = ("created_at", "uploaded_at", "loaded_at", "refreshed_at", "updated_at")
 
 
-@dataclass(frozen=True)
-class Unreconciled:
-    batch: BatchRecord
-    uploaded_at: datetime
-    refreshed_at: datetime | None
-    # A backfill chunk (run id, day) rather than a batch of the daemon's.
-    chunk: tuple[str, str] | None = None
-    # A logical group's snapshot chunk (group, table, seq, part, chunk).
-    join_chunk: tuple[str, str, int, int, int] | None = None
+def _times(row: dict[str, Any]) -> dict[str, Any]:
+    """The timestamps an old ledger's row has (``delivery_row``'s ``times``)."""
+    return {t: row.get(t) for t in _TIMES}
+
+
+def _objects(objects: list[dict[str, Any]] | None) -> tuple[ObjectRecord, ...]:
+    return tuple(ObjectRecord(**o) for o in objects or [])
 
 
 def _record(row: dict[str, Any]) -> BatchRecord:
@@ -748,7 +604,7 @@ def _record(row: dict[str, Any]) -> BatchRecord:
         gaps=tuple((a, b) for a, b in row["spec"]["gaps"]),
         caught=tuple((a, b) for a, b in row["spec"]["caught"]),
         state_after=CaptureState.from_json(row["spec"]["state_after"]),
-        objects=tuple(ObjectRecord(**o) for o in row["objects"]),
+        objects=_objects(row["objects"]),
         status=Status(row["status"]),
         attempts=row["attempts"],
         error=row["error"],

@@ -34,6 +34,7 @@ import structlog
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, TransientError
+from cdc_daemon.state.columns import warehouse_columns
 from cdc_daemon.state.ledger import ObjectRecord
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import Warehouse
@@ -114,35 +115,7 @@ def header_of(path: Path) -> list[str]:
 
 def ledger_columns(settings: Settings, n: Names, columns: set[str] | None = None) -> set[str]:
     """The landing table's known columns from the ledger (saving ``columns`` instead)."""
-    import psycopg
-    from psycopg import sql as pgsql
-
-    table = pgsql.Identifier(settings.state.schema_, "warehouse_columns")
-    try:
-        with psycopg.connect(
-            settings.state_dsn.get_secret_value(),
-            connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
-            autocommit=True,
-        ) as conn:
-            if columns is not None:
-                conn.execute(
-                    pgsql.SQL(
-                        "INSERT INTO {} (table_name, columns) VALUES (%s, %s)"
-                        " ON CONFLICT (table_name) DO UPDATE SET columns = excluded.columns,"
-                        " applied_at = now()"
-                    ).format(table),
-                    (n.landing, sorted(columns)),
-                )
-                return columns
-            row = conn.execute(
-                pgsql.SQL("SELECT columns FROM {} WHERE table_name = %s").format(table),
-                (n.landing,),
-            ).fetchone()
-            return set(row[0]) if row else set()
-    except psycopg.Error as exc:
-        # A ledger made before this table existed: ask Snowflake (``init`` creates it).
-        log.warning("warehouse_columns_unknown", table=n.landing, error=str(exc).strip())
-        return set()
+    return warehouse_columns(settings, n.landing, columns)
 
 
 def record_columns(settings: Settings, t: WarehouseTable) -> None:

@@ -47,7 +47,11 @@ def chunk_states(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
         return dict(
             conn.execute(
-                "SELECT status, count(*) FROM cdc.backfill_chunks GROUP BY status"
+                # A chunk is planned until its intent record, pending until in S3.
+                "SELECT CASE WHEN d.uploaded_at IS NOT NULL THEN 'uploaded'"
+                " WHEN d.status IS NOT NULL THEN 'pending' ELSE 'planned' END, count(*)"
+                " FROM cdc.backfill_chunks c LEFT JOIN cdc.deliveries d"
+                " ON d.producer = 'backfill' AND d.producer_id = c.delivery GROUP BY 1"
             ).fetchall()
         )
 

@@ -103,9 +103,10 @@ def test_a_group_loses_nothing_under_sigkills_and_a_join(
             "SELECT table_name, status FROM cdc.group_tables ORDER BY table_name"
         ).fetchall()
         attempts = conn.execute(
-            "SELECT max(attempt), bool_and(status = 'uploaded') FROM cdc.join_chunks"
-            " WHERE table_name = %s",
-            (f"public.{JOINING}",),
+            "SELECT (SELECT max(attempt) FROM cdc.join_chunks WHERE table_name = %s),"
+            " (SELECT bool_and(uploaded_at IS NOT NULL) FROM cdc.deliveries"
+            " WHERE producer = 'join' AND table_name = %s)",
+            (f"public.{JOINING}", f"public.{JOINING}"),
         ).fetchone()
     assert {r[1] for r in rows} == {"streaming"}, rows
     # The joining table's chunks were read again after the crashes (its two ranges run at

@@ -401,7 +401,8 @@ async def test_s3_errors_are_retried_with_the_same_bytes(
     assert s3_proxy.injected == 4
     with psycopg.connect(pg_dsn) as conn:
         attempts = conn.execute(
-            "SELECT day::text, attempts FROM cdc.backfill_chunks ORDER BY 1"
+            "SELECT c.day::text, d.attempts FROM cdc.backfill_chunks c JOIN cdc.deliveries d"
+            " ON d.producer = 'backfill' AND d.producer_id = c.delivery ORDER BY 1"
         ).fetchall()
     assert attempts == [("2010-12-01", 2), ("2010-12-02", 1), ("2010-12-03", 1), ("2010-12-04", 1)]
     out = capsys.readouterr().out

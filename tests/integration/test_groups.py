@@ -196,7 +196,8 @@ async def test_a_table_joins_a_running_group(
             def chunks() -> int:
                 with psycopg.connect(pg_dsn) as conn:
                     row = conn.execute(
-                        "SELECT count(*) FROM cdc.join_chunks WHERE status = 'uploaded'"
+                        "SELECT count(*) FROM cdc.deliveries"
+                        " WHERE producer = 'join' AND uploaded_at IS NOT NULL"
                     ).fetchone()
                 return int(row[0]) if row else 0
 

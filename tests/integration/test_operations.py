@@ -128,18 +128,19 @@ async def test_status_and_metrics_match_the_ledger(
             first, second, third = [
                 r[0] for r in conn.execute("SELECT batch_id FROM cdc.batches ORDER BY hi")
             ]
+            batch = " WHERE producer = 'batch' AND producer_id = %s"
             conn.execute(
-                "UPDATE cdc.batches SET status = 'loaded', loaded_at = now() WHERE batch_id = %s",
+                "UPDATE cdc.deliveries SET status = 'loaded', loaded_at = now()" + batch,
                 (first,),
             )
             conn.execute(
-                "UPDATE cdc.batches SET status = 'failed', error = 'Numeric value out of range'"
-                " WHERE batch_id = %s",
+                "UPDATE cdc.deliveries SET status = 'failed', error = 'Numeric value out of range'"
+                + batch,
                 (second,),
             )
             conn.execute(
-                "UPDATE cdc.batches SET status = 'missing', error = 'not in COPY_HISTORY'"
-                " WHERE batch_id = %s",
+                "UPDATE cdc.deliveries SET status = 'missing', error = 'not in COPY_HISTORY'"
+                + batch,
                 (third,),
             )
         metrics = await scrape(settings)

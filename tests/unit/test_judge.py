@@ -16,8 +16,7 @@ from structlog.testing import capture_logs
 from cdc_daemon.config import load_settings
 from cdc_daemon.reconcile.reconciler import Reconciler, _best, judge
 from cdc_daemon.sink.keys import object_key, quarantine_key
-from cdc_daemon.state.ledger import BatchRecord, ObjectRecord, Status
-from cdc_daemon.state.store import Unreconciled
+from cdc_daemon.state.ledger import BatchRecord, Delivery, ObjectRecord, Status
 from cdc_daemon.warehouse.client import (
     LoadRecord,
     normalize_status,
@@ -46,9 +45,10 @@ def name(day: str) -> str:
     return f"{TABLE}/dt={day}/{BATCH}.csv.gz"
 
 
-def item(*objects: ObjectRecord, status: Status = Status.UPLOADED) -> Unreconciled:
-    batch = BatchRecord(TABLE, BATCH, 100, 200, "ts", objects=objects, status=status)
-    return Unreconciled(batch, UPLOADED_AT, None)
+def item(*objects: ObjectRecord, status: Status = Status.UPLOADED) -> Delivery:
+    """A stream batch's delivery of ``objects``, uploaded at ``UPLOADED_AT``."""
+    batch = BatchRecord(TABLE, BATCH, 100, 200, "ts", objects=objects)
+    return replace(batch.delivery, status=status, uploaded_at=UPLOADED_AT)
 
 
 def record(

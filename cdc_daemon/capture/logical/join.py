@@ -52,6 +52,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, first_error
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.source.session import SourceSession
+from cdc_daemon.state.deliveries import Deliveries
 from cdc_daemon.state.joins import GroupTable, JoinChunk, KeyRange, join_chunk_name
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import UnitOfWork, utc_now_iso
@@ -66,11 +67,15 @@ class JoinLedger:
         self.store = store
         self.table: GroupTable | None = None  # as the last commit left it
 
-    async def record_pending(self, chunk: JoinChunk, /) -> None:
-        await self.store.record_join_pending(chunk)
+    @property
+    def deliveries(self) -> Deliveries:
+        return self.store
 
-    async def commit_uploaded(self, chunk: JoinChunk, /) -> None:
-        self.table = await self.store.commit_join_uploaded(chunk)
+    async def intent(self, chunk: JoinChunk, /) -> None:
+        await self.store.join_intent(chunk)
+
+    async def advance(self, chunk: JoinChunk, /) -> None:
+        self.table = await self.store.join_advance(chunk)
 
 
 class _Job:
