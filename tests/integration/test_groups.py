@@ -498,7 +498,8 @@ def test_snapshot_ranges_and_chunks_follow_the_key_order(pg_dsn: str, tmp_path: 
         conn.execute("INSERT INTO numbered SELECT g, 'n' || g FROM generate_series(1, 3000) g")
         conn.execute("ANALYZE numbered")
     from cdc_daemon.batch.spool import DaySpool
-    from cdc_daemon.capture.logical.source import copy_chunk, describe, split_keys
+    from cdc_daemon.capture.logical.snapshot import copy_chunk, split_keys
+    from cdc_daemon.capture.logical.tables import describe
     from cdc_daemon.config import TableSettings
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:

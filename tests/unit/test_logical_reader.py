@@ -1,6 +1,6 @@
-"""The logical capture's hot path (``_Reader.feed`` reading Insert/Update/Delete tuples in place)
-against the plain path (``pgoutput.decode`` + ``RowEncoder.encode_reference``), on the real
-messages of ``data/pgoutput_v1.json``."""
+"""The logical capture's hot path (``ChangeReader.feed`` reading Insert/Update/Delete tuples
+in place) against the plain path (``pgoutput.decode`` + ``RowEncoder.encode_reference``), on
+the real messages of ``data/pgoutput_v1.json``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from cdc_daemon.capture.logical.pgoutput import (
     decode,
     iso_utc,
 )
-from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, ReadResult, _Reader
+from cdc_daemon.capture.logical.reader import ChangeReader, ReadResult
+from cdc_daemon.capture.logical.source import LogicalSource
+from cdc_daemon.capture.logical.tables import LogicalTable
 from cdc_daemon.config import load_settings
 from cdc_daemon.source.table import Column, TableInfo
 from cdc_daemon.source.values import QuarantineJudge
@@ -42,10 +44,10 @@ T_MESSAGES = [
 ]
 
 
-def _reader(tmp_path: Path) -> tuple[_Reader, list[DaySpool]]:
+def _reader(tmp_path: Path) -> tuple[ChangeReader, list[DaySpool]]:
     settings = load_settings(
         None,
-        postgres={"dsn": "postgresql://localhost/x"},
+        postgres={"dsn": "postgresql://localhost/x", "table": "public.ecommerce_sales"},
         s3={"bucket": "b"},
         capture={"mode": "logical", "partition_column": "at"},
     )
@@ -67,7 +69,7 @@ def _reader(tmp_path: Path) -> tuple[_Reader, list[DaySpool]]:
         spools.append(DaySpool(tmp_path, "none", 0, b"", judge=judge))
         return spools[-1]
 
-    return _Reader(source, ReadResult(0, None, 0), new_spool, 0, None), spools
+    return ChangeReader(source, ReadResult(0, None, 0), new_spool, 0, None), spools
 
 
 def test_hot_path_writes_what_the_plain_decoder_gives(tmp_path: Path) -> None:

@@ -47,7 +47,9 @@ import psycopg
 import structlog
 
 from cdc_daemon.capture.logical.pgoutput import format_lsn
-from cdc_daemon.capture.logical.source import LogicalSource, LogicalTable, copy_chunk, split_keys
+from cdc_daemon.capture.logical.snapshot import copy_chunk, split_keys
+from cdc_daemon.capture.logical.source import LogicalSource
+from cdc_daemon.capture.logical.tables import LogicalTable
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, first_error
 from cdc_daemon.ops.metrics import Metrics

@@ -30,7 +30,8 @@ from cdc_daemon.batch.policy import BatchPolicy, Limits
 from cdc_daemon.batch.spool import DayObject, DaySpool
 from cdc_daemon.capture.logical.join import Joiner
 from cdc_daemon.capture.logical.pgoutput import format_lsn
-from cdc_daemon.capture.logical.source import LogicalSource, ReadResult, SlotStatus
+from cdc_daemon.capture.logical.reader import ReadResult
+from cdc_daemon.capture.logical.source import LogicalSource, SlotStatus
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.ops.metrics import Metrics

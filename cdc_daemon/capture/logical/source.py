@@ -1,91 +1,16 @@
-"""Logical replication capture: inserts, updates and deletes from a ``pgoutput`` slot.
-
-Every committed change of the table goes into the same daily objects as the watermark mode,
-with ``_cdc_op`` I/U/D, ``_cdc_seq`` the change's LSN and ``_cdc_ts`` its commit time. For one
-key, changes are serialised by row locks, so their LSNs grow in commit order and "highest
-``_cdc_seq`` per key wins" rebuilds the table. An update that changes the key also writes a
-``D`` row for the old key (same LSN).
-
-Reading. Changes come over the streaming replication protocol (``stream.ReplicationStream``:
-``START_REPLICATION ... LOGICAL`` on a ``replication=database`` connection): the walsender
-decodes each WAL record once and keeps its reorder buffer for the whole session, so a long open
-transaction elsewhere costs nothing per read (the SQL peek functions decode again from the
-slot's ``restart_lsn`` on every call). Messages are decoded and written to the spool as they
-arrive, so a transaction of any size is exported with bounded memory (the walsender spills
-large transactions to disk, not the daemon). One stream serves batch after batch; a broken
-one (a terminated walsender, a restart) is replaced by a new one started at the ledger's
-position.
-
-Position. The position ``P`` (kept in the ledger as the batch's ``hi``) means: every
-transaction whose commit record starts before ``P`` is in S3. The walsender sends whole
-transactions at their commit record, and skips those whose commit starts before the start
-LSN. A batch therefore holds whole transactions with commit LSN in ``[lo, hi)``: ``hi`` is the
-end LSN of its last transaction, or the walEnd of a keepalive that came with no transaction
-open (then nothing else commits before it). A batch is never split inside a transaction.
-Order: spool -> intent record (``pending``, with ``lo``/``hi``) -> upload -> ledger commit ->
-the slot's confirmed position moves to ``hi`` (a standby status update reporting ``hi`` as
-flushed; ``pg_replication_slot_advance`` when no stream is open). Status updates only ever
-report the ledger's position, never what was received: the slot never moves past what is
-durable in S3. A slot behind the ledger (crash after the commit) is moved up at the next
-pass; a slot ahead of the ledger, missing, or invalidated (``wal_status = 'lost'``) stops the
-daemon with a clear message, never a silent restart from "now". A pending batch is redone by
-streaming ``[lo, hi)`` again: the same transactions, LSNs and commit times, so byte-identical
-objects under the same keys (changes may be exported twice, with the same ``_cdc_seq``; never
-lost).
-
-Idle table, busy server: a keepalive that comes with no transaction open proves that nothing
-commits before its walEnd, and the walsender reads the WAL of every database of the cluster,
-so the position moves there (ledger, then slot) every ``capture.heartbeat_s``: the slot never
-holds WAL back for unrelated activity, also when the source database itself is idle (tested;
-no ``pg_logical_emit_message`` heartbeat is needed). Slot lag
-(``pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)``) is logged with every batch
-(``slot_lag_bytes``) and a warning passes ``capture.max_lag_bytes``.
-
-TOAST. PostgreSQL does not log an unchanged TOASTed value of an updated row ('u') under the
-default replica identity. Such a change is written with that field empty and the column's
-name in the last column, ``_cdc_unchanged`` (names separated by commas; empty when none): the
-warehouse merge keeps the current value of a column it names, never overwriting it with an
-empty one. Under REPLICA IDENTITY FULL every update carries the whole old row and an unchanged
-value is taken from it (nothing is ever unchanged then), at the cost of WAL on the source;
-``init`` says which applies to each table. FULL also makes deletes carry the whole old row (so
-a ``D`` row lands in its day's object); under a key-only identity a ``D`` row has only the key
-columns and goes to ``dt=unknown`` (or, for a table without a partition column, the commit's
-day).
-
-Schema changes. pgoutput sends a Relation message (the column list) before a table's first
-change in every call and after each DDL. A column added at the end starts a new object
-"generation" within the batch (keys ``<batch_id>-s<n>``) whose header has the new column;
-it is logged (``columns_changed``), and the warehouse gets the column before the first
-object naming it is uploaded (``warehouse.evolve``). A dropped column is followed too (the
-pipes load by name: Snowflake's column gets NULL from then on; a rename is a drop and an add).
-A retyped column stops that table (a group of one: the daemon) with a clear message unless
-``capture.schema_change = "follow"``. The accepted column list is
-kept in the ledger (``relations``) so a restart compares against it too. TRUNCATE of the table
-stops the daemon: it cannot be expressed as row changes (re-initialise the pipeline).
-
-Initial snapshot and hand-over (``capture.logical.join``): the slot is created without an
-exported snapshot; every table of the group then joins at the slot's consistent point, its
-rows copied in chunks by key (``copy_chunk``, through the watermark mode's COPY: same bytes)
-as ``I`` rows while the stream goes on. Their ``_cdc_seq`` is the slot's ``restart_lsn`` at
-creation, not its consistent point: a transaction that began before the consistent point but
-commits after it is streamed with change LSNs *below* the consistent point, and must still win
-over a chunk's older version of the row; every streamed change lies at or after
-``restart_lsn``. Why chunks read at different times still rebuild the table exactly is in
-``capture.logical.join``.
-
-Tables: a group's tables share the slot, the publication and the stream; each table's rows go
-to its own objects (``<schema>.<table>/dt=.../``), a batch holds whole transactions over any
-of them, and changes of tables outside the group (a publication made by hand) are skipped.
-"""
+"""The source side of a logical group: one session for the catalog (``tables.describe``), the
+prerequisites ``init`` checks (``source.validate``), the publication and the slot, and the
+stream read (``LogicalSource.read``: the transactions committing at or after a position, whole,
+through ``stream.ReplicationStream``, into a ``reader.ChangeReader``). Positions, hand-over,
+TOAST and schema changes: docs/logical.md."""
 
 from __future__ import annotations
 
-import operator
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -93,35 +18,24 @@ import structlog
 from psycopg import sql
 
 from cdc_daemon.batch.policy import Limits
-from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
-from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder, quote
 from cdc_daemon.capture.logical.pgoutput import (
-    UNCHANGED,
-    Begin,
-    Commit,
     DecodeError,
     Relation,
-    Truncate,
-    TupleData,
-    decode,
-    decode_tuple,
     format_lsn,
-    iso_utc,
     parse_lsn,
 )
+from cdc_daemon.capture.logical.reader import ChangeReader, ReadResult, SpoolFactory
 from cdc_daemon.capture.logical.stream import (
     XLOG_HEADER,
     Keepalive,
     ReplicationStream,
 )
-from cdc_daemon.config import Settings, TableSettings
+from cdc_daemon.capture.logical.tables import LogicalTable, describe
+from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
-from cdc_daemon.source.copyread import CopyRows
-from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
-from cdc_daemon.source.table import Column, TableInfo, partition_of
-from cdc_daemon.source.validate import TableFacts, generated_notes, logical_problems, read_facts
-from cdc_daemon.source.values import QuarantineJudge
-from cdc_daemon.state.joins import Key
+from cdc_daemon.source.session import SourceSession, connect
+from cdc_daemon.source.table import TableInfo
+from cdc_daemon.source.validate import generated_notes, logical_problems
 
 log = structlog.get_logger()
 
@@ -143,137 +57,6 @@ class SlotStatus:
     wal_status: str | None = None
     flush_lsn: int = 0  # pg_current_wal_flush_lsn(): where a drain (--exit-when-idle) ends
     lag_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class LogicalTable:
-    info: TableInfo  # columns in table order, the partition column (for the snapshot's COPY)
-    oid: int
-    key: tuple[str, ...]
-    replica_identity: str
-    toastable: tuple[str, ...]
-    columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod), as Relation sends
-    has_primary_key: bool = True
-    facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
-    configured_key: bool = False  # the key is [[tables]] key, not the primary key
-
-    @property
-    def qualified(self) -> str:
-        return self.info.qualified
-
-    @property
-    def header(self) -> list[str]:
-        return logical_header([c[0] for c in self.columns])
-
-    def judge(self) -> QuarantineJudge:
-        """What the warehouse gets for the snapshot's quarantined rows."""
-        return self.info.judge(self.key, self.header)
-
-
-# The daemon's own columns of a logical object, after the table's: the operation, the change's
-# LSN, its commit time, and the columns whose unchanged TOASTed values the change lacks.
-CDC_COLUMNS = ("_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged")
-
-
-def logical_header(columns: list[str]) -> list[str]:
-    return [*columns, *CDC_COLUMNS]
-
-
-@dataclass
-class ReadResult:
-    """What one read found. ``hi`` is the new position (None: no progress)."""
-
-    lo: int
-    hi: int | None
-    upto: int
-    rows: int = 0
-    transactions: int = 0
-    cut: bool = False  # closed early by max_bytes/max_days: more is waiting
-    more: bool = False  # the window or the change count bounded the call
-    generations: list[Generation] = field(default_factory=list)
-    # Tables that failed during the read (their later changes were skipped): name -> reason.
-    failed: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Generation:
-    """The rows of one column list within a batch: one spool, one header."""
-
-    columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod)
-    spool: DaySpool
-    encoder: RowEncoder
-    key_index: tuple[int, ...]
-    table: LogicalTable
-    number: int = 0  # the table's n-th column list within the batch (0: its first)
-    # The key columns of a tuple, compared as one value (None: no key).
-    key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
-    # The table has a partition column (else a row goes to its commit's day); read per row.
-    partitioned: bool = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
-        self.partitioned = self.table.info.partition is not None
-
-    @property
-    def header(self) -> list[str]:
-        return logical_header([c[0] for c in self.columns])
-
-
-SpoolFactory = Callable[[list[str], QuarantineJudge], DaySpool]
-
-
-def describe(
-    conn: psycopg.Connection[tuple[object, ...]],
-    spec: TableSettings,
-    default_partition: str | None = None,
-) -> LogicalTable:
-    """The table as logical mode captures it, from its catalog facts (read once; ``init``
-    checks them with ``source.validate``). Generated columns are left out: pgoutput
-    (PostgreSQL < 18) does not send them, so neither the snapshot nor the objects carry them,
-    and a Relation message without them is no column change."""
-    table = spec.name
-    facts = read_facts(conn, table)
-    if facts is None:
-        raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
-    schema, name = facts.schema, facts.name
-    if facts.kind == "p":
-        raise SourceError(
-            f"{schema}.{name} is a partitioned table: logical mode does not capture one yet "
-            '(its changes arrive under each partition\'s name); use capture.mode = "watermark"'
-        )
-    if facts.kind != "r":
-        raise SourceError(f"{schema}.{name} is not a table")
-    captured = facts.captured(logical=True)
-    columns = tuple(Column(c.name, c.type_name) for c in captured)
-    primary = facts.primary_key_columns()
-    by_name = {c.name: c for c in columns}
-    key = primary if spec.key is None else spec.key
-    missing = [k for k in key if k not in by_name]
-    if missing:
-        generated = facts.column(missing[0]) is not None
-        raise SourceError(
-            f"{schema}.{name}: key column {missing[0]!r} is a generated column, which logical "
-            "mode leaves out (pgoutput does not send it): name other key columns in [[tables]] "
-            'key, or use capture.mode = "watermark"'
-            if generated
-            else f"{schema}.{name} has no column {missing[0]!r} (key)"
-        )
-    partition = partition_of(schema, name, by_name, spec.partition_column, default_partition)
-    # TableInfo's watermark is meaningless here; the first key column stands in.
-    info = TableInfo(schema, name, columns, by_name[key[0]] if key else columns[0], partition)
-    toastable = tuple(c.name for c in captured if c.toastable)
-    catalog = tuple((c.name, c.type_oid, c.typmod) for c in captured)
-    return LogicalTable(
-        info,
-        facts.oid,
-        key,
-        facts.identity,
-        toastable,
-        catalog,
-        bool(primary),
-        facts,
-        spec.key is not None,
-    )
 
 
 class LogicalSource(SourceSession):
@@ -352,7 +135,7 @@ class LogicalSource(SourceSession):
         for spec in self._settings.table_specs:
             try:
                 try:
-                    table = describe(self._conn, spec, self._settings.default_partition)
+                    table = describe(self._conn, spec)
                     self._conn.execute(
                         sql.SQL("SELECT 1 FROM {} LIMIT 0").format(table.info.ident())
                     )
@@ -688,7 +471,7 @@ class LogicalSource(SourceSession):
         position, when the read starts past it (``lo`` otherwise)."""
         stream = self._stream_at(lo, lo if confirmed is None else confirmed)
         result = ReadResult(lo, None, 0)
-        reader = _Reader(self, result, new_spool, lo, redo_end)
+        reader = ChangeReader(self, result, new_spool, lo, redo_end)
         for relation in self.stream_relations.values():
             reader.relation(relation)
         # Ask for the server's position at once: an idle stream is known idle in one trip.
@@ -786,129 +569,6 @@ class LogicalSource(SourceSession):
         return result
 
 
-def snapshot_query(
-    table: TableInfo, seq: int, read_ts: str, where: sql.Composable | None = None
-) -> sql.Composed:
-    """``COPY`` of a table's rows as ``I`` changes with ``_cdc_seq`` ``seq``: each as
-    ``day,<csv row>`` (the source columns and the four ``_cdc_*`` columns)."""
-    return sql.SQL(
-        "COPY (SELECT {day}, {cols}, 'I', {seq}::bigint, {ts}, NULL FROM {tbl} t{where})"
-        " TO STDOUT (FORMAT csv)"
-    ).format(
-        day=table.day_expr(read_ts),
-        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
-        seq=sql.Literal(seq),
-        ts=sql.Literal(read_ts),
-        tbl=table.ident(),
-        where=sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
-    )
-
-
-def copy_snapshot(
-    conn: psycopg.Connection[tuple[object, ...]],
-    table: TableInfo,
-    spool: DaySpool,
-    seq: int,
-    read_ts: str,
-    where: sql.Composable | None = None,
-) -> None:
-    with conn.cursor() as cur, cur.copy(snapshot_query(table, seq, read_ts, where)) as copy:
-        rows = CopyRows(copy).batch
-        while batch := rows():
-            for data in map(bytes, batch):
-                spool.add(data)
-
-
-def _key_sql(table: LogicalTable) -> tuple[sql.Composable, Callable[[Key], sql.Composable]]:
-    """The key as a row expression, and a key's values as one (cast to the key's types)."""
-    types = {c.name: c.type_name for c in table.info.columns}
-    key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
-
-    def bound(values: Key) -> sql.Composable:
-        return sql.SQL(", ").join(
-            sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[k]))
-            for k, v in zip(table.key, values, strict=True)
-        )
-
-    return key, bound
-
-
-def _key_texts(table: LogicalTable) -> sql.Composable:
-    """The key's values as text, under names of their own: an output column named like the
-    key column would make ``ORDER BY`` sort by the text (PostgreSQL matches output names
-    first), not by the key's type and index."""
-    return sql.SQL(", ").join(
-        sql.SQL("{}::text AS {}").format(sql.Identifier(k), sql.Identifier(f"_cdc_key_{n}"))
-        for n, k in enumerate(table.key)
-    )
-
-
-def split_keys(
-    conn: psycopg.Connection[tuple[object, ...]], table: LogicalTable, parts: int
-) -> list[Key]:
-    """Up to ``parts - 1`` keys that cut the table into parts of about equal rows (from the
-    planner's row estimate; exact cuts are not needed, only disjoint ranges)."""
-    if parts <= 1:
-        return []
-    info = table.info
-    row = conn.execute(
-        "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %s", (table.oid,)
-    ).fetchone()
-    estimate = int(str(row[0])) if row else 0
-    if estimate < parts * 2:
-        return []
-    key, _ = _key_sql(table)
-    cuts: list[Key] = []
-    for n in range(1, parts):
-        found = conn.execute(
-            sql.SQL("SELECT {texts} FROM {t} ORDER BY {k} OFFSET %s LIMIT 1").format(
-                texts=_key_texts(table), t=info.ident(), k=key
-            ),
-            (estimate * n // parts,),
-        ).fetchone()
-        if found is None:
-            break
-        cut = tuple(None if v is None else str(v) for v in found)
-        if not cuts or cut != cuts[-1]:
-            cuts.append(cut)
-    return cuts
-
-
-def copy_chunk(
-    conn: psycopg.Connection[tuple[object, ...]],
-    table: LogicalTable,
-    start: Key | None,
-    upper: Key | None,
-    limit: int,
-    seq: int,
-    read_ts: str,
-    spool: DaySpool,
-) -> Key | None:
-    """Copy the next ``limit`` rows of ``table`` by key, those above ``start`` and at most
-    ``upper`` (None: unbounded), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``, in
-    one transaction. Returns the chunk's last key, or None when it reached ``upper``."""
-    info = table.info
-    key, bound = _key_sql(table)
-    conditions: list[sql.Composable] = []
-    if start is not None:
-        conditions.append(sql.SQL("({}) > ({})").format(key, bound(start)))
-    if upper is not None:
-        conditions.append(sql.SQL("({}) <= ({})").format(key, bound(upper)))
-    where: sql.Composable = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
-    with translated(f"copying the snapshot of {info.qualified}"), read_snapshot(conn):
-        row = conn.execute(
-            sql.SQL("SELECT {texts} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
-                texts=_key_texts(table), t=info.ident(), w=where, k=key
-            ),
-            (limit - 1,),
-        ).fetchone()
-        last = None if row is None else tuple(None if v is None else str(v) for v in row)
-        if last is not None:
-            where = sql.SQL("{} AND ({}) <= ({})").format(where, key, bound(last))
-        copy_snapshot(conn, info, spool, seq, read_ts, where)
-    return None if last == upper else last
-
-
 def _keep_alive(stream: ReplicationStream) -> None:
     """Status updates for ``stream`` until it closes (see ``LogicalSource._stream_at``)."""
     while not stream.closed:
@@ -918,258 +578,6 @@ def _keep_alive(stream: ReplicationStream) -> None:
             return  # the reader sees the broken stream on its next call
         # Woken by close(): closing the stream (every exit, every error) does not wait.
         stream.ended.wait(min(stream.status_interval_s / 4, 1.0))
-
-
-class _Reader:
-    """Turns the messages of one read into spooled CSV rows (one instance per batch): one
-    generation (spool) per table and column list."""
-
-    def __init__(
-        self,
-        source: LogicalSource,
-        result: ReadResult,
-        new_spool: SpoolFactory,
-        lo: int,
-        redo_end: int | None,
-    ) -> None:
-        self._source = source
-        self._result = result
-        self._new_spool = new_spool
-        self._lo = lo
-        self._redo_end = redo_end
-        self._current: dict[int, Generation] = {}  # by relation oid: its column list now
-        self._counts: dict[int, int] = {}  # generations per relation in this batch
-        self._ts = b","
-        self._day = b""
-        self.in_transaction = False
-        self.after_commit = False
-        self.last_end: int | None = None
-
-    @property
-    def _generation(self) -> Generation | None:
-        """The latest generation (tests of one table look at it)."""
-        return self._result.generations[-1] if self._result.generations else None
-
-    def raw_bytes(self) -> int:
-        return sum(g.spool.raw_bytes for g in self._result.generations)
-
-    def days(self) -> int:
-        return sum(len(g.spool) for g in self._result.generations)
-
-    def discard(self) -> None:
-        for g in self._result.generations:
-            g.spool.discard()
-
-    def finish(self) -> None:
-        # A generation that got no rows (e.g. only a Relation message) makes no objects.
-        kept = []
-        for g in self._result.generations:
-            if len(g.spool):
-                kept.append(g)
-            else:
-                g.spool.discard()
-        self._result.generations = kept
-
-    def feed(self, lsn: int, data: bytes, start: int, end: int) -> bool:
-        """One message; True when the read must stop here (end of a redone range)."""
-        kind = data[start]
-        self.after_commit = False
-        if kind in _CHANGES:
-            # The hot path: the tuples are read in place, without a message object.
-            try:
-                self._change(kind, lsn, data, start)
-            except (IndexError, struct.error):
-                decode(data[start:end])  # raises the DecodeError that says what is wrong
-                raise
-            return False
-        message = decode(data[start:end])
-        if isinstance(message, Begin):
-            if self._redo_end is not None and message.final_lsn >= self._redo_end:
-                return True
-            self.in_transaction = True
-            commit_ts = iso_utc(message.commit_ts).encode()
-            self._ts = b"," + commit_ts + b","
-            self._day = commit_ts[:10]
-        elif isinstance(message, Commit):
-            self.in_transaction = False
-            self.after_commit = True
-            self.last_end = message.end_lsn
-            self._result.transactions += 1
-        elif isinstance(message, Relation):
-            if self._source.by_oid(message.oid) is not None:
-                self.relation(message)
-        elif isinstance(message, Truncate):
-            for oid in message.relations:
-                table = self._source.by_oid(oid)
-                if table is not None:
-                    fix = (
-                        "re-initialise the pipeline (cdc-daemon teardown --yes, empty the "
-                        "warehouse table, cdc-daemon init, run)"
-                        if len(self._source.tables) == 1
-                        else "empty its warehouse table, then export it again (cdc-daemon "
-                        f"resync --table {table.qualified})"
-                    )
-                    self._fail(
-                        table,
-                        f"{table.qualified} was truncated (commit before LSN "
-                        f"{format_lsn(lsn)}): a TRUNCATE cannot be exported as row changes; " + fix,
-                    )
-        return False
-
-    def _fail(self, table: LogicalTable, reason: str) -> None:
-        """One table of the group fails: its later changes are skipped (the others go on);
-        the pipeline records it ``failed`` once this batch is committed."""
-        if len(self._source.tables) == 1:
-            raise SourceError(reason)  # a group of one: the daemon stops, as it always did
-        log.error("table_failed", table=table.qualified, error=reason)
-        self._result.failed[table.qualified] = reason
-        self._current.pop(table.oid, None)
-        self._source.deactivate(table.oid)
-
-    def _unlogged(self, table: LogicalTable, lsn: int) -> None:
-        q = table.qualified
-        self._fail(
-            table,
-            f"a delete of {q} at LSN {format_lsn(lsn)} did not log its old row's key: "
-            f"ALTER TABLE {q} REPLICA IDENTITY FULL, then cdc-daemon resync --table {q}",
-        )
-
-    def _change(self, kind: int, lsn: int, data: bytes, start: int) -> None:
-        """Insert, Update or Delete at ``start`` (layouts as in ``pgoutput.decode``)."""
-        (rel,) = _U32(data, start + 1)
-        gen = self._current.get(rel)
-        if gen is None:
-            if self._source.by_oid(rel) is None:
-                return  # a table outside the group (a publication made by hand may have more)
-            raise CdcError(f"a change for relation {rel} came without its Relation message")
-        if kind == 73:  # 'I'
-            if data[start + 5] != 78:
-                raise DecodeError("insert without a new tuple")
-            self._row(gen, decode_tuple(data, start + 6)[0], b"I", lsn)
-            return
-        pos = start + 5
-        old_kind = data[pos]
-        if kind == 68:  # 'D'
-            if old_kind not in (75, 79):
-                raise DecodeError("delete without an old tuple")
-            old = decode_tuple(data, pos + 1)[0]
-            if UNCHANGED in old:
-                self._unlogged(gen.table, lsn)
-                return
-            self._row(gen, old, b"D", lsn)
-            return
-        old_values: TupleData | None = None
-        if old_kind in (75, 79):  # 'K', 'O'
-            old_values, pos = decode_tuple(data, pos + 1)
-        if data[pos] != 78:
-            raise DecodeError("update without a new tuple")
-        new = decode_tuple(data, pos + 1)[0]
-        key_of = gen.key_of
-        if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
-            if UNCHANGED in new and old_kind != 79:
-                # The new key has no earlier row to keep the unlogged value from.
-                q = gen.table.qualified
-                self._fail(
-                    gen.table,
-                    f"an update of {q} at LSN {format_lsn(lsn)} changed the key and left a "
-                    "TOASTed value unchanged, which the default replica identity does not log: "
-                    f"ALTER TABLE {q} REPLICA IDENTITY FULL, then cdc-daemon resync --table {q}",
-                )
-                return
-            # The key changed: the old key is deleted (same LSN, another key).
-            self._row(gen, old_values, b"D", lsn)
-        if UNCHANGED in new:
-            if old_kind == 79 and old_values is not None:  # the whole old row: take them
-                new = [o if v is UNCHANGED else v for v, o in zip(new, old_values, strict=True)]
-            else:
-                # Not logged: the fields stay empty and _cdc_unchanged names them; the merge
-                # keeps the warehouse's current value for them.
-                names = [gen.columns[i][0] for i, v in enumerate(new) if v is UNCHANGED]
-                new = [None if v is UNCHANGED else v for v in new]
-                self._row(gen, new, b"U", lsn, quote(",".join(names).encode()))
-                return
-        self._row(gen, new, b"U", lsn)
-
-    def _row(
-        self, gen: Generation, values: list[Any], op: bytes, lsn: int, unchanged: bytes = b""
-    ) -> None:
-        day, fields = gen.encoder.encode(values)
-        if not day and not gen.partitioned:
-            day = self._day  # no partition column: the commit's UTC day
-        target = gen.spool.day(day)
-        pending = target.pending
-        pending.append(b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
-        if len(pending) >= BLOCK_ROWS:
-            target.drain()
-        self._result.rows += 1
-
-    def relation(self, message: Relation) -> None:
-        """A table's column list from now on (a Relation message)."""
-        table = self._source.by_oid(message.oid)
-        if table is None:
-            return  # a table that failed during this stream
-        self._source.stream_relations[message.oid] = message
-        columns = tuple((c.name, c.type_oid, c.typmod) for c in message.columns)
-        accepted = self._source.accepted.get(table.qualified)
-        if accepted is not None and columns != accepted:
-            problem = self._changed(table, accepted, columns)
-            if problem is not None:
-                self._fail(table, problem)
-                return
-        self._source.accepted[table.qualified] = columns
-        current = self._current.get(message.oid)
-        if current is not None and current.columns == columns:
-            return
-        partition = table.info.partition_name
-        try:
-            encoder = RowEncoder(
-                [
-                    ColumnType(
-                        c.name, c.type_oid, self._source.array_elements.get(c.type_oid), c.typmod
-                    )
-                    for c in message.columns
-                ],
-                partition,
-            )
-        except ValueError as exc:
-            self._fail(table, f"{table.qualified}: {exc}")
-            return
-        # The key (under REPLICA IDENTITY FULL pgoutput flags every column as key).
-        key_index = tuple(i for i, c in enumerate(message.columns) if c.name in table.key)
-        number = self._counts.get(message.oid, 0)
-        self._counts[message.oid] = number + 1
-        header = logical_header([c[0] for c in columns])
-        judge = QuarantineJudge(header, encoder.checks(), table.key, partition)
-        generation = Generation(
-            columns, self._new_spool(header, judge), encoder, key_index, table, number
-        )
-        self._current[message.oid] = generation
-        self._result.generations.append(generation)
-
-    def _changed(
-        self,
-        table: LogicalTable,
-        old: tuple[tuple[str, int, int], ...],
-        new: tuple[tuple[str, int, int], ...],
-    ) -> str | None:
-        """Log a column-list change; the reason to stop at it, if any."""
-        q = table.qualified
-        old_names = {c[0]: c for c in old}
-        new_names = {c[0]: c for c in new}
-        dropped = [n for n in old_names if n not in new_names]
-        retyped = [n for n in old_names if n in new_names and old_names[n] != new_names[n]]
-        added = [n for n in new_names if n not in old_names]
-        log.warning("columns_changed", table=q, added=added, dropped=dropped, retyped=retyped)
-        if retyped and self._source._settings.capture.schema_change == "stop":
-            names = ", ".join(retyped)
-            return (
-                f"columns of {q} changed type ({names}): Snowflake's columns keep their type. "
-                "Change them in Snowflake (or drop the table's warehouse tables for "
-                "`snowflake apply` to create them again), then set "
-                'capture.schema_change = "follow" for one run'
-                + ("" if len(self._source.tables) == 1 else f" and cdc-daemon resync --table {q}")
-            )
-        return None
 
 
 def _translate(exc: psycopg.Error, doing: str) -> CdcError:

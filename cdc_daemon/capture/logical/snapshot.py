@@ -1,0 +1,141 @@
+"""The snapshot of a table, copied in chunks by key as ``I`` rows (``copy_chunk``, used by
+``capture.logical.join``): the same COPY, and so the same bytes, as the watermark export.
+Why chunks read at different times rebuild the table exactly: ``capture.logical.join`` and
+docs/logical.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.tables import LogicalTable
+from cdc_daemon.source.copyread import CopyRows
+from cdc_daemon.source.session import read_snapshot, translated
+from cdc_daemon.source.table import TableInfo
+from cdc_daemon.state.joins import Key
+
+
+def snapshot_query(
+    table: TableInfo, seq: int, read_ts: str, where: sql.Composable | None = None
+) -> sql.Composed:
+    """``COPY`` of a table's rows as ``I`` changes with ``_cdc_seq`` ``seq``: each as
+    ``day,<csv row>`` (the source columns and the four ``_cdc_*`` columns)."""
+    return sql.SQL(
+        "COPY (SELECT {day}, {cols}, 'I', {seq}::bigint, {ts}, NULL FROM {tbl} t{where})"
+        " TO STDOUT (FORMAT csv)"
+    ).format(
+        day=table.day_expr(read_ts),
+        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
+        seq=sql.Literal(seq),
+        ts=sql.Literal(read_ts),
+        tbl=table.ident(),
+        where=sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
+    )
+
+
+def copy_snapshot(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: TableInfo,
+    spool: DaySpool,
+    seq: int,
+    read_ts: str,
+    where: sql.Composable | None = None,
+) -> None:
+    with conn.cursor() as cur, cur.copy(snapshot_query(table, seq, read_ts, where)) as copy:
+        rows = CopyRows(copy).batch
+        while batch := rows():
+            for data in map(bytes, batch):
+                spool.add(data)
+
+
+def _key_sql(table: LogicalTable) -> tuple[sql.Composable, Callable[[Key], sql.Composable]]:
+    """The key as a row expression, and a key's values as one (cast to the key's types)."""
+    types = {c.name: c.type_name for c in table.info.columns}
+    key = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
+
+    def bound(values: Key) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.SQL("CAST({} AS {})").format(sql.Literal(v), sql.SQL(types[k]))
+            for k, v in zip(table.key, values, strict=True)
+        )
+
+    return key, bound
+
+
+def _key_texts(table: LogicalTable) -> sql.Composable:
+    """The key's values as text, under names of their own: an output column named like the
+    key column would make ``ORDER BY`` sort by the text (PostgreSQL matches output names
+    first), not by the key's type and index."""
+    return sql.SQL(", ").join(
+        sql.SQL("{}::text AS {}").format(sql.Identifier(k), sql.Identifier(f"_cdc_key_{n}"))
+        for n, k in enumerate(table.key)
+    )
+
+
+def split_keys(
+    conn: psycopg.Connection[tuple[object, ...]], table: LogicalTable, parts: int
+) -> list[Key]:
+    """Up to ``parts - 1`` keys that cut the table into parts of about equal rows (from the
+    planner's row estimate; exact cuts are not needed, only disjoint ranges)."""
+    if parts <= 1:
+        return []
+    info = table.info
+    row = conn.execute(
+        "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %s", (table.oid,)
+    ).fetchone()
+    estimate = int(str(row[0])) if row else 0
+    if estimate < parts * 2:
+        return []
+    key, _ = _key_sql(table)
+    cuts: list[Key] = []
+    for n in range(1, parts):
+        found = conn.execute(
+            sql.SQL("SELECT {texts} FROM {t} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                texts=_key_texts(table), t=info.ident(), k=key
+            ),
+            (estimate * n // parts,),
+        ).fetchone()
+        if found is None:
+            break
+        cut = tuple(None if v is None else str(v) for v in found)
+        if not cuts or cut != cuts[-1]:
+            cuts.append(cut)
+    return cuts
+
+
+def copy_chunk(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: LogicalTable,
+    start: Key | None,
+    upper: Key | None,
+    limit: int,
+    seq: int,
+    read_ts: str,
+    spool: DaySpool,
+) -> Key | None:
+    """Copy the next ``limit`` rows of ``table`` by key, those above ``start`` and at most
+    ``upper`` (None: unbounded), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``, in
+    one transaction. Returns the chunk's last key, or None when it reached ``upper``."""
+    info = table.info
+    key, bound = _key_sql(table)
+    conditions: list[sql.Composable] = []
+    if start is not None:
+        conditions.append(sql.SQL("({}) > ({})").format(key, bound(start)))
+    if upper is not None:
+        conditions.append(sql.SQL("({}) <= ({})").format(key, bound(upper)))
+    where: sql.Composable = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
+    with translated(f"copying the snapshot of {info.qualified}"), read_snapshot(conn):
+        row = conn.execute(
+            sql.SQL("SELECT {texts} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                texts=_key_texts(table), t=info.ident(), w=where, k=key
+            ),
+            (limit - 1,),
+        ).fetchone()
+        last = None if row is None else tuple(None if v is None else str(v) for v in row)
+        if last is not None:
+            where = sql.SQL("{} AND ({}) <= ({})").format(where, key, bound(last))
+        copy_snapshot(conn, info, spool, seq, read_ts, where)
+    return None if last == upper else last

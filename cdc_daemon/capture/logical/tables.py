@@ -1,0 +1,102 @@
+"""A table of a logical group as the capture sees it: its columns as pgoutput sends them, its
+key and replica identity, read from the catalog (``describe``), and the header of its objects.
+The checks ``init`` makes on it are in ``source.validate``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from cdc_daemon.config import TableSettings
+from cdc_daemon.errors import SourceError
+from cdc_daemon.source.table import Column, TableInfo, partition_of
+from cdc_daemon.source.validate import TableFacts, read_facts
+from cdc_daemon.source.values import QuarantineJudge
+
+
+@dataclass(frozen=True)
+class LogicalTable:
+    info: TableInfo  # columns in table order, the partition column (for the snapshot's COPY)
+    oid: int
+    key: tuple[str, ...]
+    replica_identity: str
+    toastable: tuple[str, ...]
+    columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod), as Relation sends
+    has_primary_key: bool = True
+    facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
+    configured_key: bool = False  # the key is [[tables]] key, not the primary key
+
+    @property
+    def qualified(self) -> str:
+        return self.info.qualified
+
+    @property
+    def header(self) -> list[str]:
+        return logical_header([c[0] for c in self.columns])
+
+    def judge(self) -> QuarantineJudge:
+        """What the warehouse gets for the snapshot's quarantined rows."""
+        return self.info.judge(self.key, self.header)
+
+
+# The daemon's own columns of a logical object, after the table's: the operation, the change's
+# LSN, its commit time, and the columns whose unchanged TOASTed values the change lacks.
+CDC_COLUMNS = ("_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged")
+
+
+def logical_header(columns: list[str]) -> list[str]:
+    return [*columns, *CDC_COLUMNS]
+
+
+def describe(
+    conn: psycopg.Connection[tuple[object, ...]],
+    spec: TableSettings,
+) -> LogicalTable:
+    """The table as logical mode captures it, from its catalog facts (read once; ``init``
+    checks them with ``source.validate``). Generated columns are left out: pgoutput
+    (PostgreSQL < 18) does not send them, so neither the snapshot nor the objects carry them,
+    and a Relation message without them is no column change."""
+    table = spec.name
+    facts = read_facts(conn, table)
+    if facts is None:
+        raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
+    schema, name = facts.schema, facts.name
+    if facts.kind == "p":
+        raise SourceError(
+            f"{schema}.{name} is a partitioned table: logical mode does not capture one yet "
+            '(its changes arrive under each partition\'s name); use capture.mode = "watermark"'
+        )
+    if facts.kind != "r":
+        raise SourceError(f"{schema}.{name} is not a table")
+    captured = facts.captured(logical=True)
+    columns = tuple(Column(c.name, c.type_name) for c in captured)
+    primary = facts.primary_key_columns()
+    by_name = {c.name: c for c in columns}
+    key = primary if spec.key is None else spec.key
+    missing = [k for k in key if k not in by_name]
+    if missing:
+        generated = facts.column(missing[0]) is not None
+        raise SourceError(
+            f"{schema}.{name}: key column {missing[0]!r} is a generated column, which logical "
+            "mode leaves out (pgoutput does not send it): name other key columns in [[tables]] "
+            'key, or use capture.mode = "watermark"'
+            if generated
+            else f"{schema}.{name} has no column {missing[0]!r} (key)"
+        )
+    partition = partition_of(schema, name, by_name, spec.partition_column)
+    # TableInfo's watermark is meaningless here; the first key column stands in.
+    info = TableInfo(schema, name, columns, by_name[key[0]] if key else columns[0], partition)
+    toastable = tuple(c.name for c in captured if c.toastable)
+    catalog = tuple((c.name, c.type_oid, c.typmod) for c in captured)
+    return LogicalTable(
+        info,
+        facts.oid,
+        key,
+        facts.identity,
+        toastable,
+        catalog,
+        bool(primary),
+        facts,
+        spec.key is not None,
+    )
