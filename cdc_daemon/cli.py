@@ -254,20 +254,12 @@ def snowflake_command(
         text = sql.render_grants(settings, tables) if grants else sql.render(settings, tables)
         print(text, end="")
         return 0
-    stage_url = None
-    if settings.snowflake.emulator:
-        if settings.snowflake.emulator_stage_dir is None:
-            raise ConfigError(
-                "snowflake.emulator is set without snowflake.emulator_stage_dir: use the "
-                "configuration `cdc-daemon local up` wrote"
-            )
-        stage_url = settings.snowflake.emulator_stage_dir.resolve().as_uri() + "/"
     wh = Warehouse(settings).connect()
     try:
         plan = apply_sql(
             wh,
             tables,
-            stage_url_override=stage_url,
+            stage_url_override=wh.dialect.stage_url(wh),
             staged=lambda folder, since: staged_objects(settings, folder, since),
             plan_only=plan_only,
         )
@@ -308,7 +300,7 @@ def write_report(settings: Settings, out: Path) -> int:
         raise ConfigError("snowflake.account is not set: there is no warehouse to report on")
     wh = Warehouse(settings).connect()
     try:
-        write(out, wh.query, settings, [])
+        write(out, wh.query, settings.postgres, settings.snowflake, wh.names, [])
     finally:
         wh.close()
     print(f"report: {out}")

@@ -39,6 +39,7 @@ DEFAULT_HTTP_PORT = 9187
 _SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
 # The design table's warehouse name: the seed's model (INVOICES, PRODUCTS) is written on SALES.
 SEED_NAMES = {"public.ecommerce_sales": "SALES"}
+NO_TABLE = "no table to capture: name the tables in [[tables]] (or one table in postgres.table)"
 
 
 class _Section(BaseModel):
@@ -52,9 +53,12 @@ class PostgresSettings(_Section):
         default=SecretStr(DEFAULT_DSN),
         description="Source database, as a libpq URI or key=value string (secret).",
     )
-    table: str = Field(
-        default="public.ecommerce_sales",
-        description="The table to capture, `schema.table` (resolved as an identifier).",
+    table: str | None = Field(
+        default=None,
+        description="One-table shorthand for a single `[[tables]]` entry: `schema.table` "
+        "(resolved as an identifier), with `capture.watermark_column` and "
+        "`capture.partition_column`. A configuration names its tables here or in "
+        "`[[tables]]`; there is no default table.",
     )
     connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect timeout.")
     statement_timeout_s: float = Field(
@@ -65,9 +69,9 @@ class PostgresSettings(_Section):
 
     @field_validator("table")
     @classmethod
-    def _table_has_name(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name a table, e.g. public.ecommerce_sales")
+    def _table_has_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name a table, e.g. public.orders")
         return value
 
 
@@ -84,12 +88,12 @@ class CaptureSettings(_Section):
         description="Watermark mode: an integer column filled by a sequence; default: the "
         "primary key.",
     )
-    partition_column: str = Field(
-        default="invoice_date",
-        description="`postgres.table`: a `date`, `timestamp` or `timestamptz` column whose UTC "
-        "day names the object's `dt=` folder. Left at its default, a table without "
-        "`invoice_date` has none: its rows go to the UTC day of the change's commit (logical) "
-        "or of the read (watermark).",
+    partition_column: str | None = Field(
+        default=None,
+        description="With the `postgres.table` shorthand: a `date`, `timestamp` or "
+        "`timestamptz` column whose UTC day names the object's `dt=` folder; none: the UTC day "
+        "of the change's commit (logical) or of the read (watermark). `[[tables]]` name theirs "
+        "in `tables.partition_column`.",
     )
     group: str | None = Field(
         default=None,
@@ -428,20 +432,18 @@ class SnowflakeSettings(_Section):
     )
     host: str | None = Field(
         default=None,
-        description="Connector endpoint override (the local emulator serves plain HTTP on "
-        "127.0.0.1).",
+        description="Connector endpoint override (a private-link host, or a server that "
+        "speaks Snowflake's protocol on another address).",
     )
     port: int | None = Field(default=None, ge=1, le=65535, description="Endpoint port override.")
     protocol: Literal["https", "http"] = Field(default="https", description="Endpoint protocol.")
-    emulator: bool = Field(
-        default=False,
-        description="Talk to the local warehouse (fakesnow behind the same connector), whose "
-        "missing PIPE/STREAM/TASK/COPY_HISTORY are emulated by `cdc_daemon.local.warehouse`.",
-    )
-    emulator_stage_dir: Path | None = Field(
-        default=None,
-        description="The local warehouse's stage folder (`local up` writes it): where "
-        "`snowflake apply` points the stage when `emulator` is set.",
+    dialect: str = Field(
+        default="snowflake",
+        pattern=r"^[a-z][a-z0-9_]{0,40}$",
+        description="`snowflake`, or another warehouse's answers to what differs (load "
+        "history, pipe status and refresh, tasks, streams, DDL, the stage's location): the "
+        "name of the dialect an installed extension registers as the entry point "
+        "`<name>_dialect` of group `cdc_daemon` (the local warehouse's is `emulator`).",
     )
     login_timeout_s: float = Field(default=30.0, gt=0, description="Login timeout.")
     query_timeout_s: float = Field(default=120.0, gt=0, description="Statement timeout.")
@@ -470,7 +472,8 @@ class SnowflakeSettings(_Section):
     completeness_interval_s: float = Field(
         default=86_400.0,
         gt=0,
-        description="How often the per-day completeness check (PostgreSQL vs SALES) runs.",
+        description="How often the per-day completeness check runs (each table with a "
+        "partition column against its current-state table).",
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -504,7 +507,7 @@ class Settings(BaseSettings):
     postgres: PostgresSettings = PostgresSettings()
     tables: tuple[TableSettings, ...] = Field(
         default=(),
-        description="The group's tables; empty: `postgres.table` alone.",
+        description="The group's tables; empty: the one table of `postgres.table`.",
     )
     capture: CaptureSettings = CaptureSettings()
     batch: BatchSettings = BatchSettings()
@@ -521,6 +524,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_group(self) -> Settings:
+        shorthand = self.postgres.table
+        if not self.tables and shorthand is None:
+            raise ValueError(NO_TABLE)
+        # (``for_table`` narrows a group to one table and sets both to it.)
+        if (
+            self.tables
+            and shorthand is not None
+            and (len(self.tables) > 1 or qualified_name(shorthand) != self.tables[0].qualified)
+        ):
+            raise ValueError(
+                "postgres.table and [[tables]] are both set: name the tables in [[tables]] "
+                "(postgres.table is the shorthand for one table)"
+            )
         names = [t.qualified for t in self.tables]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -535,26 +551,17 @@ class Settings(BaseSettings):
     @property
     def table_specs(self) -> tuple[TableSettings, ...]:
         """The group's tables: ``[[tables]]``, or ``postgres.table`` with ``capture``'s
-        watermark and partition columns."""
+        watermark and partition columns (the validator makes sure there is one)."""
         if self.tables:
             return self.tables
-        capture = self.capture
-        explicit = "partition_column" in capture.model_fields_set
+        assert self.postgres.table is not None
         return (
             TableSettings(
                 name=self.postgres.table,
-                watermark_column=capture.watermark_column,
-                partition_column=capture.partition_column if explicit else None,
+                watermark_column=self.capture.watermark_column,
+                partition_column=self.capture.partition_column,
             ),
         )
-
-    @property
-    def default_partition(self) -> str | None:
-        """``invoice_date`` when ``postgres.table`` is used and ``capture.partition_column`` is
-        left at its default: the column partitions the table when the table has it."""
-        if self.tables or "partition_column" in self.capture.model_fields_set:
-            return None
-        return self.capture.partition_column
 
     @property
     def table(self) -> str:
@@ -565,7 +572,7 @@ class Settings(BaseSettings):
     @property
     def group(self) -> str:
         """The group's name: its lock and its ledger records (positions, batches). One table
-        without ``capture.group``: the table's name, as before groups existed."""
+        without ``capture.group``: the table's name."""
         if self.capture.group is not None:
             return self.capture.group
         return self.table
@@ -666,12 +673,16 @@ def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     problems = []
     for error in exc.errors():
-        loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        loc = ".".join(str(part) for part in error["loc"])
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key {loc!r}")
-        else:
-            # Never echo the offending input: it may be a DSN with a password in it.
-            problems.append(f"{loc}: {error['msg']}")
+            continue
+        # Never echo the offending input: it may be a DSN with a password in it. A validator's
+        # own sentence is given without pydantic's "Value error, " in front of it.
+        ctx = error.get("ctx") or {}
+        own = error["type"] == "value_error" and "error" in ctx
+        msg = str(ctx["error"]) if own else error["msg"]
+        problems.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid configuration{where}: " + "; ".join(problems)
 
 

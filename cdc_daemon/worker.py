@@ -97,7 +97,7 @@ class Worker:
                     stack.push_async_callback(_cancelled, trigger)
                 pipeline = await self._startup(stack)
                 if pipeline is None:
-                    log.info("daemon_stopped", table=self._settings.postgres.table)
+                    log.info("daemon_stopped", group=self._settings.group)
                     return 0
                 self._probe.phase = "running"
                 self._notifier.ready(f"exporting {pipeline.table}")
@@ -144,7 +144,8 @@ class Worker:
         settings = self._settings
         log.info(
             "daemon_starting",
-            table=settings.postgres.table,
+            group=settings.group,
+            tables=[t.qualified for t in settings.table_specs],
             mode=settings.capture.mode,
             source=redact_dsn(settings.postgres.dsn.get_secret_value()),
             bucket=settings.s3.bucket,

@@ -25,15 +25,25 @@ from cdc_daemon.local.services import LocalS3
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
+SEED_TABLE = "public.ecommerce_sales"
+SEED_PARTITION = "invoice_date"
+# The seed's table as a one-table configuration's keyword arguments (``load_settings``).
+SEED = {"postgres": {"table": SEED_TABLE}, "capture": {"partition_column": SEED_PARTITION}}
+
 
 def make_settings(
     pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, **sections: Any
 ) -> Settings:
     batch = {"spool_dir": str(tmp_path), "max_age_s": 0, **sections.pop("batch", {})}
     capture = {"poll_interval_s": 0.05, **sections.pop("capture", {})}
+    postgres = {"dsn": pg_dsn, **sections.pop("postgres", {})}
+    if "tables" not in sections and "table" not in postgres:
+        # The seed's table (tests.schemas / local.sample), as the demo configures it.
+        postgres["table"] = SEED_TABLE
+        capture.setdefault("partition_column", SEED_PARTITION)
     return load_settings(
         None,
-        postgres={"dsn": pg_dsn, **sections.pop("postgres", {})},
+        postgres=postgres,
         s3={"endpoint_url": s3_server.endpoint_url, "bucket": bucket, **sections.pop("s3", {})},
         batch=batch,
         capture=capture,

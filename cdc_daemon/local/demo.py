@@ -23,7 +23,7 @@ import structlog
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.local.sample import load_online_retail, sample_path
+from cdc_daemon.local.sample import SAMPLE_TABLE, load_online_retail, sample_path
 from cdc_daemon.local.services import LocalPostgres, LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.state.store import Store
@@ -81,11 +81,16 @@ def run_demo(
             rows = load_online_retail(conn, data or sample_path())
             # Logical mode logs whole old rows of a table with TOASTable columns.
             conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
-        log.info("demo_data_loaded", table="public.ecommerce_sales", rows=rows)
+        log.info("demo_data_loaded", table=SAMPLE_TABLE["name"], rows=rows)
+        # The demo's own configuration: the sample's table, partitioned by invoice_date.
         base = load_settings(
             None,
-            postgres={"dsn": pg.dsn},
-            capture={"mode": "logical", "poll_interval_s": 0.5},
+            postgres={"dsn": pg.dsn, "table": SAMPLE_TABLE["name"]},
+            capture={
+                "mode": "logical",
+                "partition_column": SAMPLE_TABLE["partition_column"],
+                "poll_interval_s": 0.5,
+            },
             s3={"endpoint_url": s3.endpoint_url, "bucket": "cdc-demo"},
             batch={
                 "compression": compression,
@@ -233,7 +238,14 @@ async def _report(
     if report is not None:
         from cdc_daemon.warehouse.report import write_report
 
-        write_report(report, warehouse.query, settings, lines)
+        write_report(
+            report,
+            warehouse.query,
+            settings.postgres,
+            settings.snowflake,
+            warehouse.wh.names,
+            lines,
+        )
         print(f"  report: {report}")
 
 

@@ -9,6 +9,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+# The sample's table as a configuration names it (``[[tables]]``): the demo's, and the one the
+# tests' seed data fills.
+SAMPLE_TABLE = {"name": "public.ecommerce_sales", "partition_column": "invoice_date"}
+
 SALES_DDL = """
 CREATE TABLE IF NOT EXISTS {table} (
     id bigserial PRIMARY KEY,

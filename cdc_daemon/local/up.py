@@ -141,6 +141,7 @@ def serve(folder: Path) -> int:
     """The serving process: start the three services, write DIR/cdc.toml and DIR/local.json,
     feed the warehouse until SIGTERM."""
     from cdc_daemon.config import load_settings
+    from cdc_daemon.local.sample import SAMPLE_TABLE
     from cdc_daemon.local.services import LocalS3
     from cdc_daemon.local.warehouse import LocalWarehouse
     from cdc_daemon.warehouse.sql import Statement
@@ -164,9 +165,12 @@ def serve(folder: Path) -> int:
         )
         spool = folder / "spool"
         spool.mkdir(exist_ok=True)
+        # The serving process applies nothing (the user's `snowflake apply` does, for the tables
+        # of DIR/cdc.toml): the sample's table only completes its settings and is never read.
         base = load_settings(
             None,
             postgres={"dsn": pg.dsn},
+            tables=[SAMPLE_TABLE],
             s3={"endpoint_url": s3.endpoint_url, "bucket": BUCKET},
             batch={"spool_dir": str(spool)},
         )
@@ -180,10 +184,11 @@ def serve(folder: Path) -> int:
             f"USE SCHEMA {sf.database}.{sf.schema_}",
         ):
             warehouse.wh.dialect.execute_ddl(warehouse.wh, Statement("00_database.sql", text))
+        warehouse.record_stage()
         (folder / CONFIG).write_text(
             "# cdc-daemon against the local services of `cdc-daemon local up`.\n"
-            "# Add the tables to capture, e.g.:\n"
-            '#   [[tables]]\n#   name = "public.orders"\n'
+            "# Name the tables to capture (there is no default table), e.g.:\n"
+            '#   [[tables]]\n#   name = "public.orders"\n#   partition_column = "placed"\n'
             "[postgres]\n"
             f"dsn = {_toml(pg.dsn)}\n\n"
             "[s3]\n"
@@ -192,8 +197,7 @@ def serve(folder: Path) -> int:
             f"spool_dir = {_toml(str(spool))}\n\n"
             "[snowflake]\n"
             f'account = "fakesnow"\nuser = "fake"\npassword = "snow"\n'
-            f'host = "127.0.0.1"\nport = {sf.port}\nprotocol = "http"\nemulator = true\n'
-            f"emulator_stage_dir = {_toml(str(warehouse.stage_dir))}\n"
+            f'host = "127.0.0.1"\nport = {sf.port}\nprotocol = "http"\ndialect = "emulator"\n'
             "reconcile_interval_s = 5\n"
         )
         info = {

@@ -67,7 +67,7 @@ from typing import Any
 import structlog
 
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.errors import CdcError
+from cdc_daemon.errors import CdcError, ConfigError
 from cdc_daemon.local.services import free_port
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import (
@@ -108,6 +108,9 @@ _EMULATION_DDL = [
     "CREATE TABLE IF NOT EXISTS _EMU_PIPE_QUEUE (PIPE VARCHAR, KEY VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_OBJECTS (KIND VARCHAR, NAME VARCHAR, DEFINITION VARCHAR)",
     "CREATE TABLE IF NOT EXISTS _EMU_STREAM_STATE (STREAM VARCHAR, STALE_AFTER TIMESTAMP_TZ)",
+    # The stage folder of the serving process (``record_stage``), for `snowflake apply` run
+    # from another process.
+    "CREATE TABLE IF NOT EXISTS _EMU_STAGE (URL VARCHAR)",
 ]
 # Snowflake's defaults: a task is suspended after this many failed runs in a row
 # (SUSPEND_TASK_AFTER_NUM_FAILURES), and a stream not read for the table's retention extended up
@@ -300,6 +303,20 @@ class EmulatorDialect:
             return None
         stale_after = rows[0]["STALE_AFTER"]
         return StreamStatus(n.stream, stale_after <= datetime.now(UTC), stale_after)
+
+    def stage_url(self, wh: Warehouse) -> str:
+        """The local folder the stand-in copies new objects to (fakesnow cannot read S3
+        offline), as the serving process recorded it."""
+        try:
+            rows = wh.query("SELECT URL FROM _EMU_STAGE")
+        except CdcError:
+            rows = []
+        if not rows:
+            raise ConfigError(
+                "the local warehouse has no stage folder recorded: point snowflake.port at "
+                "the warehouse of `cdc-daemon local up` (the configuration it wrote)"
+            )
+        return str(rows[0]["URL"])
 
     def describe(self, wh: Warehouse, kind: str, name: str) -> Described | None:
         """What the emulation recorded of an object (the statement that made it, read as the
@@ -637,7 +654,7 @@ class LocalWarehouse:
                 "host": "127.0.0.1",
                 "port": self.port,
                 "protocol": "http",
-                "emulator": True,
+                "dialect": "emulator",
                 "login_timeout_s": 10,
                 "query_timeout_s": 30,
             }
@@ -703,6 +720,13 @@ class LocalWarehouse:
     @property
     def stage_url(self) -> str:
         return self.stage_dir.resolve().as_uri() + "/"
+
+    def record_stage(self) -> None:
+        """Keep the stage folder in the warehouse's schema (which exists), where
+        ``EmulatorDialect.stage_url`` finds it from any process."""
+        with self._lock:
+            self.wh.execute("DELETE FROM _EMU_STAGE")
+            self.wh.execute("INSERT INTO _EMU_STAGE VALUES (%(u)s)", {"u": self.stage_url})
 
     def age_stream(self, stale_after: datetime, stream: str | None = None) -> None:
         """For tests: the stream (default: the first table's) goes (or went) stale at

@@ -274,7 +274,6 @@ def describe_table(
     table: str,
     watermark_column: str | None,
     partition_column: str | None,
-    default_partition: str | None = None,
 ) -> TableInfo:
     row = conn.execute(
         "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c "
@@ -331,7 +330,7 @@ def describe_table(
             f"sequence {cached[0]} of the watermark column has CACHE {cached[1]}, so ids are not "
             f"assigned in order: ALTER SEQUENCE {cached[0]} CACHE 1"
         )
-    partition = partition_of(str(schema), str(name), by_name, partition_column, default_partition)
+    partition = partition_of(str(schema), str(name), by_name, partition_column)
     return TableInfo(str(schema), str(name), cols, watermark, partition)
 
 
@@ -340,15 +339,10 @@ def partition_of(
     name: str,
     by_name: dict[str, Column],
     partition_column: str | None,
-    default_partition: str | None,
 ) -> Column | None:
-    """The configured partition column, checked; else ``default_partition`` when the table
-    has it (``invoice_date``, the one-table default); else none."""
+    """The configured partition column, checked; none when none is configured."""
     if partition_column is None:
-        if default_partition is not None and default_partition in by_name:
-            partition_column = default_partition
-        else:
-            return None
+        return None
     if partition_column not in by_name:
         raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
     partition = by_name[partition_column]
@@ -367,6 +361,4 @@ def describe_configured(
 ) -> TableInfo:
     """``spec`` (default: the first table of the group) as configured."""
     spec = spec or settings.table_specs[0]
-    return describe_table(
-        conn, spec.name, spec.watermark_column, spec.partition_column, settings.default_partition
-    )
+    return describe_table(conn, spec.name, spec.watermark_column, spec.partition_column)

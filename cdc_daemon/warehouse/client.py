@@ -2,10 +2,10 @@
 ``cdc-daemon snowflake apply`` run. Synchronous (the connector is); async callers use
 ``asyncio.to_thread``.
 
-The three things Snowflake has and the local emulator (fakesnow) does not -- COPY_HISTORY,
-SYSTEM$PIPE_STATUS and ALTER PIPE ... REFRESH -- are the three methods of ``Dialect``: the
-real one here, the emulated one in ``local/warehouse.py`` (found as an entry point). Nothing
-else differs.
+What differs between warehouses that speak Snowflake's wire protocol is behind ``Dialect``:
+``SnowflakeDialect`` here, another one registered by an installed extension and named by
+``snowflake.dialect`` (the local warehouse of ``cdc_daemon.local`` registers ``emulator``).
+The client never asks which one it has.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from cdc_daemon import extensions
-from cdc_daemon.config import Settings
+from cdc_daemon.config import Settings, SnowflakeSettings
 from cdc_daemon.errors import CdcError, ConfigError, from_snowflake
 from cdc_daemon.warehouse.model import Names, names
 
@@ -122,6 +122,23 @@ def normalize_status(status: str) -> str:
 
 
 class Dialect(Protocol):
+    """What a warehouse answers in its own way; everything else is plain SQL through the
+    connector (``Warehouse.query``).
+
+    - ``load_history``: the files loaded into a table's landing table since a time
+      (COPY_HISTORY);
+    - ``pipe_status``: the table's pipe's state (SYSTEM$PIPE_STATUS);
+    - ``refresh``: ask the pipe to look again at a prefix of the table's folder
+      (ALTER PIPE ... REFRESH);
+    - ``tasks``: the merge and cleanup tasks' state and recent failures (SHOW TASKS,
+      TASK_HISTORY);
+    - ``stream``: whether the table's stream is stale or going stale (SHOW STREAMS);
+    - ``describe``: an existing object's properties for the plan of ``snowflake apply``;
+    - ``execute_ddl`` / ``task_ddl``: run one statement of ``snowflake/`` (a task's apart);
+    - ``stage_url``: where the stage points instead of the bucket through the storage
+      integration, or None.
+    """
+
     def load_history(self, wh: Warehouse, n: Names, since: datetime) -> list[LoadRecord]: ...
     def pipe_status(self, wh: Warehouse, n: Names) -> PipeStatus: ...
     def refresh(self, wh: Warehouse, n: Names, prefix: str) -> None: ...
@@ -130,6 +147,17 @@ class Dialect(Protocol):
     def task_ddl(self, wh: Warehouse, stmt: Statement) -> None: ...
     def execute_ddl(self, wh: Warehouse, stmt: Statement) -> None: ...
     def describe(self, wh: Warehouse, kind: str, name: str) -> Described | None: ...
+    def stage_url(self, wh: Warehouse) -> str | None: ...
+
+
+def dialect_for(sf: SnowflakeSettings) -> Dialect:
+    """The dialect ``snowflake.dialect`` names: Snowflake's own, or the one an installed
+    extension registers as the entry point ``<name>_dialect`` (``extensions``)."""
+    if sf.dialect == "snowflake":
+        return SnowflakeDialect()
+    factory = extensions.load(f"{sf.dialect}_dialect", f"the warehouse dialect {sf.dialect!r}")
+    dialect: Dialect = factory()
+    return dialect
 
 
 # (value, is the property's default) per property of an existing object.
@@ -142,7 +170,7 @@ class SnowflakeDialect:
         DESC STAGE and DESC TABLE (property, value, default), SHOW PIPES (``definition``: the
         COPY), SHOW STREAMS (``table_name``), SHOW TASKS (warehouse, schedule, condition,
         definition, state)."""
-        sf = wh.settings.snowflake
+        sf = wh.snowflake
         where = f"{sf.database}.{sf.schema_}"
         if kind in ("PIPE", "STREAM", "TASK"):
             shown = wh.query(f"SHOW {kind}S LIKE %(n)s IN SCHEMA {where}", {"n": name})
@@ -193,6 +221,10 @@ class SnowflakeDialect:
             out[prop] = (value, value == default)
         return out
 
+    def stage_url(self, wh: Warehouse) -> str | None:
+        """None: the stage points at the bucket through the storage integration."""
+        return None
+
     def execute_ddl(self, wh: Warehouse, stmt: Statement) -> None:
         """A statement of ``snowflake/``."""
         wh.execute(stmt.text)
@@ -203,7 +235,7 @@ class SnowflakeDialect:
         wh.execute(stmt.text)
 
     def load_history(self, wh: Warehouse, n: Names, since: datetime) -> list[LoadRecord]:
-        sf = wh.settings.snowflake
+        sf = wh.snowflake
         rows = wh.query(
             f"SELECT FILE_NAME, STATUS, ROW_COUNT, ROW_PARSED, FIRST_ERROR_MESSAGE,"
             f" LAST_LOAD_TIME FROM TABLE({sf.database}.INFORMATION_SCHEMA.COPY_HISTORY("
@@ -213,7 +245,7 @@ class SnowflakeDialect:
         return [load_record(n, row) for row in rows]
 
     def pipe_status(self, wh: Warehouse, n: Names) -> PipeStatus:
-        sf = wh.settings.snowflake
+        sf = wh.snowflake
         rows = wh.query(
             "SELECT SYSTEM$PIPE_STATUS(%(pipe)s) AS S",
             {"pipe": f"{sf.database}.{sf.schema_}.{n.pipe}"},
@@ -223,14 +255,14 @@ class SnowflakeDialect:
     def refresh(self, wh: Warehouse, n: Names, prefix: str) -> None:
         # PREFIX is appended to the pipe's stage path (the table's folder); Snowflake only
         # queues files staged in the last 7 days that the pipe has not loaded.
-        sf = wh.settings.snowflake
+        sf = wh.snowflake
         wh.query(
             f"ALTER PIPE {sf.database}.{sf.schema_}.{n.pipe} REFRESH PREFIX = %(p)s",
             {"p": prefix},
         )
 
     def tasks(self, wh: Warehouse, n: Names) -> list[TaskStatus]:
-        sf = wh.settings.snowflake
+        sf = wh.snowflake
         shown = {
             str(r["name"]).upper(): str(r["state"]).lower()
             for r in wh.query(
@@ -253,7 +285,7 @@ class SnowflakeDialect:
         return out
 
     def stream(self, wh: Warehouse, n: Names) -> StreamStatus | None:
-        sf = wh.settings.snowflake
+        sf = wh.snowflake
         rows = wh.query(
             f"SHOW STREAMS LIKE %(s)s IN SCHEMA {sf.database}.{sf.schema_}", {"s": n.stream}
         )
@@ -296,23 +328,20 @@ class Warehouse:
     """One connector session. The constructor does no I/O; ``connect()`` does."""
 
     def __init__(self, settings: Settings, dialect: Dialect | None = None) -> None:
+        # The group's settings: the tables' names here, the rendering of ``snowflake/`` in
+        # ``warehouse.plan``; the session and the dialect use the ``snowflake`` section alone.
         self.settings = settings
-        if dialect is None:
-            if settings.snowflake.emulator:
-                # Registered by the local tooling (cdc_daemon.local), never imported from here.
-                dialect = extensions.load("emulator_dialect", "the local warehouse")()
-            else:
-                dialect = SnowflakeDialect()
-        self.dialect = dialect
+        self.snowflake = settings.snowflake
+        self.dialect = dialect_for(self.snowflake) if dialect is None else dialect
         self.names = names(settings)
         self._conn: SnowflakeConnection | None = None
 
     def __repr__(self) -> str:
-        sf = self.settings.snowflake
+        sf = self.snowflake
         return f"Warehouse(account={sf.account!r}, user={sf.user!r}, database={sf.database!r})"
 
     def connect(self) -> Warehouse:
-        sf = self.settings.snowflake
+        sf = self.snowflake
         if not sf.enabled:
             raise ConfigError("snowflake.account is not set")
         params: dict[str, Any] = {

@@ -8,7 +8,7 @@ gives. Charts are SVG (pygal), inline, so the page opens offline."""
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_daemon.config import Settings
+from cdc_daemon.config import PostgresSettings, SnowflakeSettings
 from cdc_daemon.errors import from_psycopg
-from cdc_daemon.warehouse.model import names
+from cdc_daemon.warehouse.model import Names
 
 Query = Callable[[str], list[dict[str, Any]]]
 
@@ -39,14 +39,16 @@ def _chart(kind: str, title: str, **options: Any) -> Any:
     )
 
 
-def _tables(query: Query, settings: Settings) -> tuple[str, dict[str, str]]:
+def _tables(
+    query: Query, pg: PostgresSettings, tables: Sequence[Names]
+) -> tuple[str, dict[str, str]]:
     """The per-table section (rows in the source, in Snowflake, last merge), and the source
     table of SALES if the group has it."""
     rows = []
     seed: dict[str, str] = {}
     try:
-        with psycopg.connect(settings.postgres.dsn.get_secret_value()) as conn:
-            for n in names(settings):
+        with psycopg.connect(pg.dsn.get_secret_value()) as conn:
+            for n in tables:
                 (source,) = conn.execute(
                     sql.SQL("SELECT count(*) FROM {}").format(
                         sql.Identifier(*n.source.split(".", 1))
@@ -69,14 +71,20 @@ def _tables(query: Query, settings: Settings) -> tuple[str, dict[str, str]]:
     return table, seed
 
 
-def write_report(path: Path, query: Query, settings: Settings, summary: list[str]) -> None:
-    """The page, from ``query`` (a warehouse session's) and the source database."""
-    tables, seed = _tables(query, settings)
-    charts = _seed_charts(query, settings, seed["source"]) if seed else []
+def write_report(
+    path: Path,
+    query: Query,
+    pg: PostgresSettings,
+    sf: SnowflakeSettings,
+    tables: Sequence[Names],
+    summary: list[str],
+) -> None:
+    """The page on ``tables``, from ``query`` (a warehouse session's) and the source database."""
+    section, seed = _tables(query, pg, tables)
+    charts = _seed_charts(query, pg, seed["source"]) if seed else []
     body = "\n".join(f"<figure>{c.render(is_unicode=True)}</figure>" for c in charts)
     items = "".join(f"<li>{html.escape(line)}</li>" for line in summary)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    sf = settings.snowflake
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'>"
         "<title>cdc-daemon report</title>"
@@ -87,15 +95,15 @@ def write_report(path: Path, query: Query, settings: Settings, summary: list[str
         f"<p>PostgreSQL &rarr; S3 &rarr; Snowpipe &rarr; landing tables &rarr; tasks &rarr;"
         f" current-state tables and models in {html.escape(sf.database)}."
         f"{html.escape(sf.schema_)}. Generated {generated}.</p>"
-        f"<ul>{items}</ul>{tables}{body}</body></html>",
+        f"<ul>{items}</ul>{section}{body}</body></html>",
         encoding="utf-8",
     )
 
 
-def _seed_charts(query: Query, settings: Settings, source: str) -> list[Any]:
+def _seed_charts(query: Query, pg: PostgresSettings, source: str) -> list[Any]:
     days_source: dict[str, int] = {}
     try:
-        with psycopg.connect(settings.postgres.dsn.get_secret_value()) as conn:
+        with psycopg.connect(pg.dsn.get_secret_value()) as conn:
             for day, n in conn.execute(
                 sql.SQL(
                     "SELECT to_char(invoice_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), count(*)"

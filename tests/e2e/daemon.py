@@ -26,9 +26,12 @@ def write_config(
 ) -> Path:
     """A TOML configuration with ``extra`` sections; ``tables=[...]`` adds ``[[tables]]``."""
     tables: list[dict[str, Any]] = extra.pop("tables", [])
+    seed = not tables and "table" not in extra.get("postgres", {})
+    seed_capture = {"partition_column": "invoice_date"} if seed else {}
     sections: dict[str, dict[str, Any]] = {
-        "postgres": {"dsn": pg_dsn},
-        "capture": {"poll_interval_s": 0.1},
+        # Without [[tables]] or postgres.table: the seed's table, as the demo configures it.
+        "postgres": {"dsn": pg_dsn, **({"table": "public.ecommerce_sales"} if seed else {})},
+        "capture": {"poll_interval_s": 0.1, **seed_capture},
         "batch": {"max_age_s": 0, "spool_dir": str(tmp_path)},
         "s3": {"bucket": bucket, "endpoint_url": s3_server.endpoint_url},
         "daemon": {"shutdown_grace_s": 5},

@@ -27,7 +27,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_local_up_serves_a_users_own_table_until_down(tmp_path: Path) -> None:
     """`local up` returns once PostgreSQL, S3 and the local warehouse answer, with local.json
-    (DSN, endpoint, bucket, the connector's keyword arguments) and a working cdc.toml; a second
+    (DSN, endpoint, bucket, the connector's keyword arguments) and a cdc.toml that names no table
+    (refused in one sentence until it does); a second
     `up` on the same folder refuses in one sentence; with a [[tables]] entry added, init,
     snowflake apply (printing what it created; `apply --plan` then finds nothing to change) and
     run export the table and the warehouse's ORDERS equals it; `report`
@@ -53,10 +54,15 @@ def test_local_up_serves_a_users_own_table_until_down(tmp_path: Path) -> None:
                 " FROM generate_series(1, 200) g"
             )
         config = folder / "cdc.toml"
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
+        # There is no default table: the written configuration names none until the user does.
+        unnamed = cli("--config", str(config), "init", env=env)
+        assert unnamed.returncode == 2
+        assert unnamed.stderr.count("\n") == 1
+        assert "no table to capture" in unnamed.stderr
         config.write_text(
             config.read_text() + '\n[capture]\nmode = "logical"\n\n[[tables]]\nname = "orders"\n'
         )
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
         for step in (["init"], ["snowflake", "apply"], ["run", "--exit-when-idle"]):
             done = cli("--config", str(config), *step, env=env)
             assert done.returncode == 0, (step, done.stderr[-2000:])

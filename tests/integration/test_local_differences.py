@@ -34,7 +34,7 @@ def bare(s3_server: LocalS3, warehouse_dir: Path) -> Iterator[LocalWarehouse]:
     connector (no source, pipes or tasks)."""
     settings = load_settings(
         None,
-        postgres={"dsn": "postgresql://nobody@127.0.0.1:1/none"},
+        postgres={"dsn": "postgresql://nobody@127.0.0.1:1/none", "table": "public.t"},
         s3={"endpoint_url": s3_server.endpoint_url, "bucket": "unused"},
         snowflake={"database": "DIFFS"},
     )

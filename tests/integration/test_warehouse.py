@@ -306,7 +306,7 @@ async def test_snowflake_down_never_stops_export(
             "host": "127.0.0.1",
             "port": port,
             "protocol": "http",
-            "emulator": True,
+            "dialect": "emulator",
             "database": f"T_DOWN_{outage.upper()}",
             "login_timeout_s": 1,
             "query_timeout_s": 5,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from cdc_daemon.cli import main
-from cdc_daemon.config import load_settings, redact_dsn
-from cdc_daemon.errors import ConfigError
+from cdc_daemon.config import NO_TABLE, TableSettings, load_settings, redact_dsn
+from cdc_daemon.errors import CdcError, ConfigError
+from cdc_daemon.worker import Worker
 
 SECRET = "hunter2-marker"
 
@@ -20,23 +23,77 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults() -> None:
-    """With no file and no environment: the table public.ecommerce_sales in watermark mode,
-    partitioned by invoice_date, gzip objects, and the ledger in schema cdc of the source
-    database."""
-    settings = load_settings(None)
-    assert settings.postgres.table == "public.ecommerce_sales"
+    """With only a table named: watermark mode, no partition column (the day of the read), gzip
+    objects, and the ledger in schema cdc of the source database."""
+    settings = load_settings(None, postgres={"table": "public.orders"})
+    assert settings.table_specs == (TableSettings(name="public.orders"),)
     assert settings.capture.mode == "watermark"
-    assert settings.capture.partition_column == "invoice_date"
+    assert settings.capture.partition_column is None
     assert settings.batch.compression == "gzip"
     assert settings.state.schema_ == "cdc"
     assert settings.state_dsn == settings.postgres.dsn
+
+
+def test_a_configuration_names_its_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """There is no default table: a configuration with neither ``[[tables]]`` nor
+    ``postgres.table`` is one sentence saying so and exit 2 from the CLI, with no traceback."""
+    with pytest.raises(ConfigError, match=r"^invalid configuration: no table to capture"):
+        load_settings(None)
+    path = write(tmp_path, '[s3]\nbucket = "b"\n')
+    assert main(["--config", str(path), "run"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cdc-daemon: invalid configuration in {path}: {NO_TABLE}\n"
+
+
+def test_tables_are_the_group_with_no_table_of_the_demo() -> None:
+    """With ``[[tables]]`` the group is exactly those tables: ``postgres.table`` stays unset, and
+    each table's partition column is its own (none unless named)."""
+    settings = load_settings(
+        None,
+        capture={"group": "shop"},
+        tables=[{"name": "shop.orders", "partition_column": "placed"}, {"name": "shop.items"}],
+    )
+    assert settings.postgres.table is None
+    assert [(t.qualified, t.partition_column) for t in settings.table_specs] == [
+        ("shop.orders", "placed"),
+        ("shop.items", None),
+    ]
+    assert settings.group == "shop"
+
+
+def test_shorthand_and_tables_together_are_refused() -> None:
+    """``postgres.table`` beside ``[[tables]]`` naming another table is refused (one way to
+    name the tables), with a sentence naming both keys."""
+    with pytest.raises(ConfigError, match=r"postgres\.table and \[\[tables\]\] are both set"):
+        load_settings(None, postgres={"table": "public.a"}, tables=[{"name": "public.b"}])
+
+
+async def test_daemon_starting_names_the_group_and_its_tables() -> None:
+    """``daemon_starting`` logs the group and its tables (not a table of the demo's): here before
+    the ledger connection fails."""
+    settings = load_settings(
+        None,
+        postgres={"dsn": "postgresql://nobody@127.0.0.1:1/none", "connect_timeout_s": 1},
+        capture={"group": "shop"},
+        tables=[{"name": "shop.orders"}, {"name": "shop.items"}],
+        daemon={"retry_attempts": 1},
+    )
+    with capture_logs() as logs, contextlib.suppress(CdcError):
+        await Worker(settings).serve()
+    (starting,) = [e for e in logs if e["event"] == "daemon_starting"]
+    assert starting["group"] == "shop"
+    assert starting["tables"] == ["shop.orders", "shop.items"]
+    assert "table" not in starting
 
 
 def test_toml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every key can come from the file; an environment variable wins over the file."""
     path = write(
         tmp_path,
-        '[postgres]\ndsn = "postgresql://u@db/x"\n[s3]\nbucket = "from-file"\nprefix = "raw"\n'
+        '[postgres]\ndsn = "postgresql://u@db/x"\ntable = "t"\n'
+        '[s3]\nbucket = "from-file"\nprefix = "raw"\n'
         '[batch]\nmax_rows = 10\n[state]\nschema = "ledger"\n',
     )
     monkeypatch.setenv("CDC_S3__BUCKET", "from-env")
@@ -79,13 +136,13 @@ def test_bad_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
     key it sets."""
     monkeypatch.setenv("CDC_BATCH__MAX_ROWS", "-5")
     with pytest.raises(ConfigError, match=r"batch\.max_rows"):
-        load_settings(None)
+        load_settings(None, postgres={"table": "t"})
 
 
 def test_passwords_never_printed(tmp_path: Path) -> None:
     """The DSN is a secret: not in repr, not in a validation error, redacted for logs."""
     dsn = f"postgresql://app:{SECRET}@db:5432/sales"
-    settings = load_settings(None, postgres={"dsn": dsn})
+    settings = load_settings(None, postgres={"dsn": dsn, "table": "t"})
     assert SECRET not in repr(settings)
     assert SECRET not in str(settings)
     assert SECRET not in redact_dsn(dsn)

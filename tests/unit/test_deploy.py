@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.config import DaemonSettings, Settings, load_settings
 from cdc_daemon.ops.health import CHECK_TIMEOUT_S, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
 from cdc_daemon.ops.metrics import Metrics, metric_names
 
@@ -172,12 +172,12 @@ def test_systemd_unit_agrees_with_the_daemon() -> None:
     TimeoutStopSec above the daemon's default grace period, the spool in the StateDirectory,
     and the usual hardening; the example configuration loads."""
     service = unit_file()["Service"]
-    defaults = Settings()
+    defaults = DaemonSettings()
     assert service["Type"] == ["notify"]
     assert seconds(service["WatchdogSec"][0]) > 0
     assert service["Restart"] == ["on-failure"]
     assert service["EnvironmentFile"] == ["/etc/cdc-daemon/cdc-daemon.env"]
-    assert seconds(service["TimeoutStopSec"][0]) > defaults.daemon.shutdown_grace_s + 10
+    assert seconds(service["TimeoutStopSec"][0]) > defaults.shutdown_grace_s + 10
     assert f"CDC_BATCH__SPOOL_DIR=/var/lib/{service['StateDirectory'][0]}" in service["Environment"]
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "DynamicUser"):
         assert service[key] == ["yes"], key

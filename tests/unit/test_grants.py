@@ -12,10 +12,11 @@ import sqlglot
 from sqlglot import exp
 
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.reconcile.reconciler import SALES_DAYS
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import SnowflakeDialect
+from cdc_daemon.warehouse.daytotals import DayTotals
 from cdc_daemon.warehouse.model import names
+from tests.helpers import SEED
 from tests.schemas import sales_tables
 
 Grant = tuple[str, str, str, str]  # role, privilege, object kind, object name
@@ -23,7 +24,7 @@ Grant = tuple[str, str, str, str]  # role, privilege, object kind, object name
 
 @pytest.fixture
 def settings() -> Settings:
-    return load_settings(None, snowflake={"database": "ANALYTICS", "schema": "CDC"})
+    return load_settings(None, **SEED, snowflake={"database": "ANALYTICS", "schema": "CDC"})
 
 
 def granted(text: str) -> set[Grant]:
@@ -53,6 +54,7 @@ class Recorder:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.snowflake = settings.snowflake
         self.seen: list[str] = []
 
     def query(self, text: str, params: Any = None) -> list[dict[str, Any]]:
@@ -109,8 +111,8 @@ def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings)
 
 def test_the_reconciler_gets_what_it_runs_and_nothing_else(settings: Settings) -> None:
     """The reconciler's statements (COPY_HISTORY, SYSTEM$PIPE_STATUS, ALTER PIPE ... REFRESH,
-    SHOW TASKS, TASK_HISTORY, SHOW STREAMS, the SALES counts) are each covered, and its role
-    holds exactly those grants."""
+    SHOW TASKS, TASK_HISTORY, SHOW STREAMS, the completeness check's totals of SALES) are each
+    covered, and its role holds exactly those grants."""
     sf = settings.snowflake
     recorder = Recorder(settings)
     dialect = SnowflakeDialect()
@@ -120,7 +122,9 @@ def test_the_reconciler_gets_what_it_runs_and_nothing_else(settings: Settings) -
     dialect.refresh(recorder, n, "dt=2011-01-04/")  # type: ignore[arg-type]
     dialect.tasks(recorder, n)  # type: ignore[arg-type]
     dialect.stream(recorder, n)  # type: ignore[arg-type]
-    seen = [*recorder.seen, SALES_DAYS.format(where="")]
+    (sales,) = sales_tables(settings)
+    completeness = DayTotals.of(sales, "invoice_date", "id").warehouse_query(at_most=100)
+    seen = [*recorder.seen, completeness]
     role, schema = sf.reconciler_role, f"{sf.database}.{sf.schema_}"
     pipe = f"{schema}.{n.pipe}"
     needed: set[Grant] = {

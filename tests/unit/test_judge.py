@@ -23,6 +23,7 @@ from cdc_daemon.warehouse.client import (
     parse_pipe_status,
     stage_relative,
 )
+from tests.helpers import SEED
 
 PREFIX = "raw/"
 TABLE = "public.ecommerce_sales"
@@ -397,7 +398,7 @@ def test_a_null_row_parsed_keeps_the_batch_waiting() -> None:
 def test_an_unknown_history_status_is_logged_once() -> None:
     """A status outside the known ones is logged (``load_status_unknown``) the first time it is
     seen, and not again; known statuses, in progress included, are not logged."""
-    reconciler = Reconciler(load_settings(None))
+    reconciler = Reconciler(load_settings(None, **SEED))
     records = [
         record("2011-01-04", "some_new_status"),
         record("2011-01-05", "some_new_status"),

@@ -30,6 +30,8 @@ def test_slot_and_publication_default_to_the_table() -> None:
     settings = load_settings(None, postgres={"table": "Shop.Order-Lines"})
     assert settings.table == "shop.order-lines"
     assert settings.slot_name == settings.publication_name == "cdc_shop_order_lines"
-    named = load_settings(None, capture={"slot_name": "s1", "publication_name": "p1"})
+    named = load_settings(
+        None, postgres={"table": "t"}, capture={"slot_name": "s1", "publication_name": "p1"}
+    )
     assert (named.slot_name, named.publication_name) == ("s1", "p1")
     assert default_name("a" * 40, "b" * 40) == ("cdc_" + "a" * 40 + "_" + "b" * 40)[:63]

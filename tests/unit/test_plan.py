@@ -6,11 +6,12 @@ from __future__ import annotations
 from cdc_daemon.config import load_settings
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.plan import _same_type, desired, differences, norm
+from tests.helpers import SEED
 from tests.schemas import sales_tables
 
 
 def _rendered() -> list[sql.Statement]:
-    settings = load_settings(None, s3={"bucket": "acme-cdc", "prefix": "raw/"})
+    settings = load_settings(None, **SEED, s3={"bucket": "acme-cdc", "prefix": "raw/"})
     return sql.statements(settings, sales_tables(settings))
 
 

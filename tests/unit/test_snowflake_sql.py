@@ -13,6 +13,7 @@ from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import SALES_DDL
 from cdc_daemon.warehouse import model, sql
+from tests.helpers import SEED
 from tests.schemas import sales_tables
 
 # Statement kinds sqlglot's Snowflake dialect does not model (it keeps them as a Command).
@@ -23,6 +24,7 @@ UNMODELLED = ("CREATE PIPE", "CREATE STREAM", "CREATE OR ALTER TASK", "ALTER TAS
 def settings() -> Settings:
     return load_settings(
         None,
+        **SEED,
         s3={"bucket": "acme-cdc", "prefix": "raw/sales"},
         snowflake={"database": "ANALYTICS", "schema": "CDC", "warehouse": "LOAD_WH"},
     )
@@ -213,13 +215,13 @@ def test_names_that_could_splice_sql_are_refused(section: str, key: str, value: 
         {"tables": [{"name": "t", key: value}]} if section == "tables" else {section: {key: value}}
     )
     with pytest.raises(ConfigError):
-        load_settings(None, **given)
+        load_settings(None, **SEED, **given)
 
 
 def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
     """A bucket name that would break out of the stage URL's quotes is refused when the SQL is
     rendered, with a message about the stage URL."""
-    settings = load_settings(None, s3={"bucket": "b'); DROP", "prefix": ""})
+    settings = load_settings(None, **SEED, s3={"bucket": "b'); DROP", "prefix": ""})
     with pytest.raises(ConfigError, match="stage URL"):
         sql.render(settings, sales_tables(settings))
     odd = load_settings(None, tables=[{"name": 'public."a b"'}])
@@ -231,9 +233,9 @@ def test_cli_renders_and_refuses_what_it_cannot_do(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, pg_dsn: str
 ) -> None:
     """`snowflake render` prints the SQL for the configured bucket, generated from the source
-    table's catalog; with a table that does not exist, `snowflake apply` with the emulator
-    configured, and `reconcile --once` without snowflake.account, it exits 2 with one line on
-    stderr, never a traceback."""
+    table's catalog; with a table that does not exist, `snowflake apply` with a dialect no
+    installed extension registers, and `reconcile --once` without snowflake.account, it exits
+    2 with one line on stderr, never a traceback."""
     import psycopg
     import structlog
 
@@ -244,6 +246,7 @@ def test_cli_renders_and_refuses_what_it_cannot_do(
         create_sales_table(conn)
     monkeypatch.setenv("CDC_S3__BUCKET", "acme-cdc")
     monkeypatch.setenv("CDC_POSTGRES__DSN", pg_dsn)
+    monkeypatch.setenv("CDC_POSTGRES__TABLE", "public.ecommerce_sales")
     try:
         assert main(["snowflake", "render"]) == 0
         out = capsys.readouterr().out
@@ -256,11 +259,14 @@ def test_cli_renders_and_refuses_what_it_cannot_do(
         err = capsys.readouterr().err
         assert err.count("\n") == 1
         assert "no_such_table" in err
-        monkeypatch.delenv("CDC_POSTGRES__TABLE")
+        monkeypatch.setenv("CDC_POSTGRES__TABLE", "public.ecommerce_sales")
         monkeypatch.setenv("CDC_SNOWFLAKE__ACCOUNT", "fakesnow")
-        monkeypatch.setenv("CDC_SNOWFLAKE__EMULATOR", "true")
+        monkeypatch.setenv("CDC_SNOWFLAKE__DIALECT", "nonesuch")
         assert main(["snowflake", "apply"]) == 2
-        assert capsys.readouterr().err.count("\n") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "the warehouse dialect 'nonesuch' is not installed" in err
+        monkeypatch.delenv("CDC_SNOWFLAKE__DIALECT")
         monkeypatch.delenv("CDC_SNOWFLAKE__ACCOUNT")
         assert main(["reconcile", "--once"]) == 2
         err = capsys.readouterr().err

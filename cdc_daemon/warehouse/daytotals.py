@@ -1,0 +1,139 @@
+"""Per-day totals of one table, written once for PostgreSQL and once for Snowflake so that both
+sides compute the same numbers: what the completeness check (``reconcile.completeness``)
+compares.
+
+A day is the UTC day of the table's partition column. Its totals are the row count and, per
+column of the source (the columns the warehouse has, ``model.from_catalog``):
+
+- ``count(c)``: the values that are not NULL, for every column;
+- ``sum(c)``: the exact sum, for integer and ``numeric`` columns (``NUMBER`` in Snowflake, summed
+  without rounding on both sides);
+- ``length(c)``: the total length in characters, for ``text`` and ``varchar`` columns;
+- ``true(c)``: the values that are true, for ``boolean`` columns.
+
+Floats, dates, timestamps, JSON, arrays and bytea are counted only: their sums or lengths are
+not the same number on both sides (float addition depends on order; JSON and bytea change form
+in the merge). So a changed value of those types, or a text changed to another of the same
+length, is not seen; a missing, extra or NULLed row or value is. A value the quarantine
+withheld (NULL in the warehouse, named in ``_CDC_QUARANTINED``) counts as a difference in its
+column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from psycopg import sql
+
+from cdc_daemon.warehouse.model import SfColumn, WarehouseTable, base_type
+
+Kind = Literal["count", "sum", "length", "true"]
+
+_EXACT_NUMBERS = frozenset({"smallint", "integer", "bigint", "numeric"})
+_TEXT = frozenset({"text", "character varying"})
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One total per day over one column."""
+
+    kind: Kind
+    column: SfColumn
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}({self.column.source})"
+
+
+def measures(table: WarehouseTable) -> tuple[Measure, ...]:
+    """The totals of every column, in column order."""
+    out: list[Measure] = []
+    for column in table.columns:
+        out.append(Measure("count", column))
+        base = base_type(column.pg_type)
+        if base in _EXACT_NUMBERS:
+            out.append(Measure("sum", column))
+        elif base in _TEXT:
+            out.append(Measure("length", column))
+        elif base == "boolean":
+            out.append(Measure("true", column))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DayTotals:
+    """What to total for one table: its columns' measures, by the day of ``partition``;
+    ``watermark``, when given, limits both sides to the rows at or below a value of it."""
+
+    table: WarehouseTable
+    partition: SfColumn
+    watermark: SfColumn | None
+    measures: tuple[Measure, ...]
+
+    @classmethod
+    def of(cls, table: WarehouseTable, partition: str, watermark: str | None = None) -> DayTotals:
+        """``partition`` and ``watermark`` are source column names."""
+        by_source = {c.source: c for c in table.columns}
+        return cls(
+            table,
+            by_source[partition],
+            None if watermark is None else by_source[watermark],
+            measures(table),
+        )
+
+    def source_query(self, at_most: int | None) -> tuple[sql.Composed, tuple[int, ...]]:
+        """PostgreSQL: (day text, row count, each measure) per day, on a session whose
+        TimeZone is UTC."""
+        schema, name = self.table.names.source.split(".", 1)
+        columns = [_pg_measure(m) for m in self.measures]
+        where: sql.Composable = sql.SQL("")
+        params: tuple[int, ...] = ()
+        if self.watermark is not None and at_most is not None:
+            where = sql.SQL(" WHERE {} <= %s").format(sql.Identifier(self.watermark.source))
+            params = (at_most,)
+        query = sql.SQL(
+            "SELECT to_char({p} AT TIME ZONE 'UTC', 'YYYY-MM-DD'), count(*){m} FROM {t}{w}"
+            " GROUP BY 1"
+        ).format(
+            p=sql.Identifier(self.partition.source),
+            m=sql.SQL("").join(sql.SQL(", ") + c for c in columns),
+            t=sql.Identifier(schema, name),
+            w=where,
+        )
+        return query, params
+
+    def warehouse_query(self, at_most: int | None) -> str:
+        """Snowflake: DAY, N (the row count) and M0, M1, ... (each measure) per day of the
+        current-state table. Timestamps are loaded with their +00:00 offset, so TO_DATE gives
+        the UTC day."""
+        columns = "".join(f", {_sf_measure(m)} AS M{i}" for i, m in enumerate(self.measures))
+        where = ""
+        if self.watermark is not None and at_most is not None:
+            where = f" WHERE {self.watermark.q} <= {int(at_most)}"
+        return (
+            f"SELECT TO_DATE({self.partition.q}) AS DAY, COUNT(*) AS N{columns}"
+            f" FROM {self.table.names.name}{where} GROUP BY 1"
+        )
+
+
+def _pg_measure(m: Measure) -> sql.Composable:
+    c = sql.Identifier(m.column.source)
+    if m.kind == "count":
+        return sql.SQL("count({})").format(c)
+    if m.kind == "sum":
+        return sql.SQL("coalesce(sum({}), 0)").format(c)
+    if m.kind == "length":
+        return sql.SQL("coalesce(sum(length({})), 0)").format(c)
+    return sql.SQL("count(*) FILTER (WHERE {})").format(c)
+
+
+def _sf_measure(m: Measure) -> str:
+    c = m.column.q
+    if m.kind == "count":
+        return f"COUNT({c})"
+    if m.kind == "sum":
+        return f"COALESCE(SUM({c}), 0)"
+    if m.kind == "length":
+        return f"COALESCE(SUM(LENGTH({c})), 0)"
+    return f"COUNT_IF({c})"
