@@ -4,7 +4,7 @@ running daemon, into the same daily layout.
 What is read: the rows whose partition day (the UTC day of ``capture.partition_column``, the
 day that names their ``dt=`` folder) is in ``[from, to)``. One **chunk** per day that has rows,
 each read in its own REPEATABLE READ snapshot with ``COPY`` through the daemon's own hot loop
-(``WatermarkSource.stream_rows``), then delivered by the same unit of work as a batch
+(``capture.copy.stream_rows``), then delivered by the same unit of work as a batch
 (``unit.UnitOfWork``). ``--jobs`` chunks run at once, each on its own source session.
 
 Where it goes: ``<prefix><table>/dt=<day>/backfill-<run id>-<day>.csv.gz``, beside the live
@@ -48,10 +48,11 @@ from psycopg import sql
 from cdc_daemon.batch.csv import EXTENSIONS
 from cdc_daemon.batch.policy import Limits
 from cdc_daemon.batch.spool import DaySpool
-from cdc_daemon.capture.watermark.source import WatermarkSource, copy_query
+from cdc_daemon.capture.copy import stream_rows
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error, from_psycopg
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.source.copyread import copy_query
 from cdc_daemon.source.session import SourceSession, read_snapshot, translated
 from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run, chunk_id
@@ -233,7 +234,7 @@ class ChunkReader(SourceSession):
         with translated(f"backfilling {table.qualified} for {day}"), read_snapshot(conn):
             where = table.days_between(day, day + timedelta(days=1))
             query = copy_query(table, where, read_ts, seq)
-            WatermarkSource.stream_rows(conn, query, spool, _WHOLE_DAY)
+            stream_rows(conn, query, spool, _WHOLE_DAY)
 
 
 # -- progress ------------------------------------------------------------------------------

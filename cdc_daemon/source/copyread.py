@@ -1,4 +1,8 @@
-"""Reading ``COPY ... TO STDOUT`` in batches: the rows libpq already holds, in one call.
+"""The export's COPY: the query that makes PostgreSQL write a table's rows in the object
+format, each after its day (``copy_query``, ``snapshot_query``: every capture mode's rows, so
+the same bytes; ``capture.copy.stream_rows`` reads it into the spool).
+
+Reading ``COPY ... TO STDOUT`` in batches: the rows libpq already holds, in one call.
 
 psycopg's ``Copy.read()`` returns one row per call and drives two generators through
 ``Connection.wait`` to do it: as much CPU per row as the rest of the watermark hot loop.
@@ -17,8 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from psycopg import errors, generators, pq
+from psycopg import errors, generators, pq, sql
 from psycopg.abc import Buffer
+
+from cdc_daemon.source.table import TableInfo
 
 
 class CopyRows:
@@ -66,3 +72,48 @@ class CopyRows:
                 raise errors.error_from_result(result, encoding=conn.info.encoding)
         if not results:
             raise psycopg.OperationalError("the COPY ended without a result")
+
+
+def copy_query(
+    table: TableInfo,
+    where: sql.Composable,
+    read_ts: str,
+    seq: sql.Composable | None = None,
+    *,
+    ordered: bool = True,
+    unchanged: bool = False,
+) -> sql.Composed:
+    """``COPY`` of the rows matching ``where`` (in id order unless not ``ordered``), each as
+    ``day,<csv row>``: the source columns, ``_cdc_op``, ``_cdc_seq`` (the watermark unless
+    ``seq`` says otherwise), ``_cdc_ts`` and, with ``unchanged``, an empty ``_cdc_unchanged``
+    (the logical objects' last column)."""
+    ident = table.watermark.ident()
+    return sql.SQL(
+        "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts}{unchanged} FROM {tbl} t WHERE {where}"
+        "{order}) TO STDOUT (FORMAT csv)"
+    ).format(
+        unchanged=sql.SQL(", NULL" if unchanged else ""),
+        order=sql.SQL(" ORDER BY t.{}").format(ident) if ordered else sql.SQL(""),
+        day=table.day_expr(read_ts),
+        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
+        seq=sql.SQL("{}::bigint").format(ident) if seq is None else seq,
+        id=ident,
+        ts=sql.Literal(read_ts),
+        tbl=table.ident(),
+        where=where,
+    )
+
+
+def snapshot_query(
+    table: TableInfo, seq: int, read_ts: str, where: sql.Composable | None = None
+) -> sql.Composed:
+    """``COPY`` of a table's rows as ``I`` changes with ``_cdc_seq`` ``seq``, in the logical
+    objects' format: ``copy_query``'s rows, unordered, with an empty ``_cdc_unchanged``."""
+    return copy_query(
+        table,
+        sql.SQL("true") if where is None else where,
+        read_ts,
+        sql.SQL("{}::bigint").format(sql.Literal(seq)),
+        ordered=False,
+        unchanged=True,
+    )

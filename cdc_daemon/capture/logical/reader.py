@@ -9,7 +9,7 @@ import operator
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -32,8 +32,26 @@ from cdc_daemon.capture.logical.tables import LogicalTable, logical_header
 from cdc_daemon.errors import CdcError, SourceError
 from cdc_daemon.source.values import QuarantineJudge
 
-if TYPE_CHECKING:
-    from cdc_daemon.capture.logical.source import LogicalSource
+
+class Group(Protocol):
+    """What the reader needs of the group's source (``source.LogicalSource``)."""
+
+    # The column list accepted so far per table, the array types' elements, the latest
+    # Relation message of each table on this stream.
+    accepted: dict[str, tuple[tuple[str, int, int], ...]]
+    array_elements: dict[int, int]
+    stream_relations: dict[int, Relation]
+
+    @property
+    def tables(self) -> list[LogicalTable]: ...
+
+    @property
+    def schema_change(self) -> str: ...
+
+    def by_oid(self, oid: int) -> LogicalTable | None: ...
+
+    def deactivate(self, oid: int) -> None: ...
+
 
 log = structlog.get_logger()
 
@@ -90,7 +108,7 @@ class ChangeReader:
 
     def __init__(
         self,
-        source: LogicalSource,
+        source: Group,
         result: ReadResult,
         new_spool: SpoolFactory,
         lo: int,
@@ -324,7 +342,7 @@ class ChangeReader:
         retyped = [n for n in old_names if n in new_names and old_names[n] != new_names[n]]
         added = [n for n in new_names if n not in old_names]
         log.warning("columns_changed", table=q, added=added, dropped=dropped, retyped=retyped)
-        if retyped and self._source._settings.capture.schema_change == "stop":
+        if retyped and self._source.schema_change == "stop":
             names = ", ".join(retyped)
             return (
                 f"columns of {q} changed type ({names}): Snowflake's columns keep their type. "

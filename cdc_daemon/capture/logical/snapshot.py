@@ -12,28 +12,10 @@ from psycopg import sql
 
 from cdc_daemon.batch.spool import DaySpool
 from cdc_daemon.capture.logical.tables import LogicalTable
-from cdc_daemon.source.copyread import CopyRows
+from cdc_daemon.source.copyread import CopyRows, snapshot_query
 from cdc_daemon.source.session import read_snapshot, translated
 from cdc_daemon.source.table import TableInfo
 from cdc_daemon.state.joins import Key
-
-
-def snapshot_query(
-    table: TableInfo, seq: int, read_ts: str, where: sql.Composable | None = None
-) -> sql.Composed:
-    """``COPY`` of a table's rows as ``I`` changes with ``_cdc_seq`` ``seq``: each as
-    ``day,<csv row>`` (the source columns and the four ``_cdc_*`` columns)."""
-    return sql.SQL(
-        "COPY (SELECT {day}, {cols}, 'I', {seq}::bigint, {ts}, NULL FROM {tbl} t{where})"
-        " TO STDOUT (FORMAT csv)"
-    ).format(
-        day=table.day_expr(read_ts),
-        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
-        seq=sql.Literal(seq),
-        ts=sql.Literal(read_ts),
-        tbl=table.ident(),
-        where=sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
-    )
 
 
 def copy_snapshot(

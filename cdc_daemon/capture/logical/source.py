@@ -123,6 +123,11 @@ class LogicalSource(SourceSession):
     def publication(self) -> str:
         return self._settings.publication_name
 
+    @property
+    def schema_change(self) -> str:
+        """``capture.schema_change``: what a retyped column does to its table."""
+        return self._settings.capture.schema_change
+
     def connect(self) -> TableInfo:
         """Open the session and read every configured table's catalog. A table that cannot
         be read (dropped, no privilege) is left out and named in ``unavailable`` (the group

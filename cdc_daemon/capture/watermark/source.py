@@ -18,11 +18,12 @@ from psycopg import sql
 
 from cdc_daemon.batch.csv import header_line, seq_of_row
 from cdc_daemon.batch.policy import Limits
-from cdc_daemon.batch.spool import DRAIN_ROWS, DayFile, DaySpool, Row
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.copy import stream_rows
 from cdc_daemon.capture.watermark.fence import advance, retire, to_ranges
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError, from_psycopg
-from cdc_daemon.source.copyread import CopyRows
+from cdc_daemon.source.copyread import CopyRows, copy_query
 from cdc_daemon.source.session import SourceSession, connect, read_snapshot, translated
 from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.state.position import INT64_MIN, CaptureState, Range
@@ -288,79 +289,11 @@ class WatermarkSource(SourceSession):
         spool: DaySpool,
         limits: Limits,
     ) -> tuple[int, bool]:
-        """Stream ``(lo, hi]`` into the spool; returns (end, cut). See ``stream_rows``."""
-        cut = self.stream_rows(conn, self._copy(self._range(lo, hi), read_ts), spool, limits)
+        """Stream ``(lo, hi]`` into the spool; returns (end, cut) (``capture.copy.stream_rows``)."""
+        cut = stream_rows(conn, self._copy(self._range(lo, hi), read_ts), spool, limits)
         if cut is not None and cut < hi:
             return cut, True
         return hi, False
-
-    @staticmethod
-    def stream_rows(
-        conn: psycopg.Connection[tuple[object, ...]],
-        query: sql.Composed,
-        spool: DaySpool,
-        limits: Limits,
-    ) -> int | None:
-        """Stream the rows of a ``copy_query`` into the spool; returns the id the batch was
-        cut at, or None when every row was read (``backfill`` uses it too).
-
-        The hot loop: Postgres sends one row per message, and a row of the same day as the one
-        before (the common case: ids and dates grow together) costs a slice compare and a list
-        append; the row bytes are never parsed. Limits are checked per block of rows: past
-        max_bytes, or at the first row of a day beyond max_days, the batch closes at the next
-        change of id (never between two rows with the same watermark) and becomes ``(lo, cut]``.
-        """
-        block_rows = limits.block_rows
-        prefix = _NO_PREFIX  # "YYYY-MM-DD," of the day being appended to
-        target: DayFile | None = None
-        pending: list[Row] = []
-        closing: int | None = None  # a limit was reached: close at the next change of id
-        cut: int | None = None
-        try:
-            with conn.cursor() as cursor, cursor.copy(query) as copy:
-                rows = CopyRows(copy).batch  # the rows libpq holds; [] at the end
-                while batch := rows():
-                    # One copy out of libpq's buffer, then bytes operations: several times
-                    # cheaper per row than slicing and comparing memoryviews.
-                    for data in map(bytes, batch):
-                        if data.startswith(prefix):
-                            pending.append(data[11:])
-                            if len(pending) < block_rows:
-                                continue
-                            assert target is not None
-                            target.drain()
-                            pending = target.pending
-                            if spool.raw_bytes >= limits.max_bytes:
-                                closing, prefix = seq_of_row(target.last_row), _NO_PREFIX
-                            continue
-                        # The slow path: a new day, an odd day prefix, or a batch about to close.
-                        if cut is not None:
-                            continue  # what the server sent before the cancel landed
-                        comma = data.index(b",")
-                        day = data[:comma]
-                        if (
-                            closing is None
-                            and target is not None
-                            and day not in spool
-                            and len(spool) >= limits.max_days
-                        ):
-                            closing = seq_of_row(target.last_row)
-                        if closing is not None and seq_of_row(data) != closing:
-                            cut = closing
-                            conn.cancel_safe(timeout=5)
-                            continue
-                        if target is not None and len(pending) >= DRAIN_ROWS:
-                            # Leaving a day: compress what it has, so that memory stays bounded by
-                            # max_days small remainders, not by the batch.
-                            target.drain()
-                        target = spool.day(day)
-                        target.pending.append(data[comma + 1 :])
-                        pending = target.pending
-                        prefix = data[:11] if comma == 10 and closing is None else _NO_PREFIX
-        except psycopg.errors.QueryCanceled:
-            if cut is None:
-                raise
-        return cut
 
     def redo(self, spec: BatchSpec, read_ts: str, spool: DaySpool) -> None:
         """Copy exactly the rows of an interrupted batch again (see ``BatchSpec``)."""
@@ -375,32 +308,8 @@ class WatermarkSource(SourceSession):
                 self._copy_late(conn, where, read_ts, spool)
 
 
-def copy_query(
-    table: TableInfo, where: sql.Composable, read_ts: str, seq: sql.Composable | None = None
-) -> sql.Composed:
-    """``COPY`` of the rows matching ``where`` in id order, each as ``day,<csv row>``: the
-    source columns, ``_cdc_op``, ``_cdc_seq`` (the watermark unless ``seq`` says otherwise)
-    and ``_cdc_ts``."""
-    ident = table.watermark.ident()
-    return sql.SQL(
-        "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts} FROM {tbl} t WHERE {where}"
-        " ORDER BY t.{id}) TO STDOUT (FORMAT csv)"
-    ).format(
-        day=table.day_expr(read_ts),
-        cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
-        seq=sql.SQL("{}::bigint").format(ident) if seq is None else seq,
-        id=ident,
-        ts=sql.Literal(read_ts),
-        tbl=table.ident(),
-        where=where,
-    )
-
-
 # Up to this many id ranges are tested as ORed BETWEENs (index range scans).
 _OR_RANGES = 32
-
-# Never the start of a row: 0xFF does not occur in UTF-8.
-_NO_PREFIX = b"\xff"
 
 
 def _int8(value: int) -> sql.Composable:
