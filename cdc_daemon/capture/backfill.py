@@ -135,20 +135,19 @@ def chunk_seq(mode: str) -> sql.Composable | None:
     claim a position the row was not read at; a lower one would let the live copy win always,
     which is harmless but says nothing true.
 
-    Logical mode (issue #3, built elsewhere): the seq must be the WAL position of the snapshot,
-    in the live path's scale (which must order changes by commit LSN). Reading
-    ``pg_current_wal_lsn()`` in the chunk's snapshot is not quite right: a transaction whose
-    commit record precedes that LSN can still be invisible to the snapshot, and its live change
-    would then lose to the older backfilled row. The exact point is the ``consistent_point`` of
-    a temporary logical slot created with an exported snapshot, imported by every chunk with
-    ``SET TRANSACTION SNAPSHOT``; a lower seq is always safe (the live stream holds every change
-    after it). Until that lands, backfill refuses logical mode.
+    Logical mode is refused: its seq would have to be the WAL position of the chunk's snapshot
+    in the live path's scale (changes ordered by commit LSN). ``pg_current_wal_lsn()`` in the
+    chunk's snapshot is not enough: a transaction whose commit record precedes it can still be
+    invisible to the snapshot, and its live change would then lose to the older backfilled row.
+    The exact point is the ``consistent_point`` of a temporary slot created with an exported
+    snapshot that every chunk imports; ``cdc-daemon resync --table`` exports a table of a
+    logical group again in the meantime.
     """
     if mode == "watermark":
         return None
     raise ConfigError(
-        f"backfill is not available for capture.mode {mode!r} yet; it needs the logical "
-        "capture's snapshot position (see cdc_daemon.backfill.chunk_seq)"
+        f"backfill is for capture.mode = 'watermark'; in {mode!r} mode export a table again "
+        "with `cdc-daemon resync --table T` (docs/logical.md)"
     )
 
 

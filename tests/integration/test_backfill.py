@@ -289,7 +289,7 @@ async def test_dry_run_writes_nothing(
             ["--from", "2010-12-01", "--to", "2010-12-05"],
             {"mode": "logical"},
             2,
-            "not available for capture.mode 'logical'",
+            "backfill is for capture.mode = 'watermark'",
         ),
         (
             ["--from", "2010-12-01", "--to", "2010-12-05", "--resume"],
@@ -311,7 +311,7 @@ async def test_bad_input_is_one_sentence(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A wrong date, an empty or reversed range, a bad --jobs, an unknown partition column,
-    logical mode (not available yet) or a --resume with nothing to resume end with one
+    logical mode (refused, resync named) or a --resume with nothing to resume end with one
     sentence on stderr and a non-zero exit."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 100, days=10)
