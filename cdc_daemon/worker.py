@@ -162,11 +162,13 @@ class Worker:
         table = await asyncio.to_thread(source.connect)
         # Watermark mode: a source session per further table of the group.
         others: list[WatermarkSource] = []
+        watermarks = {table.qualified: table.watermark.name}
         if isinstance(source, WatermarkSource):
             for spec in settings.table_specs[1:]:
                 other = WatermarkSource(settings.for_table(spec))
                 stack.callback(other.close)
-                await asyncio.to_thread(other.connect)
+                info = await asyncio.to_thread(other.connect)
+                watermarks[info.qualified] = info.watermark.name
                 others.append(other)
         group = settings.group
         self.metrics = Metrics(self.registry, group)
@@ -185,9 +187,9 @@ class Worker:
             "daemon_started",
             group=group,
             tables=[t.qualified for t in settings.table_specs],
-            table=table.qualified,
-            watermark_column=table.watermark.name,
-            partition_column=table.partition_name,
+            partition_columns={t.qualified: t.partition_column for t in settings.table_specs},
+            # Logical mode has no watermark: the tables are read from the slot.
+            **({"watermark_columns": watermarks} if not isinstance(source, LogicalSource) else {}),
             pid=os.getpid(),
         )
         unit = UnitOfWork(settings, sink, self.metrics)

@@ -54,6 +54,13 @@ class DayDifference:
     warehouse_rows: int
     differing: tuple[str, ...]
 
+    def line(self) -> str:
+        """The day as ``reconcile --once --completeness`` prints it."""
+        return (
+            f"{self.table} {self.day}  rows {self.source_rows} vs {self.warehouse_rows},"
+            f" differing: {', '.join(self.differing) or 'rows only'}"
+        )
+
     def as_json(self) -> dict[str, Any]:
         return {
             "table": self.table,
