@@ -57,10 +57,13 @@ _JSON_NUMBER_INEXACT = (
     + _NUMBER_INEXACT.replace("{t}", "t.v::text")
     + ")"
 )
-# jsonb has no duplicate keys, and its numbers are written without an exponent.
+# jsonb has no duplicate keys, and its numbers are written without an exponent: only a text
+# with a run of 20 digits can hold a number NUMBER(38, 37) cannot (source.values.check_jsonb).
 _JSONB_NUMBER_INEXACT = (
-    "EXISTS (SELECT 1 FROM jsonb_path_query({c}, 'lax $.** ? (@.type() == \"number\")')"
-    " AS n(v) WHERE " + _NUMBER_INEXACT.replace("{t}", "n.v::text") + ")"
+    "CASE WHEN {c}::text ~ '[0-9]{{20}}' THEN EXISTS (SELECT 1 FROM jsonb_path_query({c},"
+    " 'lax $.** ? (@.type() == \"number\")') AS n(v) WHERE "
+    + _NUMBER_INEXACT.replace("{t}", "n.v::text")
+    + ") ELSE false END"
 )
 # Arrays of these become JSON arrays of numbers or booleans; of any other element type, JSON
 # arrays of the elements' text (capture.logical.encode.array_json mirrors this).

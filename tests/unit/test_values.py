@@ -112,7 +112,45 @@ def test_logical_encoder_uses_the_same_numeric_rules() -> None:
     assert encoder.encode([b"1" * 24, None, None, None])[0] == b"!numeric_out_of_range-n"
     assert encoder.encode([b"1", b"24:00:00", None, None])[0] == b"!time_out_of_range-t"
     assert encoder.encode([b"1", None, b'{"a":1,"a":1}', None])[0] == b"!json_duplicate_key-j"
-    assert encoder.encode([b"1", None, None, b"[1e-400]"])[0] == b"!json_number_inexact-b"
+    # jsonb writes numbers without an exponent: 1e-400 as 0.000...1.
+    tiny = b"[0." + b"0" * 399 + b"1]"
+    assert encoder.encode([b"1", None, None, tiny])[0] == b"!json_number_inexact-b"
+
+
+@given(
+    st.recursive(
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(),
+            st.decimals(allow_nan=False, allow_infinity=False),
+            st.text(max_size=5),
+        ),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_jsonb_screen_never_hides_an_inexact_number(value: object) -> None:
+    """The jsonb rule's screen (no run of 20 digits: nothing to parse) gives the verdict the
+    full parse gives, for any document written without exponents as jsonb writes it."""
+    import json
+    from decimal import Decimal
+
+    from cdc_daemon.source.values import check_json, check_jsonb
+
+    def plain(v: object) -> str:
+        if isinstance(v, Decimal):
+            return format(v, "f")
+        if isinstance(v, list):
+            return "[" + ", ".join(plain(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)}: {plain(x)}" for k, x in v.items()) + "}"
+        return json.dumps(v)
+
+    text = plain(value).encode()
+    assert check_jsonb(text) == check_json(text)
 
 
 @given(st.lists(st.one_of(st.none(), st.binary(max_size=6)), min_size=1, max_size=5))

@@ -34,6 +34,7 @@ from cdc_daemon.source.values import (
     Check,
     check_datetime,
     check_json,
+    check_jsonb,
     check_text,
     check_time,
     number_type,
@@ -169,7 +170,7 @@ _CHECKS: dict[int, Check] = {
     VARCHAR: check_text,
     BPCHAR: check_text,
     JSON: check_json,
-    JSONB: check_json,
+    JSONB: check_jsonb,
 }
 
 _PARTITION_TYPES = frozenset({DATE, TIMESTAMP, TIMESTAMPTZ})
