@@ -465,8 +465,11 @@ class Reconciler:
         low = position.state.low if settings.capture.mode == "watermark" else None
         if low == INT64_MIN:
             return []
+        partition = settings.table_specs[0].partition_column
+        if partition is None:
+            return []  # its days cannot be recounted in the source
         table = sql.Identifier(*[p.strip('"') for p in self._table.split(".")])
-        part = sql.Identifier(settings.capture.partition_column)
+        part = sql.Identifier(partition)
         key = sql.Identifier(settings.capture.watermark_column or "id")
         where = sql.SQL("WHERE {} <= %s").format(key) if low is not None else sql.SQL("")
         query = sql.SQL(
