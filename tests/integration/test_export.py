@@ -207,6 +207,7 @@ async def test_hostile_table_name_is_an_identifier(
         bucket,
         tmp_path,
         postgres={"table": sql.Identifier("public", name).as_string(None)},
+        capture={"partition_column": "invoice_date"},
         s3={"server_side_encryption": "AES256"},
     )
     assert await export_until_idle(settings) == 0
