@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--completeness",
         action="store_true",
-        help="also compare per-day row counts and amounts in Postgres and SALES",
+        help="also compare per-day rows and column totals in Postgres and the warehouse",
     )
     reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     demo = sub.add_parser(
@@ -328,16 +328,7 @@ async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) 
         await reconciler.close()
     report: dict[str, Any] = {"round": outcome.as_json(), "batches": counts}
     if days is not None:
-        report["days_differing"] = [
-            {
-                "day": d.day,
-                "source_rows": d.source_rows,
-                "sales_rows": d.sales_rows,
-                "source_amount": str(d.source_amount),
-                "sales_amount": str(d.sales_amount),
-            }
-            for d in days
-        ]
+        report["days_differing"] = [d.as_json() for d in days]
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -358,12 +349,9 @@ async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) 
         for batch_id, reason in outcome.missing:
             print(f"  missing  {batch_id}: {reason}")
         if days is not None:
-            print(f"days differing between Postgres and SALES: {len(days)}")
+            print(f"days differing between Postgres and the warehouse: {len(days)}")
             for d in days[:20]:
-                print(
-                    f"  {d.day}  rows {d.source_rows} vs {d.sales_rows},"
-                    f" amount {d.source_amount} vs {d.sales_amount}"
-                )
+                print(f"  {d.line()}")
     bad = sum(c.get("failed", 0) + c.get("missing", 0) for c in counts.values())
     return 1 if bad or (days is not None and days) else 0
 

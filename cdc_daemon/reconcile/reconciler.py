@@ -18,8 +18,8 @@ stalled pipe is logged every round and kept for ``status`` and metrics.
 
 It runs in the daemon's TaskGroup on its own ledger session and its own Snowflake session:
 Snowflake being slow or unreachable slows reconciliation (backoff, one log line per failure)
-and never stops or slows export. A daily completeness check compares per-day row counts and
-amounts in Postgres with SALES.
+and never stops or slows export. A daily completeness check (``reconcile.completeness``)
+compares per-day totals of each table in Postgres with its current-state table.
 """
 
 from __future__ import annotations
@@ -28,17 +28,15 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
-import psycopg
 import structlog
-from psycopg import sql
 
-from cdc_daemon.config import Settings
-from cdc_daemon.errors import CdcError, TransientError, from_psycopg
+from cdc_daemon.config import Settings, TableSettings
+from cdc_daemon.errors import CdcError, TransientError
 from cdc_daemon.ops.health import Heartbeats
 from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.reconcile.completeness import DayDifference, Scope, check_group
 from cdc_daemon.state.ledger import Delivery, Status
 from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.store import Store
@@ -132,24 +130,6 @@ class Outcome:
                 for pipe in self.pipes
             ],
         }
-
-
-@dataclass(frozen=True)
-class DayDifference:
-    day: str
-    source_rows: int
-    sales_rows: int
-    source_amount: Decimal
-    sales_amount: Decimal
-
-
-# The completeness check's side in Snowflake. Timestamps are loaded with their +00:00 offset:
-# TO_DATE gives the UTC day.
-SALES_DAYS = (
-    "SELECT TO_DATE(INVOICE_DATE) AS DAY, COUNT(*) AS N,"
-    " COALESCE(SUM(QUANTITY * UNIT_PRICE), 0)::NUMBER(38, 3) AS AMOUNT"
-    " FROM SALES {where} GROUP BY 1"
-)
 
 
 def judge(
@@ -451,68 +431,27 @@ class Reconciler:
         return outcome
 
     async def completeness(self) -> list[DayDifference]:
-        """Days whose row count or amount differs between Postgres and SALES, among the days it
-        can judge: those none of whose objects is still waiting for Snowflake to confirm its
-        load. In watermark mode only rows at or below the committed watermark are compared (the
-        rest may not be exported yet); in logical mode only days that have objects (a day with
-        none is not exported yet, nothing can be said of it)."""
+        """Days whose totals differ between PostgreSQL and a table's current-state table
+        (``reconcile.completeness``), for every table of the group with a partition column,
+        among the days it can judge: those none of whose objects is still waiting for Snowflake
+        to confirm its load. In watermark mode only rows at or below the table's committed
+        watermark are compared (the rest may not be exported yet); in logical mode only days
+        that have objects (a day with none is not exported yet, nothing can be said of it)."""
         settings = self._settings
-        if settings.table_specs[0].warehouse_name != "SALES":
-            return []  # the check compares the seed's SALES (rows and revenue per day)
+        mode = settings.capture.mode
         store = await self._ledger()
-        exported, waiting = await store.export_days(self._ledger_name, self._table)
-        position = await store.position(self._ledger_name, settings.capture.mode)
-        low = position.state.low if settings.capture.mode == "watermark" else None
-        if low == INT64_MIN:
-            return []
-        partition = settings.table_specs[0].partition_column
-        if partition is None:
-            return []  # its days cannot be recounted in the source
-        table = sql.Identifier(*[p.strip('"') for p in self._table.split(".")])
-        part = sql.Identifier(partition)
-        key = sql.Identifier(settings.capture.watermark_column or "id")
-        where = sql.SQL("WHERE {} <= %s").format(key) if low is not None else sql.SQL("")
-        query = sql.SQL(
-            "SELECT to_char({p} AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*) AS n,"
-            " coalesce(sum(quantity * unit_price), 0) AS amount FROM {t} {w} GROUP BY 1"
-        ).format(p=part, t=table, w=where)
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                settings.postgres.dsn.get_secret_value(),
-                connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
-                options="-c TimeZone=UTC",
-            ) as conn:
-                cur = await conn.execute(query, (low,) if low is not None else None)
-                source = {r[0]: (int(r[1]), Decimal(r[2])) for r in await cur.fetchall()}
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "counting source rows per day") from None
-        wh = await self._warehouse()
-        sales_where = f"WHERE ID <= {int(low)}" if low is not None else ""
-        rows = await asyncio.to_thread(wh.query, SALES_DAYS.format(where=sales_where))
-        sales = {str(r["DAY"]): (int(r["N"]), Decimal(r["AMOUNT"])) for r in rows}
-        zero = (0, Decimal(0))
-        days = source.keys() | sales.keys()
-        judged = {d for d in days if d not in waiting and (low is not None or d in exported)}
-        diffs = [
-            DayDifference(day, *_pair(source.get(day, zero), sales.get(day, zero)))
-            for day in sorted(judged)
-            if source.get(day, zero) != sales.get(day, zero)
-        ]
-        for d in diffs:
-            log.warning(
-                "day_incomplete",
-                day=d.day,
-                source_rows=d.source_rows,
-                sales_rows=d.sales_rows,
-                source_amount=str(d.source_amount),
-                sales_amount=str(d.sales_amount),
-            )
-        log.info(
-            "completeness_checked",
-            days=len(judged),
-            differing=len(diffs),
-            not_judged_yet=len(days - judged),
-        )
+
+        async def scope_of(spec: TableSettings) -> Scope | None:
+            ledger = settings.group if mode == "logical" else spec.qualified
+            exported, waiting = await store.export_days(ledger, spec.qualified)
+            if mode == "logical":
+                return Scope(frozenset(exported), frozenset(waiting))
+            low = (await store.position(ledger, mode)).state.low
+            if low == INT64_MIN:
+                return None  # nothing exported yet
+            return Scope(frozenset(exported), frozenset(waiting), watermark=low)
+
+        diffs = await check_group(settings, await self._warehouse(), scope_of)
         self.last_completeness = diffs
         return diffs
 
@@ -559,7 +498,3 @@ class Reconciler:
             if self._heartbeats is not None:
                 self._heartbeats.forget("reconcile")
             await self.close()
-
-
-def _pair(a: tuple[int, Decimal], b: tuple[int, Decimal]) -> tuple[int, int, Decimal, Decimal]:
-    return a[0], b[0], a[1], b[1]
