@@ -216,10 +216,14 @@ def same_bytes_run(svc: Services, config: Path, compressor: str, jobs: int = 1) 
     )
 
 
-def write_config(svc: Services, **sections: dict[str, Any]) -> Path:
+def write_config(svc: Services, seed: bool = True, **sections: dict[str, Any]) -> Path:
+    """The daemon's configuration for the local services; ``seed``: it captures the seed table
+    (``public.ecommerce_sales`` by ``invoice_date``), else the caller adds ``[[tables]]``."""
+    table = {"table": "public.ecommerce_sales"} if seed else {}
+    partition = {"partition_column": "invoice_date"} if seed else {}
     base: dict[str, dict[str, Any]] = {
-        "postgres": {"dsn": svc.pg.dsn},
-        "capture": {"poll_interval_s": 0.2},
+        "postgres": {"dsn": svc.pg.dsn, **table},
+        "capture": {"poll_interval_s": 0.2, **partition},
         "batch": {"spool_dir": str(svc.workdir)},
         "s3": {"bucket": svc.bucket, "endpoint_url": svc.s3_url},
         "log": {"format": "json"},

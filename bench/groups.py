@@ -116,7 +116,10 @@ def group_config(
     directory) for a logical group of ``tables``, in ``side_dir`` (the daemon's log goes
     beside it)."""
     base = write_config(
-        svc, postgres={"dsn": dsn}, capture={"mode": "logical", "group": group, **capture}
+        svc,
+        seed=False,
+        postgres={"dsn": dsn},
+        capture={"mode": "logical", "group": group, **capture},
     )
     side_dir.mkdir(parents=True, exist_ok=True)
     entries = "".join(f'\n[[tables]]\nname = "public.{t}"\n' for t in tables)
