@@ -119,3 +119,26 @@ def test_no_import_cycle_between_modules() -> None:
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_contributing_layout_names_every_module() -> None:
+    """CONTRIBUTING.md's layout block names every module of the package under its folder, and
+    no module that does not exist: the map a newcomer reads is the tree."""
+    import re
+
+    text = (PACKAGE.parent / "CONTRIBUTING.md").read_text()
+    block = text.split("```\ncdc_daemon/\n", 1)[1].split("\nsnowflake/", 1)[0]
+    folder = ""
+    documented: set[str] = set()
+    for line in block.splitlines():
+        if not line.startswith("   "):  # a folder's (or top-level modules') first line
+            head = line.split()[0].rstrip(",")
+            folder = head if head.endswith("/") else head.rpartition("/")[0] + "/"
+            folder = "" if folder == "/" else folder
+        documented |= {f"{folder}{name}" for name in re.findall(r"\w+\.py", line)}
+    actual = {
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" or p.parent.name == "capture"
+    }
+    assert documented == actual
