@@ -148,7 +148,7 @@ class Joiner:
     async def load(self, legacy: set[str]) -> set[str]:
         """Read the group's tables; returns the configured ones already in the group (their
         changes are the ones a redo of an earlier batch holds). ``legacy``: the tables a
-        ledger from before groups existed exported (no group rows yet)."""
+        ledger without group rows (schema 2) exported."""
         self._tables = {t.table: t for t in await self._store.group_tables(self.group)}
         for member in self._tables.values():
             self._show(member)
