@@ -19,9 +19,10 @@ from typing import Any
 import structlog
 
 from cdc_daemon import __version__, extensions
-from cdc_daemon.config import Settings, load_settings, qualified_name
+from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import CdcError, ConfigError
 from cdc_daemon.logging import configure_logging
+from cdc_daemon.names import TableName
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
@@ -233,12 +234,20 @@ def table_settings(settings: Settings, table: str | None) -> Settings:
     """The settings narrowed to one configured table of the group (``--table``)."""
     if table is None:
         return settings.for_table(settings.table_specs[0])
-    name = qualified_name(table)
+    name = parse_table(table)
     for spec in settings.table_specs:
-        if spec.qualified == name:
+        if spec.table == name:
             return settings.for_table(spec)
-    names = ", ".join(t.qualified for t in settings.table_specs)
+    names = ", ".join(str(t.table) for t in settings.table_specs)
     raise ConfigError(f"{name} is not a configured table (the group has {names})")
+
+
+def parse_table(text: str) -> TableName:
+    """A table named on the command line, or ConfigError with the parser's sentence."""
+    try:
+        return TableName.parse(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def snowflake_command(

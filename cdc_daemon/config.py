@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from cdc_daemon.errors import ConfigError
+from cdc_daemon.names import TableName
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # The port of /healthz, /readyz and /metrics when ``http.address`` names only a host; the
@@ -72,6 +73,8 @@ class PostgresSettings(_Section):
     def _table_has_name(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must name a table, e.g. public.orders")
+        if value is not None:
+            TableName.parse(value)
         return value
 
 
@@ -201,17 +204,24 @@ class TableSettings(_Section):
     def _has_name(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a table, e.g. public.orders")
+        TableName.parse(value)
         return value
 
     @property
+    def table(self) -> TableName:
+        return TableName.parse(self.name)
+
+    @property
     def qualified(self) -> str:
-        return qualified_name(self.name)
+        """The table's ledger key (``TableName.key``): ``schema.table`` for a plain name."""
+        return self.table.key
 
     @property
     def warehouse_name(self) -> str:
         if self.warehouse_table is not None:
             return self.warehouse_table
-        return SEED_NAMES.get(self.qualified, self.qualified.split(".", 1)[1].upper())
+        table = self.table
+        return SEED_NAMES.get(table.key, table.warehouse_default)
 
 
 class BatchSettings(_Section):
@@ -531,14 +541,14 @@ class Settings(BaseSettings):
         if (
             self.tables
             and shorthand is not None
-            and (len(self.tables) > 1 or qualified_name(shorthand) != self.tables[0].qualified)
+            and (len(self.tables) > 1 or TableName.parse(shorthand) != self.tables[0].table)
         ):
             raise ValueError(
                 "postgres.table and [[tables]] are both set: name the tables in [[tables]] "
                 "(postgres.table is the shorthand for one table)"
             )
-        names = [t.qualified for t in self.tables]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        names = [t.table for t in self.tables]
+        twice = sorted({str(n) for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"tables: {', '.join(twice)} listed twice")
         if len(names) > 1 and self.capture.group is None:
@@ -596,7 +606,8 @@ class Settings(BaseSettings):
     def _default_name(self) -> str:
         if self.capture.group is not None:
             return default_name(self.capture.group)
-        return default_name(*self.table.split(".", 1))
+        table = self.table_specs[0].table
+        return default_name(table.schema, table.name)
 
     def for_table(self, spec: TableSettings) -> Settings:
         """These settings narrowed to one table of the group (watermark mode runs one
@@ -615,16 +626,6 @@ class Settings(BaseSettings):
             update["postgres"] = self.postgres.model_copy(update={"table": spec.name})
             update["tables"] = (spec,)
         return self.model_copy(update=update)
-
-
-def qualified_name(table: str) -> str:
-    """``schema.table`` as PostgreSQL resolves the configured name: ``public`` when it names no
-    schema; unquoted parts fold to lower case, quoted ones keep theirs."""
-    parts = [
-        p.strip()[1:-1].replace('""', '"') if p.strip().startswith('"') else p.strip().lower()
-        for p in re.findall(r'(?:"(?:[^"]|"")*"|[^.])+', table)
-    ]
-    return ".".join(parts) if len(parts) > 1 else f"public.{parts[0]}"
 
 
 def default_name(*parts: str) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from cdc_daemon.names import TableName
+
 # The sample's table as a configuration names it (``[[tables]]``): the demo's, and the one the
 # tests' seed data fills.
 SAMPLE_TABLE = {"name": "public.ecommerce_sales", "partition_column": "invoice_date"}
@@ -35,7 +37,7 @@ def sample_path() -> Path:
 def create_sales_table(
     conn: psycopg.Connection[tuple[object, ...]], table: str = "ecommerce_sales"
 ) -> None:
-    conn.execute(sql.SQL(SALES_DDL).format(table=sql.Identifier(*table.split("."))))
+    conn.execute(sql.SQL(SALES_DDL).format(table=TableName.parse(table).sql()))
 
 
 def load_online_retail(
@@ -43,7 +45,7 @@ def load_online_retail(
 ) -> int:
     """Load a Kaggle-layout Online Retail CSV (gzip or plain): ids in file order, InvoiceDate
     read as Europe/London local time. Returns the number of rows loaded."""
-    ident = sql.Identifier(*table.split("."))
+    ident = TableName.parse(table).sql()
     create_sales_table(conn, table)
     with conn.transaction():
         conn.execute(
@@ -115,6 +117,6 @@ def generate_sales(
             "  (ARRAY['United Kingdom','United Kingdom','United Kingdom','France','Germany',"
             "   'EIRE','Spain','Netherlands'])[1 + (random() * 7)::int]"
             " FROM generate_series(1, %s) g"
-        ).format(t=sql.Identifier(*table.split("."))),
+        ).format(t=TableName.parse(table).sql()),
         (rows, days, rows),
     )

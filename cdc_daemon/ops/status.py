@@ -15,6 +15,7 @@ daemon keeps the group's other tables flowing, so nothing else in the report loo
 from __future__ import annotations
 
 import asyncio
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, from_psycopg, table_fix
+from cdc_daemon.names import TableName
 from cdc_daemon.source.session import connect as connect_source
 from cdc_daemon.source.table import describe_configured
 from cdc_daemon.state.ledger import Status
@@ -73,6 +75,13 @@ def _source_figures(
         raise from_psycopg(exc, f"reading {settings.postgres.table}") from None
     finally:
         conn.close()
+
+
+def shown(name: str) -> str:
+    """A ledger name as a user writes it: a table's quoted where needed (``"Odd.Schema"."Order
+    Lines"``, not its folder's encoding), a group's as it is."""
+    table = TableName.from_key(name)
+    return name if table is None else str(table)
 
 
 async def collect(
@@ -126,7 +135,7 @@ async def collect(
                     {
                         "table": m["table"],
                         "error": m["error"],
-                        "fix": f"cdc-daemon resync --table {m['table']}",
+                        "fix": f"cdc-daemon resync --table {shlex.quote(shown(m['table']))}",
                     }
                     for m in members
                     if m["status"] == "failed"
@@ -206,14 +215,14 @@ def render(report: dict[str, Any]) -> str:
         # First: the rest of a degraded group looks healthy (its other tables still flow).
         for failed in t.get("failed_tables", []):
             lines.append(
-                f"FAILED: table {failed['table']} of group {name} exports nothing: "
+                f"FAILED: table {shown(failed['table'])} of group {name} exports nothing: "
                 f"{failed['error'] or 'no reason recorded'}"
                 + table_fix(failed["table"], failed["error"] or "")
             )
     if lines:
         lines.append("")
     for name, t in report.items():
-        lines.append(f"{name}  ({t['mode']} mode)")
+        lines.append(f"{shown(name)}  ({t['mode']} mode)")
         running = t["running"]
         if running:
             who = f"{running['application_name'] or 'a session'}"

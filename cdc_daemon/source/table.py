@@ -17,6 +17,7 @@ from psycopg import sql
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError
+from cdc_daemon.names import TableName
 from cdc_daemon.source.values import MAX_TEXT, QuarantineJudge, number_type
 
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
@@ -197,11 +198,16 @@ class TableInfo:
     partition: Column | None  # None: the day of the read (watermark) or commit (logical)
 
     @property
+    def table(self) -> TableName:
+        return TableName(self.schema, self.name)
+
+    @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """The table's ledger key and folder stem (``TableName.key``)."""
+        return self.table.key
 
     def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
+        return self.table.sql()
 
     @property
     def header(self) -> list[str]:
@@ -364,4 +370,4 @@ def describe_configured(
 ) -> TableInfo:
     """``spec`` (default: the first table of the group) as configured."""
     spec = spec or settings.table_specs[0]
-    return describe_table(conn, spec.name, spec.watermark_column, spec.partition_column)
+    return describe_table(conn, spec.table.display, spec.watermark_column, spec.partition_column)

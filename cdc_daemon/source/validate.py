@@ -415,7 +415,7 @@ def check_watermark_tables(settings: Settings) -> None:
     try:
         for spec in settings.table_specs:
             try:
-                facts = read_facts(conn, spec.name)
+                facts = read_facts(conn, spec.table.display)
             except psycopg.Error as exc:
                 raise from_psycopg(exc, f"reading the catalog of {spec.name}") from None
             if facts is None:

@@ -85,7 +85,6 @@ class DayTotals:
     def source_query(self, at_most: int | None) -> tuple[sql.Composed, tuple[int, ...]]:
         """PostgreSQL: (day text, row count, each measure) per day, on a session whose
         TimeZone is UTC."""
-        schema, name = self.table.names.source.split(".", 1)
         columns = [_pg_measure(m) for m in self.measures]
         where: sql.Composable = sql.SQL("")
         params: tuple[int, ...] = ()
@@ -98,7 +97,7 @@ class DayTotals:
         ).format(
             p=sql.Identifier(self.partition.source),
             m=sql.SQL("").join(sql.SQL(", ") + c for c in columns),
-            t=sql.Identifier(schema, name),
+            t=self.table.names.table.sql(),
             w=where,
         )
         return query, params

@@ -46,6 +46,7 @@ import psycopg
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
+from cdc_daemon.names import TableName
 from cdc_daemon.source.table import Column
 from cdc_daemon.source.values import number_type
 
@@ -143,9 +144,18 @@ def quote(name: str) -> str:
 class Names:
     """A table's Snowflake objects, from the settings alone."""
 
-    source: str  # schema.table
+    table: TableName  # the source table
     name: str  # the current-state table, e.g. SALES
-    folder: str  # relative to the stage (the bucket's prefix): ``public.ecommerce_sales/``
+
+    @property
+    def source(self) -> str:
+        """The source table's ledger key (``schema.table`` for a plain name)."""
+        return self.table.key
+
+    @property
+    def folder(self) -> str:
+        """Relative to the stage (the bucket's prefix): ``public.ecommerce_sales/``."""
+        return self.table.folder
 
     @property
     def landing(self) -> str:
@@ -192,7 +202,7 @@ def warehouse_name(spec: TableSettings) -> str:
     name = spec.warehouse_name
     if not _SF_IDENT.match(name):
         raise ConfigError(
-            f"{spec.qualified}: {name!r} cannot name a Snowflake table: set warehouse_table "
+            f"{spec.table}: {name!r} cannot name a Snowflake table: set warehouse_table "
             "for it in [[tables]] (letters, digits, _ and $)"
         )
     return name
@@ -200,7 +210,7 @@ def warehouse_name(spec: TableSettings) -> str:
 
 def names(settings: Settings) -> list[Names]:
     """Every table of the group, in the configured order."""
-    out = [Names(s.qualified, warehouse_name(s), f"{s.qualified}/") for s in settings.table_specs]
+    out = [Names(s.table, warehouse_name(s)) for s in settings.table_specs]
     seen: dict[str, str] = {}
     for n in out:
         if n.name in seen:
@@ -291,9 +301,9 @@ def from_catalog(
     """The table's columns and key, read from the catalog (the configured key, else the
     primary key). ``logical``: stored generated columns are left out, as the logical capture
     leaves them out (pgoutput before PostgreSQL 18 does not send them)."""
-    found = conn.execute("SELECT to_regclass(%s)::oid::int8", (n.source,)).fetchone()
+    found = conn.execute("SELECT to_regclass(%s)::oid::int8", (n.table.display,)).fetchone()
     if found is None or found[0] is None:
-        raise SourceError(f"table {n.source!r} does not exist (or is not visible to this user)")
+        raise SourceError(f"table {n.table} does not exist (or is not visible to this user)")
     oid = found[0]
     cols = [
         (str(a), str(t))

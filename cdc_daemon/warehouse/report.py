@@ -18,6 +18,7 @@ from psycopg import sql
 
 from cdc_daemon.config import PostgresSettings, SnowflakeSettings
 from cdc_daemon.errors import from_psycopg
+from cdc_daemon.names import TableName
 from cdc_daemon.warehouse.model import Names
 
 Query = Callable[[str], list[dict[str, Any]]]
@@ -41,27 +42,25 @@ def _chart(kind: str, title: str, **options: Any) -> Any:
 
 def _tables(
     query: Query, pg: PostgresSettings, tables: Sequence[Names]
-) -> tuple[str, dict[str, str]]:
+) -> tuple[str, dict[str, TableName]]:
     """The per-table section (rows in the source, in Snowflake, last merge), and the source
     table of SALES if the group has it."""
     rows = []
-    seed: dict[str, str] = {}
+    seed: dict[str, TableName] = {}
     try:
         with psycopg.connect(pg.dsn.get_secret_value()) as conn:
             for n in tables:
                 (source,) = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {}").format(
-                        sql.Identifier(*n.source.split(".", 1))
-                    )
+                    sql.SQL("SELECT count(*) FROM {}").format(n.table.sql())
                 ).fetchone() or (0,)
                 (got,) = query(f"SELECT COUNT(*) AS N, MAX(_MERGED_AT) AS LAST FROM {n.name}")
                 rows.append(
-                    f"<tr><td>{html.escape(n.source)}</td><td>{html.escape(n.name)}</td>"
+                    f"<tr><td>{html.escape(str(n.table))}</td><td>{html.escape(n.name)}</td>"
                     f"<td>{int(source)}</td><td>{int(got['N'])}</td>"
                     f"<td>{html.escape(str(got['LAST'] or 'never'))}</td></tr>"
                 )
                 if n.name == "SALES":
-                    seed["source"] = n.source
+                    seed["source"] = n.table
     except psycopg.Error as exc:
         raise from_psycopg(exc, "counting the source tables' rows for the report") from None
     table = (
@@ -100,7 +99,7 @@ def write_report(
     )
 
 
-def _seed_charts(query: Query, pg: PostgresSettings, source: str) -> list[Any]:
+def _seed_charts(query: Query, pg: PostgresSettings, source: TableName) -> list[Any]:
     days_source: dict[str, int] = {}
     try:
         with psycopg.connect(pg.dsn.get_secret_value()) as conn:
@@ -108,7 +107,7 @@ def _seed_charts(query: Query, pg: PostgresSettings, source: str) -> list[Any]:
                 sql.SQL(
                     "SELECT to_char(invoice_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), count(*)"
                     " FROM {} GROUP BY 1 ORDER BY 1"
-                ).format(sql.Identifier(*source.split(".", 1)))
+                ).format(source.sql())
             ):
                 days_source[str(day)] = int(n)
     except psycopg.Error as exc:

@@ -7,6 +7,7 @@ import re
 
 import sqlglot
 
+from cdc_daemon.names import TableName
 from cdc_daemon.reconcile.completeness import DayDifference
 from cdc_daemon.warehouse.daytotals import DayTotals, measures
 from cdc_daemon.warehouse.model import Names, from_columns
@@ -23,7 +24,7 @@ COLUMNS = [
     ("doc", "jsonb"),
     ("Odd Name", "smallint"),
 ]
-TABLE = from_columns(Names("shop.orders", "ORDERS", "shop.orders/"), COLUMNS, ("id",))
+TABLE = from_columns(Names(TableName("shop", "orders"), "ORDERS"), COLUMNS, ("id",))
 
 
 def test_each_type_gets_the_totals_both_sides_compute_alike() -> None:

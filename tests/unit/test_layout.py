@@ -9,10 +9,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cdc_daemon"
 
 # Each stage may import its own modules and those of lower ranks only (CONTRIBUTING.md):
 # cli -> worker -> reconcile / capture -> unit -> ops / warehouse -> sink -> batch / source /
-# state -> config -> errors. ``local`` (the demo, local services, the emulator) may import
+# state -> config -> names / errors. ``local`` (the demo, local services, the emulator) may import
 # anything; nothing else imports it.
 RANKS = {
     "errors": 0,
+    "names": 0,
     "config": 1,
     "logging": 1,
     "extensions": 1,

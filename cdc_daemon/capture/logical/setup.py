@@ -20,8 +20,9 @@ import structlog
 
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
-from cdc_daemon.config import Settings, qualified_name
+from cdc_daemon.config import Settings
 from cdc_daemon.errors import AlreadyRunningError, ConfigError, SourceError
+from cdc_daemon.names import TableName
 from cdc_daemon.state.position import CaptureState
 from cdc_daemon.state.store import Store
 
@@ -83,10 +84,15 @@ async def resync(settings: Settings, table: str) -> int:
     at the daemon's next start (``capture.logical.join``)."""
     if settings.capture.mode != "logical":
         raise ConfigError("resync is for capture.mode = 'logical' only")
-    names = {t.qualified for t in settings.table_specs}
-    name = qualified_name(table)
-    if name not in names:
-        raise ConfigError(f"{name} is not a table of group {settings.group}: {', '.join(names)}")
+    names = {t.table: t.qualified for t in settings.table_specs}
+    try:
+        parsed = TableName.parse(table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if parsed not in names:
+        listed = ", ".join(str(t) for t in names)
+        raise ConfigError(f"{parsed} is not a table of group {settings.group}: {listed}")
+    name = names[parsed]
     store = await Store.from_settings(settings)
     try:
         await store.check_schema(logical=True)

@@ -33,6 +33,7 @@ from cdc_daemon.capture.logical.stream import (
 from cdc_daemon.capture.logical.tables import LogicalTable, describe
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
+from cdc_daemon.names import TableName
 from cdc_daemon.source.session import SourceSession, connect
 from cdc_daemon.source.table import TableInfo
 from cdc_daemon.source.validate import generated_notes, logical_problems
@@ -247,22 +248,22 @@ class LogicalSource(SourceSession):
                 )
         return notes
 
-    def publication_tables(self) -> set[str] | None:
-        """The tables of the publication, ``schema.table``; None when it does not exist."""
+    def publication_tables(self) -> dict[str, TableName] | None:
+        """The tables of the publication by ledger key; None when it does not exist."""
 
-        def read(conn: psycopg.Connection[tuple[object, ...]]) -> set[str] | None:
+        def read(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, TableName] | None:
             if not conn.execute(
                 "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
             ).fetchone():
                 return None
             rows = conn.execute(
-                "SELECT schemaname || '.' || tablename FROM pg_publication_tables"
-                " WHERE pubname = %s",
+                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
                 (self.publication,),
             ).fetchall()
-            return {str(r[0]) for r in rows}
+            tables = [TableName(str(r[0]), str(r[1])) for r in rows]
+            return {t.key: t for t in tables}
 
-        found: set[str] | None = self._guard("reading the publication", read)
+        found: dict[str, TableName] | None = self._guard("reading the publication", read)
         return found
 
     def check_publication(self) -> list[str]:
@@ -286,8 +287,8 @@ class LogicalSource(SourceSession):
                 f"publication {pub} does not publish every change: ALTER PUBLICATION {pub} "
                 "SET (publish = 'insert, update, delete, truncate')"
             )
-        published = self.publication_tables() or set()
-        missing = [t.qualified for t in self.tables if t.qualified not in published]
+        published = self.publication_tables() or {}
+        missing = [str(t.info.table) for t in self.tables if t.qualified not in published]
         if missing:
             problems.append(
                 f"publication {pub} does not include {', '.join(missing)}: run `cdc-daemon "
@@ -302,27 +303,26 @@ class LogicalSource(SourceSession):
         """Create the publication for the group's tables, or bring its table list in line
         with the configuration; returns what changed, one line each."""
         published = self.publication_tables()
-        idents = {t.qualified: t.info.ident() for t in self.tables}
+        idents = {t.qualified: t.info.table for t in self.tables}
         pub = sql.Identifier(self.publication)
         if published is None:
             statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                pub, sql.SQL(", ").join(idents.values())
+                pub, sql.SQL(", ").join(t.sql() for t in idents.values())
             )
             self._guard("creating the publication", lambda c: c.execute(statement))
-            return [f"created publication {self.publication} for {', '.join(idents)}"]
+            listed = ", ".join(str(t) for t in idents.values())
+            return [f"created publication {self.publication} for {listed}"]
         changes = []
-        for name, ident in idents.items():
-            if name not in published:
-                add = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, ident)
-                self._execute(f"adding {name} to the publication", add)
-                changes.append(f"added {name} to publication {self.publication}")
-        for name in sorted(published - set(idents)):
-            schema, _, table = name.partition(".")
-            drop = sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                pub, sql.Identifier(schema, table)
-            )
-            self._execute(f"dropping {name} from the publication", drop)
-            changes.append(f"dropped {name} from publication {self.publication}")
+        for key, table in idents.items():
+            if key not in published:
+                add = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, table.sql())
+                self._execute(f"adding {table} to the publication", add)
+                changes.append(f"added {table} to publication {self.publication}")
+        for key in sorted(published.keys() - idents.keys()):
+            table = published[key]
+            drop = sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(pub, table.sql())
+            self._execute(f"dropping {table} from the publication", drop)
+            changes.append(f"dropped {table} from publication {self.publication}")
         return changes
 
     def _execute(self, doing: str, statement: sql.Composed) -> None:

@@ -57,7 +57,7 @@ def describe(
     checks them with ``source.validate``). Generated columns are left out: pgoutput
     (PostgreSQL < 18) does not send them, so neither the snapshot nor the objects carry them,
     and a Relation message without them is no column change."""
-    table = spec.name
+    table = spec.table.display
     facts = read_facts(conn, table)
     if facts is None:
         raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
