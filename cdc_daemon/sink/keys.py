@@ -1,8 +1,10 @@
 """Deterministic object keys: the same batch is always written under the same names.
 
-<prefix><schema>.<table>/dt=<YYYY-MM-DD>/<batch id><extension>
-<prefix>_quarantine/<schema>.<table>/reason=<reason>/<batch id><extension>
-"""
+<prefix><table key>/dt=<YYYY-MM-DD>/<batch id><extension>
+<prefix>_quarantine/<table key>/reason=<reason>/<batch id><extension>
+
+``table`` is the table's ``TableName.key`` (``<schema>.<table>`` for a plain name; see
+docs/design.md#the-tables-folder)."""
 
 from __future__ import annotations
 

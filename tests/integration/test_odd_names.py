@@ -93,7 +93,7 @@ async def test_watermark_mode_captures_a_quoted_name_with_a_dot(
     assert {k.split("/")[1] for k in keys} == {"dt=2024-03-01", "dt=2024-03-02"}
     folders, ids = exported_ids(s3_client, bucket)
     assert folders == {KEY}
-    assert sorted(ids) == source_ids(pg_dsn)
+    assert set(ids) == set(source_ids(pg_dsn))
     with psycopg.connect(pg_dsn) as conn:
         positions = conn.execute("SELECT table_name, high FROM cdc.positions").fetchall()
     assert positions == [(KEY, 30)]
@@ -160,7 +160,7 @@ async def test_logical_mode_captures_a_quoted_name_with_a_dot(
     assert await export_until_idle(settings) == 0
     folders, ids = exported_ids(s3_client, bucket)
     assert folders == {KEY}
-    assert sorted(ids) == source_ids(pg_dsn)
+    assert set(ids) == set(source_ids(pg_dsn))
     with psycopg.connect(pg_dsn) as conn:
         names = {r[0] for r in conn.execute("SELECT table_name FROM cdc.batches")}
     assert names == {KEY}

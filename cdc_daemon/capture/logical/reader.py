@@ -209,7 +209,7 @@ class ChangeReader:
         self._source.deactivate(table.oid)
 
     def _unlogged(self, table: LogicalTable, lsn: int) -> None:
-        q = table.qualified
+        q = table.table
         self._fail(
             table,
             f"a delete of {q} at LSN {format_lsn(lsn)} did not log its old row's key: "
@@ -250,7 +250,7 @@ class ChangeReader:
         if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
             if UNCHANGED in new and old_kind != 79:
                 # The new key has no earlier row to keep the unlogged value from.
-                q = gen.table.qualified
+                q = gen.table.table
                 self._fail(
                     gen.table,
                     f"an update of {q} at LSN {format_lsn(lsn)} changed the key and left a "
@@ -335,13 +335,15 @@ class ChangeReader:
         new: tuple[tuple[str, int, int], ...],
     ) -> str | None:
         """Log a column-list change; the reason to stop at it, if any."""
-        q = table.qualified
+        q = table.table
         old_names = {c[0]: c for c in old}
         new_names = {c[0]: c for c in new}
         dropped = [n for n in old_names if n not in new_names]
         retyped = [n for n in old_names if n in new_names and old_names[n] != new_names[n]]
         added = [n for n in new_names if n not in old_names]
-        log.warning("columns_changed", table=q, added=added, dropped=dropped, retyped=retyped)
+        log.warning(
+            "columns_changed", table=table.qualified, added=added, dropped=dropped, retyped=retyped
+        )
         if retyped and self._source.schema_change == "stop":
             names = ", ".join(retyped)
             return (

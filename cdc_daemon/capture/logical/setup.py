@@ -107,7 +107,7 @@ async def resync(settings: Settings, table: str) -> int:
         known = {t.table: t for t in await store.group_tables(settings.group)}
         current = known.get(name)
         if current is None or position == CaptureState().high:
-            raise ConfigError(f"{name} has not been captured yet: nothing to resync")
+            raise ConfigError(f"{parsed} has not been captured yet: nothing to resync")
         # Every object of it lies below this (an interrupted batch's too): its next
         # snapshot's floor.
         floor = max([position] + [p.hi for p in await store.pending(settings.group)])
@@ -117,7 +117,7 @@ async def resync(settings: Settings, table: str) -> int:
     finally:
         await store.close()
     print(
-        f"{name} will be exported again from a new snapshot when the daemon of group "
+        f"{parsed} will be exported again from a new snapshot when the daemon of group "
         f"{settings.group} next starts; empty its warehouse table first"
     )
     log.info("table_resync_requested", group=settings.group, table=name)

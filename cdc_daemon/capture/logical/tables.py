@@ -10,6 +10,7 @@ import psycopg
 
 from cdc_daemon.config import TableSettings
 from cdc_daemon.errors import SourceError
+from cdc_daemon.names import TableName
 from cdc_daemon.source.table import Column, TableInfo, partition_of
 from cdc_daemon.source.validate import TableFacts, read_facts
 from cdc_daemon.source.values import QuarantineJudge
@@ -28,7 +29,12 @@ class LogicalTable:
     configured_key: bool = False  # the key is [[tables]] key, not the primary key
 
     @property
+    def table(self) -> TableName:
+        return self.info.table
+
+    @property
     def qualified(self) -> str:
+        """The table's ledger key (``TableName.key``)."""
         return self.info.qualified
 
     @property
