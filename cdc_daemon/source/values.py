@@ -239,11 +239,15 @@ def _split_csv(line: bytes) -> list[bytes | None]:
             return fields
 
 
+_NEEDS_QUOTE = re.compile(rb'[,"\r\n]').search
+
+
 def quote(value: bytes) -> bytes:
-    """A CSV field as COPY quotes it: empty strings and values with a comma, quote, CR or LF."""
+    """A CSV field as COPY quotes it: empty strings and values with a comma, quote, CR or LF
+    (the logical encoder writes every field with it)."""
     if not value:
         return b'""'
-    if re.search(rb'[,"\r\n]', value) is None:
+    if _NEEDS_QUOTE(value) is None:
         return value
     return b'"' + value.replace(b'"', b'""') + b'"'
 

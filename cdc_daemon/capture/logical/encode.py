@@ -40,9 +40,8 @@ from cdc_daemon.source.values import (
     number_type,
     numeric_check,
     numeric_typmod,
+    quote,
 )
-
-_NEEDS_QUOTE = re.compile(rb'[,"\r\n]').search
 
 # Built-in type OIDs (pg_type.dat).
 BOOL, BYTEA, INT8, INT2, INT4, TEXT, OID = 16, 17, 20, 21, 23, 25, 26
@@ -109,14 +108,6 @@ def _element(item: str, element: int, quoted: bool) -> str:
     if element in BOOL_ELEMENTS:
         return "true" if item == "t" else "false"
     return json.dumps(item, ensure_ascii=False)
-
-
-def quote(value: bytes) -> bytes:
-    if not value:
-        return b'""'
-    if _NEEDS_QUOTE(value) is None:
-        return value
-    return b'"' + value.replace(b'"', b'""') + b'"'
 
 
 def _bare(value: bytes) -> bytes:

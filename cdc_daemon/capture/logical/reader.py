@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import structlog
 
 from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
-from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder, quote
+from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder
 from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
@@ -30,7 +30,7 @@ from cdc_daemon.capture.logical.pgoutput import (
 )
 from cdc_daemon.capture.logical.tables import LogicalTable, logical_header
 from cdc_daemon.errors import CdcError, SourceError
-from cdc_daemon.source.values import QuarantineJudge
+from cdc_daemon.source.values import QuarantineJudge, quote
 
 
 class Group(Protocol):
