@@ -149,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
         "local_command", choices=["up", "down", "serve"], metavar="up|down", help="up or down"
     )
     local.add_argument("--dir", dest="local_dir", type=Path, required=True, metavar="DIR")
+    verify = sub.add_parser(
+        "verify",
+        help="compare every table with its warehouse table, value by value (exit 1 if any differs)",
+    )
+    verify.add_argument("--table", help="only this table of the configuration")
+    verify.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="read differing keys again for up to this long (changes still being merged)",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
     report = sub.add_parser(
         "report", help="write the one-page HTML report from the configured warehouse"
     )
@@ -222,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(reconcile_once(settings, args.completeness, args.json))
         if args.command == "report":
             return write_report(settings, args.out)
+        if args.command == "verify":
+            return verify(settings, args.table, args.settle, args.json)
     except CdcError as exc:
         print(f"cdc-daemon: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -263,10 +278,11 @@ def snowflake_command(
         text = sql.render_grants(settings, tables) if grants else sql.render(settings, tables)
         print(text, end="")
         return 0
-    wh = Warehouse(settings).connect()
+    wh = Warehouse.of_group(settings).connect()
     try:
         plan = apply_sql(
             wh,
+            settings,
             tables,
             stage_url_override=wh.dialect.stage_url(wh),
             staged=lambda folder, since: staged_objects(settings, folder, since),
@@ -303,17 +319,34 @@ def staged_objects(settings: Settings, folder: str, since: datetime) -> list[tup
 
 def write_report(settings: Settings, out: Path) -> int:
     from cdc_daemon.warehouse.client import Warehouse
+    from cdc_daemon.warehouse.report import report_tables
     from cdc_daemon.warehouse.report import write_report as write
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to report on")
-    wh = Warehouse(settings).connect()
+    tables = report_tables(settings)
+    wh = Warehouse.of_group(settings).connect()
     try:
-        write(out, wh.query, settings.postgres, settings.snowflake, wh.names, [])
+        write(out, wh.query, settings.postgres, settings.snowflake, tables, [])
     finally:
         wh.close()
     print(f"report: {out}")
     return 0
+
+
+def verify(settings: Settings, table: str | None, settle_s: float, as_json: bool) -> int:
+    """``verify``: exit 0 when every table equals its warehouse table, 1 when one differs."""
+    from cdc_daemon.reconcile.verify import verify_group
+
+    if not settings.snowflake.enabled:
+        raise ConfigError("snowflake.account is not set: there is no warehouse to verify")
+    results = verify_group(settings, None if table is None else parse_table(table), settle_s)
+    if as_json:
+        print(json.dumps([r.as_json() for r in results], indent=2, default=str))
+    else:
+        for r in results:
+            print("\n".join(r.lines()))
+    return 0 if all(r.equal for r in results) else 1
 
 
 async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) -> int:

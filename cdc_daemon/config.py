@@ -38,8 +38,6 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # manifests in deploy/ use it (9187: next to postgres_exporter's 9187-9188 range, unassigned).
 DEFAULT_HTTP_PORT = 9187
 _SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
-# The design table's warehouse name: the seed's model (INVOICES, PRODUCTS) is written on SALES.
-SEED_NAMES = {"public.ecommerce_sales": "SALES"}
 NO_TABLE = "no table to capture: name the tables in [[tables]] (or one table in postgres.table)"
 
 
@@ -186,8 +184,7 @@ class TableSettings(_Section):
         default=None,
         pattern=_SF_IDENT,
         description="The current-state table in Snowflake (its landing table, pipe, stream "
-        "and tasks are named after it); default: the table's name in upper case "
-        "(`ecommerce_sales`: `SALES`, the seed's model is written on it).",
+        "and tasks are named after it); default: the table's name in upper case.",
     )
     max_rows: int | None = Field(
         default=None, gt=0, description="Watermark mode: this table's `batch.max_rows`."
@@ -220,8 +217,7 @@ class TableSettings(_Section):
     def warehouse_name(self) -> str:
         if self.warehouse_table is not None:
             return self.warehouse_table
-        table = self.table
-        return SEED_NAMES.get(table.key, table.warehouse_default)
+        return self.table.warehouse_default
 
 
 class BatchSettings(_Section):
@@ -423,8 +419,8 @@ class SnowflakeSettings(_Section):
     models_dir: Path | None = Field(
         default=None,
         description="The models: `<dir>/<TABLE>/NN_*.sql` are refreshed for the touched keys "
-        "inside `<TABLE>`'s merge; none: `snowflake/models/` (the seed's `INVOICES` and "
-        "`PRODUCTS` on `SALES`).",
+        "inside `<TABLE>`'s merge; none: no models (the demo and `local up` use "
+        "`snowflake/models/`, the sample's `INVOICES` and `PRODUCTS` on `SALES`).",
     )
     merge_schedule: str = Field(
         default="1 MINUTE",

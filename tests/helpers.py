@@ -21,14 +21,24 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.local.sample import SAMPLE_TABLE, sample_snowflake
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
-SEED_TABLE = "public.ecommerce_sales"
-SEED_PARTITION = "invoice_date"
-# The seed's table as a one-table configuration's keyword arguments (``load_settings``).
-SEED = {"postgres": {"table": SEED_TABLE}, "capture": {"partition_column": SEED_PARTITION}}
+SEED_TABLE = SAMPLE_TABLE["name"]
+SEED_PARTITION = SAMPLE_TABLE["partition_column"]
+# The seed's table as the demo configures it (``load_settings`` keyword arguments): SALES in the
+# warehouse, with the sample's models.
+SEED: dict[str, Any] = {"tables": [SAMPLE_TABLE], "snowflake": sample_snowflake()}
+
+
+def seed_settings(**sections: Any) -> Settings:
+    """``load_settings`` on the seed's configuration and ``sections`` (a ``snowflake`` section
+    adds to the seed's; ``tables`` replaces them)."""
+    merged = {**SEED, **sections}
+    merged["snowflake"] = {**SEED["snowflake"], **sections.get("snowflake", {})}
+    return load_settings(None, **merged)
 
 
 def make_settings(
@@ -38,9 +48,11 @@ def make_settings(
     capture = {"poll_interval_s": 0.05, **sections.pop("capture", {})}
     postgres = {"dsn": pg_dsn, **sections.pop("postgres", {})}
     if "tables" not in sections and "table" not in postgres:
-        # The seed's table (tests.schemas / local.sample), as the demo configures it.
-        postgres["table"] = SEED_TABLE
-        capture.setdefault("partition_column", SEED_PARTITION)
+        # The seed's table (tests.schemas / local.sample), as the demo configures it; a
+        # ``capture.partition_column`` given stands for the table's own.
+        partition = capture.pop("partition_column", SEED_PARTITION)
+        sections["tables"] = [{**SAMPLE_TABLE, "partition_column": partition}]
+        sections["snowflake"] = {**sample_snowflake(), **sections.get("snowflake", {})}
     return load_settings(
         None,
         postgres=postgres,

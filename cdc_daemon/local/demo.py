@@ -23,7 +23,12 @@ import structlog
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.local.sample import SAMPLE_TABLE, load_online_retail, sample_path
+from cdc_daemon.local.sample import (
+    SAMPLE_TABLE,
+    load_online_retail,
+    sample_path,
+    sample_snowflake,
+)
 from cdc_daemon.local.services import LocalPostgres, LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.state.store import Store
@@ -82,15 +87,13 @@ def run_demo(
             # Logical mode logs whole old rows of a table with TOASTable columns.
             conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
         log.info("demo_data_loaded", table=SAMPLE_TABLE["name"], rows=rows)
-        # The demo's own configuration: the sample's table, partitioned by invoice_date.
+        # The demo's own configuration: the sample's table (SALES, partitioned by invoice_date)
+        # and its models.
         base = load_settings(
             None,
-            postgres={"dsn": pg.dsn, "table": SAMPLE_TABLE["name"]},
-            capture={
-                "mode": "logical",
-                "partition_column": SAMPLE_TABLE["partition_column"],
-                "poll_interval_s": 0.5,
-            },
+            postgres={"dsn": pg.dsn},
+            tables=[SAMPLE_TABLE],
+            capture={"mode": "logical", "poll_interval_s": 0.5},
             s3={"endpoint_url": s3.endpoint_url, "bucket": "cdc-demo"},
             batch={
                 "compression": compression,
@@ -98,7 +101,7 @@ def run_demo(
                 "max_rows": 100_000,
                 "max_age_s": 1,
             },
-            snowflake={"reconcile_interval_s": 1, "missing_after_s": 60},
+            snowflake={"reconcile_interval_s": 1, "missing_after_s": 60, **sample_snowflake()},
         )
         (work / "spool").mkdir()
         _create_bucket(base)
@@ -236,15 +239,17 @@ async def _report(
     print()
     print("\n".join(lines))
     if report is not None:
-        from cdc_daemon.warehouse.report import write_report
+        from cdc_daemon.local.charts import sample_charts
+        from cdc_daemon.warehouse.report import report_tables, write_report
 
         write_report(
             report,
             warehouse.query,
             settings.postgres,
             settings.snowflake,
-            warehouse.wh.names,
+            report_tables(settings),
             lines,
+            sample_charts(warehouse.query),
         )
         print(f"  report: {report}")
 

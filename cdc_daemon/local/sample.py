@@ -12,8 +12,21 @@ from psycopg import sql
 from cdc_daemon.names import TableName
 
 # The sample's table as a configuration names it (``[[tables]]``): the demo's, and the one the
-# tests' seed data fills.
-SAMPLE_TABLE = {"name": "public.ecommerce_sales", "partition_column": "invoice_date"}
+# tests' seed data fills. Its warehouse table is SALES, which the sample's models are written on.
+SAMPLE_TABLE = {
+    "name": "public.ecommerce_sales",
+    "partition_column": "invoice_date",
+    "warehouse_table": "SALES",
+}
+
+
+def sample_snowflake() -> dict[str, str]:
+    """The ``snowflake`` settings the sample's models need: ``models_dir``, this checkout's
+    ``snowflake/models/`` (INVOICES and PRODUCTS on SALES)."""
+    from cdc_daemon.warehouse.model import MODELS_DIR
+
+    return {"models_dir": str(MODELS_DIR)}
+
 
 SALES_DDL = """
 CREATE TABLE IF NOT EXISTS {table} (

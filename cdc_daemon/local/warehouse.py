@@ -214,7 +214,35 @@ def patch_fakesnow() -> None:
             text = str(exc).split("\n")[0]
             raise ProgrammingError(msg=text, errno=100038, sqlstate="22000") from None
 
+    current_version = fakesnow.transforms.current_version
+
+    def current_version_and_md5_numbers(expression: exp.Expr) -> exp.Expr:
+        # MD5_NUMBER_LOWER64 (the digest's low 64 bits, big endian, unsigned: Snowflake's
+        # docs), which fakesnow does not know: DuckDB reads the last 16 hex digits as UBIGINT.
+        if isinstance(expression, exp.MD5NumberLower64):
+            arg = expression.this
+            digits = exp.Substring(
+                this=exp.MD5(this=arg),
+                start=exp.Literal.number(17),
+                length=exp.Literal.number(16),
+            )
+            return exp.Cast(
+                this=exp.DPipe(this=exp.Literal.string("0x"), expression=digits),
+                to=exp.DataType.build("UBIGINT", dialect="duckdb"),
+            )
+        if isinstance(expression, exp.ToChar) and expression.args.get("format") is not None:
+            # TO_VARCHAR(<date or time column>, '<format>'): sqlglot drops the format of a
+            # column whose type it cannot see (a cast to text instead); Snowflake applies it.
+            # The daemon formats only dates and times so.
+            from sqlglot.dialects.snowflake import Snowflake
+
+            return exp.TimeToStr(
+                this=expression.this, format=Snowflake.format_time(expression.args["format"])
+            )
+        return current_version(expression)
+
     execute_translated._cdc_patched = True  # type: ignore[attr-defined]
+    fakesnow.transforms.current_version = current_version_and_md5_numbers
     fakesnow.arrow.timestamp_to_sf_struct = timestamp_to_sf_struct
     fakesnow.transforms.numeric_agg_implicit_cast = numeric_agg_implicit_cast
     fakesnow.info_schema.insert_text_lengths_sql = insert_text_lengths_sql
@@ -641,7 +669,7 @@ class LocalWarehouse:
                 },
             },
         )
-        self._wh = Warehouse(self.settings).connect()
+        self._wh = Warehouse.of_group(self.settings).connect()
         self._duck = server.shared_fs.duck_conn.cursor()
         return self
 
@@ -697,6 +725,7 @@ class LocalWarehouse:
         with self._lock:
             return apply_sql(
                 self.wh,
+                self.settings,
                 self.tables,
                 stage_url_override=self.stage_url,
                 staged=self.staged,

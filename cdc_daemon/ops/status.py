@@ -51,7 +51,7 @@ def _source_figures(
 ) -> dict[str, tuple[int | None, int | None]]:
     """By ledger name: (rows above its exported high, slot lag bytes), in a thread. Watermark
     mode: each configured table; logical mode: the group (the slot's lag)."""
-    conn = connect_source(settings)
+    conn = connect_source(settings.postgres)
     try:
         if settings.capture.mode == "logical":
             return {settings.group: (None, slot_lag_bytes(conn, slot) if slot else None)}

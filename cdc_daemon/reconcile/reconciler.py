@@ -317,7 +317,7 @@ class Reconciler:
 
     async def _warehouse(self) -> Warehouse:
         if self._wh is None:
-            self._wh = await asyncio.to_thread(Warehouse(self._settings).connect)
+            self._wh = await asyncio.to_thread(Warehouse.of_group(self._settings).connect)
         return self._wh
 
     async def _ledger(self) -> Store:

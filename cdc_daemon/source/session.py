@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import psycopg
 
-from cdc_daemon.config import Settings
+from cdc_daemon.config import PostgresSettings, Settings
 from cdc_daemon.errors import TransientError, from_psycopg
 
 APPLICATION_NAME = "cdc-daemon"
@@ -42,19 +42,19 @@ async def in_thread(fn: Callable[[], T], cancel: Callable[[], None]) -> T:
 
 
 def connect(
-    settings: Settings, application_name: str = APPLICATION_NAME
+    pg: PostgresSettings, application_name: str = APPLICATION_NAME
 ) -> psycopg.Connection[tuple[object, ...]]:
     """A source session with the settings the encoding relies on (UTC, ISO dates). The name
     must start with ``cdc-daemon``: the fence ignores such sessions (they only read)."""
     options = ENCODING_OPTIONS
-    if settings.postgres.statement_timeout_s:
-        options += f" -c statement_timeout={int(settings.postgres.statement_timeout_s * 1000)}"
+    if pg.statement_timeout_s:
+        options += f" -c statement_timeout={int(pg.statement_timeout_s * 1000)}"
     try:
         return psycopg.connect(
-            settings.postgres.dsn.get_secret_value(),
+            pg.dsn.get_secret_value(),
             autocommit=True,
             application_name=application_name,
-            connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+            connect_timeout=max(1, int(pg.connect_timeout_s)),
             options=options,
         )
     except psycopg.Error as exc:
@@ -77,7 +77,7 @@ class SourceSession:
     def connect(self) -> object:
         """(Re)open the session; a capture mode also reads its table's catalog here."""
         self.close()
-        self._conn = connect(self._settings, self._application_name)
+        self._conn = connect(self._settings.postgres, self._application_name)
         return self._conn
 
     def close(self) -> None:

@@ -411,7 +411,7 @@ def check_watermark_tables(settings: Settings) -> None:
     """``init`` in watermark mode: every configured table checked on one session, every
     problem of every table raised in one ``SourceError``."""
     problems: list[str] = []
-    conn = connect(settings)
+    conn = connect(settings.postgres)
     try:
         for spec in settings.table_specs:
             try:

@@ -327,14 +327,23 @@ def load_record(n: Names, row: dict[str, Any]) -> LoadRecord:
 class Warehouse:
     """One connector session. The constructor does no I/O; ``connect()`` does."""
 
-    def __init__(self, settings: Settings, dialect: Dialect | None = None) -> None:
-        # The group's settings: the tables' names here, the rendering of ``snowflake/`` in
-        # ``warehouse.plan``; the session and the dialect use the ``snowflake`` section alone.
-        self.settings = settings
-        self.snowflake = settings.snowflake
-        self.dialect = dialect_for(self.snowflake) if dialect is None else dialect
-        self.names = names(settings)
+    def __init__(
+        self,
+        snowflake: SnowflakeSettings,
+        tables: Sequence[Names] = (),
+        dialect: Dialect | None = None,
+    ) -> None:
+        # The session and the dialect use the ``snowflake`` section; ``tables`` are the
+        # group's, whose load history, pipes, tasks and streams it reads.
+        self.snowflake = snowflake
+        self.dialect = dialect_for(snowflake) if dialect is None else dialect
+        self.names = list(tables)
         self._conn: SnowflakeConnection | None = None
+
+    @classmethod
+    def of_group(cls, settings: Settings, dialect: Dialect | None = None) -> Warehouse:
+        """A session on the group's warehouse, for the group's tables."""
+        return cls(settings.snowflake, names(settings), dialect)
 
     def __repr__(self) -> str:
         sf = self.snowflake

@@ -74,6 +74,7 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
 
 def apply_sql(
     wh: Warehouse,
+    settings: Settings,
     tables: list[WarehouseTable],
     *,
     stage_url_override: str | None = None,
@@ -83,7 +84,7 @@ def apply_sql(
     """``snowflake/`` for ``tables`` (``snowflake apply``, the local warehouse): what differs
     from what exists (``warehouse.plan``), made so unless ``plan_only``. ``staged`` lists the
     bucket, for refreshing a recreated pipe."""
-    plan = make_plan(wh, tables, stage_url_override=stage_url_override)
+    plan = make_plan(wh, settings, tables, stage_url_override=stage_url_override)
     if not plan_only:
         apply_plan(wh, plan, staged)
     return plan
@@ -184,7 +185,7 @@ class SchemaGuard:
     def _verify(self, n: Names, header: set[str]) -> None:
         try:
             if self._wh is None:
-                self._wh = Warehouse(self._settings).connect()
+                self._wh = Warehouse.of_group(self._settings).connect()
             wh = self._wh
             have = set(wh.columns(n.landing))
             if not header <= have:

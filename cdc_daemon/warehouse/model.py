@@ -50,7 +50,8 @@ from cdc_daemon.names import TableName
 from cdc_daemon.source.table import Column
 from cdc_daemon.source.values import number_type
 
-# snowflake/models/ of this checkout: the seed's models.
+# snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which
+# the demo and ``local up`` configure as ``snowflake.models_dir``.
 MODELS_DIR = Path(__file__).resolve().parents[2] / "snowflake" / "models"
 
 _SF_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
@@ -356,8 +357,9 @@ def from_columns(
 
 def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
     """The models on the table (``<models dir>/<TABLE>/NN_*.sql``), in order."""
-    base = settings.snowflake.models_dir or MODELS_DIR
-    folder = base / n.name
+    if settings.snowflake.models_dir is None:
+        return ()
+    folder = settings.snowflake.models_dir / n.name
     return tuple(sorted(folder.glob("[0-9][0-9]_*.sql"))) if folder.is_dir() else ()
 
 

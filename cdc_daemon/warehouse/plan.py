@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, TransientError
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import Described, Warehouse
@@ -192,11 +193,15 @@ def _text(value: str) -> str:
 
 
 def make_plan(
-    wh: Warehouse, tables: list[WarehouseTable], *, stage_url_override: str | None = None
+    wh: Warehouse,
+    settings: Settings,
+    tables: list[WarehouseTable],
+    *,
+    stage_url_override: str | None = None,
 ) -> Plan:
     """Compare every rendered object with what exists. The ``always`` statements (IF NOT
     EXISTS, USE SCHEMA) are run first, so that the objects can be described in the schema."""
-    statements = sql.statements(wh.settings, tables, stage_url_override=stage_url_override)
+    statements = sql.statements(settings, tables, stage_url_override=stage_url_override)
     plan = Plan(tables=tables)
     by_table = {t.names.pipe: t.names for t in tables}
     fresh = columns_done = False

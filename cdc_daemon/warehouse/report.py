@@ -1,14 +1,15 @@
 """``cdc-daemon report --out FILE`` (and ``demo --report``): one HTML page from any
-configured warehouse, real or local, through the Snowflake connector: per table of the group
-its rows in the source and in Snowflake and when it last merged; and on the seed's model (when
-the group holds ``SALES``) rows per day in the source and in SALES, revenue by country, top
-products, invoices and cancellations per month -- the view a BI dashboard on these tables
-gives. Charts are SVG (pygal), inline, so the page opens offline."""
+configured warehouse, real or local, through the Snowflake connector. Per table of the group:
+its rows in the source and in the warehouse and when it last merged, and, for a table with a
+partition column, its rows per UTC day on both sides with the days that differ called out
+(the per-day counts of ``warehouse.daytotals``). Callers may add charts of their own (the demo
+adds the sample's models). Charts are SVG (pygal), inline, so the page opens offline."""
 
 from __future__ import annotations
 
 import html
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,58 +17,123 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_daemon.config import PostgresSettings, SnowflakeSettings
+from cdc_daemon.config import PostgresSettings, Settings, SnowflakeSettings
 from cdc_daemon.errors import from_psycopg
-from cdc_daemon.names import TableName
-from cdc_daemon.warehouse.model import Names
+from cdc_daemon.warehouse.daytotals import DayTotals
+from cdc_daemon.warehouse.model import WarehouseTable, read_catalog
 
 Query = Callable[[str], list[dict[str, Any]]]
 
+# The source's series and the warehouse's: colours far apart, the warehouse's drawn dashed
+# over the source's, so that equal lines stay visible as two.
+_SOURCE_COLOUR = "#1f77b4"
+_WAREHOUSE_COLOUR = "#d62728"
 
-def _chart(kind: str, title: str, **options: Any) -> Any:
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A table of the group as the report shows it: its warehouse form and, when it has one,
+    the source column whose UTC day partitions it."""
+
+    table: WarehouseTable
+    partition: str | None
+
+
+@dataclass(frozen=True)
+class DayCounts:
+    """Rows per UTC day in the source and in the warehouse."""
+
+    source: dict[str, int]
+    warehouse: dict[str, int]
+
+    @property
+    def days(self) -> list[str]:
+        return sorted(self.source.keys() | self.warehouse.keys())
+
+    @property
+    def differing(self) -> list[str]:
+        return [d for d in self.days if self.source.get(d, 0) != self.warehouse.get(d, 0)]
+
+
+def report_tables(settings: Settings) -> list[ReportTable]:
+    """The group's tables, read from the source's catalog, with their partition columns."""
+    partitions = {spec.qualified: spec.partition_column for spec in settings.table_specs}
+    return [ReportTable(t, partitions.get(t.names.source)) for t in read_catalog(settings)]
+
+
+def chart(kind: str, title: str, colours: Sequence[str] = (), **options: Any) -> Any:
+    """A pygal chart in the report's look."""
     import pygal  # type: ignore[import-untyped]
     from pygal.style import CleanStyle  # type: ignore[import-untyped]
 
+    style = CleanStyle(colors=tuple(colours)) if colours else CleanStyle
     factory = getattr(pygal, kind)
     return factory(
         title=title,
-        style=CleanStyle,
+        style=style,
         width=900,
         height=380,
         disable_xml_declaration=True,
         explicit_size=True,
+        js=(),  # no tooltip script from the web: the page opens offline
         **options,
     )
 
 
-def _tables(
-    query: Query, pg: PostgresSettings, tables: Sequence[Names]
-) -> tuple[str, dict[str, TableName]]:
-    """The per-table section (rows in the source, in Snowflake, last merge), and the source
-    table of SALES if the group has it."""
-    rows = []
-    seed: dict[str, TableName] = {}
-    try:
-        with psycopg.connect(pg.dsn.get_secret_value()) as conn:
-            for n in tables:
-                (source,) = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {}").format(n.table.sql())
-                ).fetchone() or (0,)
-                (got,) = query(f"SELECT COUNT(*) AS N, MAX(_MERGED_AT) AS LAST FROM {n.name}")
-                rows.append(
-                    f"<tr><td>{html.escape(str(n.table))}</td><td>{html.escape(n.name)}</td>"
-                    f"<td>{int(source)}</td><td>{int(got['N'])}</td>"
-                    f"<td>{html.escape(str(got['LAST'] or 'never'))}</td></tr>"
-                )
-                if n.name == "SALES":
-                    seed["source"] = n.table
-    except psycopg.Error as exc:
-        raise from_psycopg(exc, "counting the source tables' rows for the report") from None
-    table = (
-        "<h2>Tables</h2><table><tr><th>source</th><th>Snowflake</th><th>source rows</th>"
-        "<th>Snowflake rows</th><th>last merged</th></tr>" + "".join(rows) + "</table>"
+def day_counts(query: Query, conn: psycopg.Connection[Any], t: ReportTable) -> DayCounts | None:
+    """Rows per day on both sides, or None for a table without a partition column."""
+    if t.partition is None:
+        return None
+    totals = DayTotals.of(t.table, t.partition)
+    totals = DayTotals(totals.table, totals.partition, None, ())
+    text, params = totals.source_query(None)
+    source = {str(day): int(n) for day, n in conn.execute(text, params)}
+    warehouse = {str(r["DAY"]): int(r["N"]) for r in query(totals.warehouse_query(None))}
+    return DayCounts(source, warehouse)
+
+
+def _day_chart(t: ReportTable, counts: DayCounts) -> Any:
+    days = counts.days
+    differing = counts.differing
+    if differing:
+        verdict = f"differ on {len(differing)} of {len(days)} days"
+    else:
+        verdict = f"equal on all {len(days)} days"
+    name = t.table.names.name
+    per_day = chart(
+        "Line",
+        f"{t.table.names.table}: rows per day of {t.partition} (UTC), source and {name}: {verdict}",
+        colours=(_SOURCE_COLOUR, _WAREHOUSE_COLOUR),
+        x_label_rotation=30,
+        show_minor_x_labels=False,
+        dots_size=1,
+        y_title="rows",
+        truncate_legend=-1,
     )
-    return table, seed
+    per_day.x_labels = days
+    per_day.x_labels_major = days[:: max(1, len(days) // 12)]
+    per_day.add(
+        "source (PostgreSQL)", [counts.source.get(d, 0) for d in days], stroke_style={"width": 3}
+    )
+    per_day.add(
+        f"{name} (warehouse)",
+        [counts.warehouse.get(d, 0) for d in days],
+        stroke_style={"width": 2, "dasharray": "6, 4"},
+    )
+    return per_day
+
+
+def _differing_list(counts: DayCounts) -> str:
+    differing = counts.differing
+    if not differing:
+        return ""
+    items = "".join(
+        f"<li>{html.escape(d)}: source {counts.source.get(d, 0)}, warehouse "
+        f"{counts.warehouse.get(d, 0)}</li>"
+        for d in differing[:50]
+    )
+    more = f"<li>... and {len(differing) - 50} more</li>" if len(differing) > 50 else ""
+    return f"<p class='bad'>Days that differ:</p><ul>{items}{more}</ul>"
 
 
 def write_report(
@@ -75,13 +141,40 @@ def write_report(
     query: Query,
     pg: PostgresSettings,
     sf: SnowflakeSettings,
-    tables: Sequence[Names],
-    summary: list[str],
+    tables: Sequence[ReportTable],
+    summary: Sequence[str],
+    charts: Sequence[Any] = (),
 ) -> None:
-    """The page on ``tables``, from ``query`` (a warehouse session's) and the source database."""
-    section, seed = _tables(query, pg, tables)
-    charts = _seed_charts(query, pg, seed["source"]) if seed else []
-    body = "\n".join(f"<figure>{c.render(is_unicode=True)}</figure>" for c in charts)
+    """The page on ``tables``, from ``query`` (a warehouse session's) and the source database;
+    ``charts`` (pygal charts) follow the tables' own."""
+    rows = []
+    sections = []
+    try:
+        with psycopg.connect(pg.dsn.get_secret_value()) as conn:
+            conn.execute("SET TimeZone = 'UTC'")
+            for t in tables:
+                n = t.table.names
+                (source,) = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(n.table.sql())
+                ).fetchone() or (0,)
+                (got,) = query(f"SELECT COUNT(*) AS N, MAX(_MERGED_AT) AS LAST FROM {n.name}")
+                equal = "equal" if int(source) == int(got["N"]) else "<b class='bad'>differ</b>"
+                rows.append(
+                    f"<tr><td>{html.escape(str(n.table))}</td><td>{html.escape(n.name)}</td>"
+                    f"<td>{int(source)}</td><td>{int(got['N'])}</td><td>{equal}</td>"
+                    f"<td>{html.escape(str(got['LAST'] or 'never'))}</td></tr>"
+                )
+                counts = day_counts(query, conn, t)
+                if counts is not None:
+                    svg = _day_chart(t, counts).render(is_unicode=True)
+                    sections.append(f"<figure>{svg}</figure>{_differing_list(counts)}")
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, "counting the source tables' rows for the report") from None
+    table = (
+        "<h2>Tables</h2><table><tr><th>source</th><th>Snowflake</th><th>source rows</th>"
+        "<th>Snowflake rows</th><th></th><th>last merged</th></tr>" + "".join(rows) + "</table>"
+    )
+    body = "\n".join(sections + [f"<figure>{c.render(is_unicode=True)}</figure>" for c in charts])
     items = "".join(f"<li>{html.escape(line)}</li>" for line in summary)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     path.write_text(
@@ -89,69 +182,11 @@ def write_report(
         "<title>cdc-daemon report</title>"
         "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
         "figure{margin:1.5em 0}li{font-family:monospace}td,th{padding:0 .8em;text-align:left}"
-        "</style></head><body>"
+        ".bad{color:#b00}</style></head><body>"
         "<h1>cdc-daemon: the group in the warehouse</h1>"
         f"<p>PostgreSQL &rarr; S3 &rarr; Snowpipe &rarr; landing tables &rarr; tasks &rarr;"
         f" current-state tables and models in {html.escape(sf.database)}."
         f"{html.escape(sf.schema_)}. Generated {generated}.</p>"
-        f"<ul>{items}</ul>{section}{body}</body></html>",
+        f"<ul>{items}</ul>{table}{body}</body></html>",
         encoding="utf-8",
     )
-
-
-def _seed_charts(query: Query, pg: PostgresSettings, source: TableName) -> list[Any]:
-    days_source: dict[str, int] = {}
-    try:
-        with psycopg.connect(pg.dsn.get_secret_value()) as conn:
-            for day, n in conn.execute(
-                sql.SQL(
-                    "SELECT to_char(invoice_date AT TIME ZONE 'UTC', 'YYYY-MM-DD'), count(*)"
-                    " FROM {} GROUP BY 1 ORDER BY 1"
-                ).format(source.sql())
-            ):
-                days_source[str(day)] = int(n)
-    except psycopg.Error as exc:
-        raise from_psycopg(exc, "counting the source's rows per day for the report") from None
-    days_sales = {
-        str(r["DAY"]): int(r["N"])
-        for r in query("SELECT TO_DATE(INVOICE_DATE) AS DAY, COUNT(*) AS N FROM SALES GROUP BY 1")
-    }
-    days = sorted(days_source.keys() | days_sales.keys())
-    per_day = _chart(
-        "Line",
-        "Rows per day: source (Postgres) and SALES (warehouse)",
-        x_label_rotation=30,
-        show_minor_x_labels=False,
-        dots_size=1,
-    )
-    per_day.x_labels = days
-    per_day.x_labels_major = days[:: max(1, len(days) // 12)]
-    per_day.add("source", [days_source.get(d, 0) for d in days])
-    per_day.add("SALES", [days_sales.get(d, 0) for d in days])
-
-    countries = query(
-        "SELECT COUNTRY, SUM(AMOUNT)::NUMBER(38, 2) AS REVENUE FROM INVOICES"
-        " GROUP BY COUNTRY ORDER BY REVENUE DESC LIMIT 12"
-    )
-    by_country = _chart("HorizontalBar", "Revenue by country (top 12, from INVOICES)")
-    for row in reversed(countries):
-        by_country.add(str(row["COUNTRY"]), float(row["REVENUE"] or 0))
-
-    products = query(
-        "SELECT STOCK_CODE, DESCRIPTION, QUANTITY FROM PRODUCTS ORDER BY QUANTITY DESC LIMIT 10"
-    )
-    top = _chart("HorizontalBar", "Top products by quantity (from PRODUCTS)")
-    for row in reversed(products):
-        top.add(f"{row['STOCK_CODE']} {row['DESCRIPTION'] or ''}"[:40], int(row["QUANTITY"]))
-
-    months = query(
-        "SELECT DATE_TRUNC('MONTH', INVOICE_DATE) AS MONTH, COUNT(*) AS INVOICES,"
-        " SUM(CASE WHEN IS_CANCELLATION THEN 1 ELSE 0 END) AS CANCELLED"
-        " FROM INVOICES GROUP BY 1 ORDER BY 1"
-    )
-    cancellations = _chart("Bar", "Invoices and cancellations per month (from INVOICES)")
-    cancellations.x_labels = [str(r["MONTH"])[:7] for r in months]
-    cancellations.add("invoices", [int(r["INVOICES"]) for r in months])
-    cancellations.add("cancellations", [int(r["CANCELLED"]) for r in months])
-
-    return [per_day, by_country, top, cancellations]

@@ -126,14 +126,14 @@ async def test_the_warehouse_sql_loads_and_merges_every_value_in_a_real_account(
         update={"snowflake": runs[0].snowflake.model_copy(update=account())}
     )
     sf = settings.snowflake
-    wh = Warehouse(settings).connect()
+    wh = Warehouse.of_group(settings).connect()
     try:
         tables = read_catalog(settings)
         # An external stage on a bucket Snowflake never reads: the objects go through an
         # internal stage below.
         unused = "s3://cdc-daemon-account-test-unused/"
-        apply_sql(wh, tables, stage_url_override=unused)
-        assert make_plan(wh, tables, stage_url_override=unused).empty
+        apply_sql(wh, settings, tables, stage_url_override=unused)
+        assert make_plan(wh, settings, tables, stage_url_override=unused).empty
         wh.execute(f"CREATE STAGE {sf.database}.{sf.schema_}.CDC_TEST_INTERNAL")
         statements = sql.statements(settings, tables, stage_url_override=unused)
         for run in runs:

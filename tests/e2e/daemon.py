@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cdc_daemon.local.sample import SAMPLE_TABLE, sample_snowflake
 from cdc_daemon.local.services import LocalS3
 
 
@@ -27,15 +28,17 @@ def write_config(
     """A TOML configuration with ``extra`` sections; ``tables=[...]`` adds ``[[tables]]``."""
     tables: list[dict[str, Any]] = extra.pop("tables", [])
     seed = not tables and "table" not in extra.get("postgres", {})
-    seed_capture = {"partition_column": "invoice_date"} if seed else {}
-    sections: dict[str, dict[str, Any]] = {
+    if seed:
         # Without [[tables]] or postgres.table: the seed's table, as the demo configures it.
-        "postgres": {"dsn": pg_dsn, **({"table": "public.ecommerce_sales"} if seed else {})},
-        "capture": {"poll_interval_s": 0.1, **seed_capture},
+        tables = [dict(SAMPLE_TABLE)]
+    sections: dict[str, dict[str, Any]] = {
+        "postgres": {"dsn": pg_dsn},
+        "capture": {"poll_interval_s": 0.1},
         "batch": {"max_age_s": 0, "spool_dir": str(tmp_path)},
         "s3": {"bucket": bucket, "endpoint_url": s3_server.endpoint_url},
         "daemon": {"shutdown_grace_s": 5},
         "log": {"format": "json"},
+        **({"snowflake": sample_snowflake()} if seed else {}),
     }
     for name, values in extra.items():
         sections.setdefault(name, {}).update(values)

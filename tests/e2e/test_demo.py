@@ -29,6 +29,11 @@ def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
     assert "failed" not in report.split("batches:")[1].splitlines()[0]
     html = page.read_text()
     assert html.count("<svg") == 4
-    for title in ("Rows per day", "Revenue by country", "Top products", "cancellations per month"):
+    for title in (
+        "rows per day of invoice_date (UTC), source and SALES: equal on all",
+        "Revenue by country",
+        "Top 10 products",
+        "cancellations per month",
+    ):
         assert title in html
     assert "United Kingdom" in html

@@ -80,7 +80,7 @@ async def check(
     settings: Settings, scope: Scope, table: str = "shop.orders"
 ) -> list[DayDifference]:
     """The check of one table of the group, on a warehouse session of its own."""
-    wh = Warehouse(settings).connect()
+    wh = Warehouse.of_group(settings).connect()
     try:
         (spec,) = [s for s in settings.table_specs if s.qualified == table]
         (n,) = [n for n in names(settings) if n.source == table]
@@ -110,7 +110,7 @@ async def test_every_table_with_a_partition_column_agrees_after_an_export(
     settings = shop.settings
     assert await export_until_idle(settings) == 0
     shop.pump_until_quiet()
-    wh = Warehouse(settings).connect()
+    wh = Warehouse.of_group(settings).connect()
     try:
         with capture_logs() as logs:
             assert await check_group(settings, wh, everything) == []

@@ -15,7 +15,7 @@ import pytest
 
 from cdc_daemon.cli import init
 from cdc_daemon.errors import CdcError
-from cdc_daemon.local.sample import generate_sales
+from cdc_daemon.local.sample import generate_sales, sample_snowflake
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.reconcile.reconciler import Reconciler
@@ -81,9 +81,14 @@ def group(
         s3_server,
         bucket,
         tmp_path,
-        tables=[{"name": t} for t in TABLES],
+        # ecommerce_sales as SALES, with the sample's models on it (as the demo has it).
+        tables=[
+            {"name": t, **({"warehouse_table": "SALES"} if t == "ecommerce_sales" else {})}
+            for t in TABLES
+        ],
         capture={"mode": "logical", "group": "shop"},
         batch={"max_rows": 20_000},
+        snowflake=sample_snowflake(),
     )
     wh = start_warehouse(settings, warehouse_dir)
     yield wh

@@ -11,12 +11,12 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.config import Settings
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import SnowflakeDialect
 from cdc_daemon.warehouse.daytotals import DayTotals
 from cdc_daemon.warehouse.model import names
-from tests.helpers import SEED
+from tests.helpers import seed_settings
 from tests.schemas import sales_tables
 
 Grant = tuple[str, str, str, str]  # role, privilege, object kind, object name
@@ -24,7 +24,7 @@ Grant = tuple[str, str, str, str]  # role, privilege, object kind, object name
 
 @pytest.fixture
 def settings() -> Settings:
-    return load_settings(None, **SEED, snowflake={"database": "ANALYTICS", "schema": "CDC"})
+    return seed_settings(snowflake={"database": "ANALYTICS", "schema": "CDC"})
 
 
 def granted(text: str) -> set[Grant]:

@@ -12,12 +12,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cdc_daemon.config import DEFAULT_HTTP_PORT, Settings, load_settings, split_address
+from cdc_daemon.config import DEFAULT_HTTP_PORT, Settings, split_address
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
-from tests.helpers import SEED
+from tests.helpers import seed_settings
 
 
 class Clock:
@@ -128,7 +128,7 @@ async def test_watchdog_pings_stop_while_a_loop_is_stalled(
     that finds none stalled; once a loop stays silent past the stall limit it stops pinging
     (so systemd restarts the process) and says so once; a beat brings the pings back."""
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
-    settings = load_settings(None, **SEED, daemon={"stall_timeout_s": 0.3})
+    settings = seed_settings(daemon={"stall_timeout_s": 0.3})
     clock = Clock()
     beats = CheckedHeartbeats(clock)
     notifier = SystemdNotifier()
@@ -191,12 +191,12 @@ def test_http_address_forms(address: str, expected: tuple[str, int]) -> None:
 def test_bad_http_address_is_one_sentence(address: str) -> None:
     """A malformed address is refused at load time with a message naming the key."""
     with pytest.raises(ConfigError, match=r"http\.address"):
-        load_settings(None, **SEED, http={"address": address})
+        seed_settings(http={"address": address})
 
 
 def test_http_endpoint_is_off_by_default() -> None:
     """Without http.address there is no HTTP endpoint: the default address is empty."""
-    assert load_settings(None, **SEED).http.address == ""
+    assert seed_settings().http.address == ""
 
 
 def test_metrics_follow_prometheus_conventions() -> None:
@@ -231,7 +231,7 @@ async def test_endpoints_answer_from_heartbeats_and_phase() -> None:
     """/healthz is 200 while the loops beat and 503 naming the stalled loop after
     ``daemon.stall_timeout_s``; /readyz is 503 until startup finished; /metrics is Prometheus
     text with the loops' heartbeat ages."""
-    settings = load_settings(None, **SEED, daemon={"stall_timeout_s": 30})
+    settings = seed_settings(daemon={"stall_timeout_s": 30})
     clock = Clock()
     beats = Heartbeats(clock)
     beats.beat("capture")
@@ -287,9 +287,7 @@ async def test_a_failed_table_makes_health_degraded_without_failing_a_probe() ->
     nothing and an unready pod would stop being scraped) with ``status: degraded`` and the
     table with its reason under ``failed_tables``; a stalled loop still wins on /healthz (503,
     ``stalled``)."""
-    settings = load_settings(
-        None, postgres=SEED["postgres"], daemon={"stall_timeout_s": 30}, capture={"mode": "logical"}
-    )
+    settings = seed_settings(daemon={"stall_timeout_s": 30}, capture={"mode": "logical"})
     clock = Clock()
     beats = Heartbeats(clock)
     beats.beat("capture")
@@ -319,7 +317,7 @@ async def test_supervisor_reports_a_failed_table_to_systemd_and_the_log_once(
     (what ``systemctl status`` shows), once, not at every round; the watchdog pings go on;
     once no table is failed the status line says it exports again."""
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
-    settings = load_settings(None, postgres=SEED["postgres"], capture={"mode": "logical"})
+    settings = seed_settings(capture={"mode": "logical"})
     notifier = SystemdNotifier()
     probe = LedgerlessProbe(settings)
     supervisor = Supervisor(settings, Heartbeats(), notifier, probe)

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cdc_daemon.config import load_settings
 from cdc_daemon.reconcile.reconciler import Reconciler, _best, judge
 from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.state.ledger import BatchRecord, Delivery, ObjectRecord, Status
@@ -23,7 +22,7 @@ from cdc_daemon.warehouse.client import (
     parse_pipe_status,
     stage_relative,
 )
-from tests.helpers import SEED
+from tests.helpers import seed_settings
 
 PREFIX = "raw/"
 TABLE = "public.ecommerce_sales"
@@ -398,7 +397,7 @@ def test_a_null_row_parsed_keeps_the_batch_waiting() -> None:
 def test_an_unknown_history_status_is_logged_once() -> None:
     """A status outside the known ones is logged (``load_status_unknown``) the first time it is
     seen, and not again; known statuses, in progress included, are not logged."""
-    reconciler = Reconciler(load_settings(None, **SEED))
+    reconciler = Reconciler(seed_settings())
     records = [
         record("2011-01-04", "some_new_status"),
         record("2011-01-05", "some_new_status"),

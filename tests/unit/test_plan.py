@@ -3,15 +3,14 @@ values Snowflake's DESC and SHOW give in their own forms, and what counts as a d
 
 from __future__ import annotations
 
-from cdc_daemon.config import load_settings
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.plan import _same_type, desired, differences, norm
-from tests.helpers import SEED
+from tests.helpers import seed_settings
 from tests.schemas import sales_tables
 
 
 def _rendered() -> list[sql.Statement]:
-    settings = load_settings(None, **SEED, s3={"bucket": "acme-cdc", "prefix": "raw/"})
+    settings = seed_settings(s3={"bucket": "acme-cdc", "prefix": "raw/"})
     return sql.statements(settings, sales_tables(settings))
 
 

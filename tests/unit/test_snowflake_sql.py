@@ -13,7 +13,7 @@ from cdc_daemon.config import Settings, load_settings
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import SALES_DDL
 from cdc_daemon.warehouse import model, sql
-from tests.helpers import SEED
+from tests.helpers import seed_settings
 from tests.schemas import sales_tables
 
 # Statement kinds sqlglot's Snowflake dialect does not model (it keeps them as a Command).
@@ -22,9 +22,7 @@ UNMODELLED = ("CREATE PIPE", "CREATE STREAM", "CREATE OR ALTER TASK", "ALTER TAS
 
 @pytest.fixture
 def settings() -> Settings:
-    return load_settings(
-        None,
-        **SEED,
+    return seed_settings(
         s3={"bucket": "acme-cdc", "prefix": "raw/sales"},
         snowflake={"database": "ANALYTICS", "schema": "CDC", "warehouse": "LOAD_WH"},
     )
@@ -215,13 +213,13 @@ def test_names_that_could_splice_sql_are_refused(section: str, key: str, value: 
         {"tables": [{"name": "t", key: value}]} if section == "tables" else {section: {key: value}}
     )
     with pytest.raises(ConfigError):
-        load_settings(None, **SEED, **given)
+        seed_settings(**given)
 
 
 def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
     """A bucket name that would break out of the stage URL's quotes is refused when the SQL is
     rendered, with a message about the stage URL."""
-    settings = load_settings(None, **SEED, s3={"bucket": "b'); DROP", "prefix": ""})
+    settings = seed_settings(s3={"bucket": "b'); DROP", "prefix": ""})
     with pytest.raises(ConfigError, match="stage URL"):
         sql.render(settings, sales_tables(settings))
     odd = load_settings(None, tables=[{"name": 'public."a b"'}])
@@ -250,7 +248,7 @@ def test_cli_renders_and_refuses_what_it_cannot_do(
     try:
         assert main(["snowflake", "render"]) == 0
         out = capsys.readouterr().out
-        assert "CREATE PIPE IF NOT EXISTS RAW_SALES_PIPE" in out
+        assert "CREATE PIPE IF NOT EXISTS RAW_ECOMMERCE_SALES_PIPE" in out  # no demo name
         assert "URL = 's3://acme-cdc/'" in out
         assert "FROM @CDC.SALES.CDC_STAGE/public.ecommerce_sales/" in out
         assert '"UNIT_PRICE" NUMBER(12, 3)' in out

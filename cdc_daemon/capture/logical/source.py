@@ -134,7 +134,7 @@ class LogicalSource(SourceSession):
         be read (dropped, no privilege) is left out and named in ``unavailable`` (the group
         goes on without it); when none can be, the first one's error is raised."""
         self.close()
-        self._conn = connect(self._settings)
+        self._conn = connect(self._settings.postgres)
         tables = []
         self.unavailable = {}
         first: CdcError | None = None

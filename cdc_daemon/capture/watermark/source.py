@@ -91,7 +91,7 @@ class WatermarkSource(SourceSession):
 
     def connect(self) -> TableInfo:
         self.close()
-        self._conn = connect(self._settings)
+        self._conn = connect(self._settings.postgres)
         try:
             self._table = describe_configured(self._conn, self._settings)
             # Fail now, not on the first batch, if this user may not read the table.

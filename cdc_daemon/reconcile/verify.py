@@ -1,0 +1,526 @@
+"""``cdc-daemon verify``: every table of the group against its current-state table in the
+warehouse, value by value, without moving the data (docs/snowflake.md, "Verification").
+
+Per key range each database sums a 60-bit hash of each row's canonical text
+(``warehouse.canonical``) and counts the rows; a range whose sums differ is split at the
+source's (or, when it holds more, the warehouse's) key quantiles, again, until a range is small
+enough to fetch: its rows are then read from both sides and compared column by column. So
+when nothing differs, two aggregate queries per table are all that runs.
+
+Keys are ordered the same way on both sides: integer keys as numbers, every other key by its
+canonical text in byte order (``COLLATE "C"`` in PostgreSQL, Snowflake's default binary
+comparison of VARCHAR).
+
+A difference may be lag (a change not merged yet): with ``settle_s``, the differing keys are
+read again until they agree or the time is up, and only what persists is reported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import ConfigError, from_psycopg
+from cdc_daemon.names import TableName
+from cdc_daemon.warehouse.canonical import Canon, canon, pg_row_hash, sf_row_hash
+from cdc_daemon.warehouse.client import Warehouse
+from cdc_daemon.warehouse.model import WarehouseTable, base_type
+
+Key = tuple[Any, ...]
+Bound = Key | None
+
+# A range with at most this many rows on each side is fetched and compared row by row.
+FETCH_ROWS = 200
+# A differing range is split into this many parts.
+FANOUT = 16
+# Values longer than this are shortened in the report.
+SHOWN_CHARS = 120
+
+
+@dataclass(frozen=True)
+class ColumnDifference:
+    column: str
+    source: str | None
+    warehouse: str | None
+
+
+@dataclass(frozen=True)
+class RowDifference:
+    """A key whose row differs: ``missing`` from the warehouse, ``extra`` in it, or
+    ``changed`` in the columns named."""
+
+    key: dict[str, Any]
+    kind: Literal["missing", "extra", "changed"]
+    columns: tuple[ColumnDifference, ...] = ()
+
+
+@dataclass
+class TableResult:
+    table: str
+    warehouse_table: str
+    source_rows: int = 0
+    warehouse_rows: int = 0
+    ranges: int = 0
+    rows_fetched: int = 0
+    differences: list[RowDifference] = field(default_factory=list)
+    quarantined: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    null_only_columns: tuple[str, ...] = ()
+    seconds: float = 0.0
+    warehouse_seconds: float = 0.0
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "warehouse_table": self.warehouse_table,
+            "equal": self.equal,
+            "source_rows": self.source_rows,
+            "warehouse_rows": self.warehouse_rows,
+            "ranges": self.ranges,
+            "rows_fetched": self.rows_fetched,
+            "differences": [
+                {
+                    "key": d.key,
+                    "kind": d.kind,
+                    "columns": [
+                        {"column": c.column, "source": c.source, "warehouse": c.warehouse}
+                        for c in d.columns
+                    ],
+                }
+                for d in self.differences
+            ],
+            "quarantined": [{"key": k, "columns": r} for k, r in self.quarantined],
+            "hashed_by_null_only": list(self.null_only_columns),
+            "seconds": round(self.seconds, 3),
+            "warehouse_seconds": round(self.warehouse_seconds, 3),
+        }
+
+    def lines(self) -> list[str]:
+        head = "equal" if self.equal else f"{len(self.differences)} key(s) differ"
+        out = [
+            f"{self.table} -> {self.warehouse_table}: {head}; {self.source_rows} rows in the "
+            f"source, {self.warehouse_rows} in the warehouse; {self.ranges} range(s), "
+            f"{self.rows_fetched} row(s) fetched; {self.seconds:.1f} s "
+            f"({self.warehouse_seconds:.1f} s in the warehouse)"
+        ]
+        for d in self.differences[:100]:
+            key = ", ".join(f"{k}={v!r}" for k, v in d.key.items())
+            if d.kind != "changed":
+                where = "warehouse" if d.kind == "missing" else "source"
+                out.append(f"  {key}: {d.kind} (not in the {where})")
+                continue
+            for c in d.columns:
+                out.append(
+                    f"  {key}: {c.column}: source {_shown(c.source)}, "
+                    f"warehouse {_shown(c.warehouse)}"
+                )
+        if len(self.differences) > 100:
+            out.append(f"  ... and {len(self.differences) - 100} more key(s)")
+        for key_values, reasons in self.quarantined[:20]:
+            key = ", ".join(f"{k}={v!r}" for k, v in key_values.items())
+            out.append(f"  {key}: quarantined ({reasons}): NULL in the warehouse, as intended")
+        if self.null_only_columns:
+            out.append(
+                "  hashed by NULL or not only (compared by value where a range is fetched): "
+                + ", ".join(self.null_only_columns)
+            )
+        return out
+
+
+def _shown(value: str | None) -> str:
+    if value is None:
+        return "NULL"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class _Sums:
+    rows: int
+    total: int
+
+
+class TableVerifier:
+    """One table: the source session (``source.session.connect``: UTC, ISO dates) and a
+    warehouse session."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        wh: Warehouse,
+        table: WarehouseTable,
+        *,
+        fetch_rows: int = FETCH_ROWS,
+        fanout: int = FANOUT,
+    ) -> None:
+        self._conn = conn
+        self._wh = wh
+        self._t = table
+        self._fetch_rows = fetch_rows
+        self._fanout = fanout
+        self._canons = [canon(c) for c in table.columns]
+        self._keys = [k for k in self._canons if k.column.key]
+        if not self._keys:
+            raise ValueError(f"{table.names.table} has no key to verify by")
+        self._wh_seconds = 0.0
+        self._result = TableResult(str(table.names.table), table.names.name)
+
+    # -- the pass ------------------------------------------------------------------------
+
+    def run(
+        self, settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> TableResult:
+        started = clock()
+        result = self._result
+        result.null_only_columns = tuple(k.column.source for k in self._canons if not k.exact)
+        source, warehouse = self._sums(None, None)
+        result.source_rows, result.warehouse_rows = source.rows, warehouse.rows
+        result.ranges = 1
+        differing: dict[Key, RowDifference] = {}
+        if source != warehouse:
+            self._bisect(None, None, source, warehouse, differing)
+        if differing and settle_s > 0:
+            differing = self._settle(differing, settle_s, clock)
+        result.differences = [differing[k] for k in sorted(differing, key=_sortable)]
+        result.seconds = clock() - started
+        result.warehouse_seconds = self._wh_seconds
+        return result
+
+    def _bisect(
+        self,
+        lo: Bound,
+        hi: Bound,
+        source: _Sums,
+        warehouse: _Sums,
+        differing: dict[Key, RowDifference],
+    ) -> None:
+        if max(source.rows, warehouse.rows) <= self._fetch_rows:
+            differing.update(self._compare_rows(lo, hi))
+            return
+        splits = self._splits(lo, hi, from_source=source.rows >= warehouse.rows)
+        bounds = [lo, *splits, hi]
+        for a, b in itertools.pairwise(bounds):
+            self._result.ranges += 1
+            s, w = self._sums(a, b)
+            if s != w:
+                self._bisect(a, b, s, w, differing)
+
+    # -- SQL -----------------------------------------------------------------------------
+
+    def _pg_key(self, k: Canon) -> sql.Composable:
+        if k.numeric_order:
+            return sql.Identifier(k.column.source)
+        return sql.SQL('({}) COLLATE "C"').format(k.pg)
+
+    def _sf_key(self, k: Canon) -> str:
+        return k.column.q if k.numeric_order else k.sf
+
+    def _pg_where(self, lo: Bound, hi: Bound) -> tuple[sql.Composable, list[Any]]:
+        keys = [self._pg_key(k) for k in self._keys]
+        parts: list[sql.Composable] = []
+        params: list[Any] = []
+        for bound, op in ((lo, ">"), (hi, "<")):
+            if bound is None:
+                continue
+            ors: list[sql.Composable] = []
+            for i in range(len(keys)):
+                ands = [sql.SQL("{} = %s").format(keys[j]) for j in range(i)]
+                ands.append(sql.SQL("{} {} %s").format(keys[i], sql.SQL(op)))
+                params.extend(bound[: i + 1])
+                ors.append(sql.SQL("(") + sql.SQL(" AND ").join(ands) + sql.SQL(")"))
+            if op == ">":  # the lower bound is inclusive
+                ands = [sql.SQL("{} = %s").format(k) for k in keys]
+                params.extend(bound)
+                ors.append(sql.SQL("(") + sql.SQL(" AND ").join(ands) + sql.SQL(")"))
+            parts.append(sql.SQL("(") + sql.SQL(" OR ").join(ors) + sql.SQL(")"))
+        if not parts:
+            return sql.SQL("TRUE"), []
+        return sql.SQL(" AND ").join(parts), params
+
+    def _sf_where(self, lo: Bound, hi: Bound) -> tuple[str, dict[str, Any]]:
+        keys = [self._sf_key(k) for k in self._keys]
+        parts: list[str] = []
+        params: dict[str, Any] = {}
+
+        def bind(value: Any) -> str:
+            name = f"p{len(params)}"
+            params[name] = value
+            return f"%({name})s"
+
+        for bound, op in ((lo, ">"), (hi, "<")):
+            if bound is None:
+                continue
+            ors = []
+            for i in range(len(keys)):
+                ands = [f"{keys[j]} = {bind(bound[j])}" for j in range(i)]
+                ands.append(f"{keys[i]} {op} {bind(bound[i])}")
+                ors.append("(" + " AND ".join(ands) + ")")
+            if op == ">":
+                ors.append(
+                    "("
+                    + " AND ".join(f"{k} = {bind(v)}" for k, v in zip(keys, bound, strict=True))
+                    + ")"
+                )
+            parts.append("(" + " OR ".join(ors) + ")")
+        return (" AND ".join(parts) or "TRUE"), params
+
+    def _query_wh(self, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        started = time.monotonic()
+        try:
+            return self._wh.query(text, params or None)
+        finally:
+            self._wh_seconds += time.monotonic() - started
+
+    def _sums(self, lo: Bound, hi: Bound) -> tuple[_Sums, _Sums]:
+        where, params = self._pg_where(lo, hi)
+        row = self._conn.execute(
+            sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} WHERE {w}").format(
+                h=pg_row_hash(self._canons), t=self._t.names.table.sql(), w=where
+            ),
+            params,
+        ).fetchone()
+        assert row is not None
+        sf_where, sf_params = self._sf_where(lo, hi)
+        (got,) = self._query_wh(
+            f"SELECT COUNT(*) AS N, COALESCE(SUM({sf_row_hash(self._canons)}), 0) AS H"
+            f" FROM {self._t.names.name} WHERE {sf_where}",
+            sf_params,
+        )
+        return _Sums(int(row[0]), int(row[1])), _Sums(int(got["N"]), int(got["H"]))
+
+    def _splits(self, lo: Bound, hi: Bound, *, from_source: bool) -> list[Key]:
+        """Keys that cut (lo, hi) into about ``fanout`` parts of the side with more rows."""
+        if from_source:
+            where, params = self._pg_where(lo, hi)
+            keys = sql.SQL(", ").join(self._pg_key(k) for k in self._keys)
+            rows = self._conn.execute(
+                sql.SQL(
+                    "SELECT * FROM (SELECT {k}, row_number() OVER (ORDER BY {k}) AS _rn,"
+                    " count(*) OVER () AS _n FROM {t} WHERE {w}) s"
+                    " WHERE _rn > 1 AND mod(_rn - 1, greatest(1, _n / {f})) = 0 ORDER BY _rn"
+                ).format(k=keys, t=self._t.names.table.sql(), w=where, f=sql.Literal(self._fanout)),
+                params,
+            ).fetchall()
+            return [
+                tuple(self._key_value(k, v) for k, v in zip(self._keys, r, strict=False))
+                for r in rows
+            ]
+        sf_where, sf_params = self._sf_where(lo, hi)
+        names = [f"K{i}" for i in range(len(self._keys))]
+        keys_sf = ", ".join(
+            f"{self._sf_key(k)} AS {n}" for k, n in zip(self._keys, names, strict=True)
+        )
+        order = ", ".join(names)
+        found = self._query_wh(
+            f"SELECT {order} FROM (SELECT {keys_sf}, ROW_NUMBER() OVER (ORDER BY {order}) AS RN_,"
+            f" COUNT(*) OVER () AS N_ FROM {self._t.names.name} WHERE {sf_where}) S"
+            f" WHERE RN_ > 1 AND MOD(RN_ - 1, GREATEST(1, FLOOR(N_ / {self._fanout}))) = 0"
+            " ORDER BY RN_",
+            sf_params,
+        )
+        return [
+            tuple(self._key_value(k, r[n]) for k, n in zip(self._keys, names, strict=True))
+            for r in found
+        ]
+
+    @staticmethod
+    def _key_value(k: Canon, value: Any) -> Any:
+        if value is None:
+            return None
+        return int(value) if k.numeric_order else str(value)
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def _pg_rows(self, where: sql.Composable, params: Sequence[Any]) -> dict[Key, list[str | None]]:
+        columns = [self._pg_key(k) for k in self._keys] + [
+            k.pg if k.exact else _pg_raw(k) for k in self._canons
+        ]
+        rows = self._conn.execute(
+            sql.SQL("SELECT {} FROM {} WHERE {}").format(
+                sql.SQL(", ").join(columns), self._t.names.table.sql(), where
+            ),
+            params,
+        ).fetchall()
+        n = len(self._keys)
+        return {
+            tuple(self._key_value(k, v) for k, v in zip(self._keys, r[:n], strict=True)): [
+                None if v is None else str(v) for v in r[n:]
+            ]
+            for r in rows
+        }
+
+    def _sf_rows(
+        self, where: str, params: dict[str, Any]
+    ) -> dict[Key, tuple[list[str | None], str | None]]:
+        names = [f"K{i}" for i in range(len(self._keys))]
+        keys = [f"{self._sf_key(k)} AS {n}" for k, n in zip(self._keys, names, strict=True)]
+        values = [f"{k.sf if k.exact else _sf_raw(k)} AS V{i}" for i, k in enumerate(self._canons)]
+        rows = self._query_wh(
+            f"SELECT {', '.join(keys + values)}, _CDC_QUARANTINED AS Q_"
+            f" FROM {self._t.names.name} WHERE {where}",
+            params,
+        )
+        return {
+            tuple(self._key_value(k, r[n]) for k, n in zip(self._keys, names, strict=True)): (
+                [None if r[f"V{i}"] is None else str(r[f"V{i}"]) for i in range(len(self._canons))],
+                r["Q_"],
+            )
+            for r in rows
+        }
+
+    def _compare_rows(self, lo: Bound, hi: Bound) -> dict[Key, RowDifference]:
+        where, params = self._pg_where(lo, hi)
+        sf_where, sf_params = self._sf_where(lo, hi)
+        return self._compare(self._pg_rows(where, params), self._sf_rows(sf_where, sf_params))
+
+    def _compare(
+        self,
+        source: dict[Key, list[str | None]],
+        warehouse: dict[Key, tuple[list[str | None], str | None]],
+    ) -> dict[Key, RowDifference]:
+        self._result.rows_fetched += len(source) + len(warehouse)
+        out: dict[Key, RowDifference] = {}
+        for key in source.keys() | warehouse.keys():
+            shown = {k.column.source: v for k, v in zip(self._keys, key, strict=True)}
+            if key not in warehouse:
+                out[key] = RowDifference(shown, "missing")
+                continue
+            if key not in source:
+                out[key] = RowDifference(shown, "extra")
+                continue
+            values, quarantined = warehouse[key]
+            withheld = _quarantined_columns(quarantined)
+            changed = []
+            for k, a, b in zip(self._canons, source[key], values, strict=True):
+                if _same(k, a, b):
+                    continue
+                if b is None and k.column.source in withheld:
+                    continue
+                changed.append(ColumnDifference(k.column.source, a, b))
+            if withheld and not changed:
+                self._result.quarantined.append((shown, quarantined or ""))
+            if changed:
+                out[key] = RowDifference(shown, "changed", tuple(changed))
+        return out
+
+    # -- lag -----------------------------------------------------------------------------
+
+    def _settle(
+        self, differing: dict[Key, RowDifference], settle_s: float, clock: Callable[[], float]
+    ) -> dict[Key, RowDifference]:
+        """Read the differing keys again until they agree or ``settle_s`` has passed."""
+        deadline = clock() + settle_s
+        while differing and clock() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - clock())))
+            again: dict[Key, RowDifference] = {}
+            keys = list(differing)
+            for i in range(0, len(keys), 100):
+                again.update(self._compare_keys(keys[i : i + 100]))
+            differing = again
+        return differing
+
+    def _compare_keys(self, keys: Iterable[Key]) -> dict[Key, RowDifference]:
+        keys = list(keys)
+        pg_parts: list[sql.Composable] = []
+        params: list[Any] = []
+        sf_parts: list[str] = []
+        sf_params: dict[str, Any] = {}
+        for key in keys:
+            pg_parts.append(
+                sql.SQL("(")
+                + sql.SQL(" AND ").join(
+                    sql.SQL("{} = %s").format(self._pg_key(k)) for k in self._keys
+                )
+                + sql.SQL(")")
+            )
+            params.extend(key)
+            ands = []
+            for k, v in zip(self._keys, key, strict=True):
+                name = f"p{len(sf_params)}"
+                sf_params[name] = v
+                ands.append(f"{self._sf_key(k)} = %({name})s")
+            sf_parts.append("(" + " AND ".join(ands) + ")")
+        source = self._pg_rows(sql.SQL(" OR ").join(pg_parts), params)
+        warehouse = self._sf_rows(" OR ".join(sf_parts), sf_params)
+        return self._compare(source, warehouse)
+
+
+def _pg_raw(k: Canon) -> sql.Composable:
+    c = sql.Identifier(k.column.source)
+    if base_type(k.column.pg_type).endswith("[]"):
+        return sql.SQL("array_to_json({})::text").format(c)
+    return sql.SQL("{}::text").format(c)
+
+
+def _sf_raw(k: Canon) -> str:
+    if k.column.type.final in ("VARIANT", "ARRAY"):
+        return f"TO_JSON({k.column.q})"
+    return f"TO_VARCHAR({k.column.q})"
+
+
+def _same(k: Canon, a: str | None, b: str | None) -> bool:
+    """One column's values, as fetched from each side, are the same value."""
+    if a is None or b is None:
+        return a is None and b is None
+    if k.exact:
+        return a == b
+    if k.column.type.final == "FLOAT":
+        x, y = _float(a), _float(b)
+        return x == y or (math.isnan(x) and math.isnan(y))
+    try:
+        return bool(json.loads(a, parse_float=Decimal) == json.loads(b, parse_float=Decimal))
+    except ValueError:
+        return a == b
+
+
+def _float(text: str) -> float:
+    return float(text.replace("Infinity", "inf"))
+
+
+def _quarantined_columns(text: str | None) -> set[str]:
+    """The columns named in ``_CDC_QUARANTINED`` (``col:reason;...``)."""
+    if not text:
+        return set()
+    return {part.rsplit(":", 1)[0] for part in text.split(";") if part}
+
+
+def _sortable(key: Key) -> tuple[Any, ...]:
+    return tuple((v is None, str(type(v)), v) for v in key)
+
+
+def verify_group(
+    settings: Settings, table: TableName | None = None, settle_s: float = 0.0
+) -> list[TableResult]:
+    """Every table of the group (or ``table``) against its warehouse table."""
+    from cdc_daemon.source.session import connect
+    from cdc_daemon.warehouse.model import read_catalog
+
+    tables = read_catalog(settings)
+    if table is not None:
+        tables = [t for t in tables if t.names.table == table]
+        if not tables:
+            raise ConfigError(f"{table} is not a table of this configuration")
+    conn = connect(settings.postgres, "cdc-daemon-verify")
+    try:
+        wh = Warehouse.of_group(settings).connect()
+        try:
+            return [TableVerifier(conn, wh, t).run(settle_s) for t in tables]
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, "verifying against the source") from None
+        finally:
+            wh.close()
+    finally:
+        conn.close()

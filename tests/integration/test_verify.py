@@ -1,0 +1,177 @@
+"""``cdc-daemon verify`` against the local warehouse, on tables not written for this project:
+pgbench's, the many-types table (uuid key, jsonb, arrays, numeric, bytea, enum, TOASTed text)
+and the table of the other types (composite text + integer key, real, double, varchar(n),
+char(n), time, json, interval, inet, timestamptz, numeric(20,5), numeric(40,2))."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cdc_daemon.cli import init, verify
+from cdc_daemon.errors import ConfigError
+from cdc_daemon.local.services import LocalS3
+from cdc_daemon.local.warehouse import LocalWarehouse
+from cdc_daemon.reconcile.verify import TableResult, verify_group
+from tests.fix_warehouse import start_warehouse
+from tests.helpers import export_until_idle, make_settings
+from tests.integration.test_warehouse_groups import MORE_TYPES, create_more_types
+from tests.schemas import MANY_TYPES, create_many_types, pgbench_init, random_group_changes
+
+SYNC = "-c synchronous_commit=on"
+
+
+@pytest.fixture
+def group(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> Iterator[LocalWarehouse]:
+    pgbench_init(pg_dsn)
+    create_many_types(pg_dsn, 300)
+    create_more_types(pg_dsn)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[
+            {"name": t}
+            for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", MANY_TYPES)
+        ]
+        + [{"name": MORE_TYPES}],
+        capture={"mode": "logical", "group": "shop"},
+        batch={"max_rows": 50_000},
+    )
+    wh = start_warehouse(settings, warehouse_dir)
+    yield wh
+    wh.stop()
+
+
+async def _loaded(pg_dsn: str, group: LocalWarehouse) -> None:
+    settings = group.settings
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    random_group_changes(pg_dsn, random.Random(5), 60)
+    with psycopg.connect(pg_dsn, options=SYNC) as conn:
+        conn.execute(f"UPDATE {MORE_TYPES} SET j = NULL, r = r + 1 WHERE n % 5 = 0")
+        conn.execute(f"DELETE FROM {MORE_TYPES} WHERE n % 9 = 0")
+        conn.commit()
+    assert await export_until_idle(settings) == 0
+    group.pump_until_quiet()
+
+
+def _by_table(results: list[TableResult]) -> dict[str, TableResult]:
+    return {r.warehouse_table: r for r in results}
+
+
+async def test_verify_finds_nothing_where_nothing_differs_and_names_each_tampered_value(
+    pg_dsn: str, group: LocalWarehouse
+) -> None:
+    """After a snapshot and random inserts, updates and deletes, every table verifies equal
+    with two aggregate queries and no row fetched. Then, in the warehouse, one value of each
+    hashed type is changed, a NULL made '' , a row deleted, a row added and a key changed:
+    verify names exactly those keys, with the columns and both values, and nothing else; a
+    float changed alone is not seen by the hash (floats are hashed by NULL or not: a known
+    limit, said in the output) but is named when its row is fetched for another column."""
+    await _loaded(pg_dsn, group)
+    settings = group.settings
+    results = _by_table(verify_group(settings))
+    assert set(results) == {
+        "PGBENCH_ACCOUNTS",
+        "PGBENCH_BRANCHES",
+        "PGBENCH_TELLERS",
+        "MANY_TYPES",
+        "MORE_TYPES",
+    }
+    for r in results.values():
+        assert r.equal, r.lines()
+        assert r.source_rows == r.warehouse_rows > 0
+        assert (r.ranges, r.rows_fetched) == (1, 0)
+    assert results["MORE_TYPES"].null_only_columns == ("r", "d", "j")
+
+    with psycopg.connect(pg_dsn) as conn:
+        ids = [str(r[0]) for r in conn.execute(f"SELECT id FROM {MANY_TYPES} ORDER BY id LIMIT 8")]
+        more = conn.execute(f"SELECT code, n FROM {MORE_TYPES} ORDER BY code, n LIMIT 6").fetchall()
+    tamper = {
+        ids[0]: ("AMOUNT = AMOUNT + 1", "amount"),
+        ids[1]: ("AT = DATEADD(SECOND, 1, AT)", "at"),
+        ids[2]: ("DAY = DATEADD(DAY, 1, DAY)", "day"),
+        ids[3]: ("FLAG = NOT FLAG", "flag"),
+        ids[4]: ("RAW = TO_BINARY('00', 'HEX')", "raw"),
+        ids[5]: ("FEELING = 'nope'", "feeling"),
+    }
+    for key, (change, _) in tamper.items():
+        group.query(f"UPDATE {MANY_TYPES} SET {change} WHERE ID = %(k)s", {"k": key})
+    group.query(f"DELETE FROM {MANY_TYPES} WHERE ID = %(k)s", {"k": ids[6]})
+    group.query(
+        f"UPDATE {MANY_TYPES} SET ID = 'ffffffff-0000-0000-0000-000000000000' WHERE ID = %(k)s",
+        {"k": ids[7]},
+    )
+    (code0, n0), (code1, n1), (code2, n2), (code3, n3) = more[:4]
+    more_tamper = [
+        ((code0, n0), "V = V || 'x'", "v"),
+        ((code1, n1), "TZ = DATEADD(MICROSECOND, 1, TZ)", "tz"),
+        ((code2, n2), "P = P + 0.00001, D = D + 1", "p"),
+        ((code3, n3), "T = NULL", "t"),
+    ]
+    for (code, n), change, _ in more_tamper:
+        group.query(
+            f"UPDATE {MORE_TYPES} SET {change} WHERE CODE = %(c)s AND N = %(n)s",
+            {"c": code, "n": n},
+        )
+    # A float changed alone: not seen.
+    (code4, n4) = more[4]
+    group.query(
+        f"UPDATE {MORE_TYPES} SET R = R + 1 WHERE CODE = %(c)s AND N = %(n)s",
+        {"c": code4, "n": n4},
+    )
+
+    results = _by_table(verify_group(settings))
+    many = results["MANY_TYPES"]
+    found = {d.key["id"]: d for d in many.differences}
+    assert set(found) == {*tamper, ids[6], ids[7], "ffffffff-0000-0000-0000-000000000000"}
+    for key, (_, column) in tamper.items():
+        assert found[key].kind == "changed"
+        assert [c.column for c in found[key].columns] == [column]
+    assert found[ids[6]].kind == "missing"
+    assert found[ids[7]].kind == "missing"
+    assert found["ffffffff-0000-0000-0000-000000000000"].kind == "extra"
+    flag = found[ids[3]].columns[0]
+    assert {flag.source, flag.warehouse} == {"true", "false"}
+
+    more_r = results["MORE_TYPES"]
+    got = {(d.key["code"], d.key["n"]): d for d in more_r.differences}
+    assert set(got) == {k for k, _, _ in more_tamper}
+    for more_key, _, column in more_tamper:
+        columns = [c.column for c in got[more_key].columns]
+        # The float d changed with p is named too: its row was fetched for p.
+        assert columns == (["p", "d"] if column == "p" else [column])
+    assert got[(code3, n3)].columns[0].warehouse is None
+    for name in ("PGBENCH_ACCOUNTS", "PGBENCH_BRANCHES", "PGBENCH_TELLERS"):
+        assert results[name].equal
+    assert results["PGBENCH_ACCOUNTS"].rows_fetched == 0
+
+
+async def test_verify_command_exits_1_on_a_difference_and_prints_json(
+    pg_dsn: str, group: LocalWarehouse, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``verify`` exits 0 when the tables are equal and 1 when a value differs, naming it in
+    its JSON; ``--table`` limits it to one table; an unknown table is one sentence (exit 2)."""
+    await _loaded(pg_dsn, group)
+    settings = group.settings
+    assert verify(settings, None, 0.0, False) == 0
+    assert "pgbench_accounts -> PGBENCH_ACCOUNTS: equal" in capsys.readouterr().out
+    group.query("UPDATE PGBENCH_BRANCHES SET BBALANCE = BBALANCE + 7 WHERE BID = 1")
+    assert verify(settings, "pgbench_branches", 0.0, True) == 1
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["table"] == "public.pgbench_branches"
+    ((difference,),) = [result["differences"]]
+    assert difference["key"] == {"bid": 1}
+    assert [c["column"] for c in difference["columns"]] == ["bbalance"]
+    with pytest.raises(ConfigError, match="not a table of this configuration") as refused:
+        verify(settings, "public.nope", 0.0, False)
+    assert refused.value.exit_code == 2
