@@ -220,7 +220,8 @@ def patch_fakesnow() -> None:
         # MD5_NUMBER_LOWER64 (the digest's low 64 bits, big endian, unsigned: Snowflake's
         # docs), which fakesnow does not know: DuckDB reads the last 16 hex digits as UBIGINT.
         if isinstance(expression, exp.MD5NumberLower64):
-            arg = expression.this
+            # (a replaced node's children are not visited again by this pass)
+            arg = expression.this.transform(current_version_and_md5_numbers)
             digits = exp.Substring(
                 this=exp.MD5(this=arg),
                 start=exp.Literal.number(17),

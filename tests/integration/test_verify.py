@@ -17,7 +17,9 @@ from cdc_daemon.cli import init, verify
 from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
-from cdc_daemon.reconcile.verify import TableResult, verify_group
+from cdc_daemon.reconcile.verify import TableResult, TableVerifier, verify_group
+from cdc_daemon.source.session import connect
+from cdc_daemon.warehouse.client import Warehouse
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, make_settings
 from tests.integration.test_warehouse_groups import MORE_TYPES, create_more_types
@@ -73,10 +75,11 @@ async def test_verify_finds_nothing_where_nothing_differs_and_names_each_tampere
 ) -> None:
     """After a snapshot and random inserts, updates and deletes, every table verifies equal
     with two aggregate queries and no row fetched. Then, in the warehouse, one value of each
-    hashed type is changed, a NULL made '' , a row deleted, a row added and a key changed:
-    verify names exactly those keys, with the columns and both values, and nothing else; a
-    float changed alone is not seen by the hash (floats are hashed by NULL or not: a known
-    limit, said in the output) but is named when its row is fetched for another column."""
+    hashed type is changed, a value made NULL, a row deleted, a row added and a key changed:
+    verify names exactly those keys, with the columns and both values, and nothing else. A
+    float changed alone is named when its range is fetched; in a range whose other rows are
+    equal it hashes the same (floats are hashed by NULL or not: the documented limit, named
+    in the output)."""
     await _loaded(pg_dsn, group)
     settings = group.settings
     results = _by_table(verify_group(settings))
@@ -90,7 +93,7 @@ async def test_verify_finds_nothing_where_nothing_differs_and_names_each_tampere
     for r in results.values():
         assert r.equal, r.lines()
         assert r.source_rows == r.warehouse_rows > 0
-        assert (r.ranges, r.rows_fetched) == (1, 0)
+        assert (r.ranges, r.rows_fetched) == (1, 0), r.lines()
     assert results["MORE_TYPES"].null_only_columns == ("r", "d", "j")
 
     with psycopg.connect(pg_dsn) as conn:
@@ -98,8 +101,8 @@ async def test_verify_finds_nothing_where_nothing_differs_and_names_each_tampere
         more = conn.execute(f"SELECT code, n FROM {MORE_TYPES} ORDER BY code, n LIMIT 6").fetchall()
     tamper = {
         ids[0]: ("AMOUNT = AMOUNT + 1", "amount"),
-        ids[1]: ("AT = DATEADD(SECOND, 1, AT)", "at"),
-        ids[2]: ("DAY = DATEADD(DAY, 1, DAY)", "day"),
+        ids[1]: ('"AT" = DATEADD(SECOND, 1, "AT")', "at"),
+        ids[2]: ('"DAY" = DATEADD(DAY, 1, "DAY")', "day"),
         ids[3]: ("FLAG = NOT FLAG", "flag"),
         ids[4]: ("RAW = TO_BINARY('00', 'HEX')", "raw"),
         ids[5]: ("FEELING = 'nope'", "feeling"),
@@ -145,12 +148,24 @@ async def test_verify_finds_nothing_where_nothing_differs_and_names_each_tampere
 
     more_r = results["MORE_TYPES"]
     got = {(d.key["code"], d.key["n"]): d for d in more_r.differences}
-    assert set(got) == {k for k, _, _ in more_tamper}
+    # The whole table is one fetched range (under FETCH_ROWS rows): the float changed alone is
+    # named too, and the float d changed with p.
+    assert set(got) == {k for k, _, _ in more_tamper} | {(code4, n4)}
     for more_key, _, column in more_tamper:
         columns = [c.column for c in got[more_key].columns]
-        # The float d changed with p is named too: its row was fetched for p.
-        assert columns == (["p", "d"] if column == "p" else [column])
+        assert columns == (["d", "p"] if column == "p" else [column])  # in column order
+    assert [c.column for c in got[(code4, n4)].columns] == ["r"]
     assert got[(code3, n3)].columns[0].warehouse is None
+    # Ranges of two rows: the float changed alone hashes the same (the documented limit).
+    (more_table,) = [t for t in group.tables if t.names.name == "MORE_TYPES"]
+    with connect(settings.postgres) as conn:
+        wh = Warehouse.of_group(settings).connect()
+        try:
+            fine = TableVerifier(conn, wh, more_table, fetch_rows=2, fanout=4).run()
+        finally:
+            wh.close()
+    assert {(d.key["code"], d.key["n"]) for d in fine.differences} == {k for k, _, _ in more_tamper}
+    assert fine.ranges > 4
     for name in ("PGBENCH_ACCOUNTS", "PGBENCH_BRANCHES", "PGBENCH_TELLERS"):
         assert results[name].equal
     assert results["PGBENCH_ACCOUNTS"].rows_fetched == 0
