@@ -267,8 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             # The demo lives in the local tooling, which the daemon never imports.
             run_demo = extensions.load("demo", "the demo")
-            configure_logging("info", args.log_format or "auto")
-            return int(run_demo(args.data, args.compression, args.report, args.log_format))
+            # (It sends the log lines to a file of its own and prints its progress.)
+            return int(
+                run_demo(args.data, args.compression, args.report, log_format=args.log_format)
+            )
         if args.command == "local":
             local = extensions.load("local", "the local services")
             configure_logging("info", args.log_format or "auto")
@@ -315,7 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return write_report(settings, args.out)
     except CdcError as exc:
-        print(f"cdc-daemon: {exc}", file=sys.stderr)
+        from cdc_daemon.source.validate import TablesRefused
+
+        # Every table init refused, one a line: each problem ends with its own fix.
+        lines = exc.lines() if isinstance(exc, TablesRefused) else [str(exc)]
+        print("cdc-daemon: " + "\n".join(lines), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
