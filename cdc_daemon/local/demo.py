@@ -89,11 +89,14 @@ def run_demo(
     os.close(handle)
     log_path = Path(name)
     say(f"cdc-daemon demo: log lines of the daemon and the local services go to {log_path}")
-    with log_path.open("a") as log_file, noise_to(log_path):
-        configure_logging("info", log_format or "json", file=log_file)
-        code = _demo(data, compression, report, timeout_s)
-    if code != 0:
-        say(f"cdc-daemon demo: failed (exit {code}); what happened is in {log_path}")
+    code = 1
+    try:
+        with log_path.open("a") as log_file, noise_to(log_path):
+            configure_logging("info", log_format or "json", file=log_file)
+            code = _demo(data, compression, report, timeout_s)
+    finally:
+        if code != 0:
+            say(f"cdc-daemon demo: failed; what happened is in {log_path}")
     return code
 
 
