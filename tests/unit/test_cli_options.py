@@ -77,9 +77,9 @@ def test_every_command_and_option_has_help() -> None:
                 for choice in action._choices_actions:
                     assert choice.help, f"{name} {choice.dest} has no help line"
                 continue
-            assert action.help and action.help != argparse.SUPPRESS, (
-                f"{name} {'/'.join(action.option_strings) or action.dest} has no help"
-            )
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{what} has no help"
+            assert action.help != argparse.SUPPRESS, f"{what} is hidden"
 
 
 def test_local_offers_up_and_down_only(
@@ -130,5 +130,6 @@ def test_log_format(fmt: str, is_json: bool) -> None:
     if is_json:
         assert json.loads(line)["event"] == "thing_done"
     else:
-        assert "thing_done" in line and "rows=3" in line
+        assert "thing_done" in line
+        assert "rows=3" in line
         assert not line.startswith("{")
