@@ -93,6 +93,5 @@ def test_the_one_table_shorthand_is_told_its_capture_keys(
     path = config(tmp_path, tables, 'table = "public.good"\n[capture]\npartition_column = "id"\n')
     assert main(["init", "--config", str(path)]) == 3
     assert capsys.readouterr().err.splitlines()[1] == (
-        "  - public.good: capture.partition_column 'id' is bigint; it must be a date or a "
-        "timestamp"
+        "  - public.good: capture.partition_column 'id' is bigint; it must be a date or a timestamp"
     )

@@ -82,9 +82,7 @@ def test_every_command_and_option_has_help() -> None:
             assert action.help != argparse.SUPPRESS, f"{what} is hidden"
 
 
-def test_local_offers_up_and_down_only(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_local_offers_up_and_down_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``local`` takes up or down; a wrong word is refused (exit 2) naming only those two, and
     neither the refusal nor the help page mention the internal ``serve``."""
     with pytest.raises(SystemExit) as exit_:
@@ -114,9 +112,7 @@ def test_reconcile_output_options_need_once(
     assert _parser().parse_args(["reconcile"]).once is False
 
 
-@pytest.mark.parametrize(
-    ("fmt", "is_json"), [("auto", True), ("json", True), ("console", False)]
-)
+@pytest.mark.parametrize(("fmt", "is_json"), [("auto", True), ("json", True), ("console", False)])
 def test_log_format(fmt: str, is_json: bool) -> None:
     """``auto`` writes JSON lines to what is not a terminal (a file, a pipe); ``console`` forces
     the console renderer there, ``json`` JSON lines."""
