@@ -5,10 +5,12 @@ uses, or saying that only logical mode can capture it. Against a real PostgreSQL
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+import structlog
 
 from cdc_daemon.cli import main
 
@@ -22,11 +24,13 @@ TABLES = (
 
 
 @pytest.fixture
-def tables(pg_dsn: str) -> str:
+def tables(pg_dsn: str) -> Iterator[str]:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         for statement in TABLES:
             conn.execute(statement)
-    return pg_dsn
+    yield pg_dsn
+    # main() pointed structlog at this test's captured stdout, closed once it ends.
+    structlog.reset_defaults()
 
 
 def config(tmp_path: Path, dsn: str, text: str) -> Path:
