@@ -676,7 +676,7 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
             name = f"CDC_{field[1].upper()}"
             raise ConfigError(
                 f"invalid configuration: environment variable {name} is not valid JSON "
-                f"(a section set as a whole takes a JSON object, [[tables]] a JSON list)"
+                "(a section set as a whole takes a JSON object, [[tables]] a JSON list)"
             ) from None
         raise ConfigError(f"invalid configuration: {exc}") from None
 

@@ -26,6 +26,7 @@ import structlog
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import SAMPLE_TABLE, load_online_retail, sample_path
 from cdc_daemon.local.services import LocalPostgres, LocalS3, noise_to
 from cdc_daemon.local.warehouse import LocalWarehouse
@@ -85,6 +86,8 @@ def run_demo(
     """The demo, printing a few lines of progress and its report; the daemon's log lines and
     the local services' output go to a log file it names (kept: it outlives the demo's
     folder). A terminal or a file gets the same lines."""
+    if data is not None and not data.is_file():
+        raise ConfigError(f"--csv {data}: there is no such file")
     handle, name = tempfile.mkstemp(prefix="cdc-demo-", suffix=".log")
     os.close(handle)
     log_path = Path(name)

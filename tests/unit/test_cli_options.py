@@ -129,3 +129,15 @@ def test_log_format(fmt: str, is_json: bool) -> None:
         assert "thing_done" in line
         assert "rows=3" in line
         assert not line.startswith("{")
+
+
+def test_the_demo_refuses_a_missing_csv_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``demo --csv`` naming no file is one sentence and exit 2, not a traceback after the
+    local services have started."""
+    missing = tmp_path / "retail.csv.gz"
+    assert main(["demo", "--csv", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"cdc-daemon: --csv {missing}: there is no such file\n"
+    assert captured.out == ""
