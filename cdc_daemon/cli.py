@@ -65,13 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        parent: Any, name: str, help: str, description: str | None = None
+        parent: Any, name: str, summary: str, description: str | None = None
     ) -> argparse.ArgumentParser:
-        # The one-line help in the list of commands is the page of `COMMAND --help` too.
+        # The line in the list of commands opens `COMMAND --help` too, unless it has more to say.
         made: argparse.ArgumentParser = parent.add_parser(
             name,
-            help=help,
-            description=description or help[0].upper() + help[1:] + ".",
+            help=summary,
+            description=description or summary[0].upper() + summary[1:] + ".",
             parents=common,
         )
         made.set_defaults(command_parser=made)
