@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import ctypes
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -26,36 +28,85 @@ from cdc_daemon.names import TableName
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
+LOCAL_ACTIONS = ("up", "down")  # and ``serve``, which ``local up`` runs in a process of its own
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (``status --config X``). The
+    subcommands' copies default to SUPPRESS, so one given before the command is not reset by
+    the subcommand's parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    default: Any = None if defaults else argparse.SUPPRESS
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        default=default,
+        help="TOML configuration file; CDC_<SECTION>__<KEY> variables override it",
+    )
+    common.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=default,
+        help="log lines as JSON or for people (default: log.format, whose auto is the console "
+        "renderer on a terminal, JSON otherwise)",
+    )
+    return common
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdc-daemon",
         description="Change-data-capture from PostgreSQL to S3 (for Snowflake).",
+        parents=[_common_options(defaults=True)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="PATH",
-        help="TOML configuration file; CDC_<SECTION>__<KEY> variables override it",
-    )
+    common = [_common_options(defaults=False)]
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the capture daemon")
+
+    def command(
+        parent: Any, name: str, summary: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        # The line in the list of commands opens `COMMAND --help` too, unless it has more to say.
+        made: argparse.ArgumentParser = parent.add_parser(
+            name,
+            help=summary,
+            description=description or summary[0].upper() + summary[1:] + ".",
+            parents=common,
+        )
+        made.set_defaults(command_parser=made)
+        return made
+
+    run = command(sub, "run", "run the capture daemon")
     run.add_argument(
         "--exit-when-idle",
         action="store_true",
         help="export everything committed, then exit 0 (9 if a table of the group is failed; "
         "for cron and tests)",
     )
-    sub.add_parser("init", help="create the ledger schema (idempotent) and check the source")
-    backfill = sub.add_parser(
+    command(
+        sub,
+        "init",
+        "create the ledger schema (idempotent) and check the source",
+        "Create the ledger schema (idempotent) and check every configured table; in logical "
+        "mode also create the publication. Every table that cannot be captured is reported, "
+        "each with its fix, and nothing is changed on the source.",
+    )
+    backfill = command(
+        sub,
         "backfill",
-        help="export the rows of past days again, beside the running daemon",
-        description="Export the rows whose partition day (UTC) is in [--from, --to) again, "
+        "export the rows of past days again, beside the running daemon",
+        "Export the rows whose partition day (UTC) is in [--from, --to) again, "
         "into the same daily layout under keys of their own. Runs beside the daemon; an "
         "interrupted run resumes when the same range is asked for again.",
     )
-    backfill.add_argument("--from", dest="day_from", required=True, metavar="YYYY-MM-DD")
+    backfill.add_argument(
+        "--from",
+        dest="day_from",
+        required=True,
+        metavar="YYYY-MM-DD",
+        help="first day exported (UTC, of the table's partition_column)",
+    )
     backfill.add_argument(
         "--table", help="schema.table: which table of the group (default: the first)"
     )
@@ -75,55 +126,69 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between progress log lines when not on a terminal (10)",
     )
-    resync = sub.add_parser(
+    resync = command(
+        sub,
         "resync",
-        help="logical mode: export one table of the group again from a new snapshot "
+        "logical mode: export one table of the group again from a new snapshot "
         "(after it failed); takes effect at the daemon's next start",
     )
     resync.add_argument("--table", required=True, help="schema.table, as configured")
-    teardown = sub.add_parser(
-        "teardown", help="logical mode: drop the replication slot and the publication"
+    teardown = command(
+        sub, "teardown", "logical mode: drop the replication slot and the publication"
     )
     teardown.add_argument(
         "--yes", action="store_true", help="confirm: the next run starts with a new snapshot"
     )
-    status = sub.add_parser(
+    status = command(
+        sub,
         "status",
-        help="is it running, how far behind, batches by status, batches that need attention; "
+        "is it running, how far behind, batches by status, batches that need attention; "
         "a failed table of the group first",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    snowflake = sub.add_parser("snowflake", help="the warehouse side (snowflake/ SQL)")
+    snowflake = command(sub, "snowflake", "the warehouse side (snowflake/ SQL)")
     sf_sub = snowflake.add_subparsers(dest="snowflake_command", required=True, metavar="ACTION")
-    sf_render = sf_sub.add_parser("render", help="print the SQL for the current configuration")
+    sf_render = command(sf_sub, "render", "print the SQL for the current configuration")
     sf_render.add_argument(
         "--grants",
         action="store_true",
         help="print the least-privilege roles and grants instead (run by an administrator)",
     )
-    sf_apply = sf_sub.add_parser(
+    sf_apply = command(
+        sf_sub,
         "apply",
-        help="bring Snowflake in line with the SQL: only what differs is changed (a pipe whose "
+        "bring Snowflake in line with the SQL: only what differs is changed (a pipe whose "
         "COPY changed is recreated without losing or reloading a file)",
     )
     sf_apply.add_argument(
         "--plan", action="store_true", help="print each difference and change nothing"
     )
-    reconcile = sub.add_parser(
-        "reconcile", help="check Snowflake's load history against the ledger"
+    reconcile = command(
+        sub,
+        "reconcile",
+        "check Snowflake's load history against the ledger",
+        "Check Snowflake's load history against the ledger: every "
+        "snowflake.reconcile_interval_s until SIGTERM or SIGINT (the daemon's own reconciler, "
+        "on its own), or one round with --once.",
     )
     reconcile.add_argument(
-        "--once", action="store_true", required=True, help="one round, then exit"
+        "--once",
+        action="store_true",
+        help="one round, print what it found, then exit (1 if a batch is failed or missing)",
     )
     reconcile.add_argument(
         "--completeness",
         action="store_true",
-        help="also compare per-day rows and column totals in Postgres and the warehouse",
+        help="with --once: also compare per-day rows and column totals of each table in "
+        "Postgres and the warehouse (the loop does it every snowflake.completeness_interval_s)",
     )
-    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
-    demo = sub.add_parser(
+    reconcile.add_argument(
+        "--json", action="store_true", help="with --once: machine-readable output"
+    )
+    demo = command(
+        sub,
         "demo",
-        help="start a local Postgres and S3, load the Online Retail sample, export it, "
+        "start a local Postgres and S3, load the Online Retail sample, export it, "
         "print what was written",
     )
     demo.add_argument(
@@ -131,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         dest="data",
         type=Path,
+        metavar="PATH",
         help="Online Retail CSV(.gz) to load instead of the sample (e.g. the full data set)",
     )
     demo.add_argument(
@@ -140,18 +206,32 @@ def _parser() -> argparse.ArgumentParser:
         "--compression",
         choices=["gzip", "zstd", "none"],
         default="gzip",
+        help="how the exported CSV objects are compressed (gzip)",
     )
-    local = sub.add_parser(
+    local = command(
+        sub,
         "local",
-        help="the local services (PostgreSQL, S3, the local warehouse) left running in DIR",
+        "the local services (PostgreSQL, S3, the local warehouse) left running in DIR",
+    )
+    # Checked in main, not with choices: argparse would list the internal ``serve`` in its
+    # refusal.
+    local.add_argument(
+        "local_command",
+        metavar="up|down",
+        help="up: start them and write DIR/cdc.toml; down: stop them",
     )
     local.add_argument(
-        "local_command", choices=["up", "down", "serve"], metavar="up|down", help="up or down"
+        "--dir",
+        dest="local_dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the folder of their data, logs and cdc.toml",
     )
-    local.add_argument("--dir", dest="local_dir", type=Path, required=True, metavar="DIR")
-    verify = sub.add_parser(
+    verify = command(
+        sub,
         "verify",
-        help="compare every table with its warehouse table, value by value (exit 1 if any differs)",
+        "compare every table with its warehouse table, value by value (exit 1 if any differs)",
     )
     verify.add_argument("--table", help="only this table of the configuration")
     verify.add_argument(
@@ -162,10 +242,10 @@ def _parser() -> argparse.ArgumentParser:
         help="read differing keys again for up to this long (changes still being merged)",
     )
     verify.add_argument("--json", action="store_true", help="machine-readable output")
-    report = sub.add_parser(
-        "report", help="write the one-page HTML report from the configured warehouse"
+    report = command(sub, "report", "write the one-page HTML report from the configured warehouse")
+    report.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="the HTML file written"
     )
-    report.add_argument("--out", type=Path, required=True, metavar="FILE")
     return parser
 
 
@@ -184,20 +264,33 @@ def limit_malloc_arenas(arenas: int = 1) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    usage_error = args.command_parser.error  # the subcommand's usage with the refusal
+    if args.command == "local" and args.local_command not in (*LOCAL_ACTIONS, "serve"):
+        usage_error(
+            f"argument up|down: invalid choice: {args.local_command!r} (choose from up, down)"
+        )
+    if args.command == "reconcile" and not args.once and (args.json or args.completeness):
+        usage_error(
+            "--json and --completeness go with --once (without it the reconciler runs until "
+            "stopped and logs each round)"
+        )
     limit_malloc_arenas()  # every command: run, backfill and demo start threads
     try:
         if args.command == "demo":
             # The demo lives in the local tooling, which the daemon never imports.
             run_demo = extensions.load("demo", "the demo")
-            configure_logging("info", "auto")
-            return int(run_demo(args.data, args.compression, args.report))
+            # (It sends the log lines to a file of its own and prints its progress.)
+            return int(
+                run_demo(args.data, args.compression, args.report, log_format=args.log_format)
+            )
         if args.command == "local":
             local = extensions.load("local", "the local services")
-            configure_logging("info", "auto")
+            configure_logging("info", args.log_format or "auto")
             return int(local(args.local_command, args.local_dir))
         settings = load_settings(args.config)
-        configure_logging(settings.log.level, settings.log.format)
+        configure_logging(settings.log.level, args.log_format or settings.log.format)
         if args.command == "run":
             return asyncio.run(Worker(settings, exit_when_idle=args.exit_when_idle).serve())
         if args.command == "init":
@@ -232,13 +325,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 getattr(args, "plan", False),
             )
         if args.command == "reconcile":
+            if not args.once:
+                return asyncio.run(reconcile_continuously(settings))
             return asyncio.run(reconcile_once(settings, args.completeness, args.json))
         if args.command == "report":
             return write_report(settings, args.out)
         if args.command == "verify":
             return verify(settings, args.table, args.settle, args.json)
     except CdcError as exc:
-        print(f"cdc-daemon: {exc}", file=sys.stderr)
+        from cdc_daemon.source.validate import TablesRefused
+
+        # Every table init refused, one a line: each problem ends with its own fix.
+        lines = exc.lines() if isinstance(exc, TablesRefused) else [str(exc)]
+        print("cdc-daemon: " + "\n".join(lines), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -347,6 +446,40 @@ def verify(settings: Settings, table: str | None, settle_s: float, as_json: bool
         for r in results:
             print("\n".join(r.lines()))
     return 0 if all(r.equal for r in results) else 1
+
+
+async def reconcile_continuously(settings: Settings) -> int:
+    """The daemon's reconciler loop on its own (``Reconciler.run``: a round every
+    ``snowflake.reconcile_interval_s``, completeness when due, failures logged and retried)
+    until SIGTERM or SIGINT; the round in progress ends first. Exit 0."""
+    from cdc_daemon.reconcile.reconciler import Reconciler
+
+    if not settings.snowflake.enabled:
+        raise ConfigError("snowflake.account is not set: there is no warehouse to reconcile with")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    log = structlog.get_logger()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)  # asked twice: no waiting for the round (as the daemon)
+        log.info("shutdown_requested", reason=signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        log.info(
+            "reconciler_started",
+            group=settings.group,
+            interval_s=settings.snowflake.reconcile_interval_s,
+        )
+        await Reconciler(settings).run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("reconciler_stopped", group=settings.group)
+    return 0
 
 
 async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) -> int:

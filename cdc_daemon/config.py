@@ -7,9 +7,11 @@ AWS credentials are deliberately absent: they come from botocore's standard chai
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -642,6 +644,8 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
             raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    env = _setting_variables(os.environ)
+    _refuse_unknown_sections(env)
 
     class _FileSettings(Settings):
         @classmethod
@@ -661,26 +665,150 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     try:
         return _FileSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, path)) from None
+        raise ConfigError(describe_validation_error(exc, path, env)) from None
     except ValueError as exc:  # pydantic-settings' own parse errors (e.g. bad JSON in env)
+        field = re.search(r'field "(\w+)" from source "EnvSettingsSource"', str(exc))
+        if field is not None:
+            name = f"CDC_{field[1].upper()}"
+            raise ConfigError(
+                f"invalid configuration: environment variable {name} is not valid JSON "
+                "(a section set as a whole takes a JSON object, [[tables]] a JSON list)"
+            ) from None
         raise ConfigError(f"invalid configuration: {exc}") from None
 
 
-def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
-    where = f" in {path}" if path else ""
-    problems = []
+def _setting_variables(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """The environment variables shaped like settings, ``CDC_<SECTION>[__<KEY>]``, by the key
+    path they set (lower case, as ``case_sensitive=False`` reads them) -> the variable's name."""
+    found = {}
+    for name in environ:
+        if name.upper().startswith("CDC_"):
+            found[_variable_path(name)] = name
+    return found
+
+
+def _refuse_unknown_sections(env: dict[tuple[str, ...], str]) -> None:
+    """pydantic-settings ignores a variable whose section is not one (``CDC_POSTGRE__DSN``), so
+    a typo there would silently leave the setting at its default. Only the two-part shape is
+    refused: other ``CDC_*`` variables (``CDC_TEST_PG_DSN``) are not settings at all."""
+    sections = list(Settings.model_fields)
+    for path, name in sorted(env.items()):
+        if len(path) > 1 and path[0] not in sections:
+            close = _closest(path[0], sections)
+            hint = f" (did you mean CDC_{'__'.join((close, *path[1:])).upper()}?)" if close else ""
+            raise ConfigError(
+                f"invalid configuration: environment variable {name}: there is no section "
+                f"{path[0]!r}{hint}"
+            )
+
+
+def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys a configuration accepts at ``loc`` (a section, ``tables.<n>``), as written in the
+    file (a field's alias where it has one); none when ``loc`` is not a section."""
+    model: Any = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an entry of [[tables]]: the element's model was taken with the field
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        field = fields.get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        if getattr(model, "__origin__", None) is tuple:
+            model = model.__args__[0]
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _closest(word: str, choices: list[str]) -> str | None:
+    """The choice a typo most likely meant (difflib's ratio 0.6 or more), for "did you mean"."""
+    close = difflib.get_close_matches(word.lower(), choices, n=1)
+    return close[0] if close else None
+
+
+def _variable_path(name: str) -> tuple[str, ...]:
+    return tuple(name[4:].lower().split("__"))
+
+
+def _where(loc: tuple[str | int, ...]) -> str:
+    """A key as the user wrote it: ``batch.max_rows``, or ``[[tables]] entry 2: key`` for a
+    table (an entry of an array of tables has no dotted name)."""
+    if len(loc) >= 2 and loc[0] == "tables" and isinstance(loc[1], int):
+        rest = ".".join(str(p) for p in loc[2:])
+        return f"[[tables]] entry {loc[1] + 1}" + (f": {rest}" if rest else "")
+    return ".".join(str(part) for part in loc)
+
+
+def _variable(loc: tuple[str | int, ...], env: dict[tuple[str, ...], str]) -> str | None:
+    """The environment variable that set ``loc`` (or a section or list holding it), if one did:
+    the environment comes before the file, so a value under a variable's key is the variable's."""
+    path = tuple(str(p) for p in loc)
+    for depth in range(len(path), 0, -1):
+        if path[:depth] in env:
+            return env[path[:depth]]
+    return None
+
+
+def describe_validation_error(
+    exc: ValidationError,
+    path: Path | None,
+    env: dict[tuple[str, ...], str] | None = None,
+) -> str:
+    """One sentence for every problem pydantic found, each named where the user must change it:
+    the key in the file, or the environment variable (``env``: ``_setting_variables``)."""
+    env = env or {}
+    problems: list[tuple[bool, str]] = []  # (set by the environment, the sentence)
     for error in exc.errors():
-        loc = ".".join(str(part) for part in error["loc"])
+        loc = tuple(error["loc"])
+        variable = _variable(loc, env)
+        where = _where(loc)
+        # The variable names the key itself (CDC_BATCH__MAX_ROWS), not a section or list of
+        # JSON holding it (CDC_TABLES).
+        exact = variable is not None and len(_variable_path(variable)) == len(loc)
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown key {loc!r}")
+            parent, key = loc[:-1], str(loc[-1])
+            choices = _keys_at(parent)
+            if exact:
+                prefix = "".join(f"{p}__".upper() for p in parent)
+                close = _closest(key, choices)
+                hint = f" (did you mean CDC_{prefix}{close.upper()}?)" if close else ""
+                problems.append((True, f"environment variable {variable} is not a setting{hint}"))
+                continue
+            elif parent[:1] == ("tables",) and len(parent) == 2:
+                close = _closest(key, choices)
+                hint = f" (did you mean {close!r}?)" if close else ""
+                problem = f"unknown key {key!r} in {_where(parent)}{hint}"
+            else:
+                section = _where(parent)
+                close = _closest(key, choices)
+                dotted = f"{section}.{close}" if section else close
+                hint = f" (did you mean {dotted!r}?)" if close else ""
+                problem = f"unknown key {where!r}{hint}"
+            problems.append((variable is not None, _from(variable, problem)))
             continue
         # Never echo the offending input: it may be a DSN with a password in it. A validator's
         # own sentence is given without pydantic's "Value error, " in front of it.
         ctx = error.get("ctx") or {}
         own = error["type"] == "value_error" and "error" in ctx
         msg = str(ctx["error"]) if own else error["msg"]
-        problems.append(f"{loc}: {msg}" if loc else msg)
-    return f"invalid configuration{where}: " + "; ".join(problems)
+        if exact:  # the key too: the file's name of what the variable sets
+            problems.append((True, f"environment variable {variable} ({where}): {msg}"))
+            continue
+        problems.append(
+            (variable is not None, _from(variable, f"{where}: {msg}" if where else msg))
+        )
+    if path is not None and not any(env_set for env_set, _ in problems):
+        return f"invalid configuration in {path}: " + "; ".join(p for _, p in problems)
+    # Some came from the environment: each problem says where it is.
+    file = f"{path}: " if path is not None else ""
+    return "invalid configuration: " + "; ".join(
+        p if env_set else file + p for env_set, p in problems
+    )
+
+
+def _from(variable: str | None, problem: str) -> str:
+    return problem if variable is None else f"environment variable {variable}: {problem}"
 
 
 def split_address(address: str) -> tuple[str, int]:

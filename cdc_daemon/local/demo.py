@@ -11,26 +11,31 @@ report of rows per stage; stops everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import structlog
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import (
     SAMPLE_TABLE,
     load_online_retail,
     sample_path,
     sample_snowflake,
 )
-from cdc_daemon.local.services import LocalPostgres, LocalS3
+from cdc_daemon.local.services import LocalPostgres, LocalS3, noise_to
 from cdc_daemon.local.warehouse import LocalWarehouse
+from cdc_daemon.logging import configure_logging
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
 
@@ -71,9 +76,39 @@ LIVE_CHANGES = [
 ]
 
 
+def say(line: str) -> None:
+    """A progress line for the person watching (the log lines go to the demo's log file)."""
+    print(line, flush=True)
+
+
 def run_demo(
-    data: Path | None, compression: str, report: Path | None = None, timeout_s: float = 900
+    data: Path | None,
+    compression: str,
+    report: Path | None = None,
+    timeout_s: float = 900,
+    log_format: Literal["auto", "json", "console"] | None = None,
 ) -> int:
+    """The demo, printing a few lines of progress and its report; the daemon's log lines and
+    the local services' output go to a log file it names (kept: it outlives the demo's
+    folder). A terminal or a file gets the same lines."""
+    if data is not None and not data.is_file():
+        raise ConfigError(f"--csv {data}: there is no such file")
+    handle, name = tempfile.mkstemp(prefix="cdc-demo-", suffix=".log")
+    os.close(handle)
+    log_path = Path(name)
+    say(f"cdc-daemon demo: log lines of the daemon and the local services go to {log_path}")
+    code = 1
+    try:
+        with log_path.open("a") as log_file, noise_to(log_path):
+            configure_logging("info", log_format or "json", file=log_file)
+            code = _demo(data, compression, report, timeout_s)
+    finally:
+        if code != 0:
+            say(f"cdc-daemon demo: failed; what happened is in {log_path}")
+    return code
+
+
+def _demo(data: Path | None, compression: str, report: Path | None, timeout_s: float) -> int:
     pg = LocalPostgres()
     s3 = LocalS3()
     work = Path(tempfile.mkdtemp(prefix="cdc-demo-"))
@@ -82,11 +117,13 @@ def run_demo(
         pg.start()
         s3.start()
         log.info("demo_services_started", postgres=pg.dsn, s3=s3.endpoint_url)
+        say(f"  started PostgreSQL ({pg.dsn}) and S3 (moto, {s3.endpoint_url})")
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             rows = load_online_retail(conn, data or sample_path())
             # Logical mode logs whole old rows of a table with TOASTable columns.
             conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
         log.info("demo_data_loaded", table=SAMPLE_TABLE["name"], rows=rows)
+        say(f"  loaded {rows:,} rows of Online Retail into {SAMPLE_TABLE['name']}")
         # The demo's own configuration: the sample's table (SALES, partitioned by invoice_date)
         # and its models.
         base = load_settings(
@@ -109,6 +146,7 @@ def run_demo(
         warehouse.apply()
         warehouse.connect_notifications()
         log.info("demo_warehouse_ready", port=warehouse.port, database=base.snowflake.database)
+        say("  created the warehouse side (snowflake/ SQL) in the local Snowflake (fakesnow)")
         return asyncio.run(_run(warehouse.settings, warehouse, pg.dsn, timeout_s, report))
     finally:
         if warehouse is not None:
@@ -133,7 +171,10 @@ async def _run(
     timeout_s: float,
     report: Path | None,
 ) -> int:
-    await init(settings)  # the ledger, the publication (the first run makes the slot)
+    # The ledger, the publication (the first run makes the slot). What init prints for an
+    # operator goes with the log lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        await init(settings)
     done = asyncio.Event()
     stop_pump = threading.Event()
     pump = threading.Thread(target=warehouse.pump_forever, args=(stop_pump,), daemon=True)
@@ -148,6 +189,9 @@ async def _run(
                 changes[kind] = changes.get(kind, 0) + conn.execute(statement).rowcount
             (after,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone() or (None,)
         log.info("demo_changes_committed", **changes)
+        done_changes = ", ".join(f"{n} {kind}" for kind, n in changes.items())
+        say(f"  the daemon is running; changed meanwhile: {done_changes}")
+        say("  waiting until the reconciler has confirmed every batch loaded into the warehouse")
         while not await _all_loaded(settings, dsn, str(after)):
             if daemon.done() or time.monotonic() - started > timeout_s:
                 break

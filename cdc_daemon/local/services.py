@@ -13,12 +13,32 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 CLUSTER_PREFIX = "cdc-pg-"
+
+
+@contextlib.contextmanager
+def noise_to(path: Path) -> Iterator[None]:
+    """Everything written on stderr until the block ends goes to the end of ``path``: the
+    local services' log lines (fakesnow's, uvicorn's, moto's), Python's warnings and the
+    output of the programs they start. At the file descriptor, not ``sys.stderr``: threads and
+    libraries hold on to the stream they found when they started."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("a") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ quotes or SQL in it can never be spliced into a statement.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -255,7 +256,8 @@ class TableInfo:
         if self.partition is None:
             raise SourceError(
                 f"{self.qualified} has no partition column (its objects are named by the day of "
-                "the read or commit): set partition_column for this table"
+                "the read or commit): set partition_column in its [[tables]] entry (or "
+                "capture.partition_column with the postgres.table shorthand)"
             )
         return self.partition
 
@@ -278,12 +280,47 @@ class TableInfo:
         return sql.SQL("CASE {} ELSE {}::text END").format(whens, day)
 
 
+def setting_name(key: str, in_tables: bool | None) -> str:
+    """A table's setting as the user's configuration writes it: ``[[tables]] key`` in a group,
+    ``capture.key`` for the ``postgres.table`` shorthand (None: not known, the bare key)."""
+    if in_tables is None:
+        return key
+    return f"[[tables]] {key}" if in_tables else f"capture.{key}"
+
+
+def _no_watermark(table: str, columns: Sequence[Column], setting: str, why: str) -> str:
+    """Why ``table`` has no watermark, and what can capture it: another column in ``setting``
+    when it has an integer column, else only logical mode."""
+    integers = [c.name for c in columns if c.base_type in _INTEGER_TYPES]
+    if not integers:
+        return (
+            f"{table} cannot be captured in watermark mode: it has no integer column a sequence "
+            "could fill to serve as its watermark (watermark mode reads new rows by such an id); "
+            'capture it with capture.mode = "logical", which reads changes by key instead'
+        )
+    listed = ", ".join(integers)
+    return (
+        f"{why}, so it cannot serve as its watermark: name an integer column a sequence fills "
+        f"(serial or identity) in {setting} (its integer columns: {listed}), or capture it "
+        'with capture.mode = "logical"'
+    )
+
+
+def _close(name: str, columns: Sequence[Column]) -> str:
+    close = difflib.get_close_matches(name, [c.name for c in columns], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def describe_table(
     conn: psycopg.Connection[tuple[object, ...]],
     table: str,
     watermark_column: str | None,
     partition_column: str | None,
+    *,
+    in_tables: bool | None = None,
 ) -> TableInfo:
+    """The table's columns, its watermark and partition columns checked. ``in_tables``: where
+    the configuration names the columns (``setting_name``), for the messages."""
     row = conn.execute(
         "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
@@ -303,6 +340,8 @@ def describe_table(
         )
     )
     by_name = {c.name: c for c in cols}
+    q = TableName(str(schema), str(name)).display
+    setting = setting_name("watermark_column", in_tables)
     if watermark_column is None:
         pk = [
             str(r[0])
@@ -314,18 +353,21 @@ def describe_table(
             )
         ]
         if len(pk) != 1:
-            raise SourceError(
-                f"{schema}.{name} has no single-column primary key: set capture.watermark_column"
-            )
+            why = f"{q} has no primary key" if not pk else f"{q}'s primary key has several columns"
+            raise SourceError(_no_watermark(q, cols, setting, why))
+        if by_name[pk[0]].base_type not in _INTEGER_TYPES:
+            why = f"{q}'s primary key {pk[0]} is {by_name[pk[0]].type_name}, not an integer"
+            raise SourceError(_no_watermark(q, cols, setting, why))
         watermark_column = pk[0]
     if watermark_column not in by_name:
-        raise SourceError(f"{schema}.{name} has no column {watermark_column!r} (watermark)")
+        raise SourceError(
+            f"{q} has no column {watermark_column!r}, named in {setting}"
+            + _close(watermark_column, cols)
+        )
     watermark = by_name[watermark_column]
     if watermark.base_type not in _INTEGER_TYPES:
-        raise SourceError(
-            f"watermark column {watermark_column!r} is {watermark.type_name}; it must be an "
-            "integer column filled by a sequence (serial or identity)"
-        )
+        why = f"{q}: {setting} {watermark_column!r} is {watermark.type_name}, not an integer"
+        raise SourceError(_no_watermark(q, cols, setting, why))
     cached = conn.execute(
         "SELECT s.seqrelid::regclass::text, s.seqcache FROM pg_sequence s"
         " WHERE s.seqrelid = pg_get_serial_sequence(%s, %s)::regclass",
@@ -339,7 +381,7 @@ def describe_table(
             f"sequence {cached[0]} of the watermark column has CACHE {cached[1]}, so ids are not "
             f"assigned in order: ALTER SEQUENCE {cached[0]} CACHE 1"
         )
-    partition = partition_of(str(schema), str(name), by_name, partition_column)
+    partition = partition_of(str(schema), str(name), by_name, partition_column, in_tables=in_tables)
     return TableInfo(str(schema), str(name), cols, watermark, partition)
 
 
@@ -348,16 +390,22 @@ def partition_of(
     name: str,
     by_name: dict[str, Column],
     partition_column: str | None,
+    *,
+    in_tables: bool | None = None,
 ) -> Column | None:
     """The configured partition column, checked; none when none is configured."""
     if partition_column is None:
         return None
+    setting = setting_name("partition_column", in_tables)
     if partition_column not in by_name:
-        raise SourceError(f"{schema}.{name} has no column {partition_column!r} (partition)")
+        raise SourceError(
+            f"{schema}.{name} has no column {partition_column!r}, named in {setting}"
+            + _close(partition_column, list(by_name.values()))
+        )
     partition = by_name[partition_column]
     if partition.base_type not in _PARTITION_TYPES:
         raise SourceError(
-            f"partition column {partition_column!r} is {partition.type_name}; "
+            f"{schema}.{name}: {setting} {partition_column!r} is {partition.type_name}; "
             "it must be a date or a timestamp"
         )
     return partition
@@ -370,4 +418,10 @@ def describe_configured(
 ) -> TableInfo:
     """``spec`` (default: the first table of the group) as configured."""
     spec = spec or settings.table_specs[0]
-    return describe_table(conn, spec.table.display, spec.watermark_column, spec.partition_column)
+    return describe_table(
+        conn,
+        spec.table.display,
+        spec.watermark_column,
+        spec.partition_column,
+        in_tables=bool(settings.tables),
+    )

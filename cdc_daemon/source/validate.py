@@ -39,6 +39,7 @@ import psycopg
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import SourceError, from_psycopg
 from cdc_daemon.source.session import connect
+from cdc_daemon.source.table import describe_configured
 
 # The daemon's own columns in objects and in Snowflake (compared upper-cased, as Snowflake
 # stores them).
@@ -407,9 +408,25 @@ def watermark_problems(facts: TableFacts, key: tuple[str, ...] | None) -> list[s
     )
 
 
+class TablesRefused(SourceError):
+    """Every problem of every table ``init`` checked, raised once: a user fixes them all in one
+    go instead of re-running init once per table. The message joins them with ``"; "``; the
+    command line prints ``lines()``, one problem a line."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        self.what = what
+        self.problems = problems
+        super().__init__(f"{what}: " + "; ".join(problems))
+
+    def lines(self) -> list[str]:
+        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) > 1 else "")
+        return [f"{self.what} ({count}):", *(f"  - {p}" for p in self.problems)]
+
+
 def check_watermark_tables(settings: Settings) -> None:
-    """``init`` in watermark mode: every configured table checked on one session, every
-    problem of every table raised in one ``SourceError``."""
+    """``init`` in watermark mode: every configured table checked on one session (its key and
+    names here, its watermark and partition columns by ``describe_configured``), every problem
+    of every table raised in one ``TablesRefused``."""
     problems: list[str] = []
     conn = connect(settings.postgres)
     try:
@@ -424,7 +441,13 @@ def check_watermark_tables(settings: Settings) -> None:
                 )
                 continue
             problems += watermark_problems(facts, spec.key)
+            try:
+                describe_configured(conn, settings.for_table(spec), spec)
+            except SourceError as exc:
+                problems.append(str(exc))
+            except psycopg.Error as exc:
+                raise from_psycopg(exc, f"reading the catalog of {spec.name}") from None
     finally:
         conn.close()
     if problems:
-        raise SourceError(f"{settings.group} cannot be captured yet: " + "; ".join(problems))
+        raise TablesRefused(f"{settings.group} cannot be captured yet", problems)

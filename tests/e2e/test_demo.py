@@ -8,10 +8,12 @@ from pathlib import Path
 
 
 def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
-    """`python -m cdc_daemon demo --report` exits 0 and its closing report says SALES equals the
-    source and every batch is loaded, none failed, with no day_incomplete line; the HTML page
-    holds the four charts (rows per day, revenue by country, top products, cancellations per
-    month) drawn from the sample's data."""
+    """`python -m cdc_daemon demo --report` exits 0; on a pipe it prints a few progress lines
+    (the first naming its log file) and its closing report, nothing on stderr, and keeps the
+    log lines in that file; the report says SALES equals the source and every batch is
+    loaded, none failed, with no day_incomplete line logged; the HTML page holds the four
+    charts (rows per day, revenue by country, top products, cancellations per month) drawn from
+    the sample's data."""
     page = tmp_path / "report.html"
     done = subprocess.run(
         [sys.executable, "-m", "cdc_daemon", "demo", "--report", str(page)],
@@ -21,10 +23,21 @@ def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
-    report = done.stdout[done.stdout.index("cdc-daemon demo:") :]
+    # A few lines of progress, then the report; the log lines (the daemon's, fakesnow's,
+    # warnings) are in the log file the first line names, none on stdout or stderr.
+    first, *progress = done.stdout[: done.stdout.index("\ncdc-daemon demo:")].splitlines()
+    log = Path(first.rsplit(" ", 1)[1])
+    assert first == f"cdc-daemon demo: log lines of the daemon and the local services go to {log}"
+    assert 3 <= len(progress) <= 8, progress
+    assert all(line.startswith("  ") and "{" not in line for line in progress), progress
+    assert done.stderr == ""
+    logged = log.read_text()
+    log.unlink()
+    assert '"event": "daemon_started"' in logged
+    report = done.stdout[done.stdout.index("\ncdc-daemon demo:") :]
     assert "SALES equals the source: yes" in report
     # Nothing is wrong: the completeness check reports no day (it judges only confirmed days).
-    assert "day_incomplete" not in done.stdout + done.stderr
+    assert "day_incomplete" not in logged + done.stdout
     assert "batches: loaded" in report
     assert "failed" not in report.split("batches:")[1].splitlines()[0]
     html = page.read_text()

@@ -190,3 +190,13 @@ async def test_verify_command_exits_1_on_a_difference_and_prints_json(
     with pytest.raises(ConfigError, match="not a table of this configuration") as refused:
         verify(settings, "public.nope", 0.0, False)
     assert refused.value.exit_code == 2
+
+
+def test_postgres_hash_is_snowflakes_documented_md5_number_lower64(pg_dsn: str) -> None:
+    """PostgreSQL's side of the hash equals Snowflake's documented example,
+    MD5_NUMBER_LOWER64('Snowflake') = 9203306159527282910, modulo 2^60."""
+    with psycopg.connect(pg_dsn) as conn:
+        (got,) = conn.execute(
+            "SELECT ('x' || substr(md5('Snowflake'), 18, 15))::bit(60)::bigint"
+        ).fetchone() or (None,)
+    assert got == 9203306159527282910 % (1 << 60)

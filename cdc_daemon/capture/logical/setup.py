@@ -21,8 +21,9 @@ import structlog
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import AlreadyRunningError, ConfigError, SourceError
+from cdc_daemon.errors import AlreadyRunningError, ConfigError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.validate import TablesRefused
 from cdc_daemon.state.position import CaptureState
 from cdc_daemon.state.store import Store
 
@@ -43,9 +44,7 @@ async def init_logical(settings: Settings) -> int:
         # Tables missing from the publication are what init is for: it adds them below.
         problems += [p for p in checked if "does not include" not in p]
         if problems:
-            raise SourceError(
-                f"{group} cannot be captured in logical mode yet: " + "; ".join(problems)
-            )
+            raise TablesRefused(f"{group} cannot be captured in logical mode yet", problems)
         changes = await asyncio.to_thread(source.sync_publication)
         for line in changes + await asyncio.to_thread(source.identity_notes):
             print(line)

@@ -231,7 +231,9 @@ class WatermarkSource(SourceSession):
                     if count != copied:
                         raise SourceError(
                             f"copied {copied} rows of {t.qualified} where the snapshot has "
-                            f"{count}: is the watermark column unique?"
+                            f"{count}: its watermark column {t.watermark.name} holds an id more "
+                            "than once, and watermark mode needs one row per id (a unique "
+                            "column a sequence fills)"
                         )
             gaps = [(a, min(b, hi)) for a, b in gaps if a <= hi]
         spec = BatchSpec(lo, hi, tuple(gaps), tuple(caught))
