@@ -242,6 +242,12 @@ def _parser() -> argparse.ArgumentParser:
         help="read differing keys again for up to this long (changes still being merged)",
     )
     verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="export the differing keys again (the rows as they are now, deletes for keys the "
+        "source no longer has); the merge then fixes exactly those",
+    )
     report = command(sub, "report", "write the one-page HTML report from the configured warehouse")
     report.add_argument(
         "--out", type=Path, required=True, metavar="FILE", help="the HTML file written"
@@ -331,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return write_report(settings, args.out)
         if args.command == "verify":
-            return verify(settings, args.table, args.settle, args.json)
+            return verify(settings, args.table, args.settle, args.json, args.repair)
     except CdcError as exc:
         from cdc_daemon.source.validate import TablesRefused
 
@@ -433,18 +439,53 @@ def write_report(settings: Settings, out: Path) -> int:
     return 0
 
 
-def verify(settings: Settings, table: str | None, settle_s: float, as_json: bool) -> int:
-    """``verify``: exit 0 when every table equals its warehouse table, 1 when one differs."""
+def verify(
+    settings: Settings, table: str | None, settle_s: float, as_json: bool, repair: bool = False
+) -> int:
+    """``verify``: exit 0 when every table equals its warehouse table, 1 when one differs
+    (also when ``repair`` exported the differing keys again: the merge has yet to run)."""
     from cdc_daemon.reconcile.verify import verify_group
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to verify")
     results = verify_group(settings, None if table is None else parse_table(table), settle_s)
+    repaired: list[dict[str, object]] = []
+    if repair and not all(r.equal for r in results):
+        from cdc_daemon.capture.repair import RepairRequest, repair_group
+
+        requests = [
+            RepairRequest(
+                r.source_table,
+                tuple(d.key for d in r.differences if d.kind != "extra"),
+                tuple(d.key for d in r.differences if d.kind == "extra"),
+            )
+            for r in results
+            if not r.equal
+        ]
+        for outcome in asyncio.run(repair_group(settings, requests)):
+            repaired.append(
+                {
+                    "table": outcome.table,
+                    "rows": outcome.rows,
+                    "deletes": outcome.deletes,
+                    "objects": outcome.objects,
+                    "seq": outcome.seq,
+                }
+            )
     if as_json:
-        print(json.dumps([r.as_json() for r in results], indent=2, default=str))
+        out = [r.as_json() for r in results]
+        for item in out:
+            item["repair"] = next((x for x in repaired if x["table"] == item["table"]), None)
+        print(json.dumps(out, indent=2, default=str))
     else:
         for r in results:
             print("\n".join(r.lines()))
+        for x in repaired:
+            print(
+                f"repair of {x['table']}: {x['rows']} row(s) and {x['deletes']} delete(s) "
+                f"exported again in {x['objects']} object(s); run verify again once they are "
+                "merged"
+            )
     return 0 if all(r.equal for r in results) else 1
 
 

@@ -56,7 +56,7 @@ log = structlog.get_logger()
 # prefixed (backfill_, join_).
 STEPS = ("after_pending", "after_upload", "after_commit")
 CRASH_POINTS = frozenset(STEPS) | frozenset(
-    f"{p}_{step}" for p in ("backfill", "join") for step in STEPS
+    f"{p}_{step}" for p in ("backfill", "join", "repair") for step in STEPS
 )
 
 T = TypeVar("T")

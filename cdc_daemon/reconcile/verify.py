@@ -68,6 +68,7 @@ class RowDifference:
 class TableResult:
     table: str
     warehouse_table: str
+    source_table: TableName
     source_rows: int = 0
     warehouse_rows: int = 0
     ranges: int = 0
@@ -176,7 +177,7 @@ class TableVerifier:
         if not self._keys:
             raise ValueError(f"{table.names.table} has no key to verify by")
         self._wh_seconds = 0.0
-        self._result = TableResult(str(table.names.table), table.names.name)
+        self._result = TableResult(str(table.names.table), table.names.name, table.names.table)
 
     # -- the pass ------------------------------------------------------------------------
 

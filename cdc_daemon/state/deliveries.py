@@ -22,7 +22,7 @@ from cdc_daemon.state.session import LedgerSession
 DELIVERIES_DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.deliveries (
     ledger text NOT NULL,
-    producer text NOT NULL CHECK (producer IN ('batch', 'join', 'backfill')),
+    producer text NOT NULL CHECK (producer IN ('batch', 'join', 'backfill', 'repair')),
     producer_id text NOT NULL,
     name text NOT NULL,
     table_name text NOT NULL,

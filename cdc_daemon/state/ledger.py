@@ -130,6 +130,7 @@ class Producer(StrEnum):
     BATCH = "batch"  # a stream batch (``state.store``: its range and the position to move to)
     JOIN = "join"  # a logical group's snapshot chunk (``state.joins``: its key range)
     BACKFILL = "backfill"  # a backfill chunk (``state.backfill``: the run's progress)
+    REPAIR = "repair"  # keys exported again by ``verify --repair`` (``capture.repair``)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from cdc_daemon.state.session import advisory_key
 
 # 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
 # 4: deliveries, for every producer (state.deliveries); batches became stream_batches.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.meta (
@@ -252,6 +252,23 @@ class Store(Deliveries):
             await self._conn.execute(self._q(_OLD_CHUNKS_DROP))
         if moved:
             await self.insert_rows(moved)
+        # Schema 4: deliveries knew no repair producer.
+        found = await self._fetch(
+            "reading the ledger",
+            sql.SQL(
+                "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint"
+                " WHERE conrelid = to_regclass(%s) AND conname = 'deliveries_producer_check'"
+            ),
+            (f"{self._schema_name}.deliveries",),
+        )
+        if found and "repair" not in str(found[0]["def"]):
+            await self._conn.execute(
+                self._q(
+                    "ALTER TABLE {schema}.deliveries DROP CONSTRAINT deliveries_producer_check;"
+                    " ALTER TABLE {schema}.deliveries ADD CONSTRAINT deliveries_producer_check"
+                    " CHECK (producer IN ('batch', 'join', 'backfill', 'repair'))"
+                )
+            )
 
     async def check_schema(self, logical: bool = False) -> None:
         await self._require_tables(

@@ -110,7 +110,7 @@ async def test_a_schema_3_ledger_is_upgraded_in_place_and_loses_nothing(v3_ledge
     finally:
         await store.close()
     assert rows(dsn, "SELECT value FROM cdc.meta") == [{"value": str(SCHEMA_VERSION)}]
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
 
     # Stream batches: the view ``batches`` shows every column as it was.
     assert rows(dsn, "SELECT * FROM cdc.batches ORDER BY batch_id") == batches
