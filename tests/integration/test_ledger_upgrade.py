@@ -81,7 +81,7 @@ async def test_a_schema_3_ledger_is_upgraded_in_place_and_loses_nothing(v3_ledge
     chunk, pending or in S3, becomes a delivery with the same objects, counts, checksum,
     ``_cdc_ts``, attempts, error, status and times; the producers' tables keep their own part
     (a batch's range and spec, a chunk's keys and attempt, a backfill day's estimate); the
-    version is 4, and a second ``init`` changes nothing."""
+    version is the current one, and a second ``init`` changes nothing."""
     dsn = v3_ledger
     batches = rows(dsn, "SELECT * FROM cdc.batches ORDER BY batch_id")
     joins = rows(dsn, "SELECT * FROM cdc.join_chunks ORDER BY part, chunk")
@@ -233,3 +233,42 @@ async def test_the_reconciler_confirms_an_upgraded_ledger(v3_ledger: str) -> Non
     statuses = rows(dsn, "SELECT status, count(*) AS n FROM cdc.batches GROUP BY 1")
     assert {r["status"]: r["n"] for r in statuses} == {"loaded": 3, "uploaded": 1}
     assert Status.LOADED.value == "loaded"
+
+
+async def test_a_schema_4_ledger_accepts_repair_deliveries_after_init(pg_dsn: str) -> None:
+    """A schema-4 ledger (its deliveries know the producers batch, join and backfill) gains
+    the repair producer at ``init`` (schema 5), its deliveries untouched; a second ``init``
+    changes nothing."""
+    store = await Store.connect(pg_dsn, "cdc")
+    try:
+        await store.init_schema()
+    finally:
+        await store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE cdc.deliveries DROP CONSTRAINT deliveries_producer_check;"
+            " ALTER TABLE cdc.deliveries ADD CONSTRAINT deliveries_producer_check"
+            " CHECK (producer IN ('batch', 'join', 'backfill'));"
+            " UPDATE cdc.meta SET value = '4' WHERE key = 'schema_version'"
+        )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO cdc.deliveries (ledger, producer, producer_id, name, table_name,"
+                " status, rows, raw_bytes, size, objects, checksum, read_ts)"
+                " VALUES ('t', 'repair', 'r/t', 'repair-r', 't', 'pending', 0, 0, 0, '[]', '',"
+                " '2026-01-01T00:00:00Z')"
+            )
+    for _ in range(2):
+        store = await Store.connect(pg_dsn, "cdc")
+        try:
+            await store.init_schema()
+        finally:
+            await store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO cdc.deliveries (ledger, producer, producer_id, name, table_name,"
+            " status, rows, raw_bytes, size, objects, checksum, read_ts)"
+            " VALUES ('t', 'repair', 'r/t', 'repair-r', 't', 'pending', 0, 0, 0, '[]', '',"
+            " '2026-01-01T00:00:00Z')"
+        )
+    assert rows(pg_dsn, "SELECT value FROM cdc.meta") == [{"value": "5"}]

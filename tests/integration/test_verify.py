@@ -16,6 +16,7 @@ import pytest
 
 from cdc_daemon.cli import init, verify
 from cdc_daemon.errors import ConfigError
+from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.reconcile.verify import TableResult, TableVerifier, verify_group
@@ -210,3 +211,49 @@ def test_postgres_hash_is_snowflakes_documented_md5_number_lower64(pg_dsn: str) 
             "SELECT ('x' || substr(md5('Snowflake'), 18, 15))::bit(60)::bigint"
         ).fetchone() or (None,)
     assert got == 9203306159527282910 % (1 << 60)
+
+
+@pytest.fixture
+def seed_warehouse(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> Iterator[LocalWarehouse]:
+    settings = make_settings(pg_dsn, s3_server, bucket, tmp_path, batch={"max_rows": 1_000})
+    wh = start_warehouse(settings, warehouse_dir)
+    yield wh
+    wh.stop()
+
+
+async def test_watermark_mode_repair_rewrites_changed_rows_and_deletes_extra_ones(
+    pg_dsn: str, seed_warehouse: LocalWarehouse
+) -> None:
+    """Watermark mode: a row updated in place in the source (which the capture does not see),
+    a value changed and a row deleted in the warehouse, and a row the source deleted: verify
+    names the four keys; --repair exports the rows again at their watermark (winning by the
+    later read) and a delete for the key the source no longer has; once merged, SALES equals
+    the source."""
+    wh = seed_warehouse
+    settings = wh.settings
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2_500, days=6)
+    assert await export_until_idle(settings) == 0
+    wh.pump_until_quiet()
+    (result,) = verify_group(settings)
+    assert result.equal
+    assert result.source_rows == 2_500
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE ecommerce_sales SET quantity = quantity + 5 WHERE id = 10")
+        conn.execute("DELETE FROM ecommerce_sales WHERE id = 20")
+    wh.query("UPDATE SALES SET COUNTRY = 'Atlantis' WHERE ID = 30")
+    wh.query("DELETE FROM SALES WHERE ID = 40")
+    (result,) = verify_group(settings)
+    assert {d.key["id"]: d.kind for d in result.differences} == {
+        10: "changed",
+        20: "extra",
+        30: "changed",
+        40: "missing",
+    }
+    assert await asyncio.to_thread(verify, settings, None, 0.0, False, True) == 1
+    wh.pump_until_quiet()
+    (result,) = verify_group(settings)
+    assert result.equal, result.lines()
+    assert result.source_rows == result.warehouse_rows == 2_499
