@@ -213,7 +213,7 @@ class Reconciler:
         self._settings = settings
         self._metrics = metrics
         self._heartbeats = heartbeats
-        self._table = settings.table
+        self._tables = [spec.qualified for spec in settings.table_specs]
         # Where its batches are in the ledger (the group's name in logical mode).
         self._ledger_name = settings.ledger_name
         self._prefix = settings.s3.prefix
@@ -344,9 +344,9 @@ class Reconciler:
         now = now or datetime.now(UTC)
         sf = self._settings.snowflake
         store = await self._ledger()
-        # The stream's batches and the snapshot's chunks are the ledger's (a group's in logical
-        # mode); backfill chunks are the table's.
-        items = await store.unconfirmed([self._ledger_name, self._table])
+        # The stream's batches, snapshot chunks and repairs are the ledger's (a group's in
+        # logical mode, each table's in watermark mode); backfill chunks are their table's.
+        items = await store.unconfirmed([self._ledger_name, *self._tables])
         wh = await self._warehouse()
         outcome = Outcome()
         outcome.pipes = await asyncio.to_thread(wh.pipe_statuses)
