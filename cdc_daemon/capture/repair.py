@@ -41,11 +41,11 @@ import structlog
 from psycopg import sql
 
 from cdc_daemon.config import Settings, TableSettings
-from cdc_daemon.errors import SourceError, from_psycopg
+from cdc_daemon.errors import from_psycopg
 from cdc_daemon.names import TableName
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.copyread import CopyRows, copy_query, snapshot_query
-from cdc_daemon.source.session import connect, read_snapshot
+from cdc_daemon.source.session import connect, read_snapshot, safe_position
 from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.source.values import quote
 from cdc_daemon.state.deliveries import Deliveries
@@ -178,7 +178,7 @@ async def _repair_table(
             lt = describe_logical(conn, spec)
             info, key, header = lt.info, lt.key, lt.header
             judge = lt.judge()
-            seq: int | None = await asyncio.to_thread(_safe_position, conn)
+            seq: int | None = await asyncio.to_thread(safe_position, conn, WAIT_S)
         else:
             info = describe_configured(conn, settings, spec)
             key = (info.watermark.name,)
@@ -208,34 +208,6 @@ async def _repair_table(
     return RepairOutcome(
         str(spec.table), rows, deletes, len(batch.objects), seq, time.monotonic() - started
     )
-
-
-def _safe_position(conn: psycopg.Connection[Any]) -> int:
-    """W: the WAL insert position, once every transaction in progress at W has ended."""
-    row = conn.execute(
-        "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn,"
-        " ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()))::text[]"
-    ).fetchone()
-    assert row is not None
-    position, running = int(row[0]), list(row[1])
-    deadline = time.monotonic() + WAIT_S
-    while running:
-        left = conn.execute(
-            "SELECT ARRAY(SELECT x FROM unnest(%s::xid8[]) x"
-            " WHERE pg_xact_status(x) = 'in progress')::text[]",
-            (running,),
-        ).fetchone()
-        running = list(left[0]) if left else []
-        if not running:
-            break
-        if time.monotonic() > deadline:
-            raise SourceError(
-                f"{len(running)} transaction(s) open since before the repair (xid "
-                f"{running[0]}, ...) kept it from a safe position for {WAIT_S:.0f} s: "
-                "try again when they have ended (pg_stat_activity shows them)"
-            )
-        time.sleep(0.2)
-    return position
 
 
 def _key_values(info: TableInfo, key: Sequence[str], values: dict[str, Any]) -> sql.Composable:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import psycopg
 
 from cdc_daemon.config import PostgresSettings, Settings
-from cdc_daemon.errors import TransientError, from_psycopg
+from cdc_daemon.errors import SourceError, TransientError, from_psycopg
 
 APPLICATION_NAME = "cdc-daemon"
 # The settings the value encoding relies on, for every session whose rows become CSV: the COPY
@@ -124,3 +125,37 @@ def read_snapshot(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None
     finally:
         if not conn.closed and not conn.broken:
             conn.execute("ROLLBACK")
+
+
+def safe_position(conn: psycopg.Connection[tuple[object, ...]], wait_s: float) -> int:
+    """W, a ``_cdc_seq`` for rows read after this returns, on the scale of the logical
+    stream's (change LSNs): the WAL insert position, once every transaction that was in
+    progress at W has ended, visibly to new snapshots (a transaction's commit record precedes
+    its end in the process array: its xid must have left the snapshot, not only its status
+    turned committed). Every change logged before W is then reflected in a later read (or was
+    rolled back); every change a later read misses is logged after W. ``capture.repair``
+    and logical-mode backfill read at it. On a session in autocommit."""
+    row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    position = int(str(row[0]))
+    deadline = time.monotonic() + wait_s
+    running: list[str] = []
+    first = True
+    while first or running:
+        found = conn.execute(
+            "SELECT ARRAY(SELECT x FROM pg_snapshot_xip(pg_current_snapshot()) x"
+            " WHERE %s OR x = ANY(%s::xid8[]))::text[]",
+            (first, running),
+        ).fetchone()
+        running = [str(x) for x in found[0]] if found and isinstance(found[0], list) else []
+        first = False
+        if not running:
+            break
+        if time.monotonic() > deadline:
+            raise SourceError(
+                f"{len(running)} transaction(s) open since before this read (xid {running[0]}"
+                f", ...) kept it from a safe position for {wait_s:.0f} s: try again when they "
+                "have ended (pg_stat_activity shows them)"
+            )
+        time.sleep(0.1)
+    return position
