@@ -129,12 +129,15 @@ def read_snapshot(conn: psycopg.Connection[tuple[object, ...]]) -> Iterator[None
 
 def safe_position(conn: psycopg.Connection[tuple[object, ...]], wait_s: float) -> int:
     """W, a ``_cdc_seq`` for rows read after this returns, on the scale of the logical
-    stream's (change LSNs): the WAL insert position, once every transaction that was in
-    progress at W has ended, visibly to new snapshots (a transaction's commit record precedes
-    its end in the process array: its xid must have left the snapshot, not only its status
-    turned committed). Every change logged before W is then reflected in a later read (or was
-    rolled back); every change a later read misses is logged after W. ``capture.repair``
-    and logical-mode backfill read at it. On a session in autocommit."""
+    stream's (change LSNs): the WAL insert position, once every transaction that held an xid
+    at W has ended. Every change logged before W is then reflected in a later read (or was
+    rolled back); every change a later read misses is logged after W. ``capture.repair`` and
+    logical-mode backfill read at it. On a session in autocommit.
+
+    A transaction's end is seen by its transactionid lock going away (``pg_locks``): locks are
+    released after the transaction has left the process array, so a snapshot taken then sees
+    it (its commit status alone may turn committed earlier; a snapshot's xip list omits xids
+    at or above its xmax). Prepared transactions keep their lock until resolved."""
     row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
     assert row is not None
     position = int(str(row[0]))
@@ -143,8 +146,9 @@ def safe_position(conn: psycopg.Connection[tuple[object, ...]], wait_s: float) -
     first = True
     while first or running:
         found = conn.execute(
-            "SELECT ARRAY(SELECT x FROM pg_snapshot_xip(pg_current_snapshot()) x"
-            " WHERE %s OR x = ANY(%s::xid8[]))::text[]",
+            "SELECT ARRAY(SELECT transactionid::text FROM pg_locks"
+            " WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted"
+            " AND (%s OR transactionid::text = ANY(%s)))::text[]",
             (first, running),
         ).fetchone()
         running = [str(x) for x in found[0]] if found and isinstance(found[0], list) else []
