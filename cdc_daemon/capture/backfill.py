@@ -53,7 +53,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error, from_psycopg
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.copyread import copy_query
-from cdc_daemon.source.session import SourceSession, read_snapshot, translated
+from cdc_daemon.source.session import SourceSession, read_snapshot, safe_position, translated
 from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run, chunk_id
 from cdc_daemon.state.ledger import Producer
@@ -63,6 +63,8 @@ log = structlog.get_logger()
 
 APPLICATION_NAME = "cdc-daemon-backfill"
 # A chunk is one day: it is never cut (one object per day, plus quarantine objects).
+# How long a logical-mode run waits for the transactions open at its position.
+SAFE_POSITION_WAIT_S = 120.0
 _WHOLE_DAY = Limits(max_rows=2**62, max_bytes=2**62, max_days=2**31)
 
 
@@ -120,10 +122,12 @@ def parse_request(
     return Request(first, end, int(jobs), resume, dry_run, interval)
 
 
-def chunk_seq(mode: str) -> sql.Composable | None:
-    """The hook that decides a backfilled row's ``_cdc_seq``: "the position at which it was
-    read", such that a later live change of the row always has a higher one. None means the
-    watermark column, exactly as the live path writes it.
+def chunk_seq(
+    settings: Settings, conn: psycopg.Connection[tuple[object, ...]]
+) -> sql.Composable | None:
+    """A backfilled row's ``_cdc_seq``: "the position at which it was read", such that a later
+    live change of the row always has a higher one. None means the watermark column, exactly
+    as the live path writes it.
 
     Watermark mode: the live path's ``_cdc_seq`` is the row's id, and it exports inserts only:
     the content of a row with a given id never changes in what the daemon captures, and no
@@ -131,24 +135,17 @@ def chunk_seq(mode: str) -> sql.Composable | None:
     the live copy of the same row and holds the same values, so whichever the merge keeps
     ("highest ``_cdc_seq`` per id wins", ties between equal rows) the table is the same. Only a
     row updated in place, which watermark capture does not see, differs; a merge that breaks
-    ties by the later ``_cdc_ts`` then keeps the backfilled (newer) read. A higher seq would
-    claim a position the row was not read at; a lower one would let the live copy win always,
-    which is harmless but says nothing true.
+    ties by the later ``_cdc_ts`` then keeps the backfilled (newer) read.
 
-    Logical mode is refused: its seq would have to be the WAL position of the chunk's snapshot
-    in the live path's scale (changes ordered by commit LSN). ``pg_current_wal_lsn()`` in the
-    chunk's snapshot is not enough: a transaction whose commit record precedes it can still be
-    invisible to the snapshot, and its live change would then lose to the older backfilled row.
-    The exact point is the ``consistent_point`` of a temporary slot created with an exported
-    snapshot that every chunk imports; ``cdc-daemon resync --table`` exports a table of a
-    logical group again in the meantime.
-    """
-    if mode == "watermark":
+    Logical mode: W of ``source.session.safe_position``, taken once per run (and again when a
+    run resumes): the WAL insert position after every transaction open at it has ended. A
+    change logged before W is reflected in every chunk read later; one logged after W beats
+    the chunk's row, which it is newer than or reflected in. ``verify --repair`` reads at the
+    same position (``capture.repair``)."""
+    if settings.capture.mode != "logical":
         return None
-    raise ConfigError(
-        f"backfill is for capture.mode = 'watermark'; in {mode!r} mode export a table again "
-        "with `cdc-daemon resync --table T` (docs/logical.md)"
-    )
+    position = safe_position(conn, SAFE_POSITION_WAIT_S)
+    return sql.SQL("{}::bigint").format(sql.Literal(position))
 
 
 def new_run_id() -> str:
@@ -186,11 +183,23 @@ class ChunkReader(SourceSession):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, APPLICATION_NAME)
 
-    def describe(self) -> TableInfo:
+    def describe(self) -> tuple[TableInfo, tuple[str, ...]]:
+        """The table and its key as the configured mode captures it (logical mode: its
+        captured columns, the watermark slot holding the key's first column)."""
+        spec = self._settings.table_specs[0]
         try:
-            return describe_configured(self._session(), self._settings)
+            if self._settings.capture.mode == "logical":
+                from cdc_daemon.capture.logical.tables import describe as describe_logical
+
+                logical = describe_logical(self._session(), spec)
+                return logical.info, logical.key
+            table = describe_configured(self._session(), self._settings)
+            return table, (table.watermark.name,)
         except psycopg.Error as exc:
-            raise from_psycopg(exc, f"cannot read {self._settings.postgres.table}") from None
+            raise from_psycopg(exc, f"cannot read {spec.table}") from None
+
+    def seq(self) -> sql.Composable | None:
+        return chunk_seq(self._settings, self._session())
 
     def plan(self, table: TableInfo, first: date, end: date) -> tuple[list[tuple[date, int]], bool]:
         """(day, rows) of the days in ``[first, end)`` that have rows (an exact count, read
@@ -228,11 +237,13 @@ class ChunkReader(SourceSession):
         spool: DaySpool,
         seq: sql.Composable | None,
     ) -> None:
-        """Every row of ``day`` into the spool, in id order, in one REPEATABLE READ snapshot."""
+        """Every row of ``day`` into the spool, in id order, in one REPEATABLE READ snapshot
+        (logical mode: with the objects' empty ``_cdc_unchanged``)."""
         conn = self._session()
+        logical = self._settings.capture.mode == "logical"
         with translated(f"backfilling {table.qualified} for {day}"), read_snapshot(conn):
             where = table.days_between(day, day + timedelta(days=1))
-            query = copy_query(table, where, read_ts, seq)
+            query = copy_query(table, where, read_ts, seq, unchanged=logical)
             stream_rows(conn, query, spool, _WHOLE_DAY)
 
 
@@ -352,6 +363,7 @@ class Backfill:
         sink: S3Sink,
         jobs: int,
         quiet: bool = False,
+        key: tuple[str, ...] | None = None,
     ) -> None:
         self._settings = settings
         # On a terminal the bar shows progress: the line per chunk is for debug level only.
@@ -360,7 +372,16 @@ class Backfill:
         self._run = run
         self._ledger = ledger
         self._jobs = jobs
-        self._seq = chunk_seq(settings.capture.mode)
+        self._seq: sql.Composable | None = None  # ``chunk_seq`` (logical: set by ``run``)
+        self._logical = settings.capture.mode == "logical"
+        self._key = key or (table.watermark.name,)
+        columns = [c.name for c in table.columns]
+        if self._logical:
+            from cdc_daemon.capture.logical.tables import logical_header
+
+            self._header = logical_header(columns)
+        else:
+            self._header = table.header
         self._unit = UnitOfWork(settings, sink, crash_prefix="backfill_")
         self._retry = Retry(settings.daemon)
         self._recorded: dict[date, Chunk] = {}  # intent records written by this process
@@ -374,6 +395,13 @@ class Backfill:
 
     async def run(self, progress: Progress) -> None:
         todo = collections.deque(c for c in self._run.chunks if c.status != "uploaded")
+        if self._logical and todo:
+            reader = ChunkReader(self._settings)
+            try:
+                self._seq = await reader.run(reader.seq)
+            finally:
+                await asyncio.to_thread(reader.close)
+            log.info("backfill_position", run_id=self._run.run_id, seq=str(self._seq))
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(self._jobs, len(todo))):
@@ -440,7 +468,7 @@ class Backfill:
         chunk = self._recorded.get(chunk.day, chunk)
         redo = chunk.status == "pending"
         read_ts = chunk.read_ts if redo and chunk.read_ts else utc_now_iso()
-        spool = self._unit.new_spool(table.header, table.judge((table.watermark.name,)))
+        spool = self._unit.new_spool(self._header, table.judge(self._key, self._header))
         progress.active[chunk.day] = spool
         try:
             await reader.run(lambda: reader.read(table, chunk.day, read_ts, spool, self._seq))
@@ -451,6 +479,7 @@ class Backfill:
                 day=chunk.day,
                 read_ts=read_ts,
                 objects=(),
+                ledger=self._settings.ledger_name,
             )
             record = replace(
                 record, objects=self._unit.objects(table.qualified, record.batch_id, days)
@@ -559,10 +588,9 @@ async def run_backfill(settings: Settings, request: Request, out: TextIO | None 
 
 
 async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
-    chunk_seq(settings.capture.mode)  # refuse what cannot be done before anything else
     planner = ChunkReader(settings)
     try:
-        table = await planner.run(planner.describe)
+        table, key = await planner.run(planner.describe)
         # The count can take a while on a large range: a signal cancels it on the server.
         days, indexed = await planner.run(
             lambda: planner.plan(table, request.day_from, request.day_to)
@@ -610,7 +638,9 @@ async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
             )
         await ledger.try_lock(run.run_id)
         run = await ledger.run(run.run_id)  # as it is now that no one else works on it
-        return await _execute(settings, table, request, run, ledger, resumed=bool(found), out=out)
+        return await _execute(
+            settings, table, request, run, ledger, resumed=bool(found), out=out, key=key
+        )
     finally:
         await ledger.close()
 
@@ -623,6 +653,7 @@ async def _execute(
     ledger: BackfillLedger,
     resumed: bool,
     out: TextIO,
+    key: tuple[str, ...] | None = None,
 ) -> int:
     done = run.done
     progress = Progress(
@@ -649,7 +680,9 @@ async def _execute(
     async with AsyncExitStack() as stack:
         sink = await S3Sink.open(settings.s3, stack)
         await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
-        backfill = Backfill(settings, table, run, ledger, sink, request.jobs, quiet=terminal)
+        backfill = Backfill(
+            settings, table, run, ledger, sink, request.jobs, quiet=terminal, key=key
+        )
         if terminal:
             structlog.configure(
                 logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStdout()))

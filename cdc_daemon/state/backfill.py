@@ -94,6 +94,7 @@ class ChunkRecord(ObjectTotals):
     day: date
     read_ts: str
     objects: tuple[ObjectRecord, ...]
+    ledger: str = ""  # whose reconciler confirms it (a logical group's); empty: the table's
 
     @property
     def batch_id(self) -> str:
@@ -102,7 +103,7 @@ class ChunkRecord(ObjectTotals):
     @property
     def delivery(self) -> Delivery:
         return Delivery(
-            ledger=self.table,
+            ledger=self.ledger or self.table,
             producer=Producer.BACKFILL,
             producer_id=chunk_id(self.run_id, self.day),
             name=self.batch_id,
@@ -176,8 +177,8 @@ class BackfillLedger(Deliveries):
                 " coalesce(jsonb_array_length(d.objects), 0) AS objects,"
                 " coalesce(d.attempts, 0) AS attempts"
                 " FROM {schema}.backfill_chunks c JOIN {schema}.backfill_runs r USING (run_id)"
-                " LEFT JOIN {schema}.deliveries d ON d.ledger = r.table_name"
-                " AND d.producer = 'backfill' AND d.producer_id = c.delivery"
+                " LEFT JOIN {schema}.deliveries d"
+                " ON d.producer = 'backfill' AND d.producer_id = c.delivery"
                 " WHERE c.run_id = %s ORDER BY c.day"
             ),
             (run_id,),

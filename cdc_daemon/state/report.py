@@ -48,8 +48,8 @@ class LedgerReader(LedgerSession):
             " count(c.day) FILTER (WHERE d.status = 'loaded') AS days_loaded,"
             " coalesce(sum(d.rows), 0) AS rows"
             " FROM {schema}.backfill_runs r LEFT JOIN {schema}.backfill_chunks c USING (run_id)"
-            " LEFT JOIN {schema}.deliveries d ON d.ledger = r.table_name"
-            " AND d.producer = 'backfill' AND d.producer_id = c.delivery"
+            " LEFT JOIN {schema}.deliveries d"
+            " ON d.producer = 'backfill' AND d.producer_id = c.delivery"
             " WHERE r.table_name = %s GROUP BY r.run_id ORDER BY r.created_at DESC LIMIT %s",
             (table, limit),
         )

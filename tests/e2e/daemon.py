@@ -29,8 +29,13 @@ def write_config(
     tables: list[dict[str, Any]] = extra.pop("tables", [])
     seed = not tables and "table" not in extra.get("postgres", {})
     if seed:
-        # Without [[tables]] or postgres.table: the seed's table, as the demo configures it.
-        tables = [dict(SAMPLE_TABLE)]
+        # Without [[tables]] or postgres.table: the seed's table, as the demo configures it
+        # (a capture.partition_column given stands for the table's own).
+        capture = dict(extra.get("capture", {}))
+        partition = capture.pop("partition_column", SAMPLE_TABLE["partition_column"])
+        tables = [{**SAMPLE_TABLE, "partition_column": partition}]
+        if "capture" in extra:
+            extra["capture"] = capture
     sections: dict[str, dict[str, Any]] = {
         "postgres": {"dsn": pg_dsn},
         "capture": {"poll_interval_s": 0.1},

@@ -286,12 +286,6 @@ async def test_dry_run_writes_nothing(
             "has no column 'nope'",
         ),
         (
-            ["--from", "2010-12-01", "--to", "2010-12-05"],
-            {"mode": "logical"},
-            2,
-            "backfill is for capture.mode = 'watermark'",
-        ),
-        (
             ["--from", "2010-12-01", "--to", "2010-12-05", "--resume"],
             {},
             2,
@@ -310,9 +304,8 @@ async def test_bad_input_is_one_sentence(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A wrong date, an empty or reversed range, a bad --jobs, an unknown partition column,
-    logical mode (refused, resync named) or a --resume with nothing to resume end with one
-    sentence on stderr and a non-zero exit."""
+    """A wrong date, an empty or reversed range, a bad --jobs, an unknown partition column or
+    a --resume with nothing to resume end with one sentence on stderr and a non-zero exit."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 100, days=10)
     await init_ledger(make_settings(pg_dsn, s3_server, bucket, tmp_path))
