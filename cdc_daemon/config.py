@@ -491,6 +491,33 @@ class SnowflakeSettings(_Section):
         return self.account is not None
 
 
+class VerifySettings(_Section):
+    """Continuous verification: while the daemon runs (with a warehouse), each table is
+    compared with its warehouse table value by value, a slice of keys at a time
+    (docs/snowflake.md, "Verification")."""
+
+    interval_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds between two slices of each table; 0: no continuous verification "
+        "(`cdc-daemon verify` still runs on demand).",
+    )
+    rows_per_slice: int = Field(
+        default=100_000,
+        gt=0,
+        description="Rows of each table compared per slice: a table of N rows is verified whole "
+        "every N / rows_per_slice slices. A slice costs one aggregate query over its rows on "
+        "each side (Snowflake: one scan of those rows by the virtual warehouse), more where a "
+        "range differs.",
+    )
+    settle_s: float = Field(
+        default=180.0,
+        ge=0,
+        description="A key a slice finds differing is compared again after this long (a change "
+        "still in flight through Snowpipe and the merge) and reported only if it still differs.",
+    )
+
+
 class LogSettings(_Section):
     """Logging (structlog)."""
 
@@ -524,6 +551,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     log: LogSettings = LogSettings()
     snowflake: SnowflakeSettings = SnowflakeSettings()
+    verify: VerifySettings = VerifySettings()
     http: HttpSettings = HttpSettings()
 
     @property

@@ -117,6 +117,13 @@ class Worker:
                                 Reconciler(settings, self.metrics, self.heartbeats).run(self._stop)
                             )
                             capture.add_done_callback(lambda _: reconciler.cancel())
+                            if settings.verify.interval_s > 0:
+                                from cdc_daemon.reconcile.verify import RollingVerifier
+
+                                verifier = group.create_task(
+                                    RollingVerifier(settings, self.metrics).run(self._stop)
+                                )
+                                capture.add_done_callback(lambda _: verifier.cancel())
                 except BaseExceptionGroup as group:
                     # One loop failed and the group cancelled the rest: report that failure.
                     raise first_error(group) from None

@@ -178,6 +178,25 @@ class Metrics:
             ["loop"],
             registry=registry,
         )
+        self.verify_rows = Counter(
+            "cdc_verify_rows",
+            "Source rows the continuous verification compared with the warehouse.",
+            ["table", "member"],
+            registry=registry,
+        )
+        self.verify_differing = Gauge(
+            "cdc_verify_differing_keys",
+            "Keys the last verified slice found differing after its settle time "
+            "(fix: cdc-daemon verify --repair).",
+            ["table", "member"],
+            registry=registry,
+        )
+        self.verify_last_pass = Gauge(
+            "cdc_verify_last_full_pass_timestamp_seconds",
+            "When the last full pass over the table ended (Unix time; 0: none yet).",
+            ["table", "member"],
+            registry=registry,
+        )
         ProcessCollector(registry=registry)
         # Every series exists from the start (at zero), so rates and alerts see no gaps.
         for metric in (
@@ -271,6 +290,12 @@ class Metrics:
     def set_heartbeats(self, ages: Mapping[str, float]) -> None:
         for loop, age in ages.items():
             self.heartbeat_age.labels(loop).set(age)
+
+    def verified(self, member: str, rows: int, differing: int, last_pass_s: float | None) -> None:
+        """A slice of ``member`` compared with the warehouse."""
+        self.verify_rows.labels(self.table, member).inc(rows)
+        self.verify_differing.labels(self.table, member).set(differing)
+        self.verify_last_pass.labels(self.table, member).set(last_pass_s or 0)
 
     def set_lock(self, held: bool) -> None:
         self.lock_held.labels(self.table).set(1 if held else 0)

@@ -17,24 +17,32 @@ read again until they agree or the time is up, and only what persists is reporte
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
 import psycopg
+import structlog
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import ConfigError, from_psycopg
+from cdc_daemon.errors import CdcError, ConfigError, from_psycopg
 from cdc_daemon.names import TableName
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.state.verify import VerifyLedger, VerifyState
 from cdc_daemon.warehouse.canonical import Canon, canon, pg_row_hash, sf_row_hash
 from cdc_daemon.warehouse.client import Warehouse
 from cdc_daemon.warehouse.model import WarehouseTable, base_type
+
+log = structlog.get_logger()
 
 Key = tuple[Any, ...]
 Bound = Key | None
@@ -181,18 +189,46 @@ class TableVerifier:
 
     # -- the pass ------------------------------------------------------------------------
 
+    def slice_end(self, lo: Bound, rows: int) -> Bound:
+        """The key ``rows`` rows after ``lo`` in the source's key order (None: the end)."""
+        where, params = self._pg_where(lo, None)
+        keys = sql.SQL(", ").join(self._pg_key(k) for k in self._keys)
+        row = self._conn.execute(
+            sql.SQL("SELECT {k} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                k=keys, t=self._t.names.table.sql(), w=where
+            ),
+            [*params, rows],
+        ).fetchone()
+        if row is None:
+            return None
+        return tuple(self._key_value(k, v) for k, v in zip(self._keys, row, strict=True))
+
+    def recheck(self, keys: Sequence[dict[str, Any]]) -> list[RowDifference]:
+        """The keys (as reported) compared again: those that still differ."""
+        names = [k.column.source for k in self._keys]
+        found: dict[Key, RowDifference] = {}
+        as_keys = [tuple(d[n] for n in names) for d in keys]
+        for i in range(0, len(as_keys), 100):
+            found.update(self._compare_keys(as_keys[i : i + 100]))
+        return [found[k] for k in sorted(found, key=_sortable)]
+
     def run(
-        self, settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+        self,
+        settle_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        lo: Bound = None,
+        hi: Bound = None,
     ) -> TableResult:
+        """The keys in [lo, hi) (the whole table by default)."""
         started = clock()
         result = self._result
         result.null_only_columns = tuple(k.column.source for k in self._canons if not k.exact)
-        source, warehouse = self._sums(None, None)
+        source, warehouse = self._sums(lo, hi)
         result.source_rows, result.warehouse_rows = source.rows, warehouse.rows
         result.ranges = 1
         differing: dict[Key, RowDifference] = {}
         if source != warehouse:
-            self._bisect(None, None, source, warehouse, differing)
+            self._bisect(lo, hi, source, warehouse, differing)
         if differing and settle_s > 0:
             differing = self._settle(differing, settle_s, clock)
         result.differences = [differing[k] for k in sorted(differing, key=_sortable)]
@@ -525,3 +561,130 @@ def verify_group(
             wh.close()
     finally:
         conn.close()
+
+
+class RollingVerifier:
+    """Continuous verification (``verify`` settings): every ``interval_s``, a slice of
+    ``rows_per_slice`` keys of each table is compared with the warehouse, from where the last
+    slice of that table ended (``state.verify``); a key found differing is compared again after
+    ``settle_s`` and, if it still differs, logged once (``verify_difference``, with the keys'
+    count and the fix), counted in metrics and kept for ``status``. It never raises: a
+    failed round is logged and the next one runs."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._warned_schema = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self._settings.verify.interval_s
+        if interval <= 0:
+            return
+        # The first slice one interval after the start: the export comes first.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        while not stop.is_set():
+            try:
+                await self.round(stop)
+            except CdcError as exc:
+                log.warning("verify_round_failed", error=str(exc), retriable=exc.retriable)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def round(self, stop: asyncio.Event | None = None) -> list[VerifyState]:
+        """One slice of each table; returns the tables' states after it."""
+        from cdc_daemon.source.session import connect
+        from cdc_daemon.state.verify import VerifyLedger
+        from cdc_daemon.warehouse.model import read_catalog
+
+        settings = self._settings
+        ledger = await VerifyLedger.open_for(settings, "cdc-daemon-verify")
+        try:
+            if not await ledger.has_table():
+                if not self._warned_schema:
+                    self._warned_schema = True
+                    log.warning(
+                        "verify_needs_init",
+                        hint="run `cdc-daemon init`: the ledger has no verify_state table yet",
+                    )
+                return []
+            tables = await asyncio.to_thread(read_catalog, settings)
+            conn = await asyncio.to_thread(connect, settings.postgres, "cdc-daemon-verify")
+            try:
+                wh = await asyncio.to_thread(Warehouse.of_group(settings).connect)
+                try:
+                    out = []
+                    for t in tables:
+                        out.append(await self._slice(ledger, conn, wh, t, stop))
+                        if stop is not None and stop.is_set():
+                            break
+                    return out
+                finally:
+                    await asyncio.to_thread(wh.close)
+            finally:
+                await asyncio.to_thread(conn.close)
+        finally:
+            await ledger.close()
+
+    async def _slice(
+        self,
+        ledger: VerifyLedger,
+        conn: psycopg.Connection[Any],
+        wh: Warehouse,
+        table: WarehouseTable,
+        stop: asyncio.Event | None,
+    ) -> VerifyState:
+        cfg = self._settings.verify
+        name = table.names.table.key
+        state = await ledger.state(name)
+        verifier = TableVerifier(conn, wh, table)
+        lo = state.cursor
+        try:
+            hi = await asyncio.to_thread(verifier.slice_end, lo, cfg.rows_per_slice)
+            result = await asyncio.to_thread(verifier.run, 0.0, time.monotonic, lo, hi)
+            differing = result.differences
+            if differing and cfg.settle_s > 0:
+                log.info("verify_settling", table=name, keys=len(differing), seconds=cfg.settle_s)
+                if stop is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), cfg.settle_s)
+                    if stop.is_set():
+                        return state  # stopping: the slice is not judged (nor saved)
+                else:
+                    await asyncio.sleep(cfg.settle_s)
+                differing = await asyncio.to_thread(verifier.recheck, [d.key for d in differing])
+        except psycopg.Error as exc:
+            raise from_psycopg(exc, f"verifying {name}") from None
+        now = datetime.now(UTC)
+        keys = tuple(d.key for d in differing)
+        new = VerifyState(
+            name,
+            cursor=hi,
+            pass_started_at=now if lo is None else state.pass_started_at,
+            last_pass_at=now if hi is None else state.last_pass_at,
+            rows_verified=(0 if lo is None else state.rows_verified) + result.source_rows,
+            differing=keys[:1000],
+            checked_at=now,
+        )
+        await ledger.save(new)
+        if keys and set(map(_frozen, keys)) != set(map(_frozen, state.differing)):
+            log.warning(
+                "verify_difference",
+                table=name,
+                keys=len(keys),
+                sample=[dict(k) for k in keys[:5]],
+                hint=f"`cdc-daemon verify --table {table.names.table}` shows them; --repair "
+                "fixes them",
+            )
+        elif state.differing and not keys:
+            log.info("verify_difference_gone", table=name)
+        if hi is None:
+            log.info("verify_pass_done", table=name, rows=new.rows_verified)
+        if self._metrics is not None:
+            last = new.last_pass_at.timestamp() if new.last_pass_at else None
+            self._metrics.verified(name, result.source_rows, len(keys), last)
+        return new
+
+
+def _frozen(key: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, str(v)) for k, v in key.items()))

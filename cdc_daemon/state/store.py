@@ -36,6 +36,7 @@ from cdc_daemon.state.joins import (
 from cdc_daemon.state.ledger import BatchRecord, Delivery, ObjectRecord, Producer, Status
 from cdc_daemon.state.position import INT64_MIN, CaptureState
 from cdc_daemon.state.session import advisory_key
+from cdc_daemon.state.verify import VERIFY_DDL
 
 # 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
 # 4: deliveries, for every producer (state.deliveries); batches became stream_batches.
@@ -156,6 +157,7 @@ class Store(Deliveries):
             await self._conn.execute(self._q(DELIVERIES_DDL))
             await self._conn.execute(self._q(BACKFILL_DDL))
             await self._conn.execute(self._q(JOINS_DDL))
+            await self._conn.execute(self._q(VERIFY_DDL))
             await self._upgrade()
             await self._conn.execute(self._q(_BATCHES_VIEW))
             await self._conn.execute(

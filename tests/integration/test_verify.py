@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.cli import init, verify
@@ -22,11 +24,12 @@ from cdc_daemon.errors import ConfigError
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
-from cdc_daemon.reconcile.verify import TableResult, TableVerifier, verify_group
+from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.reconcile.verify import RollingVerifier, TableResult, TableVerifier, verify_group
 from cdc_daemon.source.session import connect
 from cdc_daemon.warehouse.client import Warehouse
 from tests.fix_warehouse import start_warehouse
-from tests.helpers import export_until_idle, make_settings
+from tests.helpers import export_until_idle, make_settings, wait_until
 from tests.integration.test_warehouse_groups import MORE_TYPES, create_more_types
 from tests.schemas import MANY_TYPES, create_many_types, pgbench_init, random_group_changes
 
@@ -315,5 +318,79 @@ async def test_logical_mode_backfill_restores_lost_days_and_verify_agrees(
         assert result.equal, result.lines()
         (row,) = wh.query("SELECT QUANTITY FROM SALES WHERE ID = %(i)s", {"i": one})
         assert int(row["QUANTITY"]) == 222
+    finally:
+        wh.stop()
+
+
+async def test_continuous_verification_walks_the_table_in_slices_and_reports_what_persists(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> None:
+    """The rolling verifier compares one slice of keys per round from where the last ended,
+    saving its place in the ledger; a full pass ends with the cursor back at the start. A
+    value changed in the warehouse is reported by the slice holding it (once, with the fix,
+    and in metrics); a difference that is gone by the settle time (a change in flight) is
+    not."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2_500, days=6)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        batch={"max_rows": 5_000},
+        verify={"rows_per_slice": 1_000, "settle_s": 0},
+    )
+    wh = start_warehouse(settings, warehouse_dir)
+    try:
+        settings = wh.settings
+        assert await init(settings) == 0
+        assert await export_until_idle(settings) == 0
+        wh.pump_until_quiet()
+        registry = CollectorRegistry()
+        metrics = Metrics(registry, settings.group)
+        verifier = RollingVerifier(settings, metrics)
+        (first,) = await verifier.round()
+        assert first.cursor == (1_001,)
+        assert first.rows_verified == 1_000
+        assert not first.differing
+        wh.query("UPDATE SALES SET COUNTRY = 'Atlantis' WHERE ID = 1500")
+        with capture_logs() as logs:
+            (second,) = await verifier.round()
+        assert second.cursor == (2_001,)
+        assert second.differing == ({"id": 1500},)
+        (warned,) = [e for e in logs if e["event"] == "verify_difference"]
+        assert warned["keys"] == 1
+        assert "--repair" in warned["hint"]
+        assert (
+            registry.get_sample_value(
+                "cdc_verify_differing_keys",
+                {"table": settings.group, "member": "public.ecommerce_sales"},
+            )
+            == 1
+        )
+        (third,) = await verifier.round()
+        assert third.cursor is None
+        assert third.last_pass_at is not None
+        assert third.rows_verified == 2_500
+        # A change in flight: differing when read, gone by the settle time: not reported.
+        settling = RollingVerifier(
+            settings.model_copy(
+                update={"verify": settings.verify.model_copy(update={"settle_s": 1.0})}
+            )
+        )
+        wh.query("UPDATE SALES SET QUANTITY = QUANTITY + 1 WHERE ID = 10")
+
+        async def arrives() -> None:
+            await wait_until(lambda: [e for e in logs if e["event"] == "verify_settling"], 30)
+            await asyncio.to_thread(
+                wh.query, "UPDATE SALES SET QUANTITY = QUANTITY - 1 WHERE ID = 10"
+            )
+
+        with capture_logs() as logs:
+            (fourth,), _ = await asyncio.gather(settling.round(), arrives())
+        assert fourth.cursor == (1_001,)
+        assert not fourth.differing
+        assert [e["keys"] for e in logs if e["event"] == "verify_settling"] == [1]
+        assert not [e for e in logs if e["event"] == "verify_difference"]
     finally:
         wh.stop()
