@@ -429,10 +429,13 @@ def write_report(settings: Settings, out: Path) -> int:
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to report on")
+    from cdc_daemon.state.verify import verify_states
+
     tables = report_tables(settings)
+    states = asyncio.run(verify_states(settings))
     wh = Warehouse.of_group(settings).connect()
     try:
-        write(out, wh.query, settings.postgres, settings.snowflake, tables, [])
+        write(out, wh.query, settings.postgres, settings.snowflake, tables, [], (), states)
     finally:
         wh.close()
     print(f"report: {out}")

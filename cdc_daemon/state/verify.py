@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cdc_daemon.config import Settings
 from cdc_daemon.state.session import LedgerSession
 
 # Run by ``Store.init_schema``; idempotent.
@@ -99,3 +100,12 @@ class VerifyLedger(LedgerSession):
                     s.checked_at,
                 ),
             )
+
+
+async def verify_states(settings: Settings) -> list[VerifyState]:
+    """Every table's state, on a session of its own (none before ``init`` made the table)."""
+    ledger = await VerifyLedger.open_for(settings, "cdc-daemon-report")
+    try:
+        return await ledger.states() if await ledger.has_table() else []
+    finally:
+        await ledger.close()

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from cdc_daemon.config import PostgresSettings, Settings, SnowflakeSettings
 from cdc_daemon.errors import from_psycopg
+from cdc_daemon.state.verify import VerifyState
 from cdc_daemon.warehouse.daytotals import DayTotals
 from cdc_daemon.warehouse.model import WarehouseTable, read_catalog
 
@@ -136,6 +137,37 @@ def _differing_list(counts: DayCounts) -> str:
     return f"<p class='bad'>Days that differ:</p><ul>{items}{more}</ul>"
 
 
+def _verification(states: Sequence[VerifyState]) -> str:
+    """The continuous verification per table: its last full pass, the current one's progress
+    and the keys the last slice left differing."""
+    if not states:
+        return (
+            "<h2>Verification</h2><p>No continuous verification has run yet (it runs in the "
+            "daemon every <code>verify.interval_s</code>; <code>cdc-daemon verify</code> runs "
+            "it on demand).</p>"
+        )
+    rows = []
+    for s in states:
+        differing = (
+            f"<b class='bad'>{len(s.differing)} key(s)</b>: "
+            + html.escape(", ".join(str(k) for k in s.differing[:5]))
+            if s.differing
+            else "none"
+        )
+        last = s.last_pass_at.strftime("%Y-%m-%d %H:%M UTC") if s.last_pass_at else "not yet"
+        checked = s.checked_at.strftime("%Y-%m-%d %H:%M UTC") if s.checked_at else "never"
+        rows.append(
+            f"<tr><td>{html.escape(s.table)}</td><td>{last}</td><td>{s.rows_verified}</td>"
+            f"<td>{checked}</td><td>{differing}</td></tr>"
+        )
+    return (
+        "<h2>Verification</h2><table><tr><th>table</th><th>last full pass</th>"
+        "<th>rows verified this pass</th><th>last slice</th><th>differing</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
 def write_report(
     path: Path,
     query: Query,
@@ -144,9 +176,11 @@ def write_report(
     tables: Sequence[ReportTable],
     summary: Sequence[str],
     charts: Sequence[Any] = (),
+    verification: Sequence[VerifyState] = (),
 ) -> None:
     """The page on ``tables``, from ``query`` (a warehouse session's) and the source database;
-    ``charts`` (pygal charts) follow the tables' own."""
+    ``charts`` (pygal charts) follow the tables' own; ``verification``: the continuous
+    verification's state per table (``state.verify``)."""
     rows = []
     sections = []
     try:
@@ -174,7 +208,11 @@ def write_report(
         "<h2>Tables</h2><table><tr><th>source</th><th>Snowflake</th><th>source rows</th>"
         "<th>Snowflake rows</th><th></th><th>last merged</th></tr>" + "".join(rows) + "</table>"
     )
-    body = "\n".join(sections + [f"<figure>{c.render(is_unicode=True)}</figure>" for c in charts])
+    body = "\n".join(
+        [_verification(verification)]
+        + sections
+        + [f"<figure>{c.render(is_unicode=True)}</figure>" for c in charts]
+    )
     items = "".join(f"<li>{html.escape(line)}</li>" for line in summary)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     path.write_text(

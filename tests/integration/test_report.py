@@ -19,6 +19,7 @@ from cdc_daemon.local.charts import sample_charts
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
+from cdc_daemon.state.verify import VerifyState
 from cdc_daemon.warehouse.report import report_tables, write_report
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, make_settings
@@ -95,7 +96,8 @@ async def test_the_report_shows_each_day_on_both_sides_and_calls_out_a_differenc
     """With every row loaded, the page says the table is equal on every day and Chromium draws
     both series (source blue, warehouse red, dashed over it) and the sample's charts; after a
     row is lost in the warehouse, the page names the day, with both counts, and the table as
-    differing."""
+    differing; the continuous verification's state is shown (none yet, then a differing
+    key)."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 3_000, days=12)
     assert await export_until_idle(warehouse.settings) == 0
@@ -125,6 +127,7 @@ async def test_the_report_shows_each_day_on_both_sides_and_calls_out_a_differenc
     )
     assert "Days that differ" not in dom
     assert "Revenue by country, top 12 (GBP, from INVOICES)" in dom
+    assert "No continuous verification has run yet" in dom
     shot = tmp_path / "report.png"
     _chromium(f"--screenshot={shot}", "--window-size=1000,2400", page.as_uri())
     assert _pixels_near(shot, SOURCE_RGB) > 500, "the source's line is not drawn"
@@ -139,8 +142,12 @@ async def test_the_report_shows_each_day_on_both_sides_and_calls_out_a_differenc
             " FROM ecommerce_sales s WHERE id = 7"
         ).fetchone()
     assert day is not None
-    write_report(page, warehouse.query, settings.postgres, settings.snowflake, tables, [])
+    states = [VerifyState("public.ecommerce_sales", rows_verified=5, differing=({"id": 7},))]
+    write_report(
+        page, warehouse.query, settings.postgres, settings.snowflake, tables, [], (), states
+    )
     dom = _chromium("--dump-dom", page.as_uri())
+    assert "1 key(s)</b>: {'id': 7}" in dom
     assert f"source and SALES: differ on 1 of {n_days} days" in dom
     assert f"{day[0]}: source {day[1]}, warehouse {day[1] - 1}" in dom
     assert '<b class="bad">differ</b>' in dom
