@@ -9,14 +9,15 @@ column of the source (the columns the warehouse has, ``model.from_catalog``):
 - ``sum(c)``: the exact sum, for integer and ``numeric`` columns (``NUMBER`` in Snowflake, summed
   without rounding on both sides);
 - ``length(c)``: the total length in characters, for ``text`` and ``varchar`` columns;
-- ``true(c)``: the values that are true, for ``boolean`` columns.
+- ``true(c)``: the values that are true, for ``boolean`` columns;
+- ``hash(row)``: the sum of ``verify``'s row hash (``warehouse.canonical``): the completeness
+  check is verify's comparison per day. It sees a changed value of every type with a canonical
+  form (integers, numerics, text, booleans, dates, timestamps, times, bytea, ...), also a text
+  changed to another of the same length; floats, JSON and arrays only by NULL or not.
 
-Floats, dates, timestamps, JSON, arrays and bytea are counted only: their sums or lengths are
-not the same number on both sides (float addition depends on order; JSON and bytea change form
-in the merge). So a changed value of those types, or a text changed to another of the same
-length, is not seen; a missing, extra or NULLed row or value is. A value the quarantine
-withheld (NULL in the warehouse, named in ``_CDC_QUARANTINED``) counts as a difference in its
-column.
+The per-column totals name where a day differs; the hash sees what they miss. A value the
+quarantine withheld (NULL in the warehouse, named in ``_CDC_QUARANTINED``) counts as a
+difference in its column.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Literal
 
 from psycopg import sql
 
+from cdc_daemon.warehouse.canonical import canon, pg_row_hash, sf_row_hash
 from cdc_daemon.warehouse.model import SfColumn, WarehouseTable, base_type
 
-Kind = Literal["count", "sum", "length", "true"]
+Kind = Literal["count", "sum", "length", "true", "hash"]
 
 _EXACT_NUMBERS = frozenset({"smallint", "integer", "bigint", "numeric"})
 _TEXT = frozenset({"text", "character varying"})
@@ -43,6 +45,8 @@ class Measure:
 
     @property
     def label(self) -> str:
+        if self.kind == "hash":
+            return "hash(row)"
         return f"{self.kind}({self.column.source})"
 
 
@@ -58,6 +62,9 @@ def measures(table: WarehouseTable) -> tuple[Measure, ...]:
             out.append(Measure("length", column))
         elif base == "boolean":
             out.append(Measure("true", column))
+    # The sum of verify's row hash (``warehouse.canonical``): any value of a hashed type that
+    # differs, whatever the sums and lengths above say.
+    out.append(Measure("hash", table.columns[0]))
     return tuple(out)
 
 
@@ -85,7 +92,7 @@ class DayTotals:
     def source_query(self, at_most: int | None) -> tuple[sql.Composed, tuple[int, ...]]:
         """PostgreSQL: (day text, row count, each measure) per day, on a session whose
         TimeZone is UTC."""
-        columns = [_pg_measure(m) for m in self.measures]
+        columns = [_pg_measure(m, self.table) for m in self.measures]
         where: sql.Composable = sql.SQL("")
         params: tuple[int, ...] = ()
         if self.watermark is not None and at_most is not None:
@@ -106,7 +113,9 @@ class DayTotals:
         """Snowflake: DAY, N (the row count) and M0, M1, ... (each measure) per day of the
         current-state table. Timestamps are loaded with their +00:00 offset, so TO_DATE gives
         the UTC day."""
-        columns = "".join(f", {_sf_measure(m)} AS M{i}" for i, m in enumerate(self.measures))
+        columns = "".join(
+            f", {_sf_measure(m, self.table)} AS M{i}" for i, m in enumerate(self.measures)
+        )
         where = ""
         if self.watermark is not None and at_most is not None:
             where = f" WHERE {self.watermark.q} <= {int(at_most)}"
@@ -116,7 +125,10 @@ class DayTotals:
         )
 
 
-def _pg_measure(m: Measure) -> sql.Composable:
+def _pg_measure(m: Measure, table: WarehouseTable) -> sql.Composable:
+    if m.kind == "hash":
+        canons = [canon(c) for c in table.columns]
+        return sql.SQL("coalesce(sum({}), 0)").format(pg_row_hash(canons))
     c = sql.Identifier(m.column.source)
     if m.kind == "count":
         return sql.SQL("count({})").format(c)
@@ -127,7 +139,9 @@ def _pg_measure(m: Measure) -> sql.Composable:
     return sql.SQL("count(*) FILTER (WHERE {})").format(c)
 
 
-def _sf_measure(m: Measure) -> str:
+def _sf_measure(m: Measure, table: WarehouseTable) -> str:
+    if m.kind == "hash":
+        return f"COALESCE(SUM({sf_row_hash([canon(c) for c in table.columns])}), 0)"
     c = m.column.q
     if m.kind == "count":
         return f"COUNT({c})"

@@ -29,7 +29,8 @@ TABLE = from_columns(Names(TableName("shop", "orders"), "ORDERS"), COLUMNS, ("id
 
 def test_each_type_gets_the_totals_both_sides_compute_alike() -> None:
     """Every column is counted; integers and numerics are summed, texts and varchars totalled
-    by length, booleans by their true values; floats and JSON are only counted."""
+    by length, booleans by their true values; floats and JSON are only counted; the rows'
+    verify hashes are summed last."""
     assert [m.label for m in measures(TABLE)] == [
         "count(id)",
         "sum(id)",
@@ -48,6 +49,7 @@ def test_each_type_gets_the_totals_both_sides_compute_alike() -> None:
         "count(doc)",
         "count(Odd Name)",
         "sum(Odd Name)",
+        "hash(row)",
     ]
 
 
@@ -65,8 +67,9 @@ def test_both_queries_total_the_same_measures_in_order() -> None:
     query, params = totals.source_query(41)
     source = query.as_string(None)
     assert params == (41,)
-    # count(*), then one count(...) or coalesce(...) per measure.
-    assert source.count("count(") + source.count("coalesce(") == 1 + len(totals.measures)
+    # count(*), then one count(...) or coalesce(sum(...)) per measure (the row hash's inner
+    # values are coalesce(<value>, chr(30))).
+    assert source.count("count(") + source.count("coalesce(sum(") == 1 + len(totals.measures)
     assert 'sum("Odd Name")' in source
     assert source.endswith('FROM "shop"."orders" WHERE "id" <= %s GROUP BY 1')
 
