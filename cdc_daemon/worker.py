@@ -36,12 +36,14 @@ from cdc_daemon.errors import (
     CdcError,
     TableFailedError,
     TransientError,
+    UnavailableError,
     first_error,
 )
 from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.state.ledger import Producer
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import Retry, UnitOfWork
 
@@ -182,7 +184,16 @@ class Worker:
             return None
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
-        await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
+        # A bucket that does not answer yet is waited for like any outage (and /healthz says
+        # so); one that does not exist, or refuses our credentials, is the user's mistake.
+        try:
+            await self._retry().run(
+                sink.check_bucket, "bucket_check", _nothing_to_note, stop=self._stop
+            )
+        except TransientError:
+            if self._stop.is_set():
+                return None
+            raise
         log.info(
             "daemon_started",
             group=group,
@@ -297,32 +308,46 @@ class Worker:
         async def note(exc: TransientError) -> None:
             await self._note_failure(pipeline, exc)
 
-        return await Retry(self._settings.daemon, self.metrics).run(
+        return await self._retry().run(
             lambda: pipeline.step(draining=self._exit_when_idle or self._stop.is_set()),
             "step",
             note,
             prepare,
+            stop=self._stop,
             table=pipeline.table,
         )
+
+    def _retry(self) -> Retry:
+        return Retry(self._settings.daemon, self.metrics, self._probe.outages)
 
     async def _give_up(self, pipeline: Pipeline, exc: CdcError) -> None:
         """Retries exhausted: the pending batch (if any) is marked failed with the reason; the
         daemon then exits non-zero, and the batch is redone first on the next start."""
         store = self._store
         failed: list[str] = []
-        if store is not None and not store.broken:
+        # Without the lock (another daemon took it while the ledger was away) the pending
+        # batch is that daemon's now.
+        if store is not None and not store.broken and self._lock_held:
             with contextlib.suppress(CdcError):
                 for name in pipeline.ledger_names:
                     failed += await store.mark_failed(name, str(exc))
         log.error("batch_failed", table=pipeline.table, batches=failed, error=str(exc))
 
     async def _note_failure(self, pipeline: Pipeline, exc: CdcError) -> None:
+        """Why the attempt failed, on the pending batch (``status`` shows it): with the
+        service down and since when during an outage. Not counted as an attempt: the next
+        attempt records the batch's intent again, which counts it (so the batch's attempts
+        and the ``attempt`` of the retry's log lines agree)."""
         store = self._store
-        if store is None or store.broken:
+        if store is None or store.broken or not self._lock_held:
             return  # the ledger itself is what failed; the retry reconnects first
+        reason = str(exc)
+        outage = self._probe.outages.down().get(exc.boundary or "")
+        if isinstance(exc, UnavailableError) and outage is not None:
+            reason = f"{exc.boundary} unavailable since {outage['since']}: {reason}"
         with contextlib.suppress(CdcError):
             for name in pipeline.ledger_names:
-                await store.note_failure(name, str(exc))
+                await store.note_attempt_failed(name, Producer.BATCH, reason, counted=False)
 
     async def _last_step(self, pipeline: Pipeline) -> None:
         await pipeline.step(draining=True)
@@ -343,6 +368,11 @@ class Worker:
                 try:
                     worked = step.result()
                 except TransientError as exc:
+                    if self._stop.is_set():
+                        # Stopping during an outage: the batch stays pending, with its reason,
+                        # and is redone first on the next start; the stop itself succeeded.
+                        log.warning("capture_stopped_waiting", table=pipeline.table, error=str(exc))
+                        return
                     await self._give_up(pipeline, exc)
                     raise
                 if worked:
@@ -360,6 +390,10 @@ class Worker:
         finally:
             stop_wait.cancel()
             self.heartbeats.forget("capture")
+
+
+async def _nothing_to_note(_exc: TransientError) -> None:
+    """A failed attempt outside a batch (the startup's bucket check): nothing to note."""
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:

@@ -207,7 +207,9 @@ class DaySpool:
     ) -> None:
         self._pool = pool
         self.judge = judge
-        self._dir = Path(tempfile.mkdtemp(prefix="cdc-batch-", dir=directory))
+        # Made with the first file: a pass that finds no rows leaves no folder behind.
+        self._parent = directory
+        self._folder: Path | None = None
         self._codec: Codec = codec
         self._level = level
         self._header = header
@@ -241,11 +243,16 @@ class DaySpool:
             kind = QuarantineFile if day.startswith(b"!") else DayFile
             found = self._days[day] = kind(
                 self,
-                self._dir / (name + EXTENSIONS[self._codec]),
+                self._file(name + EXTENSIONS[self._codec]),
                 make_compressor(self._codec, self._level, self._pool),
                 self._header,
             )
         return found
+
+    def _file(self, name: str) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="cdc-batch-", dir=self._parent))
+        return self._folder / name
 
     def withheld(self, day: bytes) -> DayFile:
         """The day's object of quarantined rows in their warehouse form (key ``?<day>``)."""
@@ -255,7 +262,7 @@ class DaySpool:
             header = self._header.rstrip(b"\n") + b"," + QUARANTINED_COLUMN.encode() + b"\n"
             found = self._days[key] = WithheldFile(
                 self,
-                self._dir / ("w-" + day.decode("ascii", "replace") + EXTENSIONS[self._codec]),
+                self._file("w-" + day.decode("ascii", "replace") + EXTENSIONS[self._codec]),
                 make_compressor(self._codec, self._level, self._pool),
                 header,
             )
@@ -308,8 +315,11 @@ class DaySpool:
         return out
 
     def discard(self) -> None:
+        """Remove the spool's files and folder; idempotent."""
         self._stop_compressor()
         for f in self._days.values():
             if not f.file.closed:
                 f.file.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
