@@ -56,19 +56,22 @@ class AlreadyRunningError(CdcError):
 
 
 class TransientError(CdcError):
-    """A server was unreachable or failed in a way that a retry can fix. One that is not an
-    ``UnavailableError`` is retried ``daemon.retry_attempts`` times at most: it may be a
-    mistake that only looks transient (a statement timeout too short, missing credentials)."""
+    """A server was unreachable or failed in a way that a retry can fix. An outage
+    (``unavailable``) is waited out without an attempt limit (``daemon.outage_max_s``); any
+    other is retried ``daemon.retry_attempts`` times at most, since it may be a mistake that
+    only looks transient (a statement timeout too short, missing credentials)."""
 
     retriable = True
     exit_code = 6
+    # The service did not answer, or answered that it cannot serve now: connection refused or
+    # lost, a timeout, 5xx, throttling, a server shutting down or starting. Only its return
+    # fixes that, and nothing is lost meanwhile.
+    unavailable: bool = False
 
-
-class UnavailableError(TransientError):
-    """The service did not answer, or answered that it cannot serve now: connection refused or
-    lost, a timeout, 5xx, throttling, a server shutting down or starting. An outage: waited
-    out without an attempt limit (``daemon.outage_max_s``), since only the service's return
-    fixes it and nothing is lost meanwhile."""
+    def outage(self) -> TransientError:
+        """This error as an outage (``unavailable``)."""
+        self.unavailable = True
+        return self
 
 
 class StorageError(CdcError):
@@ -148,7 +151,7 @@ def from_snowflake(exc: Exception, doing: str) -> CdcError:
         TimeoutError,
     )
     if isinstance(exc, unavailable):
-        return UnavailableError(message).at("snowflake")
+        return TransientError(message).outage().at("snowflake")
     if isinstance(exc, sf.Error):
         return TransientError(message).at("snowflake")
     return CdcError(message).at("snowflake")
@@ -174,9 +177,9 @@ def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
         detail = re.sub(r'"[^"]*"', '"..."', detail)
     if isinstance(exc, psycopg.OperationalError) and not sqlstate:
         # No SQLSTATE: libpq's own (connection refused, lost, timed out).
-        return UnavailableError(f"{doing}: {detail}").at("postgres")
+        return TransientError(f"{doing}: {detail}").outage().at("postgres")
     if sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
-        return UnavailableError(f"{doing}: {detail}").at("postgres")
+        return TransientError(f"{doing}: {detail}").outage().at("postgres")
     if sqlstate.startswith(_RETRIABLE_SQLSTATE_CLASSES):
         return TransientError(f"{doing}: {detail}").at("postgres")
     if sqlstate in ("42P01", "42703", "42501", "3F000"):
@@ -213,7 +216,7 @@ def _from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
         code = str(error.get("Code", ""))
         message = error.get("Message") or code
         if code in _UNAVAILABLE_S3_CODES:
-            return UnavailableError(f"{doing}: S3 answered {code}: {message}")
+            return TransientError(f"{doing}: S3 answered {code}: {message}").outage()
         if code in _RETRIABLE_S3_CODES:
             return TransientError(f"{doing}: S3 answered {code}: {message}")
         if code == "NoSuchBucket":
@@ -223,7 +226,7 @@ def _from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
         return StorageError(f"{doing}: S3 answered {code}: {message}")
     if isinstance(exc, (HTTPClientError, BotoConnectionError, IncompleteReadError)):
         # Connection refused or lost, timeouts, DNS: the endpoint may come back.
-        return UnavailableError(f"{doing}: {exc}")
+        return TransientError(f"{doing}: {exc}").outage()
     # The client's own (no credentials found, a parameter refused): worth a few attempts
     # (credentials from instance metadata may come late), not an outage.
     return TransientError(f"{doing}: {exc}")
@@ -232,7 +235,7 @@ def _from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
 def from_aiohttp(exc: aiohttp.ClientError | TimeoutError, doing: str) -> CdcError:
     """An HTTP client error that aiobotocore let through untranslated (a connection lost
     while a body was streamed): the endpoint went away."""
-    return UnavailableError(f"{doing}: {type(exc).__name__}: {exc}").at("s3")
+    return TransientError(f"{doing}: {type(exc).__name__}: {exc}").outage().at("s3")
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

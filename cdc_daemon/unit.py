@@ -40,7 +40,7 @@ import structlog
 from cdc_daemon.batch.csv import CONTENT_ENCODINGS, ZstdPool, header_line
 from cdc_daemon.batch.spool import DayObject, DaySpool, Judge
 from cdc_daemon.config import DaemonSettings, Settings, crash_point_from_env
-from cdc_daemon.errors import TransientError, UnavailableError, first_error
+from cdc_daemon.errors import TransientError, first_error
 from cdc_daemon.ops.health import Outages
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.sink.keys import object_key, quarantine_key
@@ -330,7 +330,7 @@ async def redo_pending(
 
 class Retry:
     """The one retry loop. A ``TransientError`` (what a retry can fix) is retried with capped
-    exponential backoff and jitter: an outage (``UnavailableError``: the service refuses, does
+    exponential backoff and jitter: an outage (``unavailable``: the service refuses, does
     not answer, answers 5xx or throttles) for as long as it lasts (``daemon.outage_max_s``,
     0: no end), any other up to ``daemon.retry_attempts`` attempts. Each failed attempt gets
     one ``<name>_failed`` line (``attempt``: the attempts of this run of failures, as the
@@ -358,16 +358,21 @@ class Retry:
         """The wait after ``failures`` failed attempts in a row: doubling from
         ``FIRST_WAIT_S``, capped, the upper half jittered so that daemons restarted together
         do not retry in step."""
-        capped = min(self._daemon.retry_max_wait_s, self.FIRST_WAIT_S * 2.0 ** min(failures - 1, 32))
+        doubled = self.FIRST_WAIT_S * 2.0 ** min(failures - 1, 32)
+        capped = min(self._daemon.retry_max_wait_s, doubled)
         return capped / 2 + random.uniform(0, capped / 2)  # noqa: S311 - jitter, not a secret
 
-    def gives_up(self, exc: TransientError, failures: int, down_s: float) -> bool:
+    def gives_up(self, exc: TransientError, failures: int, bounded: int, down_s: float) -> bool:
+        """After ``failures`` failed attempts in a row over ``down_s`` seconds, ``bounded`` of
+        them not outages: an outage past ``outage_max_s`` (and ``retry_attempts``), or the
+        ``retry_attempts``-th other error. The two are counted apart: the first answers of a
+        service coming back may be other transient errors (a replication slot still held by
+        the walsender of before the outage)."""
         daemon = self._daemon
-        if failures < daemon.retry_attempts:
-            return False
-        if not isinstance(exc, UnavailableError):
-            return True
-        return daemon.outage_max_s > 0 and down_s >= daemon.outage_max_s
+        if not exc.unavailable:
+            return bounded >= daemon.retry_attempts
+        limit = daemon.outage_max_s
+        return limit > 0 and down_s >= limit and failures >= daemon.retry_attempts
 
     async def run(
         self,
@@ -378,7 +383,7 @@ class Retry:
         stop: asyncio.Event | None = None,
         **fields: Any,
     ) -> T:
-        failures = 0
+        failures = bounded = 0
         first_failed = 0.0
         down: set[str] = set()
         while True:
@@ -391,11 +396,12 @@ class Retry:
                 if not failures:
                     first_failed = now
                 failures += 1
+                bounded += not exc.unavailable
                 service = exc.boundary or "unknown"
                 down.add(service)
                 outage = self._outages.failed(service, str(exc)) if self._outages else None
                 stopping = stop is not None and stop.is_set()
-                giving_up = stopping or self.gives_up(exc, failures, now - first_failed)
+                giving_up = stopping or self.gives_up(exc, failures, bounded, now - first_failed)
                 wait = 0.0 if giving_up else self.wait_s(failures)
                 log.warning(
                     f"{name}_failed",
@@ -439,6 +445,6 @@ class Retry:
     def _limit(self, exc: TransientError) -> dict[str, Any]:
         """What bounds the retries of ``exc``, for the log line."""
         daemon = self._daemon
-        if not isinstance(exc, UnavailableError):
+        if not exc.unavailable:
             return {"of": daemon.retry_attempts}
         return {"outage_max_s": daemon.outage_max_s} if daemon.outage_max_s else {}

@@ -36,7 +36,6 @@ from cdc_daemon.errors import (
     CdcError,
     TableFailedError,
     TransientError,
-    UnavailableError,
     first_error,
 )
 from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
@@ -287,14 +286,18 @@ class Worker:
 
     async def _reconnect_if_broken(self, pipeline: Pipeline) -> None:
         """After a transient failure: a lost ledger session also lost the lock; take it again
-        (and stop if another daemon took it meanwhile)."""
+        (and stop if another daemon took it meanwhile). A new session whose lock could not be
+        taken yet (the server went away again) is tried again the same way."""
         store = self._store
-        if store is not None and store.broken:
+        if store is not None and (store.broken or not self._lock_held):
             self._lock_held = False
-            new = await self._connect_store()
-            await new.try_lock(pipeline.table)
+            if store.broken:
+                with contextlib.suppress(Exception):
+                    await store.close()
+                store = await self._connect_store()
+            await store.try_lock(pipeline.table)
             self._lock_held = True
-            pipeline.replace_store(new)
+            pipeline.replace_store(store)
 
     async def _step_with_retries(self, pipeline: Pipeline) -> bool:
         """One step, retried on transient errors by the one retry loop (``unit.Retry``):
@@ -343,7 +346,7 @@ class Worker:
             return  # the ledger itself is what failed; the retry reconnects first
         reason = str(exc)
         outage = self._probe.outages.down().get(exc.boundary or "")
-        if isinstance(exc, UnavailableError) and outage is not None:
+        if isinstance(exc, TransientError) and exc.unavailable and outage is not None:
             reason = f"{exc.boundary} unavailable since {outage['since']}: {reason}"
         with contextlib.suppress(CdcError):
             for name in pipeline.ledger_names:
