@@ -399,7 +399,8 @@ class Retry:
                 bounded += not exc.unavailable
                 service = exc.boundary or "unknown"
                 down.add(service)
-                outage = self._outages.failed(service, str(exc)) if self._outages else None
+                outages = self._outages
+                outage = outages.failed(service, str(exc)) if outages is not None else None
                 stopping = stop is not None and stop.is_set()
                 giving_up = stopping or self.gives_up(exc, failures, bounded, now - first_failed)
                 wait = 0.0 if giving_up else self.wait_s(failures)
@@ -427,18 +428,15 @@ class Retry:
                         raise
                 continue
             if failures:
-                ended = [self._outages.recovered(s) for s in down] if self._outages else []
+                if self._outages is not None:
+                    for service in down:
+                        self._outages.recovered(service)
                 log.info(
                     f"{name}_recovered",
                     **fields,
+                    services=sorted(down),
                     attempts=failures + 1,
                     down_s=round(time.monotonic() - first_failed, 1),
-                    services=sorted(down),
-                    **(
-                        {"down_since": min(o.since for o in ended if o).isoformat()}
-                        if any(ended)
-                        else {}
-                    ),
                 )
             return result
 
