@@ -257,3 +257,46 @@ async def test_a_postgres_restart_is_waited_out_in_logical_mode_with_the_default
     assert {s for s, *_ in batches(pg_dsn)} <= {"uploaded", "loaded"}
     assert_rebuilt_equals_source(pg_dsn, s3_client, bucket)
     assert spool_folders(spool) == []
+
+
+async def test_a_stop_during_an_outage_is_prompt_and_loses_nothing(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """SIGTERM while S3 is down: the daemon does not wait for S3 (nor for the whole grace
+    period): it stops within seconds with 0, the batch stays pending with its reason, the
+    position unmoved, and no spool folder is left. Started again once S3 is back, it redoes
+    that batch first: every row lands exactly once."""
+    own = LocalS3().start()
+    client = boto3.client("s3", endpoint_url=own.endpoint_url, region_name="us-east-1")
+    client.create_bucket(Bucket="stop")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 10, days=1)
+    settings = make_settings(pg_dsn, own, "stop", spool, daemon={"shutdown_grace_s": 60})
+    try:
+        async with running_daemon(settings) as daemon:
+            await wait_until(lambda: exported_rows(client, "stop") == 10)
+            own.stop()
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                generate_sales(conn, 20, days=1)
+            await wait_until(lambda: (pending(pg_dsn) or (0, None))[0] >= 3, seconds=60)
+            started = time.monotonic()
+            assert await daemon.stopped(30) == 0
+            assert time.monotonic() - started < 15  # an attempt under way ends; no new one
+        found = pending(pg_dsn)
+        assert found is not None
+        assert found[1] is not None
+        assert found[1].startswith("s3 unavailable since ")
+        with psycopg.connect(pg_dsn) as conn:
+            assert conn.execute("SELECT high FROM cdc.positions").fetchone() == (10,)
+        assert spool_folders(spool) == []
+        own = LocalS3(port=own.port).start()
+        async with running_daemon(settings):
+            await wait_until(lambda: exported_rows(client, "stop") == 30)
+        rows = exported_rows(client, "stop")
+    finally:
+        own.stop()
+    assert rows == 30
+    assert [s for s, *_ in batches(pg_dsn)] == ["uploaded", "uploaded"]
+    assert spool_folders(spool) == []
