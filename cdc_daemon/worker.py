@@ -115,7 +115,12 @@ class Worker:
 
                             # Its own sessions; it never raises: Snowflake cannot stop export.
                             reconciler = group.create_task(
-                                Reconciler(settings, self.metrics, self.heartbeats).run(self._stop)
+                                Reconciler(
+                                    settings,
+                                    self.metrics,
+                                    self.heartbeats,
+                                    outages=self._probe.outages,
+                                ).run(self._stop)
                             )
                             capture.add_done_callback(lambda _: reconciler.cancel())
                 except BaseExceptionGroup as group:

@@ -115,9 +115,6 @@ class Outages:
         """``service`` answered again: the outage it ends, if there was one."""
         return self._down.pop(service, None)
 
-    def __bool__(self) -> bool:
-        return bool(self._down)
-
     def down(self) -> dict[str, dict[str, Any]]:
         now = self._clock()
         return {service: o.as_json(now) for service, o in sorted(self._down.items())}
@@ -367,11 +364,12 @@ class Supervisor:
     def _tell(self, failed: dict[str, str], tables_changed: bool = True) -> None:
         group = self._probe.table if self._probe is not None else None
         outages = self._probe.outages if self._probe is not None else None
+        down = outages.down() if outages is not None else {}
         if tables_changed and failed:
             log.error("group_degraded", group=group, failed_tables=sorted(failed))
         elif tables_changed:
             log.info("group_healthy", group=group)
-        if outages:
+        if outages is not None and down:
             self._notifier.status(f"waiting: {outages.summary()}; see /healthz")
         elif failed:
             self._notifier.status(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,10 +20,15 @@ from structlog.testing import capture_logs
 
 from cdc_daemon.config import DaemonSettings, load_settings
 from cdc_daemon.errors import TransientError, from_botocore, from_psycopg
-from cdc_daemon.ops.health import HealthServer, Heartbeats, Outages, Probe
+from cdc_daemon.ops.health import HealthServer, Heartbeats, Outages, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.unit import Retry
 from tests.helpers import SEED
+from tests.unit.test_health import LedgerlessProbe, drain, notify_socket
+
+# The fixture, from the health tests (imported, so that pytest finds it here too).
+__all__ = ["notify_socket"]
 
 
 class Failing:
@@ -161,7 +167,6 @@ async def test_the_outages_follow_the_retries() -> None:
         }
     }
     assert outages.down() == {}
-    assert not outages
 
 
 async def test_healthz_names_the_service_down_and_stays_alive() -> None:
@@ -226,3 +231,33 @@ def test_s3_outages(exc: Exception, outage_expected: bool) -> None:
     err = from_botocore(exc, "uploading")
     assert isinstance(err, TransientError)
     assert err.unavailable is outage_expected
+
+
+async def test_supervisor_tells_systemd_which_service_is_down(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a service is down systemd's status line says which and since when (what
+    ``systemctl status`` shows), once; when it is back the line says the daemon exports."""
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    settings = load_settings(None, postgres=SEED["postgres"], capture={"mode": "logical"})
+    notifier = SystemdNotifier()
+    probe = LedgerlessProbe(settings)
+    supervisor = Supervisor(settings, Heartbeats(), notifier, probe)
+    notify_socket.setblocking(False)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await probe.next_reads(2)
+        probe.outages.failed("s3", "uploading: Could not connect to the endpoint URL")
+        since = probe.outages.down()["s3"]["since"]
+        await probe.next_reads(3)
+        statuses = [m for m in drain(notify_socket) if m.startswith("STATUS=")]
+        assert statuses == [
+            f"STATUS=waiting: s3 down since {since} (1 failed attempt(s)); see /healthz"
+        ]
+        probe.outages.recovered("s3")
+        await probe.next_reads(2)
+        statuses = [m for m in drain(notify_socket) if m.startswith("STATUS=")]
+        assert statuses == ["STATUS=exporting ledgers"]
+    finally:
+        task.cancel()
+        notifier.close()
