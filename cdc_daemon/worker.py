@@ -24,6 +24,7 @@ from typing import TypeVar
 import structlog
 from prometheus_client import CollectorRegistry
 
+from cdc_daemon.batch.spool import sweep as sweep_spool
 from cdc_daemon.capture import Pipeline
 from cdc_daemon.capture.logical.pipeline import LogicalPipeline
 from cdc_daemon.capture.logical.source import LogicalSource
@@ -186,6 +187,11 @@ class Worker:
             await HealthServer(settings, self.metrics, self.heartbeats, self._probe).start(stack)
         if not await self._take_lock(store, group):
             return None
+        # Holding the lock: spool folders of an earlier run killed mid-batch go (its batch, if
+        # recorded, is redone from the source).
+        swept = await asyncio.to_thread(sweep_spool, settings.batch.spool_dir)
+        if swept:
+            log.info("spool_swept", folders=len(swept), spool_dir=str(settings.batch.spool_dir))
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
         # A bucket that does not answer yet is waited for like any outage (and /healthz says

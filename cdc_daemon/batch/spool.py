@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +38,45 @@ QUEUE_BLOCKS = 4
 
 # The column a row with withheld values carries: ``column:reason`` for each (``;``-separated).
 QUARANTINED_COLUMN = "_cdc_quarantined"
+
+
+# A batch's spool folder: ``cdc-batch-<pid>-<random>``, the pid of the process writing it, so
+# that a folder left by a process killed outright can be told from one in use (``sweep``).
+FOLDER_PREFIX = "cdc-batch-"
+_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"(\d+)-")
+
+
+def _folder_prefix() -> str:
+    return f"{FOLDER_PREFIX}{os.getpid()}-"
+
+
+def sweep(directory: Path | None) -> list[str]:
+    """Remove the spool folders in ``directory`` (the system's temporary folder when None)
+    left by processes that are gone: a process killed outright (SIGKILL, OOM, a power cut)
+    cannot remove its own. A folder of a live process (another daemon or a backfill sharing
+    the folder), of this one, or named otherwise is left alone. Returns the names removed."""
+    base = directory if directory is not None else Path(tempfile.gettempdir())
+    removed = []
+    for path in sorted(base.glob(FOLDER_PREFIX + "*")):
+        found = _FOLDER.match(path.name)
+        if found is None or not path.is_dir():
+            continue
+        pid = int(found.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
 
 
 class Judge(Protocol):
@@ -251,7 +292,7 @@ class DaySpool:
 
     def _file(self, name: str) -> Path:
         if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="cdc-batch-", dir=self._parent))
+            self._folder = Path(tempfile.mkdtemp(prefix=_folder_prefix(), dir=self._parent))
         return self._folder / name
 
     def withheld(self, day: bytes) -> DayFile:

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
@@ -18,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from psycopg import errors as pg
 from structlog.testing import capture_logs
 
+from cdc_daemon.batch.spool import sweep
 from cdc_daemon.config import DaemonSettings, load_settings
 from cdc_daemon.errors import TransientError, from_botocore, from_psycopg
 from cdc_daemon.ops.health import HealthServer, Heartbeats, Outages, Probe, Supervisor
@@ -261,3 +265,29 @@ async def test_supervisor_tells_systemd_which_service_is_down(
     finally:
         task.cancel()
         notifier.close()
+
+
+def test_sweep_removes_only_the_folders_of_processes_that_are_gone(tmp_path: Path) -> None:
+    """``spool.sweep`` removes a spool folder whose process is gone (with its files), and
+    leaves a live process's, this process's, and folders it did not name."""
+    dead_pid = _exited_pid()
+    names = {
+        "dead": f"cdc-batch-{dead_pid}-abc",
+        "ours": f"cdc-batch-{os.getpid()}-def",
+        "live": f"cdc-batch-{os.getppid()}-ghi",
+        "other": "cdc-batch-x1y2z3",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "2026-01-01.csv.gz").write_bytes(b"x")
+    assert sweep(tmp_path) == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[k] for k in ("ours", "live", "other")
+    )
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped): no process has it now."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
