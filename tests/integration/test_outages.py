@@ -300,3 +300,58 @@ async def test_a_stop_during_an_outage_is_prompt_and_loses_nothing(
     assert rows == 30
     assert [s for s, *_ in batches(pg_dsn)] == ["uploaded", "uploaded"]
     assert spool_folders(spool) == []
+
+
+@pytest.mark.usefixtures("drop_slots")
+async def test_an_s3_outage_is_waited_out_in_logical_mode_with_the_defaults(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """Logical mode, default retry limits: S3 goes away while changes stream in, for longer
+    than ``retry_attempts`` lasts. The batch stays pending (the slot is not advanced past
+    it), each attempt reads it again from the slot, and once S3 is back every change lands
+    once (the objects rebuild the source); the log's attempts and the ledger's agree, no batch
+    is failed, no spool folder is left."""
+    own = LocalS3().start()
+    client = boto3.client("s3", endpoint_url=own.endpoint_url, region_name="us-east-1")
+    client.create_bucket(Bucket="logical-outage")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    sales(pg_dsn, 30)
+    settings = make_settings(
+        pg_dsn,
+        own,
+        "logical-outage",
+        spool,
+        capture={"mode": "logical", "heartbeat_s": 0.2},
+        batch={"max_rows": 500},
+        daemon={"retry_max_wait_s": 0.5},
+    )
+    assert await init(settings) == 0
+    rng = random.Random(2929)
+    try:
+        with capture_logs() as logs:
+            async with running_daemon(settings) as daemon:
+                await wait_until(lambda: stream_pid(pg_dsn) is not None)
+                random_changes(pg_dsn, rng, 4)
+                await wait_until(lambda: ledger_at_least(pg_dsn, flush_lsn(pg_dsn)))
+                own.stop()
+                random_changes(pg_dsn, rng, 6)
+                await wait_until(
+                    lambda: (pending(pg_dsn) or (0, None))[0] > DEFAULT_ATTEMPTS + 1, seconds=120
+                )
+                assert not daemon.done()
+                own = LocalS3(port=own.port).start()
+                end = flush_lsn(pg_dsn)
+                await wait_until(lambda: ledger_at_least(pg_dsn, end))
+            assert_rebuilt_equals_source(pg_dsn, client, "logical-outage")
+    finally:
+        own.stop()
+    failed = [e for e in logs if e["event"] == "step_failed"]
+    recovered = [e for e in logs if e["event"] == "step_recovered"]
+    assert len(failed) > DEFAULT_ATTEMPTS
+    assert {e["service"] for e in failed} == {"s3"}
+    assert [e["attempts"] for e in recovered] == [len(failed) + 1]
+    statuses = batches(pg_dsn)
+    assert {s for s, *_ in statuses} == {"uploaded"}
+    assert max(a for _, _, a, _ in statuses) == len(failed) + 1
+    assert spool_folders(spool) == []
