@@ -336,7 +336,8 @@ class Retry:
     one ``<name>_failed`` line (``attempt``: the attempts of this run of failures, as the
     pending batch counts them) and is noted on the batch (``note``); a recovery gets one
     ``<name>_recovered`` line. ``prepare`` runs before every attempt (a heartbeat, a reconnect
-    of a broken ledger session). ``outages`` learns which service is down and since when.
+    of a broken ledger session). ``outages`` learns which service is down (an outage) and
+    since when.
 
     With ``stop`` set (a shutdown), no new attempt starts: the last error is raised at once,
     and the backoff wait ends with it. Otherwise the last error is raised on giving up."""
@@ -398,9 +399,12 @@ class Retry:
                 failures += 1
                 bounded += not exc.unavailable
                 service = exc.boundary or "unknown"
-                down.add(service)
-                outages = self._outages
-                outage = outages.failed(service, str(exc)) if outages is not None else None
+                # Only an outage is a service down (/healthz); a statement timeout is not.
+                outage = None
+                if exc.unavailable:
+                    down.add(service)
+                    if self._outages is not None:
+                        outage = self._outages.failed(service, str(exc))
                 stopping = stop is not None and stop.is_set()
                 giving_up = stopping or self.gives_up(exc, failures, bounded, now - first_failed)
                 wait = 0.0 if giving_up else self.wait_s(failures)

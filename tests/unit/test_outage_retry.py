@@ -91,11 +91,14 @@ async def test_an_outage_is_retried_past_retry_attempts() -> None:
 
 async def test_other_transient_errors_stop_at_retry_attempts() -> None:
     """A transient error that is not an outage (a statement timeout) is retried
-    ``retry_attempts`` times, then raised; the log lines say ``attempt`` of ``of``."""
+    ``retry_attempts`` times, then raised; the log lines say ``attempt`` of ``of``; the
+    service is not reported down."""
     step = Failing(*[other() for _ in range(10)])
+    outages = Outages()
     with capture_logs() as logs, pytest.raises(TransientError, match="statement timeout"):
-        await Retry(fast(retry_attempts=3)).run(step, "step", no_note)
+        await Retry(fast(retry_attempts=3), outages=outages).run(step, "step", no_note)
     assert step.calls == 3
+    assert outages.down() == {}  # failing, not down
     failed = [(e["attempt"], e["of"]) for e in logs if e["event"] == "step_failed"]
     assert failed == [(1, 3), (2, 3), (3, 3)]
 
