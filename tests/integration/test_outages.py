@@ -11,6 +11,7 @@ import random
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,14 @@ from tests.integration.test_logical import random_changes, sales
 from tests.integration.test_stream import flush_lsn, ledger_at_least, stream_pid
 
 DEFAULT_ATTEMPTS = DaemonSettings().retry_attempts
+
+
+def own_bucket(s3_client: Any) -> str:
+    """A bucket of this test's own: moto's state is shared by every server of the process, so
+    a name another test used would hold that test's objects too."""
+    name = f"outage-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
 
 
 def exported_rows(s3_client: Any, bucket: str) -> int:
@@ -93,7 +102,7 @@ async def test_an_s3_outage_is_waited_out_with_the_default_limits(
     failed, the daemon stops with 0, and no spool folder is left behind."""
     own = LocalS3().start()
     client = boto3.client("s3", endpoint_url=own.endpoint_url, region_name="us-east-1")
-    client.create_bucket(Bucket="outage")
+    bucket = own_bucket(client)
     port = free_port()
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -102,7 +111,7 @@ async def test_an_s3_outage_is_waited_out_with_the_default_limits(
     settings = make_settings(
         pg_dsn,
         own,
-        "outage",
+        bucket,
         spool,
         daemon={"retry_max_wait_s": 0.5},
         http={"address": f"127.0.0.1:{port}"},
@@ -112,7 +121,7 @@ async def test_an_s3_outage_is_waited_out_with_the_default_limits(
     try:
         with capture_logs() as logs:
             async with running_daemon(settings) as daemon:
-                await wait_until(lambda: exported_rows(client, "outage") == 10)
+                await wait_until(lambda: exported_rows(client, bucket) == 10)
                 own.stop()
                 with psycopg.connect(pg_dsn, autocommit=True) as conn:
                     generate_sales(conn, 20, days=1)
@@ -137,11 +146,11 @@ async def test_an_s3_outage_is_waited_out_with_the_default_limits(
                 # moto keeps its state in the process: the restarted server has the bucket.
                 own = LocalS3(port=own.port).start()
                 back_at = time.monotonic()
-                await wait_until(lambda: exported_rows(client, "outage") == 30)
+                await wait_until(lambda: exported_rows(client, bucket) == 30)
                 assert time.monotonic() - back_at < 10  # within seconds of its return
                 await wait_until(lambda: get(port, "/healthz")[1]["status"] == "ok", seconds=5)
                 assert (await asyncio.to_thread(get, port, "/healthz"))[1]["down"] == {}
-        rows = exported_rows(client, "outage")
+        rows = exported_rows(client, bucket)
     finally:
         own.stop()
     failed = [e for e in logs if e["event"] == "step_failed"]
@@ -268,15 +277,15 @@ async def test_a_stop_during_an_outage_is_prompt_and_loses_nothing(
     that batch first: every row lands exactly once."""
     own = LocalS3().start()
     client = boto3.client("s3", endpoint_url=own.endpoint_url, region_name="us-east-1")
-    client.create_bucket(Bucket="stop")
+    bucket = own_bucket(client)
     spool = tmp_path / "spool"
     spool.mkdir()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 10, days=1)
-    settings = make_settings(pg_dsn, own, "stop", spool, daemon={"shutdown_grace_s": 60})
+    settings = make_settings(pg_dsn, own, bucket, spool, daemon={"shutdown_grace_s": 60})
     try:
         async with running_daemon(settings) as daemon:
-            await wait_until(lambda: exported_rows(client, "stop") == 10)
+            await wait_until(lambda: exported_rows(client, bucket) == 10)
             own.stop()
             with psycopg.connect(pg_dsn, autocommit=True) as conn:
                 generate_sales(conn, 20, days=1)
@@ -293,8 +302,8 @@ async def test_a_stop_during_an_outage_is_prompt_and_loses_nothing(
         assert spool_folders(spool) == []
         own = LocalS3(port=own.port).start()
         async with running_daemon(settings):
-            await wait_until(lambda: exported_rows(client, "stop") == 30)
-        rows = exported_rows(client, "stop")
+            await wait_until(lambda: exported_rows(client, bucket) == 30)
+        rows = exported_rows(client, bucket)
     finally:
         own.stop()
     assert rows == 30
@@ -313,14 +322,14 @@ async def test_an_s3_outage_is_waited_out_in_logical_mode_with_the_defaults(
     is failed, no spool folder is left."""
     own = LocalS3().start()
     client = boto3.client("s3", endpoint_url=own.endpoint_url, region_name="us-east-1")
-    client.create_bucket(Bucket="logical-outage")
+    bucket = own_bucket(client)
     spool = tmp_path / "spool"
     spool.mkdir()
     sales(pg_dsn, 30)
     settings = make_settings(
         pg_dsn,
         own,
-        "logical-outage",
+        bucket,
         spool,
         capture={"mode": "logical", "heartbeat_s": 0.2},
         batch={"max_rows": 500},
@@ -343,7 +352,7 @@ async def test_an_s3_outage_is_waited_out_in_logical_mode_with_the_defaults(
                 own = LocalS3(port=own.port).start()
                 end = flush_lsn(pg_dsn)
                 await wait_until(lambda: ledger_at_least(pg_dsn, end))
-            assert_rebuilt_equals_source(pg_dsn, client, "logical-outage")
+            assert_rebuilt_equals_source(pg_dsn, client, bucket)
     finally:
         own.stop()
     failed = [e for e in logs if e["event"] == "step_failed"]
