@@ -194,16 +194,9 @@ class Worker:
             log.info("spool_swept", folders=len(swept), spool_dir=str(settings.batch.spool_dir))
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
-        # A bucket that does not answer yet is waited for like any outage (and /healthz says
-        # so); one that does not exist, or refuses our credentials, is the user's mistake.
-        try:
-            await self._retry().run(
-                sink.check_bucket, "bucket_check", _nothing_to_note, stop=self._stop
-            )
-        except TransientError:
-            if self._stop.is_set():
-                return None
-            raise
+        # Bounded, unlike an outage met while running: at the first contact a wrong endpoint
+        # is likelier than an outage (a supervisor starts the daemon again either way).
+        await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
         log.info(
             "daemon_started",
             group=group,
@@ -404,10 +397,6 @@ class Worker:
         finally:
             stop_wait.cancel()
             self.heartbeats.forget("capture")
-
-
-async def _nothing_to_note(_exc: TransientError) -> None:
-    """A failed attempt outside a batch (the startup's bucket check): nothing to note."""
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
