@@ -25,6 +25,7 @@ from cdc_daemon.cli import init
 from cdc_daemon.config import DaemonSettings
 from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalPostgres, LocalS3, free_port
+from tests.fix_warehouse import start_warehouse
 from tests.helpers import (
     assert_rebuilt_equals_source,
     make_settings,
@@ -364,3 +365,60 @@ async def test_an_s3_outage_is_waited_out_in_logical_mode_with_the_defaults(
     assert {s for s, *_ in statuses} == {"uploaded"}
     assert max(a for _, _, a, _ in statuses) == len(failed) + 1
     assert spool_folders(spool) == []
+
+
+async def test_a_snowflake_outage_is_named_by_healthz_and_ends_with_it(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, warehouse_dir: Path
+) -> None:
+    """Snowflake refuses connections while the daemon runs: export goes on (every batch
+    uploaded), /healthz answers 200 ``degraded`` naming snowflake and since when; once the
+    warehouse is up, the reconciler confirms every batch and snowflake is no longer down."""
+    sf_port, http_port = free_port(), free_port()
+    database = f"T_OUT_{uuid.uuid4().hex[:8].upper()}"
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        batch={"max_rows": 1_000},
+        http={"address": f"127.0.0.1:{http_port}"},
+        snowflake={
+            "account": "fakesnow",
+            "user": "fake",
+            "password": "snow",
+            "host": "127.0.0.1",
+            "port": sf_port,
+            "protocol": "http",
+            "dialect": "emulator",
+            "database": database,
+            "login_timeout_s": 1,
+            "query_timeout_s": 5,
+            "socket_timeout_s": 1,
+            "reconcile_interval_s": 0.2,
+            "missing_after_s": 1,
+        },
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 2_000, days=2)
+
+    def statuses() -> set[str]:
+        return {s for s, *_ in batches(pg_dsn)}
+
+    def snowflake_down() -> bool:
+        return "snowflake" in get(http_port, "/healthz")[1]["down"]
+
+    wh = None
+    try:
+        async with running_daemon(settings):
+            await wait_until(lambda: statuses() == {"uploaded"})
+            await wait_until(snowflake_down)
+            status, health = await asyncio.to_thread(get, http_port, "/healthz")
+            assert (status, health["status"]) == (200, "degraded")
+            assert health["down"]["snowflake"]["since"].endswith("Z")
+            wh = start_warehouse(settings, warehouse_dir, port=sf_port, database=database)
+            started = wh
+            await wait_until(lambda: (started.pump(), statuses() == {"loaded"})[1], seconds=120)
+            await wait_until(lambda: not snowflake_down(), seconds=30)
+    finally:
+        if wh is not None:
+            wh.stop()
