@@ -313,18 +313,33 @@ class DaemonSettings(_Section):
     retry_attempts: int = Field(
         default=8,
         ge=1,
-        description="Attempts of one step against transient errors (S3, PostgreSQL), with "
-        "exponential backoff and jitter, before the daemon gives up.",
+        description="Attempts of one step against a transient error that is not an outage (a "
+        "statement timeout, a deadlock, S3 refusing this host's clock, missing credentials), "
+        "with exponential backoff and jitter, before the daemon marks the batch failed and "
+        "exits 6. An outage (a service refusing connections, not answering, answering 5xx or "
+        "throttling, shutting down) is retried without this limit: see `outage_max_s`.",
     )
     retry_max_wait_s: float = Field(
-        default=30.0, gt=0, description="The longest wait between two attempts."
+        default=10.0,
+        gt=0,
+        description="The longest wait between two attempts (the backoff doubles up to it, "
+        "with jitter): also how long after a service's return the daemon resumes, at most.",
+    )
+    outage_max_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long an outage of S3, PostgreSQL or Snowflake is waited out (and at "
+        "least `retry_attempts` attempts) before the daemon marks the batch failed and exits "
+        "6; 0: without end, as long as it lasts (/healthz and /readyz name the service down "
+        "and since when, and the pending batch's reason in `status` says so).",
     )
     stall_timeout_s: float = Field(
         default=300.0,
         gt=0,
         description="A loop silent this long is stalled: /healthz fails and the systemd "
-        "watchdog is no longer fed. Above the longest legitimate step (a batch with its "
-        "retries).",
+        "watchdog is no longer fed. Above the longest legitimate attempt of a step (one "
+        "batch; the retry loop beats before each attempt, so an outage waited out is no "
+        "stall).",
     )
     wait_for_lock: bool = Field(
         default=False,

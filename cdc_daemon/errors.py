@@ -10,8 +10,15 @@ import asyncio
 import re
 from collections.abc import Mapping
 
+import aiohttp
 import psycopg
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 
 class CdcError(Exception):
@@ -49,10 +56,22 @@ class AlreadyRunningError(CdcError):
 
 
 class TransientError(CdcError):
-    """A server was unreachable or failed in a way that a retry can fix."""
+    """A server was unreachable or failed in a way that a retry can fix. An outage
+    (``unavailable``) is waited out without an attempt limit (``daemon.outage_max_s``); any
+    other is retried ``daemon.retry_attempts`` times at most, since it may be a mistake that
+    only looks transient (a statement timeout too short, missing credentials)."""
 
     retriable = True
     exit_code = 6
+    # The service did not answer, or answered that it cannot serve now: connection refused or
+    # lost, a timeout, 5xx, throttling, a server shutting down or starting. Only its return
+    # fixes that, and nothing is lost meanwhile.
+    unavailable: bool = False
+
+    def outage(self) -> TransientError:
+        """This error as an outage (``unavailable``)."""
+        self.unavailable = True
+        return self
 
 
 class StorageError(CdcError):
@@ -117,7 +136,23 @@ def from_snowflake(exc: Exception, doing: str) -> CdcError:
     if isinstance(exc, sf.DatabaseError) and str(getattr(exc, "sqlstate", "")).startswith("28"):
         # SQLSTATE class 28, invalid authorization: a wrong password or key; no retry fixes it.
         return ConfigError(message).at("snowflake")
-    if isinstance(exc, (sf.Error, OSError, TimeoutError)):
+    unavailable = (
+        sf.OperationalError,
+        sf.InterfaceError,
+        sf.InternalServerError,
+        sf.ServiceUnavailableError,
+        sf.GatewayTimeoutError,
+        sf.BadGatewayError,
+        sf.RequestTimeoutError,
+        sf.TooManyRequests,
+        sf.OtherHTTPRetryableError,
+        sf.RequestExceedMaxRetryError,
+        OSError,
+        TimeoutError,
+    )
+    if isinstance(exc, unavailable):
+        return TransientError(message).outage().at("snowflake")
+    if isinstance(exc, sf.Error):
         return TransientError(message).at("snowflake")
     return CdcError(message).at("snowflake")
 
@@ -126,6 +161,10 @@ def from_snowflake(exc: Exception, doing: str) -> CdcError:
 # failure or deadlock, operator intervention (admin shutdown, query canceled), insufficient
 # resources.
 _RETRIABLE_SQLSTATE_CLASSES = ("08", "40", "57", "53")
+# Of those, the server being away or out of something: connection exceptions, a shutdown
+# (admin, crash) or a start-up still under way, too many connections, out of disk or memory.
+# A query canceled (a statement timeout) or a deadlock is not: it may recur on every attempt.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53000", "53100", "53200", "53300")
 
 
 def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
@@ -137,7 +176,10 @@ def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
         # parse: that part may be the password, so quoted parts are left out.
         detail = re.sub(r'"[^"]*"', '"..."', detail)
     if isinstance(exc, psycopg.OperationalError) and not sqlstate:
-        return TransientError(f"{doing}: {detail}").at("postgres")
+        # No SQLSTATE: libpq's own (connection refused, lost, timed out).
+        return TransientError(f"{doing}: {detail}").outage().at("postgres")
+    if sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return TransientError(f"{doing}: {detail}").outage().at("postgres")
     if sqlstate.startswith(_RETRIABLE_SQLSTATE_CLASSES):
         return TransientError(f"{doing}: {detail}").at("postgres")
     if sqlstate in ("42P01", "42703", "42501", "3F000"):
@@ -145,8 +187,8 @@ def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
     return CdcError(f"{doing}: {detail}").at("postgres")
 
 
-# botocore error codes that mean "try again later"; everything else is a configuration problem.
-_RETRIABLE_S3_CODES = frozenset(
+# S3 error codes that mean "not now": the service is failing or throttling (an outage).
+_UNAVAILABLE_S3_CODES = frozenset(
     {
         "500",
         "502",
@@ -156,10 +198,12 @@ _RETRIABLE_S3_CODES = frozenset(
         "ServiceUnavailable",
         "SlowDown",
         "RequestTimeout",
-        "RequestTimeTooSkewed",
         "Throttling",
+        "ThrottlingException",
     }
 )
+# Worth a few attempts, not an outage: this host's clock must be fixed.
+_RETRIABLE_S3_CODES = frozenset({"RequestTimeTooSkewed"})
 
 
 def from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
@@ -171,6 +215,8 @@ def _from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         message = error.get("Message") or code
+        if code in _UNAVAILABLE_S3_CODES:
+            return TransientError(f"{doing}: S3 answered {code}: {message}").outage()
         if code in _RETRIABLE_S3_CODES:
             return TransientError(f"{doing}: S3 answered {code}: {message}")
         if code == "NoSuchBucket":
@@ -178,8 +224,18 @@ def _from_botocore(exc: BotoCoreError | ClientError, doing: str) -> CdcError:
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"{doing}: S3 denied access ({code})")
         return StorageError(f"{doing}: S3 answered {code}: {message}")
-    # Connection refused, timeouts, DNS: the endpoint may come back.
+    if isinstance(exc, (HTTPClientError, BotoConnectionError, IncompleteReadError)):
+        # Connection refused or lost, timeouts, DNS: the endpoint may come back.
+        return TransientError(f"{doing}: {exc}").outage()
+    # The client's own (no credentials found, a parameter refused): worth a few attempts
+    # (credentials from instance metadata may come late), not an outage.
     return TransientError(f"{doing}: {exc}")
+
+
+def from_aiohttp(exc: aiohttp.ClientError | TimeoutError, doing: str) -> CdcError:
+    """An HTTP client error that aiobotocore let through untranslated (a connection lost
+    while a body was streamed): the endpoint went away."""
+    return TransientError(f"{doing}: {type(exc).__name__}: {exc}").outage().at("s3")
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

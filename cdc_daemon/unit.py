@@ -20,26 +20,28 @@ the unit of work records and commits it there, whoever produced it, each time in
 transaction with the producer's own part (its ``Ledger``: ``state.store.Store`` for stream
 batches, ``capture.logical.join.JoinLedger`` for snapshot chunks,
 ``state.backfill.BackfillLedger`` for backfill chunks). Retries are ``Retry``'s, one loop for
-every boundary.
+every boundary: outages are waited out, other transient errors get a few attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import stamina
 import structlog
 
 from cdc_daemon.batch.csv import CONTENT_ENCODINGS, ZstdPool, header_line
 from cdc_daemon.batch.spool import DayObject, DaySpool, Judge
 from cdc_daemon.config import DaemonSettings, Settings, crash_point_from_env
 from cdc_daemon.errors import TransientError, first_error
+from cdc_daemon.ops.health import Outages
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.sink.keys import object_key, quarantine_key
 from cdc_daemon.sink.s3 import S3Sink
@@ -327,15 +329,51 @@ async def redo_pending(
 
 
 class Retry:
-    """The one retry loop: transient errors (``TransientError``: what a retry can fix) are
-    retried with exponential backoff and jitter (stamina), up to ``daemon.retry_attempts``.
-    Each failed attempt gets one ``<name>_failed`` line and is noted on the batch (``note``),
-    a recovery one ``<name>_recovered`` line; ``prepare`` runs before every attempt (a
-    heartbeat, a reconnect of a broken ledger session). The last error is raised."""
+    """The one retry loop. A ``TransientError`` (what a retry can fix) is retried with capped
+    exponential backoff and jitter: an outage (``unavailable``: the service refuses, does
+    not answer, answers 5xx or throttles) for as long as it lasts (``daemon.outage_max_s``,
+    0: no end), any other up to ``daemon.retry_attempts`` attempts. Each failed attempt gets
+    one ``<name>_failed`` line (``attempt``: the attempts of this run of failures, as the
+    pending batch counts them) and is noted on the batch (``note``); a recovery gets one
+    ``<name>_recovered`` line. ``prepare`` runs before every attempt (a heartbeat, a reconnect
+    of a broken ledger session). ``outages`` learns which service is down (an outage) and
+    since when.
 
-    def __init__(self, daemon: DaemonSettings, metrics: Metrics | None = None) -> None:
+    With ``stop`` set (a shutdown), no new attempt starts: the last error is raised at once,
+    and the backoff wait ends with it. Otherwise the last error is raised on giving up."""
+
+    # The first wait; each further one doubles, up to daemon.retry_max_wait_s.
+    FIRST_WAIT_S = 0.1
+
+    def __init__(
+        self,
+        daemon: DaemonSettings,
+        metrics: Metrics | None = None,
+        outages: Outages | None = None,
+    ) -> None:
         self._daemon = daemon
         self._metrics = metrics
+        self._outages = outages
+
+    def wait_s(self, failures: int) -> float:
+        """The wait after ``failures`` failed attempts in a row: doubling from
+        ``FIRST_WAIT_S``, capped, the upper half jittered so that daemons restarted together
+        do not retry in step."""
+        doubled = self.FIRST_WAIT_S * 2.0 ** min(failures - 1, 32)
+        capped = min(self._daemon.retry_max_wait_s, doubled)
+        return capped / 2 + random.uniform(0, capped / 2)  # noqa: S311 - jitter, not a secret
+
+    def gives_up(self, exc: TransientError, failures: int, bounded: int, down_s: float) -> bool:
+        """After ``failures`` failed attempts in a row over ``down_s`` seconds, ``bounded`` of
+        them not outages: an outage past ``outage_max_s`` (and ``retry_attempts``), or the
+        ``retry_attempts``-th other error. The two are counted apart: the first answers of a
+        service coming back may be other transient errors (a replication slot still held by
+        the walsender of before the outage)."""
+        daemon = self._daemon
+        if not exc.unavailable:
+            return bounded >= daemon.retry_attempts
+        limit = daemon.outage_max_s
+        return limit > 0 and down_s >= limit and failures >= daemon.retry_attempts
 
     async def run(
         self,
@@ -343,35 +381,72 @@ class Retry:
         name: str,
         note: Callable[[TransientError], Awaitable[None]],
         prepare: Callable[[], Awaitable[None]] | None = None,
+        stop: asyncio.Event | None = None,
         **fields: Any,
     ) -> T:
-        daemon = self._daemon
-        failures = 0
-        async for attempt in stamina.retry_context(
-            on=TransientError,
-            attempts=daemon.retry_attempts,
-            wait_max=daemon.retry_max_wait_s,
-            timeout=None,
-        ):
-            with attempt:
-                try:
-                    if prepare is not None:
-                        await prepare()
-                    result = await step()
-                except TransientError as exc:
-                    failures += 1
-                    log.warning(
-                        f"{name}_failed",
-                        **fields,
-                        attempt=attempt.num,
-                        of=daemon.retry_attempts,
-                        error=str(exc),
-                    )
-                    await note(exc)
-                    if self._metrics is not None and attempt.num < daemon.retry_attempts:
-                        self._metrics.retried(exc.boundary)
+        failures = bounded = 0
+        first_failed = 0.0
+        down: set[str] = set()
+        while True:
+            try:
+                if prepare is not None:
+                    await prepare()
+                result = await step()
+            except TransientError as exc:
+                now = time.monotonic()
+                if not failures:
+                    first_failed = now
+                failures += 1
+                bounded += not exc.unavailable
+                service = exc.boundary or "unknown"
+                # Only an outage is a service down (/healthz); a statement timeout is not.
+                outage = None
+                if exc.unavailable:
+                    down.add(service)
+                    if self._outages is not None:
+                        outage = self._outages.failed(service, str(exc))
+                stopping = stop is not None and stop.is_set()
+                giving_up = stopping or self.gives_up(exc, failures, bounded, now - first_failed)
+                wait = 0.0 if giving_up else self.wait_s(failures)
+                log.warning(
+                    f"{name}_failed",
+                    **fields,
+                    service=service,
+                    attempt=failures,
+                    **self._limit(exc),
+                    **({"down_since": outage.as_json(outage.since)["since"]} if outage else {}),
+                    retry_in_s=round(wait, 2) if not giving_up else None,
+                    error=str(exc),
+                )
+                await note(exc)
+                if giving_up:
                     raise
-                if failures:
-                    log.info(f"{name}_recovered", **fields, attempts=failures + 1)
-                return result
-        raise AssertionError("unreachable")  # pragma: no cover
+                if self._metrics is not None:
+                    self._metrics.retried(exc.boundary)
+                if stop is None:
+                    await asyncio.sleep(wait)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait)
+                    if stop.is_set():
+                        raise
+                continue
+            if failures:
+                if self._outages is not None:
+                    for service in down:
+                        self._outages.recovered(service)
+                log.info(
+                    f"{name}_recovered",
+                    **fields,
+                    services=sorted(down),
+                    attempts=failures + 1,
+                    down_s=round(time.monotonic() - first_failed, 1),
+                )
+            return result
+
+    def _limit(self, exc: TransientError) -> dict[str, Any]:
+        """What bounds the retries of ``exc``, for the log line."""
+        daemon = self._daemon
+        if not exc.unavailable:
+            return {"of": daemon.retry_attempts}
+        return {"outage_max_s": daemon.outage_max_s} if daemon.outage_max_s else {}

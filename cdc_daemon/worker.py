@@ -24,6 +24,7 @@ from typing import TypeVar
 import structlog
 from prometheus_client import CollectorRegistry
 
+from cdc_daemon.batch.spool import sweep as sweep_spool
 from cdc_daemon.capture import Pipeline
 from cdc_daemon.capture.logical.pipeline import LogicalPipeline
 from cdc_daemon.capture.logical.source import LogicalSource
@@ -42,6 +43,7 @@ from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.state.ledger import Producer
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import Retry, UnitOfWork
 
@@ -114,7 +116,12 @@ class Worker:
 
                             # Its own sessions; it never raises: Snowflake cannot stop export.
                             reconciler = group.create_task(
-                                Reconciler(settings, self.metrics, self.heartbeats).run(self._stop)
+                                Reconciler(
+                                    settings,
+                                    self.metrics,
+                                    self.heartbeats,
+                                    outages=self._probe.outages,
+                                ).run(self._stop)
                             )
                             capture.add_done_callback(lambda _: reconciler.cancel())
                             if settings.verify.interval_s > 0:
@@ -187,8 +194,15 @@ class Worker:
             await HealthServer(settings, self.metrics, self.heartbeats, self._probe).start(stack)
         if not await self._take_lock(store, group):
             return None
+        # Holding the lock: spool folders of an earlier run killed mid-batch go (its batch, if
+        # recorded, is redone from the source).
+        swept = await asyncio.to_thread(sweep_spool, settings.batch.spool_dir)
+        if swept:
+            log.info("spool_swept", folders=len(swept), spool_dir=str(settings.batch.spool_dir))
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
+        # Bounded, unlike an outage met while running: at the first contact a wrong endpoint
+        # is likelier than an outage (a supervisor starts the daemon again either way).
         await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
         log.info(
             "daemon_started",
@@ -283,14 +297,18 @@ class Worker:
 
     async def _reconnect_if_broken(self, pipeline: Pipeline) -> None:
         """After a transient failure: a lost ledger session also lost the lock; take it again
-        (and stop if another daemon took it meanwhile)."""
+        (and stop if another daemon took it meanwhile). A new session whose lock could not be
+        taken yet (the server went away again) is tried again the same way."""
         store = self._store
-        if store is not None and store.broken:
+        if store is not None and (store.broken or not self._lock_held):
             self._lock_held = False
-            new = await self._connect_store()
-            await new.try_lock(pipeline.table)
+            if store.broken:
+                with contextlib.suppress(Exception):
+                    await store.close()
+                store = await self._connect_store()
+            await store.try_lock(pipeline.table)
             self._lock_held = True
-            pipeline.replace_store(new)
+            pipeline.replace_store(store)
 
     async def _step_with_retries(self, pipeline: Pipeline) -> bool:
         """One step, retried on transient errors by the one retry loop (``unit.Retry``):
@@ -304,32 +322,46 @@ class Worker:
         async def note(exc: TransientError) -> None:
             await self._note_failure(pipeline, exc)
 
-        return await Retry(self._settings.daemon, self.metrics).run(
+        return await self._retry().run(
             lambda: pipeline.step(draining=self._exit_when_idle or self._stop.is_set()),
             "step",
             note,
             prepare,
+            stop=self._stop,
             table=pipeline.table,
         )
+
+    def _retry(self) -> Retry:
+        return Retry(self._settings.daemon, self.metrics, self._probe.outages)
 
     async def _give_up(self, pipeline: Pipeline, exc: CdcError) -> None:
         """Retries exhausted: the pending batch (if any) is marked failed with the reason; the
         daemon then exits non-zero, and the batch is redone first on the next start."""
         store = self._store
         failed: list[str] = []
-        if store is not None and not store.broken:
+        # Without the lock (another daemon took it while the ledger was away) the pending
+        # batch is that daemon's now.
+        if store is not None and not store.broken and self._lock_held:
             with contextlib.suppress(CdcError):
                 for name in pipeline.ledger_names:
                     failed += await store.mark_failed(name, str(exc))
         log.error("batch_failed", table=pipeline.table, batches=failed, error=str(exc))
 
     async def _note_failure(self, pipeline: Pipeline, exc: CdcError) -> None:
+        """Why the attempt failed, on the pending batch (``status`` shows it): with the
+        service down and since when during an outage. Not counted as an attempt: the next
+        attempt records the batch's intent again, which counts it (so the batch's attempts
+        and the ``attempt`` of the retry's log lines agree)."""
         store = self._store
-        if store is None or store.broken:
+        if store is None or store.broken or not self._lock_held:
             return  # the ledger itself is what failed; the retry reconnects first
+        reason = str(exc)
+        outage = self._probe.outages.down().get(exc.boundary or "")
+        if isinstance(exc, TransientError) and exc.unavailable and outage is not None:
+            reason = f"{exc.boundary} unavailable since {outage['since']}: {reason}"
         with contextlib.suppress(CdcError):
             for name in pipeline.ledger_names:
-                await store.note_failure(name, str(exc))
+                await store.note_attempt_failed(name, Producer.BATCH, reason, counted=False)
 
     async def _last_step(self, pipeline: Pipeline) -> None:
         await pipeline.step(draining=True)
@@ -350,6 +382,11 @@ class Worker:
                 try:
                     worked = step.result()
                 except TransientError as exc:
+                    if self._stop.is_set():
+                        # Stopping during an outage: the batch stays pending, with its reason,
+                        # and is redone first on the next start; the stop itself succeeded.
+                        log.warning("capture_stopped_waiting", table=pipeline.table, error=str(exc))
+                        return
                     await self._give_up(pipeline, exc)
                     raise
                 if worked:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +38,45 @@ QUEUE_BLOCKS = 4
 
 # The column a row with withheld values carries: ``column:reason`` for each (``;``-separated).
 QUARANTINED_COLUMN = "_cdc_quarantined"
+
+
+# A batch's spool folder: ``cdc-batch-<pid>-<random>``, the pid of the process writing it, so
+# that a folder left by a process killed outright can be told from one in use (``sweep``).
+FOLDER_PREFIX = "cdc-batch-"
+_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"(\d+)-")
+
+
+def _folder_prefix() -> str:
+    return f"{FOLDER_PREFIX}{os.getpid()}-"
+
+
+def sweep(directory: Path | None) -> list[str]:
+    """Remove the spool folders in ``directory`` (the system's temporary folder when None)
+    left by processes that are gone: a process killed outright (SIGKILL, OOM, a power cut)
+    cannot remove its own. A folder of a live process (another daemon or a backfill sharing
+    the folder), of this one, or named otherwise is left alone. Returns the names removed."""
+    base = directory if directory is not None else Path(tempfile.gettempdir())
+    removed = []
+    for path in sorted(base.glob(FOLDER_PREFIX + "*")):
+        found = _FOLDER.match(path.name)
+        if found is None or not path.is_dir():
+            continue
+        pid = int(found.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
 
 
 class Judge(Protocol):
@@ -207,7 +248,9 @@ class DaySpool:
     ) -> None:
         self._pool = pool
         self.judge = judge
-        self._dir = Path(tempfile.mkdtemp(prefix="cdc-batch-", dir=directory))
+        # Made with the first file: a pass that finds no rows leaves no folder behind.
+        self._parent = directory
+        self._folder: Path | None = None
         self._codec: Codec = codec
         self._level = level
         self._header = header
@@ -241,11 +284,16 @@ class DaySpool:
             kind = QuarantineFile if day.startswith(b"!") else DayFile
             found = self._days[day] = kind(
                 self,
-                self._dir / (name + EXTENSIONS[self._codec]),
+                self._file(name + EXTENSIONS[self._codec]),
                 make_compressor(self._codec, self._level, self._pool),
                 self._header,
             )
         return found
+
+    def _file(self, name: str) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix=_folder_prefix(), dir=self._parent))
+        return self._folder / name
 
     def withheld(self, day: bytes) -> DayFile:
         """The day's object of quarantined rows in their warehouse form (key ``?<day>``)."""
@@ -255,7 +303,7 @@ class DaySpool:
             header = self._header.rstrip(b"\n") + b"," + QUARANTINED_COLUMN.encode() + b"\n"
             found = self._days[key] = WithheldFile(
                 self,
-                self._dir / ("w-" + day.decode("ascii", "replace") + EXTENSIONS[self._codec]),
+                self._file("w-" + day.decode("ascii", "replace") + EXTENSIONS[self._codec]),
                 make_compressor(self._codec, self._level, self._pool),
                 header,
             )
@@ -308,8 +356,11 @@ class DaySpool:
         return out
 
     def discard(self) -> None:
+        """Remove the spool's files and folder; idempotent."""
         self._stop_compressor()
         for f in self._days.values():
             if not f.file.closed:
                 f.file.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)

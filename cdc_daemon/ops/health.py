@@ -15,6 +15,11 @@ still flow, a liveness failure would restart the daemon (stopping them, fixing n
 pod that is not ready drops out of its Service, so Prometheus would stop scraping the very
 gauge to alert on (``cdc_group_table_state{state="failed"}``).
 
+A service the retries find down (``down``: PostgreSQL, S3 or Snowflake, since when, the
+failed attempts, the last error; ``Outages``) makes /healthz say ``degraded`` with 200: the
+daemon waits it out and resumes by itself, and a restart would not bring the service back.
+/readyz lists it too (and fails its own check of that service while it is down).
+
 Probes use sessions of their own (``LedgerReader``), never the pipeline's ledger session.
 """
 
@@ -24,6 +29,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -68,6 +75,58 @@ class Heartbeats:
         return sorted(loop for loop, age in self.ages().items() if age > limit_s)
 
 
+@dataclass
+class Outage:
+    """One service down: since when (UTC), the attempts that failed on it, the last error."""
+
+    since: datetime
+    attempts: int = 0
+    error: str = ""
+
+    def as_json(self, now: datetime) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "for_s": round((now - self.since).total_seconds(), 1),
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+class Outages:
+    """The services (``CdcError.boundary``: postgres, s3, snowflake) the daemon's retries find
+    down now, and since when: fed by the retry loop (``unit.Retry``), read by /healthz,
+    /readyz, the supervisor (systemd's status line) and the reason noted on a pending batch
+    (``status``)."""
+
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._clock = clock
+        self._down: dict[str, Outage] = {}
+
+    def failed(self, service: str, error: str) -> Outage:
+        """An attempt failed on ``service``: down since its first failure in a row."""
+        outage = self._down.get(service)
+        if outage is None:
+            outage = self._down[service] = Outage(self._clock())
+        outage.attempts += 1
+        outage.error = error
+        return outage
+
+    def recovered(self, service: str) -> Outage | None:
+        """``service`` answered again: the outage it ends, if there was one."""
+        return self._down.pop(service, None)
+
+    def down(self) -> dict[str, dict[str, Any]]:
+        now = self._clock()
+        return {service: o.as_json(now) for service, o in sorted(self._down.items())}
+
+    def summary(self) -> str:
+        """One line for systemd's status: which services are down, since when."""
+        return "; ".join(
+            f"{service} down since {o['since']} ({o['attempts']} failed attempt(s))"
+            for service, o in self.down().items()
+        )
+
+
 class Probe:
     """What readiness needs to know, filled in by the worker as startup proceeds."""
 
@@ -80,6 +139,8 @@ class Probe:
         self.table: str | None = None
         # A logical group's failed tables (name -> reason), as ``check_tables`` last read them.
         self.failed_tables: dict[str, str] = {}
+        # The services the retries find down now (the worker's retry loop feeds it).
+        self.outages = Outages()
         self._reader: LedgerReader | None = None
         self._source: psycopg.AsyncConnection[Any] | None = None
 
@@ -221,10 +282,14 @@ class HealthServer:
         limit = self._settings.daemon.stall_timeout_s
         stalled = self._heartbeats.stalled(limit)
         failed = self._probe.failed_tables
+        # A service down is waited out by the retries: degraded, still alive (a restart of
+        # the daemon would not bring the service back).
+        down = self._probe.outages.down()
         body = {
-            "status": "stalled" if stalled else "degraded" if failed else "ok",
+            "status": "stalled" if stalled else "degraded" if failed or down else "ok",
             "stalled": stalled,
             "failed_tables": failed,
+            "down": down,
             "loops": {k: round(v, 3) for k, v in self._heartbeats.ages().items()},
             "stall_timeout_s": limit,
         }
@@ -238,6 +303,7 @@ class HealthServer:
                 "status": ("degraded" if failed else "ready") if ready else "not_ready",
                 "checks": checks,
                 "failed_tables": failed,
+                "down": self._probe.outages.down(),
             },
             status=200 if ready else 503,
         )
@@ -277,6 +343,7 @@ class Supervisor:
     async def run(self) -> None:
         limit = self._settings.daemon.stall_timeout_s
         warned: list[str] = []
+        was_down: list[str] = []
         while True:
             stalled = self._heartbeats.stalled(limit)
             if not stalled:
@@ -288,17 +355,25 @@ class Supervisor:
                 # After the ping: a slow ledger delays the next round, never this one's ping.
                 before = dict(self._probe.failed_tables)
                 failed = await self._probe.check_tables()
-                if failed != before:
-                    self._tell(failed)
+                down = sorted(self._probe.outages.down())
+                if failed != before or down != was_down:
+                    self._tell(failed, tables_changed=failed != before)
+                was_down = down
             await asyncio.sleep(self.interval_s)
 
-    def _tell(self, failed: dict[str, str]) -> None:
+    def _tell(self, failed: dict[str, str], tables_changed: bool = True) -> None:
         group = self._probe.table if self._probe is not None else None
-        if failed:
+        outages = self._probe.outages if self._probe is not None else None
+        down = outages.down() if outages is not None else {}
+        if tables_changed and failed:
             log.error("group_degraded", group=group, failed_tables=sorted(failed))
+        elif tables_changed:
+            log.info("group_healthy", group=group)
+        if outages is not None and down:
+            self._notifier.status(f"waiting: {outages.summary()}; see /healthz")
+        elif failed:
             self._notifier.status(
                 f"degraded: failed table(s) {', '.join(sorted(failed))}; see cdc-daemon status"
             )
         else:
-            log.info("group_healthy", group=group)
             self._notifier.status(f"exporting {group}")

@@ -34,7 +34,7 @@ import structlog
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import CdcError, TransientError
-from cdc_daemon.ops.health import Heartbeats
+from cdc_daemon.ops.health import Heartbeats, Outages
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.reconcile.completeness import DayDifference, Scope, check_group
 from cdc_daemon.state.ledger import Delivery, Status
@@ -209,11 +209,15 @@ class Reconciler:
         metrics: Metrics | None = None,
         heartbeats: Heartbeats | None = None,
         warehouse: Warehouse | None = None,
+        outages: Outages | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._heartbeats = heartbeats
         self._tables = [spec.qualified for spec in settings.table_specs]
+        # Where a service down (Snowflake, its ledger session) is told, for /healthz.
+        self._outages = outages
+        self._down: set[str] = set()
         # Where its batches are in the ledger (the group's name in logical mode).
         self._ledger_name = settings.ledger_name
         self._prefix = settings.s3.prefix
@@ -479,8 +483,15 @@ class Reconciler:
                     if failures:
                         log.info("reconcile_recovered", attempts=failures + 1)
                     failures = 0
+                    while self._down and self._outages is not None:
+                        self._outages.recovered(self._down.pop())
                 except CdcError as exc:
                     failures += 1
+                    outages = self._outages
+                    if isinstance(exc, TransientError) and exc.unavailable and outages is not None:
+                        service = exc.boundary or "snowflake"
+                        self._down.add(service)
+                        outages.failed(service, str(exc))
                     if self._metrics is not None:
                         self._metrics.retried("snowflake")
                     delay = min(sf.reconcile_interval_s * 2 ** (failures - 1), 10 * delay)

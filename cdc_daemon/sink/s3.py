@@ -12,13 +12,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import stamina
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cdc_daemon.config import S3Settings
-from cdc_daemon.errors import TransientError, first_error, from_botocore
+from cdc_daemon.errors import TransientError, first_error, from_aiohttp, from_botocore
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -99,6 +100,8 @@ class S3Sink:
                     f"checking bucket {self.bucket!r}",
                 ) from None
             raise from_botocore(exc, f"checking bucket {self.bucket!r}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise from_aiohttp(exc, f"checking bucket {self.bucket!r}") from None
 
     async def create_bucket(self) -> None:
         """For local servers (the demo, tests); production buckets are made by their owners."""
@@ -144,6 +147,8 @@ class S3Sink:
                 await self._multipart(key, path, size, extra)
         except (BotoCoreError, ClientError) as exc:
             raise from_botocore(exc, f"uploading s3://{self.bucket}/{key}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise from_aiohttp(exc, f"uploading s3://{self.bucket}/{key}") from None
 
     async def _multipart(self, key: str, path: Path, size: int, extra: dict[str, Any]) -> None:
         part_size = self._settings.part_size

@@ -122,7 +122,8 @@ class Deliveries(LedgerSession):
     async def record(self, delivery: Delivery, intent: Callable[[], Awaitable[object]]) -> None:
         """The intent record: the delivery ``pending`` with its objects (again, with one more
         attempt, for a redo of one not in S3 yet) and the producer's own ``intent``, in one
-        transaction. Refused for a delivery already in S3."""
+        transaction. Refused for a delivery already in S3. A redo keeps the reason the last
+        attempt failed until the delivery commits: ``status`` shows it while retries go on."""
         async with self.transaction(f"recording {delivery.name}"):
             cur = await self._conn.execute(
                 self._q(
@@ -134,7 +135,7 @@ class Deliveries(LedgerSession):
                     " name = EXCLUDED.name, rows = EXCLUDED.rows, raw_bytes = EXCLUDED.raw_bytes,"
                     " size = EXCLUDED.size, objects = EXCLUDED.objects,"
                     " checksum = EXCLUDED.checksum, read_ts = EXCLUDED.read_ts,"
-                    " status = 'pending', error = NULL WHERE "
+                    " status = 'pending' WHERE "
                     + UNFINISHED.replace("status", "{schema}.deliveries.status").replace(
                         "uploaded_at", "{schema}.deliveries.uploaded_at"
                     )

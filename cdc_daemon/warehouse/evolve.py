@@ -201,10 +201,14 @@ class SchemaGuard:
             self._known[n.landing] = self._ledger(n, have)
         except CdcError as exc:
             self.close()
-            raise TransientError(
+            held = TransientError(
                 f"{n.source}: its objects name a column {n.landing} lacks, and it could not be "
                 f"added ({exc}); nothing of this table is uploaded until it is"
-            ) from None
+            )
+            # Snowflake down: an outage the retries wait out, like the service's own error.
+            if isinstance(exc, TransientError) and exc.unavailable:
+                held.outage()
+            raise held.at(exc.boundary or "snowflake") from None
 
     def close(self) -> None:
         if self._wh is not None:

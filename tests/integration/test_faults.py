@@ -209,9 +209,10 @@ async def test_postgres_restart_is_waited_out(
 async def test_persistent_failure_marks_the_batch_failed_then_recovers(
     pg_dsn: str, s3_server: LocalS3, s3_proxy: Any, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
-    """S3 keeps failing past the retry limit: the daemon marks the batch failed with S3's
-    answer and exits with the error; the position does not move. Started again once S3 is
-    healthy, it redoes that batch first and nothing is lost."""
+    """S3 keeps failing past the retry limit (an outage, so ``outage_max_s``: by default one
+    is waited out): the daemon marks the batch failed with S3's answer and exits with the
+    error; the position does not move. Started again once S3 is healthy, it redoes that batch
+    first and nothing is lost."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 50, days=1)
     settings = make_settings(
@@ -220,7 +221,7 @@ async def test_persistent_failure_marks_the_batch_failed_then_recovers(
         bucket,
         tmp_path,
         s3={"endpoint_url": s3_proxy.endpoint_url},
-        daemon={"retry_max_wait_s": 0.05, "retry_attempts": 3},
+        daemon={"retry_max_wait_s": 0.05, "retry_attempts": 3, "outage_max_s": 0.5},
     )
     async with running_daemon(settings) as daemon:
         await wait_until(lambda: exported_rows(s3_client, bucket) == 50)

@@ -135,6 +135,7 @@ class WatermarkPipeline:
                 lambda: self._source.run_pass(state, limits, read_ts, spool, self._decide(draining))
             )
             if result.spec is None:
+                await asyncio.to_thread(spool.discard)
                 await self.drain()
                 if result.state != state and result.state.low != state.low:
                     await self._store.commit_position(self.table, state, result.state)
@@ -170,6 +171,9 @@ class WatermarkPipeline:
 
         # Uploads overlap the next pass's read: S3 I/O in the event loop, COPY in a thread.
         self._inflight = asyncio.create_task(upload_in_background())
+        # A task cancelled before it ran never reaches its ``finally``: its spool goes here (a
+        # no-op once that ``finally`` discarded it).
+        self._inflight.add_done_callback(lambda _: spool.discard())
         return True
 
     async def _redo(self, pending: BatchRecord) -> None:
