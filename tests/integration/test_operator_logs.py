@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -166,24 +166,27 @@ async def test_a_healthy_run_logs_nothing_at_warning_or_error(
     stop = threading.Event()
     pump = threading.Thread(target=logical_shop.pump_forever, args=(stop, 0.05))
 
-    def confirmed() -> bool:
-        with psycopg.connect(pg_dsn) as conn:
-            row = conn.execute(
-                "SELECT count(*) FILTER (WHERE status <> 'loaded'), count(*) FROM cdc.deliveries"
-            ).fetchone()
-        return row is not None and row[0] == 0 and row[1] >= 4
+    def confirmed(deliveries: int) -> Callable[[], bool]:
+        def check() -> bool:
+            with psycopg.connect(pg_dsn) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FILTER (WHERE status <> 'loaded'), count(*)"
+                    " FROM cdc.deliveries"
+                ).fetchone()
+            return row is not None and row[0] == 0 and row[1] >= deliveries
+
+        return check
 
     with capture_logs() as logs:
         pump.start()
         try:
             async with running_daemon(settings):
-                await wait_until(confirmed, 120)
+                await wait_until(confirmed(3), 120)  # the snapshot: a chunk per table
                 with psycopg.connect(pg_dsn, options=SYNC, autocommit=True) as conn:
                     conn.execute("INSERT INTO shop.customers (name) VALUES ('new')")
                     conn.execute("UPDATE shop.orders SET amount = amount + 1 WHERE id < 5")
                     conn.execute("DELETE FROM shop.order_lines WHERE id > 55")
-                await asyncio.sleep(1)
-                await wait_until(confirmed, 120)
+                await wait_until(confirmed(4), 120)  # and the stream's batch
                 await asyncio.sleep(2)  # more reconciler rounds while the tasks run
         finally:
             stop.set()
