@@ -235,9 +235,9 @@ def _warehouse_rows(
     return rows
 
 
-def _running(running: dict[str, Any] | None) -> str:
+def _running(running: dict[str, Any] | None, whose: str = "table") -> str:
     if not running:
-        return "no (no session holds the group's lock)"
+        return f"no (no session holds the {whose}'s lock)"
     who = f"{running['application_name'] or 'a session'}"
     if running["client_addr"]:
         who += f" from {running['client_addr']}"
@@ -377,7 +377,7 @@ def render(report: dict[str, Any]) -> str:
     for name, t in report.items():
         groups.setdefault(t.get("group") or name, []).append((name, t))
     for group, entries in groups.items():
-        if len(entries) == 1 and entries[0][0] == group:
+        if len(entries) == 1:
             name, t = entries[0]
             lines.append(f"{shown(name)}  ({t['mode']} mode)")
             rows = [("running", _running(t["running"])), *_table_rows(t)]
@@ -399,7 +399,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"{group}  ({first['mode']} mode, {len(entries)} tables)")
         total = _sum([t for _, t in entries])
         rows = [
-            ("running", _running(first["running"])),
+            ("running", _running(first["running"], "group")),
             ("batches", _statuses(total["batches"])),
             ("exported", _figures(total)),
             *_warehouse_rows(first.get("warehouse"), first.get("warehouse_configured", True)),
