@@ -1,10 +1,14 @@
 """``cdc-daemon status``: what an operator asks first, from the ledger (and the source).
 
-Per captured table: is a daemon running (a session holds the table's advisory lock), how far
-behind it is (rows above the exported position and seconds since the position last moved; WAL
-bytes of the slot in logical mode), batches by status, the last uploaded and last loaded batch,
-batches that need attention (pending with attempts, failed, missing) with their reasons, and
-the oldest batch not yet confirmed loaded. ``--json`` prints the same as one JSON object.
+Per captured table (a logical group: per group; a watermark group's tables under the group's
+name): is a daemon running (a session holds the group's advisory lock), how far behind it is
+(rows above the exported position and seconds since the position last moved; in logical mode
+the WAL bytes the slot has not confirmed and, while the daemon is connected, the walsender's
+flush lag in seconds), every delivery by status whoever produced it (stream batches, snapshot
+and backfill chunks) with the rows, objects and bytes in S3 in total, per producer and per
+table, the last uploaded and last loaded delivery, those that need attention (pending with
+attempts, failed, missing) with their reasons, the oldest not yet confirmed loaded, and the
+warehouse as the reconciler last saw it. ``--json`` prints the same as one JSON object.
 
 A failed table of a logical group comes first, before anything else: its lines lead the
 output, each with the table, the reason and the fix (``failed_tables`` in the JSON). The
@@ -46,16 +50,35 @@ def slot_lag_bytes(conn: psycopg.Connection[Any], slot: str) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
+def slot_lag_seconds(conn: psycopg.Connection[Any], slot: str) -> float | None:
+    """How long the slot's consumer takes to confirm what the server sends it, as the
+    walsender measures it (``pg_stat_replication.flush_lag``): None when no consumer is
+    connected, or when it has been caught up for a while (PostgreSQL then shows NULL)."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_replication_slots s"
+        " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s",
+        (slot,),
+    ).fetchone()
+    return None if row is None or row[0] is None else round(float(row[0]), 3)
+
+
+Figures = tuple[int | None, int | None, float | None]
+
+
 def _source_figures(
     settings: Settings, highs: dict[str, int | None], slot: str | None
-) -> dict[str, tuple[int | None, int | None]]:
-    """By ledger name: (rows above its exported high, slot lag bytes), in a thread. Watermark
-    mode: each configured table; logical mode: the group (the slot's lag)."""
+) -> dict[str, Figures]:
+    """By ledger name: (rows above its exported high, slot lag bytes, slot lag seconds), in a
+    thread. Watermark mode: each configured table; logical mode: the group (the slot's lag)."""
     conn = connect_source(settings)
     try:
         if settings.capture.mode == "logical":
-            return {settings.group: (None, slot_lag_bytes(conn, slot) if slot else None)}
-        out: dict[str, tuple[int | None, int | None]] = {}
+            if not slot:
+                return {settings.group: (None, None, None)}
+            return {
+                settings.group: (None, slot_lag_bytes(conn, slot), slot_lag_seconds(conn, slot))
+            }
+        out: dict[str, Figures] = {}
         for spec in settings.table_specs:
             table = describe_configured(conn, settings.for_table(spec), spec)
             if table.qualified not in highs:
@@ -69,7 +92,7 @@ def _source_figures(
             )
             found = cur.fetchone()
             rows = int(found[0]) if found is not None else 0  # type: ignore[call-overload]
-            out[table.qualified] = (rows, None)
+            out[table.qualified] = (rows, None, None)
         return out
     except psycopg.Error as exc:
         raise from_psycopg(exc, f"reading {settings.postgres.table}") from None
@@ -98,7 +121,7 @@ async def collect(
         positions = [p for p in await reader.positions() if table in (None, p["table_name"])]
         highs = {p["table_name"]: p["high"] for p in positions}
         source_error = None
-        source: dict[str, tuple[int | None, int | None]] = {}
+        source: dict[str, Figures] = {}
         try:
             source = await asyncio.to_thread(_source_figures, settings, highs, slot)
         except CdcError as exc:
@@ -118,15 +141,20 @@ async def collect(
             exported = await reader.exported(ledgers, settings.s3.prefix)
             moved = round((now - position["updated_at"]).total_seconds(), 3)
             behind: dict[str, Any] = {"rows": None, "seconds": moved, "slot_lag_bytes": None}
-            if name in source:
-                rows, lag = source[name]
+            logical = position["mode"] == "logical"
+            if name in source and not (logical and source[name][1] is None):
+                rows, lag, lag_s = source[name]
                 behind["rows"] = rows
                 behind["slot_lag_bytes"] = lag
-                if (lag if position["mode"] == "logical" else rows) == 0:
+                if (lag if logical else rows) == 0:
                     behind["seconds"] = 0.0
+                if logical:
+                    # The walsender's measure while the daemon is connected; else the time
+                    # since the position last moved bounds the age of what is not confirmed.
+                    behind["slot_lag_s"] = lag_s
             elif source_error is not None:
                 behind["error"] = source_error
-            elif position["mode"] == "logical":
+            elif logical:
                 behind["error"] = f"the slot {slot} does not exist" if slot else "no slot given"
             else:
                 behind["error"] = "not a table of this configuration (its source is not read)"
@@ -253,10 +281,10 @@ def _behind(t: dict[str, Any]) -> str:
         lag = behind["slot_lag_bytes"]
         if lag == 0:
             return "nothing (caught up)"
-        return (
-            f"{_size(lag)} of WAL the slot has not confirmed; "
-            f"the position last moved {behind['seconds']:.0f} s ago"
-        )
+        text = f"{_size(lag)} of WAL the slot has not confirmed"
+        if behind.get("slot_lag_s") is not None:
+            text += f", {behind['slot_lag_s']} s behind (the walsender's flush lag)"
+        return text + f"; the position last moved {behind['seconds']:.0f} s ago"
     if behind["rows"] == 0:
         return "nothing (caught up)"
     return f"{_count(behind['rows'])} rows; the position last moved {behind['seconds']:.0f} s ago"
@@ -406,7 +434,7 @@ def render(report: dict[str, Any]) -> str:
         ]
         lines += _aligned(rows, "  ")
         for name, t in entries:
-            lines.append(f"  table {shown(name)}")
+            lines.append(f"  {shown(name)}  ({t['mode']} mode)")
             lines += _aligned(_table_rows(t), "    ")
             lines += _attention(t, "    ")
             lines += _backfills(t, "    ")

@@ -140,6 +140,7 @@ async def test_status_counts_every_object_and_row_the_group_exported(
         assert producers["join"]["deliveries"] == {"uploaded": 3}  # a chunk per table
         assert producers["batch"]["rows"] == 1
         assert shop_report["behind"]["slot_lag_bytes"] is not None
+        assert "slot_lag_s" in shop_report["behind"]  # None: no consumer connected now
     else:
         assert [t["behind"]["rows"] for t in entries] == [0, 0, 0]
     text = render(report)
