@@ -21,8 +21,8 @@ from cdc_daemon.state.store import lock_key
 UNRECONCILED = ("uploaded", "missing")
 # What a producer's deliveries are called where a person reads them.
 PRODUCER_NAMES = {
-    "batch": "stream batches",
     "join": "snapshot chunks",
+    "batch": "stream batches",
     "backfill": "backfill chunks",
 }
 
@@ -129,7 +129,10 @@ class LedgerReader(LedgerSession):
                 mine[k] += int(r[k])
         return {
             **total,
-            "producers": dict(sorted(producers.items())),
+            # In the order they come: a group's snapshot, its stream, backfills.
+            "producers": dict(
+                sorted(producers.items(), key=lambda kv: [*PRODUCER_NAMES, kv[0]].index(kv[0]))
+            ),
             "tables": dict(sorted(tables.items())),
         }
 

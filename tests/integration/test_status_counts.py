@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
 from cdc_daemon.local.services import LocalS3
@@ -106,8 +108,9 @@ def s3_objects(s3_client: Any, bucket: str) -> dict[str, int]:
 async def test_status_counts_every_object_and_row_the_group_exported(
     shop: LocalWarehouse, pg_dsn: str, s3_client: Any
 ) -> None:
-    """After the first export (watermark batches, or a logical group's snapshot chunks) and
-    one more change (a stream batch): ``status --json`` counts every delivery by status and
+    """After the first export (watermark batches, or a logical group's snapshot chunks), one
+    more change (a stream batch) and in watermark mode a backfill of one day of one table:
+    ``status --json`` counts every delivery by status and
     every row and object in S3, in total, per producer and per table, equal to the source's
     rows and the bucket's objects; the human form heads the group with its own name, says
     how far behind it is with no ``?`` or ``None`` (bytes of WAL in logical mode), and shows
@@ -121,10 +124,21 @@ async def test_status_counts_every_object_and_row_the_group_exported(
             "INSERT INTO shop.orders (customer_id, amount, ordered_at) VALUES (1, 2, now())"
         )
     assert await export_until_idle(settings) == 0
+    backfilled = 0
+    if not logical:
+        # A backfill of one day of orders: its chunk counts with the table's batches.
+        orders = settings.for_table(settings.table_specs[1])
+        request = parse_request("2024-03-01", "2024-03-02", jobs="1")
+        assert await run_backfill(orders, request, io.StringIO()) == 0
     report = await collect(settings, slot=settings.slot_name if logical else None)
     json.dumps(report)  # what `status --json` prints
+    if not logical:
+        (run,) = report["shop.orders"]["backfill_runs"]
+        backfilled = run["rows"]
+        assert backfilled == 10
+        assert report["shop.orders"]["producers"]["backfill"]["rows"] == backfilled
     objects = s3_objects(s3_client, settings.s3.bucket)
-    rows = {"shop.customers": 12, "shop.orders": 31, "shop.order_lines": 60}
+    rows = {"shop.customers": 12, "shop.orders": 31 + backfilled, "shop.order_lines": 60}
     entries = [report["shop"]] if logical else [report[t] for t in SHOP]
     assert sum(t["rows"] for t in entries) == sum(rows.values())
     assert sum(t["objects"] for t in entries) == sum(objects.values())
@@ -151,7 +165,7 @@ async def test_status_counts_every_object_and_row_the_group_exported(
         "shop  (logical mode)" if logical else "shop  (watermark mode, 3 tables)"
     )
     assert "not checked yet" not in text
-    assert "snapshot chunks" in text if logical else "stream batches" not in text
+    assert ("snapshot chunks" if logical else "backfill chunks") in text
     if logical:
         assert "of WAL" in text or "caught up" in text
 
