@@ -5,6 +5,7 @@ and merge tasks running alongside) emits none of them."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -21,6 +22,7 @@ from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.warehouse.client import Warehouse
+from cdc_daemon.warehouse.sql import Statement
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import export_until_idle, running_daemon, wait_until
 from tests.integration.test_status_counts import SHOP, SYNC, create_shop, shop_settings
@@ -193,3 +195,48 @@ async def test_a_healthy_run_logs_nothing_at_warning_or_error(
             pump.join()
     assert [e["event"] for e in logs if e["event"] == "reconciled"]
     assert loud(logs) == []
+
+
+async def test_a_paused_pipe_a_short_load_and_a_ledger_without_health_are_reported(
+    watermark_shop: LocalWarehouse, s3_client: Any, pg_dsn: str
+) -> None:
+    """A paused pipe is a warning naming it (``pipe_not_running``) and no other pipe; an
+    object Snowflake loaded with fewer rows than the ledger recorded fails its batch, an error
+    naming it (``batch_load_failed``); a ledger without the table of the warehouse's health
+    (``init`` not run since) is a warning once (``warehouse_health_not_saved``), not every
+    round. The other batches are confirmed with nothing logged at warning or error."""
+    settings = watermark_shop.settings
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    bucket = settings.s3.bucket
+    (item,) = s3_client.list_objects_v2(Bucket=bucket, Prefix="shop.customers/")["Contents"]
+    body = gzip.decompress(s3_client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())
+    short = body[: body.rstrip(b"\n").rfind(b"\n") + 1]
+    s3_client.put_object(Bucket=bucket, Key=item["Key"], Body=gzip.compress(short))
+    watermark_shop.pump_until_quiet()
+    reconciler = Reconciler(settings)
+    try:
+        with capture_logs() as logs:
+            outcome = await reconciler.run_once()
+        assert [(e["event"], e["log_level"], e["batch_id"]) for e in loud(logs)] == [
+            ("batch_load_failed", "error", "start-00000000000000000012")
+        ]
+        assert len(outcome.loaded) == 2
+        watermark_shop.wh.dialect.execute_ddl(
+            watermark_shop.wh,
+            Statement("50_pipe.sql", "ALTER PIPE RAW_ORDERS_PIPE SET PIPE_EXECUTION_PAUSED = TRUE"),
+        )
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE cdc.warehouse_health")
+        events = []
+        for _ in range(2):
+            with capture_logs() as logs:
+                await reconciler.run_once()
+            events += [(e["event"], e["log_level"], e.get("pipe")) for e in loud(logs)]
+        assert events == [
+            ("pipe_not_running", "warning", "RAW_ORDERS_PIPE"),
+            ("warehouse_health_not_saved", "warning", None),
+            ("pipe_not_running", "warning", "RAW_ORDERS_PIPE"),
+        ]
+    finally:
+        await reconciler.close()
