@@ -122,6 +122,7 @@ class Outcome:
             "missing": [{"batch_id": b, "reason": r} for b, r in self.missing],
             "refreshed": self.refreshed,
             "waiting": self.waiting,
+            "unconfirmed": self.unconfirmed,
             "pipes": [
                 {
                     "name": pipe.name,
