@@ -39,6 +39,7 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.reconcile.completeness import DayDifference, Scope, check_group
 from cdc_daemon.state.ledger import Delivery, Status
 from cdc_daemon.state.position import INT64_MIN
+from cdc_daemon.state.report import group_ledgers
 from cdc_daemon.state.store import Store
 from cdc_daemon.warehouse.client import (
     LoadRecord,
@@ -220,9 +221,7 @@ class Reconciler:
         # Where the group's deliveries are in the ledger: the group's name (logical mode: the
         # stream's batches and the snapshot's chunks) and each table's (watermark mode's
         # batches, backfill chunks).
-        self._ledgers = list(
-            dict.fromkeys([settings.ledger_name, *(t.qualified for t in settings.table_specs)])
-        )
+        self._ledgers = group_ledgers(settings)
         # The warehouse's health is the group's: ``status`` shows it under the group.
         self._group = settings.group
         self._prefix = settings.s3.prefix
