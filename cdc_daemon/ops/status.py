@@ -408,7 +408,9 @@ def render(report: dict[str, Any]) -> str:
         if len(entries) == 1:
             name, t = entries[0]
             lines.append(f"{shown(name)}  ({t['mode']} mode)")
-            rows = [("running", _running(t["running"])), *_table_rows(t)]
+            # A one-table configuration's group is the table's name.
+            whose = "group" if t["group"] and TableName.from_key(t["group"]) is None else "table"
+            rows = [("running", _running(t["running"], whose)), *_table_rows(t)]
             for member in t.get("tables", []):
                 text = member["status"]
                 if member["status"] != "streaming" or member["chunks"]:
