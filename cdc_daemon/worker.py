@@ -134,6 +134,8 @@ class Worker:
                 except BaseExceptionGroup as group:
                     # One loop failed and the group cancelled the rest: report that failure.
                     raise first_error(group) from None
+                if self._exit_when_idle and settings.snowflake.enabled and not self._stop.is_set():
+                    await self._reconcile_before_exit()
                 failed = await self._failed_tables()
             log.info(
                 "daemon_stopped",
@@ -148,6 +150,34 @@ class Worker:
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
+
+    async def _reconcile_before_exit(self) -> None:
+        """Idle with ``--exit-when-idle``: one reconciler round (the loop's was cancelled with
+        the capture), so that the ledger and ``status`` say what Snowflake has loaded; what it
+        has not confirmed yet is said in one line, with how to check it later."""
+        from cdc_daemon.reconcile.reconciler import Reconciler
+
+        reconciler = Reconciler(self._settings, self.metrics)
+        try:
+            outcome = await reconciler.run_once()
+        except CdcError as exc:
+            log.warning(
+                "reconcile_failed",
+                attempt=1,
+                error=str(exc),
+                retriable=isinstance(exc, TransientError),
+                hint="the uploaded batches await confirmation: cdc-daemon reconcile --once",
+            )
+            return
+        finally:
+            await reconciler.close()
+        if outcome.unconfirmed:
+            log.info(
+                "batches_awaiting_confirmation",
+                batches=outcome.unconfirmed,
+                hint="Snowpipe loads them within minutes: cdc-daemon reconcile --once confirms"
+                " them, cdc-daemon status shows them",
+            )
 
     async def _await_trigger(self, trigger: Callable[[], Awaitable[object]]) -> None:
         await trigger()

@@ -36,7 +36,7 @@ from cdc_daemon.local.sample import (
 from cdc_daemon.local.services import LocalPostgres, LocalS3, noise_to
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.logging import configure_logging
-from cdc_daemon.state.store import Store
+from cdc_daemon.state.report import PRODUCER_NAMES, LedgerReader, group_ledgers
 from cdc_daemon.worker import Worker
 
 log = structlog.get_logger()
@@ -233,19 +233,18 @@ async def _report(
     changes: dict[str, int],
 ) -> None:
     table = settings.table
-    store = await Store.from_settings(settings)
+    # Every delivery of the group, whoever produced it (the snapshot's chunks, the stream's
+    # batches): the same count as `status`.
+    reader = await LedgerReader.connect(settings, "cdc-daemon-demo")
     try:
-        batches = await store.batches(table)
-        counts = await store.status_counts(table)
+        exported = await reader.exported(group_ledgers(settings), settings.s3.prefix)
     finally:
-        await store.close()
+        await reader.close()
     with psycopg.connect(dsn) as conn:
         (source,) = conn.execute("SELECT count(*) FROM ecommerce_sales").fetchone() or (0,)
         lag = conn.execute(
-            "SELECT extract(epoch FROM max(loaded_at) - max(uploaded_at)) FROM cdc.batches"
+            "SELECT extract(epoch FROM max(loaded_at) - max(uploaded_at)) FROM cdc.deliveries"
         ).fetchone()
-    exported = sum(b.rows for b in batches)
-    objects = sum(len(b.objects) for b in batches)
 
     def one(query: str) -> Any:
         return next(iter(warehouse.query(query)[0].values()))
@@ -265,7 +264,12 @@ async def _report(
         f"  source rows (Postgres)        {source:>10,}",
         "  changed while running         "
         + ", ".join(f"{n} {kind}" for kind, n in changes.items()),
-        f"  changes exported (S3 objects) {exported:>10,}  in {objects} objects",
+        f"  changes exported (S3 objects) {exported['rows']:>10,}"
+        f"  in {exported['objects']} objects",
+        *(
+            f"    {PRODUCER_NAMES.get(p, p):<27} {f['rows']:>10,}  in {f['objects']} objects"
+            for p, f in exported["producers"].items()
+        ),
         f"  landing rows (RAW_SALES)      {landing:>10,}  (one per change)",
         f"  SALES rows                    {sales:>10,}",
         f"  INVOICES                      {invoices:>10,}  ({cancelled} cancellations)",
@@ -275,9 +279,18 @@ async def _report(
     for row in top:
         name = row["DESCRIPTION"] or ""
         lines.append(f"    top product {row['STOCK_CODE']:<8} {name:<36} {row['QUANTITY']:>7,}")
-    lines.append("  batches: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(exported["deliveries"].items()))
+    lines.append(
+        f"  batches: {by_status}  ("
+        + "; ".join(
+            f"{PRODUCER_NAMES.get(p, p)}: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(f["deliveries"].items()))
+            for p, f in exported["producers"].items()
+        )
+        + ")"
+    )
     if lag and lag[0] is not None:
-        lines.append(f"  last batch: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
+        lines.append(f"  last delivery: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
     lines.append(f"  everything confirmed in {seconds:.1f} s")
     lines.append("  SALES equals the source: " + ("yes" if equal else "NO"))
     print()

@@ -252,12 +252,14 @@ def patch_fakesnow() -> None:
 
 def stream_read(wh: Warehouse, stream: str) -> None:
     """The stream was read (consumed, or found empty by SYSTEM$STREAM_HAS_DATA, which also
-    keeps it from going stale): it goes stale STREAM_EXTENSION from now."""
-    wh.execute("DELETE FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream})
-    wh.execute(
-        "INSERT INTO _EMU_STREAM_STATE VALUES (%(s)s, %(t)s)",
-        {"s": stream, "t": (datetime.now(UTC) + STREAM_EXTENSION).isoformat()},
-    )
+    keeps it from going stale): it goes stale STREAM_EXTENSION from now. One statement when
+    the row exists: SHOW STREAMS never misses an existing stream, and the reconciler reading
+    between a delete and an insert would report it missing."""
+    params = {"s": stream, "t": (datetime.now(UTC) + STREAM_EXTENSION).isoformat()}
+    if wh.query("SELECT 1 FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", params):
+        wh.execute("UPDATE _EMU_STREAM_STATE SET STALE_AFTER = %(t)s WHERE STREAM = %(s)s", params)
+    else:
+        wh.execute("INSERT INTO _EMU_STREAM_STATE VALUES (%(s)s, %(t)s)", params)
 
 
 def set_pipe_status(
@@ -766,6 +768,15 @@ class LocalWarehouse:
             self.wh.execute(
                 "UPDATE _EMU_STREAM_STATE SET STALE_AFTER = %(t)s WHERE STREAM = %(s)s",
                 {"t": stale_after.isoformat(), "s": stream},
+            )
+
+    def drop_stream(self, stream: str) -> None:
+        """For tests: ``DROP STREAM stream`` (SHOW STREAMS no longer lists it)."""
+        with self._lock:
+            self.wh.execute(f"DROP VIEW IF EXISTS {stream}")
+            self.wh.execute("DELETE FROM _EMU_STREAM_STATE WHERE STREAM = %(s)s", {"s": stream})
+            self.wh.execute(
+                "DELETE FROM _EMU_OBJECTS WHERE KIND = 'STREAM' AND NAME = %(s)s", {"s": stream}
             )
 
     def resume_task(self, name: str) -> None:

@@ -1,10 +1,14 @@
 """``cdc-daemon status``: what an operator asks first, from the ledger (and the source).
 
-Per captured table: is a daemon running (a session holds the table's advisory lock), how far
-behind it is (rows above the exported position and seconds since the position last moved; WAL
-bytes of the slot in logical mode), batches by status, the last uploaded and last loaded batch,
-batches that need attention (pending with attempts, failed, missing) with their reasons, and
-the oldest batch not yet confirmed loaded. ``--json`` prints the same as one JSON object.
+Per captured table (a logical group: per group; a watermark group's tables under the group's
+name): is a daemon running (a session holds the group's advisory lock), how far behind it is
+(rows above the exported position and seconds since the position last moved; in logical mode
+the WAL bytes the slot has not confirmed and, while the daemon is connected, the walsender's
+flush lag in seconds), every delivery by status whoever produced it (stream batches, snapshot
+and backfill chunks) with the rows, objects and bytes in S3 in total, per producer and per
+table, the last uploaded and last loaded delivery, those that need attention (pending with
+attempts, failed, missing) with their reasons, the oldest not yet confirmed loaded, and the
+warehouse as the reconciler last saw it. ``--json`` prints the same as one JSON object.
 
 A failed table of a logical group comes first, before anything else: its lines lead the
 output, each with the table, the reason and the fix (``failed_tables`` in the JSON). The
@@ -29,7 +33,7 @@ from cdc_daemon.source.session import connect as connect_source
 from cdc_daemon.source.table import describe_configured
 from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.position import INT64_MIN
-from cdc_daemon.state.report import LedgerReader
+from cdc_daemon.state.report import PRODUCER_NAMES, LedgerReader, group_ledgers
 from cdc_daemon.state.store import Store
 
 
@@ -46,16 +50,35 @@ def slot_lag_bytes(conn: psycopg.Connection[Any], slot: str) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
+def slot_lag_seconds(conn: psycopg.Connection[Any], slot: str) -> float | None:
+    """How long the slot's consumer takes to confirm what the server sends it, as the
+    walsender measures it (``pg_stat_replication.flush_lag``): None when no consumer is
+    connected, or when it has been caught up for a while (PostgreSQL then shows NULL)."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_replication_slots s"
+        " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s",
+        (slot,),
+    ).fetchone()
+    return None if row is None or row[0] is None else round(float(row[0]), 3)
+
+
+Figures = tuple[int | None, int | None, float | None]
+
+
 def _source_figures(
     settings: Settings, highs: dict[str, int | None], slot: str | None
-) -> dict[str, tuple[int | None, int | None]]:
-    """By ledger name: (rows above its exported high, slot lag bytes), in a thread. Watermark
-    mode: each configured table; logical mode: the group (the slot's lag)."""
+) -> dict[str, Figures]:
+    """By ledger name: (rows above its exported high, slot lag bytes, slot lag seconds), in a
+    thread. Watermark mode: each configured table; logical mode: the group (the slot's lag)."""
     conn = connect_source(settings.postgres)
     try:
         if settings.capture.mode == "logical":
-            return {settings.group: (None, slot_lag_bytes(conn, slot) if slot else None)}
-        out: dict[str, tuple[int | None, int | None]] = {}
+            if not slot:
+                return {settings.group: (None, None, None)}
+            return {
+                settings.group: (None, slot_lag_bytes(conn, slot), slot_lag_seconds(conn, slot))
+            }
+        out: dict[str, Figures] = {}
         for spec in settings.table_specs:
             table = describe_configured(conn, settings.for_table(spec), spec)
             if table.qualified not in highs:
@@ -69,7 +92,7 @@ def _source_figures(
             )
             found = cur.fetchone()
             rows = int(found[0]) if found is not None else 0  # type: ignore[call-overload]
-            out[table.qualified] = (rows, None)
+            out[table.qualified] = (rows, None, None)
         return out
     except psycopg.Error as exc:
         raise from_psycopg(exc, f"reading {settings.postgres.table}") from None
@@ -98,7 +121,7 @@ async def collect(
         positions = [p for p in await reader.positions() if table in (None, p["table_name"])]
         highs = {p["table_name"]: p["high"] for p in positions}
         source_error = None
-        source: dict[str, tuple[int | None, int | None]] = {}
+        source: dict[str, Figures] = {}
         try:
             source = await asyncio.to_thread(_source_figures, settings, highs, slot)
         except CdcError as exc:
@@ -108,26 +131,40 @@ async def collect(
         report: dict[str, Any] = {}
         for position in positions:
             name = position["table_name"]
-            counts = await reader.counts(name)
-            troubled = await reader.troubled(name)
-            behind: dict[str, Any] = {"rows": None, "seconds": None, "slot_lag_bytes": None}
-            if name in source:
-                rows, lag = source[name]
+            members = await reader.group_tables(name)
+            # Its deliveries, whoever produced them: a logical group's are under the group's
+            # name, a table's backfill chunks under the table's.
+            ledgers = [name, *(m["table"] for m in members)]
+            if name == settings.group:
+                ledgers += group_ledgers(settings)
+            troubled = await reader.troubled(ledgers)
+            exported = await reader.exported(ledgers, settings.s3.prefix)
+            moved = round((now - position["updated_at"]).total_seconds(), 3)
+            behind: dict[str, Any] = {"rows": None, "seconds": moved, "slot_lag_bytes": None}
+            logical = position["mode"] == "logical"
+            if name in source and not (logical and source[name][1] is None):
+                rows, lag, lag_s = source[name]
                 behind["rows"] = rows
-                behind["seconds"] = (
-                    round((now - position["updated_at"]).total_seconds(), 3) if rows != 0 else 0.0
-                )
                 behind["slot_lag_bytes"] = lag
+                if (lag if logical else rows) == 0:
+                    behind["seconds"] = 0.0
+                if logical:
+                    # The walsender's measure while the daemon is connected; else the time
+                    # since the position last moved bounds the age of what is not confirmed.
+                    behind["slot_lag_s"] = lag_s
             elif source_error is not None:
                 behind["error"] = source_error
-            members = await reader.group_tables(name)
-            totals = await reader.totals(name)
-            last_uploaded = await reader.last(name, "uploaded_at")
+            elif logical:
+                behind["error"] = f"the slot {slot} does not exist" if slot else "no slot given"
+            else:
+                behind["error"] = "not a table of this configuration (its source is not read)"
+            last_uploaded = await reader.last(ledgers, "uploaded_at")
+            group = settings.group if name in configured else None
             report[name] = {
                 "mode": position["mode"],
                 # The tables of this configuration's group share the group's lock.
                 "running": await reader.lock_holder(settings.group if name in configured else name),
-                "group": settings.group if name in configured else None,
+                "group": group,
                 "tables": members,
                 "failed_tables": [
                     # The command; the reason says what to do before it (e.g. empty the
@@ -146,18 +183,26 @@ async def collect(
                 ),
                 "position_updated_at": position["updated_at"].isoformat(),
                 "behind": behind,
-                "batches": counts,
-                **totals,
+                # Every delivery (stream batches, snapshot and backfill chunks) by status, and
+                # the rows, objects and bytes in S3: in total, per producer and per table.
+                "batches": exported["deliveries"],
+                "rows": exported["rows"],
+                "objects": exported["objects"],
+                "bytes": exported["bytes"],
+                "producers": exported["producers"],
+                "exported_tables": exported["tables"],
                 "last_batch": last_uploaded["batch_id"] if last_uploaded else None,
                 "last_uploaded": last_uploaded,
-                "last_loaded": await reader.last(name, "loaded_at"),
-                "oldest_unreconciled": await reader.oldest_unreconciled(name),
+                "last_loaded": await reader.last(ledgers, "loaded_at"),
+                "oldest_unreconciled": await reader.oldest_unreconciled(ledgers),
                 # Not (yet) in S3: pending, or failed with the reason the retries gave up on.
                 "unfinished": [b for b in troubled if not b["in_s3"]],
                 "failed": [b for b in troubled if b["status"] == Status.FAILED],
                 "missing": [b for b in troubled if b["status"] == Status.MISSING],
                 "backfill_runs": await reader.backfill_runs(name),
-                "warehouse": await reader.warehouse_health(name),
+                # The reconciler keeps it under the group's name (a watermark group's too).
+                "warehouse": await reader.warehouse_health(group or name),
+                "warehouse_configured": settings.snowflake.enabled,
             }
         return report
     finally:
@@ -177,17 +222,29 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _position(n: int | None) -> str:
+    return "none yet" if n is None else str(n)
+
+
 def _batch(b: dict[str, Any] | None) -> str:
     if b is None:
         return "none"
     return f"{b['batch_id']} ({_count(b['rows'])} rows) at {b['at']}"
 
 
-def _warehouse_rows(health: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _warehouse_rows(
+    health: dict[str, Any] | None, configured: bool = True
+) -> list[tuple[str, str]]:
     """The pipes, the tasks and the streams, as the reconciler last saw them."""
+    if health is None and not configured:
+        return [("warehouse", "not checked (snowflake.account is not set: nothing reconciles)")]
     if health is None:
         return [
-            ("warehouse", "not checked yet (the reconciler runs when snowflake.account is set)")
+            (
+                "warehouse",
+                "not checked yet: no reconciler round has run (the daemon runs one every "
+                "snowflake.reconcile_interval_s; or cdc-daemon reconcile --once)",
+            )
         ]
     rows = [("warehouse", f"checked at {health['checked_at']}")]
     for pipe in health.get("pipes", []):
@@ -206,8 +263,131 @@ def _warehouse_rows(health: dict[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _running(running: dict[str, Any] | None, whose: str = "table") -> str:
+    if not running:
+        return f"no (no session holds the {whose}'s lock)"
+    who = f"{running['application_name'] or 'a session'}"
+    if running["client_addr"]:
+        who += f" from {running['client_addr']}"
+    since = f", since {running['since']}" if running["since"] else ""
+    return f"yes: {who} holds the lock (Postgres pid {running['pid']}{since})"
+
+
+def _behind(t: dict[str, Any]) -> str:
+    behind = t["behind"]
+    if "error" in behind:
+        return f"unknown: {behind['error']}"
+    if t["mode"] == "logical":
+        lag = behind["slot_lag_bytes"]
+        if lag == 0:
+            return "nothing (caught up)"
+        text = f"{_size(lag)} of WAL the slot has not confirmed"
+        if behind.get("slot_lag_s") is not None:
+            text += f", {behind['slot_lag_s']} s behind (the walsender's flush lag)"
+        return text + f"; the position last moved {behind['seconds']:.0f} s ago"
+    if behind["rows"] == 0:
+        return "nothing (caught up)"
+    return f"{_count(behind['rows'])} rows; the position last moved {behind['seconds']:.0f} s ago"
+
+
+def _statuses(counts: dict[str, int]) -> str:
+    return "  ".join(f"{s.value} {counts.get(s.value, 0)}" for s in Status)
+
+
+def _figures(f: dict[str, Any]) -> str:
+    return f"{_count(f['rows'])} rows, {_count(f['objects'])} objects, {_size(f['bytes'])}"
+
+
+def _exported(t: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every delivery by status, what reached S3 in total, per producer and per table."""
+    rows = [("batches", _statuses(t["batches"])), ("exported", _figures(t))]
+    producers = t.get("producers", {})
+    if len(producers) > 1:
+        for producer, f in producers.items():
+            label = PRODUCER_NAMES.get(producer, producer)
+            rows.append((f"  {label}", f"{_figures(f)}; {_statuses(f['deliveries'])}"))
+    tables = t.get("exported_tables", {})
+    if len(tables) > 1:
+        for table, f in tables.items():
+            rows.append((f"  into {shown(table)}", _figures(f)))
+    return rows
+
+
+def _table_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
+    oldest = t["oldest_unreconciled"]
+    return [
+        (
+            "position" if t["mode"] == "logical" else "watermark",
+            f"{_position(t['watermark'])} (exported up to {_position(t['exported_high'])})"
+            + (" (LSNs)" if t["mode"] == "logical" else ""),
+        ),
+        ("behind", _behind(t)),
+        *_exported(t),
+        ("last uploaded", _batch(t["last_uploaded"])),
+        ("last loaded", _batch(t["last_loaded"])),
+        (
+            "oldest unreconciled",
+            "none"
+            if oldest is None
+            else f"{oldest['batch_id']} ({oldest['status']}, uploaded {oldest['age_s']:.0f} s ago)",
+        ),
+    ]
+
+
+def _attention(t: dict[str, Any], indent: str) -> list[str]:
+    attention = t["unfinished"] + [
+        b for b in t["failed"] + t["missing"] if b not in t["unfinished"]
+    ]
+    if not attention:
+        return []
+    lines = [f"{indent}needs attention:"]
+    header = ("batch", "status", "attempts", "in S3", "reason")
+    table = [header] + [
+        (
+            b["batch_id"],
+            b["status"],
+            str(b["attempts"]),
+            "yes" if b["in_s3"] else "no",
+            b["error"] or "",
+        )
+        for b in attention
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        lines.append(
+            f"{indent}  " + "  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4]
+        )
+    return lines
+
+
+def _backfills(t: dict[str, Any], indent: str) -> list[str]:
+    return [
+        f"{indent}backfill {run['run_id']}  [{run['day_from']}, {run['day_to']})  {run['status']}"
+        f"  {run['days_done']}/{run['days']} days in S3, {run['days_loaded']} loaded,"
+        f" {_count(run['rows'])} rows" + (f"  {run['error']}" if run["error"] else "")
+        for run in t.get("backfill_runs", [])
+    ]
+
+
+def _aligned(rows: list[tuple[str, str]], indent: str) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"{indent}{k:<{width}}  {v}" for k, v in rows]
+
+
+def _sum(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """A watermark group's figures: its tables' added up."""
+    out: dict[str, Any] = {"rows": 0, "objects": 0, "bytes": 0, "batches": {}}
+    for t in tables:
+        for k in ("rows", "objects", "bytes"):
+            out[k] += t[k]
+        for status, n in t["batches"].items():
+            out["batches"][status] = out["batches"].get(status, 0) + n
+    return out
+
+
 def render(report: dict[str, Any]) -> str:
-    """The report as a readable table for a terminal."""
+    """The report as a readable table for a terminal: a group under its own name (a
+    watermark group's tables, each with its own position, under it)."""
     if not report:
         return "no table captured yet (run the daemon first)"
     lines: list[str] = []
@@ -221,92 +401,44 @@ def render(report: dict[str, Any]) -> str:
             )
     if lines:
         lines.append("")
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, t in report.items():
-        lines.append(f"{shown(name)}  ({t['mode']} mode)")
-        running = t["running"]
-        if running:
-            who = f"{running['application_name'] or 'a session'}"
-            if running["client_addr"]:
-                who += f" from {running['client_addr']}"
-            since = f", since {running['since']}" if running["since"] else ""
-            rows = [
-                ("running", f"yes: {who} holds the lock (Postgres pid {running['pid']}{since})")
-            ]
-        else:
-            rows = [("running", "no (no session holds the table's lock)")]
-        behind = t["behind"]
-        if "error" in behind:
-            lag = f"unknown: {behind['error']}"
-        else:
-            lag = (
-                f"{_count(behind['rows'])} rows; the position last moved {behind['seconds']} s ago"
-                if behind["rows"] != 0
-                else "nothing (caught up)"
-            )
-            if behind["slot_lag_bytes"] is not None:
-                lag += f", slot {_size(behind['slot_lag_bytes'])} of WAL"
-        counts = t["batches"]
-        rows += [
-            (
-                "position" if t["mode"] == "logical" else "watermark",
-                f"{t['watermark']} (exported up to {t['exported_high']})"
-                + (" (LSNs)" if t["mode"] == "logical" else ""),
-            ),
-            ("behind", lag),
-            ("batches", "  ".join(f"{s.value} {counts.get(s.value, 0)}" for s in Status)),
-            (
-                "exported",
-                f"{_count(t['rows'])} rows, {_count(t['objects'])} objects, {_size(t['bytes'])}",
-            ),
-            ("last uploaded", _batch(t["last_uploaded"])),
-            ("last loaded", _batch(t["last_loaded"])),
+        groups.setdefault(t.get("group") or name, []).append((name, t))
+    for group, entries in groups.items():
+        if len(entries) == 1:
+            name, t = entries[0]
+            lines.append(f"{shown(name)}  ({t['mode']} mode)")
+            # A one-table configuration's group is the table's name.
+            whose = "group" if t["group"] and TableName.from_key(t["group"]) is None else "table"
+            rows = [("running", _running(t["running"], whose)), *_table_rows(t)]
+            for member in t.get("tables", []):
+                text = member["status"]
+                if member["status"] != "streaming" or member["chunks"]:
+                    text += f", snapshot {member['chunks']} chunk(s), {_count(member['rows'])} rows"
+                if member.get("error"):
+                    text += f": {member['error']} (cdc-daemon resync --table {member['table']})"
+                rows.append((f"  table {member['table']}", text))
+            rows += _warehouse_rows(t.get("warehouse"), t.get("warehouse_configured", True))
+            lines += _aligned(rows, "  ")
+            lines += _attention(t, "  ")
+            lines += _backfills(t, "  ")
+            lines.append("")
+            continue
+        # A watermark group: one lock and one warehouse, a position per table.
+        first = entries[0][1]
+        lines.append(f"{group}  ({first['mode']} mode, {len(entries)} tables)")
+        total = _sum([t for _, t in entries])
+        rows = [
+            ("running", _running(first["running"], "group")),
+            ("batches", _statuses(total["batches"])),
+            ("exported", _figures(total)),
+            *_warehouse_rows(first.get("warehouse"), first.get("warehouse_configured", True)),
         ]
-        oldest = t["oldest_unreconciled"]
-        rows.append(
-            (
-                "oldest unreconciled",
-                "none"
-                if oldest is None
-                else f"{oldest['batch_id']} ({oldest['status']}, uploaded {oldest['age_s']:.0f} s"
-                " ago)",
-            )
-        )
-        for member in t.get("tables", []):
-            text = member["status"]
-            if member["status"] != "streaming" or member["chunks"]:
-                text += f", snapshot {member['chunks']} chunk(s), {_count(member['rows'])} rows"
-            if member.get("error"):
-                text += f": {member['error']} (cdc-daemon resync --table {member['table']})"
-            rows.append((f"  table {member['table']}", text))
-        rows += _warehouse_rows(t.get("warehouse"))
-        width = max(len(k) for k, _ in rows)
-        lines += [f"  {k:<{width}}  {v}" for k, v in rows]
-        attention = t["unfinished"] + [
-            b for b in t["failed"] + t["missing"] if b not in t["unfinished"]
-        ]
-        if attention:
-            lines.append("  needs attention:")
-            header = ("batch", "status", "attempts", "in S3", "reason")
-            table = [header] + [
-                (
-                    b["batch_id"],
-                    b["status"],
-                    str(b["attempts"]),
-                    "yes" if b["in_s3"] else "no",
-                    b["error"] or "",
-                )
-                for b in attention
-            ]
-            widths = [max(len(r[i]) for r in table) for i in range(4)]
-            for r in table:
-                lines.append(
-                    "    " + "  ".join(f"{r[i]:<{widths[i]}}" for i in range(4)) + "  " + r[4]
-                )
-        for run in t.get("backfill_runs", []):
-            lines.append(
-                f"  backfill {run['run_id']}  [{run['day_from']}, {run['day_to']})  {run['status']}"
-                f"  {run['days_done']}/{run['days']} days in S3, {run['days_loaded']} loaded,"
-                f" {_count(run['rows'])} rows" + (f"  {run['error']}" if run["error"] else "")
-            )
+        lines += _aligned(rows, "  ")
+        for name, t in entries:
+            lines.append(f"  {shown(name)}  ({t['mode']} mode)")
+            lines += _aligned(_table_rows(t), "    ")
+            lines += _attention(t, "    ")
+            lines += _backfills(t, "    ")
         lines.append("")
     return "\n".join(lines).rstrip("\n")

@@ -39,6 +39,7 @@ from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.reconcile.completeness import DayDifference, Scope, check_group
 from cdc_daemon.state.ledger import Delivery, Status
 from cdc_daemon.state.position import INT64_MIN
+from cdc_daemon.state.report import group_ledgers
 from cdc_daemon.state.store import Store
 from cdc_daemon.warehouse.client import (
     LoadRecord,
@@ -70,6 +71,9 @@ class Outcome:
     missing: list[tuple[str, str]] = field(default_factory=list)
     refreshed: list[str] = field(default_factory=list)
     waiting: int = 0
+    # Deliveries still awaiting Snowflake's confirmation after the round (waiting, refreshed
+    # or missing).
+    unconfirmed: int = 0
     pipes: list[PipeStatus] = field(default_factory=list)
     tasks: list[TaskStatus] = field(default_factory=list)
     streams: list[StreamStatus] = field(default_factory=list)
@@ -119,6 +123,7 @@ class Outcome:
             "missing": [{"batch_id": b, "reason": r} for b, r in self.missing],
             "refreshed": self.refreshed,
             "waiting": self.waiting,
+            "unconfirmed": self.unconfirmed,
             "pipes": [
                 {
                     "name": pipe.name,
@@ -214,12 +219,15 @@ class Reconciler:
         self._settings = settings
         self._metrics = metrics
         self._heartbeats = heartbeats
-        self._tables = [spec.qualified for spec in settings.table_specs]
         # Where a service down (Snowflake, its ledger session) is told, for /healthz.
         self._outages = outages
         self._down: set[str] = set()
-        # Where its batches are in the ledger (the group's name in logical mode).
-        self._ledger_name = settings.ledger_name
+        # Where the group's deliveries are in the ledger: the group's name (logical mode: the
+        # stream's batches, the snapshot's chunks, repairs) and each table's (watermark mode's
+        # batches and repairs, backfill chunks).
+        self._ledgers = group_ledgers(settings)
+        # The warehouse's health is the group's: ``status`` shows it under the group.
+        self._group = settings.group
         self._prefix = settings.s3.prefix
         self._wh = warehouse
         self._store: Store | None = None
@@ -256,7 +264,12 @@ class Reconciler:
                 )
         for name, stream in streams:
             if stream is None:
-                log.error("stream_missing", stream=name)
+                log.error(
+                    "stream_missing",
+                    stream=name,
+                    hint="its table's changes stop reaching the current-state table: "
+                    "cdc-daemon snowflake apply creates it again",
+                )
                 continue
             outcome.streams.append(stream)
             self._watch_stream(stream, now)
@@ -284,7 +297,7 @@ class Reconciler:
         """The pipe, tasks and stream as seen this round, for ``status``. A ledger made before
         this table existed (``init`` not run since) only loses that line, once logged."""
         try:
-            await store.save_warehouse_health(self._ledger_name, outcome.health_json())
+            await store.save_warehouse_health(self._group, outcome.health_json())
         except CdcError as exc:
             if not self._health_unsaved:
                 self._health_unsaved = True
@@ -348,9 +361,7 @@ class Reconciler:
         now = now or datetime.now(UTC)
         sf = self._settings.snowflake
         store = await self._ledger()
-        # The stream's batches, snapshot chunks and repairs are the ledger's (a group's in
-        # logical mode, each table's in watermark mode); backfill chunks are their table's.
-        items = await store.unconfirmed([self._ledger_name, *self._tables])
+        items = await store.unconfirmed(self._ledgers)
         wh = await self._warehouse()
         outcome = Outcome()
         outcome.pipes = await asyncio.to_thread(wh.pipe_statuses)
@@ -397,7 +408,14 @@ class Reconciler:
                         await asyncio.to_thread(wh.refresh, name)
                     await store.mark_refreshed(item)
                     outcome.refreshed.append(item.name)
-                    log.warning("pipe_refresh_requested", batch_id=item.name, files=unseen)
+                    # The reconciler's own recovery (a notification lost, or a pipe behind):
+                    # nothing for the operator yet; ``batch_missing`` is, if it does not help.
+                    log.info(
+                        "pipe_refresh_requested",
+                        batch_id=item.name,
+                        files=len(unseen),
+                        first_files=unseen[:3],
+                    )
                     continue
             elif now - item.refreshed_at < wait:
                 outcome.waiting += 1
@@ -413,6 +431,7 @@ class Reconciler:
             if await store.settle(item, Status.MISSING, reason):
                 outcome.missing.append((item.name, reason))
                 log.error("batch_missing", batch_id=item.name, reason=reason)
+        outcome.unconfirmed = len(items) - len(outcome.loaded) - len(outcome.failed)
         if self._metrics is not None:
             for name, batches in (
                 ("loaded", outcome.loaded),

@@ -1,5 +1,6 @@
-"""Read-only views of the ledger for ``status`` and ``/metrics``: the stream's batches (the
-view ``batches``: each with its delivery), backfill runs, positions, the group's tables.
+"""Read-only views of the ledger for ``status``, ``/metrics`` and the demo's summary: every
+delivery whatever produced it (stream batches, snapshot chunks, backfill chunks), counted by
+producer, status and table (``exported``); backfill runs, positions, the group's tables.
 
 On a session of its own, never the daemon's ledger session: that one holds the single-instance
 lock and runs the commit transactions, and a query slipped in between could land inside one.
@@ -18,6 +19,27 @@ from cdc_daemon.state.store import lock_key
 
 # Uploaded to S3, not yet confirmed in the warehouse (the reconciler's work).
 UNRECONCILED = ("uploaded", "missing")
+# What a producer's deliveries are called where a person reads them.
+PRODUCER_NAMES = {
+    "join": "snapshot chunks",
+    "batch": "stream batches",
+    "backfill": "backfill chunks",
+}
+
+
+def group_ledgers(settings: Settings) -> list[str]:
+    """Where a configuration's deliveries are recorded: the group's name (logical mode: the
+    stream's batches and the snapshot's chunks) and each table's (watermark mode's batches,
+    backfill chunks). The reconciler confirms these; ``status`` and the demo count them."""
+    return list(dict.fromkeys([settings.ledger_name, *(t.qualified for t in settings.table_specs)]))
+
+
+def _names(ledgers: str | Sequence[str]) -> list[str]:
+    return [ledgers] if isinstance(ledgers, str) else list(dict.fromkeys(ledgers))
+
+
+def _figures() -> dict[str, Any]:
+    return {"deliveries": {}, "rows": 0, "objects": 0, "bytes": 0}
 
 
 def lock_columns(table: str) -> tuple[int, int]:
@@ -61,6 +83,59 @@ class LedgerReader(LedgerSession):
             for r in rows
         ]
 
+    async def exported(self, ledgers: str | Sequence[str], prefix: str) -> dict[str, Any]:
+        """What the ``ledgers`` hold, whoever produced it: deliveries by status, and the rows,
+        objects and bytes (compressed, as in S3) of those in S3; in total, per producer
+        (``batch``, ``join``, ``backfill``) and per table (its ledger key; the objects of a
+        stream batch of a logical group are each their table's; deliveries in S3 only).
+        ``prefix``: the bucket's, before each object's table folder."""
+        ledgers = _names(ledgers)
+        by_producer = await self._read(
+            "SELECT producer, status, count(*) AS n,"
+            " coalesce(sum(rows) FILTER (WHERE uploaded_at IS NOT NULL), 0) AS rows,"
+            " coalesce(sum(jsonb_array_length(objects))"
+            " FILTER (WHERE uploaded_at IS NOT NULL), 0) AS objects,"
+            " coalesce(sum(size) FILTER (WHERE uploaded_at IS NOT NULL), 0) AS bytes"
+            " FROM {schema}.deliveries WHERE ledger = ANY(%s) GROUP BY producer, status",
+            (ledgers,),
+        )
+        # An object's table is its folder: <prefix><table key>/dt=..., or for a quarantined
+        # one <prefix>_quarantine/<table key>/reason=... (sink.keys).
+        by_table = await self._read(
+            "SELECT split_part(substr(o->>'key', length(%s) + CASE WHEN o->>'quarantine'"
+            " IS NULL THEN 1 ELSE 13 END), '/', 1) AS folder, d.status, count(*) AS objects,"
+            " count(DISTINCT (d.producer, d.producer_id)) AS n,"
+            " coalesce(sum((o->>'rows')::int8), 0) AS rows,"
+            " coalesce(sum((o->>'size')::int8), 0) AS bytes"
+            " FROM {schema}.deliveries d, jsonb_array_elements(d.objects) o"
+            " WHERE d.ledger = ANY(%s) AND d.uploaded_at IS NOT NULL GROUP BY 1, 2",
+            (prefix, ledgers),
+        )
+        total = _figures()
+        producers: dict[str, dict[str, Any]] = {}
+        for r in by_producer:
+            mine = producers.setdefault(str(r["producer"]), _figures())
+            for figures in (total, mine):
+                status = str(r["status"])
+                figures["deliveries"][status] = figures["deliveries"].get(status, 0) + int(r["n"])
+                for k in ("rows", "objects", "bytes"):
+                    figures[k] += int(r[k])
+        tables: dict[str, dict[str, Any]] = {}
+        for r in by_table:
+            mine = tables.setdefault(str(r["folder"]), _figures())
+            status = str(r["status"])
+            mine["deliveries"][status] = mine["deliveries"].get(status, 0) + int(r["n"])
+            for k in ("rows", "objects", "bytes"):
+                mine[k] += int(r[k])
+        return {
+            **total,
+            # In the order they come: a group's snapshot, its stream, backfills.
+            "producers": dict(
+                sorted(producers.items(), key=lambda kv: [*PRODUCER_NAMES, kv[0]].index(kv[0]))
+            ),
+            "tables": dict(sorted(tables.items())),
+        }
+
     async def warehouse_health(self, table: str) -> dict[str, Any] | None:
         """What the reconciler last saw of the warehouse, with when (None: never, or a ledger
         older than the table that keeps it)."""
@@ -85,6 +160,7 @@ class LedgerReader(LedgerSession):
         )
 
     async def counts(self, table: str) -> dict[str, int]:
+        """The stream's batches by status (the metrics' gauges)."""
         rows = await self._read(
             "SELECT status, count(*) AS n FROM {schema}.batches WHERE table_name = %s "
             "GROUP BY status",
@@ -92,66 +168,58 @@ class LedgerReader(LedgerSession):
         )
         return {str(r["status"]): int(r["n"]) for r in rows}
 
-    async def totals(self, table: str) -> dict[str, int]:
-        """Rows, objects and object bytes of the batches that reached S3."""
-        rows = await self._read(
-            "SELECT coalesce(sum(rows), 0) AS rows, "
-            "coalesce(sum(jsonb_array_length(objects)), 0) AS objects, "
-            "coalesce(sum(size), 0) AS bytes FROM {schema}.batches "
-            "WHERE table_name = %s AND uploaded_at IS NOT NULL",
-            (table,),
-        )
-        return {k: int(v) for k, v in rows[0].items()}
-
-    async def last(self, table: str, column: str) -> dict[str, Any] | None:
-        """The batch with the latest ``uploaded_at`` or ``loaded_at``."""
+    async def last(self, ledgers: str | Sequence[str], column: str) -> dict[str, Any] | None:
+        """The delivery (of any producer) with the latest ``uploaded_at`` or ``loaded_at``."""
         assert column in ("uploaded_at", "loaded_at")
         rows = await self._read(
-            f"SELECT batch_id, status, rows, {column} AS at FROM {{schema}}.batches "
-            f"WHERE table_name = %s AND {column} IS NOT NULL ORDER BY {column} DESC, hi DESC "
+            f"SELECT name, producer, status, rows, {column} AS at FROM {{schema}}.deliveries "
+            f"WHERE ledger = ANY(%s) AND {column} IS NOT NULL ORDER BY {column} DESC, name DESC "
             "LIMIT 1",
-            (table,),
+            (_names(ledgers),),
         )
         if not rows:
             return None
         row = rows[0]
         return {
-            "batch_id": row["batch_id"],
+            "batch_id": row["name"],
+            "producer": row["producer"],
             "status": row["status"],
             "rows": row["rows"],
             "at": _iso(row["at"]),
         }
 
-    async def oldest_unreconciled(self, table: str) -> dict[str, Any] | None:
+    async def oldest_unreconciled(self, ledgers: str | Sequence[str]) -> dict[str, Any] | None:
         rows = await self._read(
-            "SELECT batch_id, status, uploaded_at, "
+            "SELECT name, producer, status, uploaded_at, "
             "extract(epoch FROM now() - uploaded_at)::float8 AS age_s "
-            "FROM {schema}.batches WHERE table_name = %s AND status = ANY(%s) "
-            "AND uploaded_at IS NOT NULL ORDER BY uploaded_at, hi LIMIT 1",
-            (table, list(UNRECONCILED)),
+            "FROM {schema}.deliveries WHERE ledger = ANY(%s) AND status = ANY(%s) "
+            "AND uploaded_at IS NOT NULL ORDER BY uploaded_at, name LIMIT 1",
+            (_names(ledgers), list(UNRECONCILED)),
         )
         if not rows:
             return None
         row = rows[0]
         return {
-            "batch_id": row["batch_id"],
+            "batch_id": row["name"],
+            "producer": row["producer"],
             "status": row["status"],
             "uploaded_at": _iso(row["uploaded_at"]),
             "age_s": round(float(row["age_s"]), 3),
         }
 
-    async def troubled(self, table: str, limit: int = 50) -> list[dict[str, Any]]:
-        """Batches not where they should be: pending (with attempts), failed or missing, with
-        the reason recorded for each; oldest first."""
+    async def troubled(self, ledgers: str | Sequence[str], limit: int = 50) -> list[dict[str, Any]]:
+        """Deliveries (of any producer) not where they should be: pending (with attempts),
+        failed or missing, with the reason recorded for each; oldest first."""
         rows = await self._read(
-            "SELECT batch_id, status, attempts, error, uploaded_at IS NOT NULL AS in_s3, "
-            "updated_at FROM {schema}.batches WHERE table_name = %s "
-            "AND status IN ('pending', 'failed', 'missing') ORDER BY hi, created_at LIMIT %s",
-            (table, limit),
+            "SELECT name, producer, status, attempts, error, uploaded_at IS NOT NULL AS in_s3, "
+            "updated_at FROM {schema}.deliveries WHERE ledger = ANY(%s) "
+            "AND status IN ('pending', 'failed', 'missing') ORDER BY created_at, name LIMIT %s",
+            (_names(ledgers), limit),
         )
         return [
             {
-                "batch_id": r["batch_id"],
+                "batch_id": r["name"],
+                "producer": r["producer"],
                 "status": r["status"],
                 "attempts": r["attempts"],
                 "in_s3": r["in_s3"],

@@ -470,7 +470,10 @@ async def test_logical_inserts_updates_deletes_arrive_in_sales(
         shown = json.loads(capsys.readouterr().out)[TABLE]
         assert shown["mode"] == "logical"
         assert shown["behind"]["slot_lag_bytes"] is not None
-        assert shown["batches"]["loaded"] == len(await statuses(wh.settings))
+        # Every delivery: the stream's batches and the snapshot's chunks.
+        stream = len(await statuses(wh.settings))
+        assert shown["producers"]["batch"]["deliveries"]["loaded"] == stream
+        assert shown["batches"]["loaded"] == stream + chunks[0]
     finally:
         wh.stop()
 

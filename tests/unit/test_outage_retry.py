@@ -22,13 +22,13 @@ from psycopg import errors as pg
 from structlog.testing import capture_logs
 
 from cdc_daemon.batch.spool import sweep
-from cdc_daemon.config import DaemonSettings, load_settings
+from cdc_daemon.config import DaemonSettings
 from cdc_daemon.errors import TransientError, from_botocore, from_psycopg
 from cdc_daemon.ops.health import HealthServer, Heartbeats, Outages, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.unit import Retry
-from tests.helpers import SEED
+from tests.helpers import seed_settings
 from tests.unit.test_health import LedgerlessProbe, drain, notify_socket
 
 # The fixture, from the health tests (imported, so that pytest finds it here too).
@@ -179,7 +179,7 @@ async def test_the_outages_follow_the_retries() -> None:
 async def test_healthz_names_the_service_down_and_stays_alive() -> None:
     """While a service is down /healthz answers 200 (a restart would not bring it back) with
     ``status: degraded`` and the service, since when, under ``down``; /readyz lists it too."""
-    settings = load_settings(None, **SEED)
+    settings = seed_settings()
     probe = Probe(settings)
     beats = Heartbeats()
     beats.beat("capture")
@@ -246,7 +246,7 @@ async def test_supervisor_tells_systemd_which_service_is_down(
     """While a service is down systemd's status line says which and since when (what
     ``systemctl status`` shows), once; when it is back the line says the daemon exports."""
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
-    settings = load_settings(None, postgres=SEED["postgres"], capture={"mode": "logical"})
+    settings = seed_settings(capture={"mode": "logical"})
     notifier = SystemdNotifier()
     probe = LedgerlessProbe(settings)
     supervisor = Supervisor(settings, Heartbeats(), notifier, probe)
