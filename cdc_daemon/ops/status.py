@@ -35,6 +35,7 @@ from cdc_daemon.state.ledger import Status
 from cdc_daemon.state.position import INT64_MIN
 from cdc_daemon.state.report import PRODUCER_NAMES, LedgerReader, group_ledgers
 from cdc_daemon.state.store import Store
+from cdc_daemon.state.verify import VerifyState, verify_states
 
 
 def slot_lag_bytes(conn: psycopg.Connection[Any], slot: str) -> int | None:
@@ -128,6 +129,7 @@ async def collect(
             source_error = str(exc)
         now = datetime.now(UTC)
         configured = {settings.group, *(t.qualified for t in settings.table_specs)}
+        verified = {v.table: v for v in await verify_states(settings)}
         report: dict[str, Any] = {}
         for position in positions:
             name = position["table_name"]
@@ -203,10 +205,49 @@ async def collect(
                 # The reconciler keeps it under the group's name (a watermark group's too).
                 "warehouse": await reader.warehouse_health(group or name),
                 "warehouse_configured": settings.snowflake.enabled,
+                # The continuous verification of each of its tables (``state.verify``).
+                "verification": {
+                    t: _verification(verified.get(t))
+                    for t in ([m["table"] for m in members] or [name])
+                },
             }
         return report
     finally:
         await reader.close()
+
+
+def _verification(state: VerifyState | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {
+        "last_full_pass": state.last_pass_at.isoformat() if state.last_pass_at else None,
+        "rows_this_pass": state.rows_verified,
+        "last_slice": state.checked_at.isoformat() if state.checked_at else None,
+        "differing_keys": list(state.differing),
+    }
+
+
+def _verified(v: dict[str, Any] | None, table: str) -> str:
+    if v is None:
+        return "not yet (the daemon verifies a slice every verify.interval_s; `verify` now)"
+    text = (
+        f"last full pass {v['last_full_pass']}" if v["last_full_pass"] else "no full pass yet"
+    ) + f", {_count(v['rows_this_pass'])} rows of this pass"
+    if v["differing_keys"]:
+        keys = v["differing_keys"]
+        text += (
+            f"; {len(keys)} key(s) DIFFER ({keys[0]}{', ...' if len(keys) > 1 else ''}): "
+            f"cdc-daemon verify --table {shlex.quote(shown(table))} --repair"
+        )
+    return text
+
+
+def _verified_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
+    found = t.get("verification") or {}
+    if len(found) == 1:
+        ((table, v),) = found.items()
+        return [("verified", _verified(v, table))]
+    return [(f"  verified {shown(table)}", _verified(v, table)) for table, v in found.items()]
 
 
 def _count(n: int | None) -> str:
@@ -419,6 +460,8 @@ def render(report: dict[str, Any]) -> str:
                     text += f": {member['error']} (cdc-daemon resync --table {member['table']})"
                 rows.append((f"  table {member['table']}", text))
             rows += _warehouse_rows(t.get("warehouse"), t.get("warehouse_configured", True))
+            if t.get("warehouse_configured", True):
+                rows += _verified_rows(t)
             lines += _aligned(rows, "  ")
             lines += _attention(t, "  ")
             lines += _backfills(t, "  ")
@@ -437,7 +480,10 @@ def render(report: dict[str, Any]) -> str:
         lines += _aligned(rows, "  ")
         for name, t in entries:
             lines.append(f"  {shown(name)}  ({t['mode']} mode)")
-            lines += _aligned(_table_rows(t), "    ")
+            table_rows = _table_rows(t)
+            if t.get("warehouse_configured", True):
+                table_rows += _verified_rows(t)
+            lines += _aligned(table_rows, "    ")
             lines += _attention(t, "    ")
             lines += _backfills(t, "    ")
         lines.append("")

@@ -25,6 +25,7 @@ from cdc_daemon.local.sample import generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.ops.status import collect, render
 from cdc_daemon.reconcile.verify import RollingVerifier, TableResult, TableVerifier, verify_group
 from cdc_daemon.source.session import connect
 from cdc_daemon.warehouse.client import Warehouse
@@ -328,8 +329,8 @@ async def test_continuous_verification_walks_the_table_in_slices_and_reports_wha
     """The rolling verifier compares one slice of keys per round from where the last ended,
     saving its place in the ledger; a full pass ends with the cursor back at the start. A
     value changed in the warehouse is reported by the slice holding it (once, with the fix,
-    and in metrics); a difference that is gone by the settle time (a change in flight) is
-    not."""
+    in metrics and in `status`); a difference that is gone by the settle time (a change in
+    flight) is not."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         generate_sales(conn, 2_500, days=6)
     settings = make_settings(
@@ -368,6 +369,8 @@ async def test_continuous_verification_walks_the_table_in_slices_and_reports_wha
             )
             == 1
         )
+        text = render(await collect(settings))
+        assert "1 key(s) DIFFER ({'id': 1500}): cdc-daemon verify --table" in text
         (third,) = await verifier.round()
         assert third.cursor is None
         assert third.last_pass_at is not None
