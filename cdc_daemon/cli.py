@@ -429,13 +429,25 @@ def write_report(settings: Settings, out: Path) -> int:
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to report on")
+    from cdc_daemon.state.report import recent_deliveries
     from cdc_daemon.state.verify import verify_states
 
     tables = report_tables(settings)
     states = asyncio.run(verify_states(settings))
+    deliveries = asyncio.run(recent_deliveries(settings))
     wh = Warehouse.of_group(settings).connect()
     try:
-        write(out, wh.query, settings.postgres, settings.snowflake, tables, [], (), states)
+        write(
+            out,
+            wh.query,
+            settings.postgres,
+            settings.snowflake,
+            tables,
+            [],
+            (),
+            states,
+            deliveries,
+        )
     finally:
         wh.close()
     print(f"report: {out}")

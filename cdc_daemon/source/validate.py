@@ -419,7 +419,10 @@ class TablesRefused(SourceError):
         super().__init__(f"{what}: " + "; ".join(problems))
 
     def lines(self) -> list[str]:
-        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) > 1 else "")
+        """One line for one problem (the one sentence of any refusal); a list for several."""
+        if len(self.problems) == 1:
+            return [str(self)]
+        count = f"{len(self.problems)} problems"
         return [f"{self.what} ({count}):", *(f"  - {p}" for p in self.problems)]
 
 

@@ -188,6 +188,31 @@ class LedgerReader(LedgerSession):
             "at": _iso(row["at"]),
         }
 
+    async def recent(self, ledgers: str | Sequence[str], limit: int = 15) -> list[dict[str, Any]]:
+        """The latest deliveries of any producer, newest first, with the seconds from their
+        read to their upload and from their upload to Snowflake's confirmed load."""
+        rows = await self._read(
+            "SELECT name, producer, table_name, status, rows, created_at, uploaded_at,"
+            " loaded_at, extract(epoch FROM uploaded_at - created_at) AS upload_s,"
+            " extract(epoch FROM loaded_at - uploaded_at) AS load_s"
+            " FROM {schema}.deliveries WHERE ledger = ANY(%s)"
+            " ORDER BY created_at DESC, name DESC LIMIT %s",
+            (_names(ledgers), limit),
+        )
+        return [
+            {
+                "name": r["name"],
+                "producer": r["producer"],
+                "table": r["table_name"],
+                "status": r["status"],
+                "rows": r["rows"],
+                "created_at": _iso(r["created_at"]),
+                "upload_s": None if r["upload_s"] is None else float(r["upload_s"]),
+                "load_s": None if r["load_s"] is None else float(r["load_s"]),
+            }
+            for r in rows
+        ]
+
     async def oldest_unreconciled(self, ledgers: str | Sequence[str]) -> dict[str, Any] | None:
         rows = await self._read(
             "SELECT name, producer, status, uploaded_at, "
@@ -274,3 +299,12 @@ class LedgerReader(LedgerSession):
             "client_addr": row["client_addr"],
             "since": _iso(row["backend_start"]),
         }
+
+
+async def recent_deliveries(settings: Settings, limit: int = 15) -> list[dict[str, Any]]:
+    """``LedgerReader.recent`` over the group's ledgers, on a session of its own."""
+    reader = await LedgerReader.connect(settings, "cdc-daemon-report")
+    try:
+        return await reader.recent(group_ledgers(settings), limit)
+    finally:
+        await reader.close()

@@ -168,6 +168,30 @@ def _verification(states: Sequence[VerifyState]) -> str:
     )
 
 
+def _deliveries(deliveries: Sequence[dict[str, Any]]) -> str:
+    """The latest deliveries with their state and lag: read to upload, upload to load."""
+    if not deliveries:
+        return ""
+
+    def secs(v: float | None) -> str:
+        return "" if v is None else f"{v:.1f} s"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(str(d['created_at']))}</td><td>{html.escape(d['producer'])}</td>"
+        f"<td>{html.escape(d['table'])}</td><td>{html.escape(d['name'])}</td>"
+        f"<td>{d['rows']}</td>"
+        f"<td{' class=bad' if d['status'] in ('failed', 'missing') else ''}>"
+        f"{html.escape(d['status'])}</td><td>{secs(d['upload_s'])}</td>"
+        f"<td>{secs(d['load_s'])}</td></tr>"
+        for d in deliveries
+    )
+    return (
+        "<h2>Latest deliveries</h2><table><tr><th>read</th><th>producer</th><th>table</th>"
+        "<th>objects</th><th>rows</th><th>state</th><th>read to S3</th><th>S3 to loaded</th>"
+        "</tr>" + rows + "</table>"
+    )
+
+
 def write_report(
     path: Path,
     query: Query,
@@ -177,6 +201,7 @@ def write_report(
     summary: Sequence[str],
     charts: Sequence[Any] = (),
     verification: Sequence[VerifyState] = (),
+    deliveries: Sequence[dict[str, Any]] = (),
 ) -> None:
     """The page on ``tables``, from ``query`` (a warehouse session's) and the source database;
     ``charts`` (pygal charts) follow the tables' own; ``verification``: the continuous
@@ -209,7 +234,7 @@ def write_report(
         "<th>Snowflake rows</th><th></th><th>last merged</th></tr>" + "".join(rows) + "</table>"
     )
     body = "\n".join(
-        [_verification(verification)]
+        [_verification(verification), _deliveries(deliveries)]
         + sections
         + [f"<figure>{c.render(is_unicode=True)}</figure>" for c in charts]
     )

@@ -10,10 +10,11 @@ from pathlib import Path
 def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
     """`python -m cdc_daemon demo --report` exits 0; on a pipe it prints a few progress lines
     (the first naming its log file) and its closing report, nothing on stderr, and keeps the
-    log lines in that file; the report says SALES equals the source and every batch is
-    loaded, none failed, with no day_incomplete line logged; the HTML page holds the four
-    charts (rows per day, revenue by country, top products, cancellations per month) drawn from
-    the sample's data."""
+    log lines in that file; the report says SALES equals the source, that `verify` found every
+    value equal, and every batch is loaded, none failed, with no day_incomplete line logged;
+    the HTML page holds the four charts (rows per day, revenue by country, top products,
+    cancellations per month) drawn from the sample's data, the verification and the latest
+    deliveries."""
     page = tmp_path / "report.html"
     done = subprocess.run(
         [sys.executable, "-m", "cdc_daemon", "demo", "--report", str(page)],
@@ -36,6 +37,7 @@ def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
     assert '"event": "daemon_started"' in logged
     report = done.stdout[done.stdout.index("\ncdc-daemon demo:") :]
     assert "SALES equals the source: yes" in report
+    assert "verify public.ecommerce_sales: every value equal (" in report
     # Nothing is wrong: the completeness check reports no day (it judges only confirmed days).
     assert "day_incomplete" not in logged + done.stdout
     assert "batches: loaded" in report
@@ -50,3 +52,5 @@ def test_demo_reports_every_row_in_sales(tmp_path: Path) -> None:
     ):
         assert title in html
     assert "United Kingdom" in html
+    assert "<h2>Latest deliveries</h2>" in html
+    assert "<h2>Verification</h2>" in html
