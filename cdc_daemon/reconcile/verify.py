@@ -146,6 +146,11 @@ class TableResult:
                 "  hashed by NULL or not only (compared by value where a range is fetched): "
                 + ", ".join(self.null_only_columns)
             )
+        if self.differences:
+            out.append(
+                "  (a change still on its way is a difference too: --settle 180 reads the keys "
+                "again; --repair exports them again)"
+            )
         return out
 
 
