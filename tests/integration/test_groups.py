@@ -525,3 +525,27 @@ def test_snapshot_ranges_and_chunks_follow_the_key_order(pg_dsn: str, tmp_path: 
                     break
                 start = last
     assert sorted(seen) == list(range(1, 3001))
+
+
+async def test_a_mistyped_table_is_refused_before_the_ledger_changes(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A configuration whose table name is mistyped (a table that does not exist and was never
+    in the group) is refused with one sentence that says how to fix it; the table it replaced
+    does not leave the group and no table is marked failed; the right configuration runs on."""
+    pgbench_init(pg_dsn)
+    tables = ["pgbench_branches", "pgbench_tellers"]
+    settings = group_settings(pg_dsn, s3_server, bucket, tmp_path, tables)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        before = conn.execute("SELECT * FROM cdc.group_tables ORDER BY table_name").fetchall()
+    typo = group_settings(
+        pg_dsn, s3_server, bucket, tmp_path, ["pgbench_branches", "pgbench_tellrs"]
+    )
+    with pytest.raises(SourceError, match=r"pgbench_tellrs.*fix the name in \[\[tables\]\]"):
+        await export_until_idle(typo)
+    with psycopg.connect(pg_dsn) as conn:
+        after = conn.execute("SELECT * FROM cdc.group_tables ORDER BY table_name").fetchall()
+    assert after == before
+    assert await export_until_idle(settings) == 0

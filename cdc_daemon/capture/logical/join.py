@@ -132,6 +132,11 @@ class Joiner:
     def group(self) -> str:
         return self._settings.group
 
+    def member(self, name: str) -> bool:
+        """Whether the ledger has ``name`` in the group (joining, streaming or failed)."""
+        known = self._tables.get(name)
+        return known is not None and known.status != "left"
+
     def replace_store(self, store: Store) -> None:
         self._store = store
 

@@ -134,6 +134,15 @@ class LogicalPipeline:
                 )
         # A redo holds the changes of the tables that were in the group when it was recorded.
         known = await self._joiner.load(set(source.accepted))
+        # A configured table that cannot be read and never was in the group is a mistake in the
+        # configuration (a typo, a table not made yet): refused before the ledger changes, or
+        # the table it replaced would leave the group and it would be marked failed.
+        strangers = {n: r for n, r in source.unavailable.items() if not self._joiner.member(n)}
+        if strangers:
+            raise SourceError(
+                "; ".join(strangers.values())
+                + ": fix the name in [[tables]] (or create the table), then `cdc-daemon init`"
+            )
         source.active = {t.oid for t in source.tables if t.qualified in known}
         source.active &= self._joiner.active_oids()
         await redo_pending(await store.pending(self.table), self._redo)
