@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,6 +27,9 @@ from cdc_daemon.logging import configure_logging
 from cdc_daemon.names import TableName
 from cdc_daemon.state.store import Store
 from cdc_daemon.worker import Worker
+
+if TYPE_CHECKING:
+    from cdc_daemon.reconcile.verify import TableResult
 
 LOCAL_ACTIONS = ("up", "down")  # and ``serve``, which ``local up`` runs in a process of its own
 
@@ -464,6 +467,7 @@ def verify(
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to verify")
     results = verify_group(settings, None if table is None else parse_table(table), settle_s)
+    asyncio.run(record_verified(settings, results))
     repaired: list[dict[str, object]] = []
     if repair and not all(r.equal for r in results):
         from cdc_daemon.capture.repair import RepairRequest, repair_group
@@ -502,6 +506,30 @@ def verify(
                 "merged"
             )
     return 0 if all(r.equal for r in results) else 1
+
+
+async def record_verified(settings: Settings, results: Sequence[TableResult]) -> None:
+    """Each table ``verify`` compared whole is a full pass of the continuous verification."""
+    from datetime import UTC, timedelta
+
+    from cdc_daemon.state.verify import VerifyState, record_full_pass
+
+    now = datetime.now(UTC)
+    await record_full_pass(
+        settings,
+        [
+            VerifyState(
+                r.source_table.key,
+                cursor=None,
+                pass_started_at=now - timedelta(seconds=r.seconds),
+                last_pass_at=now,
+                rows_verified=r.source_rows,
+                differing=tuple(d.key for d in r.differences),
+                checked_at=now,
+            )
+            for r in results
+        ],
+    )
 
 
 async def reconcile_continuously(settings: Settings) -> int:

@@ -192,21 +192,24 @@ async def test_verify_names_each_tampered_value_and_repair_fixes_exactly_those(
 async def test_verify_command_exits_1_on_a_difference_and_prints_json(
     pg_dsn: str, group: LocalWarehouse, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``verify`` exits 0 when the tables are equal and 1 when a value differs, naming it in
-    its JSON; ``--table`` limits it to one table; an unknown table is one sentence (exit 2)."""
+    """``verify`` exits 0 when the tables are equal (and `status` shows each table's full pass)
+    and 1 when a value differs, naming it in its JSON; ``--table`` limits it to one table; an
+    unknown table is one sentence (exit 2)."""
     await _loaded(pg_dsn, group)
     settings = group.settings
-    assert verify(settings, None, 0.0, False) == 0
+    assert await asyncio.to_thread(verify, settings, None, 0.0, False) == 0
     assert "pgbench_accounts -> PGBENCH_ACCOUNTS: equal" in capsys.readouterr().out
     group.query("UPDATE PGBENCH_BRANCHES SET BBALANCE = BBALANCE + 7 WHERE BID = 1")
-    assert verify(settings, "pgbench_branches", 0.0, True) == 1
+    text = render(await collect(settings))
+    assert text.count("last full pass 20") == 5  # on-demand passes are recorded too
+    assert await asyncio.to_thread(verify, settings, "pgbench_branches", 0.0, True) == 1
     (result,) = json.loads(capsys.readouterr().out)
     assert result["table"] == "public.pgbench_branches"
     ((difference,),) = [result["differences"]]
     assert difference["key"] == {"bid": 1}
     assert [c["column"] for c in difference["columns"]] == ["bbalance"]
     with pytest.raises(ConfigError, match="not a table of this configuration") as refused:
-        verify(settings, "public.nope", 0.0, False)
+        await asyncio.to_thread(verify, settings, "public.nope", 0.0, False)
     assert refused.value.exit_code == 2
 
 
