@@ -74,6 +74,18 @@ class ColumnFacts:
     toastable: bool  # attstorage <> 'p': a value can be kept out of line
 
 
+def never_out_of_line(type_name: str) -> bool:
+    """Whether no value of the type can be stored out of line (TOASTed): PostgreSQL moves only
+    values larger than a TOAST pointer (MAXALIGN(18) = 24 bytes with their 4-byte header) out
+    of a row. A ``numeric(p, s)`` of at most 28 digits takes at most 22 bytes (the header, 2
+    bytes of sign and scale, 2 per 4 digits plus one for the alignment at the point); ``inet``
+    and ``cidr`` at most 22 (an IPv6 address with its mask; ``pg_column_size`` shows both)."""
+    found = re.fullmatch(r"numeric\((\d+)(?:,\s*\d+)?\)", type_name)
+    if found:
+        return int(found.group(1)) <= 28
+    return type_name in ("inet", "cidr")
+
+
 @dataclass(frozen=True)
 class IndexFacts:
     name: str  # quote_ident(): unqualified, as REPLICA IDENTITY USING INDEX takes it
@@ -171,7 +183,16 @@ def read_facts(conn: psycopg.Connection[tuple[object, ...]], table: str) -> Tabl
         return None
     oid = int(str(row[0]))
     columns = tuple(
-        ColumnFacts(str(n), str(q), str(t), int(str(o)), int(str(m)), bool(nn), g != "", bool(s))
+        ColumnFacts(
+            str(n),
+            str(q),
+            str(t),
+            int(str(o)),
+            int(str(m)),
+            bool(nn),
+            g != "",
+            bool(s) and not never_out_of_line(str(t)),
+        )
         for n, q, t, o, m, nn, g, s in conn.execute(
             "SELECT attname, quote_ident(attname), format_type(atttypid, atttypmod),"
             " atttypid::int8, atttypmod, attnotnull, attgenerated::text, attstorage <> 'p'"

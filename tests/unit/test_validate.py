@@ -201,3 +201,17 @@ def test_a_made_up_index_name_fits_postgresql_and_is_quoted() -> None:
     assert len(name.strip('"').encode()) <= 63
     assert quote_ident("Sign-Ups") == '"Sign-Ups"'
     assert quote_ident('a"b') == '"a""b"'
+
+
+def test_small_values_are_never_toasted() -> None:
+    """A numeric of at most 28 digits, inet and cidr fit under a TOAST pointer: init does not
+    warn about their unchanged values; wider numerics, text and arrays may be TOASTed."""
+    from cdc_daemon.source.validate import never_out_of_line
+
+    assert never_out_of_line("numeric(10,2)")
+    assert never_out_of_line("numeric(28,0)")
+    assert never_out_of_line("inet")
+    assert not never_out_of_line("numeric(29,2)")
+    assert not never_out_of_line("numeric")
+    assert not never_out_of_line("text")
+    assert not never_out_of_line("integer[]")
