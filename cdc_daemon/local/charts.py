@@ -52,8 +52,9 @@ def sample_charts(query: Query) -> list[Any]:
         "Bar",
         "Invoices and cancellations per month (from INVOICES; the last bar, if later than "
         "2011-12, is the demo's live inserts)",
-        y_title="invoices",
+        y_title="count",
         x_label_rotation=30,
+        include_x_axis=True,
     )
     cancellations.x_labels = [str(r["MONTH"])[:7] for r in months]
     cancellations.add("invoices", [int(r["INVOICES"]) for r in months])

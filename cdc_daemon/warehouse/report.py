@@ -56,6 +56,15 @@ class DayCounts:
         return [d for d in self.days if self.source.get(d, 0) != self.warehouse.get(d, 0)]
 
 
+def _when(value: Any) -> str:
+    """A time to the second, in UTC; ``never`` for none."""
+    if value is None:
+        return "never"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return str(value)
+
+
 def report_tables(settings: Settings) -> list[ReportTable]:
     """The group's tables, read from the source's catalog, with their partition columns."""
     partitions = {spec.qualified: spec.partition_column for spec in settings.table_specs}
@@ -110,6 +119,7 @@ def _day_chart(t: ReportTable, counts: DayCounts) -> Any:
         dots_size=1,
         y_title="rows",
         truncate_legend=-1,
+        include_x_axis=True,  # the rows axis from zero: a day's share is not exaggerated
     )
     per_day.x_labels = days
     per_day.x_labels_major = days[:: max(1, len(days) // 12)]
@@ -221,7 +231,7 @@ def write_report(
                 rows.append(
                     f"<tr><td>{html.escape(str(n.table))}</td><td>{html.escape(n.name)}</td>"
                     f"<td>{int(source)}</td><td>{int(got['N'])}</td><td>{equal}</td>"
-                    f"<td>{html.escape(str(got['LAST'] or 'never'))}</td></tr>"
+                    f"<td>{html.escape(_when(got['LAST']))}</td></tr>"
                 )
                 counts = day_counts(query, conn, t)
                 if counts is not None:
@@ -231,7 +241,7 @@ def write_report(
         raise from_psycopg(exc, "counting the source tables' rows for the report") from None
     table = (
         "<h2>Tables</h2><table><tr><th>source</th><th>Snowflake</th><th>source rows</th>"
-        "<th>Snowflake rows</th><th></th><th>last merged</th></tr>" + "".join(rows) + "</table>"
+        "<th>Snowflake rows</th><th>rows</th><th>last merged</th></tr>" + "".join(rows) + "</table>"
     )
     body = "\n".join(
         [_verification(verification), _deliveries(deliveries)]
