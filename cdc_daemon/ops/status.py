@@ -336,7 +336,9 @@ def _statuses(counts: dict[str, int]) -> str:
 
 
 def _figures(f: dict[str, Any]) -> str:
-    return f"{_count(f['rows'])} rows, {_count(f['objects'])} objects, {_size(f['bytes'])}"
+    rows = f"{_count(f['rows'])} row" + ("" if f["rows"] == 1 else "s")
+    objects = f"{_count(f['objects'])} object" + ("" if f["objects"] == 1 else "s")
+    return f"{rows}, {objects}, {_size(f['bytes'])}"
 
 
 def _exported(t: dict[str, Any]) -> list[tuple[str, str]]:
