@@ -270,7 +270,8 @@ def _position(n: int | None) -> str:
 def _batch(b: dict[str, Any] | None) -> str:
     if b is None:
         return "none"
-    return f"{b['batch_id']} ({_count(b['rows'])} rows) at {b['at']}"
+    of = f" of {shown(b['table'])}" if b.get("table") else ""
+    return f"{b['batch_id']}{of} ({_count(b['rows'])} rows) at {b['at']}"
 
 
 def _warehouse_rows(
@@ -372,7 +373,9 @@ def _table_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
             "oldest unreconciled",
             "none"
             if oldest is None
-            else f"{oldest['batch_id']} ({oldest['status']}, uploaded {oldest['age_s']:.0f} s ago)",
+            else f"{oldest['batch_id']}"
+            + (f" of {shown(oldest['table'])}" if oldest.get("table") else "")
+            + f" ({oldest['status']}, uploaded {oldest['age_s']:.0f} s ago)",
         ),
     ]
 

@@ -172,7 +172,8 @@ class LedgerReader(LedgerSession):
         """The delivery (of any producer) with the latest ``uploaded_at`` or ``loaded_at``."""
         assert column in ("uploaded_at", "loaded_at")
         rows = await self._read(
-            f"SELECT name, producer, status, rows, {column} AS at FROM {{schema}}.deliveries "
+            f"SELECT name, producer, status, rows, table_name, {column} AS at"
+            " FROM {schema}.deliveries "
             f"WHERE ledger = ANY(%s) AND {column} IS NOT NULL ORDER BY {column} DESC, name DESC "
             "LIMIT 1",
             (_names(ledgers),),
@@ -183,6 +184,7 @@ class LedgerReader(LedgerSession):
         return {
             "batch_id": row["name"],
             "producer": row["producer"],
+            "table": row["table_name"],
             "status": row["status"],
             "rows": row["rows"],
             "at": _iso(row["at"]),
@@ -215,7 +217,7 @@ class LedgerReader(LedgerSession):
 
     async def oldest_unreconciled(self, ledgers: str | Sequence[str]) -> dict[str, Any] | None:
         rows = await self._read(
-            "SELECT name, producer, status, uploaded_at, "
+            "SELECT name, producer, status, table_name, uploaded_at, "
             "extract(epoch FROM now() - uploaded_at)::float8 AS age_s "
             "FROM {schema}.deliveries WHERE ledger = ANY(%s) AND status = ANY(%s) "
             "AND uploaded_at IS NOT NULL ORDER BY uploaded_at, name LIMIT 1",
@@ -227,6 +229,7 @@ class LedgerReader(LedgerSession):
         return {
             "batch_id": row["name"],
             "producer": row["producer"],
+            "table": row["table_name"],
             "status": row["status"],
             "uploaded_at": _iso(row["uploaded_at"]),
             "age_s": round(float(row["age_s"]), 3),
