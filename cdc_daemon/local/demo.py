@@ -265,21 +265,23 @@ async def _report(
         f"  source rows (Postgres)        {source:>10,}",
         "  changed while running         "
         + ", ".join(f"{n} {kind}" for kind, n in changes.items()),
-        f"  changes exported (S3 objects) {exported['rows']:>10,}"
+        f"  rows exported to S3           {exported['rows']:>10,}"
         f"  in {exported['objects']} objects",
         *(
-            f"    {PRODUCER_NAMES.get(p, p):<27} {f['rows']:>10,}  in {f['objects']} objects"
+            f"    by {PRODUCER_NAMES.get(p, p):<24} {f['rows']:>10,}  in {f['objects']} objects"
             for p, f in exported["producers"].items()
         ),
         f"  landing rows (RAW_SALES)      {landing:>10,}  (one per change)",
         f"  SALES rows                    {sales:>10,}",
         f"  INVOICES                      {invoices:>10,}  ({cancelled} cancellations)",
         f"  PRODUCTS                      {products:>10,}",
-        f"  revenue (sum of INVOICES)     {revenue:>13,}",
+        f"  revenue (sum of INVOICES)     {revenue:>13,} GBP",
     ]
     for row in top:
         name = row["DESCRIPTION"] or ""
-        lines.append(f"    top product {row['STOCK_CODE']:<8} {name:<36} {row['QUANTITY']:>7,}")
+        lines.append(
+            f"    top product {row['STOCK_CODE']:<8} {name:<36} {row['QUANTITY']:>7,} units"
+        )
     by_status = ", ".join(f"{k} {v}" for k, v in sorted(exported["deliveries"].items()))
     lines.append(
         f"  batches: {by_status}  ("
@@ -291,7 +293,10 @@ async def _report(
         + ")"
     )
     if lag and lag[0] is not None:
-        lines.append(f"  last delivery: uploaded -> confirmed loaded in {float(lag[0]):.1f} s")
+        lines.append(
+            f"  last delivery: uploaded -> confirmed loaded in {float(lag[0]):.1f} s (the local "
+            "Snowpipe stand-in, slower than Snowpipe with many small objects)"
+        )
     lines.append(f"  everything confirmed in {seconds:.1f} s")
     lines.append("  SALES equals the source: " + ("yes" if equal else "NO"))
     # The product's own proof: every value compared by row hashes inside each database.
