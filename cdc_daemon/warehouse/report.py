@@ -187,7 +187,8 @@ def _deliveries(deliveries: Sequence[dict[str, Any]]) -> str:
         return "" if v is None else f"{v:.1f} s"
 
     rows = "".join(
-        f"<tr><td>{html.escape(str(d['created_at']))}</td><td>{html.escape(d['producer'])}</td>"
+        f"<tr><td>{html.escape(str(d['created_at'])[:19].replace('T', ' '))}</td>"
+        f"<td>{html.escape(d['producer'])}</td>"
         f"<td>{html.escape(d['table'])}</td><td>{html.escape(d['name'])}</td>"
         f"<td>{d['rows']}</td>"
         f"<td{' class=bad' if d['status'] in ('failed', 'missing') else ''}>"
