@@ -311,6 +311,46 @@ def _close(name: str, columns: Sequence[Column]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def shape_problem(
+    spec: TableSettings | None, table: str, names: Sequence[str], key: Sequence[str] = ()
+) -> str | None:
+    """Why ``spec``'s ``columns``, ``exclude_columns`` and ``hash_columns`` cannot apply to a
+    table with these columns and key (None: they can): a name the table does not have, or a
+    key column left out (the warehouse merges by the key)."""
+    if spec is None:
+        return None
+    for setting, listed in (
+        ("columns", spec.columns or ()),
+        ("exclude_columns", spec.exclude_columns),
+        ("hash_columns", spec.hash_columns),
+    ):
+        unknown = [n for n in listed if n not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{table} has no column {unknown[0]!r}, named in [[tables]] {setting}{hint}"
+    out = [k for k in key if not spec.captures(k)]
+    if out:
+        return (
+            f"{table}: key column {out[0]!r} cannot be left out of the capture (the warehouse "
+            "merges by the key): capture it, hashed if it must not leave in clear (hash_columns)"
+        )
+    return None
+
+
+def shaped_columns(
+    spec: TableSettings | None, table: str, columns: Sequence[Column], key: Sequence[str] = ()
+) -> tuple[Column, ...]:
+    """The columns the capture reads (``spec``'s ``columns`` / ``exclude_columns``), checked by
+    ``shape_problem`` (SourceError)."""
+    problem = shape_problem(spec, table, [c.name for c in columns], key)
+    if problem is not None:
+        raise SourceError(problem)
+    if spec is None:
+        return tuple(columns)
+    return tuple(c for c in columns if spec.captures(c.name))
+
+
 def describe_table(
     conn: psycopg.Connection[tuple[object, ...]],
     table: str,
@@ -318,9 +358,11 @@ def describe_table(
     partition_column: str | None,
     *,
     in_tables: bool | None = None,
+    spec: TableSettings | None = None,
 ) -> TableInfo:
     """The table's columns, its watermark and partition columns checked. ``in_tables``: where
-    the configuration names the columns (``setting_name``), for the messages."""
+    the configuration names the columns (``setting_name``), for the messages. ``spec``: its
+    ``[[tables]]`` entry, whose ``columns`` / ``exclude_columns`` leave columns out."""
     row = conn.execute(
         "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
@@ -382,6 +424,14 @@ def describe_table(
             f"assigned in order: ALTER SEQUENCE {cached[0]} CACHE 1"
         )
     partition = partition_of(str(schema), str(name), by_name, partition_column, in_tables=in_tables)
+    # A configured watermark or partition column left out is refused by the settings; the
+    # merge key by init (source.validate) and the warehouse model.
+    if spec is not None and not spec.captures(watermark.name):
+        raise SourceError(
+            f"{q}: column {watermark.name!r} is its watermark (its primary key), so it cannot be "
+            "left out of the capture"
+        )
+    cols = shaped_columns(spec, q, cols)
     return TableInfo(str(schema), str(name), cols, watermark, partition)
 
 
@@ -424,4 +474,5 @@ def describe_configured(
         spec.watermark_column,
         spec.partition_column,
         in_tables=bool(settings.tables),
+        spec=spec,
     )

@@ -47,7 +47,7 @@ import psycopg
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
 from cdc_daemon.names import TableName
-from cdc_daemon.source.table import Column
+from cdc_daemon.source.table import Column, shape_problem
 from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which
@@ -298,10 +298,12 @@ def from_catalog(
     key: tuple[str, ...] | None,
     models: tuple[Path, ...] = (),
     logical: bool = False,
+    spec: TableSettings | None = None,
 ) -> WarehouseTable:
     """The table's columns and key, read from the catalog (the configured key, else the
     primary key). ``logical``: stored generated columns are left out, as the logical capture
-    leaves them out (pgoutput before PostgreSQL 18 does not send them)."""
+    leaves them out (pgoutput before PostgreSQL 18 does not send them). ``spec``: the table's
+    ``[[tables]]`` entry, whose left-out columns the warehouse never has."""
     found = conn.execute("SELECT to_regclass(%s)::oid::int8", (n.table.display,)).fetchone()
     if found is None or found[0] is None:
         raise SourceError(f"table {n.table} does not exist (or is not visible to this user)")
@@ -331,6 +333,11 @@ def from_catalog(
             f"{n.source} has no primary key: the warehouse merge needs one (name its key "
             "columns in [[tables]] key)"
         )
+    if spec is not None:
+        problem = shape_problem(spec, n.source, [a for a, _ in cols], key)
+        if problem is not None:
+            raise SourceError(problem)
+        cols = [(a, t) for a, t in cols if spec.captures(a)]
     return from_columns(n, cols, key, models)
 
 
@@ -375,6 +382,7 @@ def describe(
             specs[n.source].key,
             model_files(settings, n),
             logical=settings.capture.mode == "logical",
+            spec=specs[n.source],
         )
         for n in names(settings)
     ]

@@ -217,7 +217,7 @@ class LogicalSource(SourceSession):
             )
         for t in self.tables:
             assert t.facts is not None, "described from the catalog"
-            problems += logical_problems(t.facts, t.key, t.configured_key)
+            problems += logical_problems(t.facts, t.key, t.configured_key, t.spec)
         if not self.publication_exists() and not (owns_all and can_create):
             names = ", ".join(t.facts.quoted if t.facts else t.qualified for t in self.tables)
             problems.append(

@@ -11,7 +11,7 @@ import psycopg
 from cdc_daemon.config import TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
-from cdc_daemon.source.table import Column, TableInfo, partition_of
+from cdc_daemon.source.table import Column, TableInfo, partition_of, shape_problem
 from cdc_daemon.source.validate import TableFacts, read_facts
 from cdc_daemon.source.values import QuarantineJudge
 
@@ -27,6 +27,12 @@ class LogicalTable:
     has_primary_key: bool = True
     facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
     configured_key: bool = False  # the key is [[tables]] key, not the primary key
+    spec: TableSettings | None = None  # its [[tables]] entry: the columns left out, hashed
+
+    def captures(self, column: str) -> bool:
+        """Whether ``column`` goes into the objects (``columns`` / ``exclude_columns``): the
+        others are dropped from each change before it is spooled."""
+        return self.spec is None or self.spec.captures(column)
 
     @property
     def table(self) -> TableName:
@@ -75,11 +81,14 @@ def describe(
         )
     if facts.kind != "r":
         raise SourceError(f"{schema}.{name} is not a table")
-    captured = facts.captured(logical=True)
-    columns = tuple(Column(c.name, c.type_name) for c in captured)
     primary = facts.primary_key_columns()
-    by_name = {c.name: c for c in columns}
     key = primary if spec.key is None else spec.key
+    problem = shape_problem(spec, f"{schema}.{name}", [c.name for c in facts.columns], key)
+    if problem is not None:
+        raise SourceError(problem)
+    captured = tuple(c for c in facts.captured(logical=True) if spec.captures(c.name))
+    columns = tuple(Column(c.name, c.type_name) for c in captured)
+    by_name = {c.name: c for c in columns}
     missing = [k for k in key if k not in by_name]
     if missing:
         generated = facts.column(missing[0]) is not None
@@ -105,4 +114,5 @@ def describe(
         bool(primary),
         facts,
         spec.key is not None,
+        spec,
     )
