@@ -282,6 +282,11 @@ class TableSettings(_Section):
                 f"column {column!r} is the table's {what}, so it cannot be left out of the "
                 "capture (a key can be hashed instead: hash_columns)"
             )
+        if self.partition_column in self.hash_columns:
+            raise ValueError(
+                f"column {self.partition_column!r} is the table's partition_column, whose day "
+                "names the objects' dt= folders, so it cannot be hashed"
+            )
         hashed_out = [c for c in self.hash_columns if not self.captures(c)]
         if hashed_out:
             raise ValueError(

@@ -233,7 +233,7 @@ class ChunkReader(SourceSession):
         with translated(f"backfilling {table.qualified} for {day}"), read_snapshot(conn):
             where = table.days_between(day, day + timedelta(days=1))
             query = copy_query(table, where, read_ts, seq)
-            stream_rows(conn, query, spool, _WHOLE_DAY)
+            stream_rows(conn, query, spool, _WHOLE_DAY, table.copy_hasher())
 
 
 # -- progress ------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from cdc_daemon.state.session import advisory_key
 
 # 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
 # 4: deliveries, for every producer (state.deliveries); batches became stream_batches.
-SCHEMA_VERSION = 4
+# 5: hash_salts (added by CREATE TABLE IF NOT EXISTS: nothing to move).
+SCHEMA_VERSION = 5
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.meta (
@@ -81,6 +82,15 @@ CREATE TABLE IF NOT EXISTS {schema}.relations (
     table_name text PRIMARY KEY,
     columns jsonb NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- hash_columns: the fingerprint of the salt each table's values were hashed with
+-- (source.hashing.Hasher.fingerprint): another salt is refused until the table is resynced.
+CREATE TABLE IF NOT EXISTS {schema}.hash_salts (
+    group_name text NOT NULL,
+    table_name text NOT NULL,
+    fingerprint text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (group_name, table_name)
 );
 INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
     ON CONFLICT (key) DO NOTHING;
@@ -265,6 +275,40 @@ class Store(Deliveries):
                 f"the ledger schema {self._schema_name!r} predates table groups: run "
                 "`cdc-daemon init` (it adds their tables)",
             )
+
+    async def hold_salt(self, group: str, table: str, fingerprint: str) -> str | None:
+        """Record ``fingerprint`` as the salt of ``table``'s hash_columns unless one is
+        recorded: returns the one recorded before when it differs (None: the same, or new)."""
+        await self._require_tables(
+            ("hash_salts",),
+            f"the ledger schema {self._schema_name!r} predates hash_columns: run "
+            "`cdc-daemon init` (it adds their table)",
+        )
+        rows = await self._fetch(
+            "recording the salt's fingerprint",
+            self._q(
+                "INSERT INTO {schema}.hash_salts (group_name, table_name, fingerprint)"
+                " VALUES (%s, %s, %s) ON CONFLICT (group_name, table_name)"
+                " DO UPDATE SET group_name = excluded.group_name RETURNING fingerprint"
+            ),
+            (group, table, fingerprint),
+        )
+        recorded = str(rows[0]["fingerprint"])
+        return None if recorded == fingerprint else recorded
+
+    async def forget_salt(self, group: str, table: str | None = None) -> None:
+        """A table exported again (resync; every table at teardown): its next start records
+        the salt it is hashed with from then on."""
+        if not (await self._columns("hash_salts")):
+            return  # a ledger from before hash_columns
+        await self._fetch(
+            "forgetting the salt's fingerprint",
+            self._q(
+                "DELETE FROM {schema}.hash_salts WHERE group_name = %s"
+                " AND (%s::text IS NULL OR table_name = %s) RETURNING 1"
+            ),
+            (group, table, table),
+        )
 
     async def try_lock(self, table: str) -> None:
         """The single-instance lock of ``table``'s daemon, for as long as this session lives."""

@@ -26,6 +26,7 @@ arrays                         VARCHAR             ARRAY               PARSE_JSO
 bytea                          VARCHAR             BINARY              TO_BINARY(hex) in merge
 anything else (enum, inet,     VARCHAR             VARCHAR             the text
 interval, timetz, domains...)
+any type in hash_columns       VARCHAR(64)         VARCHAR(64)         HMAC-SHA256, hex
 =============================  ==================  ==================  ========================
 
 JSON, arrays and bytea land as text and are converted by the merge: what a CSV field holding
@@ -231,6 +232,7 @@ class SfColumn:
     type: SfType
     key: bool
     toastable: bool
+    hashed: bool = False  # hash_columns: the warehouse holds the value's HMAC, VARCHAR(64)
 
     @property
     def q(self) -> str:
@@ -279,7 +281,11 @@ def folder_of(relative: str) -> str:
     return relative.split("/", 1)[0] + "/"
 
 
-def column_of(source: str, pg_type: str, *, key: bool = False) -> SfColumn:
+# A hashed column's type: the 64 hex digits of its HMAC-SHA256.
+HASHED = SfType("VARCHAR(64)", "VARCHAR(64)")
+
+
+def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = False) -> SfColumn:
     name = source.upper()
     if "," in source:
         raise SourceError(
@@ -289,7 +295,8 @@ def column_of(source: str, pg_type: str, *, key: bool = False) -> SfColumn:
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
         )
-    return SfColumn(source, name, pg_type, sf_type(pg_type), key, base_type(pg_type) not in _FIXED)
+    kind = HASHED if hashed else sf_type(pg_type)
+    return SfColumn(source, name, pg_type, kind, key, base_type(pg_type) not in _FIXED, hashed)
 
 
 def from_catalog(
@@ -338,7 +345,7 @@ def from_catalog(
         if problem is not None:
             raise SourceError(problem)
         cols = [(a, t) for a, t in cols if spec.captures(a)]
-    return from_columns(n, cols, key, models)
+    return from_columns(n, cols, key, models, spec.hash_columns if spec is not None else ())
 
 
 def from_columns(
@@ -346,12 +353,14 @@ def from_columns(
     cols: list[tuple[str, str]],
     key: tuple[str, ...],
     models: tuple[Path, ...] = (),
+    hashed: tuple[str, ...] = (),
 ) -> WarehouseTable:
-    """The table from its (name, ``format_type``) columns and key columns."""
+    """The table from its (name, ``format_type``) columns and key columns (``hashed``: its
+    hash_columns)."""
     missing = [k for k in key if k not in dict(cols)]
     if missing:
         raise SourceError(f"{n.source} has no column {missing[0]!r} (key)")
-    columns = tuple(column_of(a, t, key=a in key) for a, t in cols)
+    columns = tuple(column_of(a, t, key=a in key, hashed=a in hashed) for a, t in cols)
     upper = [c.name for c in columns]
     twice = sorted({u for u in upper if upper.count(u) > 1})
     if twice:

@@ -194,10 +194,12 @@ async def test_init_refuses_an_unknown_column_and_a_left_out_primary_key(
     mode: str,
     entry: dict[str, Any],
     problem: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``init`` refuses, with one sentence, a column the table does not have (with the
     closest name) and a primary key (the merge key by default, known only from the catalog)
     left out, in both modes, before it changes anything on the source."""
+    monkeypatch.setenv("CDC_HASH_SALT", "a-salt-for-the-init-refusals")
     create_tables(pg_dsn)
     settings = make_settings(
         pg_dsn,

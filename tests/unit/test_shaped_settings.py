@@ -55,13 +55,18 @@ def table(**entry: object) -> str:
             {"exclude_columns": ["ssn"], "hash_columns": ["ssn"]},
             "column 'ssn' is both hashed and left out",
         ),
+        (
+            {"partition_column": "born", "hash_columns": ["born"]},
+            "column 'born' is the table's partition_column, whose day names the objects' dt= "
+            "folders, so it cannot be hashed",
+        ),
         ({"deletes": "archive"}, "deletes: Input should be 'hard' or 'soft'"),
     ],
 )
 def test_shapes_the_settings_refuse(tmp_path: Path, entry: dict[str, object], message: str) -> None:
     """A key, watermark or partition column left out, both lists set, an empty or repeated
-    list, a column hashed and left out, an unknown ``deletes``: one sentence at settings load
-    that names the table's entry."""
+    list, a column hashed and left out, the partition column hashed, an unknown ``deletes``:
+    one sentence at settings load that names the table's entry."""
     path = write(tmp_path, table(**entry))
     with pytest.raises(ConfigError) as caught:
         load_settings(path)

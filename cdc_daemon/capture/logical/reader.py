@@ -90,6 +90,8 @@ class Generation:
     keep: tuple[int, ...] | None = None
     # Every column's name, by its position in a change's tuple.
     sent: tuple[str, ...] = ()
+    # Rewrites the hash_columns' fields of an encoded row (None: the table hashes none).
+    hash_fields: Callable[[bytes], bytes] | None = None
     # The key columns of a tuple, compared as one value (None: no key).
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
     # The table has a partition column (else a row goes to its commit's day); read per row.
@@ -288,6 +290,8 @@ class ChangeReader:
         if gen.keep is not None:
             values = [values[i] for i in gen.keep]
         day, fields = gen.encoder.encode(values)
+        if gen.hash_fields is not None:
+            fields = gen.hash_fields(fields)
         if not day and not gen.partitioned:
             day = self._day  # no partition column: the commit's UTC day
         target = gen.spool.day(day)
@@ -325,6 +329,7 @@ class ChangeReader:
                     for c in captured
                 ],
                 partition,
+                table.info.hashed,
             )
         except ValueError as exc:
             self._fail(table, f"{table.qualified}: {exc}")
@@ -347,6 +352,7 @@ class ChangeReader:
             number,
             keep,
             tuple(c.name for c in message.columns),
+            table.field_hasher([c.name for c in captured]),
         )
         self._current[message.oid] = generation
         self._result.generations.append(generation)

@@ -11,6 +11,7 @@ import psycopg
 from cdc_daemon.config import TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.table import Column, TableInfo, partition_of, shape_problem
 from cdc_daemon.source.validate import TableFacts, read_facts
 from cdc_daemon.source.values import QuarantineJudge
@@ -33,6 +34,15 @@ class LogicalTable:
         """Whether ``column`` goes into the objects (``columns`` / ``exclude_columns``): the
         others are dropped from each change before it is spooled."""
         return self.spec is None or self.spec.captures(column)
+
+    def field_hasher(self, columns: list[str]) -> FieldHasher | None:
+        """What rewrites the hashed fields of a row of ``columns`` (``encode``'s fields, no
+        day in front); None when the table hashes no column."""
+        info = self.info
+        if not info.hashed:
+            return None
+        assert info.hasher is not None, "hash_columns without a salt"
+        return FieldHasher(info.hasher, [i for i, c in enumerate(columns) if c in info.hashed])
 
     @property
     def table(self) -> TableName:
@@ -64,11 +74,13 @@ def logical_header(columns: list[str]) -> list[str]:
 def describe(
     conn: psycopg.Connection[tuple[object, ...]],
     spec: TableSettings,
+    hasher: Hasher | None = None,
 ) -> LogicalTable:
     """The table as logical mode captures it, from its catalog facts (read once; ``init``
     checks them with ``source.validate``). Generated columns are left out: pgoutput
     (PostgreSQL < 18) does not send them, so neither the snapshot nor the objects carry them,
-    and a Relation message without them is no column change."""
+    and a Relation message without them is no column change. ``hasher``: what hashes
+    ``spec``'s ``hash_columns``."""
     table = spec.table.display
     facts = read_facts(conn, table)
     if facts is None:
@@ -101,7 +113,15 @@ def describe(
         )
     partition = partition_of(schema, name, by_name, spec.partition_column)
     # TableInfo's watermark is meaningless here; the first key column stands in.
-    info = TableInfo(schema, name, columns, by_name[key[0]] if key else columns[0], partition)
+    info = TableInfo(
+        schema,
+        name,
+        columns,
+        by_name[key[0]] if key else columns[0],
+        partition,
+        frozenset(spec.hash_columns),
+        hasher,
+    )
     toastable = tuple(c.name for c in captured if c.toastable)
     catalog = tuple((c.name, c.type_oid, c.typmod) for c in captured)
     return LogicalTable(
