@@ -286,6 +286,8 @@ class TableVerifier:
                     + ")"
                 )
             parts.append("(" + " OR ".join(ors) + ")")
+        if self._t.soft_deletes:  # its soft-deleted rows are no longer in the source
+            parts.append(self._t.live)
         return (" AND ".join(parts) or "TRUE"), params
 
     def _query_wh(self, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -53,6 +53,7 @@ RESERVED = (
     "_file_row",
     "_loaded_at",
     "_merged_at",
+    "_cdc_deleted_at",
 )
 _RESERVED_UPPER = {r.upper(): r for r in RESERVED}
 _NO_RENAME = (

@@ -109,9 +109,10 @@ class DayTotals:
         current-state table. Timestamps are loaded with their +00:00 offset, so TO_DATE gives
         the UTC day."""
         columns = "".join(f", {_sf_measure(m)} AS M{i}" for i, m in enumerate(self.measures))
-        where = ""
+        conditions = [self.table.live] if self.table.soft_deletes else []
         if self.watermark is not None and at_most is not None:
-            where = f" WHERE {self.watermark.q} <= {int(at_most)}"
+            conditions.append(f"{self.watermark.q} <= {int(at_most)}")
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         return (
             f"SELECT TO_DATE({self.partition.q}) AS DAY, COUNT(*) AS N{columns}"
             f" FROM {self.table.names.name}{where} GROUP BY 1"

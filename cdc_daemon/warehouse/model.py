@@ -245,11 +245,30 @@ class SfColumn:
         return f",{self.source},".replace("'", "''")
 
 
+# deletes = "soft": the current-state table's column for the delete's commit time.
+DELETED_AT = "_CDC_DELETED_AT"
+
+
 @dataclass(frozen=True)
 class WarehouseTable:
     names: Names
     columns: tuple[SfColumn, ...]
     models: tuple[Path, ...] = ()
+    soft_deletes: bool = False  # deletes = "soft": a deleted row stays, _CDC_DELETED_AT set
+
+    @property
+    def live(self) -> str:
+        """The condition of the current-state table's rows that exist in the source (every
+        row with hard deletes), for what compares it with the source."""
+        return f"{DELETED_AT} IS NULL" if self.soft_deletes else "TRUE"
+
+    def own_columns(self, table: str) -> list[tuple[str, str]]:
+        """The settings' columns of one of the Snowflake tables (``column_tables``) beside
+        the source's: ``_CDC_DELETED_AT`` in the current-state table (and its copy of the
+        touched rows) with soft deletes."""
+        if self.soft_deletes and table in (self.names.name, self.names.touched):
+            return [(DELETED_AT, "TIMESTAMP_TZ")]
+        return []
 
     @property
     def key(self) -> tuple[SfColumn, ...]:
@@ -291,7 +310,7 @@ def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = Fa
         raise SourceError(
             f"column {source!r}: a name with a comma cannot be named in _cdc_unchanged"
         )
-    if name in DAEMON_COLUMNS or name in LOAD_COLUMNS or name == "_MERGED_AT":
+    if name in DAEMON_COLUMNS or name in LOAD_COLUMNS or name in ("_MERGED_AT", DELETED_AT):
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
         )
@@ -345,7 +364,9 @@ def from_catalog(
         if problem is not None:
             raise SourceError(problem)
         cols = [(a, t) for a, t in cols if spec.captures(a)]
-    return from_columns(n, cols, key, models, spec.hash_columns if spec is not None else ())
+    if spec is None:
+        return from_columns(n, cols, key, models)
+    return from_columns(n, cols, key, models, spec.hash_columns, spec.deletes == "soft")
 
 
 def from_columns(
@@ -354,9 +375,10 @@ def from_columns(
     key: tuple[str, ...],
     models: tuple[Path, ...] = (),
     hashed: tuple[str, ...] = (),
+    soft_deletes: bool = False,
 ) -> WarehouseTable:
     """The table from its (name, ``format_type``) columns and key columns (``hashed``: its
-    hash_columns)."""
+    hash_columns; ``soft_deletes``: deletes = "soft")."""
     missing = [k for k in key if k not in dict(cols)]
     if missing:
         raise SourceError(f"{n.source} has no column {missing[0]!r} (key)")
@@ -368,7 +390,7 @@ def from_columns(
             f"{n.source}: columns differing only in case would be one Snowflake column: "
             f"{', '.join(twice)}"
         )
-    return WarehouseTable(n, columns, models)
+    return WarehouseTable(n, columns, models, soft_deletes)
 
 
 def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
