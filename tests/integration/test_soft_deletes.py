@@ -127,3 +127,37 @@ async def test_soft_deleted_rows_stay_marked_and_a_reinserted_key_is_live_again(
     for name in ("PGBENCH_TELLERS", "MANY_TYPES", "PGBENCH_BRANCHES"):
         assert_table_equals_source(pg_dsn, soft, live_table(soft, tables[name]))
     assert all(r.equal for r in verify_group(settings))
+
+
+async def test_switching_a_table_to_soft_deletes_is_applied_to_its_warehouse(
+    pg_dsn: str, soft: LocalWarehouse
+) -> None:
+    """A table captured with hard deletes, then configured with ``deletes = "soft"``:
+    ``snowflake apply --plan`` shows the column added to its current-state table and its merge
+    task re-created, and nothing for the others; once applied, a delete keeps the row marked
+    while the rows merged before keep NULL there; a second plan is empty."""
+    settings = soft.settings
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    soft.pump_until_quiet()
+    specs = [
+        t.model_copy(update={"deletes": "soft"}) if t.name == "pgbench_branches" else t
+        for t in settings.tables
+    ]
+    soft.settings = settings.model_copy(update={"tables": tuple(specs)})
+    plan = soft.apply(plan_only=True)
+    lines = plan.render()
+    assert "add column _CDC_DELETED_AT" in lines
+    assert "MERGE_PGBENCH_BRANCHES" in lines, lines
+    assert "PGBENCH_TELLERS" not in lines.replace("MERGE_PGBENCH_TELLERS", "")
+    soft.apply()
+    assert soft.apply(plan_only=True).empty
+    with psycopg.connect(pg_dsn, options=SYNC) as conn:
+        conn.execute("INSERT INTO pgbench_branches (bid, bbalance) VALUES (2, 0)")
+        conn.execute("DELETE FROM pgbench_branches WHERE bid = 1")
+        conn.commit()
+    assert await export_until_idle(soft.settings) == 0
+    soft.pump_until_quiet()
+    assert set(deleted(soft, "PGBENCH_BRANCHES", "BID")) == {"1"}
+    (row,) = soft.query("SELECT _CDC_DELETED_AT AS AT FROM PGBENCH_BRANCHES WHERE BID = 2")
+    assert row["AT"] is None
