@@ -119,7 +119,7 @@ ON {{ on(t, "t", "s") }}
     the values it had. #}
 WHEN MATCHED AND s._CDC_OP = 'D' AND s._CDC_SEQ >= t._CDC_SEQ THEN UPDATE SET
   _CDC_DELETED_AT = s._CDC_TS, _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS,
-  _MERGED_AT = CURRENT_TIMESTAMP()
+  _CDC_OP = s._CDC_OP, _CDC_SYNCED_AT = CURRENT_TIMESTAMP(), _MERGED_AT = CURRENT_TIMESTAMP()
 {%- else %}
 WHEN MATCHED AND s._CDC_OP = 'D' AND s._CDC_SEQ >= t._CDC_SEQ THEN DELETE
 {%- endif %}
@@ -133,17 +133,17 @@ WHEN MATCHED AND s._CDC_OP <> 'D'
 {%- if t.soft_deletes %}
   _CDC_DELETED_AT = NULL,
 {%- endif %}
-  _MERGED_AT = CURRENT_TIMESTAMP()
+  _CDC_OP = s._CDC_OP, _CDC_SYNCED_AT = CURRENT_TIMESTAMP(), _MERGED_AT = CURRENT_TIMESTAMP()
 WHEN NOT MATCHED AND s._CDC_OP <> 'D' THEN INSERT (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
-  _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT
+  _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT, _CDC_OP, _CDC_SYNCED_AT
 ) VALUES (
 {%- for c in t.columns %}
   s.{{ c.q }},
 {%- endfor %}
-  s._CDC_SEQ, s._CDC_TS, s._CDC_QUARANTINED, CURRENT_TIMESTAMP()
+  s._CDC_SEQ, s._CDC_TS, s._CDC_QUARANTINED, CURRENT_TIMESTAMP(), s._CDC_OP, CURRENT_TIMESTAMP()
 );
 MERGE INTO {{ p }}{{ n.tombstones }} AS t
 USING (SELECT {{ keys(t) }}, _CDC_SEQ FROM {{ p }}{{ n.changes }} WHERE _CDC_OP = 'D') AS s

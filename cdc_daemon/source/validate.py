@@ -54,6 +54,7 @@ RESERVED = (
     "_loaded_at",
     "_merged_at",
     "_cdc_deleted_at",
+    "_cdc_synced_at",
 )
 _RESERVED_UPPER = {r.upper(): r for r in RESERVED}
 _NO_RENAME = (

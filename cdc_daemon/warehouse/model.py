@@ -245,6 +245,10 @@ class SfColumn:
         return f",{self.source},".replace("'", "''")
 
 
+# The change metadata of every current-state table beside _CDC_SEQ (the source position):
+# the operation of the change merged last, and when it was merged (_MERGED_AT, which earlier
+# warehouses have, holds the same time).
+METADATA_COLUMNS = (("_CDC_OP", "VARCHAR(1)"), ("_CDC_SYNCED_AT", "TIMESTAMP_LTZ"))
 # deletes = "soft": the current-state table's column for the delete's commit time.
 DELETED_AT = "_CDC_DELETED_AT"
 
@@ -263,12 +267,12 @@ class WarehouseTable:
         return f"{DELETED_AT} IS NULL" if self.soft_deletes else "TRUE"
 
     def own_columns(self, table: str) -> list[tuple[str, str]]:
-        """The settings' columns of one of the Snowflake tables (``column_tables``) beside
-        the source's: ``_CDC_DELETED_AT`` in the current-state table (and its copy of the
-        touched rows) with soft deletes."""
-        if self.soft_deletes and table in (self.names.name, self.names.touched):
-            return [(DELETED_AT, "TIMESTAMP_TZ")]
-        return []
+        """The daemon's columns of one of the Snowflake tables (``column_tables``) that a
+        warehouse made by an earlier version may lack: the current-state table's (and its copy
+        of the touched rows') change metadata, and ``_CDC_DELETED_AT`` with soft deletes."""
+        if table not in (self.names.name, self.names.touched):
+            return []
+        return [*METADATA_COLUMNS, *([(DELETED_AT, "TIMESTAMP_TZ")] if self.soft_deletes else [])]
 
     @property
     def key(self) -> tuple[SfColumn, ...]:
@@ -310,7 +314,12 @@ def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = Fa
         raise SourceError(
             f"column {source!r}: a name with a comma cannot be named in _cdc_unchanged"
         )
-    if name in DAEMON_COLUMNS or name in LOAD_COLUMNS or name in ("_MERGED_AT", DELETED_AT):
+    if (
+        name in DAEMON_COLUMNS
+        or name in LOAD_COLUMNS
+        or name in ("_MERGED_AT", DELETED_AT)
+        or name in dict(METADATA_COLUMNS)
+    ):
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
         )
