@@ -34,7 +34,6 @@ from cdc_daemon.config import Settings, redact_dsn
 from cdc_daemon.errors import (
     AlreadyRunningError,
     CdcError,
-    ConfigError,
     TableFailedError,
     TransientError,
     first_error,
@@ -182,7 +181,8 @@ class Worker:
             await HealthServer(settings, self.metrics, self.heartbeats, self._probe).start(stack)
         if not await self._take_lock(store, group):
             return None
-        await self._check_salts(store)
+        hasher = hasher_of(settings)
+        await store.check_salts(settings, None if hasher is None else hasher.fingerprint())
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
         await sink.wait_for_bucket(settings.daemon.retry_attempts, settings.daemon.retry_max_wait_s)
@@ -261,32 +261,6 @@ class Worker:
             if waited:
                 log.info("lock_taken", table=table)
             return True
-
-    async def _check_salts(self, store: Store) -> None:
-        """Each table with hash_columns keeps the salt its values were first hashed with: a
-        value hashed with another salt would no longer equal (nor join, nor merge by a hashed
-        key onto) the same value in the warehouse."""
-        settings = self._settings
-        hasher = hasher_of(settings)
-        if hasher is None:
-            return
-        fingerprint = hasher.fingerprint()
-        for spec in settings.table_specs:
-            if spec.hash_columns and await store.hold_salt(
-                settings.group, spec.qualified, fingerprint
-            ):
-                again = (
-                    f"cdc-daemon resync --table {spec.qualified} (after emptying its warehouse "
-                    "table)"
-                    if settings.capture.mode == "logical"
-                    else "capturing it again from the start into an empty warehouse table"
-                )
-                raise ConfigError(
-                    f"{spec.qualified}: the salt of its hash_columns is not the one its values "
-                    "were hashed with so far (the ledger keeps the salt's fingerprint), so the "
-                    "same value would get another hash in the warehouse and no longer match: "
-                    f"restore the previous salt, or export the table again by {again}"
-                )
 
     async def _connect_store(self) -> Store:
         settings = self._settings

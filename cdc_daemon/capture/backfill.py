@@ -57,6 +57,7 @@ from cdc_daemon.source.session import SourceSession, read_snapshot, translated
 from cdc_daemon.source.table import TableInfo, describe_configured
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run, chunk_id
 from cdc_daemon.state.ledger import Producer
+from cdc_daemon.state.store import Store
 from cdc_daemon.unit import Retry, UnitOfWork, utc_now_iso
 
 log = structlog.get_logger()
@@ -577,6 +578,14 @@ async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
             hint="each day's chunk scans the whole table; an index on the column avoids it",
         )
     digest, config = fingerprint(settings, table, request)
+    if table.hasher is not None:
+        # The salt must be the one the table's values were hashed with (as at the daemon's
+        # start): a backfill with another would write other hashes for the same values.
+        store = await Store.from_settings(settings)
+        try:
+            await store.check_salts(settings, table.hasher.fingerprint())
+        finally:
+            await store.close()
     ledger = await BackfillLedger.connect(settings)
     try:
         await ledger.check_schema()

@@ -57,7 +57,7 @@ def _source_figures(
             return {settings.group: (None, slot_lag_bytes(conn, slot) if slot else None)}
         out: dict[str, tuple[int | None, int | None]] = {}
         for spec in settings.table_specs:
-            table = describe_configured(conn, settings.for_table(spec), spec)
+            table = describe_configured(conn, settings.for_table(spec), spec, hashing=False)
             if table.qualified not in highs:
                 continue
             high = highs[table.qualified]

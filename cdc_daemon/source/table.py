@@ -494,8 +494,11 @@ def describe_configured(
     conn: psycopg.Connection[tuple[object, ...]],
     settings: Settings,
     spec: TableSettings | None = None,
+    *,
+    hashing: bool = True,
 ) -> TableInfo:
-    """``spec`` (default: the first table of the group) as configured."""
+    """``spec`` (default: the first table of the group) as configured; ``hashing`` false:
+    without the hasher of its hash_columns (what only reads the catalog needs no salt)."""
     spec = spec or settings.table_specs[0]
     return describe_table(
         conn,
@@ -504,7 +507,7 @@ def describe_configured(
         spec.partition_column,
         in_tables=bool(settings.tables),
         spec=spec,
-        hasher=hasher_of(settings),
+        hasher=hasher_of(settings) if hashing else None,
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import StateError
+from cdc_daemon.errors import ConfigError, StateError
 from cdc_daemon.state.backfill import BACKFILL_DDL, chunk_id, chunk_name
 from cdc_daemon.state.deliveries import DELIVERIES_DDL, UNFINISHED, Deliveries, delivery_row
 from cdc_daemon.state.joins import (
@@ -274,6 +274,30 @@ class Store(Deliveries):
                 ("group_tables", "join_chunks"),
                 f"the ledger schema {self._schema_name!r} predates table groups: run "
                 "`cdc-daemon init` (it adds their tables)",
+            )
+
+    async def check_salts(self, settings: Settings, fingerprint: str | None) -> None:
+        """Each table with hash_columns keeps the salt its values were first hashed with
+        (``fingerprint``: the salt's now; the first one is recorded): a value hashed with
+        another salt would no longer equal, join or merge by a hashed key onto the same value
+        in the warehouse, so another salt is a ConfigError saying so."""
+        if fingerprint is None:
+            return
+        for spec in settings.table_specs:
+            if not spec.hash_columns:
+                continue
+            if await self.hold_salt(settings.group, spec.qualified, fingerprint) is None:
+                continue
+            again = (
+                f"cdc-daemon resync --table {spec.qualified} (after emptying its warehouse table)"
+                if settings.capture.mode == "logical"
+                else "capturing it again from the start into an empty warehouse table"
+            )
+            raise ConfigError(
+                f"{spec.qualified}: the salt of its hash_columns is not the one its values were "
+                "hashed with so far (the ledger keeps the salt's fingerprint), so the same value "
+                "would get another hash in the warehouse and no longer match: restore the "
+                f"previous salt, or export the table again by {again}"
             )
 
     async def hold_salt(self, group: str, table: str, fingerprint: str) -> str | None:
