@@ -6,8 +6,10 @@ compares hashed columns as hashes; another salt is refused at start."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
 import hmac
+import io
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -17,8 +19,10 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.cli import init
 from cdc_daemon.errors import ConfigError, StateError
+from cdc_daemon.local.sample import SAMPLE_TABLE, generate_sales
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
 from cdc_daemon.reconcile.verify import verify_group
@@ -270,3 +274,56 @@ async def test_a_ledger_from_before_hash_columns_is_upgraded_by_init(
         ).fetchone() or (None,)
     assert [s[0] for s in salts] == ["public.accounts", "public.people"]
     assert version == str(SCHEMA_VERSION)
+
+
+async def test_a_backfill_hashes_as_the_export_and_refuses_another_salt(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sample's table with its country and description hashed: the export's and a
+    backfill's objects (one more COPY path) hold in those fields only NULL or the HMAC of the
+    source's text, the same hash for the same value in both, every country's hash found; a
+    backfill under another salt stops before writing anything, with the sentence why."""
+    monkeypatch.setenv("CDC_HASH_SALT", SALT)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        generate_sales(conn, 1500, days=8)
+        conn.execute("UPDATE ecommerce_sales SET description = 'a,\"b\"' WHERE id % 50 = 0")
+        countries = {
+            str(r[0]) for r in conn.execute("SELECT DISTINCT country FROM ecommerce_sales")
+        }
+        descriptions = {
+            str(r[0])
+            for r in conn.execute("SELECT DISTINCT description FROM ecommerce_sales")
+            if r[0] is not None
+        }
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{**SAMPLE_TABLE, "hash_columns": ["country", "description"]}],
+    )
+    assert await export_until_idle(settings) == 0
+    request = parse_request("2010-12-02", "2010-12-06", jobs="2")
+    assert await run_backfill(settings, request) == 0
+    bodies = object_bodies(s3_client, bucket)
+    backfilled = [k for k in bodies if "/backfill-" in k]
+    assert backfilled
+    found: dict[str, set[str]] = {"live": set(), "backfill": set()}
+    for key, body in bodies.items():
+        header, *rows = csv.reader(io.StringIO(body.decode(), newline=""))
+        for row in rows:
+            values = dict(zip(header, row, strict=True))
+            assert values["country"] in {hashed(c) for c in countries}, key
+            assert values["description"] in {hashed(d) for d in descriptions} | {""}, key
+            found["backfill" if "/backfill-" in key else "live"].add(values["country"])
+    assert found["backfill"] <= found["live"] == {hashed(c) for c in countries}
+    monkeypatch.setenv("CDC_HASH_SALT", "another-salt-entirely-0000")
+    objects = len(bodies)
+    with pytest.raises(ConfigError, match=r"^public\.ecommerce_sales: the salt of its"):
+        await run_backfill(settings, parse_request("2010-12-02", "2010-12-04"))
+    assert len(object_bodies(s3_client, bucket)) == objects
