@@ -180,8 +180,8 @@ class CaptureSettings(_Section):
         default=None,
         description="A file holding the salt of every table's `hash_columns` (its bytes, one "
         f"trailing newline dropped; {_MIN_SALT_BYTES} bytes at least); else the environment "
-        f"variable `{HASH_SALT_VARIABLE}`. The salt is never read from this file, never logged; "
-        "a table's salt cannot change unless the table is resynced.",
+        f"variable `{HASH_SALT_VARIABLE}`. Never read from the configuration file itself, never "
+        "logged; a table's salt cannot change unless the table is exported again (resync).",
     )
 
     _no_salt = model_validator(mode="before")(_refuse_salt)
@@ -240,7 +240,8 @@ class TableSettings(_Section):
         description="Columns whose values leave the daemon only as the lower-case hex of "
         "HMAC-SHA256(salt, the value's text in the object), NULL staying NULL: the same value "
         "hashes the same in every table and run. Key columns may be hashed (the merge keys on "
-        "the hash). Snowflake types them `VARCHAR(64)`; the salt: `capture.hash_salt_file`.",
+        "the hash), the watermark and partition columns not. Snowflake types them "
+        "`VARCHAR(64)`; the salt: `capture.hash_salt_file`.",
     )
     deletes: Literal["hard", "soft"] = Field(
         default="hard",
@@ -253,8 +254,11 @@ class TableSettings(_Section):
 
     @model_validator(mode="after")
     def _columns_agree(self) -> TableSettings:
-        named = {"columns": self.columns or (), "exclude_columns": self.exclude_columns}
-        named["hash_columns"] = self.hash_columns
+        named = {
+            "columns": self.columns or (),
+            "exclude_columns": self.exclude_columns,
+            "hash_columns": self.hash_columns,
+        }
         for setting, names in named.items():
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
@@ -290,8 +294,8 @@ class TableSettings(_Section):
         hashed_out = [c for c in self.hash_columns if not self.captures(c)]
         if hashed_out:
             raise ValueError(
-                f"column {hashed_out[0]!r} is both hashed and left out: name it in one of "
-                "hash_columns and exclude_columns"
+                f"column {hashed_out[0]!r} is both hashed and left out of the capture: keep it "
+                "in hash_columns or leave it out, not both"
             )
         return self
 
@@ -300,11 +304,6 @@ class TableSettings(_Section):
         if self.columns is not None:
             return column in self.columns
         return column not in self.exclude_columns
-
-    @property
-    def shaped(self) -> bool:
-        """Whether any column is left out or hashed."""
-        return self.columns is not None or bool(self.exclude_columns or self.hash_columns)
 
     @field_validator("name")
     @classmethod
