@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretBytes,
     SecretStr,
     ValidationError,
     field_validator,
@@ -41,6 +42,22 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_HTTP_PORT = 9187
 _SF_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
 NO_TABLE = "no table to capture: name the tables in [[tables]] (or one table in postgres.table)"
+# The environment variable that holds the salt of ``hash_columns`` (or capture.hash_salt_file).
+HASH_SALT_VARIABLE = "CDC_HASH_SALT"
+_MIN_SALT_BYTES = 16
+SALT_IN_FILE = (
+    "the salt of hash_columns is never read from the configuration file (it would sit in clear "
+    f"text next to the settings): set the environment variable {HASH_SALT_VARIABLE}, or name a "
+    "file holding it in capture.hash_salt_file"
+)
+
+
+def _refuse_salt(data: Any) -> Any:
+    """A ``mode="before"`` check: a key named like the salt is refused with its own sentence
+    rather than as an unknown key, so that nobody tries again under another name."""
+    if isinstance(data, dict) and any(str(k).lower() in ("hash_salt", "salt") for k in data):
+        raise ValueError(SALT_IN_FILE)
+    return data
 
 
 class _Section(BaseModel):
@@ -159,6 +176,15 @@ class CaptureSettings(_Section):
         description="Logical mode: a retyped column stops its table (`stop`) or is followed "
         "with a new column list (`follow`); added and dropped columns are always followed.",
     )
+    hash_salt_file: Path | None = Field(
+        default=None,
+        description="A file holding the salt of every table's `hash_columns` (its bytes, one "
+        f"trailing newline dropped; {_MIN_SALT_BYTES} bytes at least); else the environment "
+        f"variable `{HASH_SALT_VARIABLE}`. Never read from the configuration file itself, never "
+        "logged; a table's salt cannot change unless the table is exported again (resync).",
+    )
+
+    _no_salt = model_validator(mode="before")(_refuse_salt)
 
 
 class TableSettings(_Section):
@@ -197,6 +223,87 @@ class TableSettings(_Section):
     max_age_s: float | None = Field(
         default=None, ge=0, description="Watermark mode: this table's `batch.max_age_s`."
     )
+    columns: tuple[str, ...] | None = Field(
+        default=None,
+        description="The only columns captured (with the key columns among them); the others "
+        "are never read from the source, so they are in no object and no Snowflake table. "
+        "Default: every column but `exclude_columns`.",
+    )
+    exclude_columns: tuple[str, ...] = Field(
+        default=(),
+        description="Columns never read from the source (not in the export's or snapshot's "
+        "`SELECT`, dropped from logical changes before they are spooled), so in no object and "
+        "no Snowflake table. A key, watermark or partition column cannot be left out.",
+    )
+    hash_columns: tuple[str, ...] = Field(
+        default=(),
+        description="Columns whose values leave the daemon only as the lower-case hex of "
+        "HMAC-SHA256(salt, the value's text in the object), NULL staying NULL: the same value "
+        "hashes the same in every table and run. Key columns may be hashed (the merge keys on "
+        "the hash), the watermark and partition columns not. Snowflake types them "
+        "`VARCHAR(64)`; the salt: `capture.hash_salt_file`.",
+    )
+    deletes: Literal["hard", "soft"] = Field(
+        default="hard",
+        description="`hard`: a deleted row leaves the current-state table; `soft`: it stays "
+        "with `_CDC_DELETED_AT` set to the delete's commit time, and a later insert of its key "
+        "makes it live again (`_CDC_DELETED_AT` NULL).",
+    )
+
+    _no_salt = model_validator(mode="before")(_refuse_salt)
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> TableSettings:
+        named = {
+            "columns": self.columns or (),
+            "exclude_columns": self.exclude_columns,
+            "hash_columns": self.hash_columns,
+        }
+        for setting, names in named.items():
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{setting} names {', '.join(twice)} twice")
+        if self.columns is not None and self.exclude_columns:
+            raise ValueError(
+                "columns and exclude_columns are both set: name the columns to capture in one "
+                "of them"
+            )
+        if self.columns is not None and not self.columns:
+            raise ValueError("columns is empty: name the columns to capture, key included")
+        pinned = [
+            (c, what)
+            for what, names in (
+                ("key", self.key or ()),
+                ("watermark_column", (self.watermark_column,)),
+                ("partition_column", (self.partition_column,)),
+            )
+            for c in names
+            if c is not None and not self.captures(c)
+        ]
+        if pinned:
+            column, what = pinned[0]
+            raise ValueError(
+                f"column {column!r} is the table's {what}, so it cannot be left out of the "
+                "capture (a key can be hashed instead: hash_columns)"
+            )
+        if self.partition_column in self.hash_columns:
+            raise ValueError(
+                f"column {self.partition_column!r} is the table's partition_column, whose day "
+                "names the objects' dt= folders, so it cannot be hashed"
+            )
+        hashed_out = [c for c in self.hash_columns if not self.captures(c)]
+        if hashed_out:
+            raise ValueError(
+                f"column {hashed_out[0]!r} is both hashed and left out of the capture: keep it "
+                "in hash_columns or leave it out, not both"
+            )
+        return self
+
+    def captures(self, column: str) -> bool:
+        """Whether ``column`` is read from the source (``columns`` / ``exclude_columns``)."""
+        if self.columns is not None:
+            return column in self.columns
+        return column not in self.exclude_columns
 
     @field_validator("name")
     @classmethod
@@ -569,9 +676,42 @@ class Settings(BaseSettings):
     verify: VerifySettings = VerifySettings()
     http: HttpSettings = HttpSettings()
 
+    _no_salt = model_validator(mode="before")(_refuse_salt)
+
     @property
     def state_dsn(self) -> SecretStr:
         return self.state.dsn or self.postgres.dsn
+
+    def hash_salt(self) -> SecretBytes | None:
+        """The salt of ``hash_columns``: ``capture.hash_salt_file``'s bytes (one trailing
+        newline dropped), else the environment variable ``CDC_HASH_SALT``; None when no table
+        hashes a column. A missing or short salt is a ConfigError with one sentence."""
+        if not any(t.hash_columns for t in self.table_specs):
+            return None
+        path = self.capture.hash_salt_file
+        if path is not None:
+            try:
+                salt = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read capture.hash_salt_file {path}: {exc.strerror}"
+                ) from None
+            salt = salt[:-1] if salt.endswith(b"\n") else salt
+            where = f"capture.hash_salt_file {path}"
+        else:
+            salt = os.environ.get(HASH_SALT_VARIABLE, "").encode()
+            where = f"the environment variable {HASH_SALT_VARIABLE}"
+            if not salt:
+                raise ConfigError(
+                    "hash_columns need a salt: set the environment variable "
+                    f"{HASH_SALT_VARIABLE}, or name a file holding it in capture.hash_salt_file"
+                )
+        if len(salt) < _MIN_SALT_BYTES:
+            raise ConfigError(
+                f"the salt of hash_columns in {where} is shorter than {_MIN_SALT_BYTES} bytes: "
+                "a short salt lets anyone guess the hashed values back"
+            )
+        return SecretBytes(salt)
 
     @model_validator(mode="after")
     def _one_group(self) -> Settings:

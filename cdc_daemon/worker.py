@@ -43,6 +43,7 @@ from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.source.table import hasher_of
 from cdc_daemon.state.ledger import Producer
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import Retry, UnitOfWork
@@ -229,6 +230,8 @@ class Worker:
         swept = await asyncio.to_thread(sweep_spool, settings.batch.spool_dir)
         if swept:
             log.info("spool_swept", folders=len(swept), spool_dir=str(settings.batch.spool_dir))
+        hasher = hasher_of(settings)
+        await store.check_salts(settings, None if hasher is None else hasher.fingerprint())
         sink = await S3Sink.open(settings.s3, stack)
         self._probe.check_bucket = sink.check_bucket
         # Bounded, unlike an outage met while running: at the first contact a wrong endpoint

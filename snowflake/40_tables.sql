@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS {{ n.name }} (
   _CDC_TS TIMESTAMP_TZ,
   _CDC_QUARANTINED VARCHAR,
   _MERGED_AT TIMESTAMP_LTZ,
+{%- for name, type in t.own_columns(n.name) %}
+  {{ name }} {{ type }},
+{%- endfor %}
   PRIMARY KEY ({% for c in t.key %}{{ c.q }}{{ ", " if not loop.last }}{% endfor %})
 );
 

@@ -17,8 +17,9 @@ IFF(POSITION('{{ c.needle }}' IN ',' || COALESCE(_CDC_UNCHANGED, '') || ',') = 0
 --      that carries it; a column no change carries is named in the work row's _CDC_UNCHANGED
 --      and keeps its current value. Reading the stream in a committed DML moves its offset;
 --   2. the rows the changes touch, as they were (for the models);
---   3. MERGE into <T>: a newer change wins, D deletes, a change older than the row or than the
---      key's tombstone is ignored; one source row per key, so never "Duplicate row detected
+--   3. MERGE into <T>: a newer change wins, D deletes (deletes = "soft": keeps the row with
+--      _CDC_DELETED_AT, the delete's commit time, which a newer change of the key clears), a
+--      change older than the row or than the key's tombstone is ignored; one source row per key, so never "Duplicate row detected
 --      during DML action"; a change whose values Snowflake cannot hold carries them as NULL
 --      and names them in _CDC_QUARANTINED (a later change clears it), a delete deletes;
 --   4. tombstones for deletes;
@@ -113,7 +114,15 @@ USING (
   WHERE d.{{ t.key[0].q }} IS NULL OR c._CDC_SEQ > d._CDC_SEQ
 ) AS s
 ON {{ on(t, "t", "s") }}
+{%- if t.soft_deletes %}
+{#- A delete carries the key only (its other values are the replica identity's): the row keeps
+    the values it had. #}
+WHEN MATCHED AND s._CDC_OP = 'D' AND s._CDC_SEQ >= t._CDC_SEQ THEN UPDATE SET
+  _CDC_DELETED_AT = s._CDC_TS, _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS,
+  _CDC_OP = s._CDC_OP, _CDC_SYNCED_AT = CURRENT_TIMESTAMP(), _MERGED_AT = CURRENT_TIMESTAMP()
+{%- else %}
 WHEN MATCHED AND s._CDC_OP = 'D' AND s._CDC_SEQ >= t._CDC_SEQ THEN DELETE
+{%- endif %}
 WHEN MATCHED AND s._CDC_OP <> 'D'
   AND (s._CDC_SEQ > t._CDC_SEQ OR (s._CDC_SEQ = t._CDC_SEQ AND s._CDC_TS > t._CDC_TS))
   THEN UPDATE SET
@@ -121,17 +130,20 @@ WHEN MATCHED AND s._CDC_OP <> 'D'
   {{ c.q }} = s.{{ c.q }},
 {%- endfor %}
   _CDC_SEQ = s._CDC_SEQ, _CDC_TS = s._CDC_TS, _CDC_QUARANTINED = s._CDC_QUARANTINED,
-  _MERGED_AT = CURRENT_TIMESTAMP()
+{%- if t.soft_deletes %}
+  _CDC_DELETED_AT = NULL,
+{%- endif %}
+  _CDC_OP = s._CDC_OP, _CDC_SYNCED_AT = CURRENT_TIMESTAMP(), _MERGED_AT = CURRENT_TIMESTAMP()
 WHEN NOT MATCHED AND s._CDC_OP <> 'D' THEN INSERT (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
-  _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT
+  _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT, _CDC_OP, _CDC_SYNCED_AT
 ) VALUES (
 {%- for c in t.columns %}
   s.{{ c.q }},
 {%- endfor %}
-  s._CDC_SEQ, s._CDC_TS, s._CDC_QUARANTINED, CURRENT_TIMESTAMP()
+  s._CDC_SEQ, s._CDC_TS, s._CDC_QUARANTINED, CURRENT_TIMESTAMP(), s._CDC_OP, CURRENT_TIMESTAMP()
 );
 MERGE INTO {{ p }}{{ n.tombstones }} AS t
 USING (SELECT {{ keys(t) }}, _CDC_SEQ FROM {{ p }}{{ n.changes }} WHERE _CDC_OP = 'D') AS s

@@ -54,9 +54,10 @@ from cdc_daemon.errors import CdcError, ConfigError, TransientError, first_error
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.copyread import copy_query
 from cdc_daemon.source.session import SourceSession, read_snapshot, safe_position, translated
-from cdc_daemon.source.table import TableInfo, describe_configured
+from cdc_daemon.source.table import TableInfo, describe_configured, hasher_of
 from cdc_daemon.state.backfill import BackfillLedger, Chunk, ChunkRecord, Run, chunk_id
 from cdc_daemon.state.ledger import Producer
+from cdc_daemon.state.store import Store
 from cdc_daemon.unit import Retry, UnitOfWork, utc_now_iso
 
 log = structlog.get_logger()
@@ -191,7 +192,7 @@ class ChunkReader(SourceSession):
             if self._settings.capture.mode == "logical":
                 from cdc_daemon.capture.logical.tables import describe as describe_logical
 
-                logical = describe_logical(self._session(), spec)
+                logical = describe_logical(self._session(), spec, hasher_of(self._settings))
                 return logical.info, logical.key
             table = describe_configured(self._session(), self._settings)
             return table, (table.watermark.name,)
@@ -244,7 +245,7 @@ class ChunkReader(SourceSession):
         with translated(f"backfilling {table.qualified} for {day}"), read_snapshot(conn):
             where = table.days_between(day, day + timedelta(days=1))
             query = copy_query(table, where, read_ts, seq, unchanged=logical)
-            stream_rows(conn, query, spool, _WHOLE_DAY)
+            stream_rows(conn, query, spool, _WHOLE_DAY, table.copy_hasher())
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -605,6 +606,14 @@ async def _backfill(settings: Settings, request: Request, out: TextIO) -> int:
             hint="each day's chunk scans the whole table; an index on the column avoids it",
         )
     digest, config = fingerprint(settings, table, request)
+    if table.hasher is not None:
+        # The salt must be the one the table's values were hashed with (as at the daemon's
+        # start): a backfill with another would write other hashes for the same values.
+        store = await Store.from_settings(settings)
+        try:
+            await store.check_salts(settings, table.hasher.fingerprint())
+        finally:
+            await store.close()
     ledger = await BackfillLedger.connect(settings)
     try:
         await ledger.check_schema()

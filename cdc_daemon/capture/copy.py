@@ -3,6 +3,8 @@ watermark export and the backfill share (``stream_rows``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 from psycopg import sql
 
@@ -20,9 +22,11 @@ def stream_rows(
     query: sql.Composed,
     spool: DaySpool,
     limits: Limits,
+    rewrite: Callable[[bytes | bytearray | memoryview], bytes] | None = None,
 ) -> int | None:
     """Stream the rows of a ``copy_query`` into the spool; returns the id the batch was
-    cut at, or None when every row was read (``backfill`` uses it too).
+    cut at, or None when every row was read (``backfill`` uses it too). ``rewrite``: what
+    each row goes through first (``TableInfo.copy_hasher``, for a table with hash_columns).
 
     The hot loop: Postgres sends one row per message, and a row of the same day as the one
     before (the common case: ids and dates grow together) costs a slice compare and a list
@@ -42,7 +46,9 @@ def stream_rows(
             while batch := rows():
                 # One copy out of libpq's buffer, then bytes operations: several times
                 # cheaper per row than slicing and comparing memoryviews.
-                for data in map(bytes, batch):
+                # A table that hashes columns has its rows rewritten; the others' rows stay
+                # unparsed (one test per batch, none per row).
+                for data in map(bytes, batch) if rewrite is None else map(rewrite, batch):
                     if data.startswith(prefix):
                         pending.append(data[11:])
                         if len(pending) < block_rows:

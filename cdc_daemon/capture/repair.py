@@ -46,7 +46,7 @@ from cdc_daemon.names import TableName
 from cdc_daemon.sink.s3 import S3Sink
 from cdc_daemon.source.copyread import CopyRows, copy_query, snapshot_query
 from cdc_daemon.source.session import connect, read_snapshot, safe_position
-from cdc_daemon.source.table import TableInfo, describe_configured
+from cdc_daemon.source.table import TableInfo, describe_configured, hasher_of
 from cdc_daemon.source.values import quote
 from cdc_daemon.state.deliveries import Deliveries
 from cdc_daemon.state.ledger import Delivery, ObjectRecord, ObjectTotals, Producer
@@ -175,12 +175,12 @@ async def _repair_table(
         if logical:
             from cdc_daemon.capture.logical.tables import describe as describe_logical
 
-            lt = describe_logical(conn, spec)
+            lt = describe_logical(conn, spec, hasher_of(settings))
             info, key, header = lt.info, lt.key, lt.header
             judge = lt.judge()
             seq: int | None = await asyncio.to_thread(safe_position, conn, WAIT_S)
         else:
-            info = describe_configured(conn, settings, spec)
+            info = describe_configured(conn, settings, spec)  # with its hash_columns' hasher
             key = (info.watermark.name,)
             header = info.header
             judge = info.judge(key)
@@ -238,6 +238,7 @@ def _read_present(
     if not present:
         return 0
     columns = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    rewrite = info.copy_hasher()  # hash_columns: hashed before the spool, as every export
     rows = 0
     with read_snapshot(conn):
         for i in range(0, len(present), 1000):
@@ -251,7 +252,7 @@ def _read_present(
             with conn.cursor() as cur, cur.copy(query) as copy:
                 batch = CopyRows(copy).batch
                 while chunk := batch():
-                    for data in map(bytes, chunk):
+                    for data in map(bytes, chunk) if rewrite is None else map(rewrite, chunk):
                         spool.add(data)
                         rows += 1
     return rows

@@ -81,7 +81,7 @@ def _source_figures(
             }
         out: dict[str, Figures] = {}
         for spec in settings.table_specs:
-            table = describe_configured(conn, settings.for_table(spec), spec)
+            table = describe_configured(conn, settings.for_table(spec), spec, hashing=False)
             if table.qualified not in highs:
                 continue
             high = highs[table.qualified]

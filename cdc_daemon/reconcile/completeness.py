@@ -153,7 +153,7 @@ def _source_totals(
             connect_timeout=max(1, int(pg.connect_timeout_s)),
             options="-c TimeZone=UTC",
         ) as conn:
-            table = from_catalog(conn, n, spec.key, logical=logical)
+            table = from_catalog(conn, n, spec.key, logical=logical, spec=spec)
             watermark = None
             if scope.watermark is not None:
                 keys = [c.source for c in table.key]

@@ -37,6 +37,8 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, ConfigError, from_psycopg
 from cdc_daemon.names import TableName
 from cdc_daemon.ops.metrics import Metrics
+from cdc_daemon.source.hashing import Hasher
+from cdc_daemon.source.table import Column
 from cdc_daemon.state.verify import VerifyLedger, VerifyState
 from cdc_daemon.warehouse.canonical import Canon, canon, pg_row_hash, sf_row_hash
 from cdc_daemon.warehouse.client import Warehouse
@@ -84,6 +86,8 @@ class TableResult:
     differences: list[RowDifference] = field(default_factory=list)
     quarantined: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     null_only_columns: tuple[str, ...] = ()
+    # Why the table was not compared (a hashed key); empty: it was.
+    not_verified: str = ""
     seconds: float = 0.0
     warehouse_seconds: float = 0.0
 
@@ -113,11 +117,14 @@ class TableResult:
             ],
             "quarantined": [{"key": k, "columns": r} for k, r in self.quarantined],
             "hashed_by_null_only": list(self.null_only_columns),
+            "not_verified": self.not_verified or None,
             "seconds": round(self.seconds, 3),
             "warehouse_seconds": round(self.warehouse_seconds, 3),
         }
 
     def lines(self) -> list[str]:
+        if self.not_verified:
+            return [f"{self.table} -> {self.warehouse_table}: not verified: {self.not_verified}"]
         head = "equal" if self.equal else f"{len(self.differences)} key(s) differ"
         out = [
             f"{self.table} -> {self.warehouse_table}: {head}; {self.source_rows} rows in the "
@@ -179,13 +186,17 @@ class TableVerifier:
         *,
         fetch_rows: int = FETCH_ROWS,
         fanout: int = FANOUT,
+        hasher: Hasher | None = None,
     ) -> None:
         self._conn = conn
+        self._hasher = hasher
         self._wh = wh
         self._t = table
         self._fetch_rows = fetch_rows
         self._fanout = fanout
         self._canons = [canon(c) for c in table.columns]
+        if any(c.hashed for c in table.columns) and hasher is None:
+            raise ValueError(f"{table.names.table} hashes columns: verify needs the salt")
         self._keys = [k for k in self._canons if k.column.key]
         if not self._keys:
             raise ValueError(f"{table.names.table} has no key to verify by")
@@ -317,6 +328,8 @@ class TableVerifier:
                     + ")"
                 )
             parts.append("(" + " OR ".join(ors) + ")")
+        if self._t.soft_deletes:  # its soft-deleted rows are no longer in the source
+            parts.append(self._t.live)
         return (" AND ".join(parts) or "TRUE"), params
 
     def _query_wh(self, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -399,10 +412,20 @@ class TableVerifier:
         n = len(self._keys)
         return {
             tuple(self._key_value(k, v) for k, v in zip(self._keys, r[:n], strict=True)): [
-                None if v is None else str(v) for v in r[n:]
+                self._source_value(k, v) for k, v in zip(self._canons, r[n:], strict=True)
             ]
             for r in rows
         }
+
+    def _source_value(self, k: Canon, value: Any) -> str | None:
+        """A fetched source value as text; a hashed column's as its hash (the source's text in
+        the object format, hashed here: the clear value is never reported)."""
+        if value is None:
+            return None
+        if k.column.hashed:
+            assert self._hasher is not None
+            return self._hasher.hex(str(value).encode()).decode()
+        return str(value)
 
     def _sf_rows(
         self, where: str, params: dict[str, Any]
@@ -501,6 +524,8 @@ class TableVerifier:
 
 
 def _pg_raw(k: Canon) -> sql.Composable:
+    if k.column.hashed:  # the text the daemon hashed: the value in the object format
+        return sql.SQL("({})::text").format(Column(k.column.source, k.column.pg_type).csv_expr())
     c = sql.Identifier(k.column.source)
     if base_type(k.column.pg_type).endswith("[]"):
         return sql.SQL("array_to_json({})::text").format(c)
@@ -517,7 +542,7 @@ def _same(k: Canon, a: str | None, b: str | None) -> bool:
     """One column's values, as fetched from each side, are the same value."""
     if a is None or b is None:
         return a is None and b is None
-    if k.exact:
+    if k.exact or k.column.hashed:
         return a == b
     if k.column.type.final == "FLOAT":
         x, y = _float(a), _float(b)
@@ -559,13 +584,37 @@ def verify_group(
     try:
         wh = Warehouse.of_group(settings).connect()
         try:
-            return [TableVerifier(conn, wh, t).run(settle_s) for t in tables]
+            salt = settings.hash_salt()
+            hasher = None if salt is None else Hasher(salt)
+            return [_verify_table(conn, wh, t, hasher, settle_s) for t in tables]
         except psycopg.Error as exc:
             raise from_psycopg(exc, "verifying against the source") from None
         finally:
             wh.close()
     finally:
         conn.close()
+
+
+def _verify_table(
+    conn: psycopg.Connection[Any],
+    wh: Warehouse,
+    table: WarehouseTable,
+    hasher: Hasher | None,
+    settle_s: float,
+) -> TableResult:
+    """One table; one whose key is hashed is not compared (and says so): its rows are keyed by
+    the key's clear value in the source and by its hash in the warehouse, so no key range
+    means the same rows on both sides without moving every key out of the source."""
+    hashed_key = [c.source for c in table.key if c.hashed]
+    if hashed_key:
+        return TableResult(
+            str(table.names.table),
+            table.names.name,
+            table.names.table,
+            not_verified=f"its key column {hashed_key[0]} is hashed (hash_columns), so the "
+            "warehouse's keys cannot be matched to the source's by range",
+        )
+    return TableVerifier(conn, wh, table, hasher=hasher).run(settle_s)
 
 
 class RollingVerifier:
@@ -618,9 +667,13 @@ class RollingVerifier:
             try:
                 wh = await asyncio.to_thread(Warehouse.of_group(settings).connect)
                 try:
+                    salt = settings.hash_salt()
+                    hasher = None if salt is None else Hasher(salt)
                     out = []
                     for t in tables:
-                        out.append(await self._slice(ledger, conn, wh, t, stop))
+                        if any(c.hashed for c in t.key):
+                            continue  # not comparable by key range (see _verify_table)
+                        out.append(await self._slice(ledger, conn, wh, t, stop, hasher))
                         if stop is not None and stop.is_set():
                             break
                     return out
@@ -638,11 +691,12 @@ class RollingVerifier:
         wh: Warehouse,
         table: WarehouseTable,
         stop: asyncio.Event | None,
+        hasher: Hasher | None = None,
     ) -> VerifyState:
         cfg = self._settings.verify
         name = table.names.table.key
         state = await ledger.state(name)
-        verifier = TableVerifier(conn, wh, table)
+        verifier = TableVerifier(conn, wh, table, hasher=hasher)
         lo = state.cursor
         try:
             hi = await asyncio.to_thread(verifier.slice_end, lo, cfg.rows_per_slice)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 
 import psycopg
@@ -19,6 +19,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.values import MAX_TEXT, QuarantineJudge, number_type
 
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
@@ -197,6 +198,20 @@ class TableInfo:
     columns: tuple[Column, ...]
     watermark: Column
     partition: Column | None  # None: the day of the read (watermark) or commit (logical)
+    # hash_columns: their values leave as hashes (never checked for the quarantine: a hash is
+    # always a valid VARCHAR), with the hasher that makes them.
+    hashed: frozenset[str] = frozenset()
+    hasher: Hasher | None = field(default=None, repr=False, compare=False)
+
+    def copy_hasher(self) -> FieldHasher | None:
+        """What rewrites the hashed fields of a ``copy_query`` row (its first field is the
+        day); None when no column is hashed: the rows are then never parsed."""
+        if not self.hashed:
+            return None
+        assert self.hasher is not None, "hash_columns without a salt"
+        return FieldHasher(
+            self.hasher, [1 + i for i, c in enumerate(self.columns) if c.name in self.hashed]
+        )
 
     @property
     def table(self) -> TableName:
@@ -219,7 +234,7 @@ class TableInfo:
         objects' header, by default ``self.header``)."""
         return QuarantineJudge.for_types(
             self.header if header is None else header,
-            [(c.name, c.type_name) for c in self.columns],
+            [(c.name, "text" if c.name in self.hashed else c.type_name) for c in self.columns],
             key,
             self.partition_name,
         )
@@ -271,7 +286,12 @@ class TableInfo:
             day: sql.Composable = sql.Literal(read_ts[:10])
         else:
             day = self.utc_day_expr()
-        checks = [check for column in self.columns for check in column.quarantine_checks()]
+        checks = [
+            check
+            for column in self.columns
+            if column.name not in self.hashed
+            for check in column.quarantine_checks()
+        ]
         if not checks:
             return day
         whens = sql.SQL(" ").join(
@@ -311,6 +331,46 @@ def _close(name: str, columns: Sequence[Column]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def shape_problem(
+    spec: TableSettings | None, table: str, names: Sequence[str], key: Sequence[str] = ()
+) -> str | None:
+    """Why ``spec``'s ``columns``, ``exclude_columns`` and ``hash_columns`` cannot apply to a
+    table with these columns and key (None: they can): a name the table does not have, or a
+    key column left out (the warehouse merges by the key)."""
+    if spec is None:
+        return None
+    for setting, listed in (
+        ("columns", spec.columns or ()),
+        ("exclude_columns", spec.exclude_columns),
+        ("hash_columns", spec.hash_columns),
+    ):
+        unknown = [n for n in listed if n not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{table} has no column {unknown[0]!r}, named in [[tables]] {setting}{hint}"
+    out = [k for k in key if not spec.captures(k)]
+    if out:
+        return (
+            f"{table}: key column {out[0]!r} cannot be left out of the capture (the warehouse "
+            "merges by the key): capture it, hashed if it must not leave in clear (hash_columns)"
+        )
+    return None
+
+
+def shaped_columns(
+    spec: TableSettings | None, table: str, columns: Sequence[Column], key: Sequence[str] = ()
+) -> tuple[Column, ...]:
+    """The columns the capture reads (``spec``'s ``columns`` / ``exclude_columns``), checked by
+    ``shape_problem`` (SourceError)."""
+    problem = shape_problem(spec, table, [c.name for c in columns], key)
+    if problem is not None:
+        raise SourceError(problem)
+    if spec is None:
+        return tuple(columns)
+    return tuple(c for c in columns if spec.captures(c.name))
+
+
 def describe_table(
     conn: psycopg.Connection[tuple[object, ...]],
     table: str,
@@ -318,9 +378,13 @@ def describe_table(
     partition_column: str | None,
     *,
     in_tables: bool | None = None,
+    spec: TableSettings | None = None,
+    hasher: Hasher | None = None,
 ) -> TableInfo:
     """The table's columns, its watermark and partition columns checked. ``in_tables``: where
-    the configuration names the columns (``setting_name``), for the messages."""
+    the configuration names the columns (``setting_name``), for the messages. ``spec``: its
+    ``[[tables]]`` entry, whose ``columns`` / ``exclude_columns`` leave columns out and whose
+    ``hash_columns`` ``hasher`` hashes."""
     row = conn.execute(
         "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
@@ -382,7 +446,22 @@ def describe_table(
             f"assigned in order: ALTER SEQUENCE {cached[0]} CACHE 1"
         )
     partition = partition_of(str(schema), str(name), by_name, partition_column, in_tables=in_tables)
-    return TableInfo(str(schema), str(name), cols, watermark, partition)
+    # A configured watermark or partition column left out is refused by the settings; the
+    # merge key by init (source.validate) and the warehouse model.
+    if spec is not None and not spec.captures(watermark.name):
+        raise SourceError(
+            f"{q}: column {watermark.name!r} is its watermark (its primary key), so it cannot be "
+            "left out of the capture"
+        )
+    cols = shaped_columns(spec, q, cols)
+    hashed = frozenset(spec.hash_columns if spec is not None else ())
+    if watermark.name in hashed:
+        raise SourceError(
+            f"{q}: column {watermark.name!r} is its watermark, which is each object's _cdc_seq "
+            "and names its objects, so it cannot be hashed: hash it in logical mode, or name "
+            "another watermark_column"
+        )
+    return TableInfo(str(schema), str(name), cols, watermark, partition, hashed, hasher)
 
 
 def partition_of(
@@ -415,8 +494,11 @@ def describe_configured(
     conn: psycopg.Connection[tuple[object, ...]],
     settings: Settings,
     spec: TableSettings | None = None,
+    *,
+    hashing: bool = True,
 ) -> TableInfo:
-    """``spec`` (default: the first table of the group) as configured."""
+    """``spec`` (default: the first table of the group) as configured; ``hashing`` false:
+    without the hasher of its hash_columns (what only reads the catalog needs no salt)."""
     spec = spec or settings.table_specs[0]
     return describe_table(
         conn,
@@ -424,4 +506,12 @@ def describe_configured(
         spec.watermark_column,
         spec.partition_column,
         in_tables=bool(settings.tables),
+        spec=spec,
+        hasher=hasher_of(settings) if hashing else None,
     )
+
+
+def hasher_of(settings: Settings) -> Hasher | None:
+    """The hasher of ``hash_columns`` (None when no table hashes a column)."""
+    salt = settings.hash_salt()
+    return None if salt is None else Hasher(salt)

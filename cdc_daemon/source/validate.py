@@ -36,10 +36,10 @@ from typing import cast
 
 import psycopg
 
-from cdc_daemon.config import Settings
+from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError, from_psycopg
 from cdc_daemon.source.session import connect
-from cdc_daemon.source.table import describe_configured
+from cdc_daemon.source.table import describe_configured, shape_problem
 
 # The daemon's own columns in objects and in Snowflake (compared upper-cased, as Snowflake
 # stores them).
@@ -53,11 +53,13 @@ RESERVED = (
     "_file_row",
     "_loaded_at",
     "_merged_at",
+    "_cdc_deleted_at",
+    "_cdc_synced_at",
 )
 _RESERVED_UPPER = {r.upper(): r for r in RESERVED}
 _NO_RENAME = (
-    "or leave the table out of [[tables]] (the daemon has no setting to rename or leave out a "
-    "column)"
+    "or leave the column out ([[tables]] exclude_columns), or the table out of [[tables]] (the "
+    "daemon has no setting to rename a column)"
 )
 _MAX_IDENT = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names, silently but for a NOTICE
 
@@ -252,13 +254,15 @@ def _listed(facts: TableFacts, names: tuple[str, ...] | list[str]) -> str:
     return ", ".join(quoted)
 
 
-def name_problems(facts: TableFacts, logical: bool) -> list[str]:
+def name_problems(facts: TableFacts, logical: bool, spec: TableSettings | None = None) -> list[str]:
     """Columns that would be the same Snowflake column as one of the daemon's own or as each
-    other."""
+    other (``spec``: the columns it leaves out are not checked)."""
     q = facts.quoted
     problems = []
     by_upper: dict[str, list[ColumnFacts]] = {}
     for c in facts.captured(logical):
+        if spec is not None and not spec.captures(c.name):
+            continue
         upper = c.name.upper()
         by_upper.setdefault(upper, []).append(c)
         if upper in _RESERVED_UPPER:
@@ -403,9 +407,14 @@ def key_problems(
     return problems
 
 
-def logical_problems(facts: TableFacts, key: tuple[str, ...], configured: bool) -> list[str]:
+def logical_problems(
+    facts: TableFacts,
+    key: tuple[str, ...],
+    configured: bool,
+    spec: TableSettings | None = None,
+) -> list[str]:
     """Every reason the table cannot be captured in logical mode (empty: it can)."""
-    return name_problems(facts, logical=True) + key_problems(facts, key, configured, logical=True)
+    return name_problems(facts, True, spec) + key_problems(facts, key, configured, logical=True)
 
 
 def generated_notes(facts: TableFacts) -> list[str]:
@@ -420,11 +429,13 @@ def generated_notes(facts: TableFacts) -> list[str]:
     ]
 
 
-def watermark_problems(facts: TableFacts, key: tuple[str, ...] | None) -> list[str]:
+def watermark_problems(
+    facts: TableFacts, key: tuple[str, ...] | None, spec: TableSettings | None = None
+) -> list[str]:
     """Every reason the table cannot be captured in watermark mode that this module checks
     (the watermark and partition columns are checked by ``source.table.describe_table``)."""
     merge_key = key if key is not None else facts.primary_key_columns()
-    return name_problems(facts, logical=False) + key_problems(
+    return name_problems(facts, False, spec) + key_problems(
         facts, merge_key, key is not None, logical=False
     )
 
@@ -464,7 +475,12 @@ def check_watermark_tables(settings: Settings) -> None:
                     f"table {spec.name!r} does not exist (or is not visible to this user)"
                 )
                 continue
-            problems += watermark_problems(facts, spec.key)
+            problems += watermark_problems(facts, spec.key, spec)
+            merge_key = spec.key or facts.primary_key_columns()
+            shape = shape_problem(spec, facts.qualified, [c.name for c in facts.columns], merge_key)
+            if shape is not None:
+                problems.append(shape)
+                continue
             try:
                 describe_configured(conn, settings.for_table(spec), spec)
             except SourceError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 from psycopg import sql
 
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import StateError
+from cdc_daemon.errors import ConfigError, StateError
 from cdc_daemon.state.backfill import BACKFILL_DDL, chunk_id, chunk_name
 from cdc_daemon.state.deliveries import DELIVERIES_DDL, UNFINISHED, Deliveries, delivery_row
 from cdc_daemon.state.joins import (
@@ -40,6 +40,8 @@ from cdc_daemon.state.verify import VERIFY_DDL
 
 # 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
 # 4: deliveries, for every producer (state.deliveries); batches became stream_batches.
+# 5: deliveries' producer repair (its check constraint replaced), verify_state and hash_salts
+# (added by CREATE TABLE IF NOT EXISTS: nothing to move).
 SCHEMA_VERSION = 5
 
 _DDL = """
@@ -82,6 +84,15 @@ CREATE TABLE IF NOT EXISTS {schema}.relations (
     table_name text PRIMARY KEY,
     columns jsonb NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- hash_columns: the fingerprint of the salt each table's values were hashed with
+-- (source.hashing.Hasher.fingerprint): another salt is refused until the table is resynced.
+CREATE TABLE IF NOT EXISTS {schema}.hash_salts (
+    group_name text NOT NULL,
+    table_name text NOT NULL,
+    fingerprint text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (group_name, table_name)
 );
 INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', '1')
     ON CONFLICT (key) DO NOTHING;
@@ -284,6 +295,64 @@ class Store(Deliveries):
                 f"the ledger schema {self._schema_name!r} predates table groups: run "
                 "`cdc-daemon init` (it adds their tables)",
             )
+
+    async def check_salts(self, settings: Settings, fingerprint: str | None) -> None:
+        """Each table with hash_columns keeps the salt its values were first hashed with
+        (``fingerprint``: the salt's now; the first one is recorded): a value hashed with
+        another salt would no longer equal, join or merge by a hashed key onto the same value
+        in the warehouse, so another salt is a ConfigError saying so."""
+        if fingerprint is None:
+            return
+        for spec in settings.table_specs:
+            if not spec.hash_columns:
+                continue
+            if await self.hold_salt(settings.group, spec.qualified, fingerprint) is None:
+                continue
+            again = (
+                f"cdc-daemon resync --table {spec.qualified} (after emptying its warehouse table)"
+                if settings.capture.mode == "logical"
+                else "capturing it again from the start into an empty warehouse table"
+            )
+            raise ConfigError(
+                f"{spec.qualified}: the salt of its hash_columns is not the one its values were "
+                "hashed with so far (the ledger keeps the salt's fingerprint), so the same value "
+                "would get another hash in the warehouse and no longer match: restore the "
+                f"previous salt, or export the table again by {again}"
+            )
+
+    async def hold_salt(self, group: str, table: str, fingerprint: str) -> str | None:
+        """Record ``fingerprint`` as the salt of ``table``'s hash_columns unless one is
+        recorded: returns the one recorded before when it differs (None: the same, or new)."""
+        await self._require_tables(
+            ("hash_salts",),
+            f"the ledger schema {self._schema_name!r} predates hash_columns: run "
+            "`cdc-daemon init` (it adds their table)",
+        )
+        rows = await self._fetch(
+            "recording the salt's fingerprint",
+            self._q(
+                "INSERT INTO {schema}.hash_salts (group_name, table_name, fingerprint)"
+                " VALUES (%s, %s, %s) ON CONFLICT (group_name, table_name)"
+                " DO UPDATE SET group_name = excluded.group_name RETURNING fingerprint"
+            ),
+            (group, table, fingerprint),
+        )
+        recorded = str(rows[0]["fingerprint"])
+        return None if recorded == fingerprint else recorded
+
+    async def forget_salt(self, group: str, table: str | None = None) -> None:
+        """A table exported again (resync; every table at teardown): its next start records
+        the salt it is hashed with from then on."""
+        if not (await self._columns("hash_salts")):
+            return  # a ledger from before hash_columns
+        await self._fetch(
+            "forgetting the salt's fingerprint",
+            self._q(
+                "DELETE FROM {schema}.hash_salts WHERE group_name = %s"
+                " AND (%s::text IS NULL OR table_name = %s) RETURNING 1"
+            ),
+            (group, table, table),
+        )
 
     async def try_lock(self, table: str) -> None:
         """The single-instance lock of ``table``'s daemon, for as long as this session lives."""

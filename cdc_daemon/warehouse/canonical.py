@@ -20,6 +20,7 @@ bytea (BINARY)                 lower-case hex                                 th
 real, double (FLOAT)           (text forms differ between engines)            NULL or not
 json, jsonb (VARIANT), arrays  (key order and number forms differ)            NULL or not
 (ARRAY)
+hash_columns (VARCHAR(64))     (the HMAC is computed in the daemon only)      NULL or not
 =============================  =============================================  =============
 
 A row's text is its columns' canonical texts joined by CHR(31), NULL written CHR(30). Its hash
@@ -64,6 +65,11 @@ def canon(column: SfColumn) -> Canon:
     c = sql.Identifier(column.source)
     q = column.q
     base = base_type(column.pg_type)
+    if column.hashed:
+        # The source cannot compute the HMAC in SQL (pgcrypto may be missing, and the salt
+        # would be sent to the server): NULL or not in the sums, the hash compared where a
+        # range's rows are fetched (``reconcile.verify`` hashes the source's text).
+        return Canon(column, sql.SQL("''"), "''", False, False)
     if base in _INTEGERS:
         return Canon(column, sql.SQL("{}::text").format(c), f"TO_VARCHAR({q})", True, True)
     if base == "numeric":

@@ -55,6 +55,8 @@ def measures(table: WarehouseTable) -> tuple[Measure, ...]:
     out: list[Measure] = []
     for column in table.columns:
         out.append(Measure("count", column))
+        if column.hashed:
+            continue  # the source holds the value, the warehouse its hash: only counts agree
         base = base_type(column.pg_type)
         if base in _EXACT_NUMBERS:
             out.append(Measure("sum", column))
@@ -116,9 +118,10 @@ class DayTotals:
         columns = "".join(
             f", {_sf_measure(m, self.table)} AS M{i}" for i, m in enumerate(self.measures)
         )
-        where = ""
+        conditions = [self.table.live] if self.table.soft_deletes else []
         if self.watermark is not None and at_most is not None:
-            where = f" WHERE {self.watermark.q} <= {int(at_most)}"
+            conditions.append(f"{self.watermark.q} <= {int(at_most)}")
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         return (
             f"SELECT TO_DATE({self.partition.q}) AS DAY, COUNT(*) AS N{columns}"
             f" FROM {self.table.names.name}{where} GROUP BY 1"

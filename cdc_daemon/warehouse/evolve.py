@@ -62,6 +62,9 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
         # The daemon's column of quarantined rows (docs/design.md, "Quarantine"), which a
         # warehouse made before it existed lacks: the first -q object adds it.
         wanted.append(("_CDC_QUARANTINED", "_CDC_QUARANTINED", "VARCHAR"))
+        # The current-state table's change metadata (and _CDC_DELETED_AT with soft deletes),
+        # which the merge task re-created below sets: a warehouse made before them lacks them.
+        wanted += [(name, name, kind) for name, kind in t.own_columns(table)]
         for name, quoted, kind in wanted:
             if name not in have:
                 wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quoted} {kind}")

@@ -26,6 +26,7 @@ arrays                         VARCHAR             ARRAY               PARSE_JSO
 bytea                          VARCHAR             BINARY              TO_BINARY(hex) in merge
 anything else (enum, inet,     VARCHAR             VARCHAR             the text
 interval, timetz, domains...)
+any type in hash_columns       VARCHAR(64)         VARCHAR(64)         HMAC-SHA256, hex
 =============================  ==================  ==================  ========================
 
 JSON, arrays and bytea land as text and are converted by the merge: what a CSV field holding
@@ -47,7 +48,7 @@ import psycopg
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
 from cdc_daemon.names import TableName
-from cdc_daemon.source.table import Column
+from cdc_daemon.source.table import Column, shape_problem
 from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which
@@ -231,6 +232,7 @@ class SfColumn:
     type: SfType
     key: bool
     toastable: bool
+    hashed: bool = False  # hash_columns: the warehouse holds the value's HMAC, VARCHAR(64)
 
     @property
     def q(self) -> str:
@@ -243,11 +245,34 @@ class SfColumn:
         return f",{self.source},".replace("'", "''")
 
 
+# The change metadata of every current-state table beside _CDC_SEQ (the source position):
+# the operation of the change merged last, and when it was merged (_MERGED_AT, which earlier
+# warehouses have, holds the same time).
+METADATA_COLUMNS = (("_CDC_OP", "VARCHAR(1)"), ("_CDC_SYNCED_AT", "TIMESTAMP_LTZ"))
+# deletes = "soft": the current-state table's column for the delete's commit time.
+DELETED_AT = "_CDC_DELETED_AT"
+
+
 @dataclass(frozen=True)
 class WarehouseTable:
     names: Names
     columns: tuple[SfColumn, ...]
     models: tuple[Path, ...] = ()
+    soft_deletes: bool = False  # deletes = "soft": a deleted row stays, _CDC_DELETED_AT set
+
+    @property
+    def live(self) -> str:
+        """The condition of the current-state table's rows that exist in the source (every
+        row with hard deletes), for what compares it with the source."""
+        return f"{DELETED_AT} IS NULL" if self.soft_deletes else "TRUE"
+
+    def own_columns(self, table: str) -> list[tuple[str, str]]:
+        """The daemon's columns of one of the Snowflake tables (``column_tables``) that a
+        warehouse made by an earlier version may lack: the current-state table's (and its copy
+        of the touched rows') change metadata, and ``_CDC_DELETED_AT`` with soft deletes."""
+        if table not in (self.names.name, self.names.touched):
+            return []
+        return [*METADATA_COLUMNS, *([(DELETED_AT, "TIMESTAMP_TZ")] if self.soft_deletes else [])]
 
     @property
     def key(self) -> tuple[SfColumn, ...]:
@@ -279,17 +304,27 @@ def folder_of(relative: str) -> str:
     return relative.split("/", 1)[0] + "/"
 
 
-def column_of(source: str, pg_type: str, *, key: bool = False) -> SfColumn:
+# A hashed column's type: the 64 hex digits of its HMAC-SHA256.
+HASHED = SfType("VARCHAR(64)", "VARCHAR(64)")
+
+
+def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = False) -> SfColumn:
     name = source.upper()
     if "," in source:
         raise SourceError(
             f"column {source!r}: a name with a comma cannot be named in _cdc_unchanged"
         )
-    if name in DAEMON_COLUMNS or name in LOAD_COLUMNS or name == "_MERGED_AT":
+    if (
+        name in DAEMON_COLUMNS
+        or name in LOAD_COLUMNS
+        or name in ("_MERGED_AT", DELETED_AT)
+        or name in dict(METADATA_COLUMNS)
+    ):
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
         )
-    return SfColumn(source, name, pg_type, sf_type(pg_type), key, base_type(pg_type) not in _FIXED)
+    kind = HASHED if hashed else sf_type(pg_type)
+    return SfColumn(source, name, pg_type, kind, key, base_type(pg_type) not in _FIXED, hashed)
 
 
 def from_catalog(
@@ -298,10 +333,12 @@ def from_catalog(
     key: tuple[str, ...] | None,
     models: tuple[Path, ...] = (),
     logical: bool = False,
+    spec: TableSettings | None = None,
 ) -> WarehouseTable:
     """The table's columns and key, read from the catalog (the configured key, else the
     primary key). ``logical``: stored generated columns are left out, as the logical capture
-    leaves them out (pgoutput before PostgreSQL 18 does not send them)."""
+    leaves them out (pgoutput before PostgreSQL 18 does not send them). ``spec``: the table's
+    ``[[tables]]`` entry, whose left-out columns the warehouse never has."""
     found = conn.execute("SELECT to_regclass(%s)::oid::int8", (n.table.display,)).fetchone()
     if found is None or found[0] is None:
         raise SourceError(f"table {n.table} does not exist (or is not visible to this user)")
@@ -331,7 +368,14 @@ def from_catalog(
             f"{n.source} has no primary key: the warehouse merge needs one (name its key "
             "columns in [[tables]] key)"
         )
-    return from_columns(n, cols, key, models)
+    if spec is not None:
+        problem = shape_problem(spec, n.source, [a for a, _ in cols], key)
+        if problem is not None:
+            raise SourceError(problem)
+        cols = [(a, t) for a, t in cols if spec.captures(a)]
+    if spec is None:
+        return from_columns(n, cols, key, models)
+    return from_columns(n, cols, key, models, spec.hash_columns, spec.deletes == "soft")
 
 
 def from_columns(
@@ -339,12 +383,15 @@ def from_columns(
     cols: list[tuple[str, str]],
     key: tuple[str, ...],
     models: tuple[Path, ...] = (),
+    hashed: tuple[str, ...] = (),
+    soft_deletes: bool = False,
 ) -> WarehouseTable:
-    """The table from its (name, ``format_type``) columns and key columns."""
+    """The table from its (name, ``format_type``) columns and key columns (``hashed``: its
+    hash_columns; ``soft_deletes``: deletes = "soft")."""
     missing = [k for k in key if k not in dict(cols)]
     if missing:
         raise SourceError(f"{n.source} has no column {missing[0]!r} (key)")
-    columns = tuple(column_of(a, t, key=a in key) for a, t in cols)
+    columns = tuple(column_of(a, t, key=a in key, hashed=a in hashed) for a, t in cols)
     upper = [c.name for c in columns]
     twice = sorted({u for u in upper if upper.count(u) > 1})
     if twice:
@@ -352,7 +399,7 @@ def from_columns(
             f"{n.source}: columns differing only in case would be one Snowflake column: "
             f"{', '.join(twice)}"
         )
-    return WarehouseTable(n, columns, models)
+    return WarehouseTable(n, columns, models, soft_deletes)
 
 
 def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
@@ -375,6 +422,7 @@ def describe(
             specs[n.source].key,
             model_files(settings, n),
             logical=settings.capture.mode == "logical",
+            spec=specs[n.source],
         )
         for n in names(settings)
     ]

@@ -329,6 +329,15 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                             "retyped column is not changed (docs/operations.md)",
                         )
                     )
+            for name, kind in t.own_columns(table):
+                if name not in have:
+                    adds.append(
+                        sql.Statement(
+                            "40_tables.sql",
+                            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}",
+                        )
+                    )
+                    added.append(name)
             if adds:
                 plan.changes.append(
                     Change("alter", "TABLE", table, f"add column {', '.join(added)}", tuple(adds))

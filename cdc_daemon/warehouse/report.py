@@ -227,7 +227,9 @@ def write_report(
                 (source,) = conn.execute(
                     sql.SQL("SELECT count(*) FROM {}").format(n.table.sql())
                 ).fetchone() or (0,)
-                (got,) = query(f"SELECT COUNT(*) AS N, MAX(_MERGED_AT) AS LAST FROM {n.name}")
+                (got,) = query(
+                    f"SELECT COUNT_IF({t.table.live}) AS N, MAX(_MERGED_AT) AS LAST FROM {n.name}"
+                )
                 equal = "equal" if int(source) == int(got["N"]) else "<b class='bad'>differ</b>"
                 rows.append(
                     f"<tr><td>{html.escape(str(n.table))}</td><td>{html.escape(n.name)}</td>"

@@ -111,6 +111,8 @@ async def test_a_schema_3_ledger_is_upgraded_in_place_and_loses_nothing(v3_ledge
         await store.close()
     assert rows(dsn, "SELECT value FROM cdc.meta") == [{"value": str(SCHEMA_VERSION)}]
     assert SCHEMA_VERSION == 5
+    # Schema 5 adds hash_salts (hash_columns), empty until a table hashes a column.
+    assert rows(dsn, "SELECT * FROM cdc.hash_salts") == []
 
     # Stream batches: the view ``batches`` shows every column as it was.
     assert rows(dsn, "SELECT * FROM cdc.batches ORDER BY batch_id") == batches

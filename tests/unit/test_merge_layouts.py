@@ -118,7 +118,7 @@ def test_the_merge_body_matches_the_tables_columns(layout: tuple[str, tuple[str,
     whens = merge.args["whens"].expressions
     update = next(w.args["then"] for w in whens if isinstance(w.args["then"], exp.Update))
     set_columns = {e.this.name for e in update.expressions}
-    daemon = {"_CDC_SEQ", "_CDC_TS", "_CDC_QUARANTINED", "_MERGED_AT"}
+    daemon = {"_CDC_SEQ", "_CDC_TS", "_CDC_QUARANTINED", "_MERGED_AT", "_CDC_OP", "_CDC_SYNCED_AT"}
     assert set_columns == {c.name for c in t.values} | daemon
     insert = next(w.args["then"] for w in whens if isinstance(w.args["then"], exp.Insert))
     inserted = {c.name for c in insert.this.expressions}

@@ -85,6 +85,13 @@ class Generation:
     key_index: tuple[int, ...]
     table: LogicalTable
     number: int = 0  # the table's n-th column list within the batch (0: its first)
+    # The positions in a change's tuple of the columns captured (None: all of them): the
+    # others (exclude_columns) are dropped before the row is encoded.
+    keep: tuple[int, ...] | None = None
+    # Every column's name, by its position in a change's tuple.
+    sent: tuple[str, ...] = ()
+    # Rewrites the hash_columns' fields of an encoded row (None: the table hashes none).
+    hash_fields: Callable[[bytes], bytes] | None = None
     # The key columns of a tuple, compared as one value (None: no key).
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
     # The table has a partition column (else a row goes to its commit's day); read per row.
@@ -266,7 +273,12 @@ class ChangeReader:
             else:
                 # Not logged: the fields stay empty and _cdc_unchanged names them; the merge
                 # keeps the warehouse's current value for them.
-                names = [gen.columns[i][0] for i, v in enumerate(new) if v is UNCHANGED]
+                kept = range(len(new)) if gen.keep is None else gen.keep
+                sent = gen.sent or tuple(c[0] for c in gen.columns)
+                names = [sent[i] for i in kept if new[i] is UNCHANGED]
+                if not names:  # only left-out columns were unchanged
+                    self._row(gen, new, b"U", lsn)
+                    return
                 new = [None if v is UNCHANGED else v for v in new]
                 self._row(gen, new, b"U", lsn, quote(",".join(names).encode()))
                 return
@@ -275,7 +287,11 @@ class ChangeReader:
     def _row(
         self, gen: Generation, values: list[Any], op: bytes, lsn: int, unchanged: bytes = b""
     ) -> None:
+        if gen.keep is not None:
+            values = [values[i] for i in gen.keep]
         day, fields = gen.encoder.encode(values)
+        if gen.hash_fields is not None:
+            fields = gen.hash_fields(fields)
         if not day and not gen.partitioned:
             day = self._day  # no partition column: the commit's UTC day
         target = gen.spool.day(day)
@@ -291,7 +307,8 @@ class ChangeReader:
         if table is None:
             return  # a table that failed during this stream
         self._source.stream_relations[message.oid] = message
-        columns = tuple((c.name, c.type_oid, c.typmod) for c in message.columns)
+        captured = [c for c in message.columns if table.captures(c.name)]
+        columns = tuple((c.name, c.type_oid, c.typmod) for c in captured)
         accepted = self._source.accepted.get(table.qualified)
         if accepted is not None and columns != accepted:
             problem = self._changed(table, accepted, columns)
@@ -309,9 +326,10 @@ class ChangeReader:
                     ColumnType(
                         c.name, c.type_oid, self._source.array_elements.get(c.type_oid), c.typmod
                     )
-                    for c in message.columns
+                    for c in captured
                 ],
                 partition,
+                table.info.hashed,
             )
         except ValueError as exc:
             self._fail(table, f"{table.qualified}: {exc}")
@@ -322,8 +340,19 @@ class ChangeReader:
         self._counts[message.oid] = number + 1
         header = logical_header([c[0] for c in columns])
         judge = QuarantineJudge(header, encoder.checks(), table.key, partition)
+        keep = None
+        if len(captured) < len(message.columns):
+            keep = tuple(i for i, c in enumerate(message.columns) if table.captures(c.name))
         generation = Generation(
-            columns, self._new_spool(header, judge), encoder, key_index, table, number
+            columns,
+            self._new_spool(header, judge),
+            encoder,
+            key_index,
+            table,
+            number,
+            keep,
+            tuple(c.name for c in message.columns),
+            table.field_hasher([c.name for c in captured]),
         )
         self._current[message.oid] = generation
         self._result.generations.append(generation)

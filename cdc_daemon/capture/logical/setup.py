@@ -113,6 +113,7 @@ async def resync(settings: Settings, table: str) -> int:
         await store.set_group_table(
             settings.group, replace(current, status="left", since=floor, error=None)
         )
+        await store.forget_salt(settings.group, name)
     finally:
         await store.close()
     print(
@@ -142,6 +143,7 @@ async def teardown(settings: Settings, confirmed: bool) -> int:
         await store.check_schema(logical=True)
         await store.forget_position(settings.group)
         await store.forget_group(settings.group)
+        await store.forget_salt(settings.group)
     finally:
         await store.close()
     log.info("logical_torn_down", group=settings.group, dropped=dropped)

@@ -26,10 +26,11 @@ def copy_snapshot(
     read_ts: str,
     where: sql.Composable | None = None,
 ) -> None:
+    rewrite = table.copy_hasher()
     with conn.cursor() as cur, cur.copy(snapshot_query(table, seq, read_ts, where)) as copy:
         rows = CopyRows(copy).batch
         while batch := rows():
-            for data in map(bytes, batch):
+            for data in map(bytes, batch) if rewrite is None else map(rewrite, batch):
                 spool.add(data)
 
 

@@ -35,7 +35,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycopg
 from cdc_daemon.names import TableName
 from cdc_daemon.source.session import SourceSession, connect
-from cdc_daemon.source.table import TableInfo
+from cdc_daemon.source.table import TableInfo, hasher_of
 from cdc_daemon.source.validate import generated_notes, logical_problems
 
 log = structlog.get_logger()
@@ -138,10 +138,11 @@ class LogicalSource(SourceSession):
         tables = []
         self.unavailable = {}
         first: CdcError | None = None
+        hasher = hasher_of(self._settings)
         for spec in self._settings.table_specs:
             try:
                 try:
-                    table = describe(self._conn, spec)
+                    table = describe(self._conn, spec, hasher)
                     self._conn.execute(
                         sql.SQL("SELECT 1 FROM {} LIMIT 0").format(table.info.ident())
                     )
@@ -217,7 +218,7 @@ class LogicalSource(SourceSession):
             )
         for t in self.tables:
             assert t.facts is not None, "described from the catalog"
-            problems += logical_problems(t.facts, t.key, t.configured_key)
+            problems += logical_problems(t.facts, t.key, t.configured_key, t.spec)
         if not self.publication_exists() and not (owns_all and can_create):
             names = ", ".join(t.facts.quoted if t.facts else t.qualified for t in self.tables)
             problems.append(

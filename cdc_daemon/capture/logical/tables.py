@@ -11,7 +11,8 @@ import psycopg
 from cdc_daemon.config import TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
-from cdc_daemon.source.table import Column, TableInfo, partition_of
+from cdc_daemon.source.hashing import FieldHasher, Hasher
+from cdc_daemon.source.table import Column, TableInfo, partition_of, shape_problem
 from cdc_daemon.source.validate import TableFacts, read_facts
 from cdc_daemon.source.values import QuarantineJudge
 
@@ -27,6 +28,21 @@ class LogicalTable:
     has_primary_key: bool = True
     facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
     configured_key: bool = False  # the key is [[tables]] key, not the primary key
+    spec: TableSettings | None = None  # its [[tables]] entry: the columns left out, hashed
+
+    def captures(self, column: str) -> bool:
+        """Whether ``column`` goes into the objects (``columns`` / ``exclude_columns``): the
+        others are dropped from each change before it is spooled."""
+        return self.spec is None or self.spec.captures(column)
+
+    def field_hasher(self, columns: list[str]) -> FieldHasher | None:
+        """What rewrites the hashed fields of a row of ``columns`` (``encode``'s fields, no
+        day in front); None when the table hashes no column."""
+        info = self.info
+        if not info.hashed:
+            return None
+        assert info.hasher is not None, "hash_columns without a salt"
+        return FieldHasher(info.hasher, [i for i, c in enumerate(columns) if c in info.hashed])
 
     @property
     def table(self) -> TableName:
@@ -58,11 +74,13 @@ def logical_header(columns: list[str]) -> list[str]:
 def describe(
     conn: psycopg.Connection[tuple[object, ...]],
     spec: TableSettings,
+    hasher: Hasher | None = None,
 ) -> LogicalTable:
     """The table as logical mode captures it, from its catalog facts (read once; ``init``
     checks them with ``source.validate``). Generated columns are left out: pgoutput
     (PostgreSQL < 18) does not send them, so neither the snapshot nor the objects carry them,
-    and a Relation message without them is no column change."""
+    and a Relation message without them is no column change. ``hasher``: what hashes
+    ``spec``'s ``hash_columns``."""
     table = spec.table.display
     facts = read_facts(conn, table)
     if facts is None:
@@ -75,11 +93,14 @@ def describe(
         )
     if facts.kind != "r":
         raise SourceError(f"{schema}.{name} is not a table")
-    captured = facts.captured(logical=True)
-    columns = tuple(Column(c.name, c.type_name) for c in captured)
     primary = facts.primary_key_columns()
-    by_name = {c.name: c for c in columns}
     key = primary if spec.key is None else spec.key
+    problem = shape_problem(spec, f"{schema}.{name}", [c.name for c in facts.columns], key)
+    if problem is not None:
+        raise SourceError(problem)
+    captured = tuple(c for c in facts.captured(logical=True) if spec.captures(c.name))
+    columns = tuple(Column(c.name, c.type_name) for c in captured)
+    by_name = {c.name: c for c in columns}
     missing = [k for k in key if k not in by_name]
     if missing:
         generated = facts.column(missing[0]) is not None
@@ -92,7 +113,15 @@ def describe(
         )
     partition = partition_of(schema, name, by_name, spec.partition_column)
     # TableInfo's watermark is meaningless here; the first key column stands in.
-    info = TableInfo(schema, name, columns, by_name[key[0]] if key else columns[0], partition)
+    info = TableInfo(
+        schema,
+        name,
+        columns,
+        by_name[key[0]] if key else columns[0],
+        partition,
+        frozenset(spec.hash_columns),
+        hasher,
+    )
     toastable = tuple(c.name for c in captured if c.toastable)
     catalog = tuple((c.name, c.type_oid, c.typmod) for c in captured)
     return LogicalTable(
@@ -105,4 +134,5 @@ def describe(
         bool(primary),
         facts,
         spec.key is not None,
+        spec,
     )

@@ -274,10 +274,11 @@ class WatermarkSource(SourceSession):
         """The slow path, for the few rows of a catch-up (and a redo): each row is routed on
         its own and its id parsed. Returns the ids copied, as ranges."""
         ids: list[int] = []
+        rewrite = self.table.copy_hasher()
         with conn.cursor() as cur, cur.copy(self._copy(where, read_ts)) as copy:
             rows = CopyRows(copy).batch
             while batch := rows():
-                for data in map(bytes, batch):
+                for data in map(bytes, batch) if rewrite is None else map(rewrite, batch):
                     spool.add(data)
                     ids.append(seq_of_row(data))
         return to_ranges(ids)
@@ -292,7 +293,8 @@ class WatermarkSource(SourceSession):
         limits: Limits,
     ) -> tuple[int, bool]:
         """Stream ``(lo, hi]`` into the spool; returns (end, cut) (``capture.copy.stream_rows``)."""
-        cut = stream_rows(conn, self._copy(self._range(lo, hi), read_ts), spool, limits)
+        query = self._copy(self._range(lo, hi), read_ts)
+        cut = stream_rows(conn, query, spool, limits, self.table.copy_hasher())
         if cut is not None and cut < hi:
             return cut, True
         return hi, False
