@@ -265,9 +265,9 @@ class TableVerifier:
             return
         splits = self._splits(lo, hi, from_source=source.rows >= warehouse.rows)
         bounds = [lo, *splits, hi]
-        for a, b in itertools.pairwise(bounds):
+        sums = self._split_sums(lo, hi, splits)
+        for (a, b), (s, w) in zip(itertools.pairwise(bounds), sums, strict=True):
             self._result.ranges += 1
-            s, w = self._sums(a, b)
             if s != w:
                 self._bisect(a, b, s, w, differing)
 
@@ -281,53 +281,48 @@ class TableVerifier:
     def _sf_key(self, k: Canon) -> str:
         return k.column.q if k.numeric_order else k.sf
 
+    def _pg_row(self) -> sql.Composable:
+        """The key as one row value: compared with a bound row, lexicographically, which an
+        index on the key columns serves as a range (``(k) >= (lo) AND (k) < (hi)``)."""
+        return sql.SQL("ROW({})").format(sql.SQL(", ").join(self._pg_key(k) for k in self._keys))
+
+    def _pg_bound(self, op: str, bound: Key) -> tuple[sql.Composable, list[Any]]:
+        marks = sql.SQL(", ").join(sql.SQL("%s") for _ in bound)
+        return sql.SQL("{} {} ROW({})").format(self._pg_row(), sql.SQL(op), marks), list(bound)
+
     def _pg_where(self, lo: Bound, hi: Bound) -> tuple[sql.Composable, list[Any]]:
-        keys = [self._pg_key(k) for k in self._keys]
         parts: list[sql.Composable] = []
         params: list[Any] = []
-        for bound, op in ((lo, ">"), (hi, "<")):
-            if bound is None:
-                continue
-            ors: list[sql.Composable] = []
-            for i in range(len(keys)):
-                ands = [sql.SQL("{} = %s").format(keys[j]) for j in range(i)]
-                ands.append(sql.SQL("{} {} %s").format(keys[i], sql.SQL(op)))
-                params.extend(bound[: i + 1])
-                ors.append(sql.SQL("(") + sql.SQL(" AND ").join(ands) + sql.SQL(")"))
-            if op == ">":  # the lower bound is inclusive
-                ands = [sql.SQL("{} = %s").format(k) for k in keys]
-                params.extend(bound)
-                ors.append(sql.SQL("(") + sql.SQL(" AND ").join(ands) + sql.SQL(")"))
-            parts.append(sql.SQL("(") + sql.SQL(" OR ").join(ors) + sql.SQL(")"))
+        for bound, op in ((lo, ">="), (hi, "<")):
+            if bound is not None:
+                part, values = self._pg_bound(op, bound)
+                parts.append(part)
+                params += values
         if not parts:
             return sql.SQL("TRUE"), []
         return sql.SQL(" AND ").join(parts), params
 
-    def _sf_where(self, lo: Bound, hi: Bound) -> tuple[str, dict[str, Any]]:
+    def _sf_below(self, bound: Key, bind: Callable[[Any], str]) -> str:
+        """The key sorts before ``bound`` (Snowflake compares no row values: spelled out)."""
         keys = [self._sf_key(k) for k in self._keys]
+        ors = []
+        for i in range(len(keys)):
+            ands = [f"{keys[j]} = {bind(bound[j])}" for j in range(i)]
+            ands.append(f"{keys[i]} < {bind(bound[i])}")
+            ors.append("(" + " AND ".join(ands) + ")")
+        return "(" + " OR ".join(ors) + ")"
+
+    def _sf_where(
+        self, lo: Bound, hi: Bound, params: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """The range as a WHERE, its values bound in ``params`` (a new mapping by default)."""
         parts: list[str] = []
-        params: dict[str, Any] = {}
-
-        def bind(value: Any) -> str:
-            name = f"p{len(params)}"
-            params[name] = value
-            return f"%({name})s"
-
-        for bound, op in ((lo, ">"), (hi, "<")):
-            if bound is None:
-                continue
-            ors = []
-            for i in range(len(keys)):
-                ands = [f"{keys[j]} = {bind(bound[j])}" for j in range(i)]
-                ands.append(f"{keys[i]} {op} {bind(bound[i])}")
-                ors.append("(" + " AND ".join(ands) + ")")
-            if op == ">":
-                ors.append(
-                    "("
-                    + " AND ".join(f"{k} = {bind(v)}" for k, v in zip(keys, bound, strict=True))
-                    + ")"
-                )
-            parts.append("(" + " OR ".join(ors) + ")")
+        params = {} if params is None else params
+        bind = _binder(params)
+        if lo is not None:
+            parts.append(f"NOT {self._sf_below(lo, bind)}")
+        if hi is not None:
+            parts.append(self._sf_below(hi, bind))
         if self._t.soft_deletes:  # its soft-deleted rows are no longer in the source
             parts.append(self._t.live)
         return (" AND ".join(parts) or "TRUE"), params
@@ -355,6 +350,47 @@ class TableVerifier:
             sf_params,
         )
         return _Sums(int(row[0]), int(row[1])), _Sums(int(got["N"]), int(got["H"]))
+
+    def _split_sums(self, lo: Bound, hi: Bound, splits: Sequence[Key]) -> list[tuple[_Sums, _Sums]]:
+        """The sums of each part of [lo, hi) cut at ``splits``, one query on each side (the
+        part of a row: the number of splits at or below its key)."""
+        where, params = self._pg_where(lo, hi)
+        cases: list[sql.Composable] = []
+        pg_params: list[Any] = []
+        for i, split in enumerate(splits):
+            below, values = self._pg_bound("<", split)
+            cases.append(sql.SQL("WHEN {} THEN {}").format(below, sql.Literal(i)))
+            pg_params += values
+        part = (
+            sql.SQL("CASE {} ELSE {} END").format(
+                sql.SQL(" ").join(cases), sql.Literal(len(splits))
+            )
+            if splits
+            else sql.Literal(0)
+        )
+        found = self._conn.execute(
+            sql.SQL(
+                "SELECT {p} AS part, count(*), coalesce(sum({h}), 0) FROM {t} WHERE {w} GROUP BY 1"
+            ).format(p=part, h=pg_row_hash(self._canons), t=self._t.names.table.sql(), w=where),
+            [*pg_params, *params],
+        ).fetchall()
+        source = {int(r[0]): _Sums(int(r[1]), int(r[2])) for r in found}
+        sf_params: dict[str, Any] = {}
+        bind = _binder(sf_params)
+        sf_cases = " ".join(
+            f"WHEN {self._sf_below(split, bind)} THEN {i}" for i, split in enumerate(splits)
+        )
+        sf_part = f"CASE {sf_cases} ELSE {len(splits)} END" if splits else "0"
+        sf_where, _ = self._sf_where(lo, hi, sf_params)
+        rows = self._query_wh(
+            f"SELECT {sf_part} AS PART, COUNT(*) AS N,"
+            f" COALESCE(SUM({sf_row_hash(self._canons)}), 0) AS H"
+            f" FROM {self._t.names.name} WHERE {sf_where} GROUP BY 1",
+            sf_params,
+        )
+        warehouse = {int(r["PART"]): _Sums(int(r["N"]), int(r["H"])) for r in rows}
+        empty = _Sums(0, 0)
+        return [(source.get(i, empty), warehouse.get(i, empty)) for i in range(len(splits) + 1)]
 
     def _splits(self, lo: Bound, hi: Bound, *, from_source: bool) -> list[Key]:
         """Keys that cut (lo, hi) into about ``fanout`` parts of the side with more rows."""
@@ -521,6 +557,17 @@ class TableVerifier:
         source = self._pg_rows(sql.SQL(" OR ").join(pg_parts), params)
         warehouse = self._sf_rows(" OR ".join(sf_parts), sf_params)
         return self._compare(source, warehouse)
+
+
+def _binder(params: dict[str, Any]) -> Callable[[Any], str]:
+    """Binds a value in ``params`` under the next name and returns its placeholder."""
+
+    def bind(value: Any) -> str:
+        name = f"p{len(params)}"
+        params[name] = value
+        return f"%({name})s"
+
+    return bind
 
 
 def _pg_raw(k: Canon) -> sql.Composable:
