@@ -184,7 +184,12 @@ async def test_exit_when_idle_reconciles_once_before_it_exits(
     with capture_logs() as logs:
         assert await export_until_idle(settings) == 0
     (waiting,) = [e for e in logs if e["event"] == "batches_awaiting_confirmation"]
-    assert waiting["batches"] == 3
+    # Every delivery of the run (a loaded machine may cut the logical snapshot in more chunks).
+    with psycopg.connect(pg_dsn) as conn:
+        (uploaded,) = conn.execute(
+            "SELECT count(*) FROM cdc.deliveries WHERE status = 'uploaded'"
+        ).fetchone() or (0,)
+    assert waiting["batches"] == uploaded >= 3
     assert "cdc-daemon reconcile --once" in waiting["hint"]
     assert not [e for e in logs if e.get("log_level") in ("warning", "error")]
     shop.pump_until_quiet()
@@ -193,5 +198,7 @@ async def test_exit_when_idle_reconciles_once_before_it_exits(
     assert not [e for e in logs if e["event"] == "batches_awaiting_confirmation"]
     report = await collect(settings, slot=settings.slot_name if logical else None)
     entries = [report["shop"]] if logical else [report[t] for t in SHOP]
-    assert [t["batches"] for t in entries] == ([{"loaded": 3}] if logical else [{"loaded": 1}] * 3)
-    assert "uploaded 0  loaded 3" in render(report)
+    assert [t["batches"] for t in entries] == (
+        [{"loaded": uploaded}] if logical else [{"loaded": 1}] * 3
+    )
+    assert f"uploaded 0  loaded {uploaded}" in render(report)
