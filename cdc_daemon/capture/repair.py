@@ -202,8 +202,16 @@ async def _repair_table(
         raise from_psycopg(exc, f"repairing {spec.table}") from None
     finally:
         conn.close()
+    # At debug level: ``verify --repair`` prints what it repaired itself.
     unit.log_batch(
-        batch, started, timings, event="repair_uploaded", run_id=run_id, deletes=deletes, seq=seq
+        batch,
+        started,
+        timings,
+        event="repair_uploaded",
+        quiet=True,
+        run_id=run_id,
+        deletes=deletes,
+        seq=seq,
     )
     return RepairOutcome(
         str(spec.table), rows, deletes, len(batch.objects), seq, time.monotonic() - started
