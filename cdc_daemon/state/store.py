@@ -421,10 +421,6 @@ class Store(Deliveries):
         high refuses a move that another process (or a stale retry) already made."""
         await self._move(batch.table, batch.lo, batch.state_after)
 
-    async def note_failure(self, table: str, error: str) -> int:
-        """Record a failed attempt (and why) on the table's pending batch, if there is one."""
-        return await self.note_attempt_failed(table, Producer.BATCH, error)
-
     async def mark_failed(self, table: str, error: str) -> list[str]:
         """Retries are exhausted: the pending batch becomes ``failed``, with the reason. It is
         still redone first at the next start (its rows are not lost, only late)."""

@@ -237,6 +237,14 @@ async def test_the_reconciler_confirms_an_upgraded_ledger(v3_ledger: str) -> Non
     assert Status.LOADED.value == "loaded"
 
 
+# A delivery of the repair producer, which a schema-4 ledger's check constraint refuses.
+REPAIR_DELIVERY = (
+    "INSERT INTO cdc.deliveries (ledger, producer, producer_id, name, table_name, status, rows,"
+    " raw_bytes, size, objects, checksum, read_ts) VALUES ('t', 'repair', 'r/t', 'repair-r', 't',"
+    " 'pending', 0, 0, 0, '[]', '', '2026-01-01T00:00:00Z')"
+)
+
+
 async def test_a_schema_4_ledger_accepts_repair_deliveries_after_init(pg_dsn: str) -> None:
     """A schema-4 ledger (its deliveries know the producers batch, join and backfill) gains
     the repair producer at ``init`` (schema 5), its deliveries untouched; a second ``init``
@@ -254,12 +262,7 @@ async def test_a_schema_4_ledger_accepts_repair_deliveries_after_init(pg_dsn: st
             " UPDATE cdc.meta SET value = '4' WHERE key = 'schema_version'"
         )
         with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute(
-                "INSERT INTO cdc.deliveries (ledger, producer, producer_id, name, table_name,"
-                " status, rows, raw_bytes, size, objects, checksum, read_ts)"
-                " VALUES ('t', 'repair', 'r/t', 'repair-r', 't', 'pending', 0, 0, 0, '[]', '',"
-                " '2026-01-01T00:00:00Z')"
-            )
+            conn.execute(REPAIR_DELIVERY)
     for _ in range(2):
         store = await Store.connect(pg_dsn, "cdc")
         try:
@@ -267,10 +270,5 @@ async def test_a_schema_4_ledger_accepts_repair_deliveries_after_init(pg_dsn: st
         finally:
             await store.close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO cdc.deliveries (ledger, producer, producer_id, name, table_name,"
-            " status, rows, raw_bytes, size, objects, checksum, read_ts)"
-            " VALUES ('t', 'repair', 'r/t', 'repair-r', 't', 'pending', 0, 0, 0, '[]', '',"
-            " '2026-01-01T00:00:00Z')"
-        )
+        conn.execute(REPAIR_DELIVERY)
     assert rows(pg_dsn, "SELECT value FROM cdc.meta") == [{"value": "5"}]
