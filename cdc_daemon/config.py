@@ -249,6 +249,15 @@ class TableSettings(_Section):
         "with `_CDC_DELETED_AT` set to the delete's commit time, and a later insert of its key "
         "makes it live again (`_CDC_DELETED_AT` NULL).",
     )
+    history: bool = Field(
+        default=False,
+        description="Also keep `<T>_HISTORY` in Snowflake: one row per version of each row, "
+        "valid from its source commit time (`_CDC_VALID_FROM`) until the next version's or the "
+        "delete's (`_CDC_VALID_TO`, NULL while current), with `_CDC_IS_CURRENT` and `_CDC_OP`, "
+        "built by the merge task in the transaction that updates the current-state table "
+        "(docs/snowflake.md#history-tables). Logical mode only: the watermark mode knows no "
+        "commit times and sees no deletes.",
+    )
 
     _no_salt = model_validator(mode="before")(_refuse_salt)
 
@@ -732,6 +741,13 @@ class Settings(BaseSettings):
         twice = sorted({str(n) for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"tables: {', '.join(twice)} listed twice")
+        historied = [str(t.table) for t in self.tables if t.history]
+        if historied and self.capture.mode != "logical":
+            raise ValueError(
+                f"tables: {historied[0]} has history = true, which needs capture.mode = "
+                '"logical" (a history is valid from each commit time, and the watermark mode '
+                "knows no commit times and sees no deletes)"
+            )
         if len(names) > 1 and self.capture.group is None:
             raise ValueError(
                 "several [[tables]] need capture.group, the name of their group (its lock, "

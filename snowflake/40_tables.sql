@@ -61,6 +61,41 @@ CREATE TABLE IF NOT EXISTS {{ n.changes }} (
 {%- if t.models %}
 CREATE TABLE IF NOT EXISTS {{ n.touched }} LIKE {{ n.name }};
 {%- endif %}
+{%- if t.history %}
+
+-- {{ n.history }} (history = true): one row per version of each row, in the current-state
+-- types. A version is valid from its change's source commit time (_CDC_VALID_FROM) until the
+-- next version's or its delete's (_CDC_VALID_TO, NULL while it is current); a delete is a row
+-- of its own (_CDC_OP = 'D', the key only) whose validity is empty (_CDC_VALID_TO =
+-- _CDC_VALID_FROM). The rows as of time X:
+--   _CDC_VALID_FROM <= X AND (_CDC_VALID_TO IS NULL OR X < _CDC_VALID_TO)
+-- The merge task writes it in the transaction that merges the same changes into {{ n.name }}.
+CREATE TABLE IF NOT EXISTS {{ n.history }} (
+{%- for c in t.columns %}
+  {{ c.q }} {{ c.type.final }}{% if c.key %} NOT NULL{% endif %},
+{%- endfor %}
+{%- for name, type in history_columns %}
+  {{ name }} {{ type }}{{ "," if not loop.last }}
+{%- endfor %}
+);
+-- Run with the CREATE only (snowflake apply): the rows merged before the history existed are
+-- each a first version, valid from their last change's commit time.
+INSERT INTO {{ n.history }} (
+{%- for c in t.columns %}
+  {{ c.q }},
+{%- endfor %}
+  _CDC_OP, _CDC_SEQ, _CDC_QUARANTINED, _CDC_VALID_FROM, _CDC_VALID_TO, _CDC_IS_CURRENT,
+  _CDC_SYNCED_AT
+)
+SELECT
+{%- for c in t.columns %}
+  {{ c.q }},
+{%- endfor %}
+  COALESCE(_CDC_OP, 'I'), _CDC_SEQ, _CDC_QUARANTINED, COALESCE(_CDC_TS, _MERGED_AT::TIMESTAMP_TZ), NULL, TRUE,
+  CURRENT_TIMESTAMP()
+FROM {{ n.name }}
+WHERE {{ t.live }};
+{%- endif %}
 
 -- One row per merge run: the cleanup task only deletes landing rows loaded well before one.
 CREATE TABLE IF NOT EXISTS {{ n.merge_log }} (

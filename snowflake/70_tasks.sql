@@ -24,7 +24,9 @@ IFF(POSITION('{{ c.needle }}' IN ',' || COALESCE(_CDC_UNCHANGED, '') || ',') = 0
 --      and names them in _CDC_QUARANTINED (a later change clears it), a delete deletes;
 --   4. tombstones for deletes;
 --   5. the rows as they are now, and the models on <T> (snowflake/models/<T>/) recomputed for
---      the touched keys only.
+--      the touched keys only;
+--   with history = true, before 3: every change as a version in <T>_HISTORY, and the validity
+--   of the touched keys' versions.
 -- snowflake.serverless_tasks: the tasks run on Snowflake-managed compute (no WAREHOUSE; the
 -- owner needs EXECUTE MANAGED TASK), billed per second of work, not per warehouse minute.
 -- The statements between BEGIN TRANSACTION and COMMIT are what the local task runner runs. A
@@ -95,6 +97,93 @@ WHERE _RN = 1;
 DELETE FROM {{ p }}{{ n.touched }};
 INSERT INTO {{ p }}{{ n.touched }}
 SELECT t.* FROM {{ p }}{{ n.name }} AS t INNER JOIN {{ p }}{{ n.changes }} AS c ON {{ on(t, "t", "c") }};
+{%- endif %}
+{%- if t.history %}
+{#- history = true. Every change of the stream is a version (a change delivered twice, same
+    key, _CDC_SEQ and _CDC_TS, once; one already in the history is not added again, so a run
+    redone adds nothing). A value an update left unchanged is the key's latest earlier change
+    that carries it (_Gi counts the changes carrying column i so far: a group starts at each),
+    else the row's current value. Then the validity of every version of the touched keys,
+    recomputed in source order (_CDC_SEQ): a version ends where the next one starts, a delete
+    at once, the last one that is no delete is current; a version read after a later commit
+    (a snapshot's or backfill's row) ends where it starts rather than before. Both statements
+    read the stream in this transaction, so they see the changes the MERGE below consumes
+    ("surround them with an explicit transaction statement":
+    https://docs.snowflake.com/en/user-guide/streams-intro). #}
+INSERT INTO {{ p }}{{ n.history }} (
+{%- for c in t.columns %}
+  {{ c.q }},
+{%- endfor %}
+  _CDC_OP, _CDC_SEQ, _CDC_QUARANTINED, _CDC_VALID_FROM, _CDC_VALID_TO, _CDC_IS_CURRENT,
+  _CDC_SYNCED_AT
+)
+SELECT
+{%- for c in t.columns %}
+  v.{{ c.q }},
+{%- endfor %}
+  v._CDC_OP, v._CDC_SEQ, v._CDC_QUARANTINED, v._CDC_TS, NULL, FALSE, CURRENT_TIMESTAMP()
+FROM (
+  SELECT
+{%- for c in t.columns %}
+{%- if c.toastable and not c.key %}
+    IFF(w._G{{ loop.index }} = 0, o.{{ c.q }}, FIRST_VALUE(w.{{ c.q }}) OVER (
+      PARTITION BY {% for k in t.key %}w.{{ k.q }}, {% endfor %}w._G{{ loop.index }}
+      ORDER BY w._CDC_SEQ, w._CDC_TS
+    )) AS {{ c.q }},
+{%- else %}
+    w.{{ c.q }},
+{%- endif %}
+{%- endfor %}
+    w._CDC_OP, w._CDC_SEQ, w._CDC_TS, w._CDC_QUARANTINED
+  FROM (
+    SELECT
+{%- for c in t.columns %}
+      {{ c.type.converted(c.q) }} AS {{ c.q }},
+{%- if c.toastable and not c.key %}
+      SUM({{ carried(c) }}) OVER (
+        PARTITION BY {{ keys(t) }} ORDER BY _CDC_SEQ, _CDC_TS
+        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+      ) AS _G{{ loop.index }},
+{%- endif %}
+{%- endfor %}
+      _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED
+    FROM (
+      SELECT *, ROW_NUMBER() OVER (
+        PARTITION BY {{ keys(t) }}, _CDC_SEQ, _CDC_TS
+        ORDER BY _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
+      ) AS _ONCE
+      FROM {{ p }}{{ n.stream }}
+    ) AS d
+    WHERE _ONCE = 1
+  ) AS w
+  LEFT JOIN {{ p }}{{ n.name }} AS o ON {{ on(t, "o", "w") }}
+) AS v
+WHERE NOT EXISTS (
+  SELECT 1 FROM {{ p }}{{ n.history }} AS h
+  WHERE {{ on(t, "h", "v") }} AND h._CDC_SEQ = v._CDC_SEQ AND h._CDC_VALID_FROM = v._CDC_TS
+);
+MERGE INTO {{ p }}{{ n.history }} AS h
+USING (
+  SELECT
+{%- for c in t.key %}
+    x.{{ c.q }},
+{%- endfor %}
+    x._CDC_SEQ, x._CDC_VALID_FROM,
+    IFF(x._CDC_OP = 'D', x._CDC_VALID_FROM, IFF(
+      LEAD(x._CDC_VALID_FROM) OVER (PARTITION BY {% for k in t.key %}x.{{ k.q }}{{ ", " if not loop.last }}{% endfor %} ORDER BY x._CDC_SEQ, x._CDC_VALID_FROM)
+        < x._CDC_VALID_FROM,
+      x._CDC_VALID_FROM,
+      LEAD(x._CDC_VALID_FROM) OVER (PARTITION BY {% for k in t.key %}x.{{ k.q }}{{ ", " if not loop.last }}{% endfor %} ORDER BY x._CDC_SEQ, x._CDC_VALID_FROM)
+    )) AS _VALID_TO,
+    x._CDC_OP <> 'D' AND ROW_NUMBER() OVER (
+      PARTITION BY {% for k in t.key %}x.{{ k.q }}{{ ", " if not loop.last }}{% endfor %} ORDER BY x._CDC_SEQ DESC, x._CDC_VALID_FROM DESC
+    ) = 1 AS _IS_CURRENT
+  FROM {{ p }}{{ n.history }} AS x
+  INNER JOIN {{ p }}{{ n.changes }} AS c ON {{ on(t, "x", "c") }}
+) AS s
+ON {{ on(t, "h", "s") }} AND h._CDC_SEQ = s._CDC_SEQ AND h._CDC_VALID_FROM = s._CDC_VALID_FROM
+WHEN MATCHED AND (h._CDC_VALID_TO IS DISTINCT FROM s._VALID_TO OR h._CDC_IS_CURRENT <> s._IS_CURRENT)
+  THEN UPDATE SET _CDC_VALID_TO = s._VALID_TO, _CDC_IS_CURRENT = s._IS_CURRENT;
 {%- endif %}
 MERGE INTO {{ p }}{{ n.name }} AS t
 USING (

@@ -196,6 +196,11 @@ class Names:
         return f"{self.name}_MERGE_LOG"
 
     @property
+    def history(self) -> str:
+        """``history = true``: every version of each row (``WarehouseTable.history``)."""
+        return f"{self.name}_HISTORY"
+
+    @property
     def tasks(self) -> tuple[str, str]:
         return self.merge_task, self.cleanup_task
 
@@ -251,6 +256,16 @@ class SfColumn:
 METADATA_COLUMNS = (("_CDC_OP", "VARCHAR(1)"), ("_CDC_SYNCED_AT", "TIMESTAMP_LTZ"))
 # deletes = "soft": the current-state table's column for the delete's commit time.
 DELETED_AT = "_CDC_DELETED_AT"
+# history = true: the history table's columns after the source's (docs/snowflake.md#history-tables).
+HISTORY_COLUMNS = (
+    ("_CDC_OP", "VARCHAR(1) NOT NULL"),
+    ("_CDC_SEQ", "NUMBER(38, 0) NOT NULL"),
+    ("_CDC_QUARANTINED", "VARCHAR"),
+    ("_CDC_VALID_FROM", "TIMESTAMP_TZ NOT NULL"),
+    ("_CDC_VALID_TO", "TIMESTAMP_TZ"),
+    ("_CDC_IS_CURRENT", "BOOLEAN NOT NULL"),
+    ("_CDC_SYNCED_AT", "TIMESTAMP_LTZ"),
+)
 
 
 @dataclass(frozen=True)
@@ -259,6 +274,7 @@ class WarehouseTable:
     columns: tuple[SfColumn, ...]
     models: tuple[Path, ...] = ()
     soft_deletes: bool = False  # deletes = "soft": a deleted row stays, _CDC_DELETED_AT set
+    history: bool = False  # history = true: <T>_HISTORY holds every version
 
     @property
     def live(self) -> str:
@@ -295,6 +311,8 @@ class WarehouseTable:
         out = [(n.landing, True), (n.name, False), (n.changes, False)]
         if self.models:
             out.append((n.touched, False))
+        if self.history:
+            out.append((n.history, False))
         return out
 
 
@@ -319,6 +337,7 @@ def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = Fa
         or name in LOAD_COLUMNS
         or name in ("_MERGED_AT", DELETED_AT)
         or name in dict(METADATA_COLUMNS)
+        or name in dict(HISTORY_COLUMNS)
     ):
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
@@ -375,7 +394,9 @@ def from_catalog(
         cols = [(a, t) for a, t in cols if spec.captures(a)]
     if spec is None:
         return from_columns(n, cols, key, models)
-    return from_columns(n, cols, key, models, spec.hash_columns, spec.deletes == "soft")
+    return from_columns(
+        n, cols, key, models, spec.hash_columns, spec.deletes == "soft", spec.history
+    )
 
 
 def from_columns(
@@ -385,9 +406,10 @@ def from_columns(
     models: tuple[Path, ...] = (),
     hashed: tuple[str, ...] = (),
     soft_deletes: bool = False,
+    history: bool = False,
 ) -> WarehouseTable:
     """The table from its (name, ``format_type``) columns and key columns (``hashed``: its
-    hash_columns; ``soft_deletes``: deletes = "soft")."""
+    hash_columns; ``soft_deletes``: deletes = "soft"; ``history``: history = true)."""
     missing = [k for k in key if k not in dict(cols)]
     if missing:
         raise SourceError(f"{n.source} has no column {missing[0]!r} (key)")
@@ -399,7 +421,7 @@ def from_columns(
             f"{n.source}: columns differing only in case would be one Snowflake column: "
             f"{', '.join(twice)}"
         )
-    return WarehouseTable(n, columns, models, soft_deletes)
+    return WarehouseTable(n, columns, models, soft_deletes, history)
 
 
 def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:

@@ -11,8 +11,9 @@ property by property; only a difference becomes a change, so applying twice chan
   with ``ALTER STORAGE INTEGRATION ... SET`` (which keeps its external ID);
 - file format and stage: ``CREATE OR ALTER`` when they differ (Snowflake brings the object to
   the definition in place: https://docs.snowflake.com/en/sql-reference/sql/create-or-alter);
-- tables: created when missing; a column the catalog has and the table lacks is added
-  (``ADD COLUMN IF NOT EXISTS``); a column of another type is reported, never changed
+- tables: created when missing (with the ``INSERT`` that follows a table's ``CREATE`` in
+  ``snowflake/``, which fills a new history table); a column the catalog has and the table
+  lacks is added (``ADD COLUMN IF NOT EXISTS``); a column of another type is reported, never changed
   (``CREATE OR ALTER TABLE`` would drop the columns a definition omits);
 - pipe: created when missing; when its COPY differs, or its stage's URL or integration
   changes ("you must recreate the pipe": https://docs.snowflake.com/en/user-guide/
@@ -231,8 +232,16 @@ def make_plan(
         kind, name, want = found
         have = None if fresh else wh.dialect.describe(wh, kind, name)
         if kind == "TABLE":
+            # The statements that fill a table when it is created (a history's first
+            # versions) run with its CREATE only.
+            fill = []
+            while i < len(statements) and re.match(
+                rf"INSERT INTO {re.escape(name)}\b", statements[i].text, re.I
+            ):
+                fill.append(statements[i])
+                i += 1
             if have is None:
-                plan.changes.append(Change("create", kind, name, "missing", (stmt,)))
+                plan.changes.append(Change("create", kind, name, "missing", (stmt, *fill)))
             continue
         if kind == "TASK":
             resume = next(

@@ -18,7 +18,7 @@ import jinja2
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.warehouse.model import WarehouseTable
+from cdc_daemon.warehouse.model import HISTORY_COLUMNS, WarehouseTable
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "snowflake"
 
@@ -104,6 +104,7 @@ def template_vars(
         "cleanup_schedule": sf.cleanup_schedule,
         "retention_days": sf.retention_days,
         "tombstone_days": sf.tombstone_days,
+        "history_columns": HISTORY_COLUMNS,
     }
 
 

@@ -69,6 +69,10 @@ GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.changes }} TO ROLE {{ tasks_r
 {%- if t.models %}
 GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.touched }} TO ROLE {{ tasks_role }};
 {%- endif %}
+{%- if t.history %}
+-- {{ n.merge_task }}: INSERT INTO {{ n.history }} and MERGE INTO it (validity updates)
+GRANT SELECT, INSERT, UPDATE ON TABLE {{ at }}{{ n.history }} TO ROLE {{ tasks_role }};
+{%- endif %}
 {%- for m in model_names[n.name] %}
 -- {{ n.merge_task }}: the model {{ m }} recomputed (DELETE, then INSERT)
 GRANT INSERT, DELETE ON TABLE {{ at }}{{ m }} TO ROLE {{ tasks_role }};

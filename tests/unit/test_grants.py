@@ -3,6 +3,7 @@ and the reconciler run, and give the reconciler nothing more."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -66,12 +67,16 @@ def tables(statement: str) -> list[exp.Table]:
     return list(sqlglot.parse_one(statement, read="snowflake").find_all(exp.Table))
 
 
-def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings) -> None:
+@pytest.mark.parametrize("history", [False, True])
+def test_the_tasks_role_may_run_every_statement_of_the_tasks(
+    settings: Settings, history: bool
+) -> None:
     """Each INSERT, DELETE and MERGE of both task bodies has its privilege on its target, each
     table (or stream) a task reads has SELECT, and the role may use the warehouse and execute
-    tasks."""
+    tasks; also with a history table (``history = true``), which the merge task writes."""
     sf = settings.snowflake
-    grants = granted(sql.render_grants(settings, sales_tables(settings)))
+    warehouse = [dataclasses.replace(t, history=history) for t in sales_tables(settings)]
+    grants = granted(sql.render_grants(settings, warehouse))
     role, prefix = sf.tasks_role, f"{sf.database}.{sf.schema_}."
     needed: set[Grant] = {
         (role, "EXECUTE TASK", "ACCOUNT", ""),
@@ -80,9 +85,7 @@ def test_the_tasks_role_may_run_every_statement_of_the_tasks(settings: Settings)
         (role, "USAGE", "SCHEMA", f"{sf.database}.{sf.schema_}"),
     }
     tasks = [
-        s
-        for s in sql.statements(settings, sales_tables(settings))
-        if s.head.startswith("CREATE OR ALTER TASK")
+        s for s in sql.statements(settings, warehouse) if s.head.startswith("CREATE OR ALTER TASK")
     ]
     for task in tasks:
         for statement in sql.task_body(task):
