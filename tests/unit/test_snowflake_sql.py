@@ -321,7 +321,7 @@ def test_a_warehouse_table_that_is_a_reserved_word_is_refused() -> None:
     not parse ``CREATE TABLE SELECT``): refused with one sentence offering a name; a lower-case
     one is upper-cased, as Snowflake resolves it."""
     settings = load_settings(None, tables=[{"name": "t", "warehouse_table": "select"}])
-    with pytest.raises(ConfigError, match="not a plain Snowflake identifier.*SELECT_"):
+    with pytest.raises(ConfigError, match=r"not a plain Snowflake identifier.*SELECT_"):
         model.names(settings)
     settings = load_settings(None, tables=[{"name": "t", "warehouse_table": "orders"}])
     assert [n.name for n in model.names(settings)] == ["ORDERS"]
@@ -350,7 +350,8 @@ def test_a_folder_that_is_not_plain_is_a_quoted_stage_path(folder: str) -> None:
     if folder == "public.ecommerce_sales/":
         assert path == "@DB.S.STG/public.ecommerce_sales/"
     else:
-        assert path.startswith("'@DB.S.STG/") and path.endswith("/'")
+        assert path.startswith("'@DB.S.STG/")
+        assert path.endswith("/'")
         body = path[1:-1]
         assert re.fullmatch(r"(?:[^'\\]|\\.)*", body)  # no quote ends it early
     copy = (
