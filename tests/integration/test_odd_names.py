@@ -19,6 +19,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.ops.status import collect, render
 from cdc_daemon.reconcile.reconciler import Reconciler
+from cdc_daemon.reconcile.verify import verify_group
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.model import read_catalog
 from tests.fix_warehouse import start_warehouse
@@ -194,12 +195,20 @@ def create_adv_tables(dsn: str) -> None:
         conn.execute(f'CREATE TABLE adv."Order Lines" (id bigint PRIMARY KEY, {ODD_COLUMNS})')
         conn.execute('CREATE TABLE adv."select" ("from" bigint PRIMARY KEY, "Order" text)')
         add_adv_rows(conn, 1, 20)
+        # A value stored out of line (TOASTed): a logical change that leaves it unchanged
+        # names the column in _cdc_unchanged, and the merge finds it there by its name.
+        conn.execute(
+            'UPDATE adv."Order Lines" SET "back\\slash" = (SELECT string_agg(md5(g::text), \'\')'
+            " FROM generate_series(1, 400) g) WHERE id = 1"
+        )
 
 
 def add_adv_rows(conn: psycopg.Connection[Any], first: int, last: int) -> None:
     span = (first, last)
     conn.execute(
-        "INSERT INTO adv.\"OrderLines\" SELECT g, 'n' || g FROM generate_series(%s::int, %s::int) g", span
+        "INSERT INTO adv.\"OrderLines\" SELECT g, 'n' || g"
+        " FROM generate_series(%s::int, %s::int) g",
+        span,
     )
     conn.execute(
         "INSERT INTO adv.\"Order Lines\" SELECT g, 'f ' || g, 'w\"' || g, g * 1.25, 'ω',"
@@ -208,7 +217,8 @@ def add_adv_rows(conn: psycopg.Connection[Any], first: int, last: int) -> None:
         span,
     )
     conn.execute(
-        "INSERT INTO adv.\"select\" SELECT g, 'o' || g FROM generate_series(%s::int, %s::int) g", span
+        "INSERT INTO adv.\"select\" SELECT g, 'o' || g FROM generate_series(%s::int, %s::int) g",
+        span,
     )
 
 
@@ -228,8 +238,10 @@ async def test_odd_tables_and_columns_reach_their_current_state_tables(
     "PRIX€", "Ω", "SELECT", "STRASSE", "BACK\\SLASH"), and the pipe of the folder with a space by
     a quoted stage path; applied to the local warehouse, the objects land under
     ``adv.<name>/``, and after the first export and more changes (inserts in watermark mode;
-    updates and deletes too in logical mode) each current-state table equals its source value
-    for value. The reconciler confirms every object, and applying again changes nothing."""
+    updates, one leaving a TOASTed value of "back\\slash" unchanged, and deletes in logical
+    mode) each current-state table equals its source value
+    for value. The reconciler confirms every object, applying again changes nothing, and
+    ``verify`` finds every table equal."""
     create_adv_tables(pg_dsn)
     settings = make_settings(
         pg_dsn,
@@ -264,6 +276,7 @@ async def test_odd_tables_and_columns_reach_their_current_state_tables(
                 )
                 conn.execute('DELETE FROM adv."Order Lines" WHERE id % 5 = 0')
                 conn.execute('DELETE FROM adv."select" WHERE "from" = 2')
+                conn.execute('UPDATE adv."Order Lines" SET "first name" = \'n\' WHERE id = 1')
         assert await export_until_idle(settings) == 0
         folders = {k.split("/dt=")[0] for k in object_bodies(s3_client, bucket)}
         assert folders == {"adv.OrderLines", "adv.Order Lines", "adv.select"}
@@ -285,6 +298,12 @@ async def test_odd_tables_and_columns_reach_their_current_state_tables(
         finally:
             await reconciler.close()
         assert wh.apply(plan_only=True).empty
+        # `verify`: every value hashed on both sides by its column's quoted name, all equal.
+        verified = {r.warehouse_table: r for r in verify_group(settings)}
+        assert set(verified) == set(rows)
+        for r in verified.values():
+            assert r.equal, r.lines()
+            assert r.source_rows == r.warehouse_rows == rows[r.warehouse_table]
     finally:
         wh.stop()
 
