@@ -92,7 +92,8 @@ async def test_watermark_mode_captures_a_quoted_name_with_a_dot(
 ) -> None:
     """Watermark mode reads the table by its two quoted parts: every row lands under
     ``Odd%2ESchema.Order Lines/dt=<day>/`` (one folder per day of ``"Placed At"``), the
-    ledger's position is under that key, and ``status`` prints the name quoted."""
+    ledger's position is under that key, ``status`` prints the name quoted, and its pipe (on
+    warehouse_table ORDER_LINES) names the folder as a quoted stage path."""
     create_odd_table(pg_dsn)
     settings = odd_settings(pg_dsn, s3_server, bucket, tmp_path)
     assert await init(settings) == 0
@@ -106,6 +107,10 @@ async def test_watermark_mode_captures_a_quoted_name_with_a_dot(
         positions = conn.execute("SELECT table_name, high FROM cdc.positions").fetchall()
     assert positions == [(KEY, 30)]
     await assert_status_names_it(settings)
+    # Its pipe reads the folder, which holds a space and a %, as a quoted stage path.
+    rendered = sql.render(settings, read_catalog(settings))
+    assert f"FROM '@CDC.SALES.CDC_STAGE/{KEY}/'" in rendered
+    assert "CREATE PIPE IF NOT EXISTS RAW_ORDER_LINES_PIPE" in rendered
 
 
 async def test_two_tables_with_the_same_unquoted_text_stay_apart(
