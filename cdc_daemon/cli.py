@@ -617,7 +617,10 @@ async def reconcile_once(settings: Settings, completeness: bool, as_json: bool) 
 
 async def init(settings: Settings) -> int:
     from cdc_daemon.capture.watermark.source import WatermarkSource
+    from cdc_daemon.warehouse.model import names
 
+    # The tables' Snowflake names (two tables on one name are refused) before anything is set up.
+    names(settings)
     store = await Store.from_settings(settings)
     try:
         await store.init_schema()

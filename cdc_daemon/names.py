@@ -2,7 +2,9 @@
 printed once per use (SQL, display, the S3 folder and ledger key, the warehouse's default name).
 
 The S3 folder of a plain name (no ``.``, ``/`` or ``%`` in either part) is ``<schema>.<name>/``;
-any other name gets its parts percent-encoded (docs/design.md#object-names)."""
+any other name gets its parts percent-encoded. The default Snowflake name is always a plain
+Snowflake identifier (``warehouse_identifier``) and a column keeps its exact text upper-cased
+(``warehouse_column``), quoted (docs/design.md#object-names)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,23 @@ _UNREADABLE = (
     "{text!r} is not a table name: write schema.table, quoting a part that holds anything but "
     'letters, digits, _ and $ ("Odd.Schema"."Order Lines")'
 )
+# Snowflake's reserved keywords ("Reserved & limited keywords":
+# https://docs.snowflake.com/en/sql-reference/reserved-keywords): unquoted, not a table's name.
+SNOWFLAKE_RESERVED = frozenset(
+    """ACCOUNT ALL ALTER AND ANY AS ASC BETWEEN BY CASE CAST CHECK COLUMN CONNECT CONNECTION
+    CONSTRAINT CREATE CROSS CURRENT CURRENT_DATE CURRENT_TIME CURRENT_TIMESTAMP CURRENT_USER
+    DATABASE DELETE DESC DISTINCT DROP ELSE EXISTS FALSE FOLLOWING FOR FROM FULL GRANT GROUP
+    GSCLUSTER HAVING ILIKE IN INCREMENT INNER INSERT INTERSECT INTO IS ISSUE JOIN LATERAL LEFT
+    LIKE LOCALTIME LOCALTIMESTAMP MINUS NATURAL NOT NULL OF ON OR ORDER ORGANIZATION OUTER
+    QUALIFY REGEXP REVOKE RIGHT RLIKE ROW ROWS SAMPLE SCHEMA SELECT SET SOME START TABLE
+    TABLESAMPLE THEN TO TRIGGER TRUE TRY_CAST UNION UNIQUE UPDATE USING VALUES VIEW WHEN
+    WHENEVER WHERE WINDOW WITH""".split()  # noqa: SIM905
+)
+# An unquoted Snowflake identifier: "Start with a letter (A-Z, a-z) or an underscore (_).
+# Contain only letters, underscores, decimal digits (0-9), and dollar signs ($)", stored and
+# resolved upper-cased (https://docs.snowflake.com/en/sql-reference/identifiers-syntax).
+SNOWFLAKE_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
+_NOT_PLAIN_UPPER = re.compile(r"[^A-Z0-9_$]")
 _ESCAPE = re.compile("%2E|%2F|%25")
 _UNESCAPED = {"%2E": ".", "%2F": "/", "%25": "%"}
 _MAX_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL would truncate a longer name
@@ -163,8 +182,32 @@ class TableName:
 
     @property
     def warehouse_default(self) -> str:
-        """The default name of the table in Snowflake: its name in upper case."""
-        return self.name.upper()
+        """The default name of the table in Snowflake (``warehouse_identifier`` of its name):
+        always a plain identifier, so the objects named after it need no quotes."""
+        return warehouse_identifier(self.name)
+
+
+def warehouse_identifier(name: str) -> str:
+    """A plain Snowflake identifier for ``name``: upper-cased (Python's ``str.upper``, which
+    is what a plain name's unquoted identifier resolves to), every character but A-Z, 0-9,
+    ``_`` and ``$`` (a space, a dot, a quote, a non-ASCII letter) replaced by ``_``, a ``_``
+    before a leading digit or ``$``, and a ``_`` after a reserved word (``select`` ->
+    ``SELECT_``, ``Order Lines`` -> ``ORDER_LINES``, ``2024`` -> ``_2024``). Different names
+    may map to one identifier: the group's tables are checked for that
+    (``warehouse.model.names``)."""
+    out = _NOT_PLAIN_UPPER.sub("_", name.upper())
+    if not out[:1].isalpha() and not out.startswith("_"):
+        out = "_" + out
+    return out + "_" if out in SNOWFLAKE_RESERVED else out
+
+
+def warehouse_column(name: str) -> str:
+    """A column's name in Snowflake: its exact text upper-cased by Python's ``str.upper``,
+    always quoted in the SQL. That is Snowflake's UPPER, Unicode included (``ß`` -> ``SS``,
+    ``é`` -> ``É``, ``Ω`` unchanged, ``€`` and spaces kept:
+    https://docs.snowflake.com/en/sql-reference/functions/upper), and what the pipes'
+    case-insensitive match by name maps the objects' header (the source's names) onto."""
+    return name.upper()
 
 
 def _decode(part: str) -> str:

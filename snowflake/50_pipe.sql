@@ -18,15 +18,16 @@
 -- PAUSED and no load is in progress, CREATE OR REPLACE, pause, resume, then ALTER PIPE ...
 -- REFRESH each object staged within 7 days that COPY_HISTORY does not show loaded (so none is
 -- lost, and none loaded twice). Names inside the COPY are fully qualified: the pipe runs them
--- outside any session's current schema.
+-- outside any session's current schema. A table folder that is not plain (a space, a quote,
+-- a percent sign: docs/design.md#object-names) is named as a quoted stage path.
 {%- for t in tables %}
 {%- set n = t.names %}
 CREATE PIPE IF NOT EXISTS {{ n.pipe }}
   AUTO_INGEST = TRUE
-  COMMENT = 'cdc-daemon: {{ n.source | replace("'", "") }} objects into {{ n.landing }}'
+  COMMENT = 'cdc-daemon: {{ n.source | replace("'", "") | replace("\\", "") }} objects into {{ n.landing }}'
   AS
 COPY INTO {{ database }}.{{ schema }}.{{ n.landing }}
-FROM @{{ database }}.{{ schema }}.{{ stage }}/{{ n.folder }}
+FROM {{ stage_path(n.folder) }}
 FILE_FORMAT = (FORMAT_NAME = '{{ database }}.{{ schema }}.{{ file_format }}')
 MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE
 INCLUDE_METADATA = (

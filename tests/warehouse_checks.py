@@ -134,7 +134,7 @@ def assert_table_equals_source(pg_dsn: str, wh: Any, t: WarehouseTable) -> int:
     or a real warehouse). Returns the number of rows."""
     source_cols = []
     for c in t.columns:
-        q = f'"{c.source}"'
+        q = '"' + c.source.replace('"', '""') + '"'
         # Floats and the rest of VARCHAR's types in their output form (what the daemon writes;
         # format() uses the output function, where inet's ::text would add a /32). format()
         # makes NULL an empty string: NULL stays NULL.
@@ -143,7 +143,7 @@ def assert_table_equals_source(pg_dsn: str, wh: Any, t: WarehouseTable) -> int:
         source_cols.append(q)
     with psycopg.connect(pg_dsn, options="-c TimeZone=UTC -c extra_float_digits=1") as conn:
         source_rows = conn.execute(
-            f"SELECT {', '.join(source_cols)} FROM {t.names.source}"
+            f"SELECT {', '.join(source_cols)} FROM {t.names.table.display}"
         ).fetchall()
     got_rows = wh.query(f"SELECT {', '.join(c.q for c in t.columns)} FROM {t.names.name}")
     types = [c.type.final for c in t.columns]

@@ -519,7 +519,10 @@ class _PipeCopy:
             return match.group(1)
 
         self.table = find(r"COPY INTO (\S+)")
-        stage_path = find(r"FROM @(\S+)")
+        # The stage path, unquoted or as a string literal (``sql.stage_path``), read before
+        # the text's spaces are collapsed: a folder may hold spaces.
+        quoted = re.search(r"\bFROM '@((?:[^'\\]|\\.)*)'", copy_sql)
+        stage_path = re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted else find(r"FROM @(\S+)")
         self.stage, _, self.folder = stage_path.partition("/")
         self.file_format = find(r"FILE_FORMAT = \(FORMAT_NAME = '([^']+)'\)")
         if find(r"MATCH_BY_COLUMN_NAME = (\w+)").upper() != "CASE_INSENSITIVE":

@@ -39,7 +39,6 @@ cannot hold exactly goes to the quarantine prefix with its reason (``source.tabl
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +46,19 @@ import psycopg
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
-from cdc_daemon.names import TableName
+from cdc_daemon.names import (
+    SNOWFLAKE_PLAIN,
+    SNOWFLAKE_RESERVED,
+    TableName,
+    warehouse_column,
+    warehouse_identifier,
+)
 from cdc_daemon.source.table import Column, shape_problem
 from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which
 # the demo and ``local up`` configure as ``snowflake.models_dir``.
 MODELS_DIR = Path(__file__).resolve().parents[2] / "snowflake" / "models"
-
-_SF_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 # Columns the daemon adds to every object, and the landing table's own.
 DAEMON_COLUMNS = ("_CDC_OP", "_CDC_SEQ", "_CDC_TS", "_CDC_UNCHANGED", "_CDC_QUARANTINED")
@@ -206,27 +209,60 @@ class Names:
 
 
 def warehouse_name(spec: TableSettings) -> str:
-    name = spec.warehouse_name
-    if not _SF_IDENT.match(name):
+    """The table's current-state table in Snowflake, upper-cased as Snowflake resolves an
+    unquoted identifier: ``warehouse_table``, which must be a plain identifier and no reserved
+    word, or the default from the source name (``TableName.warehouse_default``, always one)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in spec.table.key):
+        # The name is printed in the SQL's comments, where a newline would end the comment.
         raise ConfigError(
-            f"{spec.table}: {name!r} cannot name a Snowflake table: set warehouse_table "
-            "for it in [[tables]] (letters, digits, _ and $)"
+            f"{spec.table}: a table name holding a control character (a newline, a tab) "
+            "cannot be named in Snowflake's SQL: rename the table (ALTER TABLE ... RENAME TO)"
         )
-    return name
+    if spec.warehouse_table is None:
+        return spec.table.warehouse_default
+    name = spec.warehouse_table
+    if not SNOWFLAKE_PLAIN.match(name) or name.upper() in SNOWFLAKE_RESERVED:
+        raise ConfigError(
+            f"{spec.table}: warehouse_table {name!r} is not a plain Snowflake identifier "
+            "(a letter or _, then letters, digits, _ and $, and no reserved word such as "
+            "SELECT): choose one like "
+            f"{warehouse_identifier(name)}"
+        )
+    return name.upper()
 
 
 def names(settings: Settings) -> list[Names]:
-    """Every table of the group, in the configured order."""
+    """Every table of the group, in the configured order. Two tables whose Snowflake objects
+    would share a name (``ORDER_LINES`` from both ``"Order Lines"`` and ``order_lines``, or a
+    table named like another's work table) are refused with the fix."""
     out = [Names(s.table, warehouse_name(s)) for s in settings.table_specs]
-    seen: dict[str, str] = {}
+    owner: dict[str, Names] = {}
     for n in out:
-        if n.name in seen:
-            raise ConfigError(
-                f"{seen[n.name]} and {n.source} would both be {n.name} in Snowflake: set "
-                "warehouse_table for one of them"
-            )
-        seen[n.name] = n.source
+        for obj in _objects(n):
+            other = owner.setdefault(obj, n)
+            if other is not n:
+                raise ConfigError(
+                    f"{other.table} and {n.table} would both name {obj} in Snowflake: set "
+                    f"warehouse_table for one of them in [[tables]] (e.g. {n.name}_2)"
+                )
     return out
+
+
+def _objects(n: Names) -> tuple[str, ...]:
+    """The names of the table's own Snowflake objects (tables, pipe, stream, tasks), the
+    current-state table first."""
+    return (
+        n.name,
+        n.landing,
+        n.pipe,
+        n.stream,
+        n.merge_task,
+        n.cleanup_task,
+        n.tombstones,
+        n.changes,
+        n.touched,
+        n.merge_log,
+    )
 
 
 @dataclass(frozen=True)
@@ -247,7 +283,8 @@ class SfColumn:
     def needle(self) -> str:
         """``,name,`` as a SQL string's content: how the merge finds the column in a change's
         ``_cdc_unchanged`` (names separated by commas)."""
-        return f",{self.source},".replace("'", "''")
+        # A backslash escapes in a Snowflake string literal too (data-types-text).
+        return f",{self.source},".replace("\\", "\\\\").replace("'", "''")
 
 
 # The change metadata of every current-state table beside _CDC_SEQ (the source position):
@@ -327,7 +364,7 @@ HASHED = SfType("VARCHAR(64)", "VARCHAR(64)")
 
 
 def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = False) -> SfColumn:
-    name = source.upper()
+    name = warehouse_column(source)
     if "," in source:
         raise SourceError(
             f"column {source!r}: a name with a comma cannot be named in _cdc_unchanged"

@@ -4,7 +4,8 @@ statements by the connector's own splitter (it knows ``$$`` blocks).
 
 Every name that goes into the SQL is validated by the settings (identifiers match
 ``[A-Za-z_][A-Za-z0-9_$]*``; the stage URL is built from the bucket and prefix, whose characters
-are checked here), so rendering cannot splice SQL.
+are checked here), quoted (columns: ``model.quote``) or a string literal (a table's folder that
+is not plain: ``stage_path``), so rendering cannot splice SQL.
 """
 
 from __future__ import annotations
@@ -39,13 +40,27 @@ class Statement:
 def stage_url(settings: Settings) -> str:
     """The stage: the bucket's prefix (each table's folder is a path under it)."""
     url = f"s3://{settings.s3.bucket}/{settings.s3.prefix}"
-    for part in [url.removeprefix("s3://"), *(s.qualified for s in settings.table_specs)]:
-        if not _SAFE_URL_PART.match(part):
-            raise ConfigError(
-                "the S3 bucket, prefix and table names must be plain "
-                "(letters, digits, . _ - / =) to be named in Snowflake's stage URL"
-            )
+    if not _SAFE_URL_PART.match(url.removeprefix("s3://")):
+        raise ConfigError(
+            "the S3 bucket and prefix must be plain (letters, digits, . _ - / =) to be named "
+            "in Snowflake's stage URL"
+        )
     return url
+
+
+def stage_path(database: str, schema: str, stage: str, folder: str) -> str:
+    """A table's folder on the stage, as a pipe's COPY names it: ``@DB.SCHEMA.STAGE/<folder>``
+    for a plain folder (letters, digits, ``. _ - / =``), else that reference as a string
+    literal, Snowflake's form for a stage path holding spaces or special characters (the
+    folder of ``adv."Order Lines"``, or of a name with a quote, ``%`` or a non-ASCII letter).
+    In the literal a quote and a backslash are escaped with a backslash
+    (https://docs.snowflake.com/en/sql-reference/data-types-text). A plain folder keeps the
+    unquoted form, so the COPY of no existing pipe changes (``snowflake apply`` would
+    recreate it)."""
+    path = f"@{database}.{schema}.{stage}/{folder}"
+    if _SAFE_URL_PART.match(folder):
+        return path
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _model_parts(
@@ -105,6 +120,7 @@ def template_vars(
         "retention_days": sf.retention_days,
         "tombstone_days": sf.tombstone_days,
         "history_columns": HISTORY_COLUMNS,
+        "stage_path": lambda folder: stage_path(sf.database, sf.schema_, sf.stage, folder),
     }
 
 

@@ -10,7 +10,13 @@ from psycopg import sql
 
 from cdc_daemon.config import default_name, load_settings
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.names import TableName
+from cdc_daemon.names import (
+    SNOWFLAKE_PLAIN,
+    SNOWFLAKE_RESERVED,
+    TableName,
+    warehouse_column,
+    warehouse_identifier,
+)
 
 # Any text PostgreSQL takes as a name: capitals, dots, spaces, quotes, slashes, percent signs,
 # non-ASCII letters and reserved words, within its 63 bytes.
@@ -132,12 +138,12 @@ def test_the_same_table_spelled_twice_is_refused() -> None:
 
 def test_odd_name_settings_derive_every_name_from_the_value() -> None:
     """A quoted name with a dot keeps its parts: the ledger key and folder are the encoded
-    form, the warehouse default is the name in upper case made valid by ``warehouse_table``."""
+    form, the warehouse default is the name upper-cased with its space made a ``_``."""
     settings = load_settings(None, postgres={"table": '"Odd.Schema"."Order Lines"'})
     spec = settings.table_specs[0]
     assert spec.table == TableName("Odd.Schema", "Order Lines")
     assert settings.table == spec.qualified == "Odd%2ESchema.Order Lines"
-    assert spec.warehouse_name == "ORDER LINES"
+    assert spec.warehouse_name == "ORDER_LINES"
     assert settings.slot_name == "cdc_odd_schema_order_lines"
 
 
@@ -161,3 +167,58 @@ def test_a_ledger_key_names_its_table_back(schema: str, name: str) -> None:
     table = TableName(schema, name)
     assert TableName.from_key(table.key) == table
     assert TableName.from_key("shop") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "identifier"),
+    [
+        ("ecommerce_sales", "ECOMMERCE_SALES"),
+        ("OrderLines", "ORDERLINES"),
+        ("Order Lines", "ORDER_LINES"),
+        ("order-lines.v2", "ORDER_LINES_V2"),
+        ('we"ird', "WE_IRD"),
+        ("select", "SELECT_"),
+        ("2024_orders", "_2024_ORDERS"),
+        ("$x", "_$X"),
+        ("prix€", "PRIX_"),
+        ("Ωmega", "_MEGA"),
+        ("straße", "STRASSE"),
+        ("pay$", "PAY$"),
+    ],
+)
+def test_default_warehouse_name_follows_the_documented_mapping(name: str, identifier: str) -> None:
+    """The default Snowflake name of a source table (docs/design.md#object-names): upper case,
+    every character but A-Z, 0-9, _ and $ made ``_``, a ``_`` before a leading digit or ``$``
+    and after a reserved word; a name that was already a plain identifier keeps its old
+    default (its upper case)."""
+    assert warehouse_identifier(name) == identifier
+    assert TableName("adv", name).warehouse_default == identifier
+
+
+@given(_PART)
+def test_default_warehouse_name_is_always_a_plain_identifier(name: str) -> None:
+    """Whatever PostgreSQL allows as a name, its default Snowflake name is an unquoted
+    identifier that is no reserved word, so the objects named after it need no quotes."""
+    identifier = warehouse_identifier(name)
+    assert SNOWFLAKE_PLAIN.match(identifier)
+    assert identifier == identifier.upper()
+    assert identifier not in SNOWFLAKE_RESERVED
+
+
+@pytest.mark.parametrize(
+    ("source", "column"),
+    [
+        ("first name", "FIRST NAME"),
+        ('we"ird', 'WE"IRD'),
+        ("prix€", "PRIX€"),
+        ("Ω", "Ω"),
+        ("ω", "Ω"),
+        ("straße", "STRASSE"),
+        ("é", "É"),
+        ("select", "SELECT"),
+    ],
+)
+def test_a_column_keeps_its_exact_text_upper_cased(source: str, column: str) -> None:
+    """A column's Snowflake name is its exact text upper-cased as Snowflake's UPPER does it
+    (Unicode: ``ß`` -> ``SS``; spaces, quotes and symbols kept), always quoted in the SQL."""
+    assert warehouse_column(source) == column

@@ -222,9 +222,6 @@ def test_a_bucket_name_that_could_splice_sql_is_refused() -> None:
     settings = seed_settings(s3={"bucket": "b'); DROP", "prefix": ""})
     with pytest.raises(ConfigError, match="stage URL"):
         sql.render(settings, sales_tables(settings))
-    odd = load_settings(None, tables=[{"name": 'public."a b"'}])
-    with pytest.raises(ConfigError, match="warehouse_table"):
-        model.names(odd)
 
 
 def test_cli_renders_and_refuses_what_it_cannot_do(
@@ -272,3 +269,94 @@ def test_cli_renders_and_refuses_what_it_cannot_do(
         assert "Traceback" not in err
     finally:
         structlog.reset_defaults()  # main() configured logging for the whole process
+
+
+def test_odd_table_names_get_plain_snowflake_names() -> None:
+    """A source table whose name is no Snowflake identifier (a space, capitals, a reserved
+    word) gets the documented default name, and every object named after it is unquoted
+    text: ``adv."Order Lines"`` is ORDER_LINES, RAW_ORDER_LINES, RAW_ORDER_LINES_PIPE..."""
+    settings = load_settings(
+        None,
+        tables=[{"name": 'adv."Order Lines"'}, {"name": 'adv."select"'}, {"name": "adv.x"}],
+        capture={"group": "adv"},
+    )
+    got = model.names(settings)
+    assert [n.name for n in got] == ["ORDER_LINES", "SELECT_", "X"]
+    assert got[0].pipe == "RAW_ORDER_LINES_PIPE"
+
+
+@pytest.mark.parametrize(
+    ("tables", "says"),
+    [
+        (
+            [{"name": 'adv."Order Lines"'}, {"name": "adv.order_lines"}],
+            'adv."Order Lines" and adv.order_lines would both name ORDER_LINES in Snowflake',
+        ),
+        (
+            [{"name": "adv.x"}, {"name": "adv.x_changes"}],
+            "adv.x and adv.x_changes would both name X_CHANGES in Snowflake",
+        ),
+        (
+            [{"name": "adv.a", "warehouse_table": "B"}, {"name": "adv.b"}],
+            "adv.a and adv.b would both name B in Snowflake",
+        ),
+    ],
+)
+def test_two_tables_on_one_snowflake_name_are_refused_with_the_fix(
+    tables: list[dict[str, str]], says: str
+) -> None:
+    """Two tables of a group whose Snowflake objects would share a name (two source names
+    mapping to one default, or a table named like another's work table) are refused with one
+    sentence naming both and the fix (warehouse_table); setting it makes the group valid."""
+    settings = load_settings(None, tables=tables, capture={"group": "adv"})
+    with pytest.raises(ConfigError, match="set warehouse_table for one of them") as caught:
+        model.names(settings)
+    assert says in str(caught.value)
+    fixed = [*tables[:-1], {**tables[-1], "warehouse_table": "OTHER"}]
+    model.names(load_settings(None, tables=fixed, capture={"group": "adv"}))
+
+
+def test_a_warehouse_table_that_is_a_reserved_word_is_refused() -> None:
+    """``warehouse_table`` must be a plain identifier that is no reserved word (Snowflake would
+    not parse ``CREATE TABLE SELECT``): refused with one sentence offering a name; a lower-case
+    one is upper-cased, as Snowflake resolves it."""
+    settings = load_settings(None, tables=[{"name": "t", "warehouse_table": "select"}])
+    with pytest.raises(ConfigError, match=r"not a plain Snowflake identifier.*SELECT_"):
+        model.names(settings)
+    settings = load_settings(None, tables=[{"name": "t", "warehouse_table": "orders"}])
+    assert [n.name for n in model.names(settings)] == ["ORDERS"]
+
+
+def test_a_table_name_with_a_newline_is_refused() -> None:
+    """A table name holding a control character would end the SQL comments it is printed in:
+    refused with one sentence."""
+    settings = load_settings(None, tables=[{"name": '"a\nDROP TABLE x"'}])
+    with pytest.raises(ConfigError, match="control character"):
+        model.names(settings)
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ["public.ecommerce_sales/", "adv.Order Lines/", "Odd%2ESchema.x/", "a.it's/", "a.b\\c/"],
+)
+def test_a_folder_that_is_not_plain_is_a_quoted_stage_path(folder: str) -> None:
+    """A plain folder is named ``@DB.SCHEMA.STAGE/<folder>`` as before (no existing pipe's COPY
+    changes); any other (a space, ``%``, a quote, a backslash) is a string literal whose quote
+    and backslash are escaped, and the local pipe stand-in reads the same folder back from the
+    rendered COPY."""
+    from cdc_daemon.local.warehouse import _PipeCopy
+
+    path = sql.stage_path("DB", "S", "STG", folder)
+    if folder == "public.ecommerce_sales/":
+        assert path == "@DB.S.STG/public.ecommerce_sales/"
+    else:
+        assert path.startswith("'@DB.S.STG/")
+        assert path.endswith("/'")
+        body = path[1:-1]
+        assert re.fullmatch(r"(?:[^'\\]|\\.)*", body)  # no quote ends it early
+    copy = (
+        f"COPY INTO DB.S.RAW_T\nFROM {path}\nFILE_FORMAT = (FORMAT_NAME = 'DB.S.CSV')\n"
+        "MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE\nINCLUDE_METADATA = (_FILE = METADATA$FILENAME)\n"
+        "PATTERN = '.*'"
+    )
+    assert _PipeCopy("RAW_T_PIPE", copy).folder == folder
