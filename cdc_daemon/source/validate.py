@@ -143,9 +143,49 @@ class TableFacts:
     def primary_key(self) -> IndexFacts | None:
         return next((i for i in self.indexes if i.primary), None)
 
-    def primary_key_columns(self) -> tuple[str, ...]:
-        pk = self.primary_key
-        return () if pk is None else pk.columns
+    def natural_key(self) -> IndexFacts | None:
+        """The index whose columns are the table's key when ``[[tables]] key`` names none; the
+        one rule every reader of a key follows (``init``, the capture, the warehouse model):
+
+        1. the primary key (flawed or not: the checks then say what is wrong with it);
+        2. else the index of ``REPLICA IDENTITY USING INDEX``, if it holds a key (unique, valid,
+           not partial, not ``DEFERRABLE``, no expressions) and its columns are NOT NULL: it
+           is what pgoutput sends with a delete or a key change;
+        3. else the usable unique index (same terms) with the fewest columns, then the first
+           by name: deterministic, and ``init`` prints which one it is. A table with several
+           is better pinned by ``REPLICA IDENTITY USING INDEX`` or ``[[tables]] key``, which a
+           new index cannot displace.
+
+        None: the table has no key (keyless)."""
+        if self.primary_key is not None:
+            return self.primary_key
+        usable = [i for i in self.indexes if self.usable_key(i)]
+        named = next((i for i in usable if i.replica_identity), None)
+        if named is not None:
+            return named
+        return min(usable, key=lambda i: (len(i.columns), i.name), default=None)
+
+    def usable_key(self, index: IndexFacts) -> bool:
+        """Whether ``index`` can be the key on its own: it holds a key and no column of it
+        may be NULL (a unique index lets rows share a NULL)."""
+        return index.holds_a_key() and all(
+            (c := self.column(n)) is not None and c.not_null for n in index.columns
+        )
+
+    def key_columns(self) -> tuple[str, ...]:
+        """The columns of ``natural_key`` (empty: keyless)."""
+        found = self.natural_key()
+        return () if found is None else found.columns
+
+    def key_origin(self, configured: bool) -> str:
+        """Where the key comes from, in words: ``[[tables]] key``, the primary key, a unique
+        index by name, or nothing."""
+        if configured:
+            return "[[tables]] key"
+        found = self.natural_key()
+        if found is None:
+            return "no key"
+        return "the primary key" if found.primary else f"unique index {found.name}"
 
     def captured(self, logical: bool) -> tuple[ColumnFacts, ...]:
         """The columns the capture reads: in logical mode not the generated ones, which
@@ -235,6 +275,14 @@ def read_facts(conn: psycopg.Connection[tuple[object, ...]], table: str) -> Tabl
     )
 
 
+def key_of(conn: psycopg.Connection[tuple[object, ...]], table: str) -> IndexFacts | None:
+    """The index whose columns are ``table``'s key when none is configured
+    (``TableFacts.natural_key``), read from the catalog; None when it has none or does not
+    exist."""
+    facts = read_facts(conn, table)
+    return None if facts is None else facts.natural_key()
+
+
 def quote_ident(name: str) -> str:
     """A name for a statement, quoted unless it is a plain lower-case one (for names this
     module makes up; the catalog's are quoted by PostgreSQL's own quote_ident)."""
@@ -321,12 +369,12 @@ def key_problems(
     if not key:
         if not logical:
             return []  # no merge key: the warehouse side refuses to render the table
-        return [
-            f"{q} has no primary key, and the warehouse merge needs a key: ALTER TABLE {q} ADD "
-            "PRIMARY KEY (...), or name NOT NULL columns with a unique index in [[tables]] key "
-            f"and ALTER TABLE {q} REPLICA IDENTITY FULL"
-        ]
-    what = "key" if configured else "primary key"
+        return [keyless(facts, logical)]
+    natural = None if configured else facts.natural_key()
+    if natural is None or natural.primary:
+        what = "key" if configured else "primary key"
+    else:
+        what = f"key (unique index {natural.name})"
     missing = [k for k in key if facts.column(k) is None]
     if missing:
         return [f"{q} has no column {quote_ident(missing[0])}, named in [[tables]] key"]
@@ -407,6 +455,55 @@ def key_problems(
     return problems
 
 
+def keyless(facts: TableFacts, logical: bool = True) -> str:
+    """Why a table with no key (``natural_key`` None, none configured) cannot be merged, and
+    the ways to give it one, in one sentence (``logical``: with the replica identity each
+    needs)."""
+    q = facts.quoted
+    new = _new_index_name(facts)
+    # A unique index that only lacks NOT NULL columns is the cheapest way forward.
+    almost = next((i for i in facts.indexes if i.holds_a_key() and not facts.usable_key(i)), None)
+    nearly = ""
+    if almost is not None:
+        nullable = [n for n in almost.columns if (c := facts.column(n)) is None or not c.not_null]
+        alters = ", ".join(f"ALTER COLUMN {_listed(facts, [n])} SET NOT NULL" for n in nullable)
+        nearly = f"ALTER TABLE {q} {alters} (then unique index {almost.name} is its key), or "
+    index = f"CREATE UNIQUE INDEX CONCURRENTLY {new} ON {q} (...) on NOT NULL columns"
+    configured = "name its key columns in [[tables]] key (NOT NULL, with a unique index)"
+    if logical:
+        index += f" then ALTER TABLE {q} REPLICA IDENTITY USING INDEX {new}"
+        configured += f" and ALTER TABLE {q} REPLICA IDENTITY FULL"
+    return (
+        f"{q} has no primary key and no unique index on NOT NULL columns only (valid, not "
+        "partial, not DEFERRABLE), and the warehouse merge needs a key: "
+        f"{nearly}ALTER TABLE {q} ADD PRIMARY KEY (...), or {index}, or {configured}"
+    )
+
+
+def identity_line(
+    facts: TableFacts, key: tuple[str, ...], configured: bool, logical: bool
+) -> str:
+    """What ``init`` prints for a table it accepted: its key and where it comes from, and the
+    replica identity that sends it with what that costs the source (watermark mode needs
+    none)."""
+    head = f"{facts.qualified}: "
+    if not key:
+        # Accepted in watermark mode only (its objects need no key); the warehouse refuses.
+        return head + "no key: it " + keyless(facts, logical).removeprefix(f"{facts.quoted} ")
+    head += f"key ({_listed(facts, key)}) from {facts.key_origin(configured)}; "
+    if not logical:
+        return head + "watermark mode reads the rows themselves, so no replica identity is needed"
+    if facts.identity == "f":
+        return (
+            head + "REPLICA IDENTITY FULL: every update and delete logs the whole old row (more "
+            "WAL on the source), so no value is ever unchanged"
+        )
+    return (
+        head + f"{_identity_text(facts)}: an update or delete logs only the old key (the "
+        "least WAL on the source)"
+    )
+
+
 def logical_problems(
     facts: TableFacts,
     key: tuple[str, ...],
@@ -434,7 +531,7 @@ def watermark_problems(
 ) -> list[str]:
     """Every reason the table cannot be captured in watermark mode that this module checks
     (the watermark and partition columns are checked by ``source.table.describe_table``)."""
-    merge_key = key if key is not None else facts.primary_key_columns()
+    merge_key = key if key is not None else facts.key_columns()
     return name_problems(facts, False, spec) + key_problems(
         facts, merge_key, key is not None, logical=False
     )
@@ -458,11 +555,12 @@ class TablesRefused(SourceError):
         return [f"{self.what} ({count}):", *(f"  - {p}" for p in self.problems)]
 
 
-def check_watermark_tables(settings: Settings) -> None:
+def check_watermark_tables(settings: Settings) -> list[str]:
     """``init`` in watermark mode: every configured table checked on one session (its key and
     names here, its watermark and partition columns by ``describe_configured``), every problem
-    of every table raised in one ``TablesRefused``."""
+    of every table raised in one ``TablesRefused``; else each table's ``identity_line``."""
     problems: list[str] = []
+    lines: list[str] = []
     conn = connect(settings.postgres)
     try:
         for spec in settings.table_specs:
@@ -476,7 +574,8 @@ def check_watermark_tables(settings: Settings) -> None:
                 )
                 continue
             problems += watermark_problems(facts, spec.key, spec)
-            merge_key = spec.key or facts.primary_key_columns()
+            merge_key = spec.key or facts.key_columns()
+            lines.append(identity_line(facts, merge_key, spec.key is not None, logical=False))
             shape = shape_problem(spec, facts.qualified, [c.name for c in facts.columns], merge_key)
             if shape is not None:
                 problems.append(shape)
@@ -491,3 +590,4 @@ def check_watermark_tables(settings: Settings) -> None:
         conn.close()
     if problems:
         raise TablesRefused(f"{settings.group} cannot be captured yet", problems)
+    return lines
