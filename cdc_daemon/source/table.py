@@ -19,6 +19,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.catalog import key_of
 from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.values import MAX_TEXT, QuarantineJudge, number_type
 
@@ -407,10 +408,8 @@ def describe_table(
     q = TableName(str(schema), str(name)).display
     setting = setting_name("watermark_column", in_tables)
     if watermark_column is None:
-        # The key by the one rule (source.validate.TableFacts.natural_key): the primary key,
-        # else a unique index on NOT NULL columns. (Imported here: validate imports this module.)
-        from cdc_daemon.source.validate import key_of
-
+        # The key by the one rule (TableFacts.natural_key): the primary key, else a unique
+        # index on NOT NULL columns.
         found = key_of(conn, table)
         if found is None:
             why = f"{q} has no primary key (nor a unique index on NOT NULL columns)"

@@ -48,8 +48,9 @@ import psycopg
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import ConfigError, SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.catalog import read_facts
 from cdc_daemon.source.table import Column, shape_problem
-from cdc_daemon.source.validate import keyless, read_facts
+from cdc_daemon.source.validate import keyless
 from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from cdc_daemon.source.catalog import ColumnFacts, IndexFacts, TableFacts
 from cdc_daemon.source.validate import (
-    ColumnFacts,
-    IndexFacts,
-    TableFacts,
     generated_notes,
     identity_line,
     logical_problems,
@@ -207,7 +205,7 @@ def test_a_made_up_index_name_fits_postgresql_and_is_quoted() -> None:
 def test_small_values_are_never_toasted() -> None:
     """A numeric of at most 28 digits, inet and cidr fit under a TOAST pointer: init does not
     warn about their unchanged values; wider numerics, text and arrays may be TOASTed."""
-    from cdc_daemon.source.validate import never_out_of_line
+    from cdc_daemon.source.catalog import never_out_of_line
 
     assert never_out_of_line("numeric(10,2)")
     assert never_out_of_line("numeric(28,0)")
@@ -235,11 +233,10 @@ def test_the_key_without_a_primary_key_is_one_unique_index_chosen_by_one_rule() 
     two = index("ab_key", "a", "b")
     later = index("z_c_key", "c")
     earlier = index("y_b_key", "b")
-    chosen = table("d", columns, [*flawed, two, later, earlier]).natural_key()
-    assert chosen is not None and chosen.name == "y_b_key"
+    assert table("d", columns, [*flawed, two, later, earlier]).key_columns() == ("b",)
+    assert table("d", columns, [*flawed, two, later]).key_columns() == ("c",)
     named = index("ab_key", "a", "b", identity=True)
-    chosen = table("i", columns, [*flawed, named, later, earlier]).natural_key()
-    assert chosen is not None and chosen.name == "ab_key"
+    assert table("i", columns, [*flawed, named, later, earlier]).key_columns() == ("a", "b")
     # The primary key wins over every unique index.
     with_pk = table("i", [*columns, col("aid")], [named, earlier, PK])
     assert with_pk.key_columns() == ("aid",)
@@ -258,16 +255,18 @@ def test_a_unique_index_key_the_identity_does_not_send_is_refused_with_its_state
     """A table keyed by a unique index whose identity is DEFAULT (no primary key) or NOTHING:
     once published the application's UPDATE and DELETE would fail, so logical mode refuses it
     naming the USING INDEX statement for that index; watermark mode needs no identity."""
-    facts = table(identity, [col("sku"), col("note", not_null=False)], [index("sku_key", "sku")])
+    columns = [col("sku"), col("note", not_null=False)]
+    facts = table(identity, columns, [index("sku_key", "sku")])
     key = facts.key_columns()
     assert key == ("sku",)
     (problem,) = logical_problems(facts, key, configured=False)
     assert "the application's UPDATE and DELETE would fail" in problem
     assert problem.endswith(f"{statement} (or REPLICA IDENTITY FULL)")
     assert watermark_problems(facts, None) == []
-    fixed = table("i", facts.columns, [index("sku_key", "sku", identity=True)])
+    fixed = table("i", columns, [index("sku_key", "sku", identity=True)])
     assert logical_problems(fixed, key, configured=False) == []
-    assert logical_problems(table("f", facts.columns, facts.indexes), key, False) == []
+    full = table("f", columns, [index("sku_key", "sku")])
+    assert logical_problems(full, key, configured=False) == []
 
 
 def test_a_keyless_table_is_refused_in_one_sentence_with_every_way_forward() -> None:
@@ -276,15 +275,15 @@ def test_a_keyless_table_is_refused_in_one_sentence_with_every_way_forward() -> 
     index lacking only NOT NULL is named with the ALTER COLUMN that makes it the key."""
     facts = table("n", [col("a", not_null=False), col("b")], [index("a_key", "a")])
     (problem,) = logical_problems(facts, facts.key_columns(), configured=False)
-    assert ". " not in problem and ";" not in problem
+    assert ". " not in problem
+    assert ";" not in problem
     q = '"Odd Shop".accts'
     for fix in (
         f"ALTER TABLE {q} ALTER COLUMN a SET NOT NULL (then unique index a_key is its key)",
         f"ALTER TABLE {q} ADD PRIMARY KEY (...)",
         f"CREATE UNIQUE INDEX CONCURRENTLY accts_cdc_key ON {q} (...) on NOT NULL columns then "
         f"ALTER TABLE {q} REPLICA IDENTITY USING INDEX accts_cdc_key",
-        f"[[tables]] key (NOT NULL, with a unique index) and ALTER TABLE {q} REPLICA "
-        "IDENTITY FULL",
+        f"[[tables]] key (NOT NULL, with a unique index) and ALTER TABLE {q} REPLICA IDENTITY FULL",
     ):
         assert fix in problem
 

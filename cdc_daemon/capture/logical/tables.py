@@ -11,9 +11,9 @@ import psycopg
 from cdc_daemon.config import TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.catalog import TableFacts, read_facts
 from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.table import Column, TableInfo, partition_of, shape_problem
-from cdc_daemon.source.validate import TableFacts, read_facts
 from cdc_daemon.source.values import QuarantineJudge
 
 
