@@ -65,9 +65,10 @@ def change_stock(pg_dsn: str) -> None:
     )
 
 
-def catalog_of(pg_dsn: str) -> list[tuple[Any, ...]]:
+def catalog_of(pg_dsn: str, publications: bool = True) -> list[tuple[Any, ...]]:
     """What init could change on the source: the relations of schema inv with their replica
-    identity, their indexes and constraints, NOT NULL columns, publications and slots."""
+    identity, their indexes and constraints, NOT NULL columns, and (``publications``) the
+    publications and slots."""
     with psycopg.connect(pg_dsn) as conn:
         return [
             tuple(row)
@@ -82,9 +83,15 @@ def catalog_of(pg_dsn: str) -> list[tuple[Any, ...]]:
                 "SELECT attrelid::regclass::text, attname, attnotnull FROM pg_attribute"
                 " WHERE attrelid IN (SELECT oid FROM pg_class"
                 " WHERE relnamespace = 'inv'::regnamespace) AND attnum > 0 ORDER BY 1, 2",
-                "SELECT pubname FROM pg_publication ORDER BY 1",
-                "SELECT prrelid::regclass::text FROM pg_publication_rel ORDER BY 1",
-                "SELECT slot_name FROM pg_replication_slots ORDER BY 1",
+                *(
+                    (
+                        "SELECT pubname FROM pg_publication ORDER BY 1",
+                        "SELECT prrelid::regclass::text FROM pg_publication_rel ORDER BY 1",
+                        "SELECT slot_name FROM pg_replication_slots ORDER BY 1",
+                    )
+                    if publications
+                    else ()
+                ),
             )
             for row in conn.execute(query)
         ]
@@ -109,9 +116,10 @@ async def test_a_unique_index_key_is_captured_in_logical_mode_and_merged(
 ) -> None:
     """inv.stock has no primary key, only unique indexes: the one named by REPLICA IDENTITY
     USING INDEX (sku, wh) is its key, not the nullable or the partial one. init says so in one
-    line with the identity and its cost; the warehouse keys its current-state table by (sku,
-    wh); after the snapshot, inserts, updates (of a value and of each key column) and deletes,
-    the S3 rebuild by (sku, wh) and the merged table both equal the source."""
+    line with the identity and its cost, leaving the table, its indexes and identity as they
+    were; the warehouse keys its current-state table by (sku, wh); after the snapshot,
+    inserts, updates (of a value and of each key column) and deletes, the S3 rebuild by (sku,
+    wh) and the merged table both equal the source."""
     create_stock(pg_dsn)
     settings = make_settings(
         pg_dsn,
@@ -126,7 +134,9 @@ async def test_a_unique_index_key_is_captured_in_logical_mode_and_merged(
         (table,) = wh.tables
         assert [c.source for c in table.columns if c.key] == ["sku", "wh"]
         capsys.readouterr()
+        before = catalog_of(pg_dsn, publications=False)
         assert await init(wh.settings) == 0
+        assert catalog_of(pg_dsn, publications=False) == before
         (line,) = [x for x in capsys.readouterr().out.splitlines() if "key (" in x]
         assert line == (
             "inv.stock: key (sku, wh) from unique index stock_sku_wh; REPLICA IDENTITY USING "
@@ -150,12 +160,14 @@ async def test_a_unique_index_key_is_the_watermark_and_key_in_watermark_mode(
     bucket: str,
     s3_client: Any,
     tmp_path: Path,
+    warehouse_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Watermark mode on inv.parts, whose only key is the unique index on its identity column
     part_id (REPLICA IDENTITY DEFAULT, which watermark mode does not need): init accepts it and
-    says which key it has, the watermark defaults to that key's column, the warehouse model
-    keys by it, and new rows read in two passes rebuild exactly."""
+    says which key it has, the watermark defaults to that key's column, the warehouse keys its
+    current-state table by it, and new rows read in two passes rebuild exactly from S3 and
+    merge into a table equal to the source."""
     run_sql(
         pg_dsn,
         "CREATE SCHEMA inv",
@@ -173,28 +185,33 @@ async def test_a_unique_index_key_is_the_watermark_and_key_in_watermark_mode(
         tables=[{"name": "inv.parts"}],
         capture={"mode": "watermark", "group": "inv"},
     )
-    capsys.readouterr()
-    with structlog.testing.capture_logs() as logs:
-        assert await init(settings) == 0
-    assert [x for x in capsys.readouterr().out.splitlines() if "key (" in x] == [
+    wh = start_warehouse(settings, warehouse_dir)
+    try:
+        (table,) = wh.tables
+        assert [c.source for c in table.columns if c.key] == ["part_id"]
+        capsys.readouterr()
+        with structlog.testing.capture_logs() as logs:
+            assert await init(wh.settings) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert await export_until_idle(wh.settings) == 0
+        run_sql(pg_dsn, "INSERT INTO inv.parts (name) SELECT 'q' || g FROM generate_series(1, 9) g")
+        assert await export_until_idle(wh.settings) == 0
+        wh.pump_until_quiet()
+        assert assert_table_equals_source(pg_dsn, wh, table) == 39
+    finally:
+        wh.stop()
+    assert [x for x in lines if "key (" in x] == [
         "inv.parts: key (part_id) from unique index parts_id; watermark mode reads the rows "
         "themselves, so no replica identity is needed"
     ]
     (ready,) = [e for e in logs if e["event"] == "ledger_ready"]
     assert ready["watermark_column"] == "part_id"
-    assert await export_until_idle(settings) == 0
-    run_sql(pg_dsn, "INSERT INTO inv.parts (name) SELECT 'q' || g FROM generate_series(1, 9) g")
-    assert await export_until_idle(settings) == 0
     bodies = object_bodies(s3_client, bucket)
     assert {b.split(b"\n", 1)[0] for b in bodies.values()} == {
         b"part_id,name,price,_cdc_op,_cdc_seq,_cdc_ts"
     }
     rebuild(pg_dsn, bodies, "inv.parts", ("part_id",))
     assert differences(pg_dsn, "inv.parts") == (39, 39, 0, 0)
-    names = Names(TableName("inv", "parts"), "PARTS")
-    with psycopg.connect(pg_dsn) as conn:
-        model = from_catalog(conn, names, None)
-    assert [c.source for c in model.columns if c.key] == ["part_id"]
 
 
 async def test_identities_that_would_break_writes_are_refused_with_the_statement(
@@ -203,8 +220,9 @@ async def test_identities_that_would_break_writes_are_refused_with_the_statement
     """Logical mode: a table keyed by a unique index under REPLICA IDENTITY DEFAULT (no primary
     key) or NOTHING would make the application's UPDATE and DELETE fail once published; a
     keyless one cannot be merged. init refuses all three in one message, each naming its
-    statement (USING INDEX that index; for keyless a new index, a primary key or FULL with a
-    configured key), and changes nothing on the source: the catalog is the same before and
+    statement (USING INDEX that index; for the keyless one SET NOT NULL on its unique index's
+    column, a new index, a primary key or FULL with a configured key; the warehouse model
+    refuses it alike), and changes nothing on the source: the catalog is the same before and
     after, and the application's writes still work. Once the statements named are run, init
     accepts the keyed tables and their writes still work."""
     run_sql(
@@ -254,6 +272,13 @@ async def test_identities_that_would_break_writes_are_refused_with_the_statement
         "ALTER TABLE inv.keyless REPLICA IDENTITY FULL",
     ):
         assert fix in keyless
+    # The warehouse side refuses the keyless table with the same sentence (no identity to
+    # name in watermark mode).
+    with psycopg.connect(pg_dsn) as conn, pytest.raises(SourceError) as unmodelled:
+        from_catalog(conn, Names(TableName("inv", "keyless"), "KEYLESS"), None)
+    assert str(unmodelled.value).startswith("inv.keyless has no primary key and no unique index")
+    assert "ADD PRIMARY KEY" in str(unmodelled.value)
+    assert "REPLICA IDENTITY" not in str(unmodelled.value)
     for name in names:  # unpublished, so even NOTHING's writes work
         assert_writes_work(pg_dsn, name, "code = 1")
     fixes = [by_table[t].rsplit(": ", 1)[1].split(" (or ")[0] for t in names[:2]]
