@@ -35,14 +35,16 @@ def run_sql(pg_dsn: str, *statements: str) -> None:
 
 def create_stock(pg_dsn: str) -> None:
     """inv.stock: no primary key; keyed by the unique index stock_sku_wh on (sku, wh) under
-    REPLICA IDENTITY USING INDEX; a nullable unique index (barcode) and a one-column unique
-    index that is partial beside it, neither of which can be the key."""
+    REPLICA IDENTITY USING INDEX. Beside it a nullable unique index (barcode) and a partial one,
+    neither of which can be the key, and a usable one-column unique index (row_no) that the
+    fewest-columns rule would pick if the identity's index did not come first."""
     run_sql(
         pg_dsn,
         "CREATE SCHEMA inv",
         "CREATE TABLE inv.stock (sku text NOT NULL, wh int NOT NULL, barcode text,"
-        " qty int NOT NULL, note text)",
+        " qty int NOT NULL, note text, row_no int GENERATED ALWAYS AS IDENTITY)",
         "CREATE UNIQUE INDEX stock_sku_wh ON inv.stock (sku, wh)",
+        "CREATE UNIQUE INDEX stock_row_no ON inv.stock (row_no)",
         "CREATE UNIQUE INDEX stock_barcode ON inv.stock (barcode)",
         "CREATE UNIQUE INDEX stock_big ON inv.stock (sku) WHERE qty > 1000",
         "ALTER TABLE inv.stock REPLICA IDENTITY USING INDEX stock_sku_wh",
@@ -115,11 +117,11 @@ async def test_a_unique_index_key_is_captured_in_logical_mode_and_merged(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """inv.stock has no primary key, only unique indexes: the one named by REPLICA IDENTITY
-    USING INDEX (sku, wh) is its key, not the nullable or the partial one. init says so in one
-    line with the identity and its cost, leaving the table, its indexes and identity as they
-    were; the warehouse keys its current-state table by (sku, wh); after the snapshot,
-    inserts, updates (of a value and of each key column) and deletes, the S3 rebuild by (sku,
-    wh) and the merged table both equal the source."""
+    USING INDEX (sku, wh) is its key, not the nullable, the partial or the one-column one.
+    init says so in one line with the identity and its cost, leaving the table, its indexes
+    and identity as they were; the warehouse keys its current-state table by (sku, wh); after
+    the snapshot, inserts, updates (of a value and of each key column) and deletes, the S3
+    rebuild by (sku, wh) and the merged table both equal the source."""
     create_stock(pg_dsn)
     settings = make_settings(
         pg_dsn,
