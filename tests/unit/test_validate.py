@@ -307,3 +307,16 @@ def test_init_names_each_tables_key_and_what_its_identity_costs() -> None:
         "Odd Shop.accts: key (aid) from the primary key; watermark mode reads the rows "
         "themselves, so no replica identity is needed"
     )
+
+
+def test_watermark_mode_accepts_a_keyless_table_and_says_what_the_warehouse_needs() -> None:
+    """Watermark mode's objects need no key, so its init accepts a keyless table; its line
+    says it has none and names the ways to give it one, without replica identity statements
+    (watermark mode needs none)."""
+    facts = table("d", [col("a"), col("b", not_null=False)], [index("b_key", "b")])
+    assert facts.natural_key() is None
+    assert watermark_problems(facts, None) == []
+    line = identity_line(facts, (), configured=False, logical=False)
+    assert line.startswith("Odd Shop.accts: no key: it has no primary key and no unique index")
+    assert 'ALTER TABLE "Odd Shop".accts ALTER COLUMN b SET NOT NULL' in line
+    assert "REPLICA IDENTITY" not in line
