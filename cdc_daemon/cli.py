@@ -633,7 +633,8 @@ async def init(settings: Settings) -> int:
     from cdc_daemon.source.validate import check_watermark_tables
 
     # Every problem of every table in one message, before anything else reads them.
-    await asyncio.to_thread(check_watermark_tables, settings)
+    for line in await asyncio.to_thread(check_watermark_tables, settings):
+        print(line)
     for spec in settings.table_specs:
         source = WatermarkSource(settings.for_table(spec))
         try:

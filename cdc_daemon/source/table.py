@@ -19,6 +19,7 @@ from psycopg import sql
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.catalog import key_of
 from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.values import MAX_TEXT, QuarantineJudge, number_type
 
@@ -407,20 +408,19 @@ def describe_table(
     q = TableName(str(schema), str(name)).display
     setting = setting_name("watermark_column", in_tables)
     if watermark_column is None:
-        pk = [
-            str(r[0])
-            for r in conn.execute(
-                "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
-                "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-                "WHERE i.indrelid = %s AND i.indisprimary",
-                (oid,),
-            )
-        ]
+        # The key by the one rule (TableFacts.natural_key): the primary key, else a unique
+        # index on NOT NULL columns.
+        found = key_of(conn, table)
+        if found is None:
+            why = f"{q} has no primary key (nor a unique index on NOT NULL columns)"
+            raise SourceError(_no_watermark(q, cols, setting, why))
+        pk = found.columns
+        what = "primary key" if found.primary else f"key (unique index {found.name})"
         if len(pk) != 1:
-            why = f"{q} has no primary key" if not pk else f"{q}'s primary key has several columns"
+            why = f"{q}'s {what} has several columns"
             raise SourceError(_no_watermark(q, cols, setting, why))
         if by_name[pk[0]].base_type not in _INTEGER_TYPES:
-            why = f"{q}'s primary key {pk[0]} is {by_name[pk[0]].type_name}, not an integer"
+            why = f"{q}'s {what} {pk[0]} is {by_name[pk[0]].type_name}, not an integer"
             raise SourceError(_no_watermark(q, cols, setting, why))
         watermark_column = pk[0]
     if watermark_column not in by_name:
@@ -450,7 +450,7 @@ def describe_table(
     # merge key by init (source.validate) and the warehouse model.
     if spec is not None and not spec.captures(watermark.name):
         raise SourceError(
-            f"{q}: column {watermark.name!r} is its watermark (its primary key), so it cannot be "
+            f"{q}: column {watermark.name!r} is its watermark (its key), so it cannot be "
             "left out of the capture"
         )
     cols = shaped_columns(spec, q, cols)

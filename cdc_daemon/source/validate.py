@@ -7,12 +7,13 @@ problem of every table before it changes anything on the source.
 
 The rules, and why:
 
-- A key (the configured ``[[tables]] key``, else the primary key) is what the warehouse merge
-  keeps one row per. A NULL in it cannot be merged, and a key two rows share collapses them: the
-  key must be NOT NULL and have a unique, non-partial, valid, non-deferrable index on exactly its
-  columns. Deferrable is refused in logical mode: a deferred check lets one statement move a row
-  onto a key another row still holds (``UPDATE t SET id = id + 1``), and the changes, applied by
-  LSN, then delete the moved row. Watermark mode reads committed rows only, where a deferred
+- A key (the configured ``[[tables]] key``, else the table's own: the primary key or a unique
+  index, ``TableFacts.natural_key``) is what the warehouse merge keeps one row per. A NULL in
+  it cannot be merged, and a key two rows share collapses them: the key must be NOT NULL and
+  have a unique, non-partial, valid, non-deferrable index on exactly its columns. Deferrable
+  is refused in logical mode: a deferred check lets one statement move a row onto a key
+  another row still holds (``UPDATE t SET id = id + 1``), and the changes, applied by LSN,
+  then delete the moved row. Watermark mode reads committed rows only, where a deferred
   constraint holds.
 - Logical mode: a delete and a key change carry only what the replica identity sends, so the
   key must be it (the primary key under DEFAULT, the index of USING INDEX, anything under FULL):
@@ -31,13 +32,12 @@ The rules, and why:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import cast
 
 import psycopg
 
 from cdc_daemon.config import Settings, TableSettings
 from cdc_daemon.errors import SourceError, from_psycopg
+from cdc_daemon.source.catalog import ColumnFacts, TableFacts, read_facts
 from cdc_daemon.source.session import connect
 from cdc_daemon.source.table import describe_configured, shape_problem
 
@@ -62,177 +62,6 @@ _NO_RENAME = (
     "daemon has no setting to rename a column)"
 )
 _MAX_IDENT = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names, silently but for a NOTICE
-
-
-@dataclass(frozen=True)
-class ColumnFacts:
-    name: str
-    quoted: str  # quote_ident(): the name as it goes into a statement
-    type_name: str  # format_type()
-    type_oid: int
-    typmod: int
-    not_null: bool
-    generated: bool  # GENERATED ALWAYS AS (...) STORED
-    toastable: bool  # attstorage <> 'p': a value can be kept out of line
-
-
-def never_out_of_line(type_name: str) -> bool:
-    """Whether no value of the type can be stored out of line (TOASTed): PostgreSQL moves only
-    values larger than a TOAST pointer (MAXALIGN(18) = 24 bytes with their 4-byte header) out
-    of a row. A ``numeric(p, s)`` of at most 28 digits takes at most 22 bytes (the header, 2
-    bytes of sign and scale, 2 per 4 digits plus one for the alignment at the point); ``inet``
-    and ``cidr`` at most 22 (an IPv6 address with its mask; ``pg_column_size`` shows both)."""
-    found = re.fullmatch(r"numeric\((\d+)(?:,\s*\d+)?\)", type_name)
-    if found:
-        return int(found.group(1)) <= 28
-    return type_name in ("inet", "cidr")
-
-
-@dataclass(frozen=True)
-class IndexFacts:
-    name: str  # quote_ident(): unqualified, as REPLICA IDENTITY USING INDEX takes it
-    columns: tuple[str, ...]  # key columns (INCLUDE columns left out), in index order
-    primary: bool
-    unique: bool
-    valid: bool  # indisvalid, indisready and indislive
-    partial: bool
-    expressions: bool
-    deferrable: bool  # NOT indimmediate: the uniqueness check waits for the statement's end
-    replica_identity: bool  # named by REPLICA IDENTITY USING INDEX
-
-    def holds_a_key(self, deferrable_ok: bool = False) -> bool:
-        """Unique over its columns at every row change: what a merge key and a replica
-        identity need (PostgreSQL takes an index as replica identity on the same terms)."""
-        return (
-            self.unique
-            and self.valid
-            and not self.partial
-            and not self.expressions
-            and (deferrable_ok or not self.deferrable)
-        )
-
-    def flaw(self) -> str:
-        """Why ``holds_a_key`` is false, in a few words."""
-        if not self.unique:
-            return "not unique"
-        if self.deferrable:
-            return "DEFERRABLE"
-        if self.partial:
-            return "partial (it has a WHERE clause)"
-        if self.expressions:
-            return "on expressions"
-        return "not valid (a failed CREATE INDEX CONCURRENTLY or REINDEX)"
-
-
-@dataclass(frozen=True)
-class TableFacts:
-    oid: int
-    schema: str
-    name: str
-    quoted: str  # schema.table as it goes into a statement
-    kind: str  # relkind
-    identity: str  # relreplident: d default, n nothing, f full, i index
-    columns: tuple[ColumnFacts, ...]
-    indexes: tuple[IndexFacts, ...]
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    @property
-    def primary_key(self) -> IndexFacts | None:
-        return next((i for i in self.indexes if i.primary), None)
-
-    def primary_key_columns(self) -> tuple[str, ...]:
-        pk = self.primary_key
-        return () if pk is None else pk.columns
-
-    def captured(self, logical: bool) -> tuple[ColumnFacts, ...]:
-        """The columns the capture reads: in logical mode not the generated ones, which
-        pgoutput (PostgreSQL < 18) does not send; watermark mode copies their stored value."""
-        if not logical:
-            return self.columns
-        return tuple(c for c in self.columns if not c.generated)
-
-    def column(self, name: str) -> ColumnFacts | None:
-        return next((c for c in self.columns if c.name == name), None)
-
-    def identity_index(self) -> IndexFacts | None:
-        """The index whose columns a delete or key change carries, when it is one PostgreSQL
-        accepts (else updates and deletes of a published table fail); None under FULL and
-        NOTHING."""
-        if self.identity == "d":
-            found = self.primary_key
-        elif self.identity == "i":
-            found = next((i for i in self.indexes if i.replica_identity), None)
-        else:
-            return None
-        return found if found is not None and found.holds_a_key() else None
-
-
-def read_facts(conn: psycopg.Connection[tuple[object, ...]], table: str) -> TableFacts | None:
-    """The catalog facts of ``table`` (resolved by ``to_regclass``), None when it does not exist
-    or is not visible."""
-    row = conn.execute(
-        "SELECT c.oid::int8, n.nspname, c.relname,"
-        " quote_ident(n.nspname) || '.' || quote_ident(c.relname),"
-        " c.relkind::text, c.relreplident::text"
-        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.oid = to_regclass(%s)",
-        (table,),
-    ).fetchone()
-    if row is None:
-        return None
-    oid = int(str(row[0]))
-    columns = tuple(
-        ColumnFacts(
-            str(n),
-            str(q),
-            str(t),
-            int(str(o)),
-            int(str(m)),
-            bool(nn),
-            g != "",
-            bool(s) and not never_out_of_line(str(t)),
-        )
-        for n, q, t, o, m, nn, g, s in conn.execute(
-            "SELECT attname, quote_ident(attname), format_type(atttypid, atttypmod),"
-            " atttypid::int8, atttypmod, attnotnull, attgenerated::text, attstorage <> 'p'"
-            " FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
-            " ORDER BY attnum",
-            (oid,),
-        )
-    )
-    indexes = tuple(
-        IndexFacts(
-            str(name),
-            tuple(str(c) for c in cast("list[object]", cols)),
-            bool(primary),
-            bool(unique),
-            bool(valid),
-            bool(partial),
-            bool(expressions),
-            bool(deferrable),
-            bool(replident),
-        )
-        for name, cols, primary, unique, valid, partial, expressions, deferrable, replident in (
-            conn.execute(
-                "SELECT quote_ident(x.relname),"
-                " ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, o)"
-                "  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-                "  WHERE k.o <= i.indnkeyatts ORDER BY k.o),"
-                " i.indisprimary, i.indisunique, i.indisvalid AND i.indisready AND i.indislive,"
-                " i.indpred IS NOT NULL, i.indexprs IS NOT NULL, NOT i.indimmediate,"
-                " i.indisreplident"
-                " FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid"
-                " WHERE i.indrelid = %s ORDER BY i.indisprimary DESC, x.relname",
-                (oid,),
-            )
-        )
-    )
-    return TableFacts(
-        oid, str(row[1]), str(row[2]), str(row[3]), str(row[4]), str(row[5]), columns, indexes
-    )
 
 
 def quote_ident(name: str) -> str:
@@ -321,12 +150,12 @@ def key_problems(
     if not key:
         if not logical:
             return []  # no merge key: the warehouse side refuses to render the table
-        return [
-            f"{q} has no primary key, and the warehouse merge needs a key: ALTER TABLE {q} ADD "
-            "PRIMARY KEY (...), or name NOT NULL columns with a unique index in [[tables]] key "
-            f"and ALTER TABLE {q} REPLICA IDENTITY FULL"
-        ]
-    what = "key" if configured else "primary key"
+        return [keyless(facts, logical)]
+    natural = None if configured else facts.natural_key()
+    if natural is None or natural.primary:
+        what = "key" if configured else "primary key"
+    else:
+        what = f"key (unique index {natural.name})"
     missing = [k for k in key if facts.column(k) is None]
     if missing:
         return [f"{q} has no column {quote_ident(missing[0])}, named in [[tables]] key"]
@@ -407,6 +236,53 @@ def key_problems(
     return problems
 
 
+def keyless(facts: TableFacts, logical: bool = True) -> str:
+    """Why a table with no key (``natural_key`` None, none configured) cannot be merged, and
+    the ways to give it one, in one sentence (``logical``: with the replica identity each
+    needs)."""
+    q = facts.quoted
+    new = _new_index_name(facts)
+    # A unique index that only lacks NOT NULL columns is the cheapest way forward.
+    almost = next((i for i in facts.indexes if i.holds_a_key() and not facts.usable_key(i)), None)
+    nearly = ""
+    if almost is not None:
+        nullable = [n for n in almost.columns if (c := facts.column(n)) is None or not c.not_null]
+        alters = ", ".join(f"ALTER COLUMN {_listed(facts, [n])} SET NOT NULL" for n in nullable)
+        nearly = f"ALTER TABLE {q} {alters} (then unique index {almost.name} is its key), or "
+    index = f"CREATE UNIQUE INDEX CONCURRENTLY {new} ON {q} (...) on NOT NULL columns"
+    configured = "name its key columns in [[tables]] key (NOT NULL, with a unique index)"
+    if logical:
+        index += f" then ALTER TABLE {q} REPLICA IDENTITY USING INDEX {new}"
+        configured += f" and ALTER TABLE {q} REPLICA IDENTITY FULL"
+    return (
+        f"{q} has no primary key and no unique index on NOT NULL columns only (valid, not "
+        "partial, not DEFERRABLE), and the warehouse merge needs a key: "
+        f"{nearly}ALTER TABLE {q} ADD PRIMARY KEY (...), or {index}, or {configured}"
+    )
+
+
+def identity_line(facts: TableFacts, key: tuple[str, ...], configured: bool, logical: bool) -> str:
+    """What ``init`` prints for a table it accepted: its key and where it comes from, and the
+    replica identity that sends it with what that costs the source (watermark mode needs
+    none)."""
+    head = f"{facts.qualified}: "
+    if not key:
+        # Accepted in watermark mode only (its objects need no key); the warehouse refuses.
+        return head + "no key: it " + keyless(facts, logical).removeprefix(f"{facts.quoted} ")
+    head += f"key ({_listed(facts, key)}) from {facts.key_origin(configured)}; "
+    if not logical:
+        return head + "watermark mode reads the rows themselves, so no replica identity is needed"
+    if facts.identity == "f":
+        return (
+            head + "REPLICA IDENTITY FULL: every update and delete logs the whole old row (more "
+            "WAL on the source), so no value is ever unchanged"
+        )
+    return (
+        head + f"{_identity_text(facts)}: an update or delete logs only the old key (the "
+        "least WAL on the source)"
+    )
+
+
 def logical_problems(
     facts: TableFacts,
     key: tuple[str, ...],
@@ -434,7 +310,7 @@ def watermark_problems(
 ) -> list[str]:
     """Every reason the table cannot be captured in watermark mode that this module checks
     (the watermark and partition columns are checked by ``source.table.describe_table``)."""
-    merge_key = key if key is not None else facts.primary_key_columns()
+    merge_key = key if key is not None else facts.key_columns()
     return name_problems(facts, False, spec) + key_problems(
         facts, merge_key, key is not None, logical=False
     )
@@ -458,11 +334,12 @@ class TablesRefused(SourceError):
         return [f"{self.what} ({count}):", *(f"  - {p}" for p in self.problems)]
 
 
-def check_watermark_tables(settings: Settings) -> None:
+def check_watermark_tables(settings: Settings) -> list[str]:
     """``init`` in watermark mode: every configured table checked on one session (its key and
     names here, its watermark and partition columns by ``describe_configured``), every problem
-    of every table raised in one ``TablesRefused``."""
+    of every table raised in one ``TablesRefused``; else each table's ``identity_line``."""
     problems: list[str] = []
+    lines: list[str] = []
     conn = connect(settings.postgres)
     try:
         for spec in settings.table_specs:
@@ -476,7 +353,8 @@ def check_watermark_tables(settings: Settings) -> None:
                 )
                 continue
             problems += watermark_problems(facts, spec.key, spec)
-            merge_key = spec.key or facts.primary_key_columns()
+            merge_key = spec.key or facts.key_columns()
+            lines.append(identity_line(facts, merge_key, spec.key is not None, logical=False))
             shape = shape_problem(spec, facts.qualified, [c.name for c in facts.columns], merge_key)
             if shape is not None:
                 problems.append(shape)
@@ -491,3 +369,4 @@ def check_watermark_tables(settings: Settings) -> None:
         conn.close()
     if problems:
         raise TablesRefused(f"{settings.group} cannot be captured yet", problems)
+    return lines

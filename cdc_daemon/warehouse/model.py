@@ -53,7 +53,9 @@ from cdc_daemon.names import (
     warehouse_column,
     warehouse_identifier,
 )
+from cdc_daemon.source.catalog import read_facts
 from cdc_daemon.source.table import Column, shape_problem
+from cdc_daemon.source.validate import keyless
 from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which
@@ -409,21 +411,11 @@ def from_catalog(
         )
     ]
     if key is None:
-        key = tuple(
-            str(r[0])
-            for r in conn.execute(
-                "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey)"
-                " WITH ORDINALITY AS k(attnum, ord) ON true JOIN pg_attribute a"
-                " ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-                " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
-                (oid,),
-            )
-        )
-    if not key:
-        raise SourceError(
-            f"{n.source} has no primary key: the warehouse merge needs one (name its key "
-            "columns in [[tables]] key)"
-        )
+        # The one rule of the capture and init: the primary key, else a unique index.
+        facts = read_facts(conn, n.table.display)
+        key = () if facts is None else facts.key_columns()
+        if not key:
+            raise SourceError(keyless(facts, logical) if facts else f"{n.source} has no key")
     if spec is not None:
         problem = shape_problem(spec, n.source, [a for a, _ in cols], key)
         if problem is not None:

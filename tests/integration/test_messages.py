@@ -61,7 +61,8 @@ def test_init_reports_every_refused_table_of_a_group_at_once(
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "cdc-daemon: shop cannot be captured yet (6 problems):"
     assert lines[1:] == [
-        "  - public.nokey has no primary key, so it cannot serve as its watermark: name an "
+        "  - public.nokey has no primary key (nor a unique index on NOT NULL columns), so it "
+        "cannot serve as its watermark: name an "
         "integer column a sequence fills (serial or identity) in [[tables]] watermark_column "
         '(its integer columns: a), or capture it with capture.mode = "logical"',
         "  - public.textonly cannot be captured in watermark mode: it has no integer column a "

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from cdc_daemon.source.catalog import ColumnFacts, IndexFacts, TableFacts
 from cdc_daemon.source.validate import (
-    ColumnFacts,
-    IndexFacts,
-    TableFacts,
     generated_notes,
+    identity_line,
     logical_problems,
     name_problems,
     quote_ident,
@@ -206,7 +205,7 @@ def test_a_made_up_index_name_fits_postgresql_and_is_quoted() -> None:
 def test_small_values_are_never_toasted() -> None:
     """A numeric of at most 28 digits, inet and cidr fit under a TOAST pointer: init does not
     warn about their unchanged values; wider numerics, text and arrays may be TOASTed."""
-    from cdc_daemon.source.validate import never_out_of_line
+    from cdc_daemon.source.catalog import never_out_of_line
 
     assert never_out_of_line("numeric(10,2)")
     assert never_out_of_line("numeric(28,0)")
@@ -215,3 +214,109 @@ def test_small_values_are_never_toasted() -> None:
     assert not never_out_of_line("numeric")
     assert not never_out_of_line("text")
     assert not never_out_of_line("integer[]")
+
+
+def test_the_key_without_a_primary_key_is_one_unique_index_chosen_by_one_rule() -> None:
+    """With no primary key and no configured key, the key is a unique index on NOT NULL
+    columns: the index of REPLICA IDENTITY USING INDEX first, else the one with the fewest
+    columns, then the first by name. Indexes that cannot hold a key (partial, deferrable,
+    invalid, not unique) or have a nullable column never are."""
+    columns = [col("a"), col("b"), col("c"), col("n", not_null=False)]
+    flawed = [
+        index("a_partial", "a", partial=True),
+        index("a_deferred", "a", deferrable=True),
+        index("a_invalid", "a", valid=False),
+        index("a_plain", "a", unique=False),
+        index("a_nullable", "n"),
+    ]
+    assert table("d", columns, flawed).natural_key() is None
+    two = index("ab_key", "a", "b")
+    later = index("z_c_key", "c")
+    earlier = index("y_b_key", "b")
+    assert table("d", columns, [*flawed, two, later, earlier]).key_columns() == ("b",)
+    assert table("d", columns, [*flawed, two, later]).key_columns() == ("c",)
+    named = index("ab_key", "a", "b", identity=True)
+    assert table("i", columns, [*flawed, named, later, earlier]).key_columns() == ("a", "b")
+    # The primary key wins over every unique index.
+    with_pk = table("i", [*columns, col("aid")], [named, earlier, PK])
+    assert with_pk.key_columns() == ("aid",)
+
+
+@pytest.mark.parametrize(
+    ("identity", "statement"),
+    [
+        ("d", 'ALTER TABLE "Odd Shop".accts REPLICA IDENTITY USING INDEX sku_key'),
+        ("n", 'ALTER TABLE "Odd Shop".accts REPLICA IDENTITY USING INDEX sku_key'),
+    ],
+)
+def test_a_unique_index_key_the_identity_does_not_send_is_refused_with_its_statement(
+    identity: str, statement: str
+) -> None:
+    """A table keyed by a unique index whose identity is DEFAULT (no primary key) or NOTHING:
+    once published the application's UPDATE and DELETE would fail, so logical mode refuses it
+    naming the USING INDEX statement for that index; watermark mode needs no identity."""
+    columns = [col("sku"), col("note", not_null=False)]
+    facts = table(identity, columns, [index("sku_key", "sku")])
+    key = facts.key_columns()
+    assert key == ("sku",)
+    (problem,) = logical_problems(facts, key, configured=False)
+    assert "the application's UPDATE and DELETE would fail" in problem
+    assert problem.endswith(f"{statement} (or REPLICA IDENTITY FULL)")
+    assert watermark_problems(facts, None) == []
+    fixed = table("i", columns, [index("sku_key", "sku", identity=True)])
+    assert logical_problems(fixed, key, configured=False) == []
+    full = table("f", columns, [index("sku_key", "sku")])
+    assert logical_problems(full, key, configured=False) == []
+
+
+def test_a_keyless_table_is_refused_in_one_sentence_with_every_way_forward() -> None:
+    """No primary key and no usable unique index: one sentence naming ADD PRIMARY KEY, a new
+    unique index with REPLICA IDENTITY USING INDEX, and a configured key with FULL; a unique
+    index lacking only NOT NULL is named with the ALTER COLUMN that makes it the key."""
+    facts = table("n", [col("a", not_null=False), col("b")], [index("a_key", "a")])
+    (problem,) = logical_problems(facts, facts.key_columns(), configured=False)
+    assert ". " not in problem
+    assert ";" not in problem
+    q = '"Odd Shop".accts'
+    for fix in (
+        f"ALTER TABLE {q} ALTER COLUMN a SET NOT NULL (then unique index a_key is its key)",
+        f"ALTER TABLE {q} ADD PRIMARY KEY (...)",
+        f"CREATE UNIQUE INDEX CONCURRENTLY accts_cdc_key ON {q} (...) on NOT NULL columns then "
+        f"ALTER TABLE {q} REPLICA IDENTITY USING INDEX accts_cdc_key",
+        f"[[tables]] key (NOT NULL, with a unique index) and ALTER TABLE {q} REPLICA IDENTITY FULL",
+    ):
+        assert fix in problem
+
+
+def test_init_names_each_tables_key_and_what_its_identity_costs() -> None:
+    """init's line per table: the key's columns and origin (primary key, unique index by name,
+    [[tables]] key) and the identity with its cost; FULL logs whole old rows; watermark mode
+    needs no identity."""
+    uk = table("i", [col("sku"), col("v")], [index("sku_key", "sku", identity=True)])
+    line = identity_line(uk, ("sku",), configured=False, logical=True)
+    assert line == (
+        "Odd Shop.accts: key (sku) from unique index sku_key; REPLICA IDENTITY USING INDEX "
+        "sku_key: an update or delete logs only the old key (the least WAL on the source)"
+    )
+    full = table("f", COLUMNS, [PK, EMAIL])
+    line = identity_line(full, ("email",), configured=True, logical=True)
+    assert line.startswith("Odd Shop.accts: key (email) from [[tables]] key; REPLICA IDENTITY FULL")
+    assert "every update and delete logs the whole old row" in line
+    line = identity_line(table("d", COLUMNS, [PK]), ("aid",), configured=False, logical=False)
+    assert line == (
+        "Odd Shop.accts: key (aid) from the primary key; watermark mode reads the rows "
+        "themselves, so no replica identity is needed"
+    )
+
+
+def test_watermark_mode_accepts_a_keyless_table_and_says_what_the_warehouse_needs() -> None:
+    """Watermark mode's objects need no key, so its init accepts a keyless table; its line
+    says it has none and names the ways to give it one, without replica identity statements
+    (watermark mode needs none)."""
+    facts = table("d", [col("a"), col("b", not_null=False)], [index("b_key", "b")])
+    assert facts.natural_key() is None
+    assert watermark_problems(facts, None) == []
+    line = identity_line(facts, (), configured=False, logical=False)
+    assert line.startswith("Odd Shop.accts: no key: it has no primary key and no unique index")
+    assert 'ALTER TABLE "Odd Shop".accts ALTER COLUMN b SET NOT NULL' in line
+    assert "REPLICA IDENTITY" not in line

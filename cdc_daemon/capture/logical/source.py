@@ -36,7 +36,7 @@ from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycop
 from cdc_daemon.names import TableName
 from cdc_daemon.source.session import SourceSession, connect
 from cdc_daemon.source.table import TableInfo, hasher_of
-from cdc_daemon.source.validate import generated_notes, logical_problems
+from cdc_daemon.source.validate import generated_notes, identity_line, logical_problems
 
 log = structlog.get_logger()
 
@@ -229,20 +229,16 @@ class LogicalSource(SourceSession):
         return problems + self.check_publication()
 
     def identity_notes(self) -> list[str]:
-        """What each table's replica identity means for its updates, and which generated
-        columns are left out (``init`` prints them)."""
+        """Each table's key, its replica identity and what that costs the source, and which
+        generated columns are left out (``init`` prints them)."""
         notes = []
         for t in self.tables:
             if t.facts is not None:
+                notes.append(identity_line(t.facts, t.key, t.configured_key, logical=True))
                 notes += generated_notes(t.facts)
-            if t.replica_identity == "f":
+            if t.replica_identity != "f" and t.toastable:
                 notes.append(
-                    f"{t.qualified}: REPLICA IDENTITY FULL: every update and delete logs the "
-                    "whole old row (more WAL on the source), so no value is ever unchanged"
-                )
-            elif t.toastable:
-                notes.append(
-                    f"{t.qualified}: default replica identity: an update that leaves a large "
+                    f"{t.qualified}: replica identity by key: an update that leaves a large "
                     f"(TOASTed) value of {', '.join(t.toastable)} unchanged does not log it; "
                     "the change names it in _cdc_unchanged and the warehouse merge keeps the "
                     "current value (REPLICA IDENTITY FULL avoids this at the cost of WAL)"

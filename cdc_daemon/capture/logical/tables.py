@@ -11,9 +11,9 @@ import psycopg
 from cdc_daemon.config import TableSettings
 from cdc_daemon.errors import SourceError
 from cdc_daemon.names import TableName
+from cdc_daemon.source.catalog import TableFacts, read_facts
 from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.table import Column, TableInfo, partition_of, shape_problem
-from cdc_daemon.source.validate import TableFacts, read_facts
 from cdc_daemon.source.values import QuarantineJudge
 
 
@@ -27,7 +27,7 @@ class LogicalTable:
     columns: tuple[tuple[str, int, int], ...]  # (name, type oid, typmod), as Relation sends
     has_primary_key: bool = True
     facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
-    configured_key: bool = False  # the key is [[tables]] key, not the primary key
+    configured_key: bool = False  # the key is [[tables]] key, not the table's own
     spec: TableSettings | None = None  # its [[tables]] entry: the columns left out, hashed
 
     def captures(self, column: str) -> bool:
@@ -93,8 +93,8 @@ def describe(
         )
     if facts.kind != "r":
         raise SourceError(f"{schema}.{name} is not a table")
-    primary = facts.primary_key_columns()
-    key = primary if spec.key is None else spec.key
+    natural = facts.key_columns()  # the same choice init checks and the warehouse keys by
+    key = natural if spec.key is None else spec.key
     problem = shape_problem(spec, f"{schema}.{name}", [c.name for c in facts.columns], key)
     if problem is not None:
         raise SourceError(problem)
@@ -131,7 +131,7 @@ def describe(
         facts.identity,
         toastable,
         catalog,
-        bool(primary),
+        facts.primary_key is not None,
         facts,
         spec.key is not None,
         spec,
