@@ -93,7 +93,7 @@ def exported_high(pg_dsn: str, table: str) -> int | None:
         row = conn.execute(
             "SELECT high FROM cdc.positions WHERE table_name = %s", (f"public.{table}",)
         ).fetchone()
-    return None if row is None else int(row[0])
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def assert_delivered_exactly(pg_dsn: str, s3_client: Any, bucket: str, table: str) -> None:
