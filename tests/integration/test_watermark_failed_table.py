@@ -15,12 +15,13 @@ import aiohttp
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from structlog.testing import capture_logs
 
 from cdc_daemon.capture.watermark.group import resync
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, SourceError, TableFailedError
-from cdc_daemon.local.services import LocalS3, free_port
+from cdc_daemon.local.services import LocalPostgres, LocalS3, free_port
 from cdc_daemon.ops.status import collect, render
 from tests.helpers import (
     differences,
@@ -31,6 +32,7 @@ from tests.helpers import (
     running_daemon,
     wait_until,
 )
+from tests.integration.test_outages import DEFAULT_ATTEMPTS, attempts_failed, stop_postgres
 
 TABLES = ("alpha", "beta", "gamma")
 GROUP = "trio"
@@ -236,3 +238,55 @@ async def test_a_dropped_table_fails_at_the_start_and_a_never_captured_one_is_re
             "SELECT table_name, status FROM cdc.group_tables WHERE group_name = 'duo'"
         ).fetchall()
     assert ("public.betta", "failed") not in members
+
+
+async def test_an_outage_fails_no_table_of_the_group(
+    pg_dsn: str,
+    local_pg: LocalPostgres | None,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL (source and ledger) stops under a running 3-table watermark group for longer
+    than the default ``retry_attempts`` lasts: the retry loop waits it out, no table is marked
+    failed (health names none, the ledger has every table capturing), and once it is back every
+    row of every table, written before and after, is delivered exactly once."""
+    if local_pg is None:
+        pytest.skip("CDC_TEST_PG_DSN points at a server this test must not stop")
+    role = make_tables(pg_dsn, 150)
+    settings = trio_settings(
+        pg_dsn,
+        role,
+        s3_server,
+        bucket,
+        tmp_path,
+        daemon={"retry_max_wait_s": 0.5},
+        http={"address": f"127.0.0.1:{free_port()}"},
+    )
+    assert await init(settings) == 0
+    with capture_logs() as logs:
+        async with running_daemon(settings) as daemon:
+            for table in TABLES:
+                await wait_until(lambda t=table: exported_high(pg_dsn, t) == 150)  # type: ignore[misc]
+            await asyncio.to_thread(stop_postgres, local_pg)
+            try:
+                await wait_until(lambda: attempts_failed(logs) > DEFAULT_ATTEMPTS, seconds=60)
+                assert not daemon.done()
+            finally:
+                await asyncio.to_thread(local_pg.restart)
+            insert(pg_dsn, TABLES, 90)
+            for table in TABLES:
+                await wait_until(lambda t=table: exported_high(pg_dsn, t) == 240)  # type: ignore[misc]
+            status, body = await get(settings, "/healthz")
+            assert (status, body["failed_tables"]) == (200, {})
+    assert not [e for e in logs if e["event"] == "table_failed"]
+    with psycopg.connect(pg_dsn) as conn:
+        members = conn.execute(
+            "SELECT table_name, status FROM cdc.group_tables WHERE group_name = %s"
+            " ORDER BY table_name",
+            (GROUP,),
+        ).fetchall()
+    assert members == [(f"public.{t}", "streaming") for t in TABLES]
+    for table in TABLES:
+        assert_delivered_exactly(pg_dsn, s3_client, bucket, table)
