@@ -23,9 +23,11 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, SourceError, TableFailedError
 from cdc_daemon.local.services import LocalPostgres, LocalS3, free_port
 from cdc_daemon.ops.status import collect, render
+from tests.e2e.daemon import write_config
 from tests.helpers import (
     differences,
     export_until_idle,
+    main_in_thread,
     make_settings,
     object_bodies,
     rebuild,
@@ -128,16 +130,42 @@ async def degraded(settings: Settings) -> dict[str, Any]:
     raise AssertionError(f"/healthz never named a failed table: {body}")
 
 
+async def metrics_text(settings: Settings) -> str:
+    url = f"http://127.0.0.1:{settings.http.port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.text()
+
+
+def member_states(text: str) -> dict[str, str]:
+    """Each table's state in the ``cdc_group_table_state`` gauge (the label set at 1)."""
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("cdc_group_table_state{") and line.endswith(" 1.0"):
+            labels = dict(
+                part.split("=", 1)
+                for part in line[line.index("{") + 1 : line.index("}")].split(",")
+            )
+            states[labels["member"].strip('"')] = labels["state"].strip('"')
+    return states
+
+
 async def test_a_revoked_table_fails_alone_and_resync_brings_it_back(
-    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A running 3-table watermark group whose role loses SELECT on one table: that table is
     marked failed with the reason (permission denied) and the fix; /healthz says degraded and
-    names it; the two others keep delivering every row written after the failure, exactly
-    once; stopped, the daemon exits 9. ``status`` leads with the table, the reason and
-    ``cdc-daemon resync --table``. ``resync`` refuses while the table still cannot be read;
-    after the GRANT it succeeds, and the next run delivers the failed table's rows (those
-    written before and while it was failed, and after) with none lost or doubled."""
+    names it, the ``cdc_group_table_state`` gauge has it failed and the others streaming; the
+    two others keep delivering every row written after the failure, exactly once; stopped,
+    the daemon exits 9. ``status`` leads with the table, the reason and ``cdc-daemon resync
+    --table``. ``resync`` refuses while the table still cannot be read; after the GRANT it
+    succeeds (from the command line) and a second one finds nothing to do; the next run
+    delivers the failed table's rows (written before, while it was failed, and after) with
+    none lost or doubled."""
     role = make_tables(pg_dsn, 250)
     settings = trio_settings(
         pg_dsn,
@@ -162,6 +190,11 @@ async def test_a_revoked_table_fails_alone_and_resync_brings_it_back(
         body = await degraded(settings)
         assert list(body["failed_tables"]) == ["public.beta"]
         assert "permission denied" in body["failed_tables"]["public.beta"]
+        assert member_states(await metrics_text(settings)) == {
+            "public.alpha": "streaming",
+            "public.beta": "failed",
+            "public.gamma": "streaming",
+        }
         for table in ("alpha", "gamma"):
             await wait_until(lambda t=table: exported_high(pg_dsn, t) == 550)  # type: ignore[misc]
         insert(pg_dsn, ("alpha", "gamma"), 120)
@@ -188,7 +221,19 @@ async def test_a_revoked_table_fails_alone_and_resync_brings_it_back(
         await resync(settings, "beta")
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f"GRANT SELECT ON beta TO {role}")
-    assert await resync(settings, "beta") == 0
+    config = write_config(
+        tmp_path,
+        as_role(pg_dsn, role),
+        s3_server,
+        bucket,
+        tables=[{"name": t} for t in TABLES],
+        capture={"group": GROUP},
+    )
+    capsys.readouterr()
+    assert await main_in_thread(["--config", str(config), "resync", "--table", "beta"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "public.beta will be exported again from its position"
+    )
     with pytest.raises(ConfigError, match="is not failed"):
         await resync(settings, "beta")
     insert(pg_dsn, ("beta",), 40)
