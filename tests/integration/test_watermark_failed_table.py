@@ -100,6 +100,19 @@ def exported_high(pg_dsn: str, table: str) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
+def failed_in_ledger(pg_dsn: str) -> list[str]:
+    """The group's tables the ledger has failed."""
+    with psycopg.connect(pg_dsn) as conn:
+        return [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT table_name FROM cdc.group_tables WHERE group_name = %s"
+                " AND status = 'failed' ORDER BY table_name",
+                (GROUP,),
+            )
+        ]
+
+
 def assert_delivered_exactly(pg_dsn: str, s3_client: Any, bucket: str, table: str) -> None:
     """The table rebuilt from its own objects equals its source column by column, and the
     objects hold each source row exactly once (the rebuild keeps one row per key, so a row
@@ -334,4 +347,35 @@ async def test_an_outage_fails_no_table_of_the_group(
         ).fetchall()
     assert members == [(f"public.{t}", "streaming") for t in TABLES]
     for table in TABLES:
+        assert_delivered_exactly(pg_dsn, s3_client, bucket, table)
+
+
+async def test_a_column_retyped_so_it_cannot_be_read_fails_its_table_alone(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A ``bytea`` column of one table retyped to ``text`` while the daemon runs: the read of
+    that table fails (its bytes are read with ``encode(..., 'hex')``, which a text column
+    lacks), so that table alone is failed with the server's reason and the fix; the other
+    tables' rows written after the change are delivered exactly; the run exits 9."""
+    role = make_tables(pg_dsn, 60)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE beta ADD COLUMN blob bytea")
+        conn.execute("UPDATE beta SET blob = '\\x0102ff'::bytea")
+    settings = trio_settings(pg_dsn, role, s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    async with running_daemon(settings) as daemon:
+        for table in TABLES:
+            await wait_until(lambda t=table: exported_high(pg_dsn, t) == 60)  # type: ignore[misc]
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE beta ALTER COLUMN blob TYPE text USING encode(blob, 'hex')")
+        insert(pg_dsn, TABLES, 70)
+        await wait_until(lambda: failed_in_ledger(pg_dsn) == ["public.beta"])
+        for table in ("alpha", "gamma"):
+            await wait_until(lambda t=table: exported_high(pg_dsn, t) == 130)  # type: ignore[misc]
+        with pytest.raises(TableFailedError, match=f"table public.beta of group {GROUP}") as ended:
+            await daemon.stopped()
+    assert "encode(text, unknown) does not exist" in str(ended.value)
+    assert "resync --table public.beta" in str(ended.value)
+    assert exported_high(pg_dsn, "beta") == 60
+    for table in ("alpha", "gamma"):
         assert_delivered_exactly(pg_dsn, s3_client, bucket, table)
