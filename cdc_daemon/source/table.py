@@ -308,10 +308,8 @@ def setting_name(key: str, in_tables: bool | None) -> str:
     return f"[[tables]] {key}" if in_tables else f"capture.{key}"
 
 
-def _no_watermark(
-    table: str, sequenced: Sequence[str], setting: str, why: str, keyless: bool = False
-) -> str:
-    """Why ``table`` has no watermark, and what can capture it: a column a sequence fills
+def _no_watermark(sequenced: Sequence[str], setting: str, why: str, keyless: bool = False) -> str:
+    """Why a table has no watermark (``why``), and what can capture it: a column a sequence fills
     (``sequenced``) named in ``setting``, else only logical mode. Watermark mode needs an
     integer that a sequence hands out at insert: the fence catches a late commit because a
     smaller id can only belong to a transaction open when the larger one was read, and the
@@ -444,10 +442,10 @@ def describe_table(
     if watermark_column is None:
         if len(pk) != 1:
             why = f"{q} has no primary key" if not pk else f"{q}'s primary key has several columns"
-            raise SourceError(_no_watermark(q, _sequenced(conn, oid), setting, why, not pk))
+            raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why, not pk))
         if by_name[pk[0]].base_type not in _INTEGER_TYPES:
             why = f"{q}'s primary key {pk[0]} is {by_name[pk[0]].type_name}, not an integer"
-            raise SourceError(_no_watermark(q, _sequenced(conn, oid), setting, why))
+            raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why))
         watermark_column = pk[0]
     if watermark_column not in by_name:
         raise SourceError(
@@ -457,7 +455,7 @@ def describe_table(
     watermark = by_name[watermark_column]
     if watermark.base_type not in _INTEGER_TYPES:
         why = f"{q}: {setting} {watermark_column!r} is {watermark.type_name}, not an integer"
-        raise SourceError(_no_watermark(q, _sequenced(conn, oid), setting, why, not pk))
+        raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why, not pk))
     cached = conn.execute(
         "SELECT s.seqrelid::regclass::text, s.seqcache FROM pg_sequence s"
         " WHERE s.seqrelid = pg_get_serial_sequence(%s, %s)::regclass",

@@ -78,11 +78,6 @@ class WatermarkGroup:
     def position(self) -> int | None:
         return None  # one per table (``status`` shows them)
 
-    @property
-    def failed(self) -> dict[str, str]:
-        """The group's failed tables (name -> reason) as this process knows them."""
-        return dict(self._failed or {})
-
     def replace_store(self, store: Store) -> None:
         self._store = store
         for pipeline in self._pipelines:
