@@ -23,7 +23,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError, SourceError, TableFailedError
 from cdc_daemon.local.services import LocalPostgres, LocalS3, free_port
 from cdc_daemon.ops.status import collect, render
-from tests.e2e.daemon import write_config
+from tests.e2e.daemon import cli, write_config
 from tests.helpers import (
     differences,
     export_until_idle,
@@ -262,7 +262,8 @@ async def test_a_dropped_table_fails_at_the_start_and_a_never_captured_one_is_re
 ) -> None:
     """A table of the group dropped while the daemon was stopped: the next run exports the
     other tables' new rows exactly and exits 9 naming the dropped table (does not exist) and
-    the fix; the run after that still exits 9 (the ledger keeps it failed). A table that was
+    the fix; the run after that still exits 9 (the ledger keeps it failed), from the command
+    line with one line on stderr and no traceback. A table that was
     never captured and cannot be read (a mistyped or not yet created table) is refused with
     its own error instead, and no table is marked failed for it."""
     role = make_tables(pg_dsn, 120)
@@ -280,6 +281,19 @@ async def test_a_dropped_table_fails_at_the_start_and_a_never_captured_one_is_re
         assert_delivered_exactly(pg_dsn, s3_client, bucket, table)
     with pytest.raises(TableFailedError):
         await export_until_idle(settings)
+    config = write_config(
+        tmp_path,
+        as_role(pg_dsn, role),
+        s3_server,
+        bucket,
+        tables=[{"name": t} for t in TABLES],
+        capture={"group": GROUP},
+    )
+    done = await asyncio.to_thread(cli, config, "run", "--exit-when-idle")
+    assert done.returncode == 9, done.stderr
+    assert done.stderr.startswith(f"cdc-daemon: table public.gamma of group {GROUP} is failed: ")
+    assert done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
 
     typo = make_settings(
         as_role(pg_dsn, role),
