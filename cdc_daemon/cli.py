@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     resync = command(
         sub,
         "resync",
-        "logical mode: export one table of the group again from a new snapshot "
-        "(after it failed); takes effect at the daemon's next start",
+        "a failed table of the group back in it, at the daemon's next start: in logical mode "
+        "exported again from a new snapshot, in watermark mode read on from its position",
     )
     resync.add_argument("--table", required=True, help="schema.table, as configured")
     teardown = command(
@@ -317,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return asyncio.run(run_backfill(table_settings(settings, args.table), request))
         if args.command == "resync":
+            if settings.capture.mode == "watermark":
+                from cdc_daemon.capture.watermark.group import resync as resync_watermark
+
+                return asyncio.run(resync_watermark(settings, args.table))
             from cdc_daemon.capture.logical.setup import resync
 
             return asyncio.run(resync(settings, args.table))

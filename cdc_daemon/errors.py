@@ -29,6 +29,10 @@ class CdcError(Exception):
     # Which service failed ("postgres", "s3", "snowflake"), set where a driver error is
     # translated; retries are counted per boundary (metrics).
     boundary: str | None = None
+    # The SQLSTATE of the PostgreSQL error it translates, if any: which failures belong to one
+    # table (an undefined column, a revoked privilege, a value that cannot be read) and which
+    # to the whole source.
+    sqlstate: str | None = None
 
     def at(self, boundary: str) -> CdcError:
         self.boundary = boundary
@@ -169,6 +173,12 @@ _UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53000", "53100", "53
 
 def from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
     """Translate a psycopg error raised while ``doing`` something."""
+    translated = _from_psycopg(exc, doing)
+    translated.sqlstate = exc.sqlstate or None
+    return translated
+
+
+def _from_psycopg(exc: psycopg.Error, doing: str) -> CdcError:
     sqlstate = exc.sqlstate or ""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, psycopg.ProgrammingError) and not sqlstate:

@@ -5,10 +5,10 @@ one finish within ``daemon.shutdown_grace_s`` (shorter than systemd's TimeoutSto
 pod's terminationGracePeriodSeconds), then cancels it: a cancelled batch leaves at most a
 pending intent record, redone on the next start. A second signal exits at once.
 
-A failed table of a logical group does not stop the daemon: the group's other tables keep
-flowing, and health and ``status`` say the group is degraded. When the daemon stops (a signal,
-or idle with ``--exit-when-idle``) with a table of its group failed, it ends with
-``TableFailedError`` (exit 9) instead of 0, so that a cron job or a supervisor sees it.
+A failed table of a group (logical or watermark mode) does not stop the daemon: the group's
+other tables keep flowing, and health and ``status`` say the group is degraded. When the daemon
+stops (a signal, or idle with ``--exit-when-idle``) with a table of its group failed, it ends
+with ``TableFailedError`` (exit 9) instead of 0, so that a cron job or a supervisor sees it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cdc_daemon.capture import Pipeline
 from cdc_daemon.capture.logical.pipeline import LogicalPipeline
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.capture.watermark.group import WatermarkGroup
-from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline
+from cdc_daemon.capture.watermark.pipeline import WatermarkPipeline, table_failure
 from cdc_daemon.capture.watermark.source import WatermarkSource
 from cdc_daemon.config import Settings, redact_dsn
 from cdc_daemon.errors import (
@@ -204,17 +204,33 @@ class Worker:
             else WatermarkSource(settings.for_table(settings.table_specs[0]))
         )
         stack.callback(source.close)
-        table = await asyncio.to_thread(source.connect)
-        # Watermark mode: a source session per further table of the group.
+        # Watermark mode: a source session per further table of the group. In a group, a
+        # table that cannot be read is set aside (``WatermarkGroup``): failed if it was
+        # captured before, refused if it never was.
         others: list[WatermarkSource] = []
-        watermarks = {table.qualified: table.watermark.name}
+        watermarks: dict[str, str] = {}
+        unreadable: dict[str, CdcError] = {}
+        in_group = isinstance(source, WatermarkSource) and len(settings.table_specs) > 1
+        try:
+            table = await asyncio.to_thread(source.connect)
+            watermarks[table.qualified] = table.watermark.name
+        except CdcError as exc:
+            if not (in_group and table_failure(exc)):
+                raise
+            unreadable[settings.table] = exc
         if isinstance(source, WatermarkSource):
             for spec in settings.table_specs[1:]:
                 other = WatermarkSource(settings.for_table(spec))
                 stack.callback(other.close)
-                info = await asyncio.to_thread(other.connect)
-                watermarks[info.qualified] = info.watermark.name
                 others.append(other)
+                try:
+                    info = await asyncio.to_thread(other.connect)
+                except CdcError as exc:
+                    if not table_failure(exc):
+                        raise
+                    unreadable[spec.qualified] = exc
+                    continue
+                watermarks[info.qualified] = info.watermark.name
         group = settings.group
         self.metrics = Metrics(self.registry, group)
         # The supervisor reads the group's failed tables through it, with or without HTTP.
@@ -265,13 +281,13 @@ class Worker:
         pipelines = [first] + [
             WatermarkPipeline(o.settings, o, unit, store, self.metrics) for o in others
         ]
-        return WatermarkGroup(group, pipelines)
+        return WatermarkGroup(group, pipelines, store, self.metrics, unreadable)
 
     async def _failed_tables(self) -> dict[str, str]:
         """The group's failed tables as the ledger has them now (the last batch may have
         failed one); what the supervisor read last if the ledger cannot be read."""
         store = self._store
-        if self._settings.capture.mode != "logical" or store is None or store.broken:
+        if store is None or store.broken:
             return self._probe.failed_tables
         try:
             members = await store.group_tables(self._settings.group)
@@ -317,7 +333,10 @@ class Worker:
         settings = self._settings
         store = await Store.from_settings(settings)
         try:
-            await store.check_schema(logical=settings.capture.mode == "logical")
+            # A group's members are recorded in either mode (a failed table, state.joins).
+            await store.check_schema(
+                logical=settings.capture.mode == "logical" or len(settings.table_specs) > 1
+            )
         except BaseException:
             await store.close()
             raise

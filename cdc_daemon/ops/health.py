@@ -9,11 +9,11 @@
 - ``/metrics``: Prometheus text format from the worker's registry; ledger-fed gauges are
   refreshed from the ledger first.
 
-A failed table of a logical group (``failed_tables``, read from the ledger by the supervisor)
-makes both answers say ``degraded`` but changes neither status code: the group's other tables
-still flow, a liveness failure would restart the daemon (stopping them, fixing nothing), and a
-pod that is not ready drops out of its Service, so Prometheus would stop scraping the very
-gauge to alert on (``cdc_group_table_state{state="failed"}``).
+A failed table of a group, logical or watermark (``failed_tables``, read from the ledger by the
+supervisor), makes both answers say ``degraded`` but changes neither status code: the group's
+other tables still flow, a liveness failure would restart the daemon (stopping them, fixing
+nothing), and a pod that is not ready drops out of its Service, so Prometheus would stop
+scraping the very gauge to alert on (``cdc_group_table_state{state="failed"}``).
 
 A service the retries find down (``down``: PostgreSQL, S3 or Snowflake, since when, the
 failed attempts, the last error; ``Outages``) makes /healthz say ``degraded`` with 200: the
@@ -210,10 +210,10 @@ class Probe:
         return all(v == "ok" for k, v in checks.items() if k != "phase"), checks
 
     async def check_tables(self) -> dict[str, str]:
-        """Read the group's failed tables from the ledger (logical mode; watermark groups have
-        no per-table state: a table's error stops the daemon). On a failure to read, what was
+        """Read the group's failed tables from the ledger (a group in either mode; a single
+        watermark table has none: its error stops the daemon). On a failure to read, what was
         read last stays (``/readyz`` reports the ledger)."""
-        if self._settings.capture.mode != "logical" or self.table is None:
+        if self.table is None:
             return self.failed_tables
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):

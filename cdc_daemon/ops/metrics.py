@@ -155,8 +155,9 @@ class Metrics:
         )
         self.member_state = Gauge(
             "cdc_group_table_state",
-            "Logical groups: 1 for each table's current state (joining, streaming, failed, "
-            "left), 0 for the others; the group is the `table` label.",
+            "Groups: 1 for each table's current state (joining, streaming, failed, left; a "
+            "watermark group's healthy table is streaming), 0 for the others; the group is the "
+            "`table` label.",
             ["table", "member", "state"],
             registry=registry,
         )
@@ -269,7 +270,7 @@ class Metrics:
         self.task_failures.labels(self.table, task).set(failures)
 
     def member(self, member: str, state: str) -> None:
-        """A table of a logical group changed state."""
+        """A table of a group changed state."""
         for name in ("joining", "streaming", "failed", "left"):
             self.member_state.labels(self.table, member, name).set(1 if name == state else 0)
 

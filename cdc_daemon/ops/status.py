@@ -10,7 +10,7 @@ table, the last uploaded and last loaded delivery, those that need attention (pe
 attempts, failed, missing) with their reasons, the oldest not yet confirmed loaded, and the
 warehouse as the reconciler last saw it. ``--json`` prints the same as one JSON object.
 
-A failed table of a logical group comes first, before anything else: its lines lead the
+A failed table of a group (either mode) comes first, before anything else: its lines lead the
 output, each with the table, the reason and the fix (``failed_tables`` in the JSON). The
 daemon keeps the group's other tables flowing, so nothing else in the report looks wrong.
 ``status`` exits 0 whatever it reports, as before: it reads; ``run`` exits 9 for this.
@@ -162,6 +162,10 @@ async def collect(
                 behind["error"] = "not a table of this configuration (its source is not read)"
             last_uploaded = await reader.last(ledgers, "uploaded_at")
             group = settings.group if name in configured else None
+            failing = members
+            if not logical and group is not None and group != name:
+                # A watermark group's table: its own row among the group's members.
+                failing = [m for m in await reader.group_tables(group) if m["table"] == name]
             report[name] = {
                 "mode": position["mode"],
                 # The tables of this configuration's group share the group's lock.
@@ -176,7 +180,7 @@ async def collect(
                         "error": m["error"],
                         "fix": f"cdc-daemon resync --table {shlex.quote(shown(m['table']))}",
                     }
-                    for m in members
+                    for m in failing
                     if m["status"] == "failed"
                 ],
                 "watermark": None if position["low"] in (None, INT64_MIN) else position["low"],
@@ -441,7 +445,8 @@ def render(report: dict[str, Any]) -> str:
         # First: the rest of a degraded group looks healthy (its other tables still flow).
         for failed in t.get("failed_tables", []):
             lines.append(
-                f"FAILED: table {shown(failed['table'])} of group {name} exports nothing: "
+                f"FAILED: table {shown(failed['table'])} of group {t.get('group') or name} "
+                "exports nothing: "
                 f"{failed['error'] or 'no reason recorded'}"
                 + table_fix(failed["table"], failed["error"] or "")
             )

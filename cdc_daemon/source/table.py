@@ -309,22 +309,46 @@ def setting_name(key: str, in_tables: bool | None) -> str:
     return f"[[tables]] {key}" if in_tables else f"capture.{key}"
 
 
-def _no_watermark(table: str, columns: Sequence[Column], setting: str, why: str) -> str:
-    """Why ``table`` has no watermark, and what can capture it: another column in ``setting``
-    when it has an integer column, else only logical mode."""
-    integers = [c.name for c in columns if c.base_type in _INTEGER_TYPES]
-    if not integers:
+def _no_watermark(sequenced: Sequence[str], setting: str, why: str, keyless: bool = False) -> str:
+    """Why a table has no watermark (``why``), and what can capture it: a column a sequence fills
+    (``sequenced``) named in ``setting``, else only logical mode. Watermark mode needs an
+    integer that a sequence hands out at insert: the fence catches a late commit because a
+    smaller id can only belong to a transaction open when the larger one was read, and the
+    gaps it re-reads are the ids absent from a batch (``capture.watermark.fence``). A timestamp
+    is neither (rows of one transaction share one; between two rows every instant is "absent"),
+    nor is an integer the application assigns. ``keyless``: logical mode needs a key too."""
+    logical = 'capture it with capture.mode = "logical"'
+    if keyless:
+        # Only [[tables]] has the setting (the one-table shorthand has none).
+        logical += " with its key in [[tables]] key"
+    if not sequenced:
         return (
-            f"{table} cannot be captured in watermark mode: it has no integer column a sequence "
-            "could fill to serve as its watermark (watermark mode reads new rows by such an id); "
-            'capture it with capture.mode = "logical", which reads changes by key instead'
+            f"{why}, and no integer column of it is filled by a sequence (serial or identity), "
+            "so it cannot be captured in watermark mode, which needs one to read new rows "
+            f"without missing a late commit: {logical}"
         )
-    listed = ", ".join(integers)
+    listed = ", ".join(sequenced)
     return (
-        f"{why}, so it cannot serve as its watermark: name an integer column a sequence fills "
-        f"(serial or identity) in {setting} (its integer columns: {listed}), or capture it "
-        'with capture.mode = "logical"'
+        f"{why}, so it cannot serve as its watermark: name a column a sequence fills in "
+        f"{setting} (here: {listed}), or {logical}"
     )
+
+
+def _sequenced(conn: psycopg.Connection[tuple[object, ...]], oid: object) -> list[str]:
+    """The table's integer columns a sequence fills at insert: identity columns and columns
+    whose default is ``nextval`` (serial, or a sequence of the application's)."""
+    return [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT a.attname FROM pg_attribute a"
+            " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+            " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped"
+            " AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)"
+            " AND (a.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%%')"
+            " ORDER BY a.attnum",
+            (oid,),
+        )
+    ]
 
 
 def _close(name: str, columns: Sequence[Column]) -> str:
@@ -407,21 +431,22 @@ def describe_table(
     by_name = {c.name: c for c in cols}
     q = TableName(str(schema), str(name)).display
     setting = setting_name("watermark_column", in_tables)
+    # The key by the one rule (TableFacts.natural_key): the primary key, else a unique index
+    # on NOT NULL columns.
+    found = key_of(conn, table)
+    keyless = found is None
     if watermark_column is None:
-        # The key by the one rule (TableFacts.natural_key): the primary key, else a unique
-        # index on NOT NULL columns.
-        found = key_of(conn, table)
         if found is None:
             why = f"{q} has no primary key (nor a unique index on NOT NULL columns)"
-            raise SourceError(_no_watermark(q, cols, setting, why))
+            raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why, keyless))
         pk = found.columns
         what = "primary key" if found.primary else f"key (unique index {found.name})"
         if len(pk) != 1:
             why = f"{q}'s {what} has several columns"
-            raise SourceError(_no_watermark(q, cols, setting, why))
+            raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why))
         if by_name[pk[0]].base_type not in _INTEGER_TYPES:
             why = f"{q}'s {what} {pk[0]} is {by_name[pk[0]].type_name}, not an integer"
-            raise SourceError(_no_watermark(q, cols, setting, why))
+            raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why))
         watermark_column = pk[0]
     if watermark_column not in by_name:
         raise SourceError(
@@ -431,7 +456,7 @@ def describe_table(
     watermark = by_name[watermark_column]
     if watermark.base_type not in _INTEGER_TYPES:
         why = f"{q}: {setting} {watermark_column!r} is {watermark.type_name}, not an integer"
-        raise SourceError(_no_watermark(q, cols, setting, why))
+        raise SourceError(_no_watermark(_sequenced(conn, oid), setting, why, keyless))
     cached = conn.execute(
         "SELECT s.seqrelid::regclass::text, s.seqcache FROM pg_sequence s"
         " WHERE s.seqrelid = pg_get_serial_sequence(%s, %s)::regclass",

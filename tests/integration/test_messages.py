@@ -20,6 +20,8 @@ TABLES = (
     "CREATE TABLE twokey (a int, b int, c text, PRIMARY KEY (a, b))",
     "CREATE TABLE uuidpk (id uuid PRIMARY KEY, n bigint)",
     "CREATE TABLE good (id bigserial PRIMARY KEY, placed timestamptz)",
+    "CREATE TABLE uuidseq (id uuid PRIMARY KEY, seq bigint GENERATED ALWAYS AS IDENTITY)",
+    "CREATE TABLE stamped (code text PRIMARY KEY, n serial, placed timestamptz DEFAULT now())",
 )
 
 
@@ -42,11 +44,13 @@ def config(tmp_path: Path, dsn: str, text: str) -> Path:
 def test_init_reports_every_refused_table_of_a_group_at_once(
     tables: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A group of six tables, five refused for five reasons: one run of ``init`` exits 3 and
+    """A group of eight tables, refused for seven reasons: one run of ``init`` exits 3 and
     prints every refusal on its own line, each naming ``[[tables]] watermark_column`` (the
-    key as a group writes it, with the table's integer columns to choose from) or, for a table
-    with no integer column, that watermark mode cannot capture it and logical mode can; a typo'd
-    column gets the closest column's name."""
+    setting as a group writes it) with the table's columns a sequence fills to choose from, or,
+    for a table with none (an integer the application sets does not count, nor does a
+    timestamp), that watermark mode cannot capture it and ``capture.mode = "logical"`` can
+    (with ``[[tables]] key`` for a table without a primary key); a typo'd column gets the
+    closest column's name."""
     path = config(
         tmp_path,
         tables,
@@ -55,28 +59,35 @@ def test_init_reports_every_refused_table_of_a_group_at_once(
             f'[[tables]]\nname = "public.{t}"\n' for t in ("nokey", "textonly", "twokey", "uuidpk")
         )
         + '[[tables]]\nname = "public.good"\nwatermark_column = "idd"\n'
-        + '[[tables]]\nname = "public.good2"\n',
+        + '[[tables]]\nname = "public.good2"\n'
+        + '[[tables]]\nname = "public.uuidseq"\n'
+        + '[[tables]]\nname = "public.stamped"\nwatermark_column = "placed"\n',
     )
     assert main(["init", "--config", str(path)]) == 3
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "cdc-daemon: shop cannot be captured yet (6 problems):"
+    assert lines[0] == "cdc-daemon: shop cannot be captured yet (8 problems):"
+    no_index = " (nor a unique index on NOT NULL columns)"
+    no_sequence = (
+        ", and no integer column of it is filled by a sequence (serial or identity), so it "
+        "cannot be captured in watermark mode, which needs one to read new rows without missing "
+        'a late commit: capture it with capture.mode = "logical"'
+    )
     assert lines[1:] == [
-        "  - public.nokey has no primary key (nor a unique index on NOT NULL columns), so it "
-        "cannot serve as its watermark: name an "
-        "integer column a sequence fills (serial or identity) in [[tables]] watermark_column "
-        '(its integer columns: a), or capture it with capture.mode = "logical"',
-        "  - public.textonly cannot be captured in watermark mode: it has no integer column a "
-        "sequence could fill to serve as its watermark (watermark mode reads new rows by such "
-        'an id); capture it with capture.mode = "logical", which reads changes by key instead',
-        "  - public.twokey's primary key has several columns, so it cannot serve as its "
-        "watermark: name an integer column a sequence fills (serial or identity) in [[tables]] "
-        'watermark_column (its integer columns: a, b), or capture it with capture.mode = "logical"',
-        "  - public.uuidpk's primary key id is uuid, not an integer, so it cannot serve as its "
-        "watermark: name an integer column a sequence fills (serial or identity) in [[tables]] "
-        'watermark_column (its integer columns: n), or capture it with capture.mode = "logical"',
+        f"  - public.nokey has no primary key{no_index}{no_sequence} with its key in [[tables]]"
+        " key",
+        f"  - public.textonly has no primary key{no_index}{no_sequence} with its key in [[tables]]"
+        " key",
+        f"  - public.twokey's primary key has several columns{no_sequence}",
+        f"  - public.uuidpk's primary key id is uuid, not an integer{no_sequence}",
         "  - public.good has no column 'idd', named in [[tables]] watermark_column (did you mean "
         "'id'?)",
         "  - table 'public.good2' does not exist (or is not visible to this user)",
+        "  - public.uuidseq's primary key id is uuid, not an integer, so it cannot serve as its "
+        "watermark: name a column a sequence fills in [[tables]] watermark_column (here: seq), "
+        'or capture it with capture.mode = "logical"',
+        "  - public.stamped: [[tables]] watermark_column 'placed' is timestamp with time zone, "
+        "not an integer, so it cannot serve as its watermark: name a column a sequence fills in "
+        '[[tables]] watermark_column (here: n), or capture it with capture.mode = "logical"',
     ]
 
 
@@ -85,10 +96,10 @@ def test_the_one_table_shorthand_is_told_its_capture_keys(
 ) -> None:
     """With ``postgres.table`` the same refusals name ``capture.watermark_column`` and
     ``capture.partition_column``, the keys that configuration uses."""
-    path = config(tmp_path, tables, 'table = "public.nokey"\n')
+    path = config(tmp_path, tables, 'table = "public.uuidseq"\n')
     assert main(["init", "--config", str(path)]) == 3
     err = capsys.readouterr().err
-    assert "in capture.watermark_column (its integer columns: a)" in err
+    assert "in capture.watermark_column (here: seq)" in err
     assert "[[tables]]" not in err
     path = config(tmp_path, tables, 'table = "public.good"\n[capture]\npartition_column = "at"\n')
     assert main(["init", "--config", str(path)]) == 3

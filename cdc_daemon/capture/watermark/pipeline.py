@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
 
@@ -29,6 +30,7 @@ from cdc_daemon.batch.policy import BatchPolicy, Limits
 from cdc_daemon.batch.spool import BLOCK_ROWS, DayObject, DaySpool
 from cdc_daemon.capture.watermark.source import BatchSpec, Scan, WatermarkSource
 from cdc_daemon.config import Settings
+from cdc_daemon.errors import CdcError, SourceError
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.state.ledger import BatchRecord, batch_id
 from cdc_daemon.state.position import INT64_MIN, CaptureState
@@ -36,6 +38,34 @@ from cdc_daemon.state.store import Store
 from cdc_daemon.unit import UnitOfWork, redo_pending, utc_now_iso
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
+
+# SQLSTATE classes of a source error that concerns the table read, not the server: 42 (an
+# undefined table or column, a revoked privilege, an operator a retyped column lacks), 22 (a
+# value that cannot be read or encoded). Class 28 (authentication) or 3D (no such database)
+# would fail every table alike: those stop the daemon as before.
+_TABLE_SQLSTATE_CLASSES = ("42", "22")
+
+
+class TableUnreadableError(SourceError):
+    """The table itself cannot be read any more (dropped, a privilege revoked, a column retyped
+    so that its values cannot be read, a value that cannot be encoded): no retry fixes it, and
+    no other table is concerned. A watermark group marks the table failed and goes on."""
+
+
+def table_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while reading one table, is that table's alone and final (an
+    outage or any retriable error is not: the retry loop waits it out)."""
+    if not isinstance(exc, CdcError) or exc.retriable:
+        return False
+    if isinstance(exc, TableUnreadableError):
+        return True
+    if exc.sqlstate is not None:
+        return exc.sqlstate.startswith(_TABLE_SQLSTATE_CLASSES)
+    # The capture's own refusals of what it read (the table no longer exists, an id held
+    # twice), raised without a driver error.
+    return isinstance(exc, SourceError)
 
 
 class WatermarkPipeline:
@@ -62,7 +92,9 @@ class WatermarkPipeline:
 
     @property
     def table(self) -> str:
-        return self._source.table.qualified
+        # A table that could not be read at the start (a failed one) has no catalog entry:
+        # it goes by its configured name.
+        return self._source.table.qualified if self._source.described else self._settings.table
 
     @property
     def ledger_names(self) -> tuple[str, ...]:
@@ -86,6 +118,12 @@ class WatermarkPipeline:
                 await redo_pending(await self._store.pending(self.table), self._redo)
                 self._state = (await self._store.position(self.table, "watermark")).state
             return await self._pass(draining)
+        except TableUnreadableError:
+            # What was read before is good: its upload finishes and commits before the table
+            # is set aside (the next start reads from the ledger's position).
+            self._state = None
+            await self.drain()
+            raise
         except BaseException:
             # The in-memory position may have run ahead of the ledger: start over from the
             # ledger, once the batch uploading in the background (if any) has stopped.
@@ -131,7 +169,7 @@ class WatermarkPipeline:
             ),
         )
         try:
-            result = await self._source.run(
+            result = await self._read(
                 lambda: self._source.run_pass(state, limits, read_ts, spool, self._decide(draining))
             )
             if result.spec is None:
@@ -176,12 +214,22 @@ class WatermarkPipeline:
         self._inflight.add_done_callback(lambda _: spool.discard())
         return True
 
+    async def _read(self, fn: Callable[[], T]) -> T:
+        """``fn`` on the table's source session; an error that is this table's alone (see
+        ``table_failure``) raised as ``TableUnreadableError``."""
+        try:
+            return await self._source.run(fn)
+        except CdcError as exc:
+            if table_failure(exc) and not isinstance(exc, TableUnreadableError):
+                raise TableUnreadableError(str(exc)).at("postgres") from exc
+            raise
+
     async def _redo(self, pending: BatchRecord) -> None:
         spec = BatchSpec(pending.lo, pending.hi, pending.gaps, pending.caught)
         started = time.monotonic()
         spool = self._spool()
         try:
-            await self._source.run(lambda: self._source.redo(spec, pending.read_ts, spool))
+            await self._read(lambda: self._source.redo(spec, pending.read_ts, spool))
             batch = self._batch(
                 spec, pending.read_ts, pending.state_after, await self._finish(spool)
             )

@@ -86,6 +86,11 @@ class WatermarkSource(SourceSession):
         return self._table
 
     @property
+    def described(self) -> bool:
+        """Whether the table's catalog was read (``connect`` succeeded once)."""
+        return self._table is not None
+
+    @property
     def header(self) -> bytes:
         return header_line(self.table.header)
 
