@@ -106,7 +106,7 @@ class CaptureSettings(_Section):
     watermark_column: str | None = Field(
         default=None,
         description="Watermark mode: an integer column filled by a sequence; default: the "
-        "primary key.",
+        "table's key when it is one integer column (docs/logical.md#which-key).",
     )
     partition_column: str | None = Field(
         default=None,
@@ -195,12 +195,12 @@ class TableSettings(_Section):
         default=None,
         description="The key columns the warehouse merges by: NOT NULL, with a unique index on "
         "exactly them (in logical mode also what the replica identity sends); default: the "
-        "primary key.",
+        "primary key, else a unique index on NOT NULL columns (docs/logical.md#which-key).",
     )
     watermark_column: str | None = Field(
         default=None,
         description="Watermark mode: an integer column filled by a sequence; default: the "
-        "primary key.",
+        "table's key when it is one integer column (docs/logical.md#which-key).",
     )
     partition_column: str | None = Field(
         default=None,
@@ -212,7 +212,8 @@ class TableSettings(_Section):
         default=None,
         pattern=_SF_IDENT,
         description="The current-state table in Snowflake (its landing table, pipe, stream "
-        "and tasks are named after it); default: the table's name in upper case.",
+        "and tasks are named after it); default: the table's name as a plain Snowflake "
+        "identifier (docs/design.md#snowflake-names).",
     )
     max_rows: int | None = Field(
         default=None, gt=0, description="Watermark mode: this table's `batch.max_rows`."
