@@ -61,12 +61,12 @@ log = structlog.get_logger()
 
 def widen_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
     """Widen the table's columns whose Snowflake type is a narrower one of the catalog's, in
-    every table holding them (``column_tables``: all or none of them are read). Returns
-    ``TABLE.COLUMN`` of each column widened."""
+    every table holding them (``typed_tables``). Returns ``TABLE.COLUMN`` of each column
+    widened."""
     widened: list[str] = []
-    for table, landing in t.column_tables():
+    for table, landing, columns in t.typed_tables():
         have = wh.dialect.describe(wh, "TABLE", table) or {}
-        for c in t.columns:
+        for c in columns:
             want = c.type.landing if landing else c.type.final
             alter = widen_statement(table, c.q, have.get(c.name, ("", False))[0], want)
             if alter is not None:

@@ -383,6 +383,13 @@ class WarehouseTable:
             out.append((n.touched, False))
         return out
 
+    def typed_tables(self) -> list[tuple[str, bool, tuple[SfColumn, ...]]]:
+        """Every Snowflake table holding source columns, with whether it is the landing table
+        and the columns it holds: ``column_tables`` (every column) and the tombstones (the
+        key's), which a widened column is widened in."""
+        typed = [(table, landing, self.columns) for table, landing in self.column_tables()]
+        return [*typed, (self.names.tombstones, False, self.key)]
+
 
 def folder_of(relative: str) -> str:
     """The table folder of an object named relative to the bucket's prefix

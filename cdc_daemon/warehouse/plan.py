@@ -301,19 +301,23 @@ def make_plan(
 
 
 def _column_changes(wh: Warehouse, plan: Plan) -> None:
-    """Columns the catalog has and an existing table lacks (added), or has with another type
-    (reported)."""
+    """Columns the catalog has and an existing table lacks (added), has with a narrower type
+    that Snowflake widens in place (altered), or has with another type (reported, with the way
+    forward)."""
     created = {c.name for c in plan.changes if c.kind == "TABLE"}
     for t in plan.tables:
-        for table, landing in t.column_tables():
+        adding = {table for table, _ in t.column_tables()}  # the tombstones: widened only
+        for table, landing, columns in t.typed_tables():
             if table in created:
                 continue
             have = wh.dialect.describe(wh, "TABLE", table) or {}
             adds: list[sql.Statement] = []
             added: list[str] = []
-            for c in t.columns:
+            for c in columns:
                 kind = c.type.landing if landing else c.type.final
                 if c.name not in have:
+                    if table not in adding:
+                        continue
                     adds.append(
                         sql.Statement(
                             "40_tables.sql",
@@ -342,7 +346,7 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                         )
                     )
             for name, kind in t.own_columns(table):
-                if name not in have:
+                if name not in have and table in adding:
                     adds.append(
                         sql.Statement(
                             "40_tables.sql",
