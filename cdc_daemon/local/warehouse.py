@@ -568,13 +568,16 @@ class _PipeCopy:
         its names), no ERROR_ON_COLUMN_COUNT_MISMATCH (it has none)."""
         return "_EMU_" + self.file_format.split(".")[-1]
 
-    def holding(self, header: list[str], columns: list[str]) -> tuple[str, list[str], str]:
+    def holding(self, header: list[str], columns: dict[str, str]) -> tuple[str, list[str], str]:
         """(name, DDL, insert) of the holding table for a file with ``header``: its columns
         by position, each typed as the landing column of its name (ignoring case), VARCHAR
-        when the table has none (not loaded)."""
+        when the table has none (not loaded). ``columns``: the landing table's, with their
+        types, which name the holding table too (a widened column gets a new one)."""
         upper = {c.upper(): c for c in columns}
         matched = [upper.get(h.upper()) for h in header]
-        digest = hashlib.sha256(repr((self.landing, header, matched)).encode()).hexdigest()[:12]
+        types = [columns[m] if m is not None else None for m in matched]
+        named = repr((self.landing, header, matched, types))
+        digest = hashlib.sha256(named.encode()).hexdigest()[:12]
         name = f"_EMU_IN_{digest}"
         select = ", ".join(
             f"{quote(m)} AS _C{i}" if m is not None else f"CAST(NULL AS VARCHAR) AS _C{i}"
@@ -1002,7 +1005,8 @@ class LocalWarehouse:
         with self._lock:
             if self._held_or_loaded(copy, key, in_folder):
                 return 0
-            columns = self.wh.columns(copy.landing)
+            typed = self.wh.query(f"DESC TABLE {copy.landing}")
+            columns = {str(r["name"]): str(r["type"]) for r in typed}
             holding, ddl, insert = copy.holding(header, columns)
             try:
                 for statement in ddl:
