@@ -183,9 +183,10 @@ async def test_a_running_daemon_keeps_the_group_flowing_reports_degraded_and_exi
     pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
     """A long-running daemon whose group gets a failed table (a column retyped under
-    ``schema_change = "stop"``, other than by a widening) keeps running and keeps exporting the other table; /healthz
-    and /readyz still answer 200 (a restart would fix nothing) but say ``degraded`` and name
-    the table; stopped (what SIGTERM does), it ends with exit 9 instead of 0."""
+    ``schema_change = "stop"``, other than by a widening) keeps running and keeps exporting the
+    other table; /healthz and /readyz still answer 200 (a restart would fix nothing) but say
+    ``degraded`` and name the table; stopped (what SIGTERM does), it ends with exit 9 instead
+    of 0."""
     pgbench_in_schema(pg_dsn)
     settings = group_settings(
         pg_dsn,
