@@ -164,9 +164,9 @@ def test_apply_plan_alters_widened_columns_in_every_table_and_names_the_way_for_
 ) -> None:
     """Columns widened in the source while no daemon runs: ``apply --plan`` names an ALTER
     COLUMN for each Snowflake table holding the column (the tombstones for a key column too),
-    changes nothing, and apply makes them; varchar(8) -> text needs none. timestamp ->
-    timestamptz is planned as manual in every table, with the way forward (resync), and
-    stays as it was."""
+    changes nothing, and apply makes them, the key's rows intact; varchar(8) -> text needs
+    none. timestamp -> timestamptz is planned as manual in every table, with the way forward
+    (resync), and stays as it was."""
     wh = warehouse
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("ALTER TABLE gauges ALTER COLUMN qty TYPE bigint")
@@ -195,6 +195,20 @@ def test_apply_plan_alters_widened_columns_in_every_table_and_names_the_way_for_
         assert _types(wh, table)["QTY"] == "NUMBER(19,0)", table
     assert _types(wh, "RAW_METERS")["AT"] == "TIMESTAMP_NTZ(9)"
     assert wh.apply([_current(wh, GAUGES)], plan_only=True).empty
+    # The key column too (the emulator rebuilds METERS for it: DuckDB cannot retype a PRIMARY
+    # KEY column), its rows intact; the timestamp stays manual.
+    wh.query(
+        'INSERT INTO METERS ("ID", "READING", "AT", _CDC_SEQ)'
+        " VALUES (1, 10, '2026-01-01 01:00:00', 5), (2, 20, '2026-01-01 02:00:00', 6)"
+    )
+    before = wh.query('SELECT "ID", "READING", "AT", _CDC_SEQ FROM METERS ORDER BY 1')
+    assert len(before) == 2
+    wh.apply([_current(wh, METERS)])
+    for table in ("RAW_METERS", "METERS", "METERS_CHANGES", "METERS_TOMBSTONES"):
+        assert _types(wh, table)["ID"] == "NUMBER(19,0)", table
+    assert wh.query('SELECT "ID", "READING", "AT", _CDC_SEQ FROM METERS ORDER BY 1') == before
+    left = wh.apply([_current(wh, METERS)], plan_only=True)
+    assert {c.action for c in left.changes} == {"manual"}, left.render()
 
 
 def test_the_local_warehouse_refuses_the_alters_snowflake_refuses(
