@@ -220,10 +220,11 @@ class SchemaGuard:
         await asyncio.to_thread(self._widen, tables)
 
     def _widen(self, tables: set[str]) -> None:
-        for t in read_catalog(self._settings):
-            if t.names.source in tables:
-                with self._held(t.names, "its columns were widened in the source"):
-                    widen_table(self._connect(), t)
+        # Only these tables: another of the group that cannot be read (dropped, failed) must
+        # not hold them.
+        for t in read_catalog(self._settings, tables):
+            with self._held(t.names, "its columns were widened in the source"):
+                widen_table(self._connect(), t)
 
     def _connect(self) -> Warehouse:
         if self._wh is None:

@@ -504,9 +504,12 @@ def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
 
 
 def describe(
-    settings: Settings, conn: psycopg.Connection[tuple[object, ...]]
+    settings: Settings,
+    conn: psycopg.Connection[tuple[object, ...]],
+    only: set[str] | None = None,
 ) -> list[WarehouseTable]:
-    """Every table of the group as the warehouse sees it, from the catalog."""
+    """Every table of the group as the warehouse sees it, from the catalog (``only``: those
+    whose ledger keys it names)."""
     specs = {s.qualified: s for s in settings.table_specs}
     return [
         from_catalog(
@@ -518,17 +521,18 @@ def describe(
             spec=specs[n.source],
         )
         for n in names(settings)
+        if only is None or n.source in only
     ]
 
 
-def read_catalog(settings: Settings) -> list[WarehouseTable]:
+def read_catalog(settings: Settings, only: set[str] | None = None) -> list[WarehouseTable]:
     """``describe`` on a session of its own."""
     try:
         with psycopg.connect(
             settings.postgres.dsn.get_secret_value(),
             connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
         ) as conn:
-            return describe(settings, conn)
+            return describe(settings, conn, only)
     except psycopg.Error as exc:
         from cdc_daemon.errors import from_psycopg
 
