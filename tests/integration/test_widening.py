@@ -77,11 +77,12 @@ def _types(wh: LocalWarehouse, table: str) -> dict[str, str]:
     return {r["name"]: r["type"] for r in wh.query(f"DESC TABLE {table}")}
 
 
-def _arrived(wh: LocalWarehouse, pg_dsn: str) -> bool:
-    """One round of the pipe stand-in and the tasks; then whether GAUGES equals its source."""
+def _arrived(wh: LocalWarehouse, pg_dsn: str, name: str = GAUGES) -> bool:
+    """One round of the pipe stand-in and the tasks; then whether the table equals its
+    source."""
     wh.pump()
     try:
-        assert_table_equals_source(pg_dsn, wh, _current(wh, GAUGES))
+        assert_table_equals_source(pg_dsn, wh, _current(wh, name))
     except AssertionError:
         return False
     return True
@@ -115,7 +116,8 @@ async def test_widenings_are_followed_while_the_daemon_runs_and_another_change_s
     -> varchar(40) -> text, smallint -> integer -> bigint, numeric(8,2) -> numeric(16,2),
     timestamp(3) -> timestamp(6)), each followed by values only the wider type holds, arrives
     too: Snowflake's NUMBER columns are widened in RAW_GAUGES, GAUGES and GAUGES_CHANGES before
-    those values load (no load fails), and every row, old and new, equals the source. METERS,
+    those values load (no load fails), and every row, old and new, equals the source. METERS'
+    key integer -> bigint is widened in its tombstones too (a wider key deleted). Then METERS,
     retyped timestamp -> timestamptz (not a widening Snowflake follows), fails alone with the
     reason and the way forward; its earlier rows stay. The plan is empty afterwards."""
     wh = warehouse
@@ -128,6 +130,13 @@ async def test_widenings_are_followed_while_the_daemon_runs_and_another_change_s
                 conn.execute(ddl)
                 conn.execute(change)
             await wait_until(lambda: _arrived(wh, pg_dsn), 120)
+        # A key column: widened in the tombstones too (a delete of the wider key).
+        with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+            conn.execute("ALTER TABLE meters ALTER COLUMN id TYPE bigint")
+            conn.execute("INSERT INTO meters VALUES (1000000000000, 6, now())")
+            conn.execute("INSERT INTO meters VALUES (1000000000001, 7, now())")
+            conn.execute("DELETE FROM meters WHERE id IN (5, 1000000000001)")
+        await wait_until(lambda: _arrived(wh, pg_dsn, METERS), 120)
         with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
             conn.execute("ALTER TABLE meters ALTER COLUMN at TYPE timestamptz")
             conn.execute("UPDATE meters SET reading = 99 WHERE id = 1")
@@ -147,8 +156,12 @@ async def test_widenings_are_followed_while_the_daemon_runs_and_another_change_s
         assert (types["QTY"], types["PRICE"]) == ("NUMBER(19,0)", "NUMBER(16,2)"), table
         assert types["CODE"] == "VARCHAR(16777216)", table
     assert assert_table_equals_source(pg_dsn, wh, _current(wh, GAUGES)) == 27
+    for table in ("RAW_METERS", "METERS", "METERS_CHANGES", "METERS_TOMBSTONES"):
+        assert _types(wh, table)["ID"] == "NUMBER(19,0)", table
+    tombstones = wh.query('SELECT "ID" FROM METERS_TOMBSTONES ORDER BY 1')
+    assert [r["ID"] for r in tombstones] == [5, 1000000000001]
     readings = wh.query('SELECT "READING" AS R FROM METERS ORDER BY "ID"')
-    assert [r["R"] for r in readings] == [1, 2, 3, 4, 5]  # nothing after the failure
+    assert [r["R"] for r in readings] == [1, 2, 3, 4, 6]  # nothing after the failure
     plan = wh.apply([_current(wh, GAUGES)], plan_only=True)
     assert plan.empty, plan.render()
 
