@@ -173,8 +173,9 @@ class CaptureSettings(_Section):
     )
     schema_change: Literal["stop", "follow"] = Field(
         default="stop",
-        description="Logical mode: a retyped column stops its table (`stop`) or is followed "
-        "with a new column list (`follow`); added and dropped columns are always followed.",
+        description="Logical mode: a retyped column other than a widening stops its table "
+        "(`stop`) or is followed with a new column list (`follow`); added, dropped and widened "
+        "columns are always followed (docs/snowflake.md#schema-evolution).",
     )
     hash_salt_file: Path | None = Field(
         default=None,

@@ -184,6 +184,12 @@ class UnitOfWork:
             for d in days
         )
 
+    async def widen(self, tables: set[str]) -> None:
+        """Snowflake's columns of ``tables`` (ledger keys) widened to the catalog's types
+        (``SchemaGuard.widen``), when a warehouse is configured."""
+        if self._guard is not None:
+            await self._guard.widen(tables)
+
     # -- 2. intent record ---------------------------------------------------------------------
 
     async def record(self, batch: B, ledger: Ledger[B]) -> None:

@@ -67,7 +67,7 @@ from typing import Any
 import structlog
 
 from cdc_daemon.config import Settings, load_settings
-from cdc_daemon.errors import CdcError, ConfigError
+from cdc_daemon.errors import CdcError, ConfigError, WarehouseError
 from cdc_daemon.local.services import free_port
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import (
@@ -82,7 +82,14 @@ from cdc_daemon.warehouse.client import (
     parse_pipe_status,
 )
 from cdc_daemon.warehouse.evolve import apply_sql
-from cdc_daemon.warehouse.model import Names, WarehouseTable, quote, read_catalog
+from cdc_daemon.warehouse.model import (
+    Names,
+    WarehouseTable,
+    quote,
+    read_catalog,
+    same_type,
+    widens_in_place,
+)
 from cdc_daemon.warehouse.plan import Plan, desired
 
 log = structlog.get_logger()
@@ -351,12 +358,15 @@ class EmulatorDialect:
 
     def describe(self, wh: Warehouse, kind: str, name: str) -> Described | None:
         """What the emulation recorded of an object (the statement that made it, read as the
-        plan reads a rendered one); a table's columns (fakesnow gives no Snowflake types)."""
+        plan reads a rendered one); a table's columns with their types (fakesnow's DESC TABLE
+        gives Snowflake's forms: NUMBER(10,0), VARCHAR(16777216), TIMESTAMP_TZ(9))."""
         if kind == "TABLE":
             try:
-                return {c: ("", False) for c in wh.columns(name)}
+                rows = wh.query(f"DESC TABLE {name}")
             except CdcError:
                 return None
+            lowered = [{str(k).lower(): v for k, v in r.items()} for r in rows]
+            return {str(r["name"]): (str(r["type"]), False) for r in lowered}
         if kind == "PIPE":
             rows = wh.query("SELECT DEFINITION FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name})
         elif kind == "TASK":
@@ -463,10 +473,31 @@ class EmulatorDialect:
             wh.execute(re.sub(r"^CREATE OR ALTER", "CREATE OR REPLACE", text, count=1))
             _record_object(wh, "STAGE", text.split()[4], text)
             return
+        if retype := _RETYPE.match(text):
+            self._retype(wh, retype.group(1), retype.group(2), retype.group(3))
+            try:
+                wh.execute(text)
+            except CdcError as exc:
+                if "PRIMARY KEY" not in str(exc):
+                    raise
+                _rebuild_retyped(wh, retype.group(1), text)
+            return
         wh.execute(text)
         if head.startswith("USE SCHEMA"):
             for ddl in _EMULATION_DDL:
                 wh.execute(ddl)
+
+    def _retype(self, wh: Warehouse, table: str, quoted: str, want: str) -> None:
+        """Refuse what Snowflake refuses: DuckDB changes a column to any type it can cast to,
+        Snowflake only widens a NUMBER's precision (not its scale) or a text's length
+        (https://docs.snowflake.com/en/sql-reference/sql/alter-table-column)."""
+        column = quoted[1:-1].replace('""', '"') if quoted.startswith('"') else quoted.upper()
+        have = (self.describe(wh, "TABLE", table) or {}).get(column, ("", False))[0]
+        if have and not same_type(have, want) and not widens_in_place(have, want):
+            raise WarehouseError(
+                f"Snowflake failed running ALTER TABLE: cannot change column {column} from type "
+                f"{have} to {want.strip()} (SQL compilation error)"
+            )
 
     def task_ddl(self, wh: Warehouse, stmt: sql.Statement) -> None:
         """ALTER TASK ... SUSPEND / RESUME set the task's state; CREATE OR ALTER TASK keeps its
@@ -491,6 +522,25 @@ class EmulatorDialect:
         sql.task_body(stmt)  # refuses a body the runner could not run
         wh.execute("DELETE FROM _EMU_TASKS WHERE NAME = %(n)s", {"n": name})
         wh.execute("INSERT INTO _EMU_TASKS VALUES (%(n)s, %(d)s)", {"n": name, "d": text})
+
+
+# ALTER TABLE <t> ALTER [COLUMN] <c> SET DATA TYPE <type>: the table, the column, the type.
+_RETYPE = re.compile(
+    r'ALTER TABLE (\w+) ALTER (?:COLUMN )?("(?:[^"]|"")+"|\w+) SET DATA TYPE (.+)$', re.I | re.S
+)
+
+
+def _rebuild_retyped(wh: Warehouse, table: str, alter: str) -> None:
+    """A key column retyped: DuckDB cannot change the type of a PRIMARY KEY column, Snowflake
+    (whose keys are not enforced) can. The table is copied (rows, columns and types, no
+    constraint), the copy altered and put in its place: a known difference of the emulator
+    (docs/snowflake.md), which then no longer enforces that table's key."""
+    copy = f"_EMU_RETYPED_{table}"
+    wh.execute(f"DROP TABLE IF EXISTS {copy}")
+    wh.execute(f"CREATE TABLE {copy} AS SELECT * FROM {table}")
+    wh.execute(alter.replace(f"ALTER TABLE {table} ", f"ALTER TABLE {copy} ", 1))
+    wh.execute(f"DROP TABLE {table}")
+    wh.execute(f"ALTER TABLE {copy} RENAME TO {table}")
 
 
 def _record_object(wh: Warehouse, kind: str, name: str, text: str) -> None:
@@ -541,13 +591,16 @@ class _PipeCopy:
         its names), no ERROR_ON_COLUMN_COUNT_MISMATCH (it has none)."""
         return "_EMU_" + self.file_format.split(".")[-1]
 
-    def holding(self, header: list[str], columns: list[str]) -> tuple[str, list[str], str]:
+    def holding(self, header: list[str], columns: dict[str, str]) -> tuple[str, list[str], str]:
         """(name, DDL, insert) of the holding table for a file with ``header``: its columns
         by position, each typed as the landing column of its name (ignoring case), VARCHAR
-        when the table has none (not loaded)."""
+        when the table has none (not loaded). ``columns``: the landing table's, with their
+        types, which name the holding table too (a widened column gets a new one)."""
         upper = {c.upper(): c for c in columns}
         matched = [upper.get(h.upper()) for h in header]
-        digest = hashlib.sha256(repr((self.landing, header, matched)).encode()).hexdigest()[:12]
+        types = [columns[m] if m is not None else None for m in matched]
+        named = repr((self.landing, header, matched, types))
+        digest = hashlib.sha256(named.encode()).hexdigest()[:12]
         name = f"_EMU_IN_{digest}"
         select = ", ".join(
             f"{quote(m)} AS _C{i}" if m is not None else f"CAST(NULL AS VARCHAR) AS _C{i}"
@@ -975,7 +1028,8 @@ class LocalWarehouse:
         with self._lock:
             if self._held_or_loaded(copy, key, in_folder):
                 return 0
-            columns = self.wh.columns(copy.landing)
+            typed = self.wh.query(f"DESC TABLE {copy.landing}")
+            columns = {str(r["name"]): str(r["type"]) for r in typed}
             holding, ddl, insert = copy.holding(header, columns)
             try:
                 for statement in ddl:

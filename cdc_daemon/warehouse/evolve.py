@@ -15,8 +15,15 @@ failure (Snowflake unreachable, no privilege) fails the upload, which is retried
 uploaded meanwhile, so nothing loads without its column.
 
 A dropped column stays in Snowflake: new objects do not name it, and the by-name load gives
-NULL (its old values stay in the rows that had them). A changed type stops that table
-(``capture.logical.source``): Snowflake's column keeps its type.
+NULL (its old values stay in the rows that had them).
+
+A widened column (``model.retype_problem``: a longer or unbounded varchar, a larger integer,
+a larger numeric precision at the same scale) is followed: its values keep their text, so the
+rows in Snowflake stay right. Most widenings map to the same Snowflake type (VARCHAR is
+unbounded); the others are a larger NUMBER precision, which ``ALTER COLUMN ... SET DATA TYPE``
+makes in place (``model.widens_in_place``), on every table holding the column, before the
+first batch holding the new type is recorded (``SchemaGuard.widen``, from the logical capture).
+Any other retyped column stops its table (``capture.logical.reader``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import csv
 import gzip
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +54,36 @@ from cdc_daemon.warehouse.model import (
     names,
     read_catalog,
 )
-from cdc_daemon.warehouse.plan import Plan, Staged, apply_plan, make_plan
+from cdc_daemon.warehouse.plan import Plan, Staged, apply_plan, make_plan, widen_statement
 
 log = structlog.get_logger()
 
 
+def widen_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
+    """Widen the table's columns whose Snowflake type is a narrower one of the catalog's, in
+    every table holding them (``typed_tables``). Returns ``TABLE.COLUMN`` of each column
+    widened."""
+    widened: list[str] = []
+    for table, landing, columns in t.typed_tables():
+        have = wh.dialect.describe(wh, "TABLE", table) or {}
+        for c in columns:
+            want = c.type.landing if landing else c.type.final
+            alter = widen_statement(table, c.q, have.get(c.name, ("", False))[0], want)
+            if alter is not None:
+                wh.dialect.execute_ddl(wh, sql.Statement("40_tables.sql", alter))
+                widened.append(f"{table}.{c.name}")
+    if widened:
+        log.warning("warehouse_columns_widened", table=t.names.name, columns=widened)
+    return widened
+
+
 def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
     """Add the table's columns Snowflake lacks to its landing, current-state and work tables
-    (and the daemon's ``_CDC_QUARANTINED``). Returns the columns added (upper case)."""
+    (and the daemon's ``_CDC_QUARANTINED``), and widen those of a narrower type
+    (``widen_table``). Returns the columns added (upper case)."""
     n = t.names
     added: list[str] = []
+    widen_table(wh, t)
     for table, landing in t.column_tables():
         have = set(wh.columns(table))
         wanted = [(c.name, c.q, c.type.landing if landing else c.type.final) for c in t.columns]
@@ -185,11 +213,43 @@ class SchemaGuard:
                     return
                 time.sleep(1.0)
 
-    def _verify(self, n: Names, header: set[str]) -> None:
+    async def widen(self, tables: set[str]) -> None:
+        """Bring Snowflake's columns of ``tables`` (ledger keys) to the catalog's types where
+        the catalog's are wider: after the logical capture followed a widened column, before
+        the batch holding it is recorded. A failure is raised (the batch is read again)."""
+        await asyncio.to_thread(self._widen, tables)
+
+    def _widen(self, tables: set[str]) -> None:
+        # Only these tables: another of the group that cannot be read (dropped, failed) must
+        # not hold them.
+        for t in read_catalog(self._settings, tables):
+            with self._held(t.names, "its columns were widened in the source"):
+                widen_table(self._connect(), t)
+
+    def _connect(self) -> Warehouse:
+        if self._wh is None:
+            self._wh = Warehouse.of_group(self._settings).connect()
+        return self._wh
+
+    @contextmanager
+    def _held(self, n: Names, what: str) -> Iterator[None]:
+        """A warehouse error as the retried error that holds the table's uploads."""
         try:
-            if self._wh is None:
-                self._wh = Warehouse.of_group(self._settings).connect()
-            wh = self._wh
+            yield
+        except CdcError as exc:
+            self.close()
+            held = TransientError(
+                f"{n.source}: {what}, and Snowflake could not follow ({exc}); nothing of this "
+                "table is uploaded until it does"
+            )
+            # Snowflake down: an outage the retries wait out, like the service's own error.
+            if isinstance(exc, TransientError) and exc.unavailable:
+                held.outage()
+            raise held.at(exc.boundary or "snowflake") from None
+
+    def _verify(self, n: Names, header: set[str]) -> None:
+        with self._held(n, f"its objects name a column {n.landing} lacks"):
+            wh = self._connect()
             have = set(wh.columns(n.landing))
             if not header <= have:
                 (t,) = [x for x in read_catalog(self._settings) if x.names == n]
@@ -202,16 +262,6 @@ class SchemaGuard:
                     # object are not loaded (the by-name load skips a column the table lacks).
                     log.warning("columns_not_in_catalog", table=n.name, columns=lost)
             self._known[n.landing] = self._ledger(n, have)
-        except CdcError as exc:
-            self.close()
-            held = TransientError(
-                f"{n.source}: its objects name a column {n.landing} lacks, and it could not be "
-                f"added ({exc}); nothing of this table is uploaded until it is"
-            )
-            # Snowflake down: an outage the retries wait out, like the service's own error.
-            if isinstance(exc, TransientError) and exc.unavailable:
-                held.outage()
-            raise held.at(exc.boundary or "snowflake") from None
 
     def close(self) -> None:
         if self._wh is not None:

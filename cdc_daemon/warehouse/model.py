@@ -39,6 +39,7 @@ cannot hold exactly goes to the quarantine prefix with its reason (``source.tabl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,92 @@ def sf_type(type_name: str) -> SfType:
     if base == "bytea":
         return SfType("VARCHAR", "BINARY", "TO_BINARY({}, 'HEX')")
     return SfType("VARCHAR", "VARCHAR")
+
+
+# Retyped columns (docs/snowflake.md, "Schema evolution"). A widening keeps every value and its
+# text in the objects, so the rows already in Snowflake stay right; Snowflake follows it either
+# with no change (both types map to the same Snowflake type) or with ALTER COLUMN ... SET DATA
+# TYPE, which allows only "Increase the length of a text string column" and "Increase the
+# precision of a number column" (a changed scale and a change to another type are unsupported:
+# https://docs.snowflake.com/en/sql-reference/sql/alter-table-column).
+_INTEGERS = {"smallint": 5, "integer": 10, "bigint": 19}
+_TEXT = frozenset({"character varying", "text"})
+_TIMESTAMPS = frozenset({"timestamp without time zone", "timestamp with time zone"})
+
+
+def retype_problem(old: str, new: str) -> str | None:
+    """None when a column retyped from ``old`` to ``new`` (``format_type`` texts) is a
+    documented widening; else why it is not, as a phrase."""
+    a, b = Column("", old), Column("", new)
+    base_a, base_b = a.base_type, b.base_type
+    if base_a in _TEXT and base_b in _TEXT:
+        # character varying(n) -> (m >= n), unbounded, text; text -> unbounded varchar.
+        length_a, length_b = a.modifiers((0,))[0], b.modifiers((0,))[0]
+        if length_b == 0 or 0 < length_a <= length_b:
+            return None
+        return "a shorter or bounded text type"
+    if base_a in _INTEGERS or base_a == "numeric":
+        if base_b not in _INTEGERS and base_b != "numeric":
+            return "not a number type any more"
+        (pa, sa), (pb, sb) = _number(a), _number(b)
+        if sa != sb:
+            return "another scale (Snowflake cannot change a NUMBER's scale)"
+        if pb < pa:
+            return "a smaller precision"
+        return None
+    if base_a in _TIMESTAMPS and base_a == base_b:
+        # More fractional digits: the same Snowflake type (fewer round the source's values).
+        return None if _digits(old) <= _digits(new) else "fewer fractional digits"
+    if base_a == "timestamp without time zone" and base_b == "timestamp with time zone":
+        return (
+            "TIMESTAMP_NTZ to TIMESTAMP_TZ, which Snowflake cannot change in place (and "
+            "PostgreSQL reads the old values in its session's time zone)"
+        )
+    return "not a documented widening"
+
+
+def _digits(timestamp: str) -> int:
+    """A timestamp type's fractional digits (``timestamp(3) with time zone``: 3; default 6)."""
+    found = re.search(r"\((\d+)\)", timestamp)
+    return int(found.group(1)) if found else 6
+
+
+def _number(column: Column) -> tuple[int, int]:
+    """(precision, scale) of an integer or numeric column's NUMBER; an unconstrained numeric
+    counts as the largest precision (38) at its scale."""
+    if column.base_type in _INTEGERS:
+        return _INTEGERS[column.base_type], 0
+    return numeric_number(column.type_name)
+
+
+def widens_in_place(have: str, want: str) -> bool:
+    """Whether Snowflake's column of type ``have`` (DESC's text) is brought to ``want`` (a
+    rendered type) by ALTER COLUMN ... SET DATA TYPE without losing a value: the same text type
+    with a length at least as long, or the same NUMBER scale with a precision at least as
+    large."""
+    a, b = _sf_parts(have), _sf_parts(want)
+    if a[0] in ("VARCHAR", "STRING", "TEXT") and b[0] == "VARCHAR":
+        return not b[1] or (bool(a[1]) and a[1][0] <= b[1][0])
+    if a[0] == b[0] == "NUMBER" and len(a[1]) == len(b[1]) == 2:
+        return a[1][1] == b[1][1] and a[1][0] <= b[1][0]
+    return False
+
+
+def same_type(have: str, want: str) -> bool:
+    """Snowflake's DESC type against the rendered one. DESC gives every type its size or
+    precision (VARCHAR(16777216), TIMESTAMP_TZ(9), BINARY(8388608)); a rendered type without
+    one is that type at any size. NUMBER(38,0) is NUMBER(38, 0)."""
+    a, b = _sf_parts(have), _sf_parts(want)
+    return a == b if b[1] else a[0] == b[0]
+
+
+def _sf_parts(kind: str) -> tuple[str, tuple[int, ...]]:
+    """A Snowflake type as (name, its numbers): ``NUMBER(10, 0)`` -> ("NUMBER", (10, 0))."""
+    found = re.fullmatch(r"\s*([A-Za-z_]+)\s*(?:\(([0-9, ]+)\))?\s*", kind)
+    if found is None:
+        return kind.strip().upper(), ()
+    numbers = tuple(int(v) for v in (found.group(2) or "").split(",") if v.strip())
+    return found.group(1).upper(), numbers
 
 
 def numeric_number(type_name: str) -> tuple[int, int]:
@@ -354,6 +441,13 @@ class WarehouseTable:
             out.append((n.history, False))
         return out
 
+    def typed_tables(self) -> list[tuple[str, bool, tuple[SfColumn, ...]]]:
+        """Every Snowflake table holding source columns, with whether it is the landing table
+        and the columns it holds: ``column_tables`` (every column) and the tombstones (the
+        key's), which a widened column is widened in."""
+        typed = [(table, landing, self.columns) for table, landing in self.column_tables()]
+        return [*typed, (self.names.tombstones, False, self.key)]
+
 
 def folder_of(relative: str) -> str:
     """The table folder of an object named relative to the bucket's prefix
@@ -462,9 +556,12 @@ def model_files(settings: Settings, n: Names) -> tuple[Path, ...]:
 
 
 def describe(
-    settings: Settings, conn: psycopg.Connection[tuple[object, ...]]
+    settings: Settings,
+    conn: psycopg.Connection[tuple[object, ...]],
+    only: set[str] | None = None,
 ) -> list[WarehouseTable]:
-    """Every table of the group as the warehouse sees it, from the catalog."""
+    """Every table of the group as the warehouse sees it, from the catalog (``only``: those
+    whose ledger keys it names)."""
     specs = {s.qualified: s for s in settings.table_specs}
     return [
         from_catalog(
@@ -476,17 +573,18 @@ def describe(
             spec=specs[n.source],
         )
         for n in names(settings)
+        if only is None or n.source in only
     ]
 
 
-def read_catalog(settings: Settings) -> list[WarehouseTable]:
+def read_catalog(settings: Settings, only: set[str] | None = None) -> list[WarehouseTable]:
     """``describe`` on a session of its own."""
     try:
         with psycopg.connect(
             settings.postgres.dsn.get_secret_value(),
             connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
         ) as conn:
-            return describe(settings, conn)
+            return describe(settings, conn, only)
     except psycopg.Error as exc:
         from cdc_daemon.errors import from_psycopg
 

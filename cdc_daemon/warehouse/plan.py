@@ -13,8 +13,10 @@ property by property; only a difference becomes a change, so applying twice chan
   the definition in place: https://docs.snowflake.com/en/sql-reference/sql/create-or-alter);
 - tables: created when missing (with the ``INSERT`` that follows a table's ``CREATE`` in
   ``snowflake/``, which fills a new history table); a column the catalog has and the table
-  lacks is added (``ADD COLUMN IF NOT EXISTS``); a column of another type is reported, never changed
-  (``CREATE OR ALTER TABLE`` would drop the columns a definition omits);
+  lacks is added (``ADD COLUMN IF NOT EXISTS``); a column of a narrower type that Snowflake
+  widens in place (a larger NUMBER precision at the same scale, a longer VARCHAR) is altered
+  (``ALTER COLUMN ... SET DATA TYPE``); a column of another type is reported with the way
+  forward, never changed (``CREATE OR ALTER TABLE`` would drop the columns a definition omits);
 - pipe: created when missing; when its COPY differs, or its stage's URL or integration
   changes ("you must recreate the pipe": https://docs.snowflake.com/en/user-guide/
   data-load-snowpipe-manage), recreated by Snowflake's documented procedure
@@ -40,7 +42,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, TransientError
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import Described, Warehouse
-from cdc_daemon.warehouse.model import Names, WarehouseTable
+from cdc_daemon.warehouse.model import Names, WarehouseTable, same_type, widens_in_place
 
 log = structlog.get_logger()
 
@@ -308,19 +310,23 @@ def make_plan(
 
 
 def _column_changes(wh: Warehouse, plan: Plan) -> None:
-    """Columns the catalog has and an existing table lacks (added), or has with another type
-    (reported)."""
+    """Columns the catalog has and an existing table lacks (added), has with a narrower type
+    that Snowflake widens in place (altered), or has with another type (reported, with the way
+    forward)."""
     created = {c.name for c in plan.changes if c.kind == "TABLE"}
     for t in plan.tables:
-        for table, landing in t.column_tables():
+        adding = {table for table, _ in t.column_tables()}  # the tombstones: widened only
+        for table, landing, columns in t.typed_tables():
             if table in created:
                 continue
             have = wh.dialect.describe(wh, "TABLE", table) or {}
             adds: list[sql.Statement] = []
             added: list[str] = []
-            for c in t.columns:
+            for c in columns:
                 kind = c.type.landing if landing else c.type.final
                 if c.name not in have:
+                    if table not in adding:
+                        continue
                     adds.append(
                         sql.Statement(
                             "40_tables.sql",
@@ -328,18 +334,28 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                         )
                     )
                     added.append(c.name)
+                elif alter := widen_statement(table, c.q, have[c.name][0], kind):
+                    plan.changes.append(
+                        Change(
+                            "alter",
+                            "COLUMN",
+                            f"{table}.{c.name}",
+                            f"{have[c.name][0]} -> {kind} (widened in the source)",
+                            (sql.Statement("40_tables.sql", alter),),
+                        )
+                    )
                 elif have[c.name][0] and not _same_type(have[c.name][0], kind):
                     plan.changes.append(
                         Change(
                             "manual",
                             "COLUMN",
                             f"{table}.{c.name}",
-                            f"{have[c.name][0]} in Snowflake, {kind} from the catalog: a "
-                            "retyped column is not changed (docs/operations.md)",
+                            f"{have[c.name][0]} in Snowflake, {kind} from the catalog: "
+                            + retyped_way(t, have[c.name][0], kind),
                         )
                     )
             for name, kind in t.own_columns(table):
-                if name not in have:
+                if name not in have and table in adding:
                     adds.append(
                         sql.Statement(
                             "40_tables.sql",
@@ -353,13 +369,33 @@ def _column_changes(wh: Warehouse, plan: Plan) -> None:
                 )
 
 
+def widen_statement(table: str, quoted: str, have: str, want: str) -> str | None:
+    """The ALTER that brings a column of DESC type ``have`` to ``want`` when that is a widening
+    Snowflake makes in place ("Increase the precision of a number column", "Increase the length
+    of a text string column": https://docs.snowflake.com/en/sql-reference/sql/alter-table-column);
+    None when the types are the same or it is not one."""
+    if not have or same_type(have, want) or not widens_in_place(have, want):
+        return None
+    return f"ALTER TABLE {table} ALTER COLUMN {quoted} SET DATA TYPE {want}"
+
+
+def retyped_way(t: WarehouseTable, have: str, want: str) -> str:
+    """Why a column's type is not changed, and the way forward."""
+    n = t.names
+    why = "not a widening"
+    if have.upper().startswith("TIMESTAMP_NTZ") and want.upper().startswith("TIMESTAMP_TZ"):
+        why = "TIMESTAMP_NTZ to TIMESTAMP_TZ is a change to another type"
+    return (
+        f"{why}, which Snowflake cannot make in place; drop {n.landing}, {n.name} and its work "
+        "tables, `snowflake apply` to create them again, and export the table again (logical "
+        f"mode: `cdc-daemon resync --table {n.source}`; watermark mode: a backfill of its days)"
+    )
+
+
 def _same_type(have: str, want: str) -> bool:
-    """Snowflake's DESC type against the rendered one. DESC gives every type its size or
-    precision (VARCHAR(16777216), TIMESTAMP_TZ(9), BINARY(8388608)); a rendered type without
-    one is that type at any size. NUMBER(38,0) is NUMBER(38, 0). The emulator gives no type
-    (never compared)."""
-    a, b = norm(have), norm(want)
-    return a == b if "(" in b else a.split("(")[0] == b
+    """``model.same_type``; the emulator gives no type for a table it did not type (never
+    compared)."""
+    return same_type(have, want)
 
 
 # -- applying it ------------------------------------------------------------------------------

@@ -183,9 +183,10 @@ async def test_a_running_daemon_keeps_the_group_flowing_reports_degraded_and_exi
     pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
     """A long-running daemon whose group gets a failed table (a column retyped under
-    ``schema_change = "stop"``) keeps running and keeps exporting the other table; /healthz
-    and /readyz still answer 200 (a restart would fix nothing) but say ``degraded`` and name
-    the table; stopped (what SIGTERM does), it ends with exit 9 instead of 0."""
+    ``schema_change = "stop"``, other than by a widening) keeps running and keeps exporting the
+    other table; /healthz and /readyz still answer 200 (a restart would fix nothing) but say
+    ``degraded`` and name the table; stopped (what SIGTERM does), it ends with exit 9 instead
+    of 0."""
     pgbench_in_schema(pg_dsn)
     settings = group_settings(
         pg_dsn,
@@ -202,7 +203,7 @@ async def test_a_running_daemon_keeps_the_group_flowing_reports_degraded_and_exi
         assert (status, body["status"], body["failed_tables"]) == (200, "ok", {})
 
         with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
-            conn.execute(f"ALTER TABLE {TELLERS} ALTER COLUMN tbalance TYPE bigint")
+            conn.execute(f"ALTER TABLE {TELLERS} ALTER COLUMN tbalance TYPE numeric(12,2)")
             conn.execute(f"UPDATE {TELLERS} SET tbalance = 7")
             conn.execute(f"UPDATE {ACCOUNTS} SET abalance = 9, filler = 'after' WHERE aid <= 50")
 
@@ -217,7 +218,7 @@ async def test_a_running_daemon_keeps_the_group_flowing_reports_degraded_and_exi
 
         body = await degraded()
         assert list(body["failed_tables"]) == [TELLERS]
-        assert "changed type (tbalance)" in body["failed_tables"][TELLERS]
+        assert "changed type (tbalance: integer -> numeric(12,2)" in body["failed_tables"][TELLERS]
         status, ready = await get(settings, "/readyz")
         assert (status, ready["status"], list(ready["failed_tables"])) == (
             200,

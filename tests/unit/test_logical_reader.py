@@ -26,6 +26,7 @@ from cdc_daemon.capture.logical.reader import ChangeReader, ReadResult
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.capture.logical.tables import LogicalTable
 from cdc_daemon.config import load_settings
+from cdc_daemon.errors import SourceError
 from cdc_daemon.source.table import Column, TableInfo
 from cdc_daemon.source.values import QuarantineJudge
 from tests.unit.test_pgoutput import MESSAGES
@@ -44,12 +45,12 @@ T_MESSAGES = [
 ]
 
 
-def _reader(tmp_path: Path) -> tuple[ChangeReader, list[DaySpool]]:
+def _reader(tmp_path: Path, schema_change: str = "stop") -> tuple[ChangeReader, list[DaySpool]]:
     settings = load_settings(
         None,
         postgres={"dsn": "postgresql://localhost/x", "table": "public.ecommerce_sales"},
         s3={"bucket": "b"},
-        capture={"mode": "logical", "partition_column": "at"},
+        capture={"mode": "logical", "partition_column": "at", "schema_change": schema_change},
     )
     relation = next(m for _, d in T_MESSAGES if isinstance(m := decode(d), Relation))
     columns = tuple(Column(c.name, "text") for c in relation.columns)
@@ -123,3 +124,53 @@ def test_truncated_change_is_a_decode_error(tmp_path: Path, index: int) -> None:
             reader.feed(lsn, data[:cut], 0, cut)
     for spool in spools:
         spool.discard()
+
+
+def _relation() -> Relation:
+    return next(m for _, d in T_MESSAGES if isinstance(m := decode(d), Relation))
+
+
+def _accepted_with(
+    relation: Relation, **types: tuple[int, int]
+) -> tuple[tuple[str, int, int], ...]:
+    """The relation's column list with some columns of another (oid, typmod): what the ledger
+    held before the column was retyped."""
+    return tuple((c.name, *types.get(c.name, (c.type_oid, c.typmod))) for c in relation.columns)
+
+
+def test_a_widened_column_is_followed_and_marks_its_table(tmp_path: Path) -> None:
+    """Table t's columns were varchar(10) and numeric(10,3) and are now text and numeric(12,3):
+    widenings. The Relation message is followed (a new column list, no failure) and the table
+    is marked for Snowflake to widen its columns."""
+    reader, spools = _reader(tmp_path)
+    relation = _relation()
+    source = reader._source
+    source.accepted["public.t"] = _accepted_with(
+        relation, name=(1043, 14), price=(1700, ((10 << 16) | 3) + 4)
+    )
+    reader.relation(relation)
+    assert source.widened == {"public.t"}
+    assert source.accepted["public.t"] == _accepted_with(relation)
+    assert len(spools) == 1  # the new column list's spool
+
+
+def test_another_retype_stops_the_table_naming_types_reason_and_way(tmp_path: Path) -> None:
+    """price was numeric(12,2) and is numeric(12,3) (another scale), at was timestamp and is
+    timestamptz: a group of one stops with both columns, their old and new types, why neither
+    is a widening and the way forward; with schema_change = "follow" it is followed."""
+    reader, _ = _reader(tmp_path)
+    relation = _relation()
+    old = _accepted_with(relation, price=(1700, ((12 << 16) | 2) + 4), at=(1114, -1))
+    reader._source.accepted["public.t"] = old
+    with pytest.raises(SourceError) as stopped:
+        reader.relation(relation)
+    message = str(stopped.value)
+    assert "price: numeric(12,2) -> numeric(12,3), another scale" in message
+    assert "at: timestamp without time zone -> timestamp with time zone, TIMESTAMP_NTZ" in message
+    assert 'capture.schema_change = "follow"' in message
+    assert reader._source.widened == set()
+
+    follow, _ = _reader(tmp_path, schema_change="follow")
+    follow._source.accepted["public.t"] = old
+    follow.relation(relation)
+    assert follow._source.accepted["public.t"] == _accepted_with(relation)

@@ -309,6 +309,12 @@ class LogicalPipeline:
             # The batch covers [pos, hi): nothing of the table commits in [pos, start).
             result.lo = pos
             record = await self._batch_of(result, read_ts)
+            if source.widened:
+                # Before the intent record, so that no object with a wider value is uploaded
+                # (a redo included) while Snowflake's column is narrower: a failure here leaves
+                # nothing recorded, and the stream that starts again brings the Relation back.
+                await self._unit.widen(set(source.widened))
+                source.widened.clear()
             timings = {
                 "extract_s": time.monotonic() - started,
                 "compress_s": sum(g.spool.compress_s for g in result.generations),

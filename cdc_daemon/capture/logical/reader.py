@@ -28,9 +28,10 @@ from cdc_daemon.capture.logical.pgoutput import (
     format_lsn,
     iso_utc,
 )
-from cdc_daemon.capture.logical.tables import LogicalTable, logical_header
+from cdc_daemon.capture.logical.tables import LogicalTable, logical_header, type_text
 from cdc_daemon.errors import CdcError, SourceError
 from cdc_daemon.source.values import QuarantineJudge, quote
+from cdc_daemon.warehouse.model import retype_problem
 
 
 class Group(Protocol):
@@ -41,6 +42,9 @@ class Group(Protocol):
     accepted: dict[str, tuple[tuple[str, int, int], ...]]
     array_elements: dict[int, int]
     stream_relations: dict[int, Relation]
+    # Tables with a widened column whose Snowflake columns are not known to follow it yet:
+    # widened before the next batch is recorded.
+    widened: set[str]
 
     @property
     def tables(self) -> list[LogicalTable]: ...
@@ -373,12 +377,27 @@ class ChangeReader:
         log.warning(
             "columns_changed", table=table.qualified, added=added, dropped=dropped, retyped=retyped
         )
-        if retyped and self._source.schema_change == "stop":
-            names = ", ".join(retyped)
+        types = {n: (type_text(*old_names[n][1:]), type_text(*new_names[n][1:])) for n in retyped}
+        problems = {n: retype_problem(a, b) for n, (a, b) in types.items()}
+        refused = {n: why for n, why in problems.items() if why is not None}
+        widened = [n for n in retyped if n not in refused]
+        if widened:
+            # Followed: its values keep their text; Snowflake's columns are widened before the
+            # first batch holding the new type is recorded (capture.logical.pipeline).
+            self._source.widened.add(table.qualified)
+            log.warning(
+                "columns_widened",
+                table=table.qualified,
+                columns={n: f"{types[n][0]} -> {types[n][1]}" for n in widened},
+            )
+        if refused and self._source.schema_change == "stop":
+            names = ", ".join(
+                f"{n}: {types[n][0]} -> {types[n][1]}, {why}" for n, why in refused.items()
+            )
             return (
-                f"columns of {q} changed type ({names}): Snowflake's columns keep their type. "
-                "Change them in Snowflake (or drop the table's warehouse tables for "
-                "`snowflake apply` to create them again), then set "
+                f"columns of {q} changed type ({names}): not a widening Snowflake follows, so its "
+                "columns keep their type. Change them in Snowflake (or drop the table's "
+                "warehouse tables for `snowflake apply` to create them again), then set "
                 'capture.schema_change = "follow" for one run'
                 + ("" if len(self._source.tables) == 1 else f" and cdc-daemon resync --table {q}")
             )

@@ -80,6 +80,10 @@ class LogicalSource(SourceSession):
         # The column list of each table accepted so far (from the ledger, then from Relation
         # messages), by qualified name.
         self.accepted: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        # Tables with a widened column (a Relation message), for Snowflake to follow before
+        # the next batch is recorded; a restart finds the widening again (``accepted`` comes
+        # from the ledger, which saves a column list only with a committed batch).
+        self.widened: set[str] = set()
         # The oids whose changes are kept (None: every table of the group). A redo of a batch
         # recorded before a table joined must not pick up that table's changes.
         self.active: set[int] | None = None

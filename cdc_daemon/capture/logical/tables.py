@@ -14,7 +14,7 @@ from cdc_daemon.names import TableName
 from cdc_daemon.source.catalog import TableFacts, read_facts
 from cdc_daemon.source.hashing import FieldHasher, Hasher
 from cdc_daemon.source.table import Column, TableInfo, partition_of, shape_problem
-from cdc_daemon.source.values import QuarantineJudge
+from cdc_daemon.source.values import QuarantineJudge, numeric_typmod
 
 
 @dataclass(frozen=True)
@@ -136,3 +136,46 @@ def describe(
         spec.key is not None,
         spec,
     )
+
+
+# Built-in types by pg_type oid, as format_type names them: a Relation message sends a column's
+# type oid and typmod only, and a retyped column is judged by these names
+# (``warehouse.model.retype_problem``).
+_TYPE_NAMES = {
+    16: "boolean",
+    17: "bytea",
+    20: "bigint",
+    21: "smallint",
+    23: "integer",
+    25: "text",
+    114: "json",
+    700: "real",
+    701: "double precision",
+    1042: "character",
+    1043: "character varying",
+    1082: "date",
+    1083: "time without time zone",
+    1114: "timestamp without time zone",
+    1184: "timestamp with time zone",
+    1700: "numeric",
+    2950: "uuid",
+    3802: "jsonb",
+}
+
+
+def type_text(oid: int, typmod: int) -> str:
+    """``format_type(oid, typmod)`` of a built-in type (another one as ``type <oid>``, which is
+    never a widening)."""
+    name = _TYPE_NAMES.get(oid)
+    if name is None:
+        return f"type {oid}"
+    if typmod < 0:
+        return name
+    if name == "numeric":
+        return "numeric(" + ",".join(str(m) for m in numeric_typmod(typmod)) + ")"
+    if name in ("character varying", "character"):
+        return f"{name}({typmod - 4})"  # the typmod of a length is the length + 4
+    if name.startswith(("timestamp", "time ")):
+        head, _, tail = name.partition(" ")
+        return f"{head}({typmod}) {tail}"  # the typmod of a precision is the precision
+    return name
