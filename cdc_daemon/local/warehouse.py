@@ -41,7 +41,8 @@ MERGE, QUALIFY -- except four features it does not have. Each is emulated here, 
   is redone whole by the next one (the stream rows are marked consumed last).
 
 Where fakesnow answers otherwise than Snowflake, ``patch_fakesnow`` corrects it (NULL
-timestamps, SUM of NUMBER, quotes in column names, errors it does not translate). Known
+timestamps, SUM of NUMBER, quotes in column names, errors it does not translate), and
+``describe`` shows ARRAY and OBJECT columns as declared (``_EMU_DECLARED``), not as VARIANT. Known
 differences (docs/snowflake.md, asserted by ``tests/integration/test_local_differences.py``):
 SUM over VARCHAR is refused, a PRIMARY KEY is enforced, ``_LOADED_AT`` is the time of the
 emulated load, not METADATA$START_SCAN_TIME.
@@ -95,6 +96,10 @@ from cdc_daemon.warehouse.plan import Plan, desired
 log = structlog.get_logger()
 
 _EMULATION_DDL = [
+    # The declared type of each ARRAY or OBJECT column: fakesnow keeps both, and VARIANT, as
+    # DuckDB's JSON, so its DESC TABLE shows VARIANT where Snowflake's shows the declared type.
+    "CREATE TABLE IF NOT EXISTS _EMU_DECLARED (TABLE_NAME VARCHAR, COLUMN_NAME VARCHAR,"
+    " TYPE VARCHAR)",
     """CREATE TABLE IF NOT EXISTS _EMU_COPY_HISTORY (
         TABLE_NAME VARCHAR, FILE_NAME VARCHAR, STATUS VARCHAR, ROW_COUNT NUMBER, ROW_PARSED NUMBER,
         FIRST_ERROR_MESSAGE VARCHAR, LAST_LOAD_TIME TIMESTAMP_TZ)""",
@@ -366,7 +371,22 @@ class EmulatorDialect:
             except CdcError:
                 return None
             lowered = [{str(k).lower(): v for k, v in r.items()} for r in rows]
-            return {str(r["name"]): (str(r["type"]), False) for r in lowered}
+            declared = {
+                str(r["COLUMN_NAME"]): str(r["TYPE"])
+                for r in wh.query(
+                    "SELECT COLUMN_NAME, TYPE FROM _EMU_DECLARED WHERE TABLE_NAME = %(t)s",
+                    {"t": name},
+                )
+            }
+            return {
+                str(r["name"]): (
+                    declared.get(str(r["name"]), str(r["type"]))
+                    if str(r["type"]) == "VARIANT"
+                    else str(r["type"]),
+                    False,
+                )
+                for r in lowered
+            }
         if kind == "PIPE":
             rows = wh.query("SELECT DEFINITION FROM _EMU_PIPES WHERE NAME = %(n)s", {"n": name})
         elif kind == "TASK":
@@ -482,10 +502,22 @@ class EmulatorDialect:
                     raise
                 _rebuild_retyped(wh, retype.group(1), text)
             return
+        existed = head.startswith("CREATE TABLE") and self.describe_exists(wh, text)
         wh.execute(text)
         if head.startswith("USE SCHEMA"):
             for ddl in _EMULATION_DDL:
                 wh.execute(ddl)
+        if head.startswith(("CREATE TABLE", "ALTER TABLE")) and not existed:
+            _declare(wh, text)
+
+    def describe_exists(self, wh: Warehouse, create: str) -> bool:
+        """Whether the table a ``CREATE TABLE IF NOT EXISTS`` names exists (the statement
+        then changes nothing, its declared types included)."""
+        from sqlglot import exp, parse_one
+
+        tree = parse_one(create, read="snowflake")
+        table = tree.find(exp.Table)
+        return table is not None and self.describe(wh, "TABLE", table.name) is not None
 
     def _retype(self, wh: Warehouse, table: str, quoted: str, want: str) -> None:
         """Refuse what Snowflake refuses: DuckDB changes a column to any type it can cast to,
@@ -541,6 +573,37 @@ def _rebuild_retyped(wh: Warehouse, table: str, alter: str) -> None:
     wh.execute(alter.replace(f"ALTER TABLE {table} ", f"ALTER TABLE {copy} ", 1))
     wh.execute(f"DROP TABLE {table}")
     wh.execute(f"ALTER TABLE {copy} RENAME TO {table}")
+
+
+def _declare(wh: Warehouse, text: str) -> None:
+    """Record the ARRAY and OBJECT columns a ``CREATE TABLE`` (also ``... LIKE``) or ``ALTER
+    TABLE ... ADD COLUMN`` declares, for ``describe`` (``_EMU_DECLARED``)."""
+    from sqlglot import exp, parse_one
+
+    tree = parse_one(text, read="snowflake")
+    target = tree.find(exp.Table)
+    if target is None or not isinstance(tree, (exp.Create, exp.Alter)):
+        return
+    name = target.name
+    like = tree.find(exp.LikeProperty)
+    if isinstance(tree, exp.Create):
+        wh.execute("DELETE FROM _EMU_DECLARED WHERE TABLE_NAME = %(t)s", {"t": name})
+    if like is not None and isinstance(like.this, exp.Table):
+        wh.execute(
+            "INSERT INTO _EMU_DECLARED SELECT %(t)s, COLUMN_NAME, TYPE FROM _EMU_DECLARED"
+            " WHERE TABLE_NAME = %(s)s",
+            {"t": name, "s": like.this.name},
+        )
+    for column in tree.find_all(exp.ColumnDef):
+        kind = column.args.get("kind")
+        if isinstance(kind, exp.DataType) and kind.this in (
+            exp.DataType.Type.ARRAY,
+            exp.DataType.Type.OBJECT,
+        ):
+            wh.execute(
+                "INSERT INTO _EMU_DECLARED VALUES (%(t)s, %(c)s, %(k)s)",
+                {"t": name, "c": column.this.name, "k": kind.this.name},
+            )
 
 
 def _record_object(wh: Warehouse, kind: str, name: str, text: str) -> None:

@@ -95,7 +95,12 @@ def evolve_table(wh: Warehouse, t: WarehouseTable) -> list[str]:
         wanted += [(name, name, kind) for name, kind in t.own_columns(table)]
         for name, quoted, kind in wanted:
             if name not in have:
-                wh.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quoted} {kind}")
+                wh.dialect.execute_ddl(
+                    wh,
+                    sql.Statement(
+                        "evolve", f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quoted} {kind}"
+                    ),
+                )
                 if landing:
                     added.append(name)
     if added:

@@ -221,6 +221,26 @@ def test_a_not_null_violation_is_refused_at_once(bare: LocalWarehouse) -> None:
     assert "K.ID" in str(caught.value)
 
 
+def test_desc_shows_the_declared_array_and_object_types(bare: LocalWarehouse) -> None:
+    """DESC TABLE shows an ARRAY or OBJECT column as declared, as Snowflake does (fakesnow
+    keeps them as DuckDB's JSON and showed VARIANT, so every plan reported them as retyped):
+    in a CREATE TABLE, a copy made with LIKE, and a column added later; a VARIANT column stays
+    VARIANT, and a CREATE TABLE IF NOT EXISTS of an existing table changes nothing."""
+    dialect = bare.wh.dialect
+
+    def run(text: str) -> None:
+        dialect.execute_ddl(bare.wh, Statement("test", text))
+
+    run('CREATE TABLE IF NOT EXISTS D (ID NUMBER(10, 0), "Tags" ARRAY, DOC VARIANT, O OBJECT)')
+    run("CREATE TABLE IF NOT EXISTS D_COPY LIKE D")
+    run("ALTER TABLE D_COPY ADD COLUMN IF NOT EXISTS MORE ARRAY")
+    run('CREATE TABLE IF NOT EXISTS D (ID NUMBER(10, 0), "Tags" VARIANT)')
+    types = {k: v[0] for k, v in (dialect.describe(bare.wh, "TABLE", "D") or {}).items()}
+    assert (types["Tags"], types["DOC"], types["O"]) == ("ARRAY", "VARIANT", "OBJECT")
+    copied = {k: v[0] for k, v in (dialect.describe(bare.wh, "TABLE", "D_COPY") or {}).items()}
+    assert (copied["Tags"], copied["DOC"], copied["MORE"]) == ("ARRAY", "VARIANT", "ARRAY")
+
+
 # -- known differences: DuckDB cannot behave like Snowflake here (docs/snowflake.md) --------
 
 
