@@ -46,6 +46,8 @@ from dataclasses import replace
 import psycopg
 import structlog
 
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.partitions import Leaves, follow, read_leaves, table_name
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.snapshot import copy_chunk, split_keys
 from cdc_daemon.capture.logical.source import LogicalSource
@@ -55,7 +57,7 @@ from cdc_daemon.errors import CdcError, SourceError, first_error
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.source.session import SourceSession
 from cdc_daemon.state.deliveries import Deliveries
-from cdc_daemon.state.joins import GroupTable, JoinChunk, KeyRange, join_chunk_name
+from cdc_daemon.state.joins import GroupTable, JoinChunk, Key, KeyRange, join_chunk_name
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import UnitOfWork, utc_now_iso
 
@@ -249,6 +251,7 @@ class Joiner:
         only ones left wait for their seq: an idle server may log nothing that moves the
         slot's restart_lsn, and ``--exit-when-idle`` must end). ``position``: the group's
         (every object of a table that fails now lies below it)."""
+        await self.follow_partitions()
         if not self.joining:
             return False
         self._position = position
@@ -277,6 +280,35 @@ class Joiner:
                 for member in self._tables.values():
                     self._show(member)
         return True
+
+    async def follow_partitions(self) -> None:
+        """Each partitioned table's leaves against the ledger's: a partition attached with its
+        rows or detached with them gets a range of its own (``capture.logical.partitions``)."""
+        source = self._source
+        for table in source.tables:
+            state = self._tables.get(table.qualified)
+            if not table.partitioned or state is None:
+                continue
+            if state.status not in ("joining", "streaming"):
+                continue
+
+            def read(root: int = table.oid) -> Leaves:
+                return read_leaves(source._session(), root)
+
+            leaves = await source.run(read)
+            followed = follow(state, leaves)
+            if followed is None:
+                continue
+            await self._set(followed.table)
+            if followed.attached or followed.detached:
+                log.info(
+                    "partitions_changed",
+                    group=self.group,
+                    table=table.qualified,
+                    attached=[leaves.names[o] for o in followed.attached],
+                    detached=list(followed.detached),
+                    floor=format_lsn(leaves.wal_lsn),
+                )
 
     async def _split(self, state: GroupTable) -> GroupTable:
         table = self._table(state.table)
@@ -334,16 +366,7 @@ class Joiner:
         try:
             try:
                 last = await job.source.run(
-                    lambda: copy_chunk(
-                        job.session(),
-                        table,
-                        key_range.start,
-                        key_range.upper,
-                        limit,
-                        seq,
-                        read_ts,
-                        spool,
-                    )
+                    lambda: _copy_range(job.session(), table, key_range, limit, seq, read_ts, spool)
                 )
             except SourceError as exc:
                 if len(self._source.tables) == 1:
@@ -389,3 +412,41 @@ class Joiner:
                 rows=ledger.table.rows,
                 chunks=ledger.table.chunks,
             )
+
+
+def _copy_range(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: LogicalTable,
+    key_range: KeyRange,
+    limit: int,
+    seq: int,
+    read_ts: str,
+    spool: DaySpool,
+) -> Key | None:
+    """The next chunk of ``key_range``: of the table, or of the partition the range reads."""
+    partition = None
+    if key_range.partition is not None:
+        partition = table_name(conn, key_range.partition)
+        if partition is None:
+            # Dropped since: an attached one's rows left the root with it (see
+            # capture.logical.partitions); a detached one's keys cannot be read any more.
+            log.warning(
+                "partition_dropped",
+                table=table.qualified,
+                partition=key_range.partition,
+                rows_kept=key_range.delete,
+                fix="cdc-daemon resync --table " + table.qualified if key_range.delete else None,
+            )
+            return None
+    return copy_chunk(
+        conn,
+        table,
+        key_range.start,
+        key_range.upper,
+        limit,
+        seq,
+        read_ts,
+        spool,
+        partition,
+        key_range.delete,
+    )
