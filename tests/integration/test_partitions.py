@@ -203,7 +203,8 @@ async def test_partitions_attached_and_detached_while_running(
     bodies = assert_root_rebuilt(pg_dsn, s3_client, bucket)
     with psycopg.connect(pg_dsn) as conn:
         kept = conn.execute("SELECT count(*) FROM sales.events_2026_02").fetchone()
-        assert kept is not None and kept[0] > 0
+        assert kept is not None
+        assert kept[0] > 0
         deletes = sum(
             1
             for body in bodies.values()
