@@ -14,6 +14,7 @@ import pytest
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
+from cdc_daemon.errors import SourceError
 from cdc_daemon.local.services import LocalS3
 from tests.helpers import (
     differences,
@@ -219,4 +220,45 @@ async def test_partitions_attached_and_detached_while_running(
         " FOR VALUES FROM ('2026-02-01') TO ('2026-03-01')",
     )
     await export_until_streaming(settings, pg_dsn)
+    assert_root_rebuilt(pg_dsn, s3_client, bucket)
+
+
+async def test_init_checks_every_partition_and_publishes_through_the_root(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """PostgreSQL checks a partition's own replica identity when the application updates or
+    deletes through the root: a partition with REPLICA IDENTITY NOTHING is named by init, which
+    then creates no publication, and the application's DELETE on the root still works. Fixed,
+    and a publication made by hand without publish_via_partition_root (it would send each
+    partition's changes under the partition's name): run refuses to start, init switches it
+    to publish through the root and the run captures the rows."""
+    create_events(pg_dsn)
+    execute(pg_dsn, "ALTER TABLE sales.events_2026_02 REPLICA IDENTITY NOTHING")
+    settings = settings_for(pg_dsn, s3_server, bucket, tmp_path)
+    with pytest.raises(SourceError) as caught:
+        await init(settings)
+    assert "sales.events_2026_02 has REPLICA IDENTITY NOTHING" in str(caught.value)
+    assert "ALTER TABLE sales.events_2026_02 REPLICA IDENTITY DEFAULT" in str(caught.value)
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+    execute(pg_dsn, "DELETE FROM sales.events WHERE id = 1")
+
+    execute(
+        pg_dsn,
+        "ALTER TABLE sales.events_2026_02 REPLICA IDENTITY DEFAULT",
+        "CREATE PUBLICATION cdc_parts FOR TABLE sales.events",
+    )
+    with pytest.raises(SourceError, match="publish_via_partition_root"):
+        await export_until_idle(settings)
+    assert await init(settings) == 0
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = 'cdc_parts'"
+        ).fetchone() == (True,)
+        assert conn.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables"
+        ).fetchall() == [(ROOT,)]
+    assert await export_until_idle(settings) == 0
+    execute(pg_dsn, "DELETE FROM sales.events WHERE id = 40")
+    assert await export_until_idle(settings) == 0
     assert_root_rebuilt(pg_dsn, s3_client, bucket)
