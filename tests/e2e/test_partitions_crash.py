@@ -60,12 +60,13 @@ def attach_april(pg_dsn: str) -> None:
     )
 
 
-def run_until_streaming(config: Path, pg_dsn: str, **env: str) -> int:
+def run_until_streaming(config: Path, pg_dsn: str, crash_at: str | None = None) -> int:
     """Runs (``--exit-when-idle``) until the root streams again, a CHECKPOINT between them
     (the partition's seq waits for the slot's restart_lsn); the first exit code that is not
-    0 ends it (a crash point reached), else 0."""
+    0 ends it (the crash point ``crash_at`` reached), else 0."""
+    env = {} if crash_at is None else {"CDCTEST_CRASH_AT": crash_at}
     for _ in range(30):
-        done = cli(config, "run", "--exit-when-idle", **env)
+        done = cli(config, "run", "--exit-when-idle", timeout=120, **env)
         if done.returncode != 0:
             return done.returncode
         if status(pg_dsn) == "streaming":
@@ -84,12 +85,12 @@ def test_crash_points_in_partition_snapshots(
     both partitions meanwhile. The next runs redo or go on, and the root rebuilds exactly."""
     config = setup(pg_dsn, s3_server, bucket, tmp_path)
     attach_april(pg_dsn)
-    assert run_until_streaming(config, pg_dsn, CDCTEST_CRASH_AT=f"join_{point}") == 70
+    assert run_until_streaming(config, pg_dsn, f"join_{point}") == 70
     execute(pg_dsn, "UPDATE sales.events SET note = 'changed' WHERE id % 7 = 0")
     assert run_until_streaming(config, pg_dsn) == 0
     assert_root_rebuilt(pg_dsn, s3_client, bucket)
     execute(pg_dsn, "ALTER TABLE sales.events DETACH PARTITION sales.events_2026_04")
-    assert run_until_streaming(config, pg_dsn, CDCTEST_CRASH_AT=f"join_{point}") == 70
+    assert run_until_streaming(config, pg_dsn, f"join_{point}") == 70
     execute(pg_dsn, "DELETE FROM sales.events WHERE id % 5 = 0")
     assert run_until_streaming(config, pg_dsn) == 0
     assert_root_rebuilt(pg_dsn, s3_client, bucket)

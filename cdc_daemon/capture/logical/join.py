@@ -56,6 +56,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, first_error
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.source.session import SourceSession
+from cdc_daemon.source.validate import partition_problems
 from cdc_daemon.state.deliveries import Deliveries
 from cdc_daemon.state.joins import GroupTable, JoinChunk, Key, KeyRange, join_chunk_name
 from cdc_daemon.state.store import Store
@@ -300,6 +301,15 @@ class Joiner:
             if followed is None:
                 continue
             await self._set(followed.table)
+            if followed.attached:
+                # ATTACH gives the partition the root's primary key, but not a usable replica
+                # identity if it had none: the application's deletes on it would fail, and
+                # its deletes could arrive without the key (init checks the partitions it sees).
+                def check(t: LogicalTable = table) -> list[str]:
+                    return partition_problems(source._session(), t.oid, t.key, t.configured_key)
+
+                for problem in await source.run(check):
+                    log.warning("partition_problem", table=table.qualified, problem=problem)
             if followed.attached or followed.detached:
                 log.info(
                     "partitions_changed",
