@@ -6,11 +6,13 @@ the root after each step."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc_daemon.cli import init
 from cdc_daemon.config import Settings
@@ -261,4 +263,39 @@ async def test_init_checks_every_partition_and_publishes_through_the_root(
     assert await export_until_idle(settings) == 0
     execute(pg_dsn, "DELETE FROM sales.events WHERE id = 40")
     assert await export_until_idle(settings) == 0
+    assert_root_rebuilt(pg_dsn, s3_client, bucket)
+
+
+async def test_a_role_granted_the_root_only_reads_an_attached_partition_through_it(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """The least-privilege role (SELECT on the root, as deploy/postgres/cdc_role.sql grants)
+    may not read a partition attached later by its own name: the daemon reads that
+    partition's rows through the root (restricted to the partition), and the root rebuilds
+    with them."""
+    create_events(pg_dsn)
+    role = f"cdc_{uuid.uuid4().hex[:8]}"
+    execute(
+        pg_dsn,
+        f"CREATE ROLE {role} LOGIN REPLICATION",
+        f"GRANT CREATE ON DATABASE {conninfo_to_dict(pg_dsn)['dbname']} TO {role}",
+        f"GRANT USAGE ON SCHEMA sales TO {role}",
+        f"GRANT SELECT ON sales.events TO {role}",
+        "CREATE PUBLICATION cdc_parts FOR TABLE sales.events"
+        " WITH (publish_via_partition_root = true)",
+    )
+    params = conninfo_to_dict(pg_dsn)
+    params["user"] = role
+    settings = settings_for(make_conninfo("", **params), s3_server, bucket, tmp_path)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    execute(
+        pg_dsn,
+        "CREATE TABLE sales.events_2026_04 (LIKE sales.events)",
+        "INSERT INTO sales.events_2026_04 SELECT 7000 + g, timestamptz '2026-04-02 00:00+00'"
+        " + g * interval '1 hour', g, 'april' FROM generate_series(1, 90) g",
+        "ALTER TABLE sales.events ATTACH PARTITION sales.events_2026_04"
+        " FOR VALUES FROM ('2026-04-01') TO ('2026-05-01')",
+    )
+    await export_until_streaming(settings, pg_dsn)
     assert_root_rebuilt(pg_dsn, s3_client, bucket)

@@ -435,9 +435,10 @@ def _copy_range(
 ) -> Key | None:
     """The next chunk of ``key_range``: of the table, or of the partition the range reads."""
     partition = None
+    within = None
     if key_range.partition is not None:
-        partition = table_name(conn, key_range.partition)
-        if partition is None:
+        found = table_name(conn, key_range.partition)
+        if found is None:
             # Dropped since: an attached one's rows left the root with it (see
             # capture.logical.partitions); a detached one's keys cannot be read any more.
             log.warning(
@@ -448,6 +449,11 @@ def _copy_range(
                 fix="cdc-daemon resync --table " + table.qualified if key_range.delete else None,
             )
             return None
+        partition, readable = found
+        if not readable and not key_range.delete:
+            # A role granted SELECT on the root only (deploy/postgres/cdc_role.sql) reads a
+            # partition's rows through the root; a detached table must be granted to it.
+            partition, within = None, key_range.partition
     return copy_chunk(
         conn,
         table,
@@ -459,4 +465,5 @@ def _copy_range(
         spool,
         partition,
         key_range.delete,
+        within,
     )

@@ -56,13 +56,15 @@ def read_leaves(conn: psycopg.Connection[tuple[object, ...]], root: int) -> Leav
     return Leaves(parse_lsn(str(lsn[0])), {int(str(o)): str(n) for o, n in rows})
 
 
-def table_name(conn: psycopg.Connection[tuple[object, ...]], oid: int) -> str | None:
-    """A table's name by oid (renamed since: its new name), None once it is dropped."""
+def table_name(conn: psycopg.Connection[tuple[object, ...]], oid: int) -> tuple[str, bool] | None:
+    """A table's name by oid (renamed since: its new name) and whether this role may read it
+    directly, None once it is dropped."""
     row = conn.execute(
-        "SELECT oid::regclass::text FROM pg_class WHERE oid = %s AND relkind IN ('r', 'p')",
+        "SELECT oid::regclass::text, has_table_privilege(oid, 'SELECT') FROM pg_class"
+        " WHERE oid = %s AND relkind IN ('r', 'p')",
         (oid,),
     ).fetchone()
-    return None if row is None else str(row[0])
+    return None if row is None else (str(row[0]), bool(row[1]))
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def copy_chunk(
     spool: DaySpool,
     partition: str | None = None,
     delete: bool = False,
+    within: int | None = None,
 ) -> Key | None:
     """Copy the next ``limit`` rows of ``table`` by key, those above ``start`` and at most
     ``upper`` (None: unbounded), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``, in
@@ -117,11 +118,15 @@ def copy_chunk(
 
     ``partition`` (its regclass text): read that partition of ``table`` instead (one attached
     with its rows). With ``delete`` it is a partition detached from ``table``: its rows whose
-    key ``table`` no longer holds are written as ``D`` rows (``capture.logical.partitions``)."""
+    key ``table`` no longer holds are written as ``D`` rows (``capture.logical.partitions``).
+    ``within``: the oid of the one partition of ``table`` whose rows are read, through
+    ``table`` (slower: every partition's index is walked)."""
     info = table.info
     key, bound = _key_sql(table)
     source = None if partition is None else sql.SQL(partition)
     conditions: list[sql.Composable] = []
+    if within is not None:
+        conditions.append(sql.SQL("t.tableoid = {}::oid").format(sql.Literal(within)))
     if delete:
         assert source is not None, "a detached partition is read for its deletes"
         pairs = sql.SQL(" AND ").join(
