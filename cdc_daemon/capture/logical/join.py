@@ -251,7 +251,8 @@ class Joiner:
         joining tables in order; False when no table is joining (or, ``draining``, when the
         only ones left wait for their seq: an idle server may log nothing that moves the
         slot's restart_lsn, and ``--exit-when-idle`` must end). ``position``: the group's
-        (every object of a table that fails now lies below it)."""
+        (every object of a table that fails now lies below it). Partitions attached or
+        detached since the last round are noticed first (``follow_partitions``)."""
         await self.follow_partitions()
         if not self.joining:
             return False

@@ -336,13 +336,13 @@ class LogicalSource(SourceSession):
             listed = ", ".join(str(t) for t in idents.values())
             return [f"created publication {self.publication} for {listed}"]
         changes = []
-        row = self._guard(
+        row = via_root and self._guard(
             "reading the publication",
             lambda c: c.execute(
                 "SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (self.publication,)
             ).fetchone(),
         )
-        if via_root and row is not None and not row[0]:
+        if row and not row[0]:
             on = sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)")
             self._execute("publishing through the partitioned tables' root", on.format(pub))
             changes.append(f"publication {self.publication} publishes through partition roots")
