@@ -82,33 +82,43 @@ def copy_query(
     *,
     ordered: bool = True,
     unchanged: bool = False,
+    op: str = "I",
+    source: sql.Composable | None = None,
 ) -> sql.Composed:
     """``COPY`` of the rows matching ``where`` (in id order unless not ``ordered``), each as
-    ``day,<csv row>``: the source columns, ``_cdc_op``, ``_cdc_seq`` (the watermark unless
-    ``seq`` says otherwise), ``_cdc_ts`` and, with ``unchanged``, an empty ``_cdc_unchanged``
-    (the logical objects' last column)."""
+    ``day,<csv row>``: the source columns, ``_cdc_op`` (``op``), ``_cdc_seq`` (the watermark
+    unless ``seq`` says otherwise), ``_cdc_ts`` and, with ``unchanged``, an empty
+    ``_cdc_unchanged`` (the logical objects' last column). ``source``: the relation read
+    instead of the table (a partition of it, or one detached from it), aliased ``t``."""
     ident = table.watermark.ident()
     return sql.SQL(
-        "COPY (SELECT {day}, {cols}, 'I', {seq}, {ts}{unchanged} FROM {tbl} t WHERE {where}"
+        "COPY (SELECT {day}, {cols}, {op}, {seq}, {ts}{unchanged} FROM {tbl} t WHERE {where}"
         "{order}) TO STDOUT (FORMAT csv)"
     ).format(
         unchanged=sql.SQL(", NULL" if unchanged else ""),
+        op=sql.Literal(op),
         order=sql.SQL(" ORDER BY t.{}").format(ident) if ordered else sql.SQL(""),
         day=table.day_expr(read_ts),
         cols=sql.SQL(", ").join(c.csv_expr() for c in table.columns),
         seq=sql.SQL("{}::bigint").format(ident) if seq is None else seq,
         id=ident,
         ts=sql.Literal(read_ts),
-        tbl=table.ident(),
+        tbl=table.ident() if source is None else source,
         where=where,
     )
 
 
 def snapshot_query(
-    table: TableInfo, seq: int, read_ts: str, where: sql.Composable | None = None
+    table: TableInfo,
+    seq: int,
+    read_ts: str,
+    where: sql.Composable | None = None,
+    op: str = "I",
+    source: sql.Composable | None = None,
 ) -> sql.Composed:
-    """``COPY`` of a table's rows as ``I`` changes with ``_cdc_seq`` ``seq``, in the logical
-    objects' format: ``copy_query``'s rows, unordered, with an empty ``_cdc_unchanged``."""
+    """``COPY`` of a table's rows as ``I`` changes (or ``op``) with ``_cdc_seq`` ``seq``, in the
+    logical objects' format: ``copy_query``'s rows, unordered, with an empty
+    ``_cdc_unchanged``; ``source``: see ``copy_query``."""
     return copy_query(
         table,
         sql.SQL("true") if where is None else where,
@@ -116,4 +126,6 @@ def snapshot_query(
         sql.SQL("{}::bigint").format(sql.Literal(seq)),
         ordered=False,
         unchanged=True,
+        op=op,
+        source=source,
     )

@@ -370,3 +370,30 @@ def check_watermark_tables(settings: Settings) -> list[str]:
     if problems:
         raise TablesRefused(f"{settings.group} cannot be captured yet", problems)
     return lines
+
+
+def partition_problems(
+    conn: psycopg.Connection[tuple[object, ...]],
+    root: int,
+    key: tuple[str, ...],
+    configured: bool = False,
+) -> list[str]:
+    """A partitioned table's leaf partitions, each checked as a table (``key_problems``).
+
+    Published through the root, an UPDATE or DELETE still runs on the leaf: PostgreSQL checks
+    the leaf's replica identity, not the root's (so a leaf with REPLICA IDENTITY NOTHING makes
+    the application's deletes on it fail), and the old key pgoutput sends is the leaf's
+    identity's columns, converted to the root's row (a leaf identity without a key column
+    sends NULL for it). A partition attached or created later is not checked here: ATTACH
+    gives it the root's primary key index, whose columns its default identity sends."""
+    problems = []
+    for (name,) in conn.execute(
+        "SELECT relid::regclass::text FROM pg_partition_tree(%s)"
+        " WHERE isleaf AND relid <> %s::oid ORDER BY relid",
+        (root, root),
+    ).fetchall():
+        facts = read_facts(conn, str(name))
+        if facts is None or facts.kind != "r":
+            continue  # a foreign table: its rows change elsewhere, never through this WAL
+        problems += key_problems(facts, key, configured, logical=True)
+    return problems

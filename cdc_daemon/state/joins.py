@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS {schema}.group_tables (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (group_name, table_name)
 );
+-- Schema 6: a partitioned table's leaf partitions as last seen (oids), so that one attached or
+-- detached while the daemon was down is still noticed (``capture.logical.partitions``).
+ALTER TABLE {schema}.group_tables ADD COLUMN IF NOT EXISTS partitions jsonb;
 -- A snapshot chunk's own part: its key range and attempt (its objects and their state are its
 -- delivery's, ``state.deliveries``).
 CREATE TABLE IF NOT EXISTS {schema}.join_chunks (
@@ -58,13 +61,17 @@ Key = tuple[str | None, ...]  # a key's values, as text
 
 @dataclass(frozen=True)
 class KeyRange:
-    """Keys in ``(lower, upper]`` (None: unbounded), exported up to ``after``."""
+    """Keys in ``(lower, upper]`` (None: unbounded), exported up to ``after``. ``partition``:
+    the oid of the partition read instead of the table (attached with its rows); with
+    ``delete``, of a partition detached from it, whose keys are written as deletes."""
 
     lower: Key | None = None
     upper: Key | None = None
     after: Key | None = None
     chunks: int = 0
     done: bool = False
+    partition: int | None = None
+    delete: bool = False
 
     @property
     def start(self) -> Key | None:
@@ -78,6 +85,8 @@ class KeyRange:
             "after": _listed(self.after),
             "chunks": self.chunks,
             "done": self.done,
+            **({} if self.partition is None else {"partition": self.partition}),
+            **({"delete": True} if self.delete else {}),
         }
 
     @classmethod
@@ -88,6 +97,8 @@ class KeyRange:
             _key(data.get("after")),
             int(str(data.get("chunks", 0))),
             bool(data.get("done", False)),
+            None if data.get("partition") is None else int(str(data["partition"])),
+            bool(data.get("delete", False)),
         )
 
 
@@ -117,6 +128,9 @@ class GroupTable:
     chunks: int = 0
     rows: int = 0
     error: str | None = None  # why it failed
+    # A partitioned table: the oids of its leaf partitions when last looked at (None: not
+    # partitioned, or not looked at yet).
+    partitions: tuple[int, ...] | None = None
 
 
 def join_chunk_id(table: str, seq: int, part: int, chunk: int) -> str:

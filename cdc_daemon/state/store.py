@@ -41,8 +41,9 @@ from cdc_daemon.state.verify import VERIFY_DDL
 # 2: backfill_runs, backfill_chunks (state.backfill). 3: group_tables, join_chunks (joins).
 # 4: deliveries, for every producer (state.deliveries); batches became stream_batches.
 # 5: deliveries' producer repair (its check constraint replaced), verify_state and hash_salts
-# (added by CREATE TABLE IF NOT EXISTS: nothing to move).
-SCHEMA_VERSION = 5
+# (added by CREATE TABLE IF NOT EXISTS: nothing to move). 6: group_tables.partitions (added by
+# ADD COLUMN IF NOT EXISTS in JOINS_DDL: NULL, "not looked at yet", is right for every row).
+SCHEMA_VERSION = 6
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.meta (
@@ -120,6 +121,7 @@ def _group_table(r: dict[str, Any]) -> GroupTable:
         r["chunks"],
         r["rows"],
         r["error"],
+        None if r.get("partitions") is None else tuple(int(p) for p in r["partitions"]),
     )
 
 
@@ -295,6 +297,11 @@ class Store(Deliveries):
                 f"the ledger schema {self._schema_name!r} predates table groups: run "
                 "`cdc-daemon init` (it adds their tables)",
             )
+            if "partitions" not in await self._columns("group_tables"):
+                raise StateError(
+                    f"the ledger schema {self._schema_name!r} predates partitioned tables in "
+                    "logical mode: run `cdc-daemon init` (it adds group_tables.partitions)"
+                )
 
     async def check_salts(self, settings: Settings, fingerprint: str | None) -> None:
         """Each table with hash_columns keeps the salt its values were first hashed with
@@ -463,12 +470,12 @@ class Store(Deliveries):
             "recording a table of the group",
             self._q(
                 "INSERT INTO {schema}.group_tables (group_name, table_name, status, since, seq,"
-                " floor, ranges, chunks, rows, error)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " floor, ranges, chunks, rows, error, partitions)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (group_name, table_name) DO UPDATE SET status = EXCLUDED.status,"
                 " since = EXCLUDED.since, seq = EXCLUDED.seq, floor = EXCLUDED.floor,"
                 " ranges = EXCLUDED.ranges, chunks = EXCLUDED.chunks, rows = EXCLUDED.rows,"
-                " error = EXCLUDED.error, updated_at = now()"
+                " error = EXCLUDED.error, partitions = EXCLUDED.partitions, updated_at = now()"
             ),
             (
                 group,
@@ -481,6 +488,7 @@ class Store(Deliveries):
                 table.chunks,
                 table.rows,
                 table.error,
+                None if table.partitions is None else json.dumps(list(table.partitions)),
             ),
         )
 

@@ -13,6 +13,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from cdc_daemon.config import Settings, load_settings
+from cdc_daemon.errors import StateError
 from cdc_daemon.reconcile.reconciler import Reconciler
 from cdc_daemon.state.backfill import BackfillLedger
 from cdc_daemon.state.joins import join_chunk_name
@@ -110,9 +111,14 @@ async def test_a_schema_3_ledger_is_upgraded_in_place_and_loses_nothing(v3_ledge
     finally:
         await store.close()
     assert rows(dsn, "SELECT value FROM cdc.meta") == [{"value": str(SCHEMA_VERSION)}]
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     # Schema 5 adds hash_salts (hash_columns), empty until a table hashes a column.
     assert rows(dsn, "SELECT * FROM cdc.hash_salts") == []
+    # Schema 6 adds group_tables.partitions: NULL (leaves not looked at yet) for every table.
+    assert rows(dsn, "SELECT DISTINCT partitions FROM cdc.group_tables") in (
+        [],
+        [{"partitions": None}],
+    )
 
     # Stream batches: the view ``batches`` shows every column as it was.
     assert rows(dsn, "SELECT * FROM cdc.batches ORDER BY batch_id") == batches
@@ -271,4 +277,34 @@ async def test_a_schema_4_ledger_accepts_repair_deliveries_after_init(pg_dsn: st
             await store.close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(REPAIR_DELIVERY)
-    assert rows(pg_dsn, "SELECT value FROM cdc.meta") == [{"value": "5"}]
+    assert rows(pg_dsn, "SELECT value FROM cdc.meta") == [{"value": str(SCHEMA_VERSION)}]
+
+
+async def test_a_schema_5_ledger_gets_group_partitions_at_init(pg_dsn: str) -> None:
+    """A schema 5 ledger (group_tables without ``partitions``): a logical start refuses it with
+    the command that fixes it; ``init`` adds the column, NULL for the tables already there
+    (their other state untouched), and a second ``init`` changes nothing."""
+    store = await Store.connect(pg_dsn, "cdc")
+    try:
+        await store.init_schema()
+    finally:
+        await store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE cdc.group_tables DROP COLUMN partitions;"
+            " UPDATE cdc.meta SET value = '5' WHERE key = 'schema_version';"
+            " INSERT INTO cdc.group_tables (group_name, table_name, status, since, seq)"
+            " VALUES ('shop', 'public.t', 'streaming', 100, 90)"
+        )
+    store = await Store.connect(pg_dsn, "cdc")
+    try:
+        with pytest.raises(StateError, match="cdc-daemon init"):
+            await store.check_schema(logical=True)
+        for _ in range(2):
+            await store.init_schema()
+        await store.check_schema(logical=True)
+        (table,) = await store.group_tables("shop")
+    finally:
+        await store.close()
+    assert (table.status, table.since, table.seq, table.partitions) == ("streaming", 100, 90, None)
+    assert rows(pg_dsn, "SELECT value FROM cdc.meta") == [{"value": str(SCHEMA_VERSION)}]

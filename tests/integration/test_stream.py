@@ -23,15 +23,17 @@ from cdc_daemon.capture.logical.pgoutput import Begin, Commit, decode, parse_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.capture.logical.stream import XLOG_HEADER, Keepalive, ReplicationStream
 from cdc_daemon.cli import init
-from cdc_daemon.errors import SourceError, TransientError
+from cdc_daemon.errors import TransientError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.source.values import QuarantineJudge
 from tests.helpers import (
     assert_rebuilt_equals_source,
+    differences,
     export_until_idle,
     fetch_one,
     make_settings,
     object_bodies,
+    rebuild,
     running_daemon,
     wait_until,
 )
@@ -390,18 +392,32 @@ async def test_a_retried_batch_with_an_added_column_is_redone_without_a_false_dr
     assert rows[max(ids, key=int)]["extra"] == "7"
 
 
-async def test_a_partitioned_table_is_refused_in_logical_mode_with_a_way_out(
-    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+async def test_a_partitioned_table_is_captured_through_its_root(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
 ) -> None:
-    """A partitioned table (whose changes pgoutput sends under each partition's name) is refused
-    at init with one sentence that names watermark mode, not with advice that cannot work."""
+    """A partitioned table named by ``postgres.table`` (a group of one), one of its partitions
+    itself partitioned: init publishes through the root, and the snapshot and the changes of
+    every leaf, two levels down included, go to the root's one folder and rebuild it."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(
-            "CREATE TABLE ev (id bigint, at timestamptz NOT NULL, PRIMARY KEY (id, at))"
+            "CREATE TABLE ev (id bigint, at timestamptz NOT NULL, v text, PRIMARY KEY (id, at))"
             " PARTITION BY RANGE (at)"
         )
         conn.execute(
             "CREATE TABLE ev_2011 PARTITION OF ev FOR VALUES FROM ('2011-01-01') TO ('2012-01-01')"
+            " PARTITION BY HASH (id)"
+        )
+        for r in range(2):
+            conn.execute(
+                f"CREATE TABLE ev_2011_{r} PARTITION OF ev_2011"
+                f" FOR VALUES WITH (MODULUS 2, REMAINDER {r})"
+            )
+        conn.execute(
+            "CREATE TABLE ev_2012 PARTITION OF ev FOR VALUES FROM ('2012-01-01') TO ('2013-01-01')"
+        )
+        conn.execute(
+            "INSERT INTO ev SELECT g, timestamptz '2011-06-01 00:00+00' + g * interval '1 day',"
+            " 'v' FROM generate_series(1, 400) g"
         )
     settings = make_settings(
         pg_dsn,
@@ -411,8 +427,18 @@ async def test_a_partitioned_table_is_refused_in_logical_mode_with_a_way_out(
         postgres={"table": "public.ev"},
         capture={"mode": "logical", "partition_column": "at"},
     )
-    with pytest.raises(SourceError, match=r"partitioned table.*watermark"):
-        await init(settings)
+    assert await init(settings) == 0
+    assert await export_until_idle(settings) == 0
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        conn.execute("UPDATE ev SET v = 'u' WHERE id % 3 = 0")
+        conn.execute("DELETE FROM ev WHERE id % 7 = 0")
+        conn.execute("UPDATE ev SET at = at - interval '200 days' WHERE id IN (300, 301)")
+    assert await export_until_idle(settings) == 0
+    bodies = object_bodies(s3_client, bucket)
+    assert {k.split("/")[0] for k in bodies} == {"public.ev"}
+    rebuild(pg_dsn, bodies, "ev", ("id", "at"))
+    source, rebuilt, missing, extra = differences(pg_dsn, "ev")
+    assert (source, missing, extra) == (rebuilt, 0, 0)
 
 
 async def test_changes_of_other_tables_in_the_publication_are_left_out(

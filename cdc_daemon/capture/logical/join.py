@@ -46,6 +46,8 @@ from dataclasses import replace
 import psycopg
 import structlog
 
+from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.partitions import Leaves, follow, read_leaves, table_name
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.snapshot import copy_chunk, split_keys
 from cdc_daemon.capture.logical.source import LogicalSource
@@ -54,8 +56,9 @@ from cdc_daemon.config import Settings
 from cdc_daemon.errors import CdcError, SourceError, first_error
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.source.session import SourceSession
+from cdc_daemon.source.validate import partition_problems
 from cdc_daemon.state.deliveries import Deliveries
-from cdc_daemon.state.joins import GroupTable, JoinChunk, KeyRange, join_chunk_name
+from cdc_daemon.state.joins import GroupTable, JoinChunk, Key, KeyRange, join_chunk_name
 from cdc_daemon.state.store import Store
 from cdc_daemon.unit import UnitOfWork, utc_now_iso
 
@@ -248,7 +251,9 @@ class Joiner:
         joining tables in order; False when no table is joining (or, ``draining``, when the
         only ones left wait for their seq: an idle server may log nothing that moves the
         slot's restart_lsn, and ``--exit-when-idle`` must end). ``position``: the group's
-        (every object of a table that fails now lies below it)."""
+        (every object of a table that fails now lies below it). Partitions attached or
+        detached since the last round are noticed first (``follow_partitions``)."""
+        await self.follow_partitions()
         if not self.joining:
             return False
         self._position = position
@@ -277,6 +282,44 @@ class Joiner:
                 for member in self._tables.values():
                     self._show(member)
         return True
+
+    async def follow_partitions(self) -> None:
+        """Each partitioned table's leaves against the ledger's: a partition attached with its
+        rows or detached with them gets a range of its own (``capture.logical.partitions``)."""
+        source = self._source
+        for table in source.tables:
+            state = self._tables.get(table.qualified)
+            if not table.partitioned or state is None:
+                continue
+            if state.status not in ("joining", "streaming"):
+                continue
+
+            def read(root: int = table.oid) -> Leaves:
+                return read_leaves(source._session(), root)
+
+            leaves = await source.run(read)
+            followed = follow(state, leaves)
+            if followed is None:
+                continue
+            await self._set(followed.table)
+            if followed.attached:
+                # ATTACH gives the partition the root's primary key, but not a usable replica
+                # identity if it had none: the application's deletes on it would fail, and
+                # its deletes could arrive without the key (init checks the partitions it sees).
+                def check(t: LogicalTable = table) -> list[str]:
+                    return partition_problems(source._session(), t.oid, t.key, t.configured_key)
+
+                for problem in await source.run(check):
+                    log.warning("partition_problem", table=table.qualified, problem=problem)
+            if followed.attached or followed.detached:
+                log.info(
+                    "partitions_changed",
+                    group=self.group,
+                    table=table.qualified,
+                    attached=[leaves.names[o] for o in followed.attached],
+                    detached=list(followed.detached),
+                    floor=format_lsn(leaves.wal_lsn),
+                )
 
     async def _split(self, state: GroupTable) -> GroupTable:
         table = self._table(state.table)
@@ -334,16 +377,7 @@ class Joiner:
         try:
             try:
                 last = await job.source.run(
-                    lambda: copy_chunk(
-                        job.session(),
-                        table,
-                        key_range.start,
-                        key_range.upper,
-                        limit,
-                        seq,
-                        read_ts,
-                        spool,
-                    )
+                    lambda: _copy_range(job.session(), table, key_range, limit, seq, read_ts, spool)
                 )
             except SourceError as exc:
                 if len(self._source.tables) == 1:
@@ -389,3 +423,48 @@ class Joiner:
                 rows=ledger.table.rows,
                 chunks=ledger.table.chunks,
             )
+
+
+def _copy_range(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: LogicalTable,
+    key_range: KeyRange,
+    limit: int,
+    seq: int,
+    read_ts: str,
+    spool: DaySpool,
+) -> Key | None:
+    """The next chunk of ``key_range``: of the table, or of the partition the range reads."""
+    partition = None
+    within = None
+    if key_range.partition is not None:
+        found = table_name(conn, key_range.partition)
+        if found is None:
+            # Dropped since: an attached one's rows left the root with it (see
+            # capture.logical.partitions); a detached one's keys cannot be read any more.
+            log.warning(
+                "partition_dropped",
+                table=table.qualified,
+                partition=key_range.partition,
+                rows_kept=key_range.delete,
+                fix="cdc-daemon resync --table " + table.qualified if key_range.delete else None,
+            )
+            return None
+        partition, readable = found
+        if not readable and not key_range.delete:
+            # A role granted SELECT on the root only (deploy/postgres/cdc_role.sql) reads a
+            # partition's rows through the root; a detached table must be granted to it.
+            partition, within = None, key_range.partition
+    return copy_chunk(
+        conn,
+        table,
+        key_range.start,
+        key_range.upper,
+        limit,
+        seq,
+        read_ts,
+        spool,
+        partition,
+        key_range.delete,
+        within,
+    )

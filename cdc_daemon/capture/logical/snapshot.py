@@ -25,9 +25,12 @@ def copy_snapshot(
     seq: int,
     read_ts: str,
     where: sql.Composable | None = None,
+    op: str = "I",
+    source: sql.Composable | None = None,
 ) -> None:
     rewrite = table.copy_hasher()
-    with conn.cursor() as cur, cur.copy(snapshot_query(table, seq, read_ts, where)) as copy:
+    query = snapshot_query(table, seq, read_ts, where, op, source)
+    with conn.cursor() as cur, cur.copy(query) as copy:
         rows = CopyRows(copy).batch
         while batch := rows():
             for data in map(bytes, batch) if rewrite is None else map(rewrite, batch):
@@ -69,6 +72,13 @@ def split_keys(
     row = conn.execute(
         "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %s", (table.oid,)
     ).fetchone()
+    if table.partitioned:
+        # A partitioned table has no rows of its own (its reltuples is -1): its leaves' count.
+        row = conn.execute(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_partition_tree(%s)"
+            " p JOIN pg_class c ON c.oid = p.relid WHERE p.isleaf",
+            (table.oid,),
+        ).fetchone()
     estimate = int(str(row[0])) if row else 0
     if estimate < parts * 2:
         return []
@@ -98,13 +108,33 @@ def copy_chunk(
     seq: int,
     read_ts: str,
     spool: DaySpool,
+    partition: str | None = None,
+    delete: bool = False,
+    within: int | None = None,
 ) -> Key | None:
     """Copy the next ``limit`` rows of ``table`` by key, those above ``start`` and at most
     ``upper`` (None: unbounded), into ``spool`` as ``I`` rows with ``_cdc_seq`` ``seq``, in
-    one transaction. Returns the chunk's last key, or None when it reached ``upper``."""
+    one transaction. Returns the chunk's last key, or None when it reached ``upper``.
+
+    ``partition`` (its regclass text): read that partition of ``table`` instead (one attached
+    with its rows). With ``delete`` it is a partition detached from ``table``: its rows whose
+    key ``table`` no longer holds are written as ``D`` rows (``capture.logical.partitions``).
+    ``within``: the oid of the one partition of ``table`` whose rows are read, through
+    ``table`` (slower: every partition's index is walked)."""
     info = table.info
     key, bound = _key_sql(table)
+    source = None if partition is None else sql.SQL(partition)
     conditions: list[sql.Composable] = []
+    if within is not None:
+        conditions.append(sql.SQL("t.tableoid = {}::oid").format(sql.Literal(within)))
+    if delete:
+        assert source is not None, "a detached partition is read for its deletes"
+        pairs = sql.SQL(" AND ").join(
+            sql.SQL("r.{k} = t.{k}").format(k=sql.Identifier(k)) for k in table.key
+        )
+        conditions.append(
+            sql.SQL("NOT EXISTS (SELECT 1 FROM {} r WHERE {})").format(info.ident(), pairs)
+        )
     if start is not None:
         conditions.append(sql.SQL("({}) > ({})").format(key, bound(start)))
     if upper is not None:
@@ -112,13 +142,16 @@ def copy_chunk(
     where: sql.Composable = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
     with translated(f"copying the snapshot of {info.qualified}"), read_snapshot(conn):
         row = conn.execute(
-            sql.SQL("SELECT {texts} FROM {t} WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
-                texts=_key_texts(table), t=info.ident(), w=where, k=key
+            sql.SQL("SELECT {texts} FROM {t} t WHERE {w} ORDER BY {k} OFFSET %s LIMIT 1").format(
+                texts=_key_texts(table),
+                t=info.ident() if source is None else source,
+                w=where,
+                k=key,
             ),
             (limit - 1,),
         ).fetchone()
         last = None if row is None else tuple(None if v is None else str(v) for v in row)
         if last is not None:
             where = sql.SQL("{} AND ({}) <= ({})").format(where, key, bound(last))
-        copy_snapshot(conn, info, spool, seq, read_ts, where)
+        copy_snapshot(conn, info, spool, seq, read_ts, where, "D" if delete else "I", source)
     return None if last == upper else last

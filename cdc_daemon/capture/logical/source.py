@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -36,7 +37,12 @@ from cdc_daemon.errors import CdcError, SourceError, TransientError, from_psycop
 from cdc_daemon.names import TableName
 from cdc_daemon.source.session import SourceSession, connect
 from cdc_daemon.source.table import TableInfo, hasher_of
-from cdc_daemon.source.validate import generated_notes, identity_line, logical_problems
+from cdc_daemon.source.validate import (
+    generated_notes,
+    identity_line,
+    logical_problems,
+    partition_problems,
+)
 
 log = structlog.get_logger()
 
@@ -223,6 +229,12 @@ class LogicalSource(SourceSession):
         for t in self.tables:
             assert t.facts is not None, "described from the catalog"
             problems += logical_problems(t.facts, t.key, t.configured_key, t.spec)
+            if t.partitioned:
+                leaves: list[str] = self._guard(
+                    "reading the partitions",
+                    partial(_partition_problems, table=t),
+                )
+                problems += leaves
         if not self.publication_exists() and not (owns_all and can_create):
             names = ", ".join(t.facts.quoted if t.facts else t.qualified for t in self.tables)
             problems.append(
@@ -273,8 +285,8 @@ class LogicalSource(SourceSession):
 
         def read(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[Any, ...] | None:
             return conn.execute(
-                "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate"
-                " FROM pg_publication p WHERE p.pubname = %s",
+                "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate,"
+                " p.pubviaroot FROM pg_publication p WHERE p.pubname = %s",
                 (self.publication,),
             ).fetchone()
 
@@ -287,6 +299,16 @@ class LogicalSource(SourceSession):
             problems.append(
                 f"publication {pub} does not publish every change: ALTER PUBLICATION {pub} "
                 "SET (publish = 'insert, update, delete, truncate')"
+            )
+        roots = [str(t.info.table) for t in self.tables if t.partitioned]
+        if roots and not row[1]:
+            # Without it each partition's changes arrive under the partition's own oid and
+            # name, which the group does not know (pg_publication_tables then lists the
+            # partitions, not the root).
+            problems.append(
+                f"publication {pub} does not include the changes of {', '.join(roots)} under "
+                f"the partitioned table's name: run `cdc-daemon init` (or ALTER PUBLICATION "
+                f"{pub} SET (publish_via_partition_root = true))"
             )
         published = self.publication_tables() or {}
         missing = [str(t.info.table) for t in self.tables if t.qualified not in published]
@@ -306,14 +328,31 @@ class LogicalSource(SourceSession):
         published = self.publication_tables()
         idents = {t.qualified: t.info.table for t in self.tables}
         pub = sql.Identifier(self.publication)
+        # A partitioned table's changes are published under its own name and columns, whichever
+        # partition (one attached or created later included) they touch: one warehouse table.
+        via_root = any(t.partitioned for t in self.tables)
         if published is None:
-            statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                pub, sql.SQL(", ").join(t.sql() for t in idents.values())
+            statement = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}{}").format(
+                pub,
+                sql.SQL(", ").join(t.sql() for t in idents.values()),
+                sql.SQL(" WITH (publish_via_partition_root = true)" if via_root else ""),
             )
             self._guard("creating the publication", lambda c: c.execute(statement))
             listed = ", ".join(str(t) for t in idents.values())
             return [f"created publication {self.publication} for {listed}"]
         changes = []
+        row = via_root and self._guard(
+            "reading the publication",
+            lambda c: c.execute(
+                "SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (self.publication,)
+            ).fetchone(),
+        )
+        if row and not row[0]:
+            on = sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)")
+            self._execute("publishing through the partitioned tables' root", on.format(pub))
+            changes.append(f"publication {self.publication} publishes through partition roots")
+            # pg_publication_tables lists the roots now, not their partitions.
+            published = self.publication_tables() or {}
         for key, table in idents.items():
             if key not in published:
                 add = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, table.sql())
@@ -573,6 +612,12 @@ class LogicalSource(SourceSession):
         elif result.hi is not None:
             self._stream_next = result.hi
         return result
+
+
+def _partition_problems(
+    conn: psycopg.Connection[tuple[object, ...]], table: LogicalTable
+) -> list[str]:
+    return partition_problems(conn, table.oid, table.key, table.configured_key)
 
 
 def _keep_alive(stream: ReplicationStream) -> None:

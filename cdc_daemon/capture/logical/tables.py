@@ -29,6 +29,9 @@ class LogicalTable:
     facts: TableFacts | None = None  # what the catalog said when described (None: made by hand)
     configured_key: bool = False  # the key is [[tables]] key, not the table's own
     spec: TableSettings | None = None  # its [[tables]] entry: the columns left out, hashed
+    # A partitioned table: captured through its root (the publication's
+    # publish_via_partition_root), its partitions followed by ``capture.logical.partitions``.
+    partitioned: bool = False
 
     def captures(self, column: str) -> bool:
         """Whether ``column`` goes into the objects (``columns`` / ``exclude_columns``): the
@@ -86,12 +89,7 @@ def describe(
     if facts is None:
         raise SourceError(f"table {table!r} does not exist (or is not visible to this user)")
     schema, name = facts.schema, facts.name
-    if facts.kind == "p":
-        raise SourceError(
-            f"{schema}.{name} is a partitioned table: logical mode does not capture one yet "
-            '(its changes arrive under each partition\'s name); use capture.mode = "watermark"'
-        )
-    if facts.kind != "r":
+    if facts.kind not in ("r", "p"):
         raise SourceError(f"{schema}.{name} is not a table")
     natural = facts.key_columns()  # the same choice init checks and the warehouse keys by
     key = natural if spec.key is None else spec.key
@@ -135,6 +133,7 @@ def describe(
         facts,
         spec.key is not None,
         spec,
+        facts.kind == "p",
     )
 
 
