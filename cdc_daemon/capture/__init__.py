@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from cdc_daemon.config import Settings, TableSettings
+from cdc_daemon.errors import AlreadyRunningError, ConfigError
+from cdc_daemon.names import TableName
 from cdc_daemon.state.store import Store
 
 
@@ -40,3 +43,29 @@ class Pipeline(Protocol):
     def replace_store(self, store: Store) -> None:
         """The ledger session after a reconnect."""
         ...
+
+
+def group_member(settings: Settings, table: str) -> TableSettings:
+    """The group's table that ``table`` names as a user writes it (``resync --table``), or
+    one sentence naming the group's tables."""
+    specs = {t.table: t for t in settings.table_specs}
+    try:
+        parsed = TableName.parse(table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if parsed not in specs:
+        listed = ", ".join(str(t) for t in specs)
+        raise ConfigError(f"{parsed} is not a table of group {settings.group}: {listed}")
+    return specs[parsed]
+
+
+async def lock_stopped(store: Store, group: str) -> None:
+    """The group's lock, for a command that changes what its daemon reads at its start (the
+    daemon must be stopped)."""
+    await store.check_schema(logical=True)
+    try:
+        await store.try_lock(group)
+    except AlreadyRunningError:
+        raise AlreadyRunningError(
+            f"the daemon of group {group} is running: stop it, resync, start it"
+        ) from None

@@ -18,11 +18,11 @@ from dataclasses import replace
 
 import structlog
 
+from cdc_daemon.capture import group_member, lock_stopped
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.source import LogicalSource
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import AlreadyRunningError, ConfigError
-from cdc_daemon.names import TableName
+from cdc_daemon.errors import ConfigError
 from cdc_daemon.source.validate import TablesRefused
 from cdc_daemon.state.position import CaptureState
 from cdc_daemon.state.store import Store
@@ -83,25 +83,12 @@ async def resync(settings: Settings, table: str) -> int:
     at the daemon's next start (``capture.logical.join``)."""
     if settings.capture.mode != "logical":
         raise ConfigError("resync is for capture.mode = 'logical' only")
-    names = {t.table: t.qualified for t in settings.table_specs}
-    try:
-        parsed = TableName.parse(table)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if parsed not in names:
-        listed = ", ".join(str(t) for t in names)
-        raise ConfigError(f"{parsed} is not a table of group {settings.group}: {listed}")
-    name = names[parsed]
+    spec = group_member(settings, table)
+    parsed, name = spec.table, spec.qualified
     store = await Store.from_settings(settings)
     try:
-        await store.check_schema(logical=True)
-        try:
-            # The daemon must be stopped: it would go on streaming the table meanwhile.
-            await store.try_lock(settings.group)
-        except AlreadyRunningError:
-            raise AlreadyRunningError(
-                f"the daemon of group {settings.group} is running: stop it, resync, start it"
-            ) from None
+        # It would go on streaming the table meanwhile.
+        await lock_stopped(store, settings.group)
         position = (await store.position(settings.group, "logical")).state.high
         known = {t.table: t for t in await store.group_tables(settings.group)}
         current = known.get(name)

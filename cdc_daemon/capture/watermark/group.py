@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import structlog
 
+from cdc_daemon.capture import group_member, lock_stopped
 from cdc_daemon.capture.watermark.pipeline import (
     TableUnreadableError,
     WatermarkPipeline,
@@ -30,8 +31,7 @@ from cdc_daemon.capture.watermark.pipeline import (
 )
 from cdc_daemon.capture.watermark.source import WatermarkSource
 from cdc_daemon.config import Settings
-from cdc_daemon.errors import AlreadyRunningError, CdcError, ConfigError, SourceError
-from cdc_daemon.names import TableName
+from cdc_daemon.errors import CdcError, ConfigError, SourceError
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.state.joins import GroupTable
 from cdc_daemon.state.store import Store
@@ -151,25 +151,12 @@ async def resync(settings: Settings, table: str) -> int:
     """Return a failed table of a watermark group to the group: once it can be read again, the
     next start reads on from its position (every row at or below it is in S3 already, every
     row above it is read then), so no row is lost or exported twice."""
-    names = {t.table: t for t in settings.table_specs}
-    try:
-        parsed = TableName.parse(table)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if parsed not in names:
-        listed = ", ".join(str(t) for t in names)
-        raise ConfigError(f"{parsed} is not a table of group {settings.group}: {listed}")
-    spec = names[parsed]
+    spec = group_member(settings, table)
+    parsed = spec.table
     store = await Store.from_settings(settings)
     try:
-        await store.check_schema(logical=True)
-        try:
-            # The daemon must be stopped: it reads the group's members only at its start.
-            await store.try_lock(settings.group)
-        except AlreadyRunningError:
-            raise AlreadyRunningError(
-                f"the daemon of group {settings.group} is running: stop it, resync, start it"
-            ) from None
+        # The daemon reads the group's members only at its start.
+        await lock_stopped(store, settings.group)
         known = {t.table: t for t in await store.group_tables(settings.group)}
         current = known.get(spec.qualified)
         if current is None or current.status != "failed":
