@@ -436,6 +436,11 @@ def write_report(settings: Settings, out: Path) -> int:
 
     if not settings.snowflake.enabled:
         raise ConfigError("snowflake.account is not set: there is no warehouse to report on")
+    # Before the queries: a path that cannot be written is said at once.
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory: name the report's file")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     from cdc_daemon.state.report import recent_deliveries
     from cdc_daemon.state.verify import verify_states
 
@@ -455,6 +460,8 @@ def write_report(settings: Settings, out: Path) -> int:
             states,
             deliveries,
         )
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report to {out}: {exc.strerror}") from None
     finally:
         wh.close()
     print(f"report: {out}")

@@ -993,6 +993,11 @@ def describe_validation_error(
         ctx = error.get("ctx") or {}
         own = error["type"] == "value_error" and "error" in ctx
         msg = str(ctx["error"]) if own else error["msg"]
+        if error["type"] == "string_pattern_mismatch" and ctx.get("pattern") == _SF_IDENT:
+            msg = (
+                "must be a plain Snowflake identifier: a letter or _, then letters, digits, _ "
+                "or $ (255 characters at most)"
+            )
         if exact:  # the key too: the file's name of what the variable sets
             problems.append((True, f"environment variable {variable} ({where}): {msg}"))
             continue

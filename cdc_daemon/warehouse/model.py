@@ -324,10 +324,11 @@ def names(settings: Settings) -> list[Names]:
     """Every table of the group, in the configured order. Two tables whose Snowflake objects
     would share a name (``ORDER_LINES`` from both ``"Order Lines"`` and ``order_lines``, or a
     table named like another's work table) are refused with the fix."""
-    out = [Names(s.table, warehouse_name(s)) for s in settings.table_specs]
+    specs = settings.table_specs
+    out = [Names(s.table, warehouse_name(s)) for s in specs]
     owner: dict[str, Names] = {}
-    for n in out:
-        for obj in _objects(n):
+    for n, spec in zip(out, specs, strict=True):
+        for obj in _objects(n, spec.history):
             other = owner.setdefault(obj, n)
             if other is not n:
                 raise ConfigError(
@@ -337,9 +338,9 @@ def names(settings: Settings) -> list[Names]:
     return out
 
 
-def _objects(n: Names) -> tuple[str, ...]:
-    """The names of the table's own Snowflake objects (tables, pipe, stream, tasks), the
-    current-state table first."""
+def _objects(n: Names, history: bool) -> tuple[str, ...]:
+    """The names of the table's own Snowflake objects (tables, pipe, stream, tasks; its
+    history table with ``history = true``), the current-state table first."""
     return (
         n.name,
         n.landing,
@@ -351,6 +352,7 @@ def _objects(n: Names) -> tuple[str, ...]:
         n.changes,
         n.touched,
         n.merge_log,
+        *((n.history,) if history else ()),
     )
 
 

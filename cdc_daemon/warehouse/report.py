@@ -198,7 +198,7 @@ def _deliveries(deliveries: Sequence[dict[str, Any]]) -> str:
     )
     return (
         "<h2>Latest deliveries</h2><table><tr><th>read</th><th>producer</th><th>table</th>"
-        "<th>objects</th><th>rows</th><th>state</th><th>read to S3</th><th>S3 to loaded</th>"
+        "<th>batch</th><th>rows</th><th>state</th><th>read to S3</th><th>S3 to loaded</th>"
         "</tr>" + rows + "</table>"
     )
 

@@ -141,3 +141,37 @@ def test_the_demo_refuses_a_missing_csv_before_starting_anything(
     captured = capsys.readouterr()
     assert captured.err == f"cdc-daemon: --csv {missing}: there is no such file\n"
     assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("out", "says"),
+    [
+        ("{tmp}", "is a directory: name the report's file"),
+        ("{tmp}/missing/r.html", "the folder {tmp}/missing does not exist"),
+    ],
+)
+def test_a_report_path_that_cannot_be_written_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str, says: str
+) -> None:
+    """``report --out`` naming a directory or a file in a missing folder is refused with one
+    sentence (exit 2) before any query runs (the account named here does not exist), not a
+    traceback after them."""
+    path = tmp_path / "cdc.toml"
+    path.write_text('[postgres]\ntable = "public.t"\n[snowflake]\naccount = "nowhere"\n')
+    assert main(["report", "--config", str(path), "--out", out.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert says.format(tmp=tmp_path) in err
+
+
+def test_a_warehouse_table_that_is_no_identifier_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``warehouse_table`` that is no plain Snowflake identifier (a dash here) is refused with
+    the rule it breaks in words, not the regular expression (exit 2)."""
+    path = tmp_path / "cdc.toml"
+    path.write_text('[[tables]]\nname = "public.t"\nwarehouse_table = "Sales-2"\n')
+    assert main(["snowflake", "render", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "warehouse_table: must be a plain Snowflake identifier: a letter or _" in err
+    assert "pattern" not in err

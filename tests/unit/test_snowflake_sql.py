@@ -300,6 +300,14 @@ def test_odd_table_names_get_plain_snowflake_names() -> None:
             [{"name": "adv.a", "warehouse_table": "B"}, {"name": "adv.b"}],
             "adv.a and adv.b would both name B in Snowflake",
         ),
+        (
+            [{"name": "adv.p", "history": True}, {"name": "adv.c", "warehouse_table": "P_HISTORY"}],
+            "adv.p and adv.c would both name P_HISTORY in Snowflake",
+        ),
+        (
+            [{"name": "adv.p", "history": True}, {"name": "adv.p_history"}],
+            "adv.p and adv.p_history would both name P_HISTORY in Snowflake",
+        ),
     ],
 )
 def test_two_tables_on_one_snowflake_name_are_refused_with_the_fix(
@@ -307,13 +315,15 @@ def test_two_tables_on_one_snowflake_name_are_refused_with_the_fix(
 ) -> None:
     """Two tables of a group whose Snowflake objects would share a name (two source names
     mapping to one default, or a table named like another's work table) are refused with one
-    sentence naming both and the fix (warehouse_table); setting it makes the group valid."""
-    settings = load_settings(None, tables=tables, capture={"group": "adv"})
+    sentence naming both and the fix (warehouse_table); setting it makes the group valid. A
+    history table counts when the table has one (``history = true``)."""
+    capture = {"group": "adv", "mode": "logical"}
+    settings = load_settings(None, tables=tables, capture=capture)
     with pytest.raises(ConfigError, match="set warehouse_table for one of them") as caught:
         model.names(settings)
     assert says in str(caught.value)
     fixed = [*tables[:-1], {**tables[-1], "warehouse_table": "OTHER"}]
-    model.names(load_settings(None, tables=fixed, capture={"group": "adv"}))
+    model.names(load_settings(None, tables=fixed, capture=capture))
 
 
 def test_a_warehouse_table_that_is_a_reserved_word_is_refused() -> None:
