@@ -39,6 +39,7 @@ log = structlog.get_logger()
 BUCKET = "cdc-local"
 STATE = "local.json"
 CONFIG = "cdc.toml"
+PREVIOUS_CONFIG = "cdc.toml.previous"
 
 
 def _running(folder: Path) -> dict[str, Any] | None:
@@ -185,6 +186,11 @@ def serve(folder: Path) -> int:
         ):
             warehouse.wh.dialect.execute_ddl(warehouse.wh, Statement("00_database.sql", text))
         warehouse.record_stage()
+        if (folder / CONFIG).exists():
+            # A configuration of an earlier `local up` (with the user's [[tables]]) names
+            # services that are gone: kept beside the new one rather than lost.
+            (folder / CONFIG).replace(folder / PREVIOUS_CONFIG)
+            log.warning("local_config_kept", previous=str(folder / PREVIOUS_CONFIG))
         (folder / CONFIG).write_text(
             "# cdc-daemon against the local services of `cdc-daemon local up`.\n"
             "# Name the tables to capture (there is no default table), e.g.:\n"

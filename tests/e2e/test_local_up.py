@@ -32,7 +32,8 @@ def test_local_up_serves_a_users_own_table_until_down(tmp_path: Path) -> None:
     `up` on the same folder refuses in one sentence; with a [[tables]] entry added, init,
     snowflake apply (printing what it created; `apply --plan` then finds nothing to change) and
     run export the table and the warehouse's ORDERS equals it; `report`
-    writes the page from the same warehouse; `down` stops every service."""
+    writes the page from the same warehouse; `down` stops every service; `up` again on the
+    folder keeps the edited cdc.toml as cdc.toml.previous."""
     folder = tmp_path / "local"
     started = cli("local", "up", "--dir", str(folder))
     assert started.returncode == 0, started.stderr
@@ -96,3 +97,11 @@ def test_local_up_serves_a_users_own_table_until_down(tmp_path: Path) -> None:
     assert stopped.returncode == 0, stopped.stderr
     assert not (folder / "local.json").exists()
     assert cli("local", "down", "--dir", str(folder)).returncode == 2
+    # Up again on the folder: the edited configuration is kept beside the new one.
+    restarted = cli("local", "up", "--dir", str(folder))
+    assert restarted.returncode == 0, restarted.stderr
+    try:
+        assert 'name = "orders"' in (folder / "cdc.toml.previous").read_text()
+        assert "\n[[tables]]" not in (folder / "cdc.toml").read_text()
+    finally:
+        assert cli("local", "down", "--dir", str(folder)).returncode == 0
