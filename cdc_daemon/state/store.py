@@ -627,14 +627,16 @@ class Store(Deliveries):
             (table, json.dumps(health)),
         )
 
-    async def status_counts(self, table: str) -> dict[str, int]:
+    async def status_counts(self, ledger: str) -> dict[str, int]:
+        """The ledger's deliveries by status, whoever produced them (stream batches, snapshot
+        and join chunks, backfills, repairs), as ``status`` counts them."""
         rows = await self._fetch(
-            "reading batch counts",
+            "reading delivery counts",
             self._q(
-                "SELECT status, count(*) AS n FROM {schema}.batches WHERE table_name = %s "
+                "SELECT status, count(*) AS n FROM {schema}.deliveries WHERE ledger = %s "
                 "GROUP BY status"
             ),
-            (table,),
+            (ledger,),
         )
         return {str(r["status"]): int(r["n"]) for r in rows}
 

@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cdc_daemon.capture.backfill import parse_request, run_backfill
-from cdc_daemon.cli import init
+from cdc_daemon.cli import init, reconcile_once
 from cdc_daemon.config import Settings
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.local.warehouse import LocalWarehouse
@@ -171,13 +171,14 @@ async def test_status_counts_every_object_and_row_the_group_exported(
 
 
 async def test_exit_when_idle_reconciles_once_before_it_exits(
-    shop: LocalWarehouse, pg_dsn: str
+    shop: LocalWarehouse, pg_dsn: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``run --exit-when-idle`` with a warehouse: its last act is a reconciler round. Run
     before Snowpipe loaded anything, it says in one line how many deliveries await
     confirmation and how to check; run again once the objects are loaded, it confirms every
     delivery of every table (each table's ledger in watermark mode, the group's in logical
-    mode) and says nothing of the kind, and ``status`` shows them loaded."""
+    mode) and says nothing of the kind, and ``status`` and ``reconcile --once`` count them all
+    loaded."""
     settings = shop.settings
     logical = settings.capture.mode == "logical"
     assert await init(settings) == 0
@@ -202,3 +203,8 @@ async def test_exit_when_idle_reconciles_once_before_it_exits(
         [{"loaded": uploaded}] if logical else [{"loaded": 1}] * 3
     )
     assert f"uploaded 0  loaded {uploaded}" in render(report)
+    # ``reconcile --once`` counts the same deliveries (the snapshot's chunks too).
+    capsys.readouterr()
+    assert await reconcile_once(settings, False, True) == 0
+    counted = json.loads(capsys.readouterr().out)["batches"]
+    assert sum(c.get("loaded", 0) for c in counted.values()) == uploaded
