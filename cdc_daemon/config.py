@@ -253,6 +253,7 @@ class TableSettings(_Section):
     )
     history: bool = Field(
         default=False,
+        strict=True,  # [[tables]] is TOML (or JSON): "yes" is a typo, not a boolean
         description="Also keep `<T>_HISTORY` in Snowflake: one row per version of each row, "
         "valid from its source commit time (`_CDC_VALID_FROM`) until the next version's or the "
         "delete's (`_CDC_VALID_TO`, NULL while current), with `_CDC_IS_CURRENT` and `_CDC_OP`, "

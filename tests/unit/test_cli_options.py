@@ -175,3 +175,13 @@ def test_a_warehouse_table_that_is_no_identifier_is_one_sentence(
     err = capsys.readouterr().err
     assert "warehouse_table: must be a plain Snowflake identifier: a letter or _" in err
     assert "pattern" not in err
+
+
+def test_history_must_be_a_boolean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``history = "yes"`` (a string) is refused in one sentence rather than read as true."""
+    path = tmp_path / "cdc.toml"
+    path.write_text('[capture]\nmode = "logical"\n[[tables]]\nname = "public.t"\nhistory = "yes"\n')
+    assert main(["snowflake", "render", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "history: Input should be a valid boolean" in err
