@@ -85,7 +85,7 @@ def test_an_unknown_column_is_refused_with_the_closest_name() -> None:
     start, so this is where the check is made)."""
     names = [c.name for c in COLUMNS]
     for setting in ("columns", "exclude_columns", "hash_columns"):
-        spec = TableSettings(name="public.people", **{setting: ["id", "emial"]})
+        spec = TableSettings.model_validate({"name": "public.people", setting: ["id", "emial"]})
         assert shape_problem(spec, "public.people", names, ("id",)) == (
             "public.people has no column 'emial', named in [[tables]] "
             f"{setting} (did you mean 'email'?)"
