@@ -139,14 +139,23 @@ def _one_change(
         conn.execute(f"DELETE FROM {LINES} WHERE {some_line}")
 
 
-def writer(pg_dsn: str, seed: int, n: int, months: list[int], stop: threading.Event) -> None:
-    """Transactions of 1-6 changes until ``stop``; one in ten rolls back. A change that meets a
-    deadlock with another writer, or a month whose partition was just detached (or is not
-    attached yet), rolls its transaction back."""
+def writer(
+    pg_dsn: str,
+    seed: int,
+    n: int,
+    months: list[int],
+    writing: threading.Event,
+    stop: threading.Event,
+) -> None:
+    """Transactions of 1-6 changes while ``writing`` is set, until ``stop``; one in ten rolls
+    back. A change that meets a deadlock with another writer, or a month whose partition was
+    just detached (or is not attached yet), rolls its transaction back."""
     rng = random.Random(seed + n)
     fresh = (n + 1) * 10_000_000
     with psycopg.connect(pg_dsn, options=SYNC) as conn:
         while not stop.is_set():
+            if not writing.wait(0.1):
+                continue
             try:
                 for _ in range(rng.randint(1, 6)):
                     fresh += 1
@@ -283,18 +292,23 @@ def test_issue_25_schemas_lose_nothing_under_sigkills(
         done = cli(config, "init")
         assert done.returncode == 0, done.stderr
         months = [1, 2]
-        stop = threading.Event()
+        writing, stop = threading.Event(), threading.Event()
+        writing.set()
         writers = [
-            threading.Thread(target=writer, args=(pg_dsn, seed, n, months, stop)) for n in range(3)
+            threading.Thread(target=writer, args=(pg_dsn, seed, n, months, writing, stop))
+            for n in range(3)
         ]
         for thread in writers:
             thread.start()
         try:
             kill_rounds(config, pg_dsn, rng, 3)
             # The group's own snapshot done (the rounds may have cut it short): January's
-            # rows are in S3 before its partition is detached.
+            # rows are in S3 before its partition is detached. The writers pause: a run
+            # ends idle only after a pass that finds nothing new.
+            writing.clear()
             done = cli(config, "run", "--exit-when-idle")
             assert done.returncode == 0, done.stderr[-3000:]
+            writing.set()
             execute(
                 pg_dsn,
                 "ALTER TABLE adv.events ATTACH PARTITION adv.events_2026_03"
