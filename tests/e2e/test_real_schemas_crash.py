@@ -1,8 +1,9 @@
 """Issue #25's schemas in one logical group, as a process under SIGKILLs: a range-partitioned
 table with a partition attached with its rows and one detached with its rows while the daemon
-runs, a table keyed only by a unique index, and a table whose name and columns are quoted.
-Whatever the crash, every table rebuilt from its objects, and every current-state table of
-the local warehouse, equals its source."""
+is killed and restarted, a table keyed only by a unique index, and a table whose name and
+columns need quoting. Whatever the crash, every table rebuilt from its objects, and every
+current-state table of the local warehouse, equals its source. Keyless tables are not
+supported yet (init refuses them) and are left out."""
 
 from __future__ import annotations
 
@@ -258,19 +259,24 @@ def test_issue_25_schemas_lose_nothing_under_sigkills(
     warehouse_dir: Path,
 ) -> None:
     """In schema adv, one logical group of: adv.events, range-partitioned by a timestamptz
-    (primary key (id, ts)), two partitions with rows; adv.stock, no primary key, keyed by a
-    unique index on NOT NULL columns under REPLICA IDENTITY USING INDEX; adv."Order Lines",
+    (primary key (id, ts)), two partitions with rows; adv.stock, no primary key, keyed only by
+    a unique index on NOT NULL columns under REPLICA IDENTITY USING INDEX; adv."Order Lines",
     with columns "first name", "we""ird", "prix€", "Ω" and a TOASTed text. Three writers
-    insert, update (key columns too: id and ts of events, moving rows across partitions; sku
-    and wh of stock; id of "Order Lines"; updates leaving the TOASTed value unchanged) and
-    delete, some transactions rolling back, while the daemon is SIGKILLed at a random moment
-    9 times: 3 rounds, then a table holding 120 rows is ATTACHed as the March partition, 3
-    rounds (a CHECKPOINT after each), then the January partition is DETACHed with its rows,
-    3 rounds. Then the daemon runs until idle until every table streams. Pins: every
-    table rebuilt from its S3 objects equals its source value for value (the attached rows
-    in, the detached rows out, no change lost), and each current-state table of the local
-    warehouse, loaded from the same objects, equals its source. The seed is printed;
-    CDC_TEST_SEED replays it."""
+    insert, update (key columns too: id and ts of events, moving rows across partitions and
+    within one; sku and wh of stock; id of "Order Lines"; updates leaving the TOASTed value
+    unchanged) and delete, some transactions rolling back, while the daemon is SIGKILLed 9
+    times, each within 2.5 s (a drawn moment) of its start, a CHECKPOINT after each: 3 kills;
+    a run until idle (writers paused) so the group's snapshot is done; a table holding 120
+    rows ATTACHed as the March partition; 3 kills; the January partition DETACHed with its
+    rows; 3 kills. Then runs until idle, CHECKPOINTs between them, until every table streams.
+
+    Pins: every table rebuilt from its S3 objects (latest change per key by _cdc_seq, deletes
+    applied, unchanged TOASTed values from the key's earlier row) equals its source value for
+    value: the attached rows in (read from snapshot chunks), the detached rows out (a D row
+    for each), no change lost to a kill; no delivery is left pending (every interrupted batch
+    redone); and each current-state table of the local warehouse, loaded and merged from the
+    same objects, equals its source. The seed is printed; CDC_TEST_SEED replays the kill
+    moments and the writers' choices (not the rows they pick, nor the timing)."""
     seed = int(os.environ.get("CDC_TEST_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -305,7 +311,7 @@ def test_issue_25_schemas_lose_nothing_under_sigkills(
         for thread in writers:
             thread.start()
         try:
-            kill_rounds(config, pg_dsn, rng, 2)
+            kill_rounds(config, pg_dsn, rng, 3)
             # The group's own snapshot done (the rounds may have cut it short): January's
             # rows are in S3 before its partition is detached. The writers pause: a run
             # ends idle only after a pass that finds nothing new.
@@ -319,10 +325,10 @@ def test_issue_25_schemas_lose_nothing_under_sigkills(
                 f" FOR VALUES FROM ('{MONTHS[3]}') TO ('2026-04-01 00:00+00')",
             )
             months.append(3)
-            kill_rounds(config, pg_dsn, rng, 2)
+            kill_rounds(config, pg_dsn, rng, 3)
             months.remove(1)
             execute(pg_dsn, "ALTER TABLE adv.events DETACH PARTITION adv.events_2026_01")
-            kill_rounds(config, pg_dsn, rng, 2)
+            kill_rounds(config, pg_dsn, rng, 3)
         finally:
             stop.set()
             for thread in writers:
