@@ -172,7 +172,8 @@ def rebuild(
     delete (``_cdc_op = 'D'``), a column that row names in ``_cdc_unchanged`` taken from the
     latest row of that key that has it (the warehouse merge's rule); a quarantined row's
     withheld values are NULL there, as in the warehouse; return the view's name.
-    ``table`` may be ``schema.table``; the raw table and the view go to the source's schema."""
+    ``table`` may be ``schema.table``, each part its exact text unquoted (``adv.Order Lines``);
+    the raw table and the view go to the source's schema."""
     schema, _, name = table.rpartition(".")
     schema = schema or "public"
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -194,9 +195,9 @@ def rebuild(
                 "SELECT a.attname, format_type(a.atttypid, a.atttypmod),"
                 " a.atttypid = 'bytea'::regtype, t.typinput = 'array_in'::regproc"
                 " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
-                " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped"
-                " ORDER BY a.attnum",
-                (f"{schema}.{name}",),
+                " WHERE a.attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass"
+                " AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                (schema, name),
             )
         ]
         names = [c[0] for c in catalog]
@@ -273,9 +274,10 @@ def differences(dsn: str, table: str = "ecommerce_sales") -> tuple[int, int, int
         cols = sql.SQL(", ").join(
             sql.Identifier(r[0])
             for r in conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
-                " AND NOT attisdropped ORDER BY attnum",
-                (f"{schema}.{name}",),
+                "SELECT attname FROM pg_attribute"
+                " WHERE attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass"
+                " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                (schema, name),
             )
         )
         rebuilt = sql.Identifier(schema, f"{name}_rebuilt")
