@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,14 @@ import structlog
 
 from cdc_daemon.cli import _parser, main
 from cdc_daemon.logging import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _logging_reset() -> Iterator[None]:
+    """``main()`` configures logging for the whole process, onto the test's captured stderr,
+    which is closed after the test: later tests must not log there."""
+    yield
+    structlog.reset_defaults()
 
 
 def bad_config(tmp_path: Path) -> Path:
