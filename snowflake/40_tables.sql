@@ -1,5 +1,5 @@
 {#- The daemon's columns of a change and where it was loaded from (landing and work tables). -#}
-{%- macro change_columns() %}
+{%- macro change_columns(t) %}
   _CDC_OP VARCHAR(1),
   _CDC_SEQ NUMBER(38, 0),
   _CDC_TS TIMESTAMP_TZ,
@@ -8,6 +8,9 @@
   _FILE VARCHAR,
   _FILE_ROW NUMBER(19, 0),
   _LOADED_AT TIMESTAMP_LTZ
+{%- if t.keyless %},
+  _CDC_ROW VARCHAR(32)
+{%- endif %}
 {%- endmacro -%}
 {%- for t in tables %}
 {%- set n = t.names %}
@@ -19,8 +22,43 @@ CREATE TABLE IF NOT EXISTS {{ n.landing }} (
 {%- for c in t.columns %}
   {{ c.q }} {{ c.type.landing }},
 {%- endfor %}
-{{- change_columns() }}
+{{- change_columns(t) }}
 );
+
+{%- if t.keyless %}
+
+-- {{ n.name }} (keyless): one row per copy of each source row, exact duplicates included. A
+-- row is known by _CDC_ROW (the BLAKE2b-128 digest of its values as the objects carry them);
+-- each copy by _CDC_SEQ, the change (or snapshot row) that made it. A value Snowflake cannot
+-- hold exactly is NULL and named in _CDC_QUARANTINED (docs/logical.md#keyless-tables).
+CREATE TABLE IF NOT EXISTS {{ n.name }} (
+{%- for c in t.columns %}
+  {{ c.q }} {{ c.type.final }},
+{%- endfor %}
+  _CDC_ROW VARCHAR(32) NOT NULL,
+  _CDC_SEQ NUMBER(38, 0) NOT NULL,
+  _CDC_TS TIMESTAMP_TZ,
+  _CDC_QUARANTINED VARCHAR,
+  _MERGED_AT TIMESTAMP_LTZ,
+{%- for name, type in t.own_columns(n.name) %}
+  {{ name }} {{ type }},
+{%- endfor %}
+  PRIMARY KEY (_CDC_SEQ)
+);
+
+-- {{ n.rows }}: every change of a keyless table counted once (by _CDC_SEQ): a copy more
+-- (S, I, U) or less (D) of the row _CDC_ROW; _CDC_POS is the commit position (the snapshot's
+-- consistent point for S), _CDC_SEQ's leading digits. The merge counts the S rows of the
+-- latest snapshot and the changes committed after it.
+CREATE TABLE IF NOT EXISTS {{ n.rows }} (
+  _CDC_ROW VARCHAR(32) NOT NULL,
+  _CDC_SEQ NUMBER(38, 0) NOT NULL,
+  _CDC_OP VARCHAR(1) NOT NULL,
+  _CDC_POS NUMBER(38, 0) NOT NULL,
+  _CDC_TS TIMESTAMP_TZ,
+  PRIMARY KEY (_CDC_SEQ)
+);
+{%- else %}
 
 -- {{ n.name }}: one row per source key, the change with the highest _CDC_SEQ. A value
 -- Snowflake cannot hold exactly is NULL and named in _CDC_QUARANTINED (column:reason;...),
@@ -48,6 +86,7 @@ CREATE TABLE IF NOT EXISTS {{ n.tombstones }} (
   _CDC_SEQ NUMBER(38, 0) NOT NULL,
   _DELETED_AT TIMESTAMP_LTZ
 );
+{%- endif %}
 
 -- Work tables of the merge task (filled and read inside its transaction; DDL in a task body
 -- would commit the transaction early, so they are created here, once): one change per key,
@@ -56,7 +95,7 @@ CREATE TABLE IF NOT EXISTS {{ n.changes }} (
 {%- for c in t.columns %}
   {{ c.q }} {{ c.type.final }},
 {%- endfor %}
-{{- change_columns() }}
+{{- change_columns(t) }}
 );
 {%- if t.models %}
 CREATE TABLE IF NOT EXISTS {{ n.touched }} LIKE {{ n.name }};

@@ -264,6 +264,64 @@ def rebuild(
     return f"{name}_rebuilt"
 
 
+def rebuild_keyless(dsn: str, bodies: dict[str, bytes], table: str) -> str:
+    """A keyless table from its objects (docs/logical.md#keyless-tables), by the rule the
+    warehouse merge follows: per ``_cdc_row``, the ``S`` rows of the latest snapshot (highest
+    consistent point, ``_cdc_seq`` / 10^10) plus the ``I`` and ``U`` rows minus the ``D`` rows
+    committed after it, each change once (by ``_cdc_seq``); each row written as many times as
+    it has copies. Values as ``rebuild`` reads them (no arrays or bytea here); returns the
+    view's name, ``<table>_rebuilt``."""
+    schema, _, name = table.rpartition(".")
+    schema = schema or "public"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        t = sql.Identifier(schema, name)
+        raw = sql.Identifier(schema, f"{name}_raw")
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(raw))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::numeric AS _cdc_seq,"
+                " now() AS _cdc_ts, ''::text AS _cdc_unchanged, ''::text AS _cdc_quarantined,"
+                " ''::text AS _cdc_row FROM {t} WITH NO DATA"
+            ).format(raw=raw, t=t)
+        )
+        names = [
+            str(n)
+            for (n,) in conn.execute(
+                "SELECT attname FROM pg_attribute"
+                " WHERE attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass"
+                " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                (schema, name),
+            )
+        ]
+        for object_key, body in bodies.items():
+            if "_quarantine/" in object_key:
+                continue
+            header = next(csv.reader([body.split(b"\n", 1)[0].decode()]))
+            assert header[-1] == "_cdc_row", f"{object_key} is no keyless table's object"
+            columns = sql.SQL(", ").join(map(sql.Identifier, header))
+            with conn.cursor().copy(
+                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(raw, columns)
+            ) as copy:
+                copy.write(body)
+        values = sql.SQL(", ").join(sql.SQL("v.{}").format(sql.Identifier(n)) for n in names)
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE VIEW {v} AS"
+                " WITH once AS (SELECT DISTINCT ON (_cdc_seq) *,"
+                "  floor(_cdc_seq / 10000000000) AS _pos FROM {raw} ORDER BY _cdc_seq),"
+                " snap AS (SELECT coalesce(max(_pos), -1) AS _at FROM once WHERE _cdc_op = 'S'),"
+                " counted AS (SELECT _cdc_row, sum(CASE WHEN _cdc_op = 'D' THEN -1 ELSE 1 END)"
+                "  AS copies FROM once, snap WHERE (_cdc_op = 'S' AND _pos = _at)"
+                "  OR (_cdc_op <> 'S' AND _pos > _at) GROUP BY _cdc_row),"
+                " one AS (SELECT DISTINCT ON (_cdc_row) * FROM once ORDER BY _cdc_row)"
+                " SELECT {values} FROM counted c JOIN one v USING (_cdc_row),"
+                " generate_series(1, c.copies::int)"
+            ).format(v=sql.Identifier(schema, f"{name}_rebuilt"), raw=raw, values=values)
+        )
+    return f"{name}_rebuilt"
+
+
 def differences(dsn: str, table: str = "ecommerce_sales") -> tuple[int, int, int, int]:
     """(source rows, rebuilt rows, rows only in source, rows only in rebuilt): every column of
     every row compared by value (numeric, timestamptz, NULL vs empty)."""

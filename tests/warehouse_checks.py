@@ -5,7 +5,8 @@ written independently of the merge task's SQL)."""
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, time
+from collections import Counter
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -156,6 +157,29 @@ def assert_table_equals_source(pg_dsn: str, wh: Any, t: WarehouseTable) -> int:
             out[tuple(str(values[i]) for i in keys)] = values
         return out
 
+    if t.keyless:
+        # A multiset: each row as often as the source has it (exact duplicates included).
+        def hashable(value: Any) -> Any:
+            if isinstance(value, (list, dict)):
+                return json.dumps(value, sort_keys=True)
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                return value.astimezone(UTC)
+            return value
+
+        def counted(rows: list[tuple[Any, ...]]) -> Counter[tuple[Any, ...]]:
+            return Counter(
+                tuple(hashable(_normal(v, kind)) for v, kind in zip(row, types, strict=True))
+                for row in rows
+            )
+
+        want = counted([tuple(r) for r in source_rows])
+        have = counted([tuple(r[c.name] for c in t.columns) for r in got_rows])
+        assert have == want, (
+            f"{t.names.name}: {sum((want - have).values())} copies missing, "
+            f"{sum((have - want).values())} extra: e.g. {list(want - have)[:2]} for "
+            f"{list(have - want)[:2]}"
+        )
+        return len(source_rows)
     source = keyed([tuple(r) for r in source_rows])
     got = keyed([tuple(r[c.name] for c in t.columns) for r in got_rows])
     assert got.keys() == source.keys(), (

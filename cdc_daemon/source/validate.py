@@ -150,6 +150,8 @@ def key_problems(
     if not key:
         if not logical:
             return []  # no merge key: the warehouse side refuses to render the table
+        if keyless_capture(facts):
+            return []  # captured keyless: each row is known by its values (docs/logical.md)
         return [keyless(facts, logical)]
     natural = None if configured else facts.natural_key()
     if natural is None or natural.primary:
@@ -236,6 +238,12 @@ def key_problems(
     return problems
 
 
+def keyless_capture(facts: TableFacts) -> bool:
+    """Whether logical mode captures the keyless table (``capture.logical.keyless``): under
+    REPLICA IDENTITY FULL, and not partitioned."""
+    return facts.identity == "f" and facts.kind != "p"
+
+
 def keyless(facts: TableFacts, logical: bool = True) -> str:
     """Why a table with no key (``natural_key`` None, none configured) cannot be merged, and
     the ways to give it one, in one sentence (``logical``: with the replica identity each
@@ -254,10 +262,25 @@ def keyless(facts: TableFacts, logical: bool = True) -> str:
     if logical:
         index += f" then ALTER TABLE {q} REPLICA IDENTITY USING INDEX {new}"
         configured += f" and ALTER TABLE {q} REPLICA IDENTITY FULL"
+        if facts.kind == "p":
+            return (
+                f"{q} is a partitioned table with no primary key and no unique index on NOT "
+                "NULL columns only (valid, not partial, not DEFERRABLE), and logical mode "
+                "captures a keyless table only unpartitioned: "
+                f"{nearly}ALTER TABLE {q} ADD PRIMARY KEY (...), or {configured}"
+            )
+        return (
+            f"{q} has no primary key and no unique index on NOT NULL columns only (valid, not "
+            "partial, not DEFERRABLE), so logical mode captures it keyless, which needs every "
+            "update and delete to log the whole old row: ALTER TABLE "
+            f"{q} REPLICA IDENTITY FULL (or give it a key: {nearly}ALTER TABLE {q} ADD PRIMARY "
+            f"KEY (...), or {index}, or {configured})"
+        )
     return (
         f"{q} has no primary key and no unique index on NOT NULL columns only (valid, not "
         "partial, not DEFERRABLE), and the warehouse merge needs a key: "
-        f"{nearly}ALTER TABLE {q} ADD PRIMARY KEY (...), or {index}, or {configured}"
+        f"{nearly}ALTER TABLE {q} ADD PRIMARY KEY (...), or {index}, or {configured}, or "
+        'capture it keyless in capture.mode = "logical" (with REPLICA IDENTITY FULL)'
     )
 
 
@@ -266,6 +289,12 @@ def identity_line(facts: TableFacts, key: tuple[str, ...], configured: bool, log
     replica identity that sends it with what that costs the source (watermark mode needs
     none)."""
     head = f"{facts.qualified}: "
+    if not key and logical:
+        return head + (
+            "no key: captured keyless (each row known by _cdc_row, a hash of its values; exact "
+            "duplicate rows kept as copies); REPLICA IDENTITY FULL: every update and delete "
+            "logs the whole old row (more WAL on the source)"
+        )
     if not key:
         # Accepted in watermark mode only (its objects need no key); the warehouse refuses.
         return head + "no key: it " + keyless(facts, logical).removeprefix(f"{facts.quoted} ")

@@ -56,7 +56,7 @@ from cdc_daemon.names import (
 )
 from cdc_daemon.source.catalog import read_facts
 from cdc_daemon.source.table import Column, shape_problem
-from cdc_daemon.source.validate import keyless
+from cdc_daemon.source.validate import keyless, keyless_capture
 from cdc_daemon.source.values import number_type
 
 # snowflake/models/ of this checkout: the sample's models (INVOICES and PRODUCTS on SALES), which
@@ -293,6 +293,11 @@ class Names:
         return f"{self.name}_HISTORY"
 
     @property
+    def rows(self) -> str:
+        """A keyless table's count of every change (``WarehouseTable.keyless``)."""
+        return f"{self.name}_ROWS"
+
+    @property
     def tasks(self) -> tuple[str, str]:
         return self.merge_task, self.cleanup_task
 
@@ -382,6 +387,9 @@ class SfColumn:
 # the operation of the change merged last, and when it was merged (_MERGED_AT, which earlier
 # warehouses have, holds the same time).
 METADATA_COLUMNS = (("_CDC_OP", "VARCHAR(1)"), ("_CDC_SYNCED_AT", "TIMESTAMP_LTZ"))
+# A keyless table's _cdc_seq: commit position * KEYLESS_SEQ_SCALE + the change's number within
+# its transaction (capture.logical.keyless).
+KEYLESS_SEQ_SCALE = 10**10
 # deletes = "soft": the current-state table's column for the delete's commit time.
 DELETED_AT = "_CDC_DELETED_AT"
 # history = true: the history table's columns after the source's (docs/snowflake.md#history-tables).
@@ -423,6 +431,12 @@ class WarehouseTable:
         return tuple(c for c in self.columns if c.key)
 
     @property
+    def keyless(self) -> bool:
+        """No key (logical mode, REPLICA IDENTITY FULL): one row per copy of each source row,
+        known by ``_CDC_ROW`` (``capture.logical.keyless``)."""
+        return not self.key
+
+    @property
     def values(self) -> tuple[SfColumn, ...]:
         return tuple(c for c in self.columns if not c.key)
 
@@ -448,6 +462,8 @@ class WarehouseTable:
         and the columns it holds: ``column_tables`` (every column) and the tombstones (the
         key's), which a widened column is widened in."""
         typed = [(table, landing, self.columns) for table, landing in self.column_tables()]
+        if self.keyless:
+            return typed
         return [*typed, (self.names.tombstones, False, self.key)]
 
 
@@ -473,6 +489,7 @@ def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = Fa
         or name in ("_MERGED_AT", DELETED_AT)
         or name in dict(METADATA_COLUMNS)
         or name in dict(HISTORY_COLUMNS)
+        or name == "_CDC_ROW"
     ):
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"
@@ -510,8 +527,25 @@ def from_catalog(
         # The one rule of the capture and init: the primary key, else a unique index.
         facts = read_facts(conn, n.table.display)
         key = () if facts is None else facts.key_columns()
-        if not key:
+        if not key and not (logical and facts is not None and keyless_capture(facts)):
             raise SourceError(keyless(facts, logical) if facts else f"{n.source} has no key")
+    if not key and spec is not None:
+        refused = [
+            what
+            for what, on in (
+                ('deletes = "soft"', spec.deletes == "soft"),
+                ("history = true", spec.history),
+                (f"models ({', '.join(m.name for m in models)})", bool(models)),
+            )
+            if on
+        ]
+        if refused:
+            raise ConfigError(
+                f"{n.source} is keyless (no primary key, no usable unique index), and "
+                f"{refused[0]} needs a key to follow a row: give the table a key (ALTER TABLE "
+                f"{n.table.display} ADD PRIMARY KEY (...)), or leave {refused[0].split(' ')[0]} "
+                "out of its [[tables]] entry"
+            )
     if spec is not None:
         problem = shape_problem(spec, n.source, [a for a, _ in cols], key)
         if problem is not None:
@@ -565,7 +599,8 @@ def describe(
     """Every table of the group as the warehouse sees it, from the catalog (``only``: those
     whose ledger keys it names)."""
     specs = {s.qualified: s for s in settings.table_specs}
-    return [
+    every = names(settings)
+    tables = [
         from_catalog(
             conn,
             n,
@@ -574,9 +609,19 @@ def describe(
             logical=settings.capture.mode == "logical",
             spec=specs[n.source],
         )
-        for n in names(settings)
+        for n in every
         if only is None or n.source in only
     ]
+    taken = {o: n for n in every for o in _objects(n, specs[n.source].history)}
+    for t in tables:
+        other = taken.get(t.names.rows) if t.keyless else None
+        if other is not None:
+            raise ConfigError(
+                f"{other.table} and the keyless {t.names.table} would both name {t.names.rows} "
+                f"in Snowflake: set warehouse_table for one of them in [[tables]] (e.g. "
+                f"{t.names.name}_2)"
+            )
+    return tables
 
 
 def read_catalog(settings: Settings, only: set[str] | None = None) -> list[WarehouseTable]:

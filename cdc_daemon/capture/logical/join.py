@@ -47,6 +47,7 @@ import psycopg
 import structlog
 
 from cdc_daemon.batch.spool import DaySpool
+from cdc_daemon.capture.logical.keyless import copy_keyless
 from cdc_daemon.capture.logical.partitions import Leaves, follow, read_leaves, table_name
 from cdc_daemon.capture.logical.pgoutput import format_lsn
 from cdc_daemon.capture.logical.snapshot import copy_chunk, split_keys
@@ -324,9 +325,12 @@ class Joiner:
     async def _split(self, state: GroupTable) -> GroupTable:
         table = self._table(state.table)
         source = self._source
-        cuts = await source.run(
-            lambda: split_keys(source._session(), table, self._settings.capture.snapshot_jobs)
-        )
+        if table.keyless:
+            cuts: list[Key] = []  # one consistent read of the whole table (capture.logical.keyless)
+        else:
+            cuts = await source.run(
+                lambda: split_keys(source._session(), table, self._settings.capture.snapshot_jobs)
+            )
         bounds = [None, *cuts, None]
         ranges = tuple(KeyRange(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1))
         split = replace(state, ranges=ranges)
@@ -376,9 +380,17 @@ class Joiner:
         spool = self._unit.new_spool(table.header, table.judge())
         try:
             try:
-                last = await job.source.run(
-                    lambda: _copy_range(job.session(), table, key_range, limit, seq, read_ts, spool)
-                )
+                if table.keyless:
+                    await job.source.run(
+                        lambda: _copy_keyless(job.session(), self._source, table, read_ts, spool)
+                    )
+                    last = None  # the whole table, in one chunk
+                else:
+                    last = await job.source.run(
+                        lambda: _copy_range(
+                            job.session(), table, key_range, limit, seq, read_ts, spool
+                        )
+                    )
             except SourceError as exc:
                 if len(self._source.tables) == 1:
                     raise  # a group of one: the daemon stops, as it always did
@@ -423,6 +435,19 @@ class Joiner:
                 rows=ledger.table.rows,
                 chunks=ledger.table.chunks,
             )
+
+
+def _copy_keyless(
+    conn: psycopg.Connection[tuple[object, ...]],
+    source: LogicalSource,
+    table: LogicalTable,
+    read_ts: str,
+    spool: DaySpool,
+) -> None:
+    """A keyless table's snapshot: the whole table in one consistent read, in one chunk."""
+    rewrite = table.info.copy_hasher()
+    consistent = copy_keyless(conn, source.replication, table.info, read_ts, spool, rewrite)
+    log.info("keyless_snapshot_read", table=table.qualified, consistent=format_lsn(consistent))
 
 
 def _copy_range(

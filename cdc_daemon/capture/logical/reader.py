@@ -15,6 +15,7 @@ import structlog
 
 from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
 from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder
+from cdc_daemon.capture.logical.keyless import change_seq, row_id
 from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
@@ -101,13 +102,17 @@ class Generation:
     # The table has a partition column (else a row goes to its commit's day); read per row.
     partitioned: bool = field(init=False, repr=False)
 
+    # No key: each row is written with its identity, an update as two rows (``keyless``).
+    keyless: bool = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
         self.partitioned = self.table.info.partition is not None
+        self.keyless = self.table.keyless
 
     @property
     def header(self) -> list[str]:
-        return logical_header([c[0] for c in self.columns])
+        return logical_header([c[0] for c in self.columns], self.keyless)
 
 
 SpoolFactory = Callable[[list[str], QuarantineJudge], DaySpool]
@@ -134,6 +139,8 @@ class ChangeReader:
         self._counts: dict[int, int] = {}  # generations per relation in this batch
         self._ts = b","
         self._day = b""
+        self._commit = 0  # the transaction's commit LSN
+        self._number = 0  # rows of keyless tables the transaction wrote so far
         self.in_transaction = False
         self.after_commit = False
         self.last_end: int | None = None
@@ -183,6 +190,8 @@ class ChangeReader:
             commit_ts = iso_utc(message.commit_ts).encode()
             self._ts = b"," + commit_ts + b","
             self._day = commit_ts[:10]
+            self._commit = message.final_lsn
+            self._number = 0
         elif isinstance(message, Commit):
             self.in_transaction = False
             self.after_commit = True
@@ -227,6 +236,15 @@ class ChangeReader:
             f"ALTER TABLE {q} REPLICA IDENTITY FULL, then cdc-daemon resync --table {q}",
         )
 
+    def _not_full(self, table: LogicalTable, lsn: int) -> None:
+        q = table.table
+        self._fail(
+            table,
+            f"a change of the keyless table {q} at LSN {format_lsn(lsn)} did not log its whole "
+            f"old row, which a keyless table needs to know the row: ALTER TABLE {q} REPLICA "
+            f"IDENTITY FULL, then cdc-daemon resync --table {q}",
+        )
+
     def _change(self, kind: int, lsn: int, data: bytes, start: int) -> None:
         """Insert, Update or Delete at ``start`` (layouts as in ``pgoutput.decode``)."""
         (rel,) = _U32(data, start + 1)
@@ -246,6 +264,9 @@ class ChangeReader:
             if old_kind not in (75, 79):
                 raise DecodeError("delete without an old tuple")
             old = decode_tuple(data, pos + 1)[0]
+            if gen.keyless and old_kind != 79:
+                self._not_full(gen.table, lsn)
+                return
             if UNCHANGED in old:
                 self._unlogged(gen.table, lsn)
                 return
@@ -257,6 +278,17 @@ class ChangeReader:
         if data[pos] != 78:
             raise DecodeError("update without a new tuple")
         new = decode_tuple(data, pos + 1)[0]
+        if gen.keyless:
+            if old_kind != 79 or old_values is None:
+                self._not_full(gen.table, lsn)
+                return
+            # One copy of the old row goes, one of the new row comes (FULL logs the old row
+            # whole, so an unchanged TOASTed value is taken from it).
+            self._row(gen, old_values, b"D", lsn)
+            if UNCHANGED in new:
+                new = [o if v is UNCHANGED else v for v, o in zip(new, old_values, strict=True)]
+            self._row(gen, new, b"U", lsn)
+            return
         key_of = gen.key_of
         if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
             if UNCHANGED in new and old_kind != 79:
@@ -300,7 +332,12 @@ class ChangeReader:
             day = self._day  # no partition column: the commit's UTC day
         target = gen.spool.day(day)
         pending = target.pending
-        pending.append(b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
+        if gen.keyless:
+            self._number += 1
+            seq = change_seq(self._commit, self._number)
+            pending.append(b"%s,%s,%d%s,%s\n" % (fields, op, seq, self._ts, row_id(fields)))
+        else:
+            pending.append(b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
         if len(pending) >= BLOCK_ROWS:
             target.drain()
         self._result.rows += 1
@@ -342,7 +379,7 @@ class ChangeReader:
         key_index = tuple(i for i, c in enumerate(message.columns) if c.name in table.key)
         number = self._counts.get(message.oid, 0)
         self._counts[message.oid] = number + 1
-        header = logical_header([c[0] for c in columns])
+        header = logical_header([c[0] for c in columns], table.keyless)
         judge = QuarantineJudge(header, encoder.checks(), table.key, partition)
         keep = None
         if len(captured) < len(message.columns):

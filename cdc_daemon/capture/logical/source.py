@@ -395,7 +395,7 @@ class LogicalSource(SourceSession):
     def create_slot(self) -> int:
         """A slot without a snapshot (``capture.initial_snapshot = false``): streaming starts
         at its consistent point, which is returned."""
-        with self._replication() as repl:
+        with self.replication() as repl:
             row = repl.execute(
                 sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')").format(
                     sql.Identifier(self.slot)
@@ -404,7 +404,7 @@ class LogicalSource(SourceSession):
         assert row is not None
         return parse_lsn(str(row[1]))
 
-    def _replication(self) -> psycopg.Connection[tuple[object, ...]]:
+    def replication(self) -> psycopg.Connection[tuple[object, ...]]:
         try:
             return psycopg.connect(
                 self._settings.postgres.dsn.get_secret_value(),

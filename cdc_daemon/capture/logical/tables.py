@@ -57,8 +57,14 @@ class LogicalTable:
         return self.info.qualified
 
     @property
+    def keyless(self) -> bool:
+        """No key at all: captured under REPLICA IDENTITY FULL, each row known by its values
+        (``_cdc_row``), exact duplicates kept as copies (docs/logical.md#keyless-tables)."""
+        return not self.key
+
+    @property
     def header(self) -> list[str]:
-        return logical_header([c[0] for c in self.columns])
+        return logical_header([c[0] for c in self.columns], self.keyless)
 
     def judge(self) -> QuarantineJudge:
         """What the warehouse gets for the snapshot's quarantined rows."""
@@ -68,10 +74,12 @@ class LogicalTable:
 # The daemon's own columns of a logical object, after the table's: the operation, the change's
 # LSN, its commit time, and the columns whose unchanged TOASTed values the change lacks.
 CDC_COLUMNS = ("_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged")
+# A keyless table's objects end with the row's identity (``keyless.row_id``).
+ROW_COLUMN = "_cdc_row"
 
 
-def logical_header(columns: list[str]) -> list[str]:
-    return [*columns, *CDC_COLUMNS]
+def logical_header(columns: list[str], keyless: bool = False) -> list[str]:
+    return [*columns, *CDC_COLUMNS, *((ROW_COLUMN,) if keyless else ())]
 
 
 def describe(

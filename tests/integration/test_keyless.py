@@ -1,0 +1,153 @@
+"""Keyless tables in logical mode (docs/logical.md#keyless-tables): a table with no primary key
+and no usable unique index, under REPLICA IDENTITY FULL, captured with each row known by its
+values and exact duplicate rows kept as copies, in the snapshot, the stream and the merge;
+against a real PostgreSQL 15, S3 and the local warehouse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_daemon.cli import init
+from cdc_daemon.errors import SourceError
+from cdc_daemon.local.services import LocalS3
+from tests.fix_warehouse import start_warehouse
+from tests.helpers import (
+    differences,
+    export_until_idle,
+    make_settings,
+    object_bodies,
+    rebuild_keyless,
+)
+from tests.warehouse_checks import assert_table_equals_source
+
+pytestmark = pytest.mark.usefixtures("drop_slots")
+
+SYNC = "-c synchronous_commit=on"
+
+
+def one(where: str) -> str:
+    """Copies of one row are told apart by ctid only: the first copy matching ``where``."""
+    return f"ctid = (SELECT min(ctid) FROM kl.events WHERE {where})"
+
+
+def run_sql(pg_dsn: str, *statements: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True, options=SYNC) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def create_events(pg_dsn: str, identity: str = "FULL") -> None:
+    """kl.events: no key, no unique index; rows that repeat exactly (3 copies of each of the 5
+    kinds' first row), NULLs, an empty string, numbers, jsonb and a TOASTable text body."""
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA kl",
+        "CREATE TABLE kl.events (kind text, amount numeric(10, 2), at timestamptz,"
+        " payload jsonb, body text)",
+        f"ALTER TABLE kl.events REPLICA IDENTITY {identity}",
+        "INSERT INTO kl.events SELECT 'k' || (g % 5), (g % 5) * 1.5, '2024-03-01 10:00:00+00',"
+        " '{\"n\": 1}', NULL FROM generate_series(1, 15) g",
+        "INSERT INTO kl.events SELECT 'u' || g, g, '2024-03-02 11:00:00+00', NULL, ''"
+        " FROM generate_series(1, 10) g",
+        "INSERT INTO kl.events VALUES (NULL, NULL, NULL, NULL, NULL), (NULL, NULL, NULL, NULL,"
+        " NULL)",
+    )
+
+
+def change_events(pg_dsn: str) -> None:
+    """One copy of a repeated row updated, one deleted, a new copy of it inserted, a unique row
+    deleted, a value of a TOASTed body left unchanged by an update, all copies of a row
+    updated in one statement, a row updated to equal another, in a few transactions."""
+    big = "repeat('toast-', 20000)"
+    run_sql(
+        pg_dsn,
+        f"UPDATE kl.events SET body = {big} WHERE kind = 'u1'",
+        "UPDATE kl.events SET amount = 99 WHERE " + one("kind = 'k1'"),
+        "DELETE FROM kl.events WHERE " + one("kind = 'k2'"),
+        "INSERT INTO kl.events VALUES ('k3', 4.50, '2024-03-01 10:00:00+00', '{\"n\": 1}', NULL)",
+        "DELETE FROM kl.events WHERE kind = 'u2'",
+        "UPDATE kl.events SET amount = amount + 1 WHERE kind = 'u1'",  # body unchanged (TOAST)
+        "UPDATE kl.events SET at = '2024-03-05 00:00:00+00' WHERE kind = 'k4'",  # all 3 copies
+        "UPDATE kl.events SET kind = 'u4', amount = 4 WHERE kind = 'u3'",  # now twice 'u4'
+        "BEGIN",
+        "INSERT INTO kl.events VALUES ('twice', 1, NULL, NULL, 'x'), ('twice', 1, NULL, NULL, 'x')",
+        "DELETE FROM kl.events WHERE " + one("kind = 'twice'"),
+        "COMMIT",
+        "DELETE FROM kl.events WHERE " + one("kind IS NULL"),
+    )
+
+
+async def test_a_keyless_table_is_captured_with_its_duplicates_and_merged(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    warehouse_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """kl.events has no key at all and REPLICA IDENTITY FULL: init accepts it and says so in
+    one line with the identity's cost; its objects carry _cdc_row; after the snapshot and
+    changes that touch single copies of repeated rows (by ctid), the rebuild from S3 and the
+    warehouse's current-state table both hold every row as often as the source does."""
+    create_events(pg_dsn)
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{"name": "kl.events"}],
+        capture={"mode": "logical", "group": "kl"},
+    )
+    wh = start_warehouse(settings, warehouse_dir)
+    try:
+        (table,) = wh.tables
+        assert table.keyless
+        capsys.readouterr()
+        assert await init(wh.settings) == 0
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if "kl.events:" in x]
+        assert "captured keyless" in line
+        assert "REPLICA IDENTITY FULL" in line
+        assert await export_until_idle(wh.settings) == 0  # the snapshot
+        wh.pump_until_quiet()
+        assert assert_table_equals_source(pg_dsn, wh, table) == 27
+        change_events(pg_dsn)
+        assert await export_until_idle(wh.settings) == 0
+        bodies = object_bodies(s3_client, bucket)
+        rebuild_keyless(pg_dsn, bodies, "kl.events")
+        assert differences(pg_dsn, "kl.events") == (26, 26, 0, 0)
+        wh.pump_until_quiet()
+        assert assert_table_equals_source(pg_dsn, wh, table) == 26
+    finally:
+        wh.stop()
+    headers = {b.split(b"\n", 1)[0] for b in bodies.values()}
+    assert headers == {
+        b"kind,amount,at,payload,body,_cdc_op,_cdc_seq,_cdc_ts,_cdc_unchanged,_cdc_row"
+    }
+
+
+async def test_a_keyless_table_without_full_identity_is_refused_with_the_statement(
+    pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """Under REPLICA IDENTITY DEFAULT a keyless table's updates and deletes would log nothing
+    of the old row: init refuses it in one sentence naming ALTER TABLE ... REPLICA IDENTITY
+    FULL, and leaves the table as it was."""
+    create_events(pg_dsn, identity="DEFAULT")
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{"name": "kl.events"}],
+        capture={"mode": "logical", "group": "kl"},
+    )
+    with pytest.raises(SourceError) as refused:
+        await init(settings)
+    assert "ALTER TABLE kl.events REPLICA IDENTITY FULL" in str(refused.value)
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute("SELECT relreplident FROM pg_class WHERE oid = 'kl.events'::regclass")
+        assert row.fetchone() == ("d",)
