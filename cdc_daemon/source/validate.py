@@ -280,7 +280,7 @@ def keyless(facts: TableFacts, logical: bool = True) -> str:
         f"{q} has no primary key and no unique index on NOT NULL columns only (valid, not "
         "partial, not DEFERRABLE), and the warehouse merge needs a key: "
         f"{nearly}ALTER TABLE {q} ADD PRIMARY KEY (...), or {index}, or {configured}, or "
-        'capture it keyless in capture.mode = "logical" (with REPLICA IDENTITY FULL)'
+        'capture it keyless in capture.mode = "logical"'
     )
 
 
