@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -198,7 +199,7 @@ class TableVerifier:
         if any(c.hashed for c in table.columns) and hasher is None:
             raise ValueError(f"{table.names.table} hashes columns: verify needs the salt")
         self._keys = [k for k in self._canons if k.column.key]
-        if not self._keys:
+        if not self._keys and not table.keyless:
             raise ValueError(f"{table.names.table} has no key to verify by")
         self._wh_seconds = 0.0
         self._result = TableResult(str(table.names.table), table.names.name, table.names.table)
@@ -235,7 +236,8 @@ class TableVerifier:
         lo: Bound = None,
         hi: Bound = None,
     ) -> TableResult:
-        """The keys in [lo, hi) (the whole table by default)."""
+        """The keys in [lo, hi) (the whole table by default). A keyless table is compared
+        whole: its sums, and when they differ, every row of both sides as multisets."""
         started = clock()
         result = self._result
         result.null_only_columns = tuple(k.column.source for k in self._canons if not k.exact)
@@ -243,6 +245,12 @@ class TableVerifier:
         result.source_rows, result.warehouse_rows = source.rows, warehouse.rows
         result.ranges = 1
         differing: dict[Key, RowDifference] = {}
+        if source != warehouse and self._t.keyless:
+            result.differences = self._compare_copies()
+            result.rows_fetched = source.rows + warehouse.rows
+            result.seconds = clock() - started
+            result.warehouse_seconds = self._wh_seconds
+            return result
         if source != warehouse:
             self._bisect(lo, hi, source, warehouse, differing)
         if differing and settle_s > 0:
@@ -517,6 +525,45 @@ class TableVerifier:
                 out[key] = RowDifference(shown, "changed", tuple(changed))
         return out
 
+    def _compare_copies(self) -> list[RowDifference]:
+        """A keyless table's rows on both sides as multisets of their values (each value in
+        the form ``_same`` compares): a row the source has more copies of than the warehouse
+        is ``missing`` once per copy, one it has fewer of ``extra``; the row's values stand for
+        its key (the warehouse's quarantined values, NULL there, are compared as NULL)."""
+        columns = [k.pg if k.exact else _pg_raw(k) for k in self._canons]
+        source_rows = self._conn.execute(
+            sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(columns), self._t.names.table.sql()
+            )
+        ).fetchall()
+        values = [f"{k.sf if k.exact else _sf_raw(k)} AS V{i}" for i, k in enumerate(self._canons)]
+        warehouse_rows = self._query_wh(f"SELECT {', '.join(values)} FROM {self._t.names.name}", {})
+
+        def counted(rows: Iterable[Sequence[Any]]) -> Counter[tuple[Any, ...]]:
+            return Counter(
+                tuple(_comparable(k, v) for k, v in zip(self._canons, row, strict=True))
+                for row in rows
+            )
+
+        source = counted(
+            [self._source_value(k, v) for k, v in zip(self._canons, r, strict=True)]
+            for r in source_rows
+        )
+        warehouse = counted(
+            [None if r[f"V{i}"] is None else str(r[f"V{i}"]) for i in range(len(self._canons))]
+            for r in warehouse_rows
+        )
+        sides: list[tuple[Literal["missing", "extra"], Counter[tuple[Any, ...]]]] = [
+            ("missing", source - warehouse),
+            ("extra", warehouse - source),
+        ]
+        out = []
+        for kind, more in sides:
+            for row, copies in sorted(more.items(), key=lambda item: repr(item[0])):
+                shown = {k.column.source: v for k, v in zip(self._canons, row, strict=True)}
+                out += [RowDifference(shown, kind)] * copies
+        return out
+
     # -- lag -----------------------------------------------------------------------------
 
     def _settle(
@@ -598,6 +645,20 @@ def _same(k: Canon, a: str | None, b: str | None) -> bool:
         return bool(json.loads(a, parse_float=Decimal) == json.loads(b, parse_float=Decimal))
     except ValueError:
         return a == b
+
+
+def _comparable(k: Canon, value: str | None) -> Any:
+    """A fetched value in a form equal on both sides exactly when ``_same`` says so."""
+    if value is None or k.exact or k.column.hashed:
+        return value
+    if k.column.type.final == "FLOAT":
+        number = _float(value)
+        return "nan" if math.isnan(number) else number
+    try:
+        parsed = json.loads(value, parse_float=Decimal, parse_int=Decimal)
+        return json.dumps(parsed, sort_keys=True, default=lambda d: str(d.normalize()))
+    except ValueError:
+        return value
 
 
 def _float(text: str) -> float:
@@ -718,8 +779,10 @@ class RollingVerifier:
                     hasher = None if salt is None else Hasher(salt)
                     out = []
                     for t in tables:
-                        if any(c.hashed for c in t.key):
-                            continue  # not comparable by key range (see _verify_table)
+                        if any(c.hashed for c in t.key) or t.keyless:
+                            # Not comparable by key range (see _verify_table); a keyless
+                            # table has no keys to slice by: `cdc-daemon verify` compares it.
+                            continue
                         out.append(await self._slice(ledger, conn, wh, t, stop, hasher))
                         if stop is not None and stop.is_set():
                             break

@@ -14,6 +14,7 @@ import pytest
 from cdc_daemon.cli import init
 from cdc_daemon.errors import SourceError
 from cdc_daemon.local.services import LocalS3
+from cdc_daemon.reconcile.verify import verify_group
 from tests.fix_warehouse import start_warehouse
 from tests.helpers import (
     differences,
@@ -122,8 +123,27 @@ async def test_a_keyless_table_is_captured_with_its_duplicates_and_merged(
         assert differences(pg_dsn, "kl.events") == (26, 26, 0, 0)
         wh.pump_until_quiet()
         assert assert_table_equals_source(pg_dsn, wh, table) == 26
+        (verified,) = verify_group(wh.settings)
+        assert verified.equal
+        assert (verified.source_rows, verified.warehouse_rows, verified.rows_fetched) == (26, 26, 0)
+        # One copy of a repeated row gone from the warehouse, one copy too many of another.
+        wh.query(
+            "DELETE FROM EVENTS WHERE _CDC_SEQ = (SELECT MIN(_CDC_SEQ) FROM EVENTS"
+            " WHERE KIND = 'k4')"
+        )
+        wh.query(
+            "INSERT INTO EVENTS SELECT KIND, AMOUNT, \"AT\", PAYLOAD, BODY, _CDC_ROW, 1, _CDC_TS,"
+            " _CDC_QUARANTINED, _MERGED_AT, _CDC_OP, _CDC_SYNCED_AT FROM EVENTS WHERE KIND = 'u4'"
+            " LIMIT 1"
+        )
+        (tampered,) = verify_group(wh.settings)
     finally:
         wh.stop()
+    assert [(d.kind, d.key["kind"]) for d in tampered.differences] == [
+        ("missing", "k4"),
+        ("extra", "u4"),
+    ]
+    assert tampered.differences[0].key["at"] == "2024-03-05 00:00:00.000000"
     headers = {b.split(b"\n", 1)[0] for b in bodies.values()}
     assert headers == {
         b"kind,amount,at,payload,body,_cdc_op,_cdc_seq,_cdc_ts,_cdc_unchanged,_cdc_row"
