@@ -132,7 +132,7 @@ async def test_a_keyless_table_is_captured_with_its_duplicates_and_merged(
             " WHERE KIND = 'k4')"
         )
         wh.query(
-            "INSERT INTO EVENTS SELECT KIND, AMOUNT, \"AT\", PAYLOAD, BODY, _CDC_ROW, 1, _CDC_TS,"
+            'INSERT INTO EVENTS SELECT KIND, AMOUNT, "AT", PAYLOAD, BODY, _CDC_ROW, 1, _CDC_TS,'
             " _CDC_QUARANTINED, _MERGED_AT, _CDC_OP, _CDC_SYNCED_AT FROM EVENTS WHERE KIND = 'u4'"
             " LIMIT 1"
         )
