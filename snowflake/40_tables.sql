@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS {{ n.name }} (
   PRIMARY KEY ({% for c in t.key %}{{ c.q }}{{ ", " if not loop.last }}{% endfor %})
 );
 
+{%- endif %}
+
 -- Keys deleted at _CDC_SEQ: an older change of a deleted key that arrives later (a redelivered
 -- object, a backfill) must not bring the row back.
 CREATE TABLE IF NOT EXISTS {{ n.tombstones }} (
@@ -86,7 +88,6 @@ CREATE TABLE IF NOT EXISTS {{ n.tombstones }} (
   _CDC_SEQ NUMBER(38, 0) NOT NULL,
   _DELETED_AT TIMESTAMP_LTZ
 );
-{%- endif %}
 
 -- Work tables of the merge task (filled and read inside its transaction; DDL in a task body
 -- would commit the transaction early, so they are created here, once): one change per key,

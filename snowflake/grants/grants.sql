@@ -69,6 +69,11 @@ GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.changes }} TO ROLE {{ tasks_r
 {%- if t.models %}
 GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.touched }} TO ROLE {{ tasks_role }};
 {%- endif %}
+{%- if t.keyless %}
+-- {{ n.merge_task }}: INSERT INTO {{ n.rows }} (each change counted once), DELETE FROM it (the
+-- changes an earlier snapshot no longer needs)
+GRANT SELECT, INSERT, DELETE ON TABLE {{ at }}{{ n.rows }} TO ROLE {{ tasks_role }};
+{%- endif %}
 {%- if t.history %}
 -- {{ n.merge_task }}: INSERT INTO {{ n.history }} and MERGE INTO it (validity updates)
 GRANT SELECT, INSERT, UPDATE ON TABLE {{ at }}{{ n.history }} TO ROLE {{ tasks_role }};

@@ -5,12 +5,17 @@ against a real PostgreSQL 15, S3 and the local warehouse."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from cdc_daemon.capture.logical.keyless import SEQ_SCALE
+from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
 from cdc_daemon.errors import SourceError
 from cdc_daemon.local.services import LocalS3
@@ -171,3 +176,80 @@ async def test_a_keyless_table_without_full_identity_is_refused_with_the_stateme
     with psycopg.connect(pg_dsn) as conn:
         row = conn.execute("SELECT relreplident FROM pg_class WHERE oid = 'kl.events'::regclass")
         assert row.fetchone() == ("d",)
+
+
+async def test_a_keyless_table_joining_while_a_transaction_on_it_commits_counts_it_once(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    warehouse_dir: Path,
+) -> None:
+    """kl.events joins a running group while a transaction that inserted a duplicate and
+    deleted a copy is still open: the snapshot's temporary slot waits for it, so it commits
+    after the group's position and before the snapshot's consistent point. Its changes are
+    then both streamed and in the snapshot; the rebuild from S3 and the warehouse count them
+    once. A resync reads a new snapshot at a later consistent point, which replaces the first
+    one whole, and the warehouse still equals the source."""
+    create_events(pg_dsn)
+    run_sql(pg_dsn, "CREATE TABLE kl.other (id int PRIMARY KEY, v text)")
+    other = {"name": "kl.other"}
+    capture = {"mode": "logical", "group": "kl"}
+    first = make_settings(pg_dsn, s3_server, bucket, tmp_path, tables=[other], capture=capture)
+    both = make_settings(
+        pg_dsn, s3_server, bucket, tmp_path, tables=[other, {"name": "kl.events"}], capture=capture
+    )
+    wh = start_warehouse(both, warehouse_dir)
+    try:
+        assert await init(wh.settings.model_copy(update={"tables": first.tables})) == 0
+        assert await export_until_idle(wh.settings.model_copy(update={"tables": first.tables})) == 0
+        assert await init(wh.settings) == 0
+        with psycopg.connect(pg_dsn, options=SYNC) as open_txn:
+            open_txn.execute(
+                "INSERT INTO kl.events VALUES ('k1', 1.50, '2024-03-01 10:00:00+00', '{\"n\": 1}',"
+                " NULL)"
+            )
+            open_txn.execute("DELETE FROM kl.events WHERE " + one("kind = 'k2'"))
+            daemon = asyncio.create_task(export_until_idle(wh.settings))
+            await asyncio.sleep(3)
+            assert not daemon.done()
+            open_txn.commit()
+            assert await asyncio.wait_for(daemon, 120) == 0
+        bodies = object_bodies(s3_client, bucket, "kl.events/")
+        rebuild_keyless(pg_dsn, bodies, "kl.events")
+        assert differences(pg_dsn, "kl.events") == (27, 27, 0, 0)
+        # The transaction's changes were streamed too, below the snapshot's consistent point.
+        (snapshot,) = {r[2] // SEQ_SCALE for r in rows_of(bodies) if r[0] == "S"}
+        streamed = [r for r in rows_of(bodies) if r[0] != "S"]
+        assert sorted(r[0] for r in streamed) == ["D", "I"]
+        assert all(r[2] // SEQ_SCALE < snapshot for r in streamed)
+        wh.pump_until_quiet()
+        (table,) = [t for t in wh.tables if t.names.name == "EVENTS"]
+        assert assert_table_equals_source(pg_dsn, wh, table) == 27
+        assert await resync(wh.settings, "kl.events") == 0
+        run_sql(pg_dsn, "DELETE FROM kl.events WHERE kind = 'u5'")
+        # The rejoin's seq waits for the slot's restart_lsn to pass the table's floor, which
+        # a CHECKPOINT (its running-transactions record) brings about on an idle server.
+        for _ in range(30):
+            assert await export_until_idle(wh.settings) == 0
+            again = object_bodies(s3_client, bucket, "kl.events/")
+            if len({r[2] // SEQ_SCALE for r in rows_of(again) if r[0] == "S"}) == 2:
+                break
+            run_sql(pg_dsn, "CHECKPOINT")
+        else:
+            raise AssertionError("kl.events was not read again")
+        wh.pump_until_quiet()
+        assert assert_table_equals_source(pg_dsn, wh, table) == 26
+        assert wh.apply(plan_only=True).empty
+    finally:
+        wh.stop()
+
+
+def rows_of(bodies: dict[str, bytes]) -> list[tuple[str, str, int]]:
+    """(_cdc_op, _cdc_row, _cdc_seq) of every row of the objects."""
+    out = []
+    for body in bodies.values():
+        for row in csv.DictReader(io.StringIO(body.decode())):
+            out.append((row["_cdc_op"], row["_cdc_row"], int(row["_cdc_seq"])))
+    return out

@@ -16,7 +16,7 @@ from cdc_daemon.config import Settings
 from cdc_daemon.warehouse import sql
 from cdc_daemon.warehouse.client import SnowflakeDialect
 from cdc_daemon.warehouse.daytotals import DayTotals
-from cdc_daemon.warehouse.model import names
+from cdc_daemon.warehouse.model import WarehouseTable, names
 from tests.helpers import seed_settings
 from tests.schemas import sales_tables
 
@@ -67,15 +67,25 @@ def tables(statement: str) -> list[exp.Table]:
     return list(sqlglot.parse_one(statement, read="snowflake").find_all(exp.Table))
 
 
-@pytest.mark.parametrize("history", [False, True])
+def keyless(t: WarehouseTable) -> WarehouseTable:
+    """The table as if it had no key (its merge counts copies into ``<T>_ROWS``)."""
+    columns = tuple(dataclasses.replace(c, key=False) for c in t.columns)
+    return dataclasses.replace(t, columns=columns, models=())
+
+
+@pytest.mark.parametrize("variant", ["plain", "history", "keyless"])
 def test_the_tasks_role_may_run_every_statement_of_the_tasks(
-    settings: Settings, history: bool
+    settings: Settings, variant: str
 ) -> None:
     """Each INSERT, DELETE and MERGE of both task bodies has its privilege on its target, each
     table (or stream) a task reads has SELECT, and the role may use the warehouse and execute
-    tasks; also with a history table (``history = true``), which the merge task writes."""
+    tasks; also with a history table (``history = true``), which the merge task writes, and
+    for a keyless table, whose merge writes its ``_ROWS`` table."""
     sf = settings.snowflake
-    warehouse = [dataclasses.replace(t, history=history) for t in sales_tables(settings)]
+    warehouse = [
+        keyless(t) if variant == "keyless" else dataclasses.replace(t, history=variant == "history")
+        for t in sales_tables(settings)
+    ]
     grants = granted(sql.render_grants(settings, warehouse))
     role, prefix = sf.tasks_role, f"{sf.database}.{sf.schema_}."
     needed: set[Grant] = {

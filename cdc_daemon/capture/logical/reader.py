@@ -353,6 +353,24 @@ class ChangeReader:
         accepted = self._source.accepted.get(table.qualified)
         if accepted is not None and columns != accepted:
             problem = self._changed(table, accepted, columns)
+            if (
+                problem is None
+                and table.keyless
+                and [c[0] for c in columns] != [c[0] for c in accepted]
+            ):
+                # A row's identity is all its values: with a column added or dropped, a later
+                # change of a row could no longer name the copy it changes.
+                q = table.table
+                fix = (
+                    "re-initialise the pipeline (cdc-daemon teardown --yes, empty the "
+                    "warehouse table, cdc-daemon init, run)"
+                    if len(self._source.tables) == 1
+                    else f"export it again (cdc-daemon resync --table {q})"
+                )
+                problem = (
+                    f"columns of the keyless table {q} were added or dropped, which changes "
+                    f"every row's identity (_cdc_row): {fix}"
+                )
             if problem is not None:
                 self._fail(table, problem)
                 return
