@@ -1,9 +1,9 @@
 """Issue #25's schemas in one logical group, as a process under SIGKILLs: a range-partitioned
 table with a partition attached with its rows and one detached with its rows while the daemon
-is killed and restarted, a table keyed only by a unique index, and a table whose name and
-columns need quoting. Whatever the crash, every table rebuilt from its objects, and every
-current-state table of the local warehouse, equals its source. Keyless tables are not
-supported yet (init refuses them) and are left out."""
+is killed and restarted, a table keyed only by a unique index, a keyless table with exact
+duplicate rows, and a table whose name and columns need quoting. Whatever the crash, every
+table rebuilt from its objects, and every current-state table of the local warehouse, equals
+its source (a keyless one as a multiset: each row as often as the source has it)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pytest
 from cdc_daemon.local.services import LocalS3
 from tests.e2e.daemon import cli, daemon_process, stop_daemon, wait_for_event, write_config
 from tests.fix_warehouse import start_warehouse
-from tests.helpers import differences, make_settings, object_bodies, rebuild
+from tests.helpers import differences, make_settings, object_bodies, rebuild, rebuild_keyless
 from tests.schemas import BIG_TEXT
 from tests.warehouse_checks import assert_table_equals_source
 
@@ -33,11 +33,13 @@ GROUP = "adv"
 EVENTS = "adv.events"  # PARTITION BY RANGE (ts), PRIMARY KEY (id, ts)
 STOCK = "adv.stock"  # no primary key: UNIQUE (sku, wh) NOT NULL, REPLICA IDENTITY USING INDEX
 LINES = 'adv."Order Lines"'
+LOG = "adv.log"  # no key, no unique index: REPLICA IDENTITY FULL, captured keyless
 # Each table's folder (its ledger key: design.md, "The table's folder") and merge key.
 KEYS = {
     "adv.events": ("id", "ts"),
     "adv.stock": ("sku", "wh"),
     "adv.Order Lines": ("id",),
+    "adv.log": (),
 }
 # The months the root has a partition for; the writers move and insert rows only there.
 MONTHS = {1: "2026-01-01 00:00+00", 2: "2026-02-01 00:00+00", 3: "2026-03-01 00:00+00"}
@@ -81,6 +83,10 @@ def create_tables(pg_dsn: str) -> None:
         f'CREATE TABLE {LINES} (id bigint PRIMARY KEY, "first name" text, "we""ird" text,'
         ' "prix€" numeric(8, 2), "Ω" text, body text)',
         # One row in five holds a value stored out of line (TOAST).
+        "CREATE TABLE adv.log (kind text, qty int, note text)",
+        "ALTER TABLE adv.log REPLICA IDENTITY FULL",
+        # Three copies of each row.
+        "INSERT INTO adv.log SELECT 'k' || (g % 20), g % 20, NULL FROM generate_series(1, 60) g",
         f"INSERT INTO {LINES} SELECT g, 'f ' || g, 'w\"' || g, g * 1.25,"
         " CASE WHEN g % 3 = 0 THEN NULL ELSE 'ω' END,"
         f" CASE WHEN g % 5 = 0 THEN {BIG_TEXT} ELSE 'short ' || g END"
@@ -92,7 +98,20 @@ def _one_change(
     conn: psycopg.Connection[Any], rng: random.Random, fresh: int, months: list[int]
 ) -> None:
     """One insert, update or delete of one of the tables; ``fresh`` is a number no other
-    change uses (a new id, sku or warehouse: no key is taken twice)."""
+    change uses (a new id, sku or warehouse: no key is taken twice). adv.log's copies of a
+    row are told apart by ctid only: a change of it touches one copy."""
+    if rng.random() < 0.2:
+        one_copy = "ctid = (SELECT ctid FROM adv.log ORDER BY random() LIMIT 1)"
+        choice = rng.random()
+        if choice < 0.3:
+            conn.execute("INSERT INTO adv.log SELECT * FROM adv.log ORDER BY random() LIMIT 1")
+        elif choice < 0.4:
+            conn.execute(f"INSERT INTO adv.log VALUES ('n{fresh % 7}', 1, 'new')")
+        elif choice < 0.75:
+            conn.execute(f"UPDATE adv.log SET qty = qty + 1 WHERE {one_copy}")
+        else:
+            conn.execute(f"DELETE FROM adv.log WHERE {one_copy}")
+        return
     pick = rng.random()
     month = MONTHS[rng.choice(months)]
     some_event = "(id, ts) = (SELECT id, ts FROM adv.events ORDER BY random() LIMIT 1)"
@@ -222,7 +241,10 @@ def assert_every_table_rebuilt(pg_dsn: str, s3_client: Any, bucket: str) -> dict
     rows = {}
     for table, key in KEYS.items():
         mine = {k: v for k, v in bodies.items() if k.startswith(f"{table}/")}
-        rebuild(pg_dsn, mine, table, key)
+        if key:
+            rebuild(pg_dsn, mine, table, key)
+        else:
+            rebuild_keyless(pg_dsn, mine, table)
         source, rebuilt, missing, extra = differences(pg_dsn, table)
         assert (missing, extra) == (0, 0), f"{table}: {missing} missing, {extra} different/extra"
         assert source == rebuilt, table
@@ -260,28 +282,36 @@ def test_issue_25_schemas_lose_nothing_under_sigkills(
 ) -> None:
     """In schema adv, one logical group of: adv.events, range-partitioned by a timestamptz
     (primary key (id, ts)), two partitions with rows; adv.stock, no primary key, keyed only by
-    a unique index on NOT NULL columns under REPLICA IDENTITY USING INDEX; adv."Order Lines",
+    a unique index on NOT NULL columns under REPLICA IDENTITY USING INDEX; adv.log, keyless
+    (REPLICA IDENTITY FULL), three copies of each row; adv."Order Lines",
     with columns "first name", "we""ird", "prix€", "Ω" and a TOASTed text. Three writers
     insert, update (key columns too: id and ts of events, moving rows across partitions and
     within one; sku and wh of stock; id of "Order Lines"; updates leaving the TOASTed value
-    unchanged) and delete, some transactions rolling back, while the daemon is SIGKILLed 9
+    unchanged; one copy of a repeated adv.log row by ctid, or a new copy of one) and delete,
+    some transactions rolling back, while the daemon is SIGKILLed 9
     times, each within 2.5 s (a drawn moment) of its start, a CHECKPOINT after each: 3 kills;
     a run until idle (writers paused) so the group's snapshot is done; a table holding 120
     rows ATTACHed as the March partition; 3 kills; the January partition DETACHed with its
     rows; 3 kills. Then runs until idle, CHECKPOINTs between them, until every table streams.
 
     Pins: every table rebuilt from its S3 objects (latest change per key by _cdc_seq, deletes
-    applied, unchanged TOASTed values from the key's earlier row) equals its source value for
-    value: the attached rows in (read from snapshot chunks), the detached rows out (a D row
-    for each), no change lost to a kill; no delivery is left pending (every interrupted batch
-    redone); and each current-state table of the local warehouse, loaded and merged from the
-    same objects, equals its source. The seed is printed; CDC_TEST_SEED replays the kill
+    applied, unchanged TOASTed values from the key's earlier row; adv.log's copies counted from
+    its latest snapshot and the changes committed after it) equals its source value for value,
+    duplicates included: the attached rows in (read from snapshot chunks), the detached rows out
+    (a D row for each), no change lost to a kill; no delivery is left pending (every interrupted
+    batch redone); and each current-state table of the local warehouse, loaded and merged from
+    the same objects, equals its source. The seed is printed; CDC_TEST_SEED replays the kill
     moments and the writers' choices (not the rows they pick, nor the timing)."""
     seed = int(os.environ.get("CDC_TEST_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
     create_tables(pg_dsn)
-    tables = [{"name": EVENTS, "partition_column": "ts"}, {"name": STOCK}, {"name": LINES}]
+    tables = [
+        {"name": EVENTS, "partition_column": "ts"},
+        {"name": STOCK},
+        {"name": LINES},
+        {"name": LOG},
+    ]
     capture = {
         "mode": "logical",
         "group": GROUP,
@@ -348,6 +378,7 @@ def test_issue_25_schemas_lose_nothing_under_sigkills(
             "EVENTS": rows["adv.events"],
             "STOCK": rows["adv.stock"],
             "ORDER_LINES": rows["adv.Order Lines"],
+            "LOG": rows["adv.log"],
         }
     finally:
         wh.stop()
