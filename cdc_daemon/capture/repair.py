@@ -188,11 +188,31 @@ async def _repair_table(
         read_ts = utc_now_iso()
         spool = unit.new_spool(header, judge)
         try:
-            rows = await asyncio.to_thread(
-                _read_present, conn, info, key, request.present, read_ts, seq, spool
-            )
-            deletes = _add_deletes(spool, info, key, request.absent, read_ts, seq, logical)
+            if logical and not key:
+                from cdc_daemon.capture.logical.keyless import copy_keyless
+                from cdc_daemon.capture.logical.source import replication_connection
+
+                # A keyless table's copies are told apart by nothing but their number: it is
+                # read whole again, in a new snapshot that replaces the earlier one in the
+                # merge (capture.logical.keyless).
+                seq = await asyncio.to_thread(
+                    copy_keyless,
+                    conn,
+                    lambda: replication_connection(settings),
+                    info,
+                    read_ts,
+                    spool,
+                    info.copy_hasher(),
+                )
+                rows, deletes = -1, 0  # counted once the spool is finished
+            else:
+                rows = await asyncio.to_thread(
+                    _read_present, conn, info, key, request.present, read_ts, seq, spool
+                )
+                deletes = _add_deletes(spool, info, key, request.absent, read_ts, seq, logical)
             days = await asyncio.to_thread(spool.finish)
+            if rows < 0:
+                rows = sum(d.rows for d in days)
             batch = RepairBatch(settings.ledger_name, info.qualified, run_id, read_ts, ())
             batch = replace(batch, objects=unit.objects(info.qualified, batch.batch_id, days))
             timings = await unit.deliver(batch, ledger)

@@ -405,16 +405,7 @@ class LogicalSource(SourceSession):
         return parse_lsn(str(row[1]))
 
     def replication(self) -> psycopg.Connection[tuple[object, ...]]:
-        try:
-            return psycopg.connect(
-                self._settings.postgres.dsn.get_secret_value(),
-                autocommit=True,
-                replication="database",
-                application_name="cdc-daemon-slot",
-                connect_timeout=max(1, int(self._settings.postgres.connect_timeout_s)),
-            )
-        except psycopg.Error as exc:
-            raise from_psycopg(exc, "cannot open a replication connection") from None
+        return replication_connection(self._settings)
 
     def drop(self) -> list[str]:
         """Drop the slot and the publication (teardown); returns what was dropped."""
@@ -639,3 +630,17 @@ def _translate(exc: psycopg.Error, doing: str) -> CdcError:
     if exc.sqlstate in ("55000", "42704"):
         return SourceError(f"{doing}: {str(exc).strip().splitlines()[0]}")
     return from_psycopg(exc, doing)
+
+
+def replication_connection(settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
+    """A ``replication=database`` session (slot commands: CREATE_REPLICATION_SLOT)."""
+    try:
+        return psycopg.connect(
+            settings.postgres.dsn.get_secret_value(),
+            autocommit=True,
+            replication="database",
+            application_name="cdc-daemon-slot",
+            connect_timeout=max(1, int(settings.postgres.connect_timeout_s)),
+        )
+    except psycopg.Error as exc:
+        raise from_psycopg(exc, "cannot open a replication connection") from None
