@@ -529,7 +529,9 @@ class TableVerifier:
         """A keyless table's rows on both sides as multisets of their values (each value in
         the form ``_same`` compares): a row the source has more copies of than the warehouse
         is ``missing`` once per copy, one it has fewer of ``extra``; the row's values stand for
-        its key (the warehouse's quarantined values, NULL there, are compared as NULL)."""
+        its key. A warehouse copy whose values are quarantined (NULL, named in
+        ``_CDC_QUARANTINED``) pairs with a source copy equal in every other column: counted
+        as quarantined, not as a difference."""
         columns = [k.pg if k.exact else _pg_raw(k) for k in self._canons]
         source_rows = self._conn.execute(
             sql.SQL("SELECT {} FROM {}").format(
@@ -537,30 +539,50 @@ class TableVerifier:
             )
         ).fetchall()
         values = [f"{k.sf if k.exact else _sf_raw(k)} AS V{i}" for i, k in enumerate(self._canons)]
-        warehouse_rows = self._query_wh(f"SELECT {', '.join(values)} FROM {self._t.names.name}", {})
+        warehouse_rows = self._query_wh(
+            f"SELECT {', '.join(values)}, _CDC_QUARANTINED AS Q_ FROM {self._t.names.name}", {}
+        )
 
-        def counted(rows: Iterable[Sequence[Any]]) -> Counter[tuple[Any, ...]]:
-            return Counter(
-                tuple(_comparable(k, v) for k, v in zip(self._canons, row, strict=True))
-                for row in rows
-            )
+        def row_of(raw: Sequence[Any]) -> tuple[Any, ...]:
+            return tuple(_comparable(k, v) for k, v in zip(self._canons, raw, strict=True))
 
-        source = counted(
-            [self._source_value(k, v) for k, v in zip(self._canons, r, strict=True)]
+        source = Counter(
+            row_of([self._source_value(k, v) for k, v in zip(self._canons, r, strict=True)])
             for r in source_rows
         )
-        warehouse = counted(
-            [None if r[f"V{i}"] is None else str(r[f"V{i}"]) for i in range(len(self._canons))]
-            for r in warehouse_rows
-        )
+        warehouse: Counter[tuple[Any, ...]] = Counter()
+        marks: dict[tuple[Any, ...], str] = {}
+        for r in warehouse_rows:
+            row = row_of(
+                [None if r[f"V{i}"] is None else str(r[f"V{i}"]) for i in range(len(self._canons))]
+            )
+            warehouse[row] += 1
+            if r["Q_"]:
+                marks[row] = str(r["Q_"])
+        missing, extra = source - warehouse, warehouse - source
+        names = [k.column.source for k in self._canons]
+        for row, mark in marks.items():
+            withheld = _quarantined_columns(mark)
+            for wanted in list(missing):
+                while (
+                    extra[row]
+                    and missing[wanted]
+                    and all(
+                        a == b or (name in withheld and b is None)
+                        for name, a, b in zip(names, wanted, row, strict=True)
+                    )
+                ):
+                    extra[row] -= 1
+                    missing[wanted] -= 1
+                    self._result.quarantined.append((dict(zip(names, wanted, strict=True)), mark))
         sides: list[tuple[Literal["missing", "extra"], Counter[tuple[Any, ...]]]] = [
-            ("missing", source - warehouse),
-            ("extra", warehouse - source),
+            ("missing", +missing),
+            ("extra", +extra),
         ]
         out = []
         for kind, more in sides:
             for row, copies in sorted(more.items(), key=lambda item: repr(item[0])):
-                shown = {k.column.source: v for k, v in zip(self._canons, row, strict=True)}
+                shown = dict(zip(names, row, strict=True))
                 out += [RowDifference(shown, kind)] * copies
         return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,59 @@ def rows_of(bodies: dict[str, bytes]) -> list[tuple[str, str, int]]:
         for row in csv.DictReader(io.StringIO(body.decode())):
             out.append((row["_cdc_op"], row["_cdc_row"], int(row["_cdc_seq"])))
     return out
+
+
+async def test_a_keyless_row_with_a_value_snowflake_cannot_hold_keeps_its_copies(
+    pg_dsn: str,
+    s3_server: LocalS3,
+    bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    warehouse_dir: Path,
+) -> None:
+    """Two copies of a keyless row holding numeric NaN (which Snowflake cannot hold): the
+    warehouse has both copies with AMOUNT NULL and _CDC_QUARANTINED naming it, the originals
+    are in the quarantine prefix; deleting one copy in the source leaves one copy, and verify
+    counts them as quarantined, not as differences."""
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA kl",
+        "CREATE TABLE kl.readings (sensor text, amount numeric)",
+        "ALTER TABLE kl.readings REPLICA IDENTITY FULL",
+        "INSERT INTO kl.readings VALUES ('a', 'NaN'), ('a', 'NaN'), ('b', 1.5)",
+    )
+    settings = make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{"name": "kl.readings"}],
+        capture={"mode": "logical", "group": "kl"},
+    )
+    wh = start_warehouse(settings, warehouse_dir)
+    try:
+        assert await init(wh.settings) == 0
+        assert await export_until_idle(wh.settings) == 0
+        run_sql(
+            pg_dsn,
+            "INSERT INTO kl.readings VALUES ('a', 'NaN')",
+            "DELETE FROM kl.readings WHERE ctid = (SELECT min(ctid) FROM kl.readings"
+            " WHERE sensor = 'a')",
+            "DELETE FROM kl.readings WHERE ctid = (SELECT min(ctid) FROM kl.readings"
+            " WHERE sensor = 'a')",
+        )
+        assert await export_until_idle(wh.settings) == 0
+        wh.pump_until_quiet()
+        rows = wh.query("SELECT SENSOR AS S, AMOUNT AS A, _CDC_QUARANTINED AS Q FROM READINGS")
+        (verified,) = verify_group(wh.settings)
+    finally:
+        wh.stop()
+    assert sorted((r["S"], r["A"], r["Q"]) for r in rows) == [
+        ("a", None, "amount:nan"),
+        ("b", Decimal("1.5"), None),
+    ]
+    quarantined = [k for k in object_bodies(s3_client, bucket) if k.startswith("_quarantine/")]
+    assert any("reason=nan-amount/" in k for k in quarantined), quarantined
+    assert verified.source_rows == verified.warehouse_rows == 2
+    assert verified.equal, verified.differences
+    assert [(k["sensor"], mark) for k, mark in verified.quarantined] == [("a", "amount:nan")]
