@@ -193,6 +193,14 @@ class ChunkReader(SourceSession):
                 from cdc_daemon.capture.logical.tables import describe as describe_logical
 
                 logical = describe_logical(self._session(), spec, hasher_of(self._settings))
+                if logical.keyless:
+                    # Its copies are told apart by nothing but their number: a day read again
+                    # would add copies (docs/logical.md#keyless-tables).
+                    raise ConfigError(
+                        f"{spec.table} is keyless: a backfill would add copies of its rows; "
+                        f"read it again whole with cdc-daemon resync --table {spec.table} "
+                        "(or verify --repair)"
+                    )
                 return logical.info, logical.key
             table = describe_configured(self._session(), self._settings)
             return table, (table.watermark.name,)

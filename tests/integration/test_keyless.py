@@ -15,11 +15,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.capture.logical.keyless import SEQ_SCALE
 from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
 from cdc_daemon.cli import verify as cli_verify
-from cdc_daemon.errors import SourceError
+from cdc_daemon.errors import ConfigError, SourceError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.reconcile.verify import verify_group
 from tests.fix_warehouse import start_warehouse
@@ -276,7 +277,8 @@ async def test_a_keyless_row_with_a_value_snowflake_cannot_hold_keeps_its_copies
     """Two copies of a keyless row holding numeric NaN (which Snowflake cannot hold): the
     warehouse has both copies with AMOUNT NULL and _CDC_QUARANTINED naming it, the originals
     are in the quarantine prefix; deleting one copy in the source leaves one copy, and verify
-    counts them as quarantined, not as differences."""
+    counts them as quarantined, not as differences. A backfill of the table is refused (it
+    would add copies) with the way forward."""
     run_sql(
         pg_dsn,
         "CREATE SCHEMA kl",
@@ -316,6 +318,9 @@ async def test_a_keyless_row_with_a_value_snowflake_cannot_hold_keeps_its_copies
     ]
     quarantined = [k for k in object_bodies(s3_client, bucket) if k.startswith("_quarantine/")]
     assert any("reason=nan-amount/" in k for k in quarantined), quarantined
+    # A backfill would read rows again as new copies: refused with the way forward.
+    with pytest.raises(ConfigError, match=r"keyless: a backfill would add copies.*resync"):
+        await run_backfill(wh.settings, parse_request("2024-01-01", "2024-01-02"))
     assert verified.source_rows == verified.warehouse_rows == 2
     assert verified.equal, verified.differences
     assert [(k["sensor"], mark) for k, mark in verified.quarantined] == [("a", "amount:nan")]
