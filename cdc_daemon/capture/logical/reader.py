@@ -100,10 +100,16 @@ class Generation:
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
     # The table has a partition column (else a row goes to its commit's day); read per row.
     partitioned: bool = field(init=False, repr=False)
+    # A tuple can go from the message to its line in the compiled core (every column kept,
+    # none hashed): ``RowEncoder.encode_change``.
+    direct: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
         self.partitioned = self.table.info.partition is not None
+        self.direct = (
+            self.encoder.core is not None and self.keep is None and self.hash_fields is None
+        )
 
     @property
     def header(self) -> list[str]:
@@ -238,14 +244,25 @@ class ChangeReader:
         if kind == 73:  # 'I'
             if data[start + 5] != 78:
                 raise DecodeError("insert without a new tuple")
-            self._row(gen, decode_tuple(data, start + 6)[0], b"I", lsn)
+            if gen.direct and (
+                found := gen.encoder.encode_change(data, start + 6, b"I", lsn, self._ts)
+            ):
+                self._line(gen, *found)
+                return
+            self._row(gen, self._decode_tuple(gen, data, start + 6)[0], b"I", lsn)
             return
         pos = start + 5
         old_kind = data[pos]
         if kind == 68:  # 'D'
             if old_kind not in (75, 79):
                 raise DecodeError("delete without an old tuple")
-            old = decode_tuple(data, pos + 1)[0]
+            # An old tuple holding an unchanged value is not encoded here: the table fails.
+            if gen.direct and (
+                found := gen.encoder.encode_change(data, pos + 1, b"D", lsn, self._ts)
+            ):
+                self._line(gen, *found)
+                return
+            old = self._decode_tuple(gen, data, pos + 1)[0]
             if UNCHANGED in old:
                 self._unlogged(gen.table, lsn)
                 return
@@ -253,10 +270,10 @@ class ChangeReader:
             return
         old_values: TupleData | None = None
         if old_kind in (75, 79):  # 'K', 'O'
-            old_values, pos = decode_tuple(data, pos + 1)
+            old_values, pos = self._decode_tuple(gen, data, pos + 1)
         if data[pos] != 78:
             raise DecodeError("update without a new tuple")
-        new = decode_tuple(data, pos + 1)[0]
+        new = self._decode_tuple(gen, data, pos + 1)[0]
         key_of = gen.key_of
         if old_values is not None and key_of is not None and key_of(old_values) != key_of(new):
             if UNCHANGED in new and old_kind != 79:
@@ -288,6 +305,15 @@ class ChangeReader:
                 return
         self._row(gen, new, b"U", lsn)
 
+    @staticmethod
+    def _decode_tuple(gen: Generation, data: bytes, pos: int) -> tuple[TupleData, int]:
+        """``pgoutput.decode_tuple``, in the compiled core when there is one (which leaves a
+        malformed tuple to the Python decoder, for its error)."""
+        core = gen.encoder.core
+        if core is not None and (found := core.decode_tuple(data, pos, UNCHANGED)) is not None:
+            return found
+        return decode_tuple(data, pos)
+
     def _row(
         self, gen: Generation, values: list[Any], op: bytes, lsn: int, unchanged: bytes = b""
     ) -> None:
@@ -296,11 +322,15 @@ class ChangeReader:
         day, fields = gen.encoder.encode(values)
         if gen.hash_fields is not None:
             fields = gen.hash_fields(fields)
+        self._line(gen, day, b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
+
+    def _line(self, gen: Generation, day: bytes, line: bytes) -> None:
+        """One object line into the spool of its day."""
         if not day and not gen.partitioned:
             day = self._day  # no partition column: the commit's UTC day
         target = gen.spool.day(day)
         pending = target.pending
-        pending.append(b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
+        pending.append(line)
         if len(pending) >= BLOCK_ROWS:
             target.drain()
         self._result.rows += 1
