@@ -314,6 +314,66 @@ encode_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* Reads the TupleData at *pos into ``fields`` (pointers into ``b``), which must hold exactly
+ * ``count`` values; moves *pos past it. 0, or -1 to decline: malformed bytes, another number
+ * of values, or an unchanged TOASTed value ('u'). */
+static int
+read_tuple(const unsigned char *b, Py_ssize_t n, Py_ssize_t *at, Field *fields, Py_ssize_t count)
+{
+    Py_ssize_t pos = *at, i, len;
+    if (pos < 0 || pos > n - 2 || (((Py_ssize_t)b[pos] << 8) | b[pos + 1]) != count)
+        return -1;
+    pos += 2;
+    for (i = 0; i < count; i++) {
+        if (pos >= n)
+            return -1;
+        switch (b[pos]) {
+        case 't':
+            if (pos > n - 5)
+                return -1;
+            len = ((Py_ssize_t)b[pos + 1] << 24) | ((Py_ssize_t)b[pos + 2] << 16) |
+                  ((Py_ssize_t)b[pos + 3] << 8) | b[pos + 4];
+            pos += 5;
+            if (len > n - pos)
+                return -1;
+            fields[i].p = (const char *)b + pos;
+            fields[i].len = len;
+            pos += len;
+            break;
+        case 'n':
+            fields[i].p = NULL;
+            fields[i].len = -1;
+            pos++;
+            break;
+        default:
+            return -1;
+        }
+    }
+    *at = pos;
+    return 0;
+}
+
+/* ``,op,lsn<ts>\n`` into ``tail``: its length, -1 to decline (too long, a NUL in op), -2 on an
+ * error set. */
+static int
+make_tail(char *tail, size_t size, PyObject *op, PyObject *lsn_obj, PyObject *ts)
+{
+    unsigned long long lsn = PyLong_AsUnsignedLongLong(lsn_obj);
+    Py_ssize_t op_len = PyBytes_GET_SIZE(op), ts_len = PyBytes_GET_SIZE(ts);
+    int len;
+    if (lsn == (unsigned long long)-1 && PyErr_Occurred())
+        return -2;
+    if (op_len + ts_len > 64 || (Py_ssize_t)strlen(PyBytes_AS_STRING(op)) != op_len)
+        return -1;
+    len = snprintf(tail, size, ",%s,%llu", PyBytes_AS_STRING(op), lsn);
+    if (len < 0 || (size_t)len + ts_len + 1 >= size)
+        return -1;
+    memcpy(tail + len, PyBytes_AS_STRING(ts), ts_len);
+    len += (int)ts_len;
+    tail[len++] = '\n';
+    return len;
+}
+
 /* encode_change(buf, pos, plan, partition, op, lsn, ts) -> (day, line) | None: one tuple of a
  * pgoutput message straight to its object line, ``row,op,lsn<ts>\n`` (ts: b",<commit ts>,"),
  * without a list of values in between. None: the tuple is malformed, holds an unchanged
@@ -322,12 +382,10 @@ static PyObject *
 encode_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Field stack[STACK_FIELDS], *fields;
-    const unsigned char *b;
-    Py_ssize_t n, pos, count, i, len, partition, op_len, ts_len;
-    unsigned long long lsn;
+    Py_ssize_t pos, count, partition;
     char tail[128];
     int tail_len;
-    PyObject *result;
+    PyObject *result = Py_None;
 
     if (nargs != 7 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[2]) ||
         !PyBytes_Check(args[4]) || !PyBytes_Check(args[6])) {
@@ -338,66 +396,100 @@ encode_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!as_index(args[1], &pos) || !as_index(args[3], &partition))
         return NULL;
-    lsn = PyLong_AsUnsignedLongLong(args[5]);
-    if (lsn == (unsigned long long)-1 && PyErr_Occurred())
+    tail_len = make_tail(tail, sizeof tail, args[4], args[5], args[6]);
+    if (tail_len == -2)
         return NULL;
-    op_len = PyBytes_GET_SIZE(args[4]);
-    ts_len = PyBytes_GET_SIZE(args[6]);
-    if (op_len + ts_len > 64)
-        Py_RETURN_NONE;
-    tail_len = snprintf(tail, sizeof tail, ",%s,%llu", PyBytes_AS_STRING(args[4]), lsn);
-    if (tail_len < 0 || (size_t)tail_len + ts_len + 1 >= sizeof tail ||
-        (Py_ssize_t)strlen(PyBytes_AS_STRING(args[4])) != op_len)
-        Py_RETURN_NONE;
-    memcpy(tail + tail_len, PyBytes_AS_STRING(args[6]), ts_len);
-    tail_len += ts_len;
-    tail[tail_len++] = '\n';
-
-    b = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    n = PyBytes_GET_SIZE(args[0]);
-    if (pos < 0 || pos > n - 2)
-        Py_RETURN_NONE;
-    count = ((Py_ssize_t)b[pos] << 8) | b[pos + 1];
-    pos += 2;
-    if (count != PyBytes_GET_SIZE(args[2]) || partition >= count)
+    count = PyBytes_GET_SIZE(args[2]);
+    if (tail_len < 0 || partition >= count)
         Py_RETURN_NONE;
     fields = fields_for(count, stack);
     if (fields == NULL)
         return NULL;
-    for (i = 0; i < count; i++) {
-        if (pos >= n)
-            goto fallback;
-        switch (b[pos]) {
-        case 't':
-            if (pos > n - 5)
-                goto fallback;
-            len = ((Py_ssize_t)b[pos + 1] << 24) | ((Py_ssize_t)b[pos + 2] << 16) |
-                  ((Py_ssize_t)b[pos + 3] << 8) | b[pos + 4];
-            pos += 5;
-            if (len > n - pos)
-                goto fallback;
-            fields[i].p = (const char *)b + pos;
-            fields[i].len = len;
-            pos += len;
-            break;
-        case 'n':
-            fields[i].p = NULL;
-            fields[i].len = -1;
-            pos++;
-            break;
-        default: /* 'u' (unchanged TOAST) and anything malformed */
-            goto fallback;
+    if (read_tuple((const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
+                   &pos, fields, count) == 0)
+        result = build((const unsigned char *)PyBytes_AS_STRING(args[2]), fields, count,
+                       partition, tail, tail_len);
+    else
+        Py_INCREF(result);
+    if (fields != stack)
+        PyMem_Free(fields);
+    return result;
+}
+
+/* encode_update(buf, pos, plan, partition, keys, lsn, ts) -> (day, line) | None: an Update
+ * message from ``pos``, the byte after its relation (an optional 'K'/'O' old tuple, then 'N'
+ * and the new one), as the line of the new row with op U, when the key (``keys``: the key
+ * columns' positions, two bytes each, big-endian) is the same in the old tuple as in the new
+ * one. None: the key changed (a D for the old key comes first), an unchanged TOASTed value,
+ * malformed bytes, or a value the common path does not take. */
+static PyObject *
+encode_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Field stack[STACK_FIELDS], old_stack[STACK_FIELDS], *fields, *old = NULL;
+    const unsigned char *b, *keys;
+    Py_ssize_t n, pos, count, partition, i, k, nkeys;
+    char tail[128];
+    int tail_len;
+    PyObject *result = NULL, *op;
+
+    if (nargs != 7 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[2]) ||
+        !PyBytes_Check(args[4]) || !PyBytes_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_update(buf: bytes, pos: int, plan: bytes, partition: int, "
+                        "keys: bytes, lsn: int, ts: bytes)");
+        return NULL;
+    }
+    if (!as_index(args[1], &pos) || !as_index(args[3], &partition))
+        return NULL;
+    op = PyBytes_FromStringAndSize("U", 1);
+    if (op == NULL)
+        return NULL;
+    tail_len = make_tail(tail, sizeof tail, op, args[5], args[6]);
+    Py_DECREF(op);
+    if (tail_len == -2)
+        return NULL;
+    count = PyBytes_GET_SIZE(args[2]);
+    if (tail_len < 0 || partition >= count)
+        Py_RETURN_NONE;
+    b = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    n = PyBytes_GET_SIZE(args[0]);
+    keys = (const unsigned char *)PyBytes_AS_STRING(args[4]);
+    nkeys = PyBytes_GET_SIZE(args[4]) / 2;
+    fields = fields_for(count, stack);
+    if (fields == NULL)
+        return NULL;
+    if (pos >= 0 && pos < n && (b[pos] == 'K' || b[pos] == 'O')) {
+        old = fields_for(count, old_stack);
+        if (old == NULL)
+            goto done;
+        pos++;
+        if (read_tuple(b, n, &pos, old, count) < 0)
+            goto decline;
+    }
+    if (pos < 0 || pos >= n || b[pos] != 'N')
+        goto decline;
+    pos++;
+    if (read_tuple(b, n, &pos, fields, count) < 0)
+        goto decline;
+    if (old != NULL) {
+        for (i = 0; i < nkeys; i++) {
+            k = ((Py_ssize_t)keys[2 * i] << 8) | keys[2 * i + 1];
+            if (k >= count || old[k].len != fields[k].len ||
+                (old[k].len > 0 && memcmp(old[k].p, fields[k].p, old[k].len) != 0))
+                goto decline;
         }
     }
     result = build((const unsigned char *)PyBytes_AS_STRING(args[2]), fields, count, partition,
                    tail, tail_len);
+    goto done;
+decline:
+    result = Py_NewRef(Py_None);
+done:
     if (fields != stack)
         PyMem_Free(fields);
+    if (old != NULL && old != old_stack)
+        PyMem_Free(old);
     return result;
-fallback:
-    if (fields != stack)
-        PyMem_Free(fields);
-    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -407,6 +499,8 @@ static PyMethodDef methods[] = {
      "encode_row(plan, partition, values) -> (day, row) | None"},
     {"encode_change", (PyCFunction)(void (*)(void))encode_change, METH_FASTCALL,
      "encode_change(buf, pos, plan, partition, op, lsn, ts) -> (day, line) | None"},
+    {"encode_update", (PyCFunction)(void (*)(void))encode_update, METH_FASTCALL,
+     "encode_update(buf, pos, plan, partition, keys, lsn, ts) -> (day, line) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,3 +6,6 @@ def encode_row(plan: bytes, partition: int, values: list[Any], /) -> tuple[bytes
 def encode_change(
     buf: bytes, pos: int, plan: bytes, partition: int, op: bytes, lsn: int, ts: bytes, /
 ) -> tuple[bytes, bytes] | None: ...
+def encode_update(
+    buf: bytes, pos: int, plan: bytes, partition: int, keys: bytes, lsn: int, ts: bytes, /
+) -> tuple[bytes, bytes] | None: ...

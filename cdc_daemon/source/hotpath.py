@@ -32,6 +32,10 @@ class Core(Protocol):
         self, buf: bytes, pos: int, plan: bytes, partition: int, op: bytes, lsn: int, ts: bytes, /
     ) -> tuple[bytes, bytes] | None: ...
 
+    def encode_update(
+        self, buf: bytes, pos: int, plan: bytes, partition: int, keys: bytes, lsn: int, ts: bytes, /
+    ) -> tuple[bytes, bytes] | None: ...
+
 
 def forced_pure() -> bool:
     return os.environ.get(PURE_ENV, "") not in ("", "0")

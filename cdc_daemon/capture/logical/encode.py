@@ -323,8 +323,9 @@ class RowEncoder:
         fasts = [c.fast() for c in columns]
         self._fast = [(i, fast) for i, fast in enumerate(fasts) if fast is not None]
         self.core = None if pure else hotpath.core()
-        self._plan = bytes(_PLAN_CODES[fast] for fast in fasts)
-        self._partition_index = -1 if self._partition is None else self._partition
+        # What the core needs (``source.hotpath``): each column's fast path, the day's column.
+        self.plan = bytes(_PLAN_CODES[fast] for fast in fasts)
+        self.partition_index = -1 if self._partition is None else self._partition
         checks = [
             (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")
             for i, c in enumerate(columns)
@@ -344,20 +345,8 @@ class RowEncoder:
         """Values must be bytes or None (UNCHANGED resolved by the caller)."""
         if self.core is None:
             return self.encode_python(values)
-        found = self.core.encode_row(self._plan, self._partition_index, values)
+        found = self.core.encode_row(self.plan, self.partition_index, values)
         return self.encode_reference(values) if found is None else found
-
-    def encode_change(
-        self, buf: bytes, pos: int, op: bytes, lsn: int, ts: bytes
-    ) -> tuple[bytes, bytes] | None:
-        """The compiled core only: the tuple at ``pos`` of a pgoutput message straight to
-        (day, ``row,op,lsn<ts>\\n``), the line ``ChangeReader`` writes for it. None when there
-        is no core, or the tuple is not the common case (an unchanged TOASTed value, a value
-        needing quotes or the careful path, malformed bytes): then the caller decodes the
-        tuple and takes ``encode``."""
-        if self.core is None:
-            return None
-        return self.core.encode_change(buf, pos, self._plan, self._partition_index, op, lsn, ts)
 
     def encode_python(self, values: TupleData) -> tuple[bytes, bytes]:
         """``encode`` in Python: the common row with a few bytes operations."""

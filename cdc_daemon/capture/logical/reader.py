@@ -30,6 +30,7 @@ from cdc_daemon.capture.logical.pgoutput import (
 )
 from cdc_daemon.capture.logical.tables import LogicalTable, logical_header, type_text
 from cdc_daemon.errors import CdcError, SourceError
+from cdc_daemon.source.hotpath import Core
 from cdc_daemon.source.values import QuarantineJudge, quote
 from cdc_daemon.warehouse.model import retype_problem
 
@@ -100,16 +101,17 @@ class Generation:
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
     # The table has a partition column (else a row goes to its commit's day); read per row.
     partitioned: bool = field(init=False, repr=False)
-    # A tuple can go from the message to its line in the compiled core (every column kept,
-    # none hashed): ``RowEncoder.encode_change``.
-    direct: bool = field(init=False, repr=False)
+    # The compiled core when a change can go from its message to its line there (every
+    # column kept, none hashed), else None (``source.hotpath``); its key columns for it.
+    core: Core | None = field(init=False, repr=False)
+    core_keys: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
         self.partitioned = self.table.info.partition is not None
-        self.direct = (
-            self.encoder.core is not None and self.keep is None and self.hash_fields is None
-        )
+        direct = self.keep is None and self.hash_fields is None
+        self.core = self.encoder.core if direct else None
+        self.core_keys = b"".join(i.to_bytes(2) for i in self.key_index)
 
     @property
     def header(self) -> list[str]:
@@ -244,8 +246,16 @@ class ChangeReader:
         if kind == 73:  # 'I'
             if data[start + 5] != 78:
                 raise DecodeError("insert without a new tuple")
-            if gen.direct and (
-                found := gen.encoder.encode_change(data, start + 6, b"I", lsn, self._ts)
+            if (core := gen.core) is not None and (
+                found := core.encode_change(
+                    data,
+                    start + 6,
+                    gen.encoder.plan,
+                    gen.encoder.partition_index,
+                    b"I",
+                    lsn,
+                    self._ts,
+                )
             ):
                 self._line(gen, *found)
                 return
@@ -257,8 +267,16 @@ class ChangeReader:
             if old_kind not in (75, 79):
                 raise DecodeError("delete without an old tuple")
             # An old tuple holding an unchanged value is not encoded here: the table fails.
-            if gen.direct and (
-                found := gen.encoder.encode_change(data, pos + 1, b"D", lsn, self._ts)
+            if (core := gen.core) is not None and (
+                found := core.encode_change(
+                    data,
+                    pos + 1,
+                    gen.encoder.plan,
+                    gen.encoder.partition_index,
+                    b"D",
+                    lsn,
+                    self._ts,
+                )
             ):
                 self._line(gen, *found)
                 return
@@ -267,6 +285,21 @@ class ChangeReader:
                 self._unlogged(gen.table, lsn)
                 return
             self._row(gen, old, b"D", lsn)
+            return
+        # The common update (the key unchanged, every value logged) in the core; the others
+        # below (a key change writes a D first, unchanged values are filled or named).
+        if (core := gen.core) is not None and (
+            found := core.encode_update(
+                data,
+                pos,
+                gen.encoder.plan,
+                gen.encoder.partition_index,
+                gen.core_keys,
+                lsn,
+                self._ts,
+            )
+        ):
+            self._line(gen, *found)
             return
         old_values: TupleData | None = None
         if old_kind in (75, 79):  # 'K', 'O'
