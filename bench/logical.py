@@ -243,9 +243,10 @@ def exported_ops(svc: Services, pure: bool = False) -> dict[str, int]:
             if item["Key"].startswith(PURE["prefix"] + "/") != pure:
                 continue
             body = s3.get_object(Bucket=svc.bucket, Key=item["Key"])["Body"].read()
-            # The last three fields (_cdc_op, _cdc_seq, _cdc_ts) never hold a comma.
+            # The last four fields (_cdc_op, _cdc_seq, _cdc_ts, _cdc_unchanged) hold no comma
+            # here (no TOASTed value is left unchanged by these changes).
             for line in gzip.decompress(body).splitlines()[1:]:
-                op = line.rsplit(b",", 3)[1].decode()
+                op = line.rsplit(b",", 4)[1].decode()
                 ops[op] = ops.get(op, 0) + 1
     return ops
 
