@@ -246,18 +246,7 @@ class ChangeReader:
         if kind == 73:  # 'I'
             if data[start + 5] != 78:
                 raise DecodeError("insert without a new tuple")
-            if (core := gen.core) is not None and (
-                found := core.encode_change(
-                    data,
-                    start + 6,
-                    gen.encoder.plan,
-                    gen.encoder.partition_index,
-                    b"I",
-                    lsn,
-                    self._ts,
-                )
-            ):
-                self._line(gen, *found)
+            if gen.core is not None and self._direct(gen, data, start + 6, b"I", lsn):
                 return
             self._row(gen, self._decode_tuple(gen, data, start + 6)[0], b"I", lsn)
             return
@@ -267,18 +256,7 @@ class ChangeReader:
             if old_kind not in (75, 79):
                 raise DecodeError("delete without an old tuple")
             # An old tuple holding an unchanged value is not encoded here: the table fails.
-            if (core := gen.core) is not None and (
-                found := core.encode_change(
-                    data,
-                    pos + 1,
-                    gen.encoder.plan,
-                    gen.encoder.partition_index,
-                    b"D",
-                    lsn,
-                    self._ts,
-                )
-            ):
-                self._line(gen, *found)
+            if gen.core is not None and self._direct(gen, data, pos + 1, b"D", lsn):
                 return
             old = self._decode_tuple(gen, data, pos + 1)[0]
             if UNCHANGED in old:
@@ -337,6 +315,18 @@ class ChangeReader:
                 self._row(gen, new, b"U", lsn, quote(",".join(names).encode()))
                 return
         self._row(gen, new, b"U", lsn)
+
+    def _direct(self, gen: Generation, data: bytes, pos: int, op: bytes, lsn: int) -> bool:
+        """The tuple at ``pos`` straight to its line in the compiled core; False when the
+        core declines it (then the caller decodes it and takes the Python path)."""
+        assert gen.core is not None
+        found = gen.core.encode_change(
+            data, pos, gen.encoder.plan, gen.encoder.partition_index, op, lsn, self._ts
+        )
+        if found is None:
+            return False
+        self._line(gen, *found)
+        return True
 
     @staticmethod
     def _decode_tuple(gen: Generation, data: bytes, pos: int) -> tuple[TupleData, int]:
