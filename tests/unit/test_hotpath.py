@@ -37,7 +37,7 @@ from cdc_daemon.source import hotpath
 from cdc_daemon.source.table import Column, TableInfo
 from cdc_daemon.source.values import MAX_TEXT, QuarantineJudge
 
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _core() -> hotpath.Core:
