@@ -76,6 +76,16 @@ def test_pure_python_env_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -
     assert hotpath.describe() == "compiled"
 
 
+def test_without_the_extension_the_pure_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without a C compiler has no ``_hotpath``: encoders and the reader take the
+    pure-Python path, and the start line says the extension was not built."""
+    monkeypatch.delenv(hotpath.PURE_ENV, raising=False)
+    monkeypatch.setattr(hotpath, "built", lambda: None)
+    assert hotpath.core() is None
+    assert RowEncoder(COLUMNS, "at").core is None
+    assert hotpath.describe() == "python (the C extension was not built)"
+
+
 # -- values of every type the encoder knows, common and hostile ---------------------------------
 
 INT4_ARRAY, TEXT_ARRAY, BOOL_ARRAY, FLOAT8_ARRAY, INTERVAL = 1007, 1009, 1000, 1022, 1186
