@@ -285,13 +285,16 @@ def cli(config: Path, *args: str) -> None:
     )
 
 
-def start_daemon(config: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_daemon(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """The daemon's log goes to a file beside its config: a pipe nobody reads while it runs
-    would fill up and stall the daemon on its next log line."""
+    would fill up and stall the daemon on its next log line. ``env``: added to ours."""
     log = (config.parent / "daemon.log").open("wb")
     return subprocess.Popen(
         [str(VENV_BIN / "cdc-daemon"), "--config", str(config), "run", *args],
         stdout=log,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

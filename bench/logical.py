@@ -1,8 +1,10 @@
-"""bench/logical: a mix of inserts, updates and deletes (REPLICA IDENTITY FULL) drained from a
-pgoutput slot by ``cdc-daemon run --exit-when-idle`` (logical mode, to the local S3 server),
-side by side in the same run with ``pg_recvlogical`` and with dlt's ``pg_replication`` source.
+"""bench/logical: a mix of inserts, updates and deletes (REPLICA IDENTITY FULL, or the default
+identity) drained from a pgoutput slot by ``cdc-daemon run --exit-when-idle`` (logical mode, to
+the local S3 server), side by side in the same run with the same daemon on its pure-Python hot
+path, with ``pg_recvlogical`` and with dlt's ``pg_replication`` source.
 
     .venv/bin/python -m bench.logical [--rows 300000] [--txn-rows 10000] [--pairs 3]
+        [--identity full|default]
         [--dlt-python /tmp/dlt-venv/bin/python] [--dlt-sources /tmp/dlt-verified-sources/sources]
     .venv/bin/python -m bench.logical --per-op [--rows 300000] [--txn-rows 10000]
 
@@ -12,6 +14,9 @@ own, created before the changes, as a whole process, with PostgreSQL's CPU (the 
 process tree; the walsenders' own from ClusterCpu) measured around it:
 
 * cdc-daemon: decode, CSV, gzip, upload, ledger, slot advance;
+* cdc-daemon-pure: the same with ``CDC_DAEMON_PURE_PYTHON=1`` (the pure-Python hot path: the
+  daemon before the compiled core), with a ledger schema, slot, publication and S3 prefix of
+  its own (``pure/``);
 * ``pg_recvlogical --start -o proto_version=1 -o publication_names=... -f /dev/null
   --endpos=<LSN>``: the server's streaming to a client that only writes the bytes away;
 * dlt 1.31.0's ``pg_replication`` source (dlt-hub/verified-sources), parquet files in a local
@@ -79,7 +84,9 @@ DAEMON_SLOT = "cdc_public_ecommerce_sales"
 # The publication of pg_recvlogical and dlt (the daemon's is made by `cdc-daemon init`).
 PEERS_PUBLICATION = "bench_peers"
 RECV_SLOT, DLT_SLOT = "bench_recvlogical", "bench_dlt"
-SIDES = ("cdc-daemon", "pg_recvlogical", "dlt")
+SIDES = ("cdc-daemon", "cdc-daemon-pure", "pg_recvlogical", "dlt")
+# The pure-Python side's own ledger, slot, publication and objects.
+PURE = {"schema": "cdc_pure", "slot": "cdc_pure_sales", "prefix": "pure"}
 
 DLT_SCRIPT = """
 import sys
@@ -168,11 +175,30 @@ class Side:
         return 1e6 * self.pg_cpu_s / self.changes
 
 
-def new_slots(svc: Services, config: Path, first: bool) -> None:
+def pure_config(config: Path) -> Path:
+    """The daemon's configuration for the pure-Python side: its own ledger schema, slot,
+    publication and S3 prefix, beside the other's (a folder of its own for its log)."""
+    text = config.read_text()
+    text = text.replace(
+        "[capture]\n",
+        "[capture]\n" + (f'slot_name = "{PURE["slot"]}"\npublication_name = "{PURE["slot"]}"\n'),
+        1,
+    )
+    text = text.replace("[s3]\n", f'[s3]\nprefix = "{PURE["prefix"]}"\n', 1)
+    text += f'[state]\nschema = "{PURE["schema"]}"\n'
+    folder = config.parent / "pure"
+    folder.mkdir(exist_ok=True)
+    (folder / config.name).write_text(text)
+    return folder / config.name
+
+
+def new_slots(svc: Services, config: Path, first: bool, pure: Path | None = None) -> None:
     """Fresh slots for every side (the daemon's by ``cdc-daemon init``, with no snapshot:
     ``capture.initial_snapshot = false``), all made before the pair's changes."""
     with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
-        for slot in (DAEMON_SLOT, RECV_SLOT, DLT_SLOT):
+        if pure is not None:
+            conn.execute(f"DROP SCHEMA IF EXISTS {PURE['schema']} CASCADE")
+        for slot in (DAEMON_SLOT, PURE["slot"], RECV_SLOT, DLT_SLOT):
             conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
                 " WHERE slot_name = %s",
@@ -181,6 +207,8 @@ def new_slots(svc: Services, config: Path, first: bool) -> None:
     if not first:
         reset_capture(svc)  # the ledger's position and the objects of the previous pair
     cli(config, "init")
+    if pure is not None:
+        cli(pure, "init")
     with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
         for slot in (RECV_SLOT, DLT_SLOT):
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
@@ -205,29 +233,39 @@ def make_changes(svc: Services, inserts: int, updates: int, deletes: int, txn_ro
     return str(end[0])
 
 
-def exported_ops(svc: Services) -> dict[str, int]:
-    """The changes in the daemon's objects, by ``_cdc_op``."""
+def exported_ops(svc: Services, pure: bool = False) -> dict[str, int]:
+    """The changes in the daemon's objects (the pure side's: under ``pure/``), by
+    ``_cdc_op``."""
     s3 = svc.s3()
     ops: dict[str, int] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=svc.bucket):
         for item in page.get("Contents", []):
+            if item["Key"].startswith(PURE["prefix"] + "/") != pure:
+                continue
             body = s3.get_object(Bucket=svc.bucket, Key=item["Key"])["Body"].read()
-            # The last three fields (_cdc_op, _cdc_seq, _cdc_ts) never hold a comma.
+            # The last four fields (_cdc_op, _cdc_seq, _cdc_ts, _cdc_unchanged) hold no comma
+            # here (no TOASTed value is left unchanged by these changes).
             for line in gzip.decompress(body).splitlines()[1:]:
-                op = line.rsplit(b",", 3)[1].decode()
+                op = line.rsplit(b",", 4)[1].decode()
                 ops[op] = ops.get(op, 0) + 1
     return ops
 
 
-def run_daemon(svc: Services, config: Path, expected: dict[str, int]) -> Side:
+def run_daemon(svc: Services, config: Path, expected: dict[str, int], pure: bool = False) -> Side:
     s3_before = svc.cpu()[1]
+    env = {"CDC_DAEMON_PURE_PYTHON": "1"} if pure else {"CDC_DAEMON_PURE_PYTHON": "0"}
     with ClusterCpu(svc) as pg:
         started, started_at = time.perf_counter(), time.time()
-        run = finish_daemon(start_daemon(config, "--exit-when-idle"), started, config)
+        run = finish_daemon(start_daemon(config, "--exit-when-idle", env=env), started, config)
     run.started_at = started_at
     rows = sum(b["rows"] for b in run.batches)
     last_batch = max(datetime.fromisoformat(b["timestamp"]).timestamp() for b in run.batches)
-    ops = exported_ops(svc)
+    hot_path = str(
+        next(e.get("hot_path") for e in run.events if e.get("event") == "daemon_started")
+    )
+    if hot_path.startswith("python") != pure:
+        raise RuntimeError(f"cdc-daemon ran the hot path {hot_path!r}")
+    ops = exported_ops(svc, pure)
     if ops != expected:
         raise RuntimeError(f"cdc-daemon exported {ops} ({rows} rows), expected {expected}")
     return Side(
@@ -237,7 +275,8 @@ def run_daemon(svc: Services, config: Path, expected: dict[str, int]) -> Side:
         pg.walsenders(),
         rows,
         svc.cpu()[1] - s3_before,
-        f"{len(run.batches)} batches, {run.total('compressed_bytes') / 1e6:.0f} MB gzip; start"
+        f"hot path {hot_path}; {len(run.batches)} batches,"
+        f" {run.total('compressed_bytes') / 1e6:.0f} MB gzip; start"
         f" {run.start_s:.2f} s, then read+decode+spool {run.total('extract_s'):.2f} s, upload"
         f" {run.total('upload_s'):.2f} s, commit {run.total('commit_s'):.2f} s, exit"
         f" {run.seconds - (last_batch - started_at):.2f} s after the last batch; peak RSS"
@@ -341,7 +380,8 @@ def side_by_side(args: argparse.Namespace) -> None:
     with services() as svc:
         with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
             generate_sales(conn, 0)
-            conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
+            if args.identity == "full":
+                conn.execute("ALTER TABLE ecommerce_sales REPLICA IDENTITY FULL")
             conn.execute("ALTER TABLE ecommerce_sales SET (autovacuum_enabled = false)")
             conn.execute(f"CREATE PUBLICATION {PEERS_PUBLICATION} FOR TABLE ecommerce_sales")
         config = write_config(
@@ -349,18 +389,20 @@ def side_by_side(args: argparse.Namespace) -> None:
             capture={"mode": "logical", "initial_snapshot": False},
             batch={"max_rows": 500_000},
         )
+        pure = pure_config(config)
         version = subprocess.run(
             [str(pg_bin("pg_recvlogical")), "--version"], capture_output=True, text=True
         ).stdout.strip()
         print(f"bench/logical on {machine()}; {version}")
         print(
             f"  {args.rows:,} inserts + {updates:,} updates + {deletes:,} deletes = {total:,}"
-            f" changes, transactions of {args.txn_rows:,} rows, REPLICA IDENTITY FULL;"
+            f" changes, transactions of {args.txn_rows:,} rows, REPLICA IDENTITY"
+            f" {args.identity.upper()};"
             f" {args.pairs} rounds, sides in turn"
         )
         runs: dict[str, list[Side]] = {name: [] for name in sides}
         for n in range(args.pairs):
-            new_slots(svc, config, first=n == 0)
+            new_slots(svc, config, first=n == 0, pure=pure)
             started = time.perf_counter()
             end = make_changes(svc, args.rows, updates, deletes, args.txn_rows)
             print(
@@ -370,6 +412,9 @@ def side_by_side(args: argparse.Namespace) -> None:
             for name in order:
                 if name == "cdc-daemon":
                     side = run_daemon(svc, config, expected)
+                elif name == "cdc-daemon-pure":
+                    assert pure is not None
+                    side = run_daemon(svc, pure, expected, pure=True)
                 elif name == "pg_recvlogical":
                     side = run_recvlogical(svc, end, total)
                 else:
@@ -389,10 +434,17 @@ def side_by_side(args: argparse.Namespace) -> None:
             print(f"    {describe(name, median)}")
         daemon = runs["cdc-daemon"]
         recv = runs["pg_recvlogical"]
-        to_recv = [d.rate / r.rate for d, r in zip(daemon, recv, strict=True)]
+        for name in ("cdc-daemon", "cdc-daemon-pure"):
+            to_recv = [d.rate / r.rate for d, r in zip(runs[name], recv, strict=True)]
+            print(
+                f"  {name} / pg_recvlogical, changes/s: {statistics.median(to_recv):.2f}x"
+                f" (rounds {', '.join(f'{x:.2f}' for x in to_recv)}); goal >= "
+                + ("0.6x" if args.identity == "full" else "0.8x")
+            )
+        gain = [d.rate / p.rate for d, p in zip(daemon, runs["cdc-daemon-pure"], strict=True)]
         print(
-            f"  cdc-daemon / pg_recvlogical, changes/s: {statistics.median(to_recv):.2f}x"
-            f" (rounds {', '.join(f'{x:.2f}' for x in to_recv)}); goal >= 0.5x"
+            f"  cdc-daemon / cdc-daemon-pure (compiled / pure-Python hot path), changes/s:"
+            f" {statistics.median(gain):.2f}x (rounds {', '.join(f'{x:.2f}' for x in gain)})"
         )
         if "dlt" in runs:
             to_dlt = [d.rate / p.rate for d, p in zip(daemon, runs["dlt"], strict=True)]
@@ -467,6 +519,12 @@ def main() -> None:
     parser.add_argument("--deletes", type=int, default=None, help="default: --rows / 6")
     parser.add_argument("--txn-rows", type=int, default=10_000, help="rows per transaction")
     parser.add_argument("--pairs", type=int, default=3, help="rounds of all sides, in turn")
+    parser.add_argument(
+        "--identity",
+        choices=("full", "default"),
+        default="full",
+        help="the table's replica identity",
+    )
     parser.add_argument("--dlt-python", default="/tmp/dlt-venv/bin/python")
     parser.add_argument(
         "--dlt-sources",

@@ -43,6 +43,7 @@ from cdc_daemon.ops.health import HealthServer, Heartbeats, Probe, Supervisor
 from cdc_daemon.ops.metrics import Metrics
 from cdc_daemon.ops.systemd import SystemdNotifier
 from cdc_daemon.sink.s3 import S3Sink
+from cdc_daemon.source import hotpath
 from cdc_daemon.source.table import hasher_of
 from cdc_daemon.state.ledger import Producer
 from cdc_daemon.state.store import Store
@@ -258,8 +259,13 @@ class Worker:
             group=group,
             tables=[t.qualified for t in settings.table_specs],
             partition_columns={t.qualified: t.partition_column for t in settings.table_specs},
-            # Logical mode has no watermark: the tables are read from the slot.
-            **({"watermark_columns": watermarks} if not isinstance(source, LogicalSource) else {}),
+            # Logical mode has no watermark: the tables are read from the slot. Its changes
+            # pass through the hot path: compiled, or pure Python (and why), said once here.
+            **(
+                {"hot_path": hotpath.describe()}
+                if isinstance(source, LogicalSource)
+                else {"watermark_columns": watermarks}
+            ),
             pid=os.getpid(),
         )
         unit = UnitOfWork(settings, sink, self.metrics)

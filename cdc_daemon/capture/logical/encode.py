@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdc_daemon.capture.logical.pgoutput import TupleData
+from cdc_daemon.source import hotpath
 from cdc_daemon.source.values import (
     MAX_TEXT,
     Check,
@@ -229,6 +230,22 @@ _FAST: dict[int, Callable[[bytes], bytes | None]] = {
 }
 
 
+# The compiled core's code for each fast function (source/_hotpath.c, enum PLAN_*): a column
+# takes in C exactly the path its fast function takes here, so what the core refuses is what
+# the Python fast path refuses (both then go to ``encode_reference``).
+_PLAN_CODES: dict[Callable[[bytes], bytes | None] | None, int] = {
+    None: 0,
+    _bytea_fast: 1,
+    _timestamptz_fast: 2,
+    _timestamp_fast: 3,
+    _date_fast: 4,
+    _number_fast: 5,
+    _unconstrained_fast: 6,
+    _time_fast: 7,
+    _careful: 8,
+}
+
+
 def _array(element: int) -> Callable[[bytes], bytes]:
     def convert(value: bytes) -> bytes:
         return quote(array_json(value, element))
@@ -272,9 +289,11 @@ class RowEncoder:
     commas, without the ``_cdc_*`` columns and line end).
 
     ``encode`` is the hot path: it handles the common row (values in their usual form, none
-    needing quotes) with a few bytes operations per row, and hands any other row to
-    ``encode_reference``, which converts, quotes and checks field by field. Both give the
-    same bytes for every row (tests/unit/test_encode.py checks it on arbitrary rows).
+    needing quotes) with a few bytes operations per row (in the compiled core when there is
+    one, ``source.hotpath``, else ``encode_python``), and hands any other row to
+    ``encode_reference``, which converts, quotes and checks field by field. All give the same
+    bytes for every row (tests/unit/test_encode.py and test_hotpath.py check it on arbitrary
+    rows).
     """
 
     def __init__(
@@ -282,9 +301,12 @@ class RowEncoder:
         columns: Sequence[ColumnType],
         partition_column: str | None,
         unchecked: frozenset[str] = frozenset(),
+        *,
+        pure: bool = False,
     ) -> None:
         """``unchecked``: columns never quarantined (hash_columns: the warehouse gets their
-        hash, which it can always hold)."""
+        hash, which it can always hold). ``pure``: never the compiled core (else it is used
+        when built and not refused by CDC_DAEMON_PURE_PYTHON)."""
         names = [c.name for c in columns]
         # No partition column: the day is b"" (the caller names it: the commit's day).
         self._partition: int | None = None
@@ -298,7 +320,12 @@ class RowEncoder:
             _CONVERT.get(c.type_oid, quote) if c.element is None else _array(c.element)
             for c in columns
         ]
-        self._fast = [(i, fast) for i, c in enumerate(columns) if (fast := c.fast()) is not None]
+        fasts = [c.fast() for c in columns]
+        self._fast = [(i, fast) for i, fast in enumerate(fasts) if fast is not None]
+        self.core = None if pure else hotpath.core()
+        # What the core needs (``source.hotpath``): each column's fast path, the day's column.
+        self.plan = bytes(_PLAN_CODES[fast] for fast in fasts)
+        self.partition_index = -1 if self._partition is None else self._partition
         checks = [
             (i, check, f"{{}}-{re.sub(r'[^A-Za-z0-9_]', '_', c.name)}")
             for i, c in enumerate(columns)
@@ -316,6 +343,13 @@ class RowEncoder:
 
     def encode(self, values: TupleData) -> tuple[bytes, bytes]:
         """Values must be bytes or None (UNCHANGED resolved by the caller)."""
+        if self.core is None:
+            return self.encode_python(values)
+        found = self.core.encode_row(self.plan, self.partition_index, values)
+        return self.encode_reference(values) if found is None else found
+
+    def encode_python(self, values: TupleData) -> tuple[bytes, bytes]:
+        """``encode`` in Python: the common row with a few bytes operations."""
         fields: list[Any] = values.copy()
         for i, fast in self._fast:
             value = fields[i]

@@ -31,6 +31,7 @@ from cdc_daemon.capture.logical.pgoutput import (
 )
 from cdc_daemon.capture.logical.tables import LogicalTable, logical_header, type_text
 from cdc_daemon.errors import CdcError, SourceError
+from cdc_daemon.source.hotpath import Core
 from cdc_daemon.source.values import QuarantineJudge, quote
 from cdc_daemon.warehouse.model import retype_problem
 
@@ -101,6 +102,10 @@ class Generation:
     key_of: Callable[[TupleData], object] | None = field(init=False, repr=False)
     # The table has a partition column (else a row goes to its commit's day); read per row.
     partitioned: bool = field(init=False, repr=False)
+    # The compiled core when a change can go from its message to its line there (every
+    # column kept, none hashed), else None (``source.hotpath``); its key columns for it.
+    core: Core | None = field(init=False, repr=False)
+    core_keys: bytes = field(init=False, repr=False)
 
     # No key: each row is written with its identity, an update as two rows (``keyless``).
     keyless: bool = field(init=False, repr=False)
@@ -109,6 +114,10 @@ class Generation:
         self.key_of = operator.itemgetter(*self.key_index) if self.key_index else None
         self.partitioned = self.table.info.partition is not None
         self.keyless = self.table.keyless
+        # A keyless table's lines carry its own _cdc_seq and _cdc_row: the Python path.
+        direct = self.keep is None and self.hash_fields is None and not self.keyless
+        self.core = self.encoder.core if direct else None
+        self.core_keys = b"".join(i.to_bytes(2) for i in self.key_index)
 
     @property
     def header(self) -> list[str]:
@@ -256,14 +265,19 @@ class ChangeReader:
         if kind == 73:  # 'I'
             if data[start + 5] != 78:
                 raise DecodeError("insert without a new tuple")
-            self._row(gen, decode_tuple(data, start + 6)[0], b"I", lsn)
+            if gen.core is not None and self._direct(gen, data, start + 6, b"I", lsn):
+                return
+            self._row(gen, self._decode_tuple(gen, data, start + 6)[0], b"I", lsn)
             return
         pos = start + 5
         old_kind = data[pos]
         if kind == 68:  # 'D'
             if old_kind not in (75, 79):
                 raise DecodeError("delete without an old tuple")
-            old = decode_tuple(data, pos + 1)[0]
+            # An old tuple holding an unchanged value is not encoded here: the table fails.
+            if gen.core is not None and self._direct(gen, data, pos + 1, b"D", lsn):
+                return
+            old = self._decode_tuple(gen, data, pos + 1)[0]
             if gen.keyless and old_kind != 79:
                 self._not_full(gen.table, lsn)
                 return
@@ -272,12 +286,27 @@ class ChangeReader:
                 return
             self._row(gen, old, b"D", lsn)
             return
+        # The common update (the key unchanged, every value logged) in the core; the others
+        # below (a key change writes a D first, unchanged values are filled or named).
+        if (core := gen.core) is not None and (
+            found := core.encode_update(
+                data,
+                pos,
+                gen.encoder.plan,
+                gen.encoder.partition_index,
+                gen.core_keys,
+                lsn,
+                self._ts,
+            )
+        ):
+            self._line(gen, *found)
+            return
         old_values: TupleData | None = None
         if old_kind in (75, 79):  # 'K', 'O'
-            old_values, pos = decode_tuple(data, pos + 1)
+            old_values, pos = self._decode_tuple(gen, data, pos + 1)
         if data[pos] != 78:
             raise DecodeError("update without a new tuple")
-        new = decode_tuple(data, pos + 1)[0]
+        new = self._decode_tuple(gen, data, pos + 1)[0]
         if gen.keyless:
             if old_kind != 79 or old_values is None:
                 self._not_full(gen.table, lsn)
@@ -320,6 +349,27 @@ class ChangeReader:
                 return
         self._row(gen, new, b"U", lsn)
 
+    def _direct(self, gen: Generation, data: bytes, pos: int, op: bytes, lsn: int) -> bool:
+        """The tuple at ``pos`` straight to its line in the compiled core; False when the
+        core declines it (then the caller decodes it and takes the Python path)."""
+        assert gen.core is not None
+        found = gen.core.encode_change(
+            data, pos, gen.encoder.plan, gen.encoder.partition_index, op, lsn, self._ts
+        )
+        if found is None:
+            return False
+        self._line(gen, *found)
+        return True
+
+    @staticmethod
+    def _decode_tuple(gen: Generation, data: bytes, pos: int) -> tuple[TupleData, int]:
+        """``pgoutput.decode_tuple``, in the compiled core when there is one (which leaves a
+        malformed tuple to the Python decoder, for its error)."""
+        core = gen.encoder.core
+        if core is not None and (found := core.decode_tuple(data, pos, UNCHANGED)) is not None:
+            return found
+        return decode_tuple(data, pos)
+
     def _row(
         self, gen: Generation, values: list[Any], op: bytes, lsn: int, unchanged: bytes = b""
     ) -> None:
@@ -328,16 +378,21 @@ class ChangeReader:
         day, fields = gen.encoder.encode(values)
         if gen.hash_fields is not None:
             fields = gen.hash_fields(fields)
+        if gen.keyless:
+            self._number += 1
+            seq = change_seq(self._commit, self._number)
+            line = b"%s,%s,%d%s,%s\n" % (fields, op, seq, self._ts, row_id(fields))
+        else:
+            line = b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged)
+        self._line(gen, day, line)
+
+    def _line(self, gen: Generation, day: bytes, line: bytes) -> None:
+        """One object line into the spool of its day."""
         if not day and not gen.partitioned:
             day = self._day  # no partition column: the commit's UTC day
         target = gen.spool.day(day)
         pending = target.pending
-        if gen.keyless:
-            self._number += 1
-            seq = change_seq(self._commit, self._number)
-            pending.append(b"%s,%s,%d%s,%s\n" % (fields, op, seq, self._ts, row_id(fields)))
-        else:
-            pending.append(b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged))
+        pending.append(line)
         if len(pending) >= BLOCK_ROWS:
             target.drain()
         self._result.rows += 1
