@@ -9,6 +9,7 @@
   _FILE_ROW NUMBER(19, 0),
   _LOADED_AT TIMESTAMP_LTZ
 {%- if t.keyless %},
+  _CDC_NTH NUMBER(19, 0),
   _CDC_ROW VARCHAR(32)
 {%- endif %}
 {%- endmacro -%}
@@ -29,34 +30,36 @@ CREATE TABLE IF NOT EXISTS {{ n.landing }} (
 
 -- {{ n.name }} (keyless): one row per copy of each source row, exact duplicates included. A
 -- row is known by _CDC_ROW (the BLAKE2b-128 digest of its values as the objects carry them);
--- each copy by _CDC_SEQ, the change (or snapshot row) that made it. A value Snowflake cannot
--- hold exactly is NULL and named in _CDC_QUARANTINED (docs/logical.md#keyless-tables).
+-- each copy by the change (or snapshot row) that made it: its commit LSN (_CDC_SEQ; for a
+-- snapshot row the snapshot's consistent point) and its number there (_CDC_NTH). A value
+-- Snowflake cannot hold exactly is NULL and named in _CDC_QUARANTINED
+-- (docs/logical.md#keyless-tables).
 CREATE TABLE IF NOT EXISTS {{ n.name }} (
 {%- for c in t.columns %}
   {{ c.q }} {{ c.type.final }},
 {%- endfor %}
   _CDC_ROW VARCHAR(32) NOT NULL,
   _CDC_SEQ NUMBER(38, 0) NOT NULL,
+  _CDC_NTH NUMBER(19, 0) NOT NULL,
   _CDC_TS TIMESTAMP_TZ,
   _CDC_QUARANTINED VARCHAR,
   _MERGED_AT TIMESTAMP_LTZ,
 {%- for name, type in t.own_columns(n.name) %}
   {{ name }} {{ type }},
 {%- endfor %}
-  PRIMARY KEY (_CDC_SEQ)
+  PRIMARY KEY (_CDC_SEQ, _CDC_NTH)
 );
 
--- {{ n.rows }}: every change of a keyless table counted once (by _CDC_SEQ): a copy more
--- (S, I, U) or less (D) of the row _CDC_ROW; _CDC_POS is the commit position (the snapshot's
--- consistent point for S), _CDC_SEQ's leading digits. The merge counts the S rows of the
--- latest snapshot and the changes committed after it.
+-- {{ n.rows }}: every change of a keyless table counted once (by _CDC_SEQ, _CDC_NTH): a copy
+-- more (S, I, U) or less (D) of the row _CDC_ROW. The merge counts the S rows of the latest
+-- snapshot (the highest _CDC_SEQ of an S row) and the changes committed after it.
 CREATE TABLE IF NOT EXISTS {{ n.rows }} (
   _CDC_ROW VARCHAR(32) NOT NULL,
   _CDC_SEQ NUMBER(38, 0) NOT NULL,
+  _CDC_NTH NUMBER(19, 0) NOT NULL,
   _CDC_OP VARCHAR(1) NOT NULL,
-  _CDC_POS NUMBER(38, 0) NOT NULL,
   _CDC_TS TIMESTAMP_TZ,
-  PRIMARY KEY (_CDC_SEQ)
+  PRIMARY KEY (_CDC_SEQ, _CDC_NTH)
 );
 {%- else %}
 

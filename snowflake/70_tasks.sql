@@ -55,58 +55,65 @@ BEGIN
 BEGIN TRANSACTION;
 {%- if t.keyless %}
 {#- A keyless table (capture.logical.keyless, docs/logical.md#keyless-tables): every change
-    counted once into n.rows, then each touched row's copies written again from the count: the
-    S rows of the latest snapshot (highest consistent point) plus the I and U rows minus the D
-    rows committed after it. A copy is one positive change, the newest ones kept; its values
-    come from this run's changes or from the row's current copies (equal values, equal
-    _CDC_ROW). A newer snapshot's rows replace the earlier snapshot whole: every row is then
-    written again, and what the count no longer needs is dropped from n.rows. #}
+    counted once into n.rows (by _CDC_SEQ, its commit LSN or its snapshot's consistent point,
+    and _CDC_NTH, its number there), then each touched row's copies written again from the
+    count: the S rows of the latest snapshot (the highest _CDC_SEQ of an S row) plus the I and
+    U rows minus the D rows committed after it. A copy is one positive change, the newest ones
+    kept; its values come from this run's changes or from the row's current copies (equal
+    values, equal _CDC_ROW). A newer snapshot's rows replace the earlier snapshot whole: every
+    row is then written again, and what the count no longer needs is dropped from n.rows. #}
 DELETE FROM {{ p }}{{ n.changes }};
 INSERT INTO {{ p }}{{ n.changes }} (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
   _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_UNCHANGED, _CDC_QUARANTINED, _FILE, _FILE_ROW, _LOADED_AT,
-  _CDC_ROW
+  _CDC_NTH, _CDC_ROW
 )
 SELECT
 {%- for c in t.columns %}
   {{ c.type.converted(c.q) }},
 {%- endfor %}
   _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_UNCHANGED, _CDC_QUARANTINED, _FILE, _FILE_ROW, _LOADED_AT,
-  _CDC_ROW
+  _CDC_NTH, _CDC_ROW
 FROM (
   SELECT *, ROW_NUMBER() OVER (
-    PARTITION BY _CDC_SEQ ORDER BY _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
+    PARTITION BY _CDC_SEQ, _CDC_NTH ORDER BY _LOADED_AT DESC, _FILE DESC, _FILE_ROW DESC
   ) AS _RN
   FROM {{ p }}{{ n.stream }}
 )
 WHERE _RN = 1;
-INSERT INTO {{ p }}{{ n.rows }} (_CDC_ROW, _CDC_SEQ, _CDC_OP, _CDC_POS, _CDC_TS)
-SELECT c._CDC_ROW, c._CDC_SEQ, c._CDC_OP, FLOOR(c._CDC_SEQ / {{ keyless_scale }}), c._CDC_TS
+INSERT INTO {{ p }}{{ n.rows }} (_CDC_ROW, _CDC_SEQ, _CDC_NTH, _CDC_OP, _CDC_TS)
+SELECT c._CDC_ROW, c._CDC_SEQ, c._CDC_NTH, c._CDC_OP, c._CDC_TS
 FROM {{ p }}{{ n.changes }} AS c
-WHERE NOT EXISTS (SELECT 1 FROM {{ p }}{{ n.rows }} AS r WHERE r._CDC_SEQ = c._CDC_SEQ);
-{#- _ALL: this run brought rows of the latest snapshot, so every row is counted again. #}
+WHERE NOT EXISTS (
+  SELECT 1 FROM {{ p }}{{ n.rows }} AS r
+  WHERE r._CDC_SEQ = c._CDC_SEQ AND r._CDC_NTH = c._CDC_NTH
+);
+{#- The touched rows' current values; every row's when this run brought rows of the latest
+    snapshot (then every row is counted again). #}
 INSERT INTO {{ p }}{{ n.changes }} (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
-  _CDC_OP, _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _CDC_ROW
+  _CDC_OP, _CDC_SEQ, _CDC_NTH, _CDC_TS, _CDC_QUARANTINED, _CDC_ROW
 )
 SELECT
 {%- for c in t.columns %}
   o.{{ c.q }},
 {%- endfor %}
-  'T', o._CDC_SEQ, o._CDC_TS, o._CDC_QUARANTINED, o._CDC_ROW
+  'T', o._CDC_SEQ, o._CDC_NTH, o._CDC_TS, o._CDC_QUARANTINED, o._CDC_ROW
 FROM (
-  SELECT *, ROW_NUMBER() OVER (PARTITION BY _CDC_ROW ORDER BY _CDC_SEQ DESC) AS _RN
+  SELECT *, ROW_NUMBER() OVER (
+    PARTITION BY _CDC_ROW ORDER BY _CDC_SEQ DESC, _CDC_NTH DESC
+  ) AS _RN
   FROM {{ p }}{{ n.name }}
 ) AS o
 WHERE o._RN = 1 AND (
   EXISTS (
     SELECT 1 FROM {{ p }}{{ n.changes }} AS c
-    WHERE c._CDC_OP = 'S' AND FLOOR(c._CDC_SEQ / {{ keyless_scale }}) = (
-      SELECT MAX(_CDC_POS) FROM {{ p }}{{ n.rows }} WHERE _CDC_OP = 'S'
+    WHERE c._CDC_OP = 'S' AND c._CDC_SEQ = (
+      SELECT MAX(_CDC_SEQ) FROM {{ p }}{{ n.rows }} WHERE _CDC_OP = 'S'
     )
   )
   OR o._CDC_ROW IN (SELECT _CDC_ROW FROM {{ p }}{{ n.changes }})
@@ -117,35 +124,39 @@ INSERT INTO {{ p }}{{ n.name }} (
 {%- for c in t.columns %}
   {{ c.q }},
 {%- endfor %}
-  _CDC_ROW, _CDC_SEQ, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT, _CDC_OP, _CDC_SYNCED_AT
+  _CDC_ROW, _CDC_SEQ, _CDC_NTH, _CDC_TS, _CDC_QUARANTINED, _MERGED_AT, _CDC_OP,
+  _CDC_SYNCED_AT
 )
 SELECT
 {%- for c in t.columns %}
   v.{{ c.q }},
 {%- endfor %}
-  k._CDC_ROW, k._CDC_SEQ, k._CDC_TS, v._CDC_QUARANTINED, CURRENT_TIMESTAMP(), k._CDC_OP,
-  CURRENT_TIMESTAMP()
+  k._CDC_ROW, k._CDC_SEQ, k._CDC_NTH, k._CDC_TS, v._CDC_QUARANTINED, CURRENT_TIMESTAMP(),
+  k._CDC_OP, CURRENT_TIMESTAMP()
 FROM (
   SELECT
-    r._CDC_ROW, r._CDC_SEQ, r._CDC_OP, r._CDC_TS,
+    r._CDC_ROW, r._CDC_SEQ, r._CDC_NTH, r._CDC_OP, r._CDC_TS,
     ROW_NUMBER() OVER (
-      PARTITION BY r._CDC_ROW, IFF(r._CDC_OP = 'D', 1, 0) ORDER BY r._CDC_SEQ DESC
+      PARTITION BY r._CDC_ROW, IFF(r._CDC_OP = 'D', 1, 0)
+      ORDER BY r._CDC_SEQ DESC, r._CDC_NTH DESC
     ) AS _N,
     SUM(IFF(r._CDC_OP = 'D', -1, 1)) OVER (PARTITION BY r._CDC_ROW) AS _COPIES
   FROM {{ p }}{{ n.rows }} AS r
   CROSS JOIN (
-    SELECT COALESCE(MAX(_CDC_POS), -1) AS _AT FROM {{ p }}{{ n.rows }} WHERE _CDC_OP = 'S'
+    SELECT COALESCE(MAX(_CDC_SEQ), -1) AS _AT FROM {{ p }}{{ n.rows }} WHERE _CDC_OP = 'S'
   ) AS s
   WHERE r._CDC_ROW IN (SELECT _CDC_ROW FROM {{ p }}{{ n.changes }})
-    AND ((r._CDC_OP = 'S' AND r._CDC_POS = s._AT) OR (r._CDC_OP <> 'S' AND r._CDC_POS > s._AT))
+    AND ((r._CDC_OP = 'S' AND r._CDC_SEQ = s._AT) OR (r._CDC_OP <> 'S' AND r._CDC_SEQ > s._AT))
 ) AS k
 INNER JOIN (
-  SELECT *, ROW_NUMBER() OVER (PARTITION BY _CDC_ROW ORDER BY _CDC_SEQ DESC) AS _VN
+  SELECT *, ROW_NUMBER() OVER (
+    PARTITION BY _CDC_ROW ORDER BY _CDC_SEQ DESC, _CDC_NTH DESC
+  ) AS _VN
   FROM {{ p }}{{ n.changes }}
 ) AS v ON v._CDC_ROW = k._CDC_ROW AND v._VN = 1
 WHERE k._CDC_OP <> 'D' AND k._N <= k._COPIES;
 DELETE FROM {{ p }}{{ n.rows }}
-WHERE _CDC_POS < (SELECT MAX(_CDC_POS) FROM {{ p }}{{ n.rows }} WHERE _CDC_OP = 'S');
+WHERE _CDC_SEQ < (SELECT MAX(_CDC_SEQ) FROM {{ p }}{{ n.rows }} WHERE _CDC_OP = 'S');
 {%- else %}
 DELETE FROM {{ p }}{{ n.changes }};
 INSERT INTO {{ p }}{{ n.changes }} (

@@ -267,10 +267,10 @@ def rebuild(
 def rebuild_keyless(dsn: str, bodies: dict[str, bytes], table: str) -> str:
     """A keyless table from its objects (docs/logical.md#keyless-tables), by the rule the
     warehouse merge follows: per ``_cdc_row``, the ``S`` rows of the latest snapshot (highest
-    consistent point, ``_cdc_seq`` / 10^10) plus the ``I`` and ``U`` rows minus the ``D`` rows
-    committed after it, each change once (by ``_cdc_seq``); each row written as many times as
-    it has copies. Values as ``rebuild`` reads them (no arrays or bytea here); returns the
-    view's name, ``<table>_rebuilt``."""
+    consistent point, their ``_cdc_seq``) plus the ``I`` and ``U`` rows minus the ``D`` rows
+    committed after it (by ``_cdc_seq``, the commit LSN), each change once (by ``_cdc_seq`` and
+    ``_cdc_nth``); each row written as many times as it has copies. Values as ``rebuild``
+    reads them (no arrays or bytea here); returns the view's name, ``<table>_rebuilt``."""
     schema, _, name = table.rpartition(".")
     schema = schema or "public"
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -280,9 +280,9 @@ def rebuild_keyless(dsn: str, bodies: dict[str, bytes], table: str) -> str:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(raw))
         conn.execute(
             sql.SQL(
-                "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::numeric AS _cdc_seq,"
+                "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::bigint AS _cdc_seq,"
                 " now() AS _cdc_ts, ''::text AS _cdc_unchanged, ''::text AS _cdc_quarantined,"
-                " ''::text AS _cdc_row FROM {t} WITH NO DATA"
+                " 0::bigint AS _cdc_nth, ''::text AS _cdc_row FROM {t} WITH NO DATA"
             ).format(raw=raw, t=t)
         )
         names = [
@@ -308,8 +308,8 @@ def rebuild_keyless(dsn: str, bodies: dict[str, bytes], table: str) -> str:
         conn.execute(
             sql.SQL(
                 "CREATE OR REPLACE VIEW {v} AS"
-                " WITH once AS (SELECT DISTINCT ON (_cdc_seq) *,"
-                "  floor(_cdc_seq / 10000000000) AS _pos FROM {raw} ORDER BY _cdc_seq),"
+                " WITH once AS (SELECT DISTINCT ON (_cdc_seq, _cdc_nth) *, _cdc_seq AS _pos"
+                "  FROM {raw} ORDER BY _cdc_seq, _cdc_nth),"
                 " snap AS (SELECT coalesce(max(_pos), -1) AS _at FROM once WHERE _cdc_op = 'S'),"
                 " counted AS (SELECT _cdc_row, sum(CASE WHEN _cdc_op = 'D' THEN -1 ELSE 1 END)"
                 "  AS copies FROM once, snap WHERE (_cdc_op = 'S' AND _pos = _at)"

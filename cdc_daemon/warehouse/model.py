@@ -387,9 +387,6 @@ class SfColumn:
 # the operation of the change merged last, and when it was merged (_MERGED_AT, which earlier
 # warehouses have, holds the same time).
 METADATA_COLUMNS = (("_CDC_OP", "VARCHAR(1)"), ("_CDC_SYNCED_AT", "TIMESTAMP_LTZ"))
-# A keyless table's _cdc_seq: commit position * KEYLESS_SEQ_SCALE + the change's number within
-# its transaction (capture.logical.keyless).
-KEYLESS_SEQ_SCALE = 10**10
 # deletes = "soft": the current-state table's column for the delete's commit time.
 DELETED_AT = "_CDC_DELETED_AT"
 # history = true: the history table's columns after the source's (docs/snowflake.md#history-tables).
@@ -489,7 +486,7 @@ def column_of(source: str, pg_type: str, *, key: bool = False, hashed: bool = Fa
         or name in ("_MERGED_AT", DELETED_AT)
         or name in dict(METADATA_COLUMNS)
         or name in dict(HISTORY_COLUMNS)
-        or name == "_CDC_ROW"
+        or name in ("_CDC_ROW", "_CDC_NTH")
     ):
         raise SourceError(
             f"column {source!r} has the name of one of the daemon's own columns in Snowflake"

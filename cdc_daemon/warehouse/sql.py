@@ -19,7 +19,7 @@ import jinja2
 
 from cdc_daemon.config import Settings
 from cdc_daemon.errors import ConfigError
-from cdc_daemon.warehouse.model import HISTORY_COLUMNS, KEYLESS_SEQ_SCALE, WarehouseTable
+from cdc_daemon.warehouse.model import HISTORY_COLUMNS, WarehouseTable
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "snowflake"
 
@@ -120,7 +120,6 @@ def template_vars(
         "retention_days": sf.retention_days,
         "tombstone_days": sf.tombstone_days,
         "history_columns": HISTORY_COLUMNS,
-        "keyless_scale": KEYLESS_SEQ_SCALE,
         "stage_path": lambda folder: stage_path(sf.database, sf.schema_, sf.stage, folder),
     }
 

@@ -16,7 +16,6 @@ import psycopg
 import pytest
 
 from cdc_daemon.capture.backfill import parse_request, run_backfill
-from cdc_daemon.capture.logical.keyless import SEQ_SCALE
 from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
 from cdc_daemon.cli import verify as cli_verify
@@ -139,11 +138,11 @@ async def test_a_keyless_table_is_captured_with_its_duplicates_and_merged(
         assert (verified.source_rows, verified.warehouse_rows, verified.rows_fetched) == (26, 26, 0)
         # One copy of a repeated row gone from the warehouse, one copy too many of another.
         wh.query(
-            "DELETE FROM EVENTS WHERE _CDC_SEQ = (SELECT MIN(_CDC_SEQ) FROM EVENTS"
-            " WHERE KIND = 'k4')"
+            "DELETE FROM EVENTS WHERE KIND = 'k4' AND _CDC_NTH = (SELECT MIN(_CDC_NTH)"
+            " FROM EVENTS WHERE KIND = 'k4')"
         )
         wh.query(
-            'INSERT INTO EVENTS SELECT KIND, AMOUNT, "AT", PAYLOAD, BODY, _CDC_ROW, 1, _CDC_TS,'
+            'INSERT INTO EVENTS SELECT KIND, AMOUNT, "AT", PAYLOAD, BODY, _CDC_ROW, 1, 1, _CDC_TS,'
             " _CDC_QUARANTINED, _MERGED_AT, _CDC_OP, _CDC_SYNCED_AT FROM EVENTS WHERE KIND = 'u4'"
             " LIMIT 1"
         )
@@ -162,7 +161,7 @@ async def test_a_keyless_table_is_captured_with_its_duplicates_and_merged(
     assert tampered.differences[0].key["at"] == "2024-03-05 00:00:00.000000"
     headers = {b.split(b"\n", 1)[0] for b in bodies.values()}
     assert headers == {
-        b"kind,amount,at,payload,body,_cdc_op,_cdc_seq,_cdc_ts,_cdc_unchanged,_cdc_row"
+        b"kind,amount,at,payload,body,_cdc_op,_cdc_seq,_cdc_ts,_cdc_unchanged,_cdc_nth,_cdc_row"
     }
 
 
@@ -231,10 +230,10 @@ async def test_a_keyless_table_joining_while_a_transaction_on_it_commits_counts_
         rebuild_keyless(pg_dsn, bodies, "kl.events")
         assert differences(pg_dsn, "kl.events") == (27, 27, 0, 0)
         # The transaction's changes were streamed too, below the snapshot's consistent point.
-        (snapshot,) = {r[2] // SEQ_SCALE for r in rows_of(bodies) if r[0] == "S"}
+        (snapshot,) = {r[2] for r in rows_of(bodies) if r[0] == "S"}
         streamed = [r for r in rows_of(bodies) if r[0] != "S"]
         assert sorted(r[0] for r in streamed) == ["D", "I"]
-        assert all(r[2] // SEQ_SCALE < snapshot for r in streamed)
+        assert all(r[2] < snapshot for r in streamed)
         wh.pump_until_quiet()
         (table,) = [t for t in wh.tables if t.names.name == "EVENTS"]
         assert assert_table_equals_source(pg_dsn, wh, table) == 27
@@ -245,7 +244,7 @@ async def test_a_keyless_table_joining_while_a_transaction_on_it_commits_counts_
         for _ in range(30):
             assert await export_until_idle(wh.settings) == 0
             again = object_bodies(s3_client, bucket, "kl.events/")
-            if len({r[2] // SEQ_SCALE for r in rows_of(again) if r[0] == "S"}) == 2:
+            if len({r[2] for r in rows_of(again) if r[0] == "S"}) == 2:
                 break
             run_sql(pg_dsn, "CHECKPOINT")
         else:
@@ -258,7 +257,8 @@ async def test_a_keyless_table_joining_while_a_transaction_on_it_commits_counts_
 
 
 def rows_of(bodies: dict[str, bytes]) -> list[tuple[str, str, int]]:
-    """(_cdc_op, _cdc_row, _cdc_seq) of every row of the objects."""
+    """(_cdc_op, _cdc_row, _cdc_seq: the commit LSN or the snapshot's consistent point) of
+    every row of the objects."""
     out = []
     for body in bodies.values():
         for row in csv.DictReader(io.StringIO(body.decode())):

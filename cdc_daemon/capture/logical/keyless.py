@@ -1,5 +1,5 @@
-"""Keyless tables: a table with no primary key and no usable unique index, captured under
-REPLICA IDENTITY FULL, each row known by its values and exact duplicates kept as copies
+"""Keyless tables: a table with no primary key and no usable unique index, captured under REPLICA
+IDENTITY FULL, each row known by its values and exact duplicates kept as copies
 (docs/logical.md#keyless-tables).
 
 - ``_cdc_row``, the row's identity, is the BLAKE2b-128 digest (32 hex digits) of its fields as
@@ -8,19 +8,20 @@ REPLICA IDENTITY FULL, each row known by its values and exact duplicates kept as
   of the stream and of the snapshot hold the same bytes for the same values, so they agree.
 - A change is ``+1`` or ``-1`` copy of a row: an insert ``I`` of its new row, a delete ``D`` of
   its old row (FULL logs it whole), an update both (``D`` of the old row, ``U`` of the new).
-- ``_cdc_seq`` is ``commit LSN * 10^10 + n``, the n-th row (from 1) the transaction wrote for
-  the table: unique per change, in commit order, and the commit position is its leading digits.
+- ``_cdc_seq`` is the transaction's commit LSN and ``_cdc_nth`` the change's number (from 1)
+  among the rows the transaction wrote for keyless tables: the pair is unique per change, in
+  commit order, and ``_cdc_seq`` says on which side of a snapshot the change lies.
 - The snapshot is one consistent read: a temporary logical slot is created with an exported
-  snapshot (``SNAPSHOT 'export'``), whose consistent point L is exactly the boundary between
-  the transactions the snapshot sees and those the slot would decode after it (PostgreSQL's
-  own guarantee for a new slot). The rows read in it are ``S`` rows with ``_cdc_seq``
-  ``L * 10^10 + n``. The group's stream keeps the table's changes from its join on (at or
-  before L), so every transaction committing after L is streamed.
+  snapshot (``SNAPSHOT 'export'``), whose consistent point L is exactly the boundary between the
+  transactions the snapshot sees and those the slot would decode after it (PostgreSQL's own
+  guarantee for a new slot). The rows read in it are ``S`` rows with ``_cdc_seq`` L and
+  ``_cdc_nth`` their number in the read. The group's stream keeps the table's changes from its
+  join on (at or before L), so every transaction committing after L is streamed.
 - The warehouse counts, per ``_cdc_row``, the ``S`` rows of the latest snapshot (highest L) plus
-  the ``I``/``U`` minus the ``D`` rows of transactions committing after L, each change once
-  (by ``_cdc_seq``), whatever order the objects load in (snowflake/70_tasks.sql). A snapshot
-  read again (after a crash, or by ``resync``) has a higher L and replaces the earlier one
-  whole.
+  the ``I``/``U`` minus the ``D`` rows of transactions committing after L, each change once (by
+  ``_cdc_seq`` and ``_cdc_nth``), whatever order the objects load in (snowflake/70_tasks.sql). A
+  snapshot read again (after a crash, or by ``resync``) has a higher L and replaces the earlier
+  one whole.
 """
 
 from __future__ import annotations
@@ -38,10 +39,7 @@ from cdc_daemon.capture.logical.pgoutput import parse_lsn
 from cdc_daemon.source.copyread import CopyRows, copy_query
 from cdc_daemon.source.session import translated
 from cdc_daemon.source.table import TableInfo
-from cdc_daemon.warehouse.model import KEYLESS_SEQ_SCALE
 
-# _cdc_seq = commit position * SEQ_SCALE + the change's number within its transaction.
-SEQ_SCALE = KEYLESS_SEQ_SCALE
 SNAPSHOT_OP = "S"
 
 
@@ -50,17 +48,13 @@ def row_id(fields: bytes) -> bytes:
     return hashlib.blake2b(fields, digest_size=16).hexdigest().encode()
 
 
-def change_seq(commit_lsn: int, number: int) -> int:
-    return commit_lsn * SEQ_SCALE + number
-
-
-def with_row_id(line: bytes) -> bytes:
-    """A snapshot COPY row ``day,<fields>,S,<seq>,<ts>,\\n`` with its ``_cdc_row`` appended.
-    The day and the last four fields never hold a comma or a quote."""
+def with_row_id(line: bytes, nth: int) -> bytes:
+    """A snapshot COPY row ``day,<fields>,S,<seq>,<ts>,\\n`` with its ``_cdc_nth`` and
+    ``_cdc_row`` appended. The day and the last four fields never hold a comma or a quote."""
     body = line[:-1] if line.endswith(b"\n") else line
     head = body.rsplit(b",", 4)[0]
     fields = head[head.index(b",") + 1 :]
-    return b"%s,%s\n" % (body, row_id(fields))
+    return b"%s,%d,%s\n" % (body, nth, row_id(fields))
 
 
 def copy_keyless(
@@ -84,14 +78,11 @@ def copy_keyless(
         ).fetchone()
         assert row is not None
         consistent, snapshot = parse_lsn(str(row[1])), str(row[2])
-        numbered = sql.SQL("({}::numeric + row_number() OVER ())").format(
-            sql.Literal(consistent * SEQ_SCALE)
-        )
         query = copy_query(
             info,
             sql.SQL("true"),
             read_ts,
-            numbered,
+            sql.SQL("{}::bigint").format(sql.Literal(consistent)),
             ordered=False,
             unchanged=True,
             op=SNAPSHOT_OP,
@@ -101,12 +92,14 @@ def copy_keyless(
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             with conn.cursor() as cur, cur.copy(query) as copy:
                 rows = CopyRows(copy).batch
+                nth = 0
                 while batch := rows():
                     for data in batch:
                         line = bytes(data)
                         if rewrite is not None:
                             line = rewrite(line)
-                        spool.add(with_row_id(line))
+                        nth += 1
+                        spool.add(with_row_id(line, nth))
         finally:
             if not conn.closed and not conn.broken:
                 conn.execute("ROLLBACK")

@@ -15,7 +15,7 @@ import structlog
 
 from cdc_daemon.batch.spool import BLOCK_ROWS, DaySpool
 from cdc_daemon.capture.logical.encode import ColumnType, RowEncoder
-from cdc_daemon.capture.logical.keyless import change_seq, row_id
+from cdc_daemon.capture.logical.keyless import row_id
 from cdc_daemon.capture.logical.pgoutput import (
     UNCHANGED,
     Begin,
@@ -380,8 +380,14 @@ class ChangeReader:
             fields = gen.hash_fields(fields)
         if gen.keyless:
             self._number += 1
-            seq = change_seq(self._commit, self._number)
-            line = b"%s,%s,%d%s,%s\n" % (fields, op, seq, self._ts, row_id(fields))
+            line = b"%s,%s,%d%s,%d,%s\n" % (
+                fields,
+                op,
+                self._commit,
+                self._ts,
+                self._number,
+                row_id(fields),
+            )
         else:
             line = b"%s,%s,%d%s%s\n" % (fields, op, lsn, self._ts, unchanged)
         self._line(gen, day, line)

@@ -74,12 +74,13 @@ class LogicalTable:
 # The daemon's own columns of a logical object, after the table's: the operation, the change's
 # LSN, its commit time, and the columns whose unchanged TOASTed values the change lacks.
 CDC_COLUMNS = ("_cdc_op", "_cdc_seq", "_cdc_ts", "_cdc_unchanged")
-# A keyless table's objects end with the row's identity (``keyless.row_id``).
-ROW_COLUMN = "_cdc_row"
+# A keyless table's objects end with the change's number within its transaction (or the
+# snapshot row's within its read) and the row's identity (``capture.logical.keyless``).
+KEYLESS_COLUMNS = ("_cdc_nth", "_cdc_row")
 
 
 def logical_header(columns: list[str], keyless: bool = False) -> list[str]:
-    return [*columns, *CDC_COLUMNS, *((ROW_COLUMN,) if keyless else ())]
+    return [*columns, *CDC_COLUMNS, *(KEYLESS_COLUMNS if keyless else ())]
 
 
 def describe(
