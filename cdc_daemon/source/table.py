@@ -316,11 +316,11 @@ def _no_watermark(sequenced: Sequence[str], setting: str, why: str, keyless: boo
     smaller id can only belong to a transaction open when the larger one was read, and the
     gaps it re-reads are the ids absent from a batch (``capture.watermark.fence``). A timestamp
     is neither (rows of one transaction share one; between two rows every instant is "absent"),
-    nor is an integer the application assigns. ``keyless``: logical mode needs a key too."""
+    nor is an integer the application assigns. ``keyless``: logical mode captures it keyless,
+    under REPLICA IDENTITY FULL (``capture.logical.keyless``)."""
     logical = 'capture it with capture.mode = "logical"'
     if keyless:
-        # Only [[tables]] has the setting (the one-table shorthand has none).
-        logical += " with its key in [[tables]] key"
+        logical += " (keyless, under REPLICA IDENTITY FULL)"
     if not sequenced:
         return (
             f"{why}, and no integer column of it is filled by a sequence (serial or identity), "

@@ -19,7 +19,8 @@ from cdc_daemon.capture.backfill import parse_request, run_backfill
 from cdc_daemon.capture.logical.setup import resync
 from cdc_daemon.cli import init
 from cdc_daemon.cli import verify as cli_verify
-from cdc_daemon.errors import ConfigError, SourceError
+from cdc_daemon.config import Settings
+from cdc_daemon.errors import ConfigError, SourceError, TableFailedError
 from cdc_daemon.local.services import LocalS3
 from cdc_daemon.reconcile.verify import verify_group
 from tests.fix_warehouse import start_warehouse
@@ -201,7 +202,9 @@ async def test_a_keyless_table_joining_while_a_transaction_on_it_commits_counts_
     after the group's position and before the snapshot's consistent point. Its changes are
     then both streamed and in the snapshot; the rebuild from S3 and the warehouse count them
     once. A resync reads a new snapshot at a later consistent point, which replaces the first
-    one whole, and the warehouse still equals the source."""
+    one whole, and the warehouse still equals the source. A column added stops the table
+    (every row's identity changes) with the way back; after apply and resync it equals the
+    source again."""
     create_events(pg_dsn)
     run_sql(pg_dsn, "CREATE TABLE kl.other (id int PRIMARY KEY, v text)")
     other = {"name": "kl.other"}
@@ -239,21 +242,43 @@ async def test_a_keyless_table_joining_while_a_transaction_on_it_commits_counts_
         assert assert_table_equals_source(pg_dsn, wh, table) == 27
         assert await resync(wh.settings, "kl.events") == 0
         run_sql(pg_dsn, "DELETE FROM kl.events WHERE kind = 'u5'")
-        # The rejoin's seq waits for the slot's restart_lsn to pass the table's floor, which
-        # a CHECKPOINT (its running-transactions record) brings about on an idle server.
-        for _ in range(30):
-            assert await export_until_idle(wh.settings) == 0
-            again = object_bodies(s3_client, bucket, "kl.events/")
-            if len({r[2] for r in rows_of(again) if r[0] == "S"}) == 2:
-                break
-            run_sql(pg_dsn, "CHECKPOINT")
-        else:
-            raise AssertionError("kl.events was not read again")
+        await read_again(wh.settings, pg_dsn, s3_client, bucket, snapshots=2)
         wh.pump_until_quiet()
         assert assert_table_equals_source(pg_dsn, wh, table) == 26
         assert wh.apply(plan_only=True).empty
+        # A column added changes every row's identity: the table fails, naming the way back.
+        run_sql(
+            pg_dsn,
+            "ALTER TABLE kl.events ADD COLUMN note text",
+            "INSERT INTO kl.events (kind, note) VALUES ('k1', 'new')",
+        )
+        with pytest.raises(TableFailedError) as failed:
+            await export_until_idle(wh.settings)
+        assert "added or dropped" in str(failed.value)
+        assert "resync --table kl.events" in str(failed.value)
+        wh.apply()
+        assert await resync(wh.settings, "kl.events") == 0
+        await read_again(wh.settings, pg_dsn, s3_client, bucket, snapshots=3)
+        wh.pump_until_quiet()
+        (table,) = [t for t in wh.tables if t.names.name == "EVENTS"]
+        assert assert_table_equals_source(pg_dsn, wh, table) == 27
     finally:
         wh.stop()
+
+
+async def read_again(
+    settings: Settings, pg_dsn: str, s3_client: Any, bucket: str, snapshots: int
+) -> None:
+    """Export until kl.events' objects hold ``snapshots`` snapshots: a rejoin's seq waits for
+    the slot's restart_lsn to pass the table's floor, which a CHECKPOINT (its
+    running-transactions record) brings about on an idle server."""
+    for _ in range(30):
+        assert await export_until_idle(settings) == 0
+        found = object_bodies(s3_client, bucket, "kl.events/")
+        if len({r[2] for r in rows_of(found) if r[0] == "S"}) == snapshots:
+            return
+        run_sql(pg_dsn, "CHECKPOINT")
+    raise AssertionError("kl.events was not read again")
 
 
 def rows_of(bodies: dict[str, bytes]) -> list[tuple[str, str, int]]:

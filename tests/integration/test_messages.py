@@ -73,10 +73,10 @@ def test_init_reports_every_refused_table_of_a_group_at_once(
         'a late commit: capture it with capture.mode = "logical"'
     )
     assert lines[1:] == [
-        f"  - public.nokey has no primary key{no_index}{no_sequence} with its key in [[tables]]"
-        " key",
-        f"  - public.textonly has no primary key{no_index}{no_sequence} with its key in [[tables]]"
-        " key",
+        f"  - public.nokey has no primary key{no_index}{no_sequence} (keyless, under REPLICA"
+        " IDENTITY FULL)",
+        f"  - public.textonly has no primary key{no_index}{no_sequence} (keyless, under REPLICA"
+        " IDENTITY FULL)",
         f"  - public.twokey's primary key has several columns{no_sequence}",
         f"  - public.uuidpk's primary key id is uuid, not an integer{no_sequence}",
         "  - public.good has no column 'idd', named in [[tables]] watermark_column (did you mean "

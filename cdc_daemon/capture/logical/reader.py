@@ -422,15 +422,11 @@ class ChangeReader:
                 # A row's identity is all its values: with a column added or dropped, a later
                 # change of a row could no longer name the copy it changes.
                 q = table.table
-                fix = (
-                    "re-initialise the pipeline (cdc-daemon teardown --yes, empty the "
-                    "warehouse table, cdc-daemon init, run)"
-                    if len(self._source.tables) == 1
-                    else f"export it again (cdc-daemon resync --table {q})"
-                )
                 problem = (
                     f"columns of the keyless table {q} were added or dropped, which changes "
-                    f"every row's identity (_cdc_row): {fix}"
+                    "every row's identity (_cdc_row): run cdc-daemon snowflake apply, then "
+                    f"export it again with cdc-daemon resync --table {q} (its new snapshot "
+                    "replaces the warehouse's rows)"
                 )
             if problem is not None:
                 self._fail(table, problem)
