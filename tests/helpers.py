@@ -160,6 +160,24 @@ def object_bodies(s3_client: Any, bucket: str, prefix: str = "") -> dict[str, by
     return out
 
 
+def _raw_table(
+    conn: psycopg.Connection[TupleRow], schema: str, name: str, more: str = ""
+) -> sql.Identifier:
+    """``<name>_raw`` (made anew, empty): the table's columns and the objects' ``_cdc_*``
+    columns (``more``: the keyless ones), in a session set to UTC."""
+    conn.execute("SET TimeZone = 'UTC'")
+    raw = sql.Identifier(schema, f"{name}_raw")
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(raw))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::bigint AS _cdc_seq,"
+            " now() AS _cdc_ts, ''::text AS _cdc_unchanged, ''::text AS _cdc_quarantined{more}"
+            " FROM {t} WITH NO DATA"
+        ).format(raw=raw, t=sql.Identifier(schema, name), more=sql.SQL(more))
+    )
+    return raw
+
+
 def rebuild(
     dsn: str,
     bodies: dict[str, bytes],
@@ -177,17 +195,7 @@ def rebuild(
     schema, _, name = table.rpartition(".")
     schema = schema or "public"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET TimeZone = 'UTC'")
-        t = sql.Identifier(schema, name)
-        raw = sql.Identifier(schema, f"{name}_raw")
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(raw))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::bigint AS _cdc_seq,"
-                " now() AS _cdc_ts, ''::text AS _cdc_unchanged, ''::text AS _cdc_quarantined"
-                " FROM {t} WITH NO DATA"
-            ).format(raw=raw, t=t)
-        )
+        raw = _raw_table(conn, schema, name)
         # The source's columns, in order: (name, type, is bytea, is an array).
         catalog = [
             (str(n), str(t), bool(b), bool(a))
@@ -274,17 +282,7 @@ def rebuild_keyless(dsn: str, bodies: dict[str, bytes], table: str) -> str:
     schema, _, name = table.rpartition(".")
     schema = schema or "public"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET TimeZone = 'UTC'")
-        t = sql.Identifier(schema, name)
-        raw = sql.Identifier(schema, f"{name}_raw")
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(raw))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {raw} AS SELECT *, ''::text AS _cdc_op, 0::bigint AS _cdc_seq,"
-                " now() AS _cdc_ts, ''::text AS _cdc_unchanged, ''::text AS _cdc_quarantined,"
-                " 0::bigint AS _cdc_nth, ''::text AS _cdc_row FROM {t} WITH NO DATA"
-            ).format(raw=raw, t=t)
-        )
+        raw = _raw_table(conn, schema, name, ", 0::bigint AS _cdc_nth, ''::text AS _cdc_row")
         names = [
             str(n)
             for (n,) in conn.execute(

@@ -49,6 +49,18 @@ def run_sql(pg_dsn: str, *statements: str) -> None:
             conn.execute(statement)
 
 
+def one_table(pg_dsn: str, s3_server: LocalS3, bucket: str, tmp_path: Path, name: str) -> Settings:
+    """A logical group ``kl`` of the one table ``name``."""
+    return make_settings(
+        pg_dsn,
+        s3_server,
+        bucket,
+        tmp_path,
+        tables=[{"name": name}],
+        capture={"mode": "logical", "group": "kl"},
+    )
+
+
 def create_events(pg_dsn: str, identity: str = "FULL") -> None:
     """kl.events: no key, no unique index; rows that repeat exactly (3 copies of each of the 5
     kinds' first row), NULLs, an empty string, numbers, jsonb and a TOASTable text body."""
@@ -107,15 +119,7 @@ async def test_a_keyless_table_is_captured_with_its_duplicates_and_merged(
     one added are found (missing and extra, named by their values); verify --repair reads the
     table again and the warehouse equals the source once more."""
     create_events(pg_dsn)
-    settings = make_settings(
-        pg_dsn,
-        s3_server,
-        bucket,
-        tmp_path,
-        tables=[{"name": "kl.events"}],
-        capture={"mode": "logical", "group": "kl"},
-    )
-    wh = start_warehouse(settings, warehouse_dir)
+    wh = start_warehouse(one_table(pg_dsn, s3_server, bucket, tmp_path, "kl.events"), warehouse_dir)
     try:
         (table,) = wh.tables
         assert table.keyless
@@ -173,16 +177,8 @@ async def test_a_keyless_table_without_full_identity_is_refused_with_the_stateme
     of the old row: init refuses it in one sentence naming ALTER TABLE ... REPLICA IDENTITY
     FULL, and leaves the table as it was."""
     create_events(pg_dsn, identity="DEFAULT")
-    settings = make_settings(
-        pg_dsn,
-        s3_server,
-        bucket,
-        tmp_path,
-        tables=[{"name": "kl.events"}],
-        capture={"mode": "logical", "group": "kl"},
-    )
     with pytest.raises(SourceError) as refused:
-        await init(settings)
+        await init(one_table(pg_dsn, s3_server, bucket, tmp_path, "kl.events"))
     assert "ALTER TABLE kl.events REPLICA IDENTITY FULL" in str(refused.value)
     with psycopg.connect(pg_dsn) as conn:
         row = conn.execute("SELECT relreplident FROM pg_class WHERE oid = 'kl.events'::regclass")
@@ -311,15 +307,9 @@ async def test_a_keyless_row_with_a_value_snowflake_cannot_hold_keeps_its_copies
         "ALTER TABLE kl.readings REPLICA IDENTITY FULL",
         "INSERT INTO kl.readings VALUES ('a', 'NaN'), ('a', 'NaN'), ('b', 1.5)",
     )
-    settings = make_settings(
-        pg_dsn,
-        s3_server,
-        bucket,
-        tmp_path,
-        tables=[{"name": "kl.readings"}],
-        capture={"mode": "logical", "group": "kl"},
+    wh = start_warehouse(
+        one_table(pg_dsn, s3_server, bucket, tmp_path, "kl.readings"), warehouse_dir
     )
-    wh = start_warehouse(settings, warehouse_dir)
     try:
         assert await init(wh.settings) == 0
         assert await export_until_idle(wh.settings) == 0
