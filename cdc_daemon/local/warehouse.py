@@ -566,13 +566,20 @@ def _rebuild_retyped(wh: Warehouse, table: str, alter: str) -> None:
     """A key column retyped: DuckDB cannot change the type of a PRIMARY KEY column, Snowflake
     (whose keys are not enforced) can. The table is copied (rows, columns and types, no
     constraint), the copy altered and put in its place: a known difference of the emulator
-    (docs/snowflake.md), which then no longer enforces that table's key."""
+    (docs/snowflake.md), which then no longer enforces that table's key. In one transaction,
+    as Snowflake's ALTER is one statement: another session never sees the table missing."""
     copy = f"_EMU_RETYPED_{table}"
-    wh.execute(f"DROP TABLE IF EXISTS {copy}")
-    wh.execute(f"CREATE TABLE {copy} AS SELECT * FROM {table}")
-    wh.execute(alter.replace(f"ALTER TABLE {table} ", f"ALTER TABLE {copy} ", 1))
-    wh.execute(f"DROP TABLE {table}")
-    wh.execute(f"ALTER TABLE {copy} RENAME TO {table}")
+    wh.execute("BEGIN TRANSACTION")
+    try:
+        wh.execute(f"DROP TABLE IF EXISTS {copy}")
+        wh.execute(f"CREATE TABLE {copy} AS SELECT * FROM {table}")
+        wh.execute(alter.replace(f"ALTER TABLE {table} ", f"ALTER TABLE {copy} ", 1))
+        wh.execute(f"DROP TABLE {table}")
+        wh.execute(f"ALTER TABLE {copy} RENAME TO {table}")
+    except BaseException:
+        wh.execute("ROLLBACK")
+        raise
+    wh.execute("COMMIT")
 
 
 def _declare(wh: Warehouse, text: str) -> None:

@@ -7,6 +7,7 @@ import csv
 import io
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,13 @@ async def test_lost_slot_stops_with_a_clear_message(
     assert await init(settings) == 0
     assert await export_until_idle(settings) == 0
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # The walsender of the daemon that just exited may not have ended yet.
+        deadline = time.monotonic() + 30
+        while conn.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'cdc_public_ecommerce_sales'"
+        ).fetchone() == (True,):
+            assert time.monotonic() < deadline, "the slot is still in use"
+            await asyncio.sleep(0.05)
         conn.execute("SELECT pg_drop_replication_slot('cdc_public_ecommerce_sales')")
     with pytest.raises(SourceError, match=r"is gone.*teardown"):
         await export_until_idle(settings)

@@ -513,6 +513,16 @@ def test_a_keepalive_outside_a_transaction_comes_after_every_commit_before_its_w
     finally:
         stream.close()
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            # Its walsender may not have ended yet: the slot is busy until it has.
+            deadline = time.monotonic() + 30
+            while (
+                conn.execute(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = 's'"
+                ).fetchone()
+                == (True,)
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
             conn.execute("SELECT pg_drop_replication_slot('s')")
     assert len(commits) == 7
     assert keepalives
