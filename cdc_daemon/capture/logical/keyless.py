@@ -36,8 +36,8 @@ from psycopg import sql
 
 from cdc_daemon.batch.spool import DaySpool
 from cdc_daemon.capture.logical.pgoutput import parse_lsn
-from cdc_daemon.source.copyread import CopyRows, copy_query
-from cdc_daemon.source.session import translated
+from cdc_daemon.source.copyread import CopyRows, snapshot_query
+from cdc_daemon.source.session import read_snapshot, translated
 from cdc_daemon.source.table import TableInfo
 
 SNAPSHOT_OP = "S"
@@ -78,17 +78,8 @@ def copy_keyless(
         ).fetchone()
         assert row is not None
         consistent, snapshot = parse_lsn(str(row[1])), str(row[2])
-        query = copy_query(
-            info,
-            sql.SQL("true"),
-            read_ts,
-            sql.SQL("{}::bigint").format(sql.Literal(consistent)),
-            ordered=False,
-            unchanged=True,
-            op=SNAPSHOT_OP,
-        )
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        try:
+        query = snapshot_query(info, consistent, read_ts, op=SNAPSHOT_OP)
+        with read_snapshot(conn):
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             with conn.cursor() as cur, cur.copy(query) as copy:
                 rows = CopyRows(copy).batch
@@ -100,7 +91,4 @@ def copy_keyless(
                             line = rewrite(line)
                         nth += 1
                         spool.add(with_row_id(line, nth))
-        finally:
-            if not conn.closed and not conn.broken:
-                conn.execute("ROLLBACK")
     return consistent
